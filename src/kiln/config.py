@@ -1,0 +1,282 @@
+"""ModelConfig: one dataclass for every family, parsed from a Hugging Face config.json."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from kiln.errors import ConfigError
+
+SUPPORTED_MODEL_TYPES = ("llama", "qwen2", "qwen3", "mistral", "mixtral", "gpt2")
+SUPPORTED_ROPE_TYPES = ("default", "linear", "llama3")
+
+
+@dataclass
+class ModelConfig:
+    """Architecture of a decoder-only Transformer; family quirks are plain fields."""
+
+    model_type: str = "llama"
+    vocab_size: int = 32000
+    hidden_size: int = 4096
+    intermediate_size: int = 11008
+    num_layers: int = 32
+    num_heads: int = 32
+    num_kv_heads: int = 32
+    head_dim: int = 128
+    max_position_embeddings: int = 2048
+    norm_eps: float = 1e-6
+    norm_type: str = "rmsnorm"  # "rmsnorm" | "layernorm"
+    activation: str = "silu"  # "silu" | "gelu_new" | "gelu"
+    gated_mlp: bool = True  # SwiGLU (gate/up/down) vs GPT-2's fc/proj
+    position_embedding: str = "rope"  # "rope" | "learned"
+    rope_theta: float = 10000.0
+    rope_scaling: dict[str, Any] | None = None  # {"rope_type": "llama3"|"linear", ...}
+    qkv_bias: bool = False
+    o_bias: bool = False
+    mlp_bias: bool = False
+    qk_norm: bool = False  # Qwen3: RMSNorm over head_dim on q and k
+    # Per-layer sliding window (None = full attention); keys with q_pos - k_pos < window.
+    sliding_windows: list[int | None] = field(default_factory=list)
+    num_experts: int = 0  # Mixtral: experts per MoE layer (0 = dense MLP)
+    num_experts_per_tok: int = 2
+    tie_word_embeddings: bool = False
+    bos_token_id: int | None = None
+    eos_token_id: int | list[int] | None = None
+    pad_token_id: int | None = None
+    dtype: str | None = None  # the checkpoint's dtype, e.g. "bfloat16"
+    hf_config: dict[str, Any] = field(default_factory=dict, repr=False)
+
+    def __post_init__(self) -> None:
+        if not self.sliding_windows:
+            self.sliding_windows = [None] * self.num_layers
+        assert len(self.sliding_windows) == self.num_layers
+        if self.num_heads % self.num_kv_heads:
+            raise ConfigError(
+                f"num_attention_heads={self.num_heads} is not a multiple of "
+                f"num_key_value_heads={self.num_kv_heads}"
+            )
+
+    @property
+    def num_params(self) -> int:
+        """Parameter count (tied embeddings counted once)."""
+        h, i, v = self.hidden_size, self.intermediate_size, self.vocab_size
+        q = self.num_heads * self.head_dim
+        kv = self.num_kv_heads * self.head_dim
+        attn = h * (q + 2 * kv) + q * h
+        mlp = (3 if self.gated_mlp else 2) * h * i
+        if self.num_experts:
+            mlp = self.num_experts * mlp + h * self.num_experts
+        emb = v * h * (1 if self.tie_word_embeddings else 2)
+        if self.position_embedding == "learned":
+            emb += self.max_position_embeddings * h
+        return self.num_layers * (attn + mlp + 2 * h) + emb + h
+
+    # ------------------------------------------------------------------ HF <-> kiln
+
+    @classmethod
+    def from_hf(cls, hf: dict[str, Any]) -> ModelConfig:
+        """Map a Hugging Face config dict onto ModelConfig."""
+        model_type = hf.get("model_type")
+        if model_type not in SUPPORTED_MODEL_TYPES:
+            raise ConfigError(
+                f"unsupported model_type {model_type!r}; supported: "
+                + ", ".join(SUPPORTED_MODEL_TYPES)
+            )
+        if model_type == "gpt2":
+            return cls._from_gpt2(hf)
+        return cls._from_llama_like(hf)
+
+    @classmethod
+    def _from_llama_like(cls, hf: dict[str, Any]) -> ModelConfig:
+        mt = hf["model_type"]
+        try:
+            hidden, heads, layers = (
+                hf["hidden_size"],
+                hf["num_attention_heads"],
+                hf["num_hidden_layers"],
+            )
+        except KeyError as e:
+            raise ConfigError(f"config.json for {mt!r} lacks required field {e.args[0]!r}") from e
+        kv_heads = hf.get("num_key_value_heads") or heads
+        head_dim = hf.get("head_dim") or hidden // heads
+        theta, scaling = _rope_params(hf)
+        return cls(
+            model_type=mt,
+            vocab_size=hf["vocab_size"],
+            hidden_size=hidden,
+            intermediate_size=hf["intermediate_size"],
+            num_layers=layers,
+            num_heads=heads,
+            num_kv_heads=kv_heads,
+            head_dim=head_dim,
+            max_position_embeddings=hf.get("max_position_embeddings", 2048),
+            norm_eps=hf.get("rms_norm_eps", 1e-6),
+            activation=_activation(hf.get("hidden_act", "silu")),
+            rope_theta=theta,
+            rope_scaling=scaling,
+            qkv_bias=mt == "qwen2" or bool(hf.get("attention_bias", False)),
+            o_bias=mt in ("llama", "qwen3") and bool(hf.get("attention_bias", False)),
+            mlp_bias=bool(hf.get("mlp_bias", False)),
+            qk_norm=mt == "qwen3",
+            sliding_windows=_sliding_windows(hf, layers),
+            num_experts=hf.get("num_local_experts", 0) if mt == "mixtral" else 0,
+            num_experts_per_tok=hf.get("num_experts_per_tok", 2),
+            tie_word_embeddings=bool(hf.get("tie_word_embeddings", False)),
+            bos_token_id=hf.get("bos_token_id"),
+            eos_token_id=hf.get("eos_token_id"),
+            pad_token_id=hf.get("pad_token_id"),
+            dtype=hf.get("dtype") or hf.get("torch_dtype"),
+            hf_config=dict(hf),
+        )
+
+    @classmethod
+    def _from_gpt2(cls, hf: dict[str, Any]) -> ModelConfig:
+        for flag in ("scale_attn_by_inverse_layer_idx", "reorder_and_upcast_attn"):
+            if hf.get(flag):
+                raise ConfigError(f"gpt2 option {flag}=true is not supported")
+        if hf.get("scale_attn_weights") is False:
+            raise ConfigError("gpt2 option scale_attn_weights=false is not supported")
+        hidden, heads = hf["n_embd"], hf["n_head"]
+        return cls(
+            model_type="gpt2",
+            vocab_size=hf["vocab_size"],
+            hidden_size=hidden,
+            intermediate_size=hf.get("n_inner") or 4 * hidden,
+            num_layers=hf["n_layer"],
+            num_heads=heads,
+            num_kv_heads=heads,
+            head_dim=hidden // heads,
+            max_position_embeddings=hf.get("n_positions", 1024),
+            norm_eps=hf.get("layer_norm_epsilon", 1e-5),
+            norm_type="layernorm",
+            activation=_activation(hf.get("activation_function", "gelu_new")),
+            gated_mlp=False,
+            position_embedding="learned",
+            qkv_bias=True,
+            o_bias=True,
+            mlp_bias=True,
+            tie_word_embeddings=hf.get("tie_word_embeddings", True),
+            bos_token_id=hf.get("bos_token_id"),
+            eos_token_id=hf.get("eos_token_id"),
+            pad_token_id=hf.get("pad_token_id"),
+            dtype=hf.get("dtype") or hf.get("torch_dtype"),
+            hf_config=dict(hf),
+        )
+
+    def to_hf(self) -> dict[str, Any]:
+        """A config.json dict that `transformers` loads as the same architecture."""
+        out = dict(self.hf_config)  # keep fields kiln does not model (rope extras, etc.)
+        common = {
+            "model_type": self.model_type,
+            "vocab_size": self.vocab_size,
+            "tie_word_embeddings": self.tie_word_embeddings,
+            "bos_token_id": self.bos_token_id,
+            "eos_token_id": self.eos_token_id,
+        }
+        if self.pad_token_id is not None:
+            common["pad_token_id"] = self.pad_token_id
+        if self.dtype:
+            common["dtype"] = self.dtype
+        if self.model_type == "gpt2":
+            out.update(
+                common,
+                architectures=["GPT2LMHeadModel"],
+                n_embd=self.hidden_size,
+                n_layer=self.num_layers,
+                n_head=self.num_heads,
+                n_inner=self.intermediate_size,
+                n_positions=self.max_position_embeddings,
+                layer_norm_epsilon=self.norm_eps,
+                activation_function=self.activation,
+            )
+            return out
+        arch = {
+            "llama": "LlamaForCausalLM",
+            "qwen2": "Qwen2ForCausalLM",
+            "qwen3": "Qwen3ForCausalLM",
+            "mistral": "MistralForCausalLM",
+            "mixtral": "MixtralForCausalLM",
+        }[self.model_type]
+        out.update(
+            common,
+            architectures=[arch],
+            hidden_size=self.hidden_size,
+            intermediate_size=self.intermediate_size,
+            num_hidden_layers=self.num_layers,
+            num_attention_heads=self.num_heads,
+            num_key_value_heads=self.num_kv_heads,
+            head_dim=self.head_dim,
+            max_position_embeddings=self.max_position_embeddings,
+            rms_norm_eps=self.norm_eps,
+            hidden_act=self.activation,
+        )
+        rope = {"rope_type": "default", "rope_theta": self.rope_theta}
+        if self.rope_scaling:
+            rope.update(self.rope_scaling)
+        out.pop("rope_scaling", None)
+        out["rope_parameters"] = rope
+        out["rope_theta"] = self.rope_theta
+        if self.model_type == "llama":
+            out["attention_bias"] = self.qkv_bias
+            out["mlp_bias"] = self.mlp_bias
+        if self.model_type == "mixtral":
+            out["num_local_experts"] = self.num_experts
+            out["num_experts_per_tok"] = self.num_experts_per_tok
+        return out
+
+    @classmethod
+    def from_dir(cls, path: str | Path) -> ModelConfig:
+        """Read `config.json` from a model directory."""
+        p = Path(path) / "config.json"
+        if not p.is_file():
+            raise ConfigError(f"no config.json in {str(path)!r}")
+        try:
+            hf = json.loads(p.read_text())
+        except json.JSONDecodeError as e:
+            raise ConfigError(f"{p}: not valid JSON ({e})") from e
+        return cls.from_hf(hf)
+
+    def replace(self, **changes: Any) -> ModelConfig:
+        """A copy with some fields changed."""
+        return dataclasses.replace(self, **changes)
+
+
+def _activation(name: str) -> str:
+    aliases = {"silu": "silu", "swish": "silu", "gelu_new": "gelu_new", "gelu": "gelu"}
+    aliases |= {"gelu_pytorch_tanh": "gelu_new", "gelu_fast": "gelu_new"}
+    if name not in aliases:
+        raise ConfigError(f"unsupported activation {name!r}; supported: {sorted(aliases)}")
+    return aliases[name]
+
+
+def _rope_params(hf: dict[str, Any]) -> tuple[float, dict[str, Any] | None]:
+    """rope_theta and scaling from either the v4 (`rope_scaling`) or v5 (`rope_parameters`) keys."""
+    params = dict(hf.get("rope_parameters") or {})
+    legacy = hf.get("rope_scaling") or {}
+    theta = params.get("rope_theta", hf.get("rope_theta", 10000.0))
+    scaling = {k: v for k, v in {**legacy, **params}.items() if k != "rope_theta"}
+    rope_type = scaling.pop("rope_type", None) or scaling.pop("type", None) or "default"
+    scaling.pop("type", None)
+    if rope_type not in SUPPORTED_ROPE_TYPES:
+        raise ConfigError(
+            f"unsupported rope type {rope_type!r}; supported: {', '.join(SUPPORTED_ROPE_TYPES)}"
+        )
+    if rope_type == "default":
+        return float(theta), None
+    return float(theta), {"rope_type": rope_type, **scaling}
+
+
+def _sliding_windows(hf: dict[str, Any], num_layers: int) -> list[int | None]:
+    window = hf.get("sliding_window")
+    if hf["model_type"] in ("qwen2", "qwen3") and not hf.get("use_sliding_window", False):
+        window = None
+    layer_types = hf.get("layer_types")
+    if layer_types and window:
+        return [window if t == "sliding_attention" else None for t in layer_types]
+    if hf["model_type"] in ("qwen2", "qwen3") and window:
+        first_full = hf.get("max_window_layers", num_layers)
+        return [window if i >= first_full else None for i in range(num_layers)]
+    return [window] * num_layers

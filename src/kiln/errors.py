@@ -1,0 +1,21 @@
+"""kiln's exception types: raised at the boundary (CLI, API, loaders) with the bad value named."""
+
+
+class KilnError(Exception):
+    """Base class for every error kiln reports to a user as one line."""
+
+
+class ConfigError(KilnError):
+    """A config.json (or a training config) that kiln cannot use."""
+
+
+class CheckpointError(KilnError):
+    """Missing, misshapen or unsafe weights."""
+
+
+class TokenizerError(KilnError):
+    """A tokenizer that cannot be trained, loaded or applied."""
+
+
+class InputError(KilnError, ValueError):
+    """A request or argument outside what kiln accepts (empty prompt, bad sampling value...)."""

@@ -1,0 +1,142 @@
+"""The building blocks: norms, rotary embeddings (with scaling), gated and plain MLPs, MoE."""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from kiln.config import ModelConfig
+
+
+class RMSNorm(nn.Module):
+    """Root-mean-square norm, computed in float32 like the reference implementations."""
+
+    def __init__(self, dim: int, eps: float = 1e-6):
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(dim))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        dtype = x.dtype
+        x = x.float()
+        x = x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + self.eps)
+        return self.weight * x.to(dtype)
+
+
+def make_norm(config: ModelConfig, dim: int | None = None) -> nn.Module:
+    dim = dim or config.hidden_size
+    if config.norm_type == "layernorm":
+        return nn.LayerNorm(dim, eps=config.norm_eps)
+    return RMSNorm(dim, eps=config.norm_eps)
+
+
+def rope_inv_freq(config: ModelConfig) -> torch.Tensor:
+    """Inverse frequencies [head_dim / 2], with linear or llama3 scaling applied."""
+    d = config.head_dim
+    inv_freq = 1.0 / (config.rope_theta ** (torch.arange(0, d, 2, dtype=torch.float64) / d))
+    scaling = config.rope_scaling or {}
+    kind = scaling.get("rope_type")
+    if kind == "linear":
+        inv_freq = inv_freq / scaling["factor"]
+    elif kind == "llama3":
+        factor = scaling["factor"]
+        low, high = scaling.get("low_freq_factor", 1.0), scaling.get("high_freq_factor", 4.0)
+        old_ctx = scaling["original_max_position_embeddings"]
+        low_wavelen, high_wavelen = old_ctx / low, old_ctx / high
+        wavelen = 2 * math.pi / inv_freq
+        scaled = torch.where(wavelen > low_wavelen, inv_freq / factor, inv_freq)
+        smooth = (old_ctx / wavelen - low) / (high - low)
+        smoothed = (1 - smooth) * scaled / factor + smooth * scaled
+        medium = (wavelen >= high_wavelen) & (wavelen <= low_wavelen)
+        inv_freq = torch.where(medium, smoothed, scaled)
+    return inv_freq.float()
+
+
+class RotaryEmbedding(nn.Module):
+    """Rotate-half RoPE, cos/sin tables precomputed for every position up to the context."""
+
+    def __init__(self, config: ModelConfig):
+        super().__init__()
+        self.config = config
+        self.register_buffer("cos_sin", self._table(None), persistent=False)
+
+    def _table(self, device: torch.device | None) -> torch.Tensor:
+        inv_freq = rope_inv_freq(self.config).to(device)
+        t = torch.arange(self.config.max_position_embeddings, device=device, dtype=torch.float32)
+        freqs = torch.outer(t, inv_freq)  # [max_pos, head_dim / 2]
+        return torch.cat([freqs.cos(), freqs.sin()], dim=-1)  # [max_pos, head_dim]
+
+    def reset(self, device: torch.device) -> None:
+        """Recompute the table on `device` (after loading weights onto a meta-built model)."""
+        self.cos_sin = self._table(device)
+
+    def forward(
+        self, positions: torch.Tensor, q: torch.Tensor, k: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        # positions: [...], q: [..., Hq, D], k: [..., Hkv, D]
+        cos, sin = self.cos_sin[positions].unsqueeze(-2).chunk(2, dim=-1)  # [..., 1, D/2]
+        return _rotate(q, cos, sin), _rotate(k, cos, sin)
+
+
+def _rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    x1, x2 = x.float().chunk(2, dim=-1)
+    out = torch.cat([x1 * cos - x2 * sin, x2 * cos + x1 * sin], dim=-1)
+    return out.to(x.dtype)
+
+
+def activation_fn(name: str):
+    if name == "silu":
+        return F.silu
+    if name == "gelu_new":
+        return lambda x: F.gelu(x, approximate="tanh")
+    return F.gelu
+
+
+class MLP(nn.Module):
+    """SwiGLU (gate_proj, up_proj, down_proj) or, for GPT-2, up_proj -> act -> down_proj."""
+
+    def __init__(self, config: ModelConfig, intermediate_size: int | None = None):
+        super().__init__()
+        h, i, bias = (
+            config.hidden_size,
+            intermediate_size or config.intermediate_size,
+            config.mlp_bias,
+        )
+        self.gated = config.gated_mlp
+        if self.gated:
+            self.gate_proj = nn.Linear(h, i, bias=bias)
+        self.up_proj = nn.Linear(h, i, bias=bias)
+        self.down_proj = nn.Linear(i, h, bias=bias)
+        self.act = activation_fn(config.activation)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.gated:
+            return self.down_proj(self.act(self.gate_proj(x)) * self.up_proj(x))
+        return self.down_proj(self.act(self.up_proj(x)))
+
+
+class MoE(nn.Module):
+    """Mixtral's sparse MLP: softmax router, top-k experts, weights renormalized over the k."""
+
+    def __init__(self, config: ModelConfig):
+        super().__init__()
+        self.top_k = config.num_experts_per_tok
+        self.gate = nn.Linear(config.hidden_size, config.num_experts, bias=False)
+        self.experts = nn.ModuleList(MLP(config) for _ in range(config.num_experts))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        shape = x.shape
+        x = x.reshape(-1, shape[-1])  # [N, H]
+        probs = F.softmax(self.gate(x), dim=-1, dtype=torch.float32)  # [N, E]
+        weights, chosen = torch.topk(probs, self.top_k, dim=-1)  # [N, k]
+        weights = (weights / weights.sum(-1, keepdim=True)).to(x.dtype)
+        out = torch.zeros_like(x)
+        # Loop over experts, gathering the tokens routed to each (no dense E x N compute).
+        for e in chosen.unique().tolist():
+            token_idx, slot = (chosen == e).nonzero(as_tuple=True)
+            y = self.experts[e](x[token_idx]) * weights[token_idx, slot, None]
+            out.index_add_(0, token_idx, y)
+        return out.reshape(shape)

@@ -1,0 +1,31 @@
+import os
+
+import pytest
+import torch
+
+torch.set_num_threads(min(2, os.cpu_count() or 1))
+
+
+def pytest_collection_modifyitems(config, items):
+    if torch.cuda.is_available():
+        return
+    skip = pytest.mark.skip(reason="needs CUDA")
+    for item in items:
+        if "gpu" in item.keywords:
+            item.add_marker(skip)
+
+
+@pytest.fixture(scope="session")
+def hf_model_dir(tmp_path_factory):
+    """hf_model_dir(name) -> (directory, transformers model); built once per session."""
+    from tiny_models import save_hf_model
+
+    cache = {}
+
+    def get(name: str):
+        if name not in cache:
+            out = tmp_path_factory.mktemp(name)
+            cache[name] = (out, save_hf_model(name, out))
+        return cache[name]
+
+    return get
