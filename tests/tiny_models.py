@@ -6,7 +6,7 @@ from pathlib import Path
 
 import torch
 
-VOCAB = 256
+VOCAB = 384
 BASE = dict(
     vocab_size=VOCAB,
     hidden_size=64,
@@ -93,3 +93,40 @@ def save_hf_model(name: str, out: Path, max_shard_size: str | None = None, seed:
     kwargs = {"max_shard_size": max_shard_size} if max_shard_size else {}
     model.save_pretrained(out, **kwargs)
     return model
+
+
+CHATML = (
+    "{% for message in messages %}{{'<|im_start|>' + message['role'] + '\n' + message['content']"
+    " + '<|im_end|>' + '\n'}}{% endfor %}{% if add_generation_prompt %}"
+    "{{ '<|im_start|>assistant\n' }}{% endif %}"
+)
+
+
+def save_tiny_tokenizer(out: Path, vocab_size: int = VOCAB) -> None:
+    """A byte-level BPE (HF tokenizers) with ChatML specials, at most `vocab_size` ids."""
+    import json
+
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+
+    text = (Path(__file__).resolve().parents[1] / "data/shakespeare/hamlet_gut.txt").read_text()
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    specials = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
+    trainer = trainers.BpeTrainer(
+        vocab_size=vocab_size,
+        special_tokens=specials,
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False,
+    )
+    tok.train_from_iterator([text[:50000]], trainer)
+    assert tok.get_vocab_size() <= vocab_size
+    out.mkdir(parents=True, exist_ok=True)
+    tok.save(str(out / "tokenizer.json"))
+    cfg = {
+        "eos_token": "<|im_end|>",
+        "bos_token": None,
+        "chat_template": CHATML,
+        "tokenizer_class": "PreTrainedTokenizerFast",
+    }
+    (out / "tokenizer_config.json").write_text(json.dumps(cfg))
