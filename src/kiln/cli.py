@@ -15,6 +15,7 @@ from kiln.errors import KilnError
 
 COMMANDS = [
     "kiln.generate",
+    "kiln.tokenizer.cli",
 ]
 
 
