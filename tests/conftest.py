@@ -3,6 +3,11 @@ import os
 import pytest
 import torch
 
+# Triton reads TRITON_INTERPRET when a kernel is defined: set it before anything imports
+# kiln.kernels, so that the kernels run in Triton's interpreter on a machine without CUDA.
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
 torch.set_num_threads(min(2, os.cpu_count() or 1))
 
 

@@ -1,0 +1,23 @@
+"""Triton kernels for the inference engine, each beside its plain-torch reference.
+
+Every kernel module holds `<name>_ref` (plain torch, runs anywhere), `<name>_triton` (the
+kernel; on CPU only under TRITON_INTERPRET=1) and `<name>`, which picks Triton for CUDA
+tensors and the reference otherwise. KV cache layout, per layer:
+[num_blocks, block_size, num_kv_heads, head_dim]; slot = block_id * block_size + offset.
+"""
+
+from kiln.kernels.paged_decode_attention import paged_decode_attention
+from kiln.kernels.rmsnorm import rmsnorm
+from kiln.kernels.rope import rope
+from kiln.kernels.silu_and_mul import silu_and_mul
+from kiln.kernels.store_kvcache import store_kvcache
+from kiln.kernels.varlen_prefill_attention import varlen_prefill_attention
+
+__all__ = [
+    "paged_decode_attention",
+    "rmsnorm",
+    "rope",
+    "silu_and_mul",
+    "store_kvcache",
+    "varlen_prefill_attention",
+]
