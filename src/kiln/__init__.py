@@ -19,6 +19,8 @@ _LAZY = {
     "ModelConfig": "kiln.config",
     "load_tokenizer": "kiln.tokenizer.hf",
     "generate": "kiln.generate",
+    "LLM": "kiln.engine.llm",
+    "SamplingParams": "kiln.engine.sampling_params",
 }
 
 

@@ -16,6 +16,7 @@ from kiln.errors import KilnError
 COMMANDS = [
     "kiln.generate",
     "kiln.tokenizer.cli",
+    "kiln.eval.bench",
 ]
 
 

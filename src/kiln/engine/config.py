@@ -1,0 +1,57 @@
+"""EngineConfig: the engine's knobs (vLLM's names), each a plain value."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, fields
+from typing import Any
+
+from kiln.errors import InputError
+
+CPU_KV_CACHE_BYTES = 64 * 2**20  # the KV pool on CPU when kv_cache_memory_bytes is not given
+
+
+@dataclass
+class EngineConfig:
+    """How the engine schedules and where it keeps the KV cache."""
+
+    block_size: int = 16
+    num_kv_blocks: int | None = None  # derived from memory when None
+    gpu_memory_utilization: float = 0.9
+    max_num_seqs: int = 256
+    max_num_batched_tokens: int = 8192
+    max_model_len: int | None = None  # the model's context when None
+    enable_prefix_caching: bool = True
+    enable_chunked_prefill: bool = True
+    use_cuda_graph: bool = True  # CUDA only
+    attention_backend: str = "auto"  # "auto" | "torch" | "triton"
+    kv_cache_memory_bytes: int | None = None  # overrides gpu_memory_utilization when given
+    fuse_weights: bool = True  # fused qkv / gate_up Linears (and Triton norms on CUDA)
+    max_cuda_graph_batch_size: int = 256
+
+    def __post_init__(self) -> None:
+        if self.block_size < 1:
+            raise InputError(f"block_size must be >= 1, got {self.block_size}")
+        if not 0 < self.gpu_memory_utilization <= 1:
+            raise InputError(
+                f"gpu_memory_utilization must be in (0, 1], got {self.gpu_memory_utilization}"
+            )
+        if self.max_num_seqs < 1:
+            raise InputError(f"max_num_seqs must be >= 1, got {self.max_num_seqs}")
+        if self.max_num_batched_tokens < 1:
+            raise InputError(
+                f"max_num_batched_tokens must be >= 1, got {self.max_num_batched_tokens}"
+            )
+        if self.attention_backend not in ("auto", "torch", "triton"):
+            raise InputError(
+                f"attention_backend must be 'auto', 'torch' or 'triton', "
+                f"got {self.attention_backend!r}"
+            )
+
+    @classmethod
+    def from_kwargs(cls, kwargs: dict[str, Any]) -> EngineConfig:
+        """An EngineConfig from keyword arguments; unknown names are an InputError."""
+        known = {f.name for f in fields(cls)}
+        unknown = sorted(set(kwargs) - known)
+        if unknown:
+            raise InputError(f"unknown engine argument(s): {', '.join(unknown)}")
+        return cls(**kwargs)

@@ -1,0 +1,155 @@
+"""Engine-side transformations of the plain model (gpt-fast style): same weights, fewer ops.
+
+- q/k/v projections become one Linear, and gate/up one Linear (one GEMM instead of three/two);
+- RMSNorm runs as kiln.kernels.rmsnorm, fused with the residual add before it (the blocks
+  then pass (hidden, residual) pairs along, and the final norm finishes the last add);
+- SiLU-and-mul and RoPE run as kiln.kernels ops.
+The kernels dispatch to Triton on CUDA and to their torch references elsewhere, so the
+transformed model runs (and is tested) on CPU too. The model code itself is untouched.
+"""
+
+from __future__ import annotations
+
+import importlib
+
+import torch
+from torch import nn
+
+from kiln.model.attention import Attention
+from kiln.model.layers import MLP, RMSNorm
+from kiln.model.transformer import Block, Transformer
+
+
+def _kernel(module: str, name: str):
+    """kiln.kernels.<module>.<name>, or None while that kernel does not exist."""
+    try:
+        return getattr(importlib.import_module(f"kiln.kernels.{module}"), name)
+    except (ImportError, AttributeError):
+        return None
+
+
+def _fused_linear(parts: list[nn.Linear]) -> nn.Linear:
+    w = parts[0].weight
+    out = nn.Linear(
+        w.shape[1],
+        sum(p.weight.shape[0] for p in parts),
+        bias=parts[0].bias is not None,
+        device=w.device,
+        dtype=w.dtype,
+    )
+    with torch.no_grad():
+        out.weight.copy_(torch.cat([p.weight for p in parts]))
+        if out.bias is not None:
+            out.bias.copy_(torch.cat([p.bias for p in parts]))
+    out.requires_grad_(False)
+    return out
+
+
+class FusedAttention(nn.Module):
+    """kiln.model.attention.Attention with one qkv_proj (and kernel RoPE when available)."""
+
+    def __init__(self, attn: Attention):
+        super().__init__()
+        self.layer_idx, self.scale, self.sliding_window = (
+            attn.layer_idx, attn.scale, attn.sliding_window,
+        )  # fmt: skip
+        self.num_heads, self.num_kv_heads, self.head_dim = (
+            attn.num_heads, attn.num_kv_heads, attn.head_dim,
+        )  # fmt: skip
+        self.qkv_proj = _fused_linear([attn.q_proj, attn.k_proj, attn.v_proj])
+        self.o_proj = attn.o_proj
+        self.q_norm, self.k_norm = attn.q_norm, attn.k_norm
+        self.split = [self.num_heads * self.head_dim] + [self.num_kv_heads * self.head_dim] * 2
+        self.rope = _kernel("rope", "rope")
+
+    def forward(self, x, positions, rotary, backend):
+        lead = x.shape[:-1]
+        q, k, v = self.qkv_proj(x).split(self.split, dim=-1)
+        q = q.reshape(*lead, self.num_heads, self.head_dim)
+        k = k.reshape(*lead, self.num_kv_heads, self.head_dim)
+        v = v.reshape(*lead, self.num_kv_heads, self.head_dim)
+        if self.q_norm is not None:
+            q, k = self.q_norm(q), self.k_norm(k)
+        if rotary is not None:
+            if self.rope is not None:
+                q, k = self.rope(q, k, positions, rotary.cos_sin)
+            else:
+                q, k = rotary(positions, q, k)
+        out = backend.attend(self.layer_idx, q, k, v, self.scale, self.sliding_window)
+        return self.o_proj(out.reshape(*lead, self.num_heads * self.head_dim))
+
+
+class FusedMLP(nn.Module):
+    """SwiGLU with one gate_up_proj and the silu_and_mul kernel."""
+
+    def __init__(self, mlp: MLP):
+        super().__init__()
+        self.gate_up_proj = _fused_linear([mlp.gate_proj, mlp.up_proj])
+        self.down_proj = mlp.down_proj
+        self.silu_and_mul = _kernel("silu_and_mul", "silu_and_mul") or _silu_and_mul
+
+    def forward(self, x):
+        return self.down_proj(self.silu_and_mul(self.gate_up_proj(x)))
+
+
+def _silu_and_mul(x: torch.Tensor) -> torch.Tensor:
+    gate, up = x.chunk(2, dim=-1)
+    return torch.nn.functional.silu(gate) * up
+
+
+class FusedRMSNorm(nn.Module):
+    """RMSNorm through the kernel; given (x, residual) it adds first and returns both."""
+
+    def __init__(self, norm: RMSNorm, rmsnorm):
+        super().__init__()
+        self.weight, self.eps, self.rmsnorm = norm.weight, norm.eps, rmsnorm
+
+    def forward(self, x, residual=None):
+        return self.rmsnorm(x, self.weight, self.eps, residual)
+
+
+class FinalNorm(FusedRMSNorm):
+    """The model's last norm, finishing the last block's pending residual add."""
+
+    def forward(self, x):
+        hidden, residual = x
+        return self.rmsnorm(hidden, self.weight, self.eps, residual)[0]
+
+
+class ResidualBlock(nn.Module):
+    """Block whose norms fuse the residual adds; carries (hidden, residual) between blocks."""
+
+    def __init__(self, block: Block, rmsnorm):
+        super().__init__()
+        self.input_layernorm = FusedRMSNorm(block.input_layernorm, rmsnorm)
+        self.self_attn = block.self_attn
+        self.post_attention_layernorm = FusedRMSNorm(block.post_attention_layernorm, rmsnorm)
+        self.mlp = block.mlp
+
+    def forward(self, x, positions, rotary, backend):
+        if isinstance(x, tuple):
+            h, residual = self.input_layernorm(*x)
+        else:
+            h, residual = self.input_layernorm(x), x
+        h = self.self_attn(h, positions, rotary, backend)
+        h, residual = self.post_attention_layernorm(h, residual)
+        return self.mlp(h), residual
+
+
+def fuse_model(model: Transformer) -> Transformer:
+    """Apply the transformations in place (weights are shared, not copied, where unchanged)."""
+    config = model.config
+    rmsnorm = _kernel("rmsnorm", "rmsnorm")
+    for i, block in enumerate(model.layers):
+        block.self_attn = FusedAttention(block.self_attn)
+        if isinstance(block.mlp, MLP) and block.mlp.gated and config.activation == "silu":
+            block.mlp = FusedMLP(block.mlp)
+        if config.norm_type == "rmsnorm" and rmsnorm is not None:
+            if block.self_attn.q_norm is not None:
+                attn = block.self_attn
+                attn.q_norm = FusedRMSNorm(attn.q_norm, rmsnorm)
+                attn.k_norm = FusedRMSNorm(attn.k_norm, rmsnorm)
+            model.layers[i] = ResidualBlock(block, rmsnorm)
+    if config.norm_type == "rmsnorm" and rmsnorm is not None:
+        model.norm = FinalNorm(model.norm, rmsnorm)
+    return model

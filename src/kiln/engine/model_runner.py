@@ -1,0 +1,267 @@
+"""ModelRunner: a scheduled step -> flat tokens + AttentionMetadata -> the model -> logits.
+
+It owns the model (transformed by kiln.engine.fuse when asked), the KV pool (sized from free
+GPU memory after a profiling forward, or a fixed budget on CPU), the attention backend, and
+the CUDA graphs captured for decode-only steps of 1, 2, 4, 8, 16, 24, ... sequences.
+"""
+
+from __future__ import annotations
+
+import functools
+import importlib
+import logging
+
+import numpy as np
+import torch
+
+from kiln.engine.attention import AttentionMetadata, KVCache, make_backend
+from kiln.engine.config import CPU_KV_CACHE_BYTES, EngineConfig
+from kiln.engine.fuse import fuse_model
+from kiln.engine.scheduler import SchedulerOutput
+from kiln.engine.sequence import Sequence
+from kiln.errors import ConfigError
+from kiln.model.attention import causal_attention
+from kiln.model.transformer import Transformer
+
+log = logging.getLogger("kiln.engine")
+
+TRITON_KERNELS = (
+    "kiln.kernels.kvcache",
+    "kiln.kernels.decode_attention",
+    "kiln.kernels.prefill_attention",
+)
+
+
+def triton_available() -> bool:
+    """Whether the Triton attention kernels import and can run here."""
+    if not torch.cuda.is_available():
+        return False
+    try:
+        for module in TRITON_KERNELS:
+            importlib.import_module(module)
+        import triton  # noqa: F401
+    except ImportError as e:
+        log.warning("Triton attention unavailable (%s): using the torch backend", e)
+        return False
+    return True
+
+
+class ProfileBackend:
+    """Attention over the flat token list as one causal sequence (for the profiling forward)."""
+
+    def attend(self, layer_idx, q, k, v, scale, sliding_window):
+        return causal_attention(q[None], k[None], v[None], scale, 0, sliding_window)[0]
+
+
+class ModelRunner:
+    def __init__(self, model: Transformer, config: EngineConfig, max_model_len: int):
+        self.config = config
+        self.model_config = model.config
+        self.max_model_len = max_model_len
+        param = next(model.parameters())
+        self.device, self.dtype = param.device, param.dtype
+        self.block_size = config.block_size
+        self.max_blocks_per_seq = -(-max_model_len // config.block_size)
+        name = config.attention_backend
+        if name == "auto":
+            name = "triton" if self.device.type == "cuda" and triton_available() else "torch"
+        self.backend_name = name
+        log.info("attention backend: %s", name)
+        self.model = fuse_model(model) if config.fuse_weights else model
+        self.num_blocks = self._num_kv_blocks()
+        mc = self.model_config
+        self.kv_cache = KVCache(
+            mc.num_layers,
+            self.num_blocks,
+            self.block_size,
+            mc.num_kv_heads,
+            mc.head_dim,
+            self.dtype,
+            self.device,
+        )
+        self.backend = make_backend(name, self.kv_cache)
+        self.graphs: dict[int, torch.cuda.CUDAGraph] = {}
+        # MoE routing reads the chosen experts on the host: not capturable.
+        graphs_ok = self.device.type == "cuda" and name == "triton" and not mc.num_experts
+        if config.use_cuda_graph and graphs_ok:
+            self._capture_graphs()
+
+    # ------------------------------------------------------------------ KV pool size
+
+    def _num_kv_blocks(self) -> int:
+        mc, cfg = self.model_config, self.config
+        per_block = KVCache.bytes_per_block(
+            mc.num_layers, self.block_size, mc.num_kv_heads, mc.head_dim, self.dtype
+        )
+        if cfg.num_kv_blocks is not None:
+            num_blocks = cfg.num_kv_blocks
+        elif cfg.kv_cache_memory_bytes is not None:
+            num_blocks = cfg.kv_cache_memory_bytes // per_block
+        elif self.device.type != "cuda":
+            num_blocks = CPU_KV_CACHE_BYTES // per_block
+        else:
+            num_blocks = int(self._profile_free_bytes() // per_block)
+        if num_blocks < self.max_blocks_per_seq:
+            need = self.max_blocks_per_seq * per_block
+            raise ConfigError(
+                f"the KV cache holds {max(num_blocks, 0)} blocks "
+                f"({max(num_blocks, 0) * self.block_size} tokens, "
+                f"{max(num_blocks, 0) * per_block / 2**20:.1f} MiB), too few for one "
+                f"{self.max_model_len}-token sequence, which needs {self.max_blocks_per_seq} blocks"
+                f" ({need / 2**20:.1f} MiB): give more memory (gpu_memory_utilization, "
+                f"kv_cache_memory_bytes) or lower max_model_len"
+            )
+        log.info(
+            "KV cache: %d blocks x %d = %d tokens (%.2f GiB, %s)",
+            num_blocks, self.block_size, num_blocks * self.block_size,
+            num_blocks * per_block / 2**30, self.device,
+        )  # fmt: skip
+        return num_blocks
+
+    @torch.inference_mode()
+    def _profile_free_bytes(self) -> float:
+        """Bytes left for the KV pool after a forward of a full token budget."""
+        torch.cuda.empty_cache()
+        torch.cuda.reset_peak_memory_stats()
+        base = torch.cuda.memory_allocated()
+        n = self.config.max_num_batched_tokens
+        ids = torch.randint(0, self.model_config.vocab_size, (n,), device=self.device)
+        positions = torch.arange(n, device=self.device) % self.max_model_len
+        hidden = self.model.hidden_states(ids, positions, ProfileBackend())
+        rows = min(self.config.max_num_seqs, n)
+        logits = self.model.compute_logits(hidden[:rows]).float()
+        del hidden, logits
+        torch.cuda.synchronize()
+        activations = torch.cuda.max_memory_allocated() - base
+        sampler = 6 * self.config.max_num_seqs * self.model_config.vocab_size * 4  # float32 copies
+        free, total = torch.cuda.mem_get_info()
+        budget = total * self.config.gpu_memory_utilization - (total - free)
+        return budget - activations - sampler
+
+    # ------------------------------------------------------------------ one step
+
+    def prepare(self, out: SchedulerOutput):
+        """Flat input ids, positions and metadata (one-token rows first); sampled rows."""
+        bs = self.block_size
+        order = sorted(range(len(out)), key=lambda i: out.num_new_tokens[i] != 1)
+        input_ids: list[int] = []
+        positions: list[np.ndarray] = []
+        slots: list[np.ndarray] = []
+        query_lens, context_lens, tables = [], [], []
+        logits_indices, sample_seqs = [], []
+        for i in order:
+            seq, n = out.seqs[i], out.num_new_tokens[i]
+            start, end = seq.num_computed_tokens, seq.num_computed_tokens + n
+            input_ids.extend(seq.token_ids[start:end])
+            pos = np.arange(start, end)
+            positions.append(pos)
+            slots.append(np.asarray(seq.block_table)[pos // bs] * bs + pos % bs)
+            query_lens.append(n)
+            context_lens.append(end)
+            tables.append(seq.block_table)
+            if end == len(seq):
+                logits_indices.append(len(input_ids) - 1)
+                sample_seqs.append(seq)
+        num_decodes = sum(1 for n in query_lens if n == 1)
+        width = max(len(t) for t in tables)
+        padded = np.zeros((len(tables), width), dtype=np.int32)
+        for r, t in enumerate(tables):
+            padded[r, : len(t)] = t
+        md = AttentionMetadata(
+            positions=self._tensor(np.concatenate(positions), torch.long),
+            slot_mapping=self._tensor(np.concatenate(slots), torch.long),
+            block_tables=self._tensor(padded, torch.int32),
+            context_lens=self._tensor(context_lens, torch.int32),
+            cu_seqlens_q=self._tensor(np.cumsum([0, *query_lens]), torch.int32),
+            num_decodes=num_decodes,
+            query_lens=query_lens,
+            context_lens_host=context_lens,
+            block_tables_host=tables,
+        )
+        ids = self._tensor(input_ids, torch.long)
+        return ids, md, logits_indices, sample_seqs
+
+    def _tensor(self, data, dtype) -> torch.Tensor:
+        return torch.as_tensor(np.asarray(data), dtype=dtype).to(self.device)
+
+    @torch.inference_mode()
+    def execute(self, out: SchedulerOutput) -> tuple[list[Sequence], torch.Tensor | None]:
+        """Run the step; logits [S, vocab] for the S sequences that reach their last token."""
+        self.kv_cache.copy_blocks(out.block_copies)
+        ids, md, logits_indices, sample_seqs = self.prepare(out)
+        batch = len(md.query_lens)
+        graph_bs = self._graph_batch_size(batch) if md.num_decodes == batch else None
+        if graph_bs is not None:
+            logits = self._replay(graph_bs, ids, md)[logits_indices]
+        else:
+            self.backend.set_metadata(md)
+            hidden = self.model.hidden_states(ids, md.positions, self.backend)
+            if not logits_indices:
+                return [], None
+            index = torch.tensor(logits_indices, device=self.device)
+            logits = self.model.compute_logits(hidden[index])
+        return sample_seqs, logits
+
+    # ------------------------------------------------------------------ CUDA graphs
+
+    def _graph_sizes(self) -> list[int]:
+        top = min(self.config.max_cuda_graph_batch_size, self.config.max_num_seqs)
+        sizes = [s for s in (1, 2, 4, 8) if s < top] + list(range(16, top, 16))
+        return sorted(set(sizes + [top]))
+
+    def _graph_batch_size(self, batch: int) -> int | None:
+        for size in self.graphs:
+            if size >= batch:
+                return size
+        return None
+
+    def _capture_graphs(self) -> None:
+        sizes = self._graph_sizes()
+        top = sizes[-1]
+        dev = self.device
+        self.g_ids = torch.zeros(top, dtype=torch.long, device=dev)
+        self.g_positions = torch.zeros(top, dtype=torch.long, device=dev)
+        self.g_slots = torch.full((top,), -1, dtype=torch.long, device=dev)
+        self.g_tables = torch.zeros(top, self.max_blocks_per_seq, dtype=torch.int32, device=dev)
+        self.g_context_lens = torch.ones(top, dtype=torch.int32, device=dev)
+        self.g_cu = torch.arange(top + 1, dtype=torch.int32, device=dev)
+        self.g_logits: dict[int, torch.Tensor] = {}
+        pool = None
+        with torch.inference_mode():
+            for size in reversed(sizes):
+                md = AttentionMetadata(
+                    positions=self.g_positions[:size], slot_mapping=self.g_slots[:size],
+                    block_tables=self.g_tables[:size], context_lens=self.g_context_lens[:size],
+                    cu_seqlens_q=self.g_cu[: size + 1], num_decodes=size,
+                    query_lens=[1] * size, context_lens_host=[1] * size,
+                    block_tables_host=[[0]] * size,
+                )  # fmt: skip
+                self.backend.set_metadata(md)
+                run = functools.partial(self._forward_all, self.g_ids[:size], md)
+                run()  # compile and warm up outside the capture
+                torch.cuda.synchronize()
+                graph = torch.cuda.CUDAGraph()
+                with torch.cuda.graph(graph, pool=pool):
+                    self.g_logits[size] = run()
+                pool = graph.pool() if pool is None else pool
+                self.graphs[size] = graph
+        self.graphs = dict(sorted(self.graphs.items()))
+        torch.cuda.synchronize()
+        log.info("captured CUDA graphs for decode batch sizes %s", list(self.graphs))
+
+    def _forward_all(self, ids: torch.Tensor, md: AttentionMetadata) -> torch.Tensor:
+        """Logits of every row (what a decode graph computes)."""
+        return self.model.compute_logits(self.model.hidden_states(ids, md.positions, self.backend))
+
+    def _replay(self, size: int, ids: torch.Tensor, md: AttentionMetadata) -> torch.Tensor:
+        b = len(md.query_lens)
+        self.g_ids[:b] = ids
+        self.g_positions[:b] = md.positions
+        self.g_slots.fill_(-1)
+        self.g_slots[:b] = md.slot_mapping
+        self.g_context_lens.fill_(1)
+        self.g_context_lens[:b] = md.context_lens
+        w = md.block_tables.shape[1]
+        self.g_tables[:b, :w] = md.block_tables
+        self.graphs[size].replay()
+        return self.g_logits[size][:b]

@@ -1,0 +1,98 @@
+"""SamplingParams: how one request is decoded, with vLLM's field names and defaults."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from kiln.errors import InputError
+
+
+@dataclass
+class SamplingParams:
+    """Decoding settings of one request; `__post_init__` rejects values out of range."""
+
+    n: int = 1
+    best_of: int | None = None
+    temperature: float = 1.0
+    top_p: float = 1.0
+    top_k: int = 0  # 0 or -1: off
+    min_p: float = 0.0
+    repetition_penalty: float = 1.0
+    presence_penalty: float = 0.0
+    frequency_penalty: float = 0.0
+    seed: int | None = None
+    max_tokens: int | None = 16
+    min_tokens: int = 0
+    stop: list[str] | str | None = field(default_factory=list)
+    stop_token_ids: list[int] | None = field(default_factory=list)
+    ignore_eos: bool = False
+    logprobs: int | None = None
+    use_beam_search: bool = False
+    length_penalty: float = 1.0
+    skip_special_tokens: bool = True
+
+    def __post_init__(self) -> None:
+        if isinstance(self.stop, str):
+            self.stop = [self.stop]
+        self.stop = list(self.stop or [])
+        self.stop_token_ids = list(self.stop_token_ids or [])
+        if self.top_k == -1:
+            self.top_k = 0
+        if self.best_of is None:
+            self.best_of = self.n
+        _check(self.n >= 1, "n", self.n, ">= 1")
+        _check(self.best_of >= self.n, "best_of", self.best_of, f">= n ({self.n})")
+        _check(self.temperature >= 0, "temperature", self.temperature, ">= 0")
+        _check(0 < self.top_p <= 1, "top_p", self.top_p, "in (0, 1]")
+        _check(self.top_k >= 0, "top_k", self.top_k, ">= 1, or 0 / -1 to disable")
+        _check(0 <= self.min_p <= 1, "min_p", self.min_p, "in [0, 1]")
+        _check(self.repetition_penalty > 0, "repetition_penalty", self.repetition_penalty, "> 0")
+        _check(
+            -2 <= self.presence_penalty <= 2, "presence_penalty", self.presence_penalty, "[-2, 2]"
+        )
+        _check(
+            -2 <= self.frequency_penalty <= 2,
+            "frequency_penalty",
+            self.frequency_penalty,
+            "[-2, 2]",
+        )
+        if self.max_tokens is not None:
+            _check(self.max_tokens >= 1, "max_tokens", self.max_tokens, ">= 1")
+            _check(
+                0 <= self.min_tokens <= self.max_tokens,
+                "min_tokens",
+                self.min_tokens,
+                f"in [0, max_tokens={self.max_tokens}]",
+            )
+        else:
+            _check(self.min_tokens >= 0, "min_tokens", self.min_tokens, ">= 0")
+        if self.logprobs is not None:
+            _check(0 <= self.logprobs <= 20, "logprobs", self.logprobs, "in [0, 20]")
+        _check(
+            self.length_penalty > 0 or not self.use_beam_search,
+            "length_penalty",
+            self.length_penalty,
+            "> 0",
+        )
+        if self.use_beam_search:
+            _check(self.best_of > 1, "best_of", self.best_of, "> 1 with use_beam_search")
+            _check(self.temperature == 0, "temperature", self.temperature, "0 with use_beam_search")
+        for s in self.stop:
+            _check(isinstance(s, str) and s != "", "stop", s, "non-empty strings")
+
+    @property
+    def greedy(self) -> bool:
+        return self.temperature < 1e-5
+
+    @property
+    def has_penalties(self) -> bool:
+        return (
+            self.repetition_penalty != 1.0
+            or self.presence_penalty != 0.0
+            or self.frequency_penalty != 0.0
+        )
+
+
+def _check(ok: bool, name: str, value, allowed: str) -> None:
+    if not ok:
+        raise InputError(f"invalid sampling parameter {name}={value!r}: must be {allowed}")

@@ -1,0 +1,88 @@
+"""Sequence: one completion's tokens, its place in the KV pool, and its decoded text so far."""
+
+from __future__ import annotations
+
+import enum
+
+import torch
+
+from kiln.engine.sampling_params import SamplingParams
+
+
+class SequenceStatus(enum.Enum):
+    WAITING = enum.auto()
+    RUNNING = enum.auto()
+    FINISHED = enum.auto()
+
+
+class Sequence:
+    """Prompt + generated tokens of one completion; `num_computed_tokens` of them are in the KV."""
+
+    def __init__(
+        self,
+        seq_id: int,
+        request_id: str,
+        index: int,
+        token_ids: list[int],
+        params: SamplingParams,
+        eos_token_ids: frozenset[int] = frozenset(),
+    ):
+        self.seq_id = seq_id
+        self.request_id = request_id
+        self.index = index  # which of the request's completions
+        self.token_ids = list(token_ids)
+        self.num_prompt_tokens = len(token_ids)
+        self.params = params
+        self.eos_token_ids = eos_token_ids
+        self.status = SequenceStatus.WAITING
+        self.num_computed_tokens = 0  # tokens whose K/V sit in the pool
+        self.num_cached_tokens = 0  # of those, how many came from prefix-cache hits
+        self.block_table: list[int] = []
+        self.block_hashes: list[int] = []  # hash of each full block of token_ids, in order
+        self.finish_reason: str | None = None
+        self.stop_reason: int | str | None = None
+        self.logprobs: list[dict[int, float]] | None = [] if params.logprobs is not None else None
+        self.cumulative_logprob = 0.0
+        self.generator: torch.Generator | None = None  # per-request seeded sampling
+        self.pending_forks = 0  # siblings to fork off when the first token is sampled
+        # incremental detokenization
+        self.text = ""
+        self.prefix_offset = self.read_offset = self.num_prompt_tokens
+
+    def __len__(self) -> int:
+        return len(self.token_ids)
+
+    @property
+    def num_output_tokens(self) -> int:
+        return len(self.token_ids) - self.num_prompt_tokens
+
+    @property
+    def output_token_ids(self) -> list[int]:
+        return self.token_ids[self.num_prompt_tokens :]
+
+    @property
+    def is_finished(self) -> bool:
+        return self.status == SequenceStatus.FINISHED
+
+    @property
+    def num_uncomputed_tokens(self) -> int:
+        return len(self.token_ids) - self.num_computed_tokens
+
+    def fork(self, seq_id: int, index: int) -> Sequence:
+        """A sibling with the same tokens and KV blocks (the caller bumps the ref counts)."""
+        child = Sequence(
+            seq_id, self.request_id, index, self.token_ids, self.params, self.eos_token_ids
+        )
+        child.num_prompt_tokens = self.num_prompt_tokens
+        child.prefix_offset, child.read_offset = self.prefix_offset, self.read_offset
+        child.status = self.status
+        child.num_computed_tokens = self.num_computed_tokens
+        child.num_cached_tokens = self.num_cached_tokens
+        child.block_table = list(self.block_table)
+        child.block_hashes = list(self.block_hashes)
+        return child
+
+    def finish(self, reason: str, stop_reason: int | str | None = None) -> None:
+        self.status = SequenceStatus.FINISHED
+        self.finish_reason = reason
+        self.stop_reason = stop_reason

@@ -1,0 +1,98 @@
+"""`kiln bench <offline|serve>`: throughput benchmarks.
+
+`offline` runs nano-vllm's workload through kiln.LLM: N requests of random token ids, input and
+output lengths uniform in [min, max], ignore_eos, and prints output tokens/s. `serve` is
+kiln.serve.bench's (add_arguments(parser), main(args)), imported only when asked for.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import importlib.util
+import random
+import time
+
+
+def offline_workload(
+    num_requests=256, input_len=(100, 1024), output_len=(100, 1024), vocab_size=32000, seed=0
+):
+    """nano-vllm's workload: (prompt ids, max_tokens) pairs from one seeded RNG."""
+    rng = random.Random(seed)
+    work = []
+    for _ in range(num_requests):
+        n_in = rng.randint(*input_len)
+        prompt = [rng.randrange(vocab_size) for _ in range(n_in)]
+        work.append((prompt, rng.randint(*output_len)))
+    return work
+
+
+def run_offline(llm, workload, temperature: float = 0.6) -> dict:
+    """Generate the workload in one batch; output tokens per second and totals."""
+    from kiln.engine.sampling_params import SamplingParams
+
+    prompts = [p for p, _ in workload]
+    params = [
+        SamplingParams(temperature=temperature, max_tokens=n, ignore_eos=True) for _, n in workload
+    ]
+    start = time.perf_counter()
+    outs = llm.generate(prompt_token_ids=prompts, sampling_params=params)
+    elapsed = time.perf_counter() - start
+    out_tokens = sum(len(o.outputs[0].token_ids) for o in outs)
+    return {
+        "requests": len(workload),
+        "input_tokens": sum(len(p) for p in prompts),
+        "output_tokens": out_tokens,
+        "seconds": elapsed,
+        "output_tok_s": out_tokens / elapsed,
+    }
+
+
+def register(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("bench", help="throughput benchmarks (offline engine, serving)")
+    verbs = p.add_subparsers(dest="bench_command", required=True, metavar="KIND")
+    off = verbs.add_parser("offline", help="offline engine throughput (nano-vllm's workload)")
+    off.add_argument("--model", required=True, help="Hugging Face model directory")
+    off.add_argument("--num-prompts", type=int, default=256)
+    off.add_argument("--input-len", type=int, nargs=2, default=[100, 1024], metavar=("MIN", "MAX"))
+    off.add_argument("--output-len", type=int, nargs=2, default=[100, 1024], metavar=("MIN", "MAX"))
+    off.add_argument("--temperature", type=float, default=0.6)
+    off.add_argument("--seed", type=int, default=0)
+    off.add_argument("--dtype", default=None, choices=["float32", "bfloat16", "float16"])
+    off.add_argument("--device", default=None)
+    off.add_argument("--max-model-len", type=int, default=None)
+    off.add_argument("--attention-backend", default="auto", choices=["auto", "torch", "triton"])
+    off.add_argument("--no-cuda-graph", action="store_true")
+    off.set_defaults(func=_offline_cli)
+    serve = verbs.add_parser("serve", help="serving benchmark against a running kiln server")
+    if importlib.util.find_spec("kiln.serve.bench") is not None:
+        importlib.import_module("kiln.serve.bench").add_arguments(serve)
+    serve.set_defaults(func=lambda args: importlib.import_module("kiln.serve.bench").main(args))
+
+
+def _offline_cli(args: argparse.Namespace) -> None:
+    from kiln.engine.llm import LLM
+    from kiln.errors import InputError
+
+    for name in ("input_len", "output_len"):
+        lo, hi = getattr(args, name)
+        if not 1 <= lo <= hi:
+            raise InputError(f"--{name.replace('_', '-')} needs 1 <= MIN <= MAX, got {lo} {hi}")
+    llm = LLM(
+        args.model,
+        dtype=args.dtype,
+        device=args.device,
+        max_model_len=args.max_model_len,
+        attention_backend=args.attention_backend,
+        use_cuda_graph=not args.no_cuda_graph,
+    )
+    vocab = llm.engine.model_config.vocab_size
+    workload = offline_workload(
+        args.num_prompts, tuple(args.input_len), tuple(args.output_len), vocab, args.seed
+    )
+    run_offline(llm, offline_workload(2, (16, 16), (8, 8), vocab, args.seed + 1))  # warm up
+    r = run_offline(llm, workload, args.temperature)
+    print(
+        f"{r['requests']} requests, {r['input_tokens']} input / {r['output_tokens']} output "
+        f"tokens in {r['seconds']:.2f} s: {r['output_tok_s']:.0f} output tokens/s"
+    )

@@ -1,0 +1,60 @@
+"""AsyncLLM: streamed cumulative outputs, abort on leaving the iterator, stats."""
+
+import asyncio
+
+import pytest
+
+from kiln.engine import SamplingParams
+from kiln.engine.async_engine import AsyncLLM
+from kiln.errors import InputError
+
+
+def test_stream_is_cumulative_and_abort_frees_blocks(hf_model_dir, random_prompts):
+    path, _ = hf_model_dir("llama")
+    llm = AsyncLLM(str(path), device="cpu", max_model_len=128)
+    p, q = random_prompts((7, 12), seed=20)
+    params = SamplingParams(temperature=0, max_tokens=10, ignore_eos=True)
+
+    async def full():
+        outs = [o async for o in llm.generate(p, params, "full")]
+        return outs
+
+    async def broken():
+        n = 0
+        async for _ in llm.generate(q, SamplingParams(max_tokens=100, ignore_eos=True), "b"):
+            n += 1
+            if n == 3:
+                break
+        return n
+
+    async def main():
+        await llm.start()
+        outs, n = await asyncio.gather(full(), broken())
+        with pytest.raises(InputError, match="max_model_len is 128"):
+            async for _ in llm.generate([5] * 200, params):
+                pass
+        for _ in range(100):  # the abort lands on the loop thread
+            if llm.stats()["num_running"] == 0 and llm.stats()["kv_cache_usage"] == 0:
+                break
+            await asyncio.sleep(0.02)
+        stats = llm.stats()
+        await llm.shutdown()
+        return outs, n, stats
+
+    outs, n, stats = asyncio.run(main())
+    assert n == 3
+    lens = [len(o.outputs[0].token_ids) for o in outs]
+    assert lens == sorted(lens) and lens[-1] == 10 and outs[-1].finished
+    assert not any(o.finished for o in outs[:-1])
+    assert outs[-1].outputs[0].token_ids[: lens[0]] == outs[0].outputs[0].token_ids
+    assert stats["num_running"] == 0 and stats["num_waiting"] == 0
+    assert stats["kv_cache_usage"] == 0
+    assert set(stats) >= {
+        "num_free_blocks",
+        "num_total_blocks",
+        "prefix_cache_hits",
+        "prefix_cache_queries",
+        "prompt_tokens_total",
+        "generation_tokens_total",
+    }
+    llm.engine.block_manager.check_all_free()
