@@ -17,6 +17,7 @@ COMMANDS = [
     "kiln.generate",
     "kiln.tokenizer.cli",
     "kiln.eval.bench",
+    "kiln.serve.cli",
 ]
 
 

@@ -26,9 +26,9 @@ from kiln.model.transformer import Transformer
 log = logging.getLogger("kiln.engine")
 
 TRITON_KERNELS = (
-    "kiln.kernels.kvcache",
-    "kiln.kernels.decode_attention",
-    "kiln.kernels.prefill_attention",
+    "kiln.kernels.store_kvcache",
+    "kiln.kernels.paged_decode_attention",
+    "kiln.kernels.varlen_prefill_attention",
 )
 
 

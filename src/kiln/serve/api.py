@@ -1,0 +1,288 @@
+"""The FastAPI app: OpenAI's routes over an AsyncLLM, with auth, body limits, admission control,
+metrics and OpenAI-shaped errors for every failure."""
+
+from __future__ import annotations
+
+import asyncio
+import hmac
+import logging
+import time
+from collections.abc import AsyncIterator, Awaitable, Callable
+from contextlib import asynccontextmanager
+from typing import Any, TypeVar
+
+from fastapi import APIRouter, Depends, FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse, Response, StreamingResponse
+from pydantic import BaseModel
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+from kiln.errors import InputError
+from kiln.serve import serving
+from kiln.serve.admission import AdmissionGate
+from kiln.serve.metrics import CONTENT_TYPE, ServerMetrics
+from kiln.serve.protocol import (
+    APIError,
+    ChatCompletionRequest,
+    CompletionRequest,
+    ModelCard,
+    ModelList,
+    error_body,
+    input_error,
+    parse_request,
+)
+from kiln.serve.serving import ServingContext
+
+log = logging.getLogger("kiln.serve")
+
+DEFAULT_MAX_QUEUE = 256
+DEFAULT_MAX_BODY_BYTES = 4 * 2**20
+
+T = TypeVar("T")
+
+
+class ClientDisconnected(Exception):
+    """The client went away before its answer was ready."""
+
+
+def create_app(
+    engine: Any,
+    served_model_name: str,
+    api_key: str | None = None,
+    max_queue: int = DEFAULT_MAX_QUEUE,
+    max_body_bytes: int = DEFAULT_MAX_BODY_BYTES,
+) -> FastAPI:
+    """An OpenAI-compatible app over `engine` (an AsyncLLM, started and drained by the app)."""
+    max_running = engine.engine.config.max_num_seqs
+    ctx = ServingContext(
+        engine=engine,
+        model_name=served_model_name,
+        metrics=ServerMetrics(engine.stats),
+        gate=AdmissionGate(max_running, max_queue),
+    )
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI):
+        await engine.start()
+        yield
+        ctx.gate.draining = True
+        await engine.shutdown(drain=True)
+
+    app = FastAPI(title="kiln", lifespan=lifespan, docs_url=None, redoc_url=None)
+    app.state.ctx = ctx
+    _add_error_handlers(app)
+    app.include_router(_open_routes(ctx))
+    app.include_router(_v1_routes(ctx, max_body_bytes), dependencies=[Depends(_auth(api_key))])
+    return app
+
+
+def _open_routes(ctx: ServingContext) -> APIRouter:
+    router = APIRouter()
+
+    @router.get("/health")
+    async def health() -> Response:
+        if not _engine_alive(ctx.engine):
+            return _error(APIError(503, "the engine is not running", type="service_unavailable"))
+        return Response(status_code=200)
+
+    @router.get("/metrics")
+    async def metrics() -> Response:
+        return Response(ctx.metrics.render(), media_type=CONTENT_TYPE)
+
+    return router
+
+
+def _v1_routes(ctx: ServingContext, max_body_bytes: int) -> APIRouter:
+    router = APIRouter(prefix="/v1")
+
+    @router.get("/models")
+    async def models() -> ModelList:
+        return ModelList(data=[ModelCard(id=ctx.model_name, max_model_len=ctx.max_model_len)])
+
+    @router.post("/completions")
+    async def completions(request: Request) -> Response:
+        arrival = time.monotonic()
+        req = parse_request(CompletionRequest, await _read_body(request, max_body_bytes))
+        _check_model(ctx, req.model)
+        req.check_supported()
+        prompts = await serving.completion_prompts(ctx, req)
+        max_tokens = [serving.resolve_max_tokens(ctx, p, req.max_tokens, "prompt") for p in prompts]
+        params = serving.sampling_params(req.sampling_kwargs(min(max_tokens), req.logprobs))
+        return await _respond(
+            ctx,
+            request,
+            num_seqs=len(prompts) * req.n,
+            job=serving.start_job(ctx, "cmpl", prompts, params, arrival),
+            stream=req.stream,
+            events=lambda job: serving.completion_events(ctx, job, req.include_usage),
+            whole=lambda job: serving.completion_response(ctx, job),
+        )
+
+    @router.post("/chat/completions")
+    async def chat_completions(request: Request) -> Response:
+        arrival = time.monotonic()
+        req = parse_request(ChatCompletionRequest, await _read_body(request, max_body_bytes))
+        _check_model(ctx, req.model)
+        req.check_supported()
+        prompt = await serving.chat_prompt(ctx, req)
+        max_tokens = serving.resolve_max_tokens(ctx, prompt, req.requested_max_tokens, "messages")
+        params = serving.sampling_params(req.sampling_kwargs(max_tokens, req.num_logprobs))
+        return await _respond(
+            ctx,
+            request,
+            num_seqs=req.n,
+            job=serving.start_job(ctx, "chatcmpl", [prompt], params, arrival),
+            stream=req.stream,
+            events=lambda job: serving.chat_events(ctx, job, req.include_usage),
+            whole=lambda job: serving.chat_response(ctx, job),
+        )
+
+    return router
+
+
+async def _respond(
+    ctx: ServingContext,
+    request: Request,
+    num_seqs: int,
+    job: serving.Job,
+    stream: bool,
+    events: Callable[[serving.Job], AsyncIterator[str]],
+    whole: Callable[[serving.Job], Awaitable[BaseModel]],
+) -> Response:
+    """Admit the job, then answer with its event stream or, once finished, its whole result."""
+    try:
+        ctx.gate.acquire(num_seqs)
+    except APIError as e:
+        if e.status in (429, 503):
+            ctx.metrics.rejected.labels(e.code).inc()
+        raise
+    if stream:
+        return EventStreamResponse(
+            serving.guarded_events(events(job)), release=lambda: ctx.gate.release(num_seqs)
+        )
+    try:
+        result = await _unless_disconnected(request, whole(job))
+    except ClientDisconnected:
+        return Response(status_code=499)
+    except InputError as e:
+        raise input_error(e) from None
+    finally:
+        ctx.gate.release(num_seqs)
+    return JSONResponse(result.model_dump())
+
+
+class EventStreamResponse(StreamingResponse):
+    """Server-sent events; however the response ends (finished, client gone, server error),
+    the event generator is closed, so its engine requests are aborted, and admission released."""
+
+    def __init__(self, events: AsyncIterator[str], release):
+        super().__init__(
+            events,
+            media_type="text/event-stream",
+            headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"},
+        )
+        self.release = release
+
+    async def __call__(self, scope, receive, send) -> None:
+        try:
+            await super().__call__(scope, receive, send)
+        finally:
+            try:
+                await self.body_iterator.aclose()
+            finally:
+                self.release()
+
+
+async def _unless_disconnected(request: Request, work: Awaitable[T]) -> T:
+    """Await `work`, cancelling it (and so aborting its engine requests) if the client leaves."""
+
+    async def disconnected() -> None:
+        while (await request.receive())["type"] != "http.disconnect":
+            pass
+
+    task = asyncio.ensure_future(work)
+    watcher = asyncio.ensure_future(disconnected())
+    try:
+        await asyncio.wait({task, watcher}, return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        watcher.cancel()
+        if not task.done():
+            task.cancel()
+            await asyncio.gather(task, return_exceptions=True)
+            raise ClientDisconnected
+    return task.result()
+
+
+def _engine_alive(engine: Any) -> bool:
+    """Whether the engine's loop thread runs (AsyncLLM has no public flag for it yet)."""
+    thread = engine._thread
+    return thread is not None and thread.is_alive()
+
+
+async def _read_body(request: Request, limit: int) -> bytes:
+    """The request body, refused with 413 as soon as it passes `limit` bytes."""
+    too_big = APIError(413, f"request body exceeds {limit} bytes", code="request_too_large")
+    length = request.headers.get("content-length", "")
+    if length.isdigit() and int(length) > limit:
+        raise too_big
+    body = bytearray()
+    async for chunk in request.stream():
+        body += chunk
+        if len(body) > limit:
+            raise too_big
+    return bytes(body)
+
+
+def _check_model(ctx: ServingContext, model: str | None) -> None:
+    if model is not None and model != ctx.model_name:
+        raise APIError(
+            404,
+            f"the model {model!r} does not exist; this server serves {ctx.model_name!r}",
+            param="model",
+            code="model_not_found",
+        )
+
+
+def _auth(api_key: str | None):
+    """A dependency that demands `Authorization: Bearer <api_key>` when a key is set."""
+    expected = f"Bearer {api_key}".encode() if api_key else None
+
+    async def check(request: Request) -> None:
+        if expected is None:
+            return
+        given = request.headers.get("authorization", "").encode()
+        if not hmac.compare_digest(given, expected):
+            raise APIError(401, "invalid or missing API key", code="invalid_api_key")
+
+    return check
+
+
+def _error(e: APIError) -> JSONResponse:
+    return JSONResponse(e.body(), status_code=e.status, headers=e.headers)
+
+
+def _add_error_handlers(app: FastAPI) -> None:
+    @app.exception_handler(APIError)
+    async def api_error(request: Request, e: APIError) -> JSONResponse:
+        return _error(e)
+
+    @app.exception_handler(InputError)
+    async def bad_input(request: Request, e: InputError) -> JSONResponse:
+        return _error(input_error(e))
+
+    @app.exception_handler(RequestValidationError)
+    async def invalid(request: Request, e: RequestValidationError) -> JSONResponse:
+        return _error(APIError(400, "invalid request"))
+
+    @app.exception_handler(StarletteHTTPException)
+    async def http_error(request: Request, e: StarletteHTTPException) -> JSONResponse:
+        kind = "not_found_error" if e.status_code == 404 else "invalid_request_error"
+        return JSONResponse(
+            error_body(str(e.detail), kind), status_code=e.status_code, headers=e.headers
+        )
+
+    @app.exception_handler(Exception)
+    async def internal(request: Request, e: Exception) -> JSONResponse:
+        log.error("request failed", exc_info=e)
+        body = error_body("internal server error", "server_error", code="internal_error")
+        return JSONResponse(body, status_code=500)

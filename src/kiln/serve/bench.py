@@ -1,0 +1,222 @@
+"""`kiln bench serve`: Poisson arrivals against a running server, vLLM's serving metrics.
+
+Each request streams /v1/completions with a random token-id prompt of --input-len tokens and
+--output-len generated tokens (ignore_eos). Reported: request throughput, output tokens/s, and
+TTFT (time to first token), TPOT (time per output token after the first), ITL (the gaps between
+streamed chunks) and end-to-end latency at mean/p50/p95/p99.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import math
+import random
+import time
+from dataclasses import dataclass, field
+
+from kiln.errors import InputError
+
+
+@dataclass
+class RequestResult:
+    ok: bool
+    prompt_tokens: int = 0
+    output_tokens: int = 0
+    ttft: float = 0.0
+    e2e: float = 0.0
+    itl: list[float] = field(default_factory=list)
+    error: str = ""
+
+    @property
+    def tpot(self) -> float | None:
+        if self.output_tokens < 2:
+            return None
+        return (self.e2e - self.ttft) / (self.output_tokens - 1)
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--base-url", default="http://127.0.0.1:8000")
+    p.add_argument("--model", default=None, help="served model name (default: the server's)")
+    p.add_argument("--api-key", default=None)
+    p.add_argument("--num-prompts", type=int, default=200)
+    p.add_argument(
+        "--request-rate",
+        type=float,
+        nargs="+",
+        default=[math.inf],
+        help="requests/s of the Poisson arrivals (inf: all at once); several run in turn",
+    )
+    p.add_argument("--max-concurrency", type=int, default=None)
+    p.add_argument("--input-len", type=int, default=256)
+    p.add_argument("--output-len", type=int, default=128)
+    p.add_argument("--max-token-id", type=int, default=1000, help="prompt ids in [10, this)")
+    p.add_argument("--warmup-requests", type=int, default=16, help="concurrent, untimed")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--json", default=None, help="also write the results to this file")
+
+
+def main(args: argparse.Namespace) -> int:
+    for name in ("num_prompts", "input_len", "output_len", "warmup_requests"):
+        if getattr(args, name) < 1:
+            raise InputError(f"--{name.replace('_', '-')} must be >= 1")
+    if any(not r > 0 for r in args.request_rate):
+        raise InputError(f"--request-rate must be > 0, got {args.request_rate}")
+    results = []
+    for i, rate in enumerate(args.request_rate):  # fresh prompts each run: no prefix hits across
+        results.append(asyncio.run(run_benchmark(args, rate, args.seed + i)))
+        print(format_summary(results[-1]), flush=True)
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(results, f, indent=2)
+    return 0
+
+
+def _headers(api_key: str | None) -> dict[str, str]:
+    return {"Authorization": f"Bearer {api_key}"} if api_key else {}
+
+
+def random_prompts(rng: random.Random, n: int, length: int, max_token_id: int) -> list[list[int]]:
+    return [[rng.randrange(10, max_token_id) for _ in range(length)] for _ in range(n)]
+
+
+async def run_benchmark(args: argparse.Namespace, rate: float, seed: int) -> dict:
+    """One run at `rate` requests/s: a warm-up burst (so kernel compilation is not timed), then
+    --num-prompts Poisson arrivals."""
+    import httpx
+
+    rng = random.Random(seed)
+    prompts = random_prompts(rng, args.num_prompts, args.input_len, args.max_token_id)
+    warmup = random_prompts(rng, args.warmup_requests, args.input_len, args.max_token_id)
+    limits = httpx.Limits(max_connections=None, max_keepalive_connections=None)
+    timeout = httpx.Timeout(None, connect=30.0)
+    async with httpx.AsyncClient(
+        base_url=args.base_url, headers=_headers(args.api_key), limits=limits, timeout=timeout
+    ) as client:
+        model = args.model or (await client.get("/v1/models")).json()["data"][0]["id"]
+        for warm in await asyncio.gather(
+            *(one_request(client, model, p, min(args.output_len, 16)) for p in warmup)
+        ):
+            if not warm.ok:
+                raise InputError(f"warm-up request failed: {warm.error}")
+        gate = asyncio.Semaphore(args.max_concurrency or args.num_prompts)
+
+        async def limited(prompt: list[int]) -> RequestResult:
+            async with gate:
+                return await one_request(client, model, prompt, args.output_len)
+
+        start = time.perf_counter()
+        tasks = []
+        for prompt in prompts:
+            tasks.append(asyncio.create_task(limited(prompt)))
+            if math.isfinite(rate):
+                await asyncio.sleep(rng.expovariate(rate))
+        done = await asyncio.gather(*tasks)
+        duration = time.perf_counter() - start
+    return summarize(done, duration, rate, args)
+
+
+async def one_request(client, model: str, prompt: list[int], max_tokens: int) -> RequestResult:
+    """Stream one completion, timing every chunk that carries tokens."""
+    body = {
+        "model": model,
+        "prompt": prompt,
+        "max_tokens": max_tokens,
+        "ignore_eos": True,
+        "temperature": 0.0,
+        "stream": True,
+        "stream_options": {"include_usage": True},
+    }
+    result = RequestResult(ok=False)
+    start = last = time.perf_counter()
+    try:
+        async with client.stream("POST", "/v1/completions", json=body) as resp:
+            if resp.status_code != 200:
+                result.error = f"HTTP {resp.status_code}: {(await resp.aread())[:200]!r}"
+                return result
+            async for line in resp.aiter_lines():
+                if not line.startswith("data: ") or line == "data: [DONE]":
+                    continue
+                chunk = json.loads(line[6:])
+                if "error" in chunk:
+                    result.error = chunk["error"]["message"]
+                    return result
+                now = time.perf_counter()
+                if chunk["choices"]:
+                    if result.ttft == 0.0:
+                        result.ttft = now - start
+                    else:
+                        result.itl.append(now - last)
+                    last = now
+                if chunk.get("usage"):
+                    result.prompt_tokens = chunk["usage"]["prompt_tokens"]
+                    result.output_tokens = chunk["usage"]["completion_tokens"]
+    except Exception as e:  # a benchmark reports failures, it does not stop at one
+        result.error = f"{type(e).__name__}: {e}"
+        return result
+    result.e2e = time.perf_counter() - start
+    result.ok = result.output_tokens > 0
+    return result
+
+
+def _percentiles(values: list[float]) -> dict[str, float]:
+    """mean/p50/p95/p99 in milliseconds."""
+    if not values:
+        return {"mean": math.nan, "p50": math.nan, "p95": math.nan, "p99": math.nan}
+    v = sorted(values)
+
+    def q(p: float) -> float:  # linear interpolation, as numpy.percentile
+        x = (len(v) - 1) * p
+        lo, hi = math.floor(x), math.ceil(x)
+        return v[lo] + (v[hi] - v[lo]) * (x - lo)
+
+    return {
+        "mean": 1e3 * sum(v) / len(v),
+        "p50": 1e3 * q(0.5),
+        "p95": 1e3 * q(0.95),
+        "p99": 1e3 * q(0.99),
+    }
+
+
+def summarize(results: list[RequestResult], duration: float, rate: float, args) -> dict:
+    ok = [r for r in results if r.ok]
+    output = sum(r.output_tokens for r in ok)
+    prompt = sum(r.prompt_tokens for r in ok)
+    return {
+        "request_rate": rate,
+        "num_prompts": len(results),
+        "completed": len(ok),
+        "failed": len(results) - len(ok),
+        "first_error": next((r.error for r in results if not r.ok), ""),
+        "input_len": args.input_len,
+        "output_len": args.output_len,
+        "duration_s": duration,
+        "request_throughput": len(ok) / duration,
+        "output_throughput": output / duration,
+        "total_token_throughput": (output + prompt) / duration,
+        "ttft_ms": _percentiles([r.ttft for r in ok]),
+        "tpot_ms": _percentiles([r.tpot for r in ok if r.tpot is not None]),
+        "itl_ms": _percentiles([x for r in ok for x in r.itl]),
+        "e2e_ms": _percentiles([r.e2e for r in ok]),
+    }
+
+
+def format_summary(s: dict) -> str:
+    lines = [
+        f"==== request rate {s['request_rate']} req/s: {s['completed']}/{s['num_prompts']} "
+        f"completed in {s['duration_s']:.1f} s (input {s['input_len']}, output "
+        f"{s['output_len']} tokens)",
+        f"  request throughput   {s['request_throughput']:10.2f} req/s",
+        f"  output throughput    {s['output_throughput']:10.1f} tok/s",
+        f"  total throughput     {s['total_token_throughput']:10.1f} tok/s",
+        f"  {'(ms)':<8}{'mean':>10}{'p50':>10}{'p95':>10}{'p99':>10}",
+    ]
+    for key in ("ttft", "tpot", "itl", "e2e"):
+        p = s[f"{key}_ms"]
+        lines.append(
+            f"  {key.upper():<8}{p['mean']:10.2f}{p['p50']:10.2f}{p['p95']:10.2f}{p['p99']:10.2f}"
+        )
+    if s["failed"]:
+        lines.append(f"  failed: {s['failed']} (first: {s['first_error']})")
+    return "\n".join(lines)

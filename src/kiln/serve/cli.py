@@ -1,0 +1,68 @@
+"""`kiln serve --model DIR`: the OpenAI-compatible server."""
+
+from __future__ import annotations
+
+import argparse
+
+
+def register(subparsers) -> None:
+    p = subparsers.add_parser(
+        "serve",
+        help="serve a model over an OpenAI-compatible HTTP API",
+        description="Serve a model directory over OpenAI's /v1/completions and "
+        "/v1/chat/completions, with /health and Prometheus /metrics.",
+    )
+    p.add_argument("--model", required=True, help="model directory (Hugging Face layout)")
+    p.add_argument("--host", default="127.0.0.1")
+    p.add_argument("--port", type=int, default=8000)
+    p.add_argument("--api-key", default=None, help="require `Authorization: Bearer KEY`")
+    p.add_argument("--served-model-name", default=None, help="the name clients ask for")
+    p.add_argument("--max-num-seqs", type=int, default=256, help="sequences run at once")
+    p.add_argument(
+        "--max-queue",
+        type=int,
+        default=None,
+        help="sequences that may wait beyond --max-num-seqs before new requests get 429 "
+        "(default 256)",
+    )
+    p.add_argument("--max-model-len", type=int, default=None)
+    p.add_argument("--dtype", default=None, help="bfloat16, float16 or float32")
+    p.add_argument("--device", default=None)
+    p.add_argument("--gpu-memory-utilization", type=float, default=0.9)
+    p.add_argument("--attention-backend", default="auto", choices=["auto", "torch", "triton"])
+    p.add_argument("--no-cuda-graph", action="store_true", help="run decode steps eagerly")
+    p.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
+    p.set_defaults(func=run)
+
+
+def run(args: argparse.Namespace) -> int:
+    from kiln.errors import InputError
+    from kiln.serve.server import serve
+
+    if not 1 <= args.port <= 65535:
+        raise InputError(f"--port must be in [1, 65535], got {args.port}")
+    if args.max_queue is not None and args.max_queue < 0:
+        raise InputError(f"--max-queue must be >= 0, got {args.max_queue}")
+    engine_args = dict(
+        max_num_seqs=args.max_num_seqs,
+        max_model_len=args.max_model_len,
+        gpu_memory_utilization=args.gpu_memory_utilization,
+        attention_backend=args.attention_backend,
+        use_cuda_graph=not args.no_cuda_graph,
+    )
+    if args.dtype:
+        engine_args["dtype"] = args.dtype
+    if args.device:
+        engine_args["device"] = args.device
+    queue = {} if args.max_queue is None else {"max_queue": args.max_queue}
+    serve(
+        args.model,
+        host=args.host,
+        port=args.port,
+        api_key=args.api_key,
+        served_model_name=args.served_model_name,
+        log_level=args.log_level,
+        **queue,
+        **engine_args,
+    )
+    return 0

@@ -1,0 +1,112 @@
+"""The engine's cumulative outputs as per-choice deltas, and token logprobs in OpenAI's two
+shapes (the legacy completions object and chat's content list)."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+from kiln.serve.protocol import (
+    ChatLogprobs,
+    CompletionLogprobs,
+    TokenLogprob,
+    TopLogprob,
+    UsageInfo,
+)
+
+
+@dataclass
+class Delta:
+    """What one choice gained since it was last reported."""
+
+    index: int
+    text: str
+    token_ids: list[int]
+    logprobs: list[dict[int, float]] | None
+    finish_reason: str | None
+    stop_reason: int | str | None
+
+
+@dataclass
+class DeltaTracker:
+    """Turns the engine's cumulative outputs into per-choice deltas; counts usage."""
+
+    n: int
+    prompt_tokens: list[int]  # per prompt
+    sent_text: dict[int, int] = field(default_factory=dict)
+    sent_tokens: dict[int, int] = field(default_factory=dict)
+    finished: set[int] = field(default_factory=set)
+
+    def deltas(self, prompt_index: int, out) -> list[Delta]:
+        found = []
+        for c in out.outputs:
+            index = prompt_index * self.n + c.index
+            if index in self.finished:
+                continue
+            text_at, tok_at = self.sent_text.get(index, 0), self.sent_tokens.get(index, 0)
+            if len(c.text) == text_at and len(c.token_ids) == tok_at and not c.finish_reason:
+                continue
+            self.sent_text[index], self.sent_tokens[index] = len(c.text), len(c.token_ids)
+            if c.finish_reason:
+                self.finished.add(index)
+            found.append(
+                Delta(
+                    index,
+                    c.text[text_at:],
+                    c.token_ids[tok_at:],
+                    None if c.logprobs is None else c.logprobs[tok_at : len(c.token_ids)],
+                    c.finish_reason,
+                    c.stop_reason,
+                )
+            )
+        return found
+
+    def usage(self) -> UsageInfo:
+        prompt = sum(self.prompt_tokens)
+        completion = sum(self.sent_tokens.values())
+        return UsageInfo(
+            prompt_tokens=prompt, completion_tokens=completion, total_tokens=prompt + completion
+        )
+
+
+def _sorted_top(lp: dict[int, float], k: int) -> list[tuple[int, float]]:
+    return sorted(lp.items(), key=lambda kv: -kv[1])[:k]
+
+
+def completion_logprobs(
+    decode: Callable[[int], str], d: Delta, num: int, offset: int
+) -> CompletionLogprobs:
+    """OpenAI's legacy logprobs: tokens, their logprobs, the top `num`, text offsets."""
+    result = CompletionLogprobs()
+    for tid, lp in zip(d.token_ids, d.logprobs or []):
+        text = decode(tid)
+        top = {decode(t): v for t, v in _sorted_top(lp, num)}
+        top.setdefault(text, lp.get(tid, float("-inf")))
+        result.tokens.append(text)
+        result.token_logprobs.append(lp.get(tid))
+        result.top_logprobs.append(top)
+        result.text_offset.append(offset)
+        offset += len(text)
+    return result
+
+
+def chat_logprobs(decode: Callable[[int], str], d: Delta, num: int) -> ChatLogprobs:
+    """Chat logprobs: each token with its bytes and the top `num` alternatives."""
+
+    def entry(tid: int, value: float) -> dict[str, Any]:
+        text = decode(tid)
+        return dict(token=text, logprob=max(value, -9999.0), bytes=list(text.encode()))
+
+    content = [
+        TokenLogprob(
+            **entry(tid, lp.get(tid, float("-inf"))),
+            top_logprobs=[TopLogprob(**entry(t, v)) for t, v in _sorted_top(lp, num)],
+        )
+        for tid, lp in zip(d.token_ids, d.logprobs or [])
+    ]
+    return ChatLogprobs(content=content)
+
+
+def token_decoder(tokenizer) -> Callable[[int], str]:
+    return lambda tid: tokenizer.decode([tid], skip_special_tokens=False)

@@ -1,0 +1,350 @@
+"""OpenAI's wire format: request schemas that validate at the boundary, response schemas, errors.
+
+Field names and ranges follow OpenAI's API; the extra sampling fields (top_k, min_p,
+repetition_penalty, ignore_eos, ...) take vLLM's names. Unknown fields are ignored, as vLLM does.
+"""
+
+from __future__ import annotations
+
+import time
+from typing import Annotated, Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_serializer
+
+from kiln.errors import InputError
+
+MAX_SEED = 2**63 - 1
+MAX_LOGPROBS = 20
+MAX_N = 128
+MAX_STOP = 16
+
+
+class APIError(Exception):
+    """An error the server answers with, in OpenAI's JSON shape."""
+
+    def __init__(
+        self,
+        status: int,
+        message: str,
+        type: str = "invalid_request_error",
+        param: str | None = None,
+        code: str | None = None,
+        headers: dict[str, str] | None = None,
+    ):
+        super().__init__(message)
+        self.status = status
+        self.message = message
+        self.type = type
+        self.param = param
+        self.code = code
+        self.headers = headers or {}
+
+    def body(self) -> dict[str, Any]:
+        return error_body(self.message, self.type, self.param, self.code)
+
+
+def error_body(
+    message: str, type: str, param: str | None = None, code: str | None = None
+) -> dict[str, Any]:
+    """OpenAI's error object: {"error": {"message", "type", "param", "code"}}."""
+    return {"error": {"message": message, "type": type, "param": param, "code": code}}
+
+
+def validation_error(e: ValidationError) -> APIError:
+    """The most specific problem pydantic found, as a 400 naming the field."""
+
+    def where(err: dict[str, Any]) -> list[str]:  # the location without union members' tags
+        return [str(x) for x in err.get("loc", ()) if not _is_type_tag(x)]
+
+    err = max(e.errors(include_url=False), key=lambda err: len(where(err)))
+    if err.get("type") == "json_invalid":
+        return APIError(
+            400, f"request body is not valid JSON: {err.get('msg')}", code="json_invalid"
+        )
+    param = ".".join(where(err)) or None
+    prefix = f"{param}: " if param else ""
+    return APIError(400, f"{prefix}{err.get('msg')}", param=param, code=err.get("type"))
+
+
+def _is_type_tag(part: Any) -> bool:
+    """Pydantic names union members in error locations ("str", "list[int]", "constrained-str")."""
+    return isinstance(part, str) and (
+        "[" in part or "-" in part or part in ("str", "int", "float", "bool", "list", "dict")
+    )
+
+
+class _Request(BaseModel):
+    # strict: no "1" -> 1 or 1 -> True coercions; a float field still takes an int.
+    model_config = ConfigDict(extra="ignore", strict=True, allow_inf_nan=False)
+
+
+class StreamOptions(_Request):
+    include_usage: bool = False
+
+
+Stop = Annotated[str, Field(min_length=1)]
+
+
+class SamplingFields(_Request):
+    """The sampling fields both endpoints share."""
+
+    model: str | None = None
+    n: int = Field(1, ge=1, le=MAX_N)
+    temperature: float | None = Field(None, ge=0, le=2)
+    top_p: float | None = Field(None, gt=0, le=1)
+    top_k: int | None = Field(None, ge=-1)
+    min_p: float | None = Field(None, ge=0, le=1)
+    presence_penalty: float | None = Field(None, ge=-2, le=2)
+    frequency_penalty: float | None = Field(None, ge=-2, le=2)
+    repetition_penalty: float | None = Field(None, gt=0, le=10)
+    seed: int | None = Field(None, ge=-MAX_SEED - 1, le=MAX_SEED)
+    stop: Stop | Annotated[list[Stop], Field(max_length=MAX_STOP)] | None = None
+    stop_token_ids: (
+        Annotated[list[Annotated[int, Field(ge=0)]], Field(max_length=MAX_STOP)] | None
+    ) = None
+    ignore_eos: bool = False
+    min_tokens: int = Field(0, ge=0)
+    skip_special_tokens: bool = True
+    stream: bool = False
+    stream_options: StreamOptions | None = None
+    user: str | None = None
+
+    def sampling_kwargs(self, max_tokens: int, logprobs: int | None) -> dict[str, Any]:
+        """SamplingParams keyword arguments; unset fields keep the engine's defaults."""
+        kw: dict[str, Any] = dict(
+            n=self.n,
+            max_tokens=max_tokens,
+            min_tokens=self.min_tokens,
+            seed=self.seed,
+            stop=[self.stop] if isinstance(self.stop, str) else list(self.stop or []),
+            stop_token_ids=list(self.stop_token_ids or []),
+            ignore_eos=self.ignore_eos,
+            logprobs=logprobs,
+            skip_special_tokens=self.skip_special_tokens,
+        )
+        for name in (
+            "temperature",
+            "top_p",
+            "top_k",
+            "min_p",
+            "presence_penalty",
+            "frequency_penalty",
+            "repetition_penalty",
+        ):
+            value = getattr(self, name)
+            if value is not None:
+                kw[name] = value
+        return kw
+
+    @property
+    def include_usage(self) -> bool:
+        return bool(self.stream_options and self.stream_options.include_usage)
+
+
+TokenIds = Annotated[list[Annotated[int, Field(ge=0)]], Field(min_length=1)]
+
+
+class CompletionRequest(SamplingFields):
+    """POST /v1/completions."""
+
+    prompt: str | TokenIds | list[str] | list[TokenIds]
+    max_tokens: int | None = Field(16, ge=1)
+    logprobs: int | None = Field(None, ge=0, le=MAX_LOGPROBS)
+    echo: bool = False
+    best_of: int | None = Field(None, ge=1, le=MAX_N)
+    suffix: str | None = None
+    logit_bias: dict[str, float] | None = None
+
+    def check_supported(self) -> None:
+        _unsupported(self.echo, "echo")
+        _unsupported(self.suffix, "suffix")
+        _unsupported(self.logit_bias, "logit_bias")
+        if self.best_of is not None and self.best_of != self.n:
+            raise APIError(400, "best_of must equal n (or be omitted)", param="best_of")
+
+    def prompts(self) -> list[str | list[int]]:
+        """The batch of prompts: one string or token list each."""
+        p = self.prompt
+        if isinstance(p, str) or (p and isinstance(p[0], int)):
+            return [p]
+        if not p:
+            raise APIError(400, "prompt: the list of prompts is empty", param="prompt")
+        return list(p)
+
+
+class TextPart(_Request):
+    type: Literal["text"]
+    text: str
+
+
+class ChatMessage(_Request):
+    role: Literal["system", "developer", "user", "assistant", "tool"]
+    content: str | list[TextPart] | None = None
+    name: str | None = None
+
+    def to_template(self) -> dict[str, Any]:
+        """The message as chat templates expect it: content flattened to one string."""
+        content = self.content
+        if isinstance(content, list):
+            content = "".join(part.text for part in content)
+        msg: dict[str, Any] = {"role": self.role, "content": content or ""}
+        if self.name is not None:
+            msg["name"] = self.name
+        return msg
+
+
+class ChatCompletionRequest(SamplingFields):
+    """POST /v1/chat/completions."""
+
+    messages: list[ChatMessage] = Field(min_length=1)
+    max_tokens: int | None = Field(None, ge=1)
+    max_completion_tokens: int | None = Field(None, ge=1)
+    logprobs: bool = False
+    top_logprobs: int | None = Field(None, ge=0, le=MAX_LOGPROBS)
+    add_generation_prompt: bool = True
+    logit_bias: dict[str, float] | None = None
+    tools: list[Any] | None = None
+
+    def check_supported(self) -> None:
+        _unsupported(self.logit_bias, "logit_bias")
+        _unsupported(self.tools, "tools")
+        if self.top_logprobs is not None and not self.logprobs:
+            raise APIError(400, "top_logprobs needs logprobs: true", param="top_logprobs")
+
+    @property
+    def requested_max_tokens(self) -> int | None:
+        return (
+            self.max_completion_tokens
+            if self.max_completion_tokens is not None
+            else self.max_tokens
+        )
+
+    @property
+    def num_logprobs(self) -> int | None:
+        return (self.top_logprobs or 0) if self.logprobs else None
+
+
+def _unsupported(value: Any, name: str) -> None:
+    if value:
+        raise APIError(400, f"{name} is not supported by this server", param=name)
+
+
+def parse_request(cls: type[_Request], body: bytes) -> Any:
+    """Validate a raw JSON body into `cls`; every problem is a 400 APIError."""
+    try:
+        return cls.model_validate_json(body)
+    except ValidationError as e:
+        raise validation_error(e) from None
+
+
+def input_error(e: InputError, param: str | None = None) -> APIError:
+    """The engine's InputError (bad sampling value, prompt too long) as a 400."""
+    return APIError(400, str(e), param=param)
+
+
+# ---- responses -------------------------------------------------------------------------
+
+
+class UsageInfo(BaseModel):
+    prompt_tokens: int = 0
+    completion_tokens: int = 0
+    total_tokens: int = 0
+
+
+class CompletionLogprobs(BaseModel):
+    tokens: list[str] = []
+    token_logprobs: list[float | None] = []
+    top_logprobs: list[dict[str, float] | None] = []
+    text_offset: list[int] = []
+
+
+class CompletionChoice(BaseModel):
+    index: int
+    text: str
+    logprobs: CompletionLogprobs | None = None
+    finish_reason: str | None = None
+    stop_reason: int | str | None = None
+
+
+class CompletionResponse(BaseModel):
+    id: str
+    object: str = "text_completion"
+    created: int = Field(default_factory=lambda: int(time.time()))
+    model: str
+    choices: list[CompletionChoice]
+    usage: UsageInfo | None = None
+
+
+class TopLogprob(BaseModel):
+    token: str
+    logprob: float
+    bytes: list[int] | None = None
+
+
+class TokenLogprob(TopLogprob):
+    top_logprobs: list[TopLogprob] = []
+
+
+class ChatLogprobs(BaseModel):
+    content: list[TokenLogprob] | None = None
+
+
+class AssistantMessage(BaseModel):
+    role: str = "assistant"
+    content: str | None = None
+
+
+class ChatChoice(BaseModel):
+    index: int
+    message: AssistantMessage
+    logprobs: ChatLogprobs | None = None
+    finish_reason: str | None = None
+    stop_reason: int | str | None = None
+
+
+class ChatCompletionResponse(BaseModel):
+    id: str
+    object: str = "chat.completion"
+    created: int = Field(default_factory=lambda: int(time.time()))
+    model: str
+    choices: list[ChatChoice]
+    usage: UsageInfo
+
+
+class DeltaMessage(BaseModel):
+    role: str | None = None
+    content: str | None = None
+
+    @model_serializer(mode="wrap")
+    def _drop_unset(self, handler):  # a delta carries only what changed
+        return {k: v for k, v in handler(self).items() if v is not None}
+
+
+class ChatChunkChoice(BaseModel):
+    index: int
+    delta: DeltaMessage
+    logprobs: ChatLogprobs | None = None
+    finish_reason: str | None = None
+    stop_reason: int | str | None = None
+
+
+class ChatCompletionChunk(BaseModel):
+    id: str
+    object: str = "chat.completion.chunk"
+    created: int = Field(default_factory=lambda: int(time.time()))
+    model: str
+    choices: list[ChatChunkChoice]
+    usage: UsageInfo | None = None
+
+
+class ModelCard(BaseModel):
+    id: str
+    object: str = "model"
+    created: int = Field(default_factory=lambda: int(time.time()))
+    owned_by: str = "kiln"
+    max_model_len: int | None = None
+
+
+class ModelList(BaseModel):
+    object: str = "list"
+    data: list[ModelCard]

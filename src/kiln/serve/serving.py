@@ -1,0 +1,376 @@
+"""From a validated OpenAI request to engine requests and back: prompts, sampling parameters,
+the engine streams (tracked for metrics, aborted when dropped), and the OpenAI-shaped answers,
+whole or as server-sent events."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import re
+import time
+import uuid
+from collections.abc import AsyncIterator
+from contextlib import aclosing
+from dataclasses import dataclass, field
+from typing import Any
+
+from pydantic import BaseModel
+
+from kiln.errors import InputError, TokenizerError
+from kiln.serve.admission import AdmissionGate
+from kiln.serve.deltas import Delta, DeltaTracker, chat_logprobs, completion_logprobs, token_decoder
+from kiln.serve.metrics import ServerMetrics
+from kiln.serve.protocol import (
+    APIError,
+    AssistantMessage,
+    ChatChoice,
+    ChatChunkChoice,
+    ChatCompletionChunk,
+    ChatCompletionRequest,
+    ChatCompletionResponse,
+    ChatLogprobs,
+    CompletionChoice,
+    CompletionRequest,
+    CompletionResponse,
+    DeltaMessage,
+    UsageInfo,
+    error_body,
+    input_error,
+)
+
+log = logging.getLogger("kiln.serve")
+
+
+@dataclass
+class ServingContext:
+    """What every route shares: the engine, the served name, metrics, admission."""
+
+    engine: Any  # kiln.engine.async_engine.AsyncLLM
+    model_name: str
+    metrics: ServerMetrics
+    gate: AdmissionGate
+
+    @property
+    def tokenizer(self):
+        return self.engine.tokenizer
+
+    @property
+    def max_model_len(self) -> int:
+        return self.engine.max_model_len
+
+
+# ---- prompts and parameters ---------------------------------------------------------------
+
+
+async def completion_prompts(ctx: ServingContext, req: CompletionRequest) -> list[list[int]]:
+    """Token ids of each prompt in the batch (strings tokenized off the event loop)."""
+    prompts = req.prompts()
+    tok = ctx.tokenizer
+
+    def encode() -> list[list[int]]:
+        return [tok.encode(p) if isinstance(p, str) else list(p) for p in prompts]
+
+    return await asyncio.to_thread(encode)
+
+
+async def chat_prompt(ctx: ServingContext, req: ChatCompletionRequest) -> list[int]:
+    """The conversation rendered by the model's chat template, as token ids."""
+    messages = [m.to_template() for m in req.messages]
+    tok = ctx.tokenizer
+
+    def render() -> list[int]:
+        return tok.apply_chat_template(
+            messages, add_generation_prompt=req.add_generation_prompt, tokenize=True
+        )
+
+    try:
+        return await asyncio.to_thread(render)
+    except TokenizerError as e:
+        raise APIError(400, str(e), param="messages") from None
+
+
+def resolve_max_tokens(
+    ctx: ServingContext, prompt: list[int], max_tokens: int | None, param: str
+) -> int:
+    """Check a prompt against the context and vocabulary; return the max_tokens to use."""
+    limit = ctx.max_model_len
+    n = len(prompt)
+    if n == 0:
+        raise APIError(400, f"{param} is empty: give at least one token", param=param)
+    vocab = ctx.engine.model_config.vocab_size
+    bad = next((t for t in prompt if t >= vocab), None)
+    if bad is not None:
+        raise APIError(
+            400, f"{param} holds token id {bad}, outside the vocabulary of {vocab}", param=param
+        )
+    if n >= limit:
+        raise APIError(
+            400,
+            f"this model's maximum context length is {limit} tokens, but the {param} has {n} "
+            f"tokens; leave room for at least one generated token",
+            param=param,
+            code="context_length_exceeded",
+        )
+    if max_tokens is None:
+        return limit - n
+    if n + max_tokens > limit:
+        raise APIError(
+            400,
+            f"this model's maximum context length is {limit} tokens, but you asked for "
+            f"{n + max_tokens} ({n} in the {param}, {max_tokens} to generate)",
+            param="max_tokens",
+            code="context_length_exceeded",
+        )
+    return max_tokens
+
+
+def sampling_params(kwargs: dict[str, Any]):
+    """kiln's SamplingParams; its range checks become 400s."""
+    from kiln.engine.sampling_params import SamplingParams
+
+    try:
+        return SamplingParams(**kwargs)
+    except InputError as e:  # "invalid sampling parameter NAME=VALUE: ..."
+        name = re.search(r"parameter (\w+)=", str(e))
+        raise input_error(e, name and name.group(1)) from None
+
+
+# ---- engine streams -----------------------------------------------------------------------
+
+
+def new_id(prefix: str) -> str:
+    return f"{prefix}-{uuid.uuid4().hex}"
+
+
+async def run_request(
+    ctx: ServingContext, prompt: list[int], params, request_id: str, arrival: float
+) -> AsyncIterator[Any]:
+    """The engine's outputs for one prompt; records latencies when it finishes. Closing the
+    engine's stream early (disconnect, error, cancellation) aborts the request."""
+    first_token = None
+    out = None
+    stream = ctx.engine.generate(prompt, params, request_id)
+    try:
+        async for out in stream:
+            if first_token is None and any(c.token_ids for c in out.outputs):
+                first_token = time.monotonic()
+            yield out
+    finally:
+        await stream.aclose()
+        if out is not None and out.finished:
+            num_tokens = max(len(c.token_ids) for c in out.outputs)
+            ctx.metrics.observe_request(arrival, first_token, time.monotonic(), num_tokens)
+            for c in out.outputs:
+                ctx.metrics.finished.labels(c.finish_reason or "abort").inc()
+
+
+_DONE = object()
+
+
+async def merge(streams: list[AsyncIterator[Any]]) -> AsyncIterator[tuple[int, Any]]:
+    """Interleave several async iterators as (which, item), in arrival order."""
+    if len(streams) == 1:
+        async with aclosing(streams[0]) as stream:
+            async for item in stream:
+                yield 0, item
+        return
+    queue: asyncio.Queue = asyncio.Queue()
+
+    async def pump(i: int, stream: AsyncIterator[Any]) -> None:
+        try:
+            async for item in stream:
+                await queue.put((i, item))
+            await queue.put((i, _DONE))
+        except Exception as e:  # handed to the consumer, which re-raises it
+            await queue.put((i, e))
+
+    tasks = [asyncio.create_task(pump(i, s)) for i, s in enumerate(streams)]
+    try:
+        remaining = len(tasks)
+        while remaining:
+            i, item = await queue.get()
+            if item is _DONE:
+                remaining -= 1
+            elif isinstance(item, Exception):
+                raise item
+            else:
+                yield i, item
+    finally:
+        for t in tasks:
+            t.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+
+
+def sse(payload: BaseModel | dict[str, Any]) -> str:
+    """One server-sent event."""
+    if isinstance(payload, BaseModel):
+        return f"data: {payload.model_dump_json()}\n\n"
+    return f"data: {json.dumps(payload)}\n\n"
+
+
+SSE_DONE = "data: [DONE]\n\n"
+
+
+async def guarded_events(events: AsyncIterator[str]) -> AsyncIterator[str]:
+    """A stream that ends with an error event, never a traceback, when something fails."""
+    try:
+        async with aclosing(events):
+            async for event in events:
+                yield event
+    except APIError as e:
+        yield sse(e.body())
+    except InputError as e:
+        yield sse(input_error(e).body())
+    except Exception:
+        log.exception("streaming request failed")
+        yield sse(error_body("internal server error", "server_error", code="internal_error"))
+    yield SSE_DONE
+
+
+# ---- /v1/completions ----------------------------------------------------------------------
+
+
+@dataclass
+class Job:
+    """One HTTP request's work for the engine."""
+
+    request_id: str
+    streams: list[AsyncIterator[Any]]
+    tracker: DeltaTracker
+    num_logprobs: int | None
+    created: int = field(default_factory=lambda: int(time.time()))
+
+
+def start_job(
+    ctx: ServingContext, prefix: str, prompts: list[list[int]], params, arrival: float
+) -> Job:
+    """Engine streams for each prompt (nothing runs until they are iterated)."""
+    request_id = new_id(prefix)
+    streams = [
+        run_request(ctx, p, params, f"{request_id}-{i}", arrival) for i, p in enumerate(prompts)
+    ]
+    tracker = DeltaTracker(params.n, [len(p) for p in prompts])
+    return Job(request_id, streams, tracker, params.logprobs)
+
+
+def _completion_choice(decode, job: Job, d: Delta, offset: int = 0) -> CompletionChoice:
+    logprobs = None
+    if job.num_logprobs is not None:
+        logprobs = completion_logprobs(decode, d, job.num_logprobs, offset)
+    return CompletionChoice(
+        index=d.index,
+        text=d.text,
+        logprobs=logprobs,
+        finish_reason=d.finish_reason,
+        stop_reason=d.stop_reason,
+    )
+
+
+def _chat_logprobs(decode, job: Job, d: Delta) -> ChatLogprobs | None:
+    return None if job.num_logprobs is None else chat_logprobs(decode, d, job.num_logprobs)
+
+
+async def _final_deltas(job: Job) -> list[Delta]:
+    """Every choice's whole output, once all have finished, in index order."""
+    final: dict[int, Any] = {}
+    async with aclosing(merge(job.streams)) as outputs:
+        async for i, out in outputs:
+            final[i] = out
+    deltas = [d for i in sorted(final) for d in job.tracker.deltas(i, final[i])]
+    return sorted(deltas, key=lambda d: d.index)
+
+
+async def completion_events(ctx: ServingContext, job: Job, include_usage: bool):
+    """SSE events of a streamed completion: a chunk per choice delta, then usage."""
+    decode = token_decoder(ctx.tokenizer)
+    offsets: dict[int, int] = {}
+
+    def chunk(choices: list[CompletionChoice], usage: UsageInfo | None = None) -> str:
+        return sse(
+            CompletionResponse(
+                id=job.request_id,
+                created=job.created,
+                model=ctx.model_name,
+                choices=choices,
+                usage=usage,
+            )
+        )
+
+    async with aclosing(merge(job.streams)) as outputs:
+        async for i, out in outputs:
+            for d in job.tracker.deltas(i, out):
+                yield chunk([_completion_choice(decode, job, d, offsets.get(d.index, 0))])
+                offsets[d.index] = offsets.get(d.index, 0) + len(d.text)
+    if include_usage:
+        yield chunk([], job.tracker.usage())
+
+
+async def completion_response(ctx: ServingContext, job: Job) -> CompletionResponse:
+    """The whole completion, once every choice has finished."""
+    decode = token_decoder(ctx.tokenizer)
+    choices = [_completion_choice(decode, job, d) for d in await _final_deltas(job)]
+    return CompletionResponse(
+        id=job.request_id,
+        created=job.created,
+        model=ctx.model_name,
+        choices=choices,
+        usage=job.tracker.usage(),
+    )
+
+
+# ---- /v1/chat/completions -----------------------------------------------------------------
+
+
+async def chat_events(ctx: ServingContext, job: Job, include_usage: bool):
+    """SSE events of a streamed chat completion: each choice's role, then content deltas."""
+    decode = token_decoder(ctx.tokenizer)
+
+    def chunk(choices: list[ChatChunkChoice], usage: UsageInfo | None = None) -> str:
+        return sse(
+            ChatCompletionChunk(
+                id=job.request_id,
+                created=job.created,
+                model=ctx.model_name,
+                choices=choices,
+                usage=usage,
+            )
+        )
+
+    for i in range(job.tracker.n):
+        yield chunk([ChatChunkChoice(index=i, delta=DeltaMessage(role="assistant", content=""))])
+    async with aclosing(merge(job.streams)) as outputs:
+        async for i, out in outputs:
+            for d in job.tracker.deltas(i, out):
+                choice = ChatChunkChoice(
+                    index=d.index,
+                    delta=DeltaMessage(content=d.text),
+                    logprobs=_chat_logprobs(decode, job, d),
+                    finish_reason=d.finish_reason,
+                    stop_reason=d.stop_reason,
+                )
+                yield chunk([choice])
+    if include_usage:
+        yield chunk([], job.tracker.usage())
+
+
+async def chat_response(ctx: ServingContext, job: Job) -> ChatCompletionResponse:
+    """The whole chat completion, once every choice has finished."""
+    decode = token_decoder(ctx.tokenizer)
+    choices = [
+        ChatChoice(
+            index=d.index,
+            message=AssistantMessage(content=d.text),
+            logprobs=_chat_logprobs(decode, job, d),
+            finish_reason=d.finish_reason,
+            stop_reason=d.stop_reason,
+        )
+        for d in await _final_deltas(job)
+    ]
+    return ChatCompletionResponse(
+        id=job.request_id,
+        created=job.created,
+        model=ctx.model_name,
+        choices=choices,
+        usage=job.tracker.usage(),
+    )

@@ -1,0 +1,62 @@
+"""--api-key (401) and the bounded queue (429 with Retry-After) on a server with room for two."""
+
+from __future__ import annotations
+
+import contextlib
+
+import httpx
+import pytest
+
+from serve.live_server import start_server, wait_all_blocks_free
+
+KEY = "sekret-key"
+AUTH = {"Authorization": f"Bearer {KEY}"}
+LONG = {"prompt": [5, 6, 7], "max_tokens": 200, "ignore_eos": True, "stream": True}
+
+
+@pytest.fixture(scope="module")
+def small(chat_model_dir):
+    """One sequence runs, one may wait, nothing more."""
+    with start_server(chat_model_dir, api_key=KEY, max_queue=1, max_num_seqs=1) as s:
+        yield s
+
+
+def test_missing_or_wrong_key_is_401(small):
+    body = {"prompt": "Hi", "max_tokens": 1}
+    with httpx.Client(base_url=small.url, timeout=30) as http:
+        for headers in ({}, {"Authorization": "Bearer wrong"}, {"Authorization": KEY}):
+            resp = http.post("/v1/completions", json=body, headers=headers)
+            assert resp.status_code == 401
+            assert resp.json()["error"]["code"] == "invalid_api_key"
+        assert http.get("/v1/models").status_code == 401
+        assert http.post("/v1/completions", json=body, headers=AUTH).status_code == 200
+        assert http.get("/health").status_code == 200  # probes need no key
+
+
+def test_openai_client_with_key(small):
+    from openai import AuthenticationError, OpenAI
+
+    with OpenAI(base_url=f"{small.url}/v1", api_key=KEY, max_retries=0, timeout=30) as c:
+        assert c.completions.create(model="tiny", prompt="Hi", max_tokens=2).choices
+    with OpenAI(base_url=f"{small.url}/v1", api_key="nope", max_retries=0, timeout=30) as c:
+        with pytest.raises(AuthenticationError):
+            c.models.list()
+
+
+def test_past_the_queue_is_429_with_retry_after(small):
+    with httpx.Client(base_url=small.url, timeout=30, headers=AUTH) as http:
+        with contextlib.ExitStack() as held:
+            for _ in range(2):  # one running, one waiting: the gate is full
+                resp = held.enter_context(http.stream("POST", "/v1/completions", json=LONG))
+                assert resp.status_code == 200
+            over = http.post("/v1/completions", json={"prompt": "Hi", "max_tokens": 1})
+            assert over.status_code == 429
+            assert over.headers["Retry-After"] == "1"
+            assert over.json()["error"]["type"] == "rate_limit_error"
+            too_many = http.post("/v1/completions", json={"prompt": "Hi", "n": 3})
+            assert too_many.status_code == 400  # could never fit
+        # the streams closed: their requests were aborted and the gate opens again
+        wait_all_blocks_free(small.url)
+        assert http.post("/v1/completions", json={"prompt": "Hi", "max_tokens": 1}).is_success
+        metrics = http.get("/metrics").text
+        assert 'kiln:request_rejected_total{reason="queue_full"} 1.0' in metrics

@@ -1,0 +1,28 @@
+"""`kiln bench serve` against the live test server: every request completes, metrics add up."""
+
+from __future__ import annotations
+
+import argparse
+import json
+
+
+def test_bench_serve_reports_vllm_metrics(server, tmp_path, capsys):
+    from kiln.serve import bench
+
+    parser = argparse.ArgumentParser()
+    bench.add_arguments(parser)
+    out = tmp_path / "bench.json"
+    args = parser.parse_args(
+        ["--base-url", server.url, "--num-prompts", "12", "--request-rate", "inf", "40",
+         "--input-len", "16", "--output-len", "6", "--max-token-id", "300",
+         "--json", str(out)]
+    )  # fmt: skip
+    assert bench.main(args) == 0
+    results = json.loads(out.read_text())
+    assert [r["request_rate"] for r in results] == [float("inf"), 40.0]
+    for r in results:
+        assert r["completed"] == 12 and r["failed"] == 0
+        assert r["output_throughput"] > 0
+        assert 0 < r["ttft_ms"]["p50"] <= r["ttft_ms"]["p99"] <= r["e2e_ms"]["p99"]
+        assert r["tpot_ms"]["mean"] > 0 and r["itl_ms"]["p95"] > 0
+    assert "output throughput" in capsys.readouterr().out
