@@ -81,6 +81,8 @@ class ModelRunner:
         )
         self.backend = make_backend(name, self.kv_cache)
         self.graphs: dict[int, torch.cuda.CUDAGraph] = {}
+        self._pinned: torch.Tensor | None = None  # staging for the step's host -> GPU copy
+        self._copied: torch.cuda.Event | None = None
         # MoE routing reads the chosen experts on the host: not capturable.
         graphs_ok = self.device.type == "cuda" and name == "triton" and not mc.num_experts
         if config.use_cuda_graph and graphs_ok:
@@ -145,44 +147,70 @@ class ModelRunner:
         bs = self.block_size
         order = sorted(range(len(out)), key=lambda i: out.num_new_tokens[i] != 1)
         input_ids: list[int] = []
-        positions: list[np.ndarray] = []
-        slots: list[np.ndarray] = []
+        positions: list[int] = []
+        slots: list[int] = []
         query_lens, context_lens, tables = [], [], []
         logits_indices, sample_seqs = [], []
         for i in order:
             seq, n = out.seqs[i], out.num_new_tokens[i]
             start, end = seq.num_computed_tokens, seq.num_computed_tokens + n
-            input_ids.extend(seq.token_ids[start:end])
-            pos = np.arange(start, end)
-            positions.append(pos)
-            slots.append(np.asarray(seq.block_table)[pos // bs] * bs + pos % bs)
+            table = seq.block_table
+            if n == 1:  # decode: plain ints beat numpy on one element
+                input_ids.append(seq.token_ids[start])
+                positions.append(start)
+                slots.append(table[start // bs] * bs + start % bs)
+            else:
+                input_ids.extend(seq.token_ids[start:end])
+                pos = np.arange(start, end)
+                positions.extend(pos.tolist())
+                slots.extend((np.asarray(table)[pos // bs] * bs + pos % bs).tolist())
             query_lens.append(n)
             context_lens.append(end)
-            tables.append(seq.block_table)
+            tables.append(table)
             if end == len(seq):
                 logits_indices.append(len(input_ids) - 1)
                 sample_seqs.append(seq)
         num_decodes = sum(1 for n in query_lens if n == 1)
         width = max(len(t) for t in tables)
-        padded = np.zeros((len(tables), width), dtype=np.int32)
+        padded = np.zeros((len(tables), width), dtype=np.int64)
         for r, t in enumerate(tables):
             padded[r, : len(t)] = t
+        # One host buffer, one (pinned, asynchronous on CUDA) copy for the whole step.
+        n_tok, b = len(input_ids), len(tables)
+        host = np.concatenate(
+            [input_ids, positions, slots, context_lens, np.cumsum([0, *query_lens]), padded.ravel()]
+        ).astype(np.int64)
+        dev = self._to_device(host)
+        ids, pos_d, slot_d = dev[:n_tok], dev[n_tok : 2 * n_tok], dev[2 * n_tok : 3 * n_tok]
+        rest = dev[3 * n_tok :].to(torch.int32)
         md = AttentionMetadata(
-            positions=self._tensor(np.concatenate(positions), torch.long),
-            slot_mapping=self._tensor(np.concatenate(slots), torch.long),
-            block_tables=self._tensor(padded, torch.int32),
-            context_lens=self._tensor(context_lens, torch.int32),
-            cu_seqlens_q=self._tensor(np.cumsum([0, *query_lens]), torch.int32),
+            positions=pos_d,
+            slot_mapping=slot_d,
+            block_tables=rest[2 * b + 1 :].view(b, width),
+            context_lens=rest[:b],
+            cu_seqlens_q=rest[b : 2 * b + 1],
             num_decodes=num_decodes,
             query_lens=query_lens,
             context_lens_host=context_lens,
             block_tables_host=tables,
         )
-        ids = self._tensor(input_ids, torch.long)
         return ids, md, logits_indices, sample_seqs
 
-    def _tensor(self, data, dtype) -> torch.Tensor:
-        return torch.as_tensor(np.asarray(data), dtype=dtype).to(self.device)
+    def _to_device(self, host: np.ndarray) -> torch.Tensor:
+        t = torch.from_numpy(host)
+        if self.device.type != "cuda":
+            return t
+        # A persistent pinned staging buffer, reused once the previous step's copy is done.
+        if self._copied is not None:
+            self._copied.synchronize()
+        if self._pinned is None or self._pinned.numel() < t.numel():
+            self._pinned = torch.empty(max(t.numel(), 1 << 16), dtype=torch.int64).pin_memory()
+        staged = self._pinned[: t.numel()]
+        staged.copy_(t)
+        out = staged.to(self.device, non_blocking=True)
+        self._copied = torch.cuda.Event()
+        self._copied.record()
+        return out
 
     @torch.inference_mode()
     def execute(self, out: SchedulerOutput) -> tuple[list[Sequence], torch.Tensor | None]:
@@ -192,7 +220,9 @@ class ModelRunner:
         batch = len(md.query_lens)
         graph_bs = self._graph_batch_size(batch) if md.num_decodes == batch else None
         if graph_bs is not None:
-            logits = self._replay(graph_bs, ids, md)[logits_indices]
+            logits = self._replay(graph_bs, ids, md)
+            if len(logits_indices) != batch:  # a one-token prefill chunk does not sample
+                logits = logits[torch.tensor(logits_indices, device=self.device)]
         else:
             self.backend.set_metadata(md)
             hidden = self.model.hidden_states(ids, md.positions, self.backend)

@@ -100,14 +100,11 @@ class Sampler:
         if any(m > 0 for m in min_p):
             floor = torch.tensor(min_p, device=dev)[:, None] * probs.max(-1, keepdim=True).values
             probs = probs.masked_fill(probs < floor, 0.0)
-        noise = torch.empty_like(probs)
-        unseeded = [i for i, s in enumerate(seqs) if s.generator is None]
-        if unseeded:
-            noise[unseeded] = torch.empty(len(unseeded), probs.shape[1], device=dev).exponential_()
+        noise = torch.empty_like(probs).exponential_()  # one draw for every unseeded row
         for i, s in enumerate(seqs):
-            if s.generator is not None:
+            if s.generator is not None:  # seeded rows redraw from their own generator
                 noise[i].exponential_(generator=s.generator)
-        return (probs / noise).argmax(dim=-1)
+        return probs.div_(noise).argmax(dim=-1)
 
     @staticmethod
     def _top_logprobs(
