@@ -15,9 +15,13 @@ from kiln.errors import KilnError
 
 COMMANDS = [
     "kiln.generate",
+    "kiln.serve.cli",
+    "kiln.train.pretrain",
+    "kiln.train.sft",
+    "kiln.train.dpo",
+    "kiln.demo",
     "kiln.tokenizer.cli",
     "kiln.eval.bench",
-    "kiln.serve.cli",
 ]
 
 

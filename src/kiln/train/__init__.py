@@ -1,0 +1,1 @@
+"""Training: token data, the shared loop, checkpoints, pretraining (SFT / LoRA / DPO beside)."""

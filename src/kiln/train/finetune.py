@@ -1,0 +1,133 @@
+"""What `kiln sft` and `kiln dpo` share: flags, model preparation (full or LoRA), the run, export.
+
+Full fine-tuning keeps float32 master weights (bfloat16 autocast on CUDA, in the shared loop)
+and exports an HF directory in the checkpoint's dtype; LoRA freezes the base in its checkpoint
+dtype, trains float32 adapters and exports a PEFT adapter directory. The tokenizer is saved
+beside either, so `kiln generate --model DIR [--lora ADAPTER]` runs on the result.
+"""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+from kiln.errors import InputError
+from kiln.train.lora import add_lora_arguments, lora_config_from_args
+
+# For tokenizers without one (e.g. the bundled character-level model): plain-text turns that
+# any vocabulary can spell, each assistant turn closed by the EOS token.
+DEFAULT_CHAT_TEMPLATE = (
+    "{% for message in messages %}{% if not loop.first %}{{ '\n\n' }}{% endif %}"
+    "{{ message['role'] | capitalize + ': ' + message['content'] }}"
+    "{% if message['role'] == 'assistant' %}{{ eos_token }}{% endif %}{% endfor %}"
+    "{% if add_generation_prompt %}{{ '\n\nAssistant: ' if messages else 'Assistant: ' }}"
+    "{% endif %}"
+)
+
+
+def add_finetune_arguments(p: argparse.ArgumentParser, default_data: str) -> None:
+    """The flags every fine-tuning verb takes (model, data, output, LoRA, optimization)."""
+    p.add_argument(
+        "--model", default=None, help="HF model directory (default: the bundled default model)"
+    )
+    p.add_argument("--data", default=default_data, help=f"JSONL file (default {default_data})")
+    p.add_argument("--out", required=True, help="output directory (HF model or PEFT adapter)")
+    add_lora_arguments(p)
+    p.add_argument("--max-seq-len", type=int, default=512, help="tokens per example (cut)")
+    p.add_argument("--val-fraction", type=float, default=0.05)
+    p.add_argument("--max-steps", type=int, default=200)
+    p.add_argument("--batch-size", type=int, default=8)
+    p.add_argument("--grad-accum", type=int, default=1)
+    p.add_argument("--lr", type=float, default=None, help="default 2e-4 with LoRA, 2e-5 full")
+    p.add_argument("--warmup-steps", type=int, default=10)
+    p.add_argument("--weight-decay", type=float, default=0.0)
+    p.add_argument("--eval-interval", type=int, default=50)
+    p.add_argument("--eval-steps", type=int, default=5)
+    p.add_argument("--log-interval", type=int, default=10)
+    p.add_argument("--dtype", default="auto", choices=["auto", "bfloat16", "float32"])
+    p.add_argument("--device", default="auto")
+    p.add_argument("--seed", type=int, default=1337)
+    p.add_argument("--resume", action="store_true", help="continue the run saved in --out")
+
+
+def prepare(args: argparse.Namespace):
+    """Load tokenizer and model, then make LoRA adapters or every weight trainable."""
+    import torch
+
+    from kiln.model.loader import load_model
+    from kiln.tokenizer.hf import load_tokenizer
+    from kiln.train.distributed import resolve_device
+    from kiln.train.lora import apply_lora
+
+    if args.max_seq_len < 2:
+        raise InputError(f"--max-seq-len must be >= 2, got {args.max_seq_len}")
+    if args.model is None:
+        from kiln.demo import ensure_default_model
+
+        args.model = str(ensure_default_model())
+    tok = load_tokenizer(args.model)
+    if not tok.chat_template:
+        tok.chat_template = DEFAULT_CHAT_TEMPLATE
+    lora = lora_config_from_args(args)
+    device = resolve_device(args.device)
+    model = load_model(args.model, dtype=None if lora else torch.float32, device=device)
+    if lora is not None:
+        apply_lora(model, lora)
+    else:
+        model.requires_grad_(True)
+    return model, tok
+
+
+def split(examples: list, args: argparse.Namespace) -> tuple[list, list]:
+    from kiln.train.finetune_data import split_train_val
+
+    return split_train_val(examples, args.val_fraction, args.seed)
+
+
+def run_training(model, tok, args, train_batch, loss_fn, val_batch=None) -> dict:
+    """Run the shared loop (its state under OUT/run), then export the result to OUT."""
+    from kiln.train.distributed import init
+    from kiln.train.loop import TrainConfig, train
+
+    lora = args.lora_r is not None
+    cfg = TrainConfig(
+        out_dir=str(Path(args.out) / "run"),
+        max_steps=args.max_steps,
+        batch_size=args.batch_size,
+        grad_accum=args.grad_accum,
+        lr=args.lr if args.lr is not None else (2e-4 if lora else 2e-5),
+        warmup_steps=args.warmup_steps,
+        weight_decay=args.weight_decay,
+        eval_interval=args.eval_interval,
+        eval_steps=args.eval_steps,
+        log_interval=args.log_interval,
+        ckpt_interval=args.max_steps,
+        dtype=args.dtype,
+        device=args.device,
+        seed=args.seed,
+    )
+    cfg.min_lr = cfg.lr / 10
+    result = train(model, cfg, train_batch, loss_fn, val_batch, resume=args.resume)
+    if init(args.device).is_main:
+        export(model, tok, args.out, args.model, lora)
+    summary = {k: v for k, v in result.items() if isinstance(v, float)}
+    print(f"saved {'LoRA adapter' if lora else 'model'} to {args.out}: {summary}")
+    return result
+
+
+def export(model, tok, out: str, base: str, lora: bool) -> Path:
+    """A PEFT adapter directory (LoRA) or an HF model directory in the base's dtype (full)."""
+    from kiln.model.loader import save_model
+    from kiln.train.lora import save_adapter
+
+    if lora:
+        save_adapter(model, out, base_model_name_or_path=str(base))
+    else:
+        dtype = model.config.dtype
+        if dtype in ("bfloat16", "float16"):
+            import torch
+
+            model.to(getattr(torch, dtype))
+        save_model(model, out)
+    tok.save(out)
+    return Path(out)
