@@ -17,15 +17,12 @@ import time
 from pathlib import Path
 
 import torch
+from shapes import QWEN3_0_6B
 
 from kiln.engine import LLM, SamplingParams
 from kiln.eval.bench import offline_workload, run_offline
 
-QWEN3_06B = dict(
-    hidden_size=1024, num_hidden_layers=28, num_attention_heads=16, num_key_value_heads=8,
-    head_dim=128, intermediate_size=3072, vocab_size=151936, tie_word_embeddings=True,
-    max_position_embeddings=4096, rms_norm_eps=1e-6, rope_theta=1000000.0,
-)  # fmt: skip
+QWEN3_06B = {**QWEN3_0_6B, "max_position_embeddings": 4096}
 
 
 def build_model(out: Path):

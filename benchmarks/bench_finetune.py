@@ -21,6 +21,8 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
 
+from shapes import QWEN3_0_6B  # noqa: E402
+
 from kiln.config import ModelConfig  # noqa: E402
 from kiln.model.transformer import Transformer  # noqa: E402
 from kiln.train.finetune_data import Example  # noqa: E402
@@ -28,22 +30,7 @@ from kiln.train.loop import TrainConfig, train  # noqa: E402
 from kiln.train.lora import LoraConfig, apply_lora  # noqa: E402
 from kiln.train.sft import collate, sft_loss  # noqa: E402
 
-QWEN3_06B = dict(
-    model_type="qwen3",
-    vocab_size=151936,
-    hidden_size=1024,
-    intermediate_size=3072,
-    num_hidden_layers=28,
-    num_attention_heads=16,
-    num_key_value_heads=8,
-    head_dim=128,
-    tie_word_embeddings=True,
-    max_position_embeddings=40960,
-    rope_theta=1_000_000.0,
-    rms_norm_eps=1e-6,
-    hidden_act="silu",
-    torch_dtype="bfloat16",
-)
+QWEN3_06B = dict(QWEN3_0_6B, model_type="qwen3", hidden_act="silu", torch_dtype="bfloat16")
 TINY = {**QWEN3_06B, "vocab_size": 512, "hidden_size": 64, "intermediate_size": 128,
         "num_hidden_layers": 2, "num_attention_heads": 4, "num_key_value_heads": 2,
         "head_dim": 16}  # fmt: skip

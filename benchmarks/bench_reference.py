@@ -20,21 +20,12 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
 
+from shapes import QWEN3_0_6B  # noqa: E402
+
 import kiln  # noqa: E402
 from kiln.generate import generate  # noqa: E402
 
-QWEN3_06B = dict(
-    vocab_size=151936,
-    hidden_size=1024,
-    intermediate_size=3072,
-    num_hidden_layers=28,
-    num_attention_heads=16,
-    num_key_value_heads=8,
-    head_dim=128,
-    tie_word_embeddings=True,
-    max_position_embeddings=40960,
-    rope_theta=1_000_000.0,
-)
+QWEN3_06B = QWEN3_0_6B
 TINY = dict(
     vocab_size=512,
     hidden_size=128,

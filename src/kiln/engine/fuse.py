@@ -10,22 +10,15 @@ transformed model runs (and is tested) on CPU too. The model code itself is unto
 
 from __future__ import annotations
 
-import importlib
-
 import torch
 from torch import nn
 
+from kiln.kernels.rmsnorm import rmsnorm
+from kiln.kernels.rope import rope
+from kiln.kernels.silu_and_mul import silu_and_mul
 from kiln.model.attention import Attention
 from kiln.model.layers import MLP, RMSNorm
 from kiln.model.transformer import Block, Transformer
-
-
-def _kernel(module: str, name: str):
-    """kiln.kernels.<module>.<name>, or None while that kernel does not exist."""
-    try:
-        return getattr(importlib.import_module(f"kiln.kernels.{module}"), name)
-    except (ImportError, AttributeError):
-        return None
 
 
 def _fused_linear(parts: list[nn.Linear]) -> nn.Linear:
@@ -60,7 +53,6 @@ class FusedAttention(nn.Module):
         self.o_proj = attn.o_proj
         self.q_norm, self.k_norm = attn.q_norm, attn.k_norm
         self.split = [self.num_heads * self.head_dim] + [self.num_kv_heads * self.head_dim] * 2
-        self.rope = _kernel("rope", "rope")
 
     def forward(self, x, positions, rotary, backend):
         lead = x.shape[:-1]
@@ -71,10 +63,7 @@ class FusedAttention(nn.Module):
         if self.q_norm is not None:
             q, k = self.q_norm(q), self.k_norm(k)
         if rotary is not None:
-            if self.rope is not None:
-                q, k = self.rope(q, k, positions, rotary.cos_sin)
-            else:
-                q, k = rotary(positions, q, k)
+            q, k = rope(q, k, positions, rotary.cos_sin)
         out = backend.attend(self.layer_idx, q, k, v, self.scale, self.sliding_window)
         return self.o_proj(out.reshape(*lead, self.num_heads * self.head_dim))
 
@@ -86,26 +75,20 @@ class FusedMLP(nn.Module):
         super().__init__()
         self.gate_up_proj = _fused_linear([mlp.gate_proj, mlp.up_proj])
         self.down_proj = mlp.down_proj
-        self.silu_and_mul = _kernel("silu_and_mul", "silu_and_mul") or _silu_and_mul
 
     def forward(self, x):
-        return self.down_proj(self.silu_and_mul(self.gate_up_proj(x)))
-
-
-def _silu_and_mul(x: torch.Tensor) -> torch.Tensor:
-    gate, up = x.chunk(2, dim=-1)
-    return torch.nn.functional.silu(gate) * up
+        return self.down_proj(silu_and_mul(self.gate_up_proj(x)))
 
 
 class FusedRMSNorm(nn.Module):
     """RMSNorm through the kernel; given (x, residual) it adds first and returns both."""
 
-    def __init__(self, norm: RMSNorm, rmsnorm):
+    def __init__(self, norm: RMSNorm):
         super().__init__()
-        self.weight, self.eps, self.rmsnorm = norm.weight, norm.eps, rmsnorm
+        self.weight, self.eps = norm.weight, norm.eps
 
     def forward(self, x, residual=None):
-        return self.rmsnorm(x, self.weight, self.eps, residual)
+        return rmsnorm(x, self.weight, self.eps, residual)
 
 
 class FinalNorm(FusedRMSNorm):
@@ -113,17 +96,17 @@ class FinalNorm(FusedRMSNorm):
 
     def forward(self, x):
         hidden, residual = x
-        return self.rmsnorm(hidden, self.weight, self.eps, residual)[0]
+        return rmsnorm(hidden, self.weight, self.eps, residual)[0]
 
 
 class ResidualBlock(nn.Module):
     """Block whose norms fuse the residual adds; carries (hidden, residual) between blocks."""
 
-    def __init__(self, block: Block, rmsnorm):
+    def __init__(self, block: Block):
         super().__init__()
-        self.input_layernorm = FusedRMSNorm(block.input_layernorm, rmsnorm)
+        self.input_layernorm = FusedRMSNorm(block.input_layernorm)
         self.self_attn = block.self_attn
-        self.post_attention_layernorm = FusedRMSNorm(block.post_attention_layernorm, rmsnorm)
+        self.post_attention_layernorm = FusedRMSNorm(block.post_attention_layernorm)
         self.mlp = block.mlp
 
     def forward(self, x, positions, rotary, backend):
@@ -139,17 +122,16 @@ class ResidualBlock(nn.Module):
 def fuse_model(model: Transformer) -> Transformer:
     """Apply the transformations in place (weights are shared, not copied, where unchanged)."""
     config = model.config
-    rmsnorm = _kernel("rmsnorm", "rmsnorm")
     for i, block in enumerate(model.layers):
         block.self_attn = FusedAttention(block.self_attn)
         if isinstance(block.mlp, MLP) and block.mlp.gated and config.activation == "silu":
             block.mlp = FusedMLP(block.mlp)
-        if config.norm_type == "rmsnorm" and rmsnorm is not None:
+        if config.norm_type == "rmsnorm":
             if block.self_attn.q_norm is not None:
                 attn = block.self_attn
-                attn.q_norm = FusedRMSNorm(attn.q_norm, rmsnorm)
-                attn.k_norm = FusedRMSNorm(attn.k_norm, rmsnorm)
-            model.layers[i] = ResidualBlock(block, rmsnorm)
-    if config.norm_type == "rmsnorm" and rmsnorm is not None:
-        model.norm = FinalNorm(model.norm, rmsnorm)
+                attn.q_norm = FusedRMSNorm(attn.q_norm)
+                attn.k_norm = FusedRMSNorm(attn.k_norm)
+            model.layers[i] = ResidualBlock(block)
+    if config.norm_type == "rmsnorm":
+        model.norm = FinalNorm(model.norm)
     return model
