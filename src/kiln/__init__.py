@@ -18,7 +18,6 @@ _LAZY = {
     "Transformer": "kiln.model.transformer",
     "ModelConfig": "kiln.config",
     "load_tokenizer": "kiln.tokenizer.hf",
-    "generate": "kiln.generate",
     "LLM": "kiln.engine.llm",
     "SamplingParams": "kiln.engine.sampling_params",
 }

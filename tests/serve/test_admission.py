@@ -60,3 +60,26 @@ def test_past_the_queue_is_429_with_retry_after(small):
         assert http.post("/v1/completions", json={"prompt": "Hi", "max_tokens": 1}).is_success
         metrics = http.get("/metrics").text
         assert 'kiln:request_rejected_total{reason="queue_full"} 1.0' in metrics
+
+
+def test_engine_stopping_is_503_not_500():
+    """A request racing the drain gets the OpenAI-shaped 503, never a 500."""
+    import asyncio
+
+    from fastapi import FastAPI
+    from fastapi.testclient import TestClient
+
+    from kiln.engine.async_engine import EngineStopped
+    from kiln.serve.api import _add_error_handlers
+
+    app = FastAPI()
+    _add_error_handlers(app)
+
+    @app.get("/boom")
+    async def boom():
+        await asyncio.sleep(0)
+        raise EngineStopped("the engine is shutting down")
+
+    r = TestClient(app).get("/boom")
+    assert r.status_code == 503 and r.headers["retry-after"] == "1"
+    assert r.json()["error"]["type"] == "service_unavailable"

@@ -19,6 +19,10 @@ from kiln.engine.sampling_params import SamplingParams
 from kiln.errors import KilnError
 
 
+class EngineStopped(KilnError):
+    """A request arrived while the engine drains for shutdown (the server answers 503)."""
+
+
 class AsyncLLM:
     """AsyncLLM(model_path, **engine_args); `await start()`, `generate(...)`, `abort(id)`."""
 
@@ -35,6 +39,11 @@ class AsyncLLM:
         self._stopping = False
         self._drain = True
         self._stats: dict = self.engine.stats()
+
+    @property
+    def is_running(self) -> bool:
+        """Whether the engine loop runs and takes new requests."""
+        return self._thread is not None and self._thread.is_alive() and not self._stopping
 
     async def start(self) -> None:
         if self._thread is not None:
@@ -62,7 +71,7 @@ class AsyncLLM:
         if self._thread is None:
             await self.start()
         if self._stopping:
-            raise KilnError("the engine is shutting down")
+            raise EngineStopped("the engine is shutting down")
         request_id = request_id or uuid.uuid4().hex
         text, ids = (prompt, None) if isinstance(prompt, str) else (None, list(prompt))
         params = sampling_params or SamplingParams()

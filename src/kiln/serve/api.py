@@ -17,6 +17,7 @@ from fastapi.responses import JSONResponse, Response, StreamingResponse
 from pydantic import BaseModel
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
+from kiln.engine.async_engine import EngineStopped
 from kiln.errors import InputError
 from kiln.serve import serving
 from kiln.serve.admission import AdmissionGate
@@ -81,7 +82,7 @@ def _open_routes(ctx: ServingContext) -> APIRouter:
 
     @router.get("/health")
     async def health() -> Response:
-        if not _engine_alive(ctx.engine):
+        if not ctx.engine.is_running:
             return _error(APIError(503, "the engine is not running", type="service_unavailable"))
         return Response(status_code=200)
 
@@ -213,12 +214,6 @@ async def _unless_disconnected(request: Request, work: Awaitable[T]) -> T:
     return task.result()
 
 
-def _engine_alive(engine: Any) -> bool:
-    """Whether the engine's loop thread runs (AsyncLLM has no public flag for it yet)."""
-    thread = engine._thread
-    return thread is not None and thread.is_alive()
-
-
 async def _read_body(request: Request, limit: int) -> bytes:
     """The request body, refused with 413 as soon as it passes `limit` bytes."""
     too_big = APIError(413, f"request body exceeds {limit} bytes", code="request_too_large")
@@ -269,6 +264,12 @@ def _add_error_handlers(app: FastAPI) -> None:
     @app.exception_handler(InputError)
     async def bad_input(request: Request, e: InputError) -> JSONResponse:
         return _error(input_error(e))
+
+    @app.exception_handler(EngineStopped)
+    async def stopping(request: Request, e: EngineStopped) -> JSONResponse:
+        return _error(
+            APIError(503, str(e), type="service_unavailable", headers={"Retry-After": "1"})
+        )
 
     @app.exception_handler(RequestValidationError)
     async def invalid(request: Request, e: RequestValidationError) -> JSONResponse:
