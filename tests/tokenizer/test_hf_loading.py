@@ -121,10 +121,12 @@ def test_special_token_ids(tokenizer_dir):
 
 def test_template_exception_is_a_tokenizer_error(tokenizer_dir):
     tok = kiln.load_tokenizer(tokenizer_dir)
-    if "raise_exception" not in tok.chat_template:
-        pytest.skip("template has no raise_exception branch")
-    with pytest.raises(TokenizerError, match="no generation prompt"):
-        tok.apply_chat_template(MESSAGES, add_generation_prompt=False)
+    messages = MESSAGES  # ends with a user turn: the llama3 template raises without a prompt
+    if "raise_exception" in tok.chat_template:
+        with pytest.raises(TokenizerError, match="no generation prompt"):
+            tok.apply_chat_template(messages, add_generation_prompt=False)
+    else:
+        assert tok.apply_chat_template(messages, add_generation_prompt=False).endswith("\n")
 
 
 def test_missing_tokenizer_json(tmp_path):
