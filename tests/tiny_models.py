@@ -95,38 +95,28 @@ def save_hf_model(name: str, out: Path, max_shard_size: str | None = None, seed:
     return model
 
 
-CHATML = (
-    "{% for message in messages %}{{'<|im_start|>' + message['role'] + '\n' + message['content']"
-    " + '<|im_end|>' + '\n'}}{% endfor %}{% if add_generation_prompt %}"
-    "{{ '<|im_start|>assistant\n' }}{% endif %}"
-)
+# ids 0..4; the tiny models' config says bos=1, eos=2
+SPECIALS = ["<pad>", "<s>", "</s>", "<|im_start|>", "<|im_end|>"]
 
 
-def save_tiny_tokenizer(out: Path, vocab_size: int = VOCAB) -> None:
-    """A byte-level BPE (HF tokenizers) with ChatML specials, at most `vocab_size` ids."""
-    import json
+def save_chat_tokenizer(out: Path, vocab_size: int = VOCAB) -> None:
+    """A byte-level BPE of exactly `vocab_size` tokens with a ChatML template, saved to `out`.
 
+    Every id the tiny model can sample decodes to text (which text comparisons need);
+    characters the BPE never saw are dropped when encoding."""
+    from chat_tokenizer import CHATML
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
 
-    text = (Path(__file__).resolve().parents[1] / "data/shakespeare/hamlet_gut.txt").read_text()
     tok = Tokenizer(models.BPE())
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tok.decoder = decoders.ByteLevel()
-    specials = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
+    text = (Path(__file__).resolve().parents[1] / "data/shakespeare/hamlet_gut.txt").read_text()
     trainer = trainers.BpeTrainer(
-        vocab_size=vocab_size,
-        special_tokens=specials,
-        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
-        show_progress=False,
+        vocab_size=vocab_size, special_tokens=SPECIALS, show_progress=False
     )
-    tok.train_from_iterator([text[:50000]], trainer)
-    assert tok.get_vocab_size() <= vocab_size
-    out.mkdir(parents=True, exist_ok=True)
-    tok.save(str(out / "tokenizer.json"))
-    cfg = {
-        "eos_token": "<|im_end|>",
-        "bos_token": None,
-        "chat_template": CHATML,
-        "tokenizer_class": "PreTrainedTokenizerFast",
-    }
-    (out / "tokenizer_config.json").write_text(json.dumps(cfg))
+    tok.train_from_iterator([text[:8000]], trainer)
+    assert tok.get_vocab_size() == vocab_size
+    PreTrainedTokenizerFast(
+        tokenizer_object=tok, bos_token="<s>", eos_token="</s>", chat_template=CHATML
+    ).save_pretrained(out)

@@ -3,7 +3,7 @@
 import shutil
 
 import pytest
-from tiny_models import save_tiny_tokenizer
+from tiny_models import save_chat_tokenizer
 
 from kiln.cli import main
 
@@ -13,7 +13,7 @@ def model_dir(hf_model_dir, tmp_path_factory):
     src, _ = hf_model_dir("qwen3")
     out = tmp_path_factory.mktemp("with_tok")
     shutil.copytree(src, out, dirs_exist_ok=True)
-    save_tiny_tokenizer(out)
+    save_chat_tokenizer(out)
     return out
 
 

@@ -6,8 +6,9 @@ import shutil
 
 import httpx
 import pytest
+from tiny_models import save_chat_tokenizer
 
-from serve.live_server import save_chat_tokenizer, start_server
+from serve.live_server import start_server
 
 
 @pytest.fixture(scope="session")

@@ -1,4 +1,4 @@
-"""A real kiln server on loopback in a thread, a tiny chat tokenizer, and /metrics readers."""
+"""A real kiln server on loopback in a thread, and /metrics readers."""
 
 from __future__ import annotations
 
@@ -7,31 +7,6 @@ import threading
 import time
 
 import httpx
-from chat_tokenizer import CHATML
-
-# ids 0..4; the tiny models' config says bos=1, eos=2
-SPECIALS = ["<pad>", "<s>", "</s>", "<|im_start|>", "<|im_end|>"]
-
-
-def save_chat_tokenizer(out, vocab_size: int) -> None:
-    """A byte-level BPE of exactly `vocab_size` tokens with a ChatML template, saved to `out`.
-
-    Unlike chat_tokenizer's character tokenizer, every id the model can sample decodes to text,
-    which the text comparisons need; characters it never saw are dropped when encoding."""
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
-    from transformers import PreTrainedTokenizerFast
-
-    tok = Tokenizer(models.BPE())
-    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    tok.decoder = decoders.ByteLevel()
-    text = open("data/shakespeare/hamlet_gut.txt").read()[:8000]
-    tok.train_from_iterator(
-        [text], trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=SPECIALS)
-    )
-    assert tok.get_vocab_size() == vocab_size
-    PreTrainedTokenizerFast(
-        tokenizer_object=tok, bos_token="<s>", eos_token="</s>", chat_template=CHATML
-    ).save_pretrained(out)
 
 
 class ServerThread:
