@@ -14,6 +14,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
+import torch.nn.functional as F
 
 from kiln.model.attention import causal_attention
 
@@ -74,10 +75,16 @@ class TorchPagedBackend:
         md = self.metadata
         k_cache, v_cache = self.kv_cache.layer(layer_idx)
         store_kvcache_ref(k, v, k_cache, v_cache, md.slot_mapping)
-        bs = self.kv_cache.block_size
+        d = md.num_decodes
+        if d == md.num_seqs and q.shape[0] == d:
+            return self._decode(q, k_cache, v_cache, scale, sliding_window)
         out = torch.empty_like(q)
-        start = 0
-        for qlen, ctx, table in zip(md.query_lens, md.context_lens_host, md.block_tables_host):
+        if d:
+            out[:d] = self._decode(q[:d], k_cache, v_cache, scale, sliding_window)
+        bs = self.kv_cache.block_size
+        start = d
+        rows = zip(md.query_lens[d:], md.context_lens_host[d:], md.block_tables_host[d:])
+        for qlen, ctx, table in rows:  # prefill chunks, one sequence at a time
             lo = 0 if sliding_window is None else max(0, ctx - qlen - sliding_window + 1)
             first = lo // bs
             blocks = torch.tensor(table[first : -(-ctx // bs)], device=q.device)
@@ -91,6 +98,29 @@ class TorchPagedBackend:
             out[start : start + qlen] = o[0]
             start += qlen
         return out
+
+    def _decode(self, q, k_cache, v_cache, scale, sliding_window):
+        """All one-query rows in one masked SDPA over their gathered, padded pages."""
+        md = self.metadata
+        d, bs = q.shape[0], self.kv_cache.block_size
+        max_ctx = max(md.context_lens_host[:d])
+        tables = md.block_tables[:d, : -(-max_ctx // bs)].long()  # padding points at block 0
+        keys = k_cache[tables].flatten(1, 2)[:, :max_ctx]  # [d, max_ctx, Hkv, D]
+        values = v_cache[tables].flatten(1, 2)[:, :max_ctx]
+        k_pos = torch.arange(max_ctx, device=q.device)[None, :]
+        q_pos = md.context_lens[:d, None].long() - 1
+        mask = k_pos <= q_pos  # [d, max_ctx]
+        if sliding_window is not None:
+            mask &= q_pos - k_pos < sliding_window
+        out = F.scaled_dot_product_attention(
+            q[:, :, None],  # [d, Hq, 1, D]
+            keys.transpose(1, 2),
+            values.transpose(1, 2),
+            attn_mask=mask[:, None, None, :],
+            scale=scale,
+            enable_gqa=q.shape[1] != k_cache.shape[2],
+        )
+        return out[:, :, 0]
 
 
 def store_kvcache_ref(k, v, k_cache, v_cache, slot_mapping) -> None:
