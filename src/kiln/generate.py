@@ -123,6 +123,7 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 def _cli(args: argparse.Namespace) -> None:
     import sys
+    from pathlib import Path
 
     from kiln.model.loader import load_model
     from kiln.tokenizer.hf import load_tokenizer
@@ -132,7 +133,10 @@ def _cli(args: argparse.Namespace) -> None:
     if args.max_tokens < 1:
         raise InputError(f"--max-tokens must be >= 1, got {args.max_tokens}")
     validate_sampling(args.temperature, args.top_k, args.top_p)
-    tok = load_tokenizer(args.model)
+    # A fine-tuned adapter directory may carry its own tokenizer (with the chat template the
+    # adapter was trained on): prefer it, as PEFT users expect.
+    with_tokenizer = args.lora and (Path(args.lora) / "tokenizer.json").is_file()
+    tok = load_tokenizer(args.lora if with_tokenizer else args.model)
     model = load_model(args.model, dtype=args.dtype, device=args.device, lora=args.lora)
     if args.chat:
         messages = [{"role": "user", "content": args.prompt}]

@@ -151,3 +151,32 @@ def test_tokenizer_without_template_gets_the_default(tmp_path):
         "Nay, answer me: stand.<|im_end|>Bernardo?<|im_end|>"
     )
     assert tok.apply_chat_template(CONVERSATION[:2]).endswith("User: Who's there?\n\nAssistant: ")
+
+
+def test_max_seq_len_is_bounded_by_the_context(chat_model, tmp_path, capsys):
+    """Past the model's context: a one-line error naming both numbers (not an IndexError)."""
+    from kiln.cli import main
+
+    argv = ["sft", "--model", str(chat_model), "--out", str(tmp_path / "o"), "--max-steps", "1"]
+    assert main([*argv, "--max-seq-len", "100000"]) == 2
+    assert "100000 exceeds the model's context of 256" in capsys.readouterr().err
+
+
+def test_generate_chat_uses_the_adapters_template(hf_model_dir, tmp_path, capsys):
+    """A base without a chat template, an adapter trained with one: --lora --chat works."""
+    import shutil
+
+    from chat_tokenizer import save_char_tokenizer
+
+    from kiln.cli import main
+
+    base = tmp_path / "base"
+    shutil.copytree(hf_model_dir("llama")[0], base)
+    save_char_tokenizer(base, chat_template=None)
+    out = tmp_path / "adapter"
+    argv = ["sft", "--model", str(base), "--out", str(out), "--lora-r", "4", "--max-steps", "2"]
+    assert main([*argv, "--eval-steps", "1", "--batch-size", "2"]) == 0
+    prompt = ["--prompt", "Who's there?", "--max-tokens", "4", "--chat"]
+    assert main(["generate", "--model", str(base), *prompt]) == 2
+    assert "no chat template" in capsys.readouterr().err
+    assert main(["generate", "--model", str(base), "--lora", str(out), *prompt]) == 0

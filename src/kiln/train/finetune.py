@@ -33,7 +33,12 @@ def add_finetune_arguments(p: argparse.ArgumentParser, default_data: str) -> Non
     p.add_argument("--data", default=default_data, help=f"JSONL file (default {default_data})")
     p.add_argument("--out", required=True, help="output directory (HF model or PEFT adapter)")
     add_lora_arguments(p)
-    p.add_argument("--max-seq-len", type=int, default=512, help="tokens per example (cut)")
+    p.add_argument(
+        "--max-seq-len",
+        type=int,
+        default=None,
+        help="tokens per example (cut); default min(512, the model's context)",
+    )
     p.add_argument("--val-fraction", type=float, default=0.05)
     p.add_argument("--max-steps", type=int, default=200)
     p.add_argument("--batch-size", type=int, default=8)
@@ -59,7 +64,7 @@ def prepare(args: argparse.Namespace):
     from kiln.train.distributed import resolve_device
     from kiln.train.lora import apply_lora
 
-    if args.max_seq_len < 2:
+    if args.max_seq_len is not None and args.max_seq_len < 2:
         raise InputError(f"--max-seq-len must be >= 2, got {args.max_seq_len}")
     if args.model is None:
         from kiln.demo import ensure_default_model
@@ -71,6 +76,13 @@ def prepare(args: argparse.Namespace):
     lora = lora_config_from_args(args)
     device = resolve_device(args.device)
     model = load_model(args.model, dtype=None if lora else torch.float32, device=device)
+    context = model.config.max_position_embeddings
+    if args.max_seq_len is None:
+        args.max_seq_len = min(512, context)
+    elif args.max_seq_len > context:
+        raise InputError(
+            f"--max-seq-len {args.max_seq_len} exceeds the model's context of {context} tokens"
+        )
     if lora is not None:
         apply_lora(model, lora)
     else:
