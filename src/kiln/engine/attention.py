@@ -5,8 +5,9 @@ sliding_window)`, see kiln.model.attention). The step's tokens come flat: first 
 compute one token (decodes), then the prefill chunks. Each backend writes the new K/V into the
 pool at `slot_mapping`, then attends each query over its sequence's pages.
 
-- TorchPagedBackend: plain torch, one sequence at a time; the reference, runs on CPU.
-- TritonPagedBackend: kiln.kernels' store_kvcache, paged decode (split-KV) and varlen prefill.
+One backend class, two sets of ops from kiln.kernels: "torch" uses each kernel's plain-torch
+reference (runs anywhere; the reference), "triton" the Triton kernels (store_kvcache, split-KV
+paged decode, varlen prefill over paged prefixes).
 """
 
 from __future__ import annotations
@@ -14,9 +15,16 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
-import torch.nn.functional as F
 
-from kiln.model.attention import causal_attention
+from kiln.kernels.paged_decode_attention import (
+    paged_decode_attention_ref,
+    paged_decode_attention_triton,
+)
+from kiln.kernels.store_kvcache import store_kvcache_ref, store_kvcache_triton
+from kiln.kernels.varlen_prefill_attention import (
+    varlen_prefill_attention_ref,
+    varlen_prefill_attention_triton,
+)
 
 
 @dataclass
@@ -30,8 +38,6 @@ class AttentionMetadata:
     cu_seqlens_q: torch.Tensor  # [B + 1] int32: row offsets of each sequence's queries
     num_decodes: int  # sequences (and tokens) at the front with one query each
     query_lens: list[int]  # [B] on the host
-    context_lens_host: list[int]  # [B] on the host
-    block_tables_host: list[list[int]]
 
     @property
     def num_seqs(self) -> int:
@@ -61,95 +67,20 @@ class KVCache:
             self.data[:, :, dst] = self.data[:, :, src]
 
 
-class TorchPagedBackend:
-    """Reference paged attention in plain torch (gathers each sequence's pages)."""
+class PagedBackend:
+    """Store the step's K/V, then paged decode for the one-token rows, varlen prefill for the
+    rest, with the given ops (the kernels' references or their Triton versions)."""
 
-    def __init__(self, kv_cache: KVCache):
+    def __init__(self, kv_cache: KVCache, store, decode, prefill):
         self.kv_cache = kv_cache
         self.metadata: AttentionMetadata | None = None
-
-    def set_metadata(self, md: AttentionMetadata) -> None:
-        self.metadata = md
-
-    def attend(self, layer_idx, q, k, v, scale, sliding_window):
-        md = self.metadata
-        k_cache, v_cache = self.kv_cache.layer(layer_idx)
-        store_kvcache_ref(k, v, k_cache, v_cache, md.slot_mapping)
-        d = md.num_decodes
-        if d == md.num_seqs and q.shape[0] == d:
-            return self._decode(q, k_cache, v_cache, scale, sliding_window)
-        out = torch.empty_like(q)
-        if d:
-            out[:d] = self._decode(q[:d], k_cache, v_cache, scale, sliding_window)
-        bs = self.kv_cache.block_size
-        start = d
-        rows = zip(md.query_lens[d:], md.context_lens_host[d:], md.block_tables_host[d:])
-        for qlen, ctx, table in rows:  # prefill chunks, one sequence at a time
-            lo = 0 if sliding_window is None else max(0, ctx - qlen - sliding_window + 1)
-            first = lo // bs
-            blocks = torch.tensor(table[first : -(-ctx // bs)], device=q.device)
-            span = slice(lo - first * bs, ctx - first * bs)
-            keys = k_cache[blocks].flatten(0, 1)[span]  # [ctx - lo, Hkv, D]
-            values = v_cache[blocks].flatten(0, 1)[span]
-            qs = q[start : start + qlen]
-            o = causal_attention(
-                qs[None], keys[None], values[None], scale, ctx - qlen - lo, sliding_window
-            )
-            out[start : start + qlen] = o[0]
-            start += qlen
-        return out
-
-    def _decode(self, q, k_cache, v_cache, scale, sliding_window):
-        """All one-query rows in one masked SDPA over their gathered, padded pages."""
-        md = self.metadata
-        d, bs = q.shape[0], self.kv_cache.block_size
-        max_ctx = max(md.context_lens_host[:d])
-        tables = md.block_tables[:d, : -(-max_ctx // bs)].long()  # padding points at block 0
-        keys = k_cache[tables].flatten(1, 2)[:, :max_ctx]  # [d, max_ctx, Hkv, D]
-        values = v_cache[tables].flatten(1, 2)[:, :max_ctx]
-        k_pos = torch.arange(max_ctx, device=q.device)[None, :]
-        q_pos = md.context_lens[:d, None].long() - 1
-        mask = k_pos <= q_pos  # [d, max_ctx]
-        if sliding_window is not None:
-            mask &= q_pos - k_pos < sliding_window
-        out = F.scaled_dot_product_attention(
-            q[:, :, None],  # [d, Hq, 1, D]
-            keys.transpose(1, 2),
-            values.transpose(1, 2),
-            attn_mask=mask[:, None, None, :],
-            scale=scale,
-            enable_gqa=q.shape[1] != k_cache.shape[2],
-        )
-        return out[:, :, 0]
-
-
-def store_kvcache_ref(k, v, k_cache, v_cache, slot_mapping) -> None:
-    """Write k/v [N, Hkv, D] into the pool at slot_mapping [N] (slots < 0 skipped)."""
-    keep = slot_mapping >= 0
-    slots = slot_mapping[keep]
-    k_cache.view(-1, *k_cache.shape[2:])[slots] = k[keep]
-    v_cache.view(-1, *v_cache.shape[2:])[slots] = v[keep]
-
-
-class TritonPagedBackend:
-    """Triton kernels: paged decode for the one-token rows, varlen prefill for the rest."""
-
-    def __init__(self, kv_cache: KVCache):
-        from kiln.kernels.paged_decode_attention import paged_decode_attention
-        from kiln.kernels.store_kvcache import store_kvcache
-        from kiln.kernels.varlen_prefill_attention import varlen_prefill_attention
-
-        self.kv_cache = kv_cache
-        self.metadata: AttentionMetadata | None = None
-        self._store = store_kvcache
-        self._decode = paged_decode_attention
-        self._prefill = varlen_prefill_attention
-        self._decode_views: dict[str, torch.Tensor] = {}
+        self._store, self._decode, self._prefill = store, decode, prefill
+        self._views: dict[str, torch.Tensor] = {}
 
     def set_metadata(self, md: AttentionMetadata) -> None:
         self.metadata = md
         d = md.num_decodes
-        self._decode_views = {
+        self._views = {
             "block_tables": md.block_tables[:d],
             "context_lens": md.context_lens[:d],
             "prefill_block_tables": md.block_tables[d:],
@@ -158,7 +89,7 @@ class TritonPagedBackend:
         }
 
     def attend(self, layer_idx, q, k, v, scale, sliding_window):
-        md, views = self.metadata, self._decode_views
+        md, views = self.metadata, self._views
         k_cache, v_cache = self.kv_cache.layer(layer_idx)
         self._store(k, v, k_cache, v_cache, md.slot_mapping)
         d = md.num_decodes
@@ -180,8 +111,10 @@ class TritonPagedBackend:
         return out
 
 
-def make_backend(name: str, kv_cache: KVCache):
+def make_backend(name: str, kv_cache: KVCache) -> PagedBackend:
     """The backend called `name` ("torch" or "triton") over `kv_cache`."""
     if name == "triton":
-        return TritonPagedBackend(kv_cache)
-    return TorchPagedBackend(kv_cache)
+        ops = (store_kvcache_triton, paged_decode_attention_triton, varlen_prefill_attention_triton)
+    else:
+        ops = (store_kvcache_ref, paged_decode_attention_ref, varlen_prefill_attention_ref)
+    return PagedBackend(kv_cache, *ops)

@@ -191,8 +191,6 @@ class ModelRunner:
             cu_seqlens_q=rest[b : 2 * b + 1],
             num_decodes=num_decodes,
             query_lens=query_lens,
-            context_lens_host=context_lens,
-            block_tables_host=tables,
         )
         return ids, md, logits_indices, sample_seqs
 
@@ -263,8 +261,7 @@ class ModelRunner:
                     positions=self.g_positions[:size], slot_mapping=self.g_slots[:size],
                     block_tables=self.g_tables[:size], context_lens=self.g_context_lens[:size],
                     cu_seqlens_q=self.g_cu[: size + 1], num_decodes=size,
-                    query_lens=[1] * size, context_lens_host=[1] * size,
-                    block_tables_host=[[0]] * size,
+                    query_lens=[1] * size,
                 )  # fmt: skip
                 self.backend.set_metadata(md)
                 run = functools.partial(self._forward_all, self.g_ids[:size], md)

@@ -10,10 +10,10 @@ merges them.
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 
 from kiln.kernels._paged import (
     LOG2E,
-    attend_paged_ref,
     check_paged_args,
     dot_options,
     kv_tile_offsets,
@@ -39,16 +39,31 @@ def paged_decode_attention_ref(
     sliding_window: int | None = None,
     num_splits: int | None = None,
 ) -> torch.Tensor:
-    """Plain torch, one sequence at a time: q [B, Hq, D] at position context_lens[b] - 1.
+    """Plain torch: q [B, Hq, D] at position context_lens[b] - 1, in one masked SDPA over
+    every sequence's gathered (padded) pages. Context length 0 gives zeros.
 
     num_splits only shapes the Triton kernel's work; the reference ignores it.
     """
-    out = torch.empty_like(q)
-    for b, length in enumerate(context_lens.tolist()):
-        out[b] = attend_paged_ref(
-            q[b : b + 1], k_cache, v_cache, block_tables[b], length, scale, sliding_window
-        )[0]
-    return out
+    max_ctx = int(context_lens.max()) if q.shape[0] else 0
+    if max_ctx == 0:
+        return torch.zeros_like(q)
+    tables = block_tables[:, : -(-max_ctx // k_cache.shape[1])].long()  # padding is masked
+    keys = k_cache[tables].flatten(1, 2)[:, :max_ctx]  # [B, max_ctx, Hkv, D]
+    values = v_cache[tables].flatten(1, 2)[:, :max_ctx]
+    k_pos = torch.arange(max_ctx, device=q.device)[None, :]
+    q_pos = context_lens[:, None].long() - 1
+    mask = k_pos <= q_pos  # [B, max_ctx]
+    if sliding_window is not None:
+        mask &= q_pos - k_pos < sliding_window
+    out = F.scaled_dot_product_attention(
+        q[:, :, None],  # [B, Hq, 1, D]
+        keys.transpose(1, 2),
+        values.transpose(1, 2),
+        attn_mask=mask[:, None, None, :],
+        scale=scale,
+        enable_gqa=q.shape[1] != k_cache.shape[2],
+    )[:, :, 0]
+    return out.masked_fill(q_pos[:, :, None] < 0, 0.0)
 
 
 @triton.jit
