@@ -31,17 +31,30 @@ DTYPES = {
 }
 PICKLE_WEIGHTS = ("pytorch_model.bin", "pytorch_model.bin.index.json", "model.pt", "model.pth")
 
-# GPT-2 HF name (after "transformer.") -> kiln name; c_attn is split into q/k/v separately.
-_GPT2_RENAMES = [
-    (r"^wte\.", "embed_tokens."),
-    (r"^wpe\.", "embed_positions."),
-    (r"^ln_f\.", "norm."),
-    (r"^h\.(\d+)\.ln_1\.", r"layers.\1.input_layernorm."),
-    (r"^h\.(\d+)\.ln_2\.", r"layers.\1.post_attention_layernorm."),
-    (r"^h\.(\d+)\.attn\.c_proj\.", r"layers.\1.self_attn.o_proj."),
-    (r"^h\.(\d+)\.mlp\.c_fc\.", r"layers.\1.mlp.up_proj."),
-    (r"^h\.(\d+)\.mlp\.c_proj\.", r"layers.\1.mlp.down_proj."),
+# GPT-2 HF name (after "transformer.") <-> kiln name, "{i}" the layer; c_attn is split apart.
+_GPT2_NAMES = [
+    ("wte.", "embed_tokens."),
+    ("wpe.", "embed_positions."),
+    ("ln_f.", "norm."),
+    ("h.{i}.ln_1.", "layers.{i}.input_layernorm."),
+    ("h.{i}.ln_2.", "layers.{i}.post_attention_layernorm."),
+    ("h.{i}.attn.c_proj.", "layers.{i}.self_attn.o_proj."),
+    ("h.{i}.mlp.c_fc.", "layers.{i}.mlp.up_proj."),
+    ("h.{i}.mlp.c_proj.", "layers.{i}.mlp.down_proj."),
 ]
+
+
+def _rename(name: str, to_kiln: bool) -> str:
+    """Map a GPT-2 parameter name prefix through _GPT2_NAMES, in either direction."""
+    for hf, kiln in _GPT2_NAMES:
+        src, dst = (hf, kiln) if to_kiln else (kiln, hf)
+        pattern = "^" + re.escape(src).replace(re.escape("{i}"), r"(\d+)")
+        name, hits = re.subn(pattern, dst.replace("{i}", r"\1"), name)
+        if hits:
+            break
+    return name
+
+
 _MIXTRAL_EXPERT = {"w1": "gate_proj", "w2": "down_proj", "w3": "up_proj"}
 
 
@@ -102,9 +115,7 @@ def hf_to_kiln(
                 yield f"layers.{layer}.self_attn.{proj}_proj.{kind}", part
             return
         conv1d = re.match(r"^h\.\d+\.(attn\.c_proj|mlp\.c_fc|mlp\.c_proj)\.weight$", name)
-        for pattern, repl in _GPT2_RENAMES:
-            name = re.sub(pattern, repl, name)
-        yield name, tensor.t() if conv1d else tensor
+        yield _rename(name, to_kiln=True), tensor.t() if conv1d else tensor
         return
     name = name.removeprefix("model.")
     m = re.match(r"^(layers\.\d+)\.block_sparse_moe\.(gate|experts\.\d+)\.(w[123]\.)?weight$", name)
@@ -131,16 +142,6 @@ def kiln_to_hf(config: ModelConfig, state: dict[str, torch.Tensor]) -> dict[str,
                 name = f"{layer}.block_sparse_moe.{sub}.weight"
             out[name if name.startswith("lm_head") else f"model.{name}"] = t
         return out
-    inverse = [
-        (r"^embed_tokens\.", "wte."),
-        (r"^embed_positions\.", "wpe."),
-        (r"^norm\.", "ln_f."),
-        (r"^layers\.(\d+)\.input_layernorm\.", r"h.\1.ln_1."),
-        (r"^layers\.(\d+)\.post_attention_layernorm\.", r"h.\1.ln_2."),
-        (r"^layers\.(\d+)\.self_attn\.o_proj\.", r"h.\1.attn.c_proj."),
-        (r"^layers\.(\d+)\.mlp\.up_proj\.", r"h.\1.mlp.c_fc."),
-        (r"^layers\.(\d+)\.mlp\.down_proj\.", r"h.\1.mlp.c_proj."),
-    ]
     for i in range(config.num_layers):
         pre = f"layers.{i}.self_attn"
         for kind in ("weight", "bias"):
@@ -154,9 +155,7 @@ def kiln_to_hf(config: ModelConfig, state: dict[str, torch.Tensor]) -> dict[str,
         conv1d = re.match(
             r"^layers\.\d+\.(self_attn\.o_proj|mlp\.up_proj|mlp\.down_proj)\.weight$", name
         )
-        for pattern, repl in inverse:
-            name = re.sub(pattern, repl, name)
-        out[f"transformer.{name}"] = t.t() if conv1d else t
+        out[f"transformer.{_rename(name, to_kiln=False)}"] = t.t() if conv1d else t
     return {k: v.contiguous() for k, v in out.items()}
 
 
