@@ -164,18 +164,22 @@ def main() -> None:
     del hf_model
     gc.collect()
     torch.cuda.empty_cache()
-    llm = LLM(str(tmp), max_model_len=4096, attention_backend="triton")
-    run_offline(llm, offline_workload(4, (32, 64), (8, 8), QWEN3_06B["vocab_size"], seed=1))
-    results["kiln"] = run_offline(llm, workload)
-    logging.info("kiln: %s", results["kiln"])
     bw = copy_bandwidth()
-    weight_bytes = sum(p.numel() * p.element_size() for p in llm.engine.runner.model.parameters())
+    for name, extra in [("kiln", {}), ("kiln_lockstep", {"async_scheduling": False})]:
+        llm = LLM(str(tmp), max_model_len=4096, attention_backend="triton", **extra)
+        run_offline(llm, offline_workload(4, (32, 64), (8, 8), QWEN3_06B["vocab_size"], seed=1))
+        results[name] = run_offline(llm, workload)
+        results[name]["decode_tok_s"] = decode_rate(llm)
+        logging.info("%s: %s", name, results[name])
+        weight_bytes = sum(
+            p.numel() * p.element_size() for p in llm.engine.runner.model.parameters()
+        )
+        del llm
+        gc.collect()
+        torch.cuda.empty_cache()
     roofline = bw / weight_bytes
-    d_graph = decode_rate(llm)
-    logging.info("decode: %.0f tok/s with graphs; roofline %.0f", d_graph, roofline)
-    del llm
-    gc.collect()
-    torch.cuda.empty_cache()
+    d_graph = results["kiln"]["decode_tok_s"]
+    d_lockstep = results["kiln_lockstep"]["decode_tok_s"]
     llm = LLM(
         str(tmp),
         max_model_len=4096,
@@ -184,14 +188,16 @@ def main() -> None:
         kv_cache_memory_bytes=2**30,
     )
     d_eager = decode_rate(llm)
-    k = results["kiln"]
+    k, lk = results["kiln"], results["kiln_lockstep"]
     report += [
         "",
         "## offline throughput, nano-vllm workload (256 req, in/out U[100,1024], ignore_eos)",
         "| engine | requests | output tokens | seconds | output tok/s |",
         "|---|---|---|---|---|",
-        f"| kiln (Triton, CUDA graphs) | {k['requests']} | {k['output_tokens']} | "
-        f"{k['seconds']:.1f} | {k['output_tok_s']:.0f} |",
+        f"| kiln (Triton, CUDA graphs, async scheduling) | {k['requests']} | "
+        f"{k['output_tokens']} | {k['seconds']:.1f} | {k['output_tok_s']:.0f} |",
+        f"| kiln, lockstep scheduling | {lk['requests']} | {lk['output_tokens']} | "
+        f"{lk['seconds']:.1f} | {lk['output_tok_s']:.0f} |",
     ]
     if "hf" in results:
         h = results["hf"]
@@ -208,7 +214,9 @@ def main() -> None:
         f"roofline {roofline:.0f} tok/s",
         "| path | tok/s | % of roofline |",
         "|---|---|---|",
-        f"| kiln, CUDA graphs | {d_graph:.0f} | {100 * d_graph / roofline:.0f}% |",
+        f"| kiln, CUDA graphs, async scheduling | {d_graph:.0f} | "
+        f"{100 * d_graph / roofline:.0f}% |",
+        f"| kiln, CUDA graphs, lockstep | {d_lockstep:.0f} | {100 * d_lockstep / roofline:.0f}% |",
         f"| kiln, eager | {d_eager:.0f} | {100 * d_eager / roofline:.0f}% |",
     ]
     text = "\n".join(report)

@@ -9,9 +9,10 @@ from kiln.engine.async_engine import AsyncLLM
 from kiln.errors import InputError
 
 
-def test_stream_is_cumulative_and_abort_frees_blocks(hf_model_dir, random_prompts):
+@pytest.mark.parametrize("overlap", [False, True], ids=["lockstep", "async-scheduling"])
+def test_stream_is_cumulative_and_abort_frees_blocks(hf_model_dir, random_prompts, overlap):
     path, _ = hf_model_dir("llama")
-    llm = AsyncLLM(str(path), device="cpu", max_model_len=128)
+    llm = AsyncLLM(str(path), device="cpu", max_model_len=128, async_scheduling=overlap)
     p, q = random_prompts((7, 12), seed=20)
     params = SamplingParams(temperature=0, max_tokens=10, ignore_eos=True)
 

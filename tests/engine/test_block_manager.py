@@ -12,7 +12,7 @@ def _seq(i, tokens):
 def _compute(bm, seq):
     assert bm.allocate(seq, seq.num_uncomputed_tokens)
     seq.num_computed_tokens = len(seq)
-    bm.register_full_blocks(seq, 0)
+    bm.register_full_blocks(seq)
 
 
 def test_prefix_hit_reuses_blocks_and_leaves_one_token():

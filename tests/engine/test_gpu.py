@@ -33,3 +33,12 @@ def test_triton_backend_and_graphs_match_torch_backend(hf_model_dir, random_prom
         path, prompts, attention_backend="triton", num_kv_blocks=16, max_model_len=128
     )
     assert tight == ref
+
+
+def test_async_scheduling_changes_no_token(hf_model_dir, random_prompts):
+    path, _ = hf_model_dir("qwen3")
+    prompts = random_prompts((3, 40, 17, 90, 1), seed=31)
+    _, sync = _run(path, prompts, attention_backend="triton", async_scheduling=False)
+    llm, overlapped = _run(path, prompts, attention_backend="triton", async_scheduling=True)
+    assert llm.engine.async_scheduling
+    assert overlapped == sync

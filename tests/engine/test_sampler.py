@@ -10,7 +10,11 @@ from kiln.engine.sampling_params import SamplingParams
 
 def _seq(params: SamplingParams, generator=None):
     return SimpleNamespace(
-        params=params, generator=generator, num_output_tokens=1, eos_token_ids=frozenset()
+        params=params,
+        generator=generator,
+        num_output_tokens=1,
+        num_pending=0,
+        eos_token_ids=frozenset(),
     )
 
 

@@ -7,7 +7,8 @@ pool at `slot_mapping`, then attends each query over its sequence's pages.
 
 One backend class, two sets of ops from kiln.kernels: "torch" uses each kernel's plain-torch
 reference (runs anywhere; the reference), "triton" the Triton kernels (store_kvcache, split-KV
-paged decode, varlen prefill over paged prefixes).
+paged decode, varlen prefill over paged prefixes, and qkv_prepare: q/k norm + RoPE + K/V store
+in one launch, for models transformed by kiln.engine.fuse, which call `attend_qkv`).
 """
 
 from __future__ import annotations
@@ -20,6 +21,7 @@ from kiln.kernels.paged_decode_attention import (
     paged_decode_attention_ref,
     paged_decode_attention_triton,
 )
+from kiln.kernels.qkv_prepare import qkv_prepare_ref, qkv_prepare_triton
 from kiln.kernels.store_kvcache import store_kvcache_ref, store_kvcache_triton
 from kiln.kernels.varlen_prefill_attention import (
     varlen_prefill_attention_ref,
@@ -71,10 +73,11 @@ class PagedBackend:
     """Store the step's K/V, then paged decode for the one-token rows, varlen prefill for the
     rest, with the given ops (the kernels' references or their Triton versions)."""
 
-    def __init__(self, kv_cache: KVCache, store, decode, prefill):
+    def __init__(self, kv_cache: KVCache, store, decode, prefill, prepare):
         self.kv_cache = kv_cache
         self.metadata: AttentionMetadata | None = None
         self._store, self._decode, self._prefill = store, decode, prefill
+        self._prepare = prepare
         self._views: dict[str, torch.Tensor] = {}
 
     def set_metadata(self, md: AttentionMetadata) -> None:
@@ -89,9 +92,26 @@ class PagedBackend:
         }
 
     def attend(self, layer_idx, q, k, v, scale, sliding_window):
-        md, views = self.metadata, self._views
         k_cache, v_cache = self.kv_cache.layer(layer_idx)
-        self._store(k, v, k_cache, v_cache, md.slot_mapping)
+        self._store(k, v, k_cache, v_cache, self.metadata.slot_mapping)
+        return self._attend_cached(q, k_cache, v_cache, scale, sliding_window)
+
+    def attend_qkv(
+        self, layer_idx, qkv, positions, num_heads, num_kv_heads, q_norm_weight, k_norm_weight,
+        eps, cos_sin, scale, sliding_window,
+    ):  # fmt: skip
+        """attend() straight from the fused qkv projection's output [N, (Hq + 2 Hkv) * D]:
+        per-head q/k RMSNorm (when given), RoPE (when cos_sin is given) and the K/V store in
+        one op (kiln.kernels.qkv_prepare), then attention; returns [N, Hq, D]."""
+        k_cache, v_cache = self.kv_cache.layer(layer_idx)
+        q = self._prepare(
+            qkv, positions, cos_sin, q_norm_weight, k_norm_weight, eps, k_cache, v_cache,
+            self.metadata.slot_mapping, num_heads, num_kv_heads,
+        )  # fmt: skip
+        return self._attend_cached(q, k_cache, v_cache, scale, sliding_window)
+
+    def _attend_cached(self, q, k_cache, v_cache, scale, sliding_window):
+        md, views = self.metadata, self._views
         d = md.num_decodes
         if d == md.num_seqs and q.shape[0] == d:
             return self._decode(
@@ -114,7 +134,13 @@ class PagedBackend:
 def make_backend(name: str, kv_cache: KVCache) -> PagedBackend:
     """The backend called `name` ("torch" or "triton") over `kv_cache`."""
     if name == "triton":
-        ops = (store_kvcache_triton, paged_decode_attention_triton, varlen_prefill_attention_triton)
+        ops = (
+            store_kvcache_triton, paged_decode_attention_triton, varlen_prefill_attention_triton,
+            qkv_prepare_triton,
+        )  # fmt: skip
     else:
-        ops = (store_kvcache_ref, paged_decode_attention_ref, varlen_prefill_attention_ref)
+        ops = (
+            store_kvcache_ref, paged_decode_attention_ref, varlen_prefill_attention_ref,
+            qkv_prepare_ref,
+        )  # fmt: skip
     return PagedBackend(kv_cache, *ops)

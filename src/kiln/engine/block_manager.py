@@ -109,6 +109,7 @@ class BlockManager:
             block.ref_count += 1
             seq.block_table.append(block_id)
         seq.num_computed_tokens = seq.num_cached_tokens = len(seq.block_table) * bs
+        seq.num_registered_blocks = len(seq.block_table)
         self.prefix_cache_hits += seq.num_cached_tokens
 
     def allocate(self, seq: Sequence, num_new_tokens: int) -> bool:
@@ -146,14 +147,19 @@ class BlockManager:
             self._release(block_id)
         seq.block_table = []
         seq.num_computed_tokens = 0
+        seq.num_registered_blocks = 0
 
-    def register_full_blocks(self, seq: Sequence, first_block: int) -> None:
-        """Enter seq's newly computed full blocks (from `first_block` on) in the prefix cache."""
+    def register_full_blocks(self, seq: Sequence) -> None:
+        """Enter seq's newly computed full blocks in the prefix cache (a block whose tokens
+        are still in flight from the GPU waits for a later call)."""
         if not self.enable_prefix_caching:
             return
         bs = self.block_size
-        num_full = seq.num_computed_tokens // bs
+        num_full = min(seq.num_computed_tokens, len(seq.token_ids)) // bs
+        if num_full <= seq.num_registered_blocks:
+            return
         hashes = self._full_block_hashes(seq, num_full)
+        first_block, seq.num_registered_blocks = seq.num_registered_blocks, num_full
         for i in range(first_block, num_full):
             block = self.blocks[seq.block_table[i]]
             if block.hash is None and hashes[i] not in self.hash_to_block:

@@ -27,6 +27,9 @@ class EngineConfig:
     kv_cache_memory_bytes: int | None = None  # overrides gpu_memory_utilization when given
     fuse_weights: bool = True  # fused qkv / gate_up Linears (and Triton norms on CUDA)
     max_cuda_graph_batch_size: int = 256
+    # Queue step N+1 before reading step N's tokens (hides the host's work behind the GPU's);
+    # None: on for CUDA. Requests with penalties, n > 1 / best_of or beam search run lockstep.
+    async_scheduling: bool | None = None
 
     def __post_init__(self) -> None:
         if self.block_size < 1:

@@ -47,7 +47,7 @@ def check_stop(seq: Sequence, new_text: str, max_model_len: int) -> None:
                 seq.text = seq.text[:cut]
                 return seq.finish("stop", stop)
     if (p.max_tokens is not None and seq.num_output_tokens >= p.max_tokens) or len(
-        seq
+        seq.token_ids
     ) >= max_model_len:
         seq.finish("length")
 

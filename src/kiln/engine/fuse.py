@@ -3,7 +3,8 @@
 - q/k/v projections become one Linear, and gate/up one Linear (one GEMM instead of three/two);
 - RMSNorm runs as kiln.kernels.rmsnorm, fused with the residual add before it (the blocks
   then pass (hidden, residual) pairs along, and the final norm finishes the last add);
-- SiLU-and-mul and RoPE run as kiln.kernels ops.
+- SiLU-and-mul and RoPE run as kiln.kernels ops; under the engine's paged backends, the
+  per-head q/k norms, RoPE and the K/V store run as one op on the qkv output (attend_qkv).
 The kernels dispatch to Triton on CUDA and to their torch references elsewhere, so the
 transformed model runs (and is tested) on CPU too. The model code itself is untouched.
 """
@@ -56,7 +57,18 @@ class FusedAttention(nn.Module):
 
     def forward(self, x, positions, rotary, backend):
         lead = x.shape[:-1]
-        q, k, v = self.qkv_proj(x).split(self.split, dim=-1)
+        qkv = self.qkv_proj(x)
+        attend_qkv = getattr(backend, "attend_qkv", None)
+        if attend_qkv is not None and x.dim() == 2:  # the paged backends: one fused op
+            norms = (None, None, 0.0)
+            if self.q_norm is not None:
+                norms = (self.q_norm.weight, self.k_norm.weight, self.q_norm.eps)
+            out = attend_qkv(
+                self.layer_idx, qkv, positions, self.num_heads, self.num_kv_heads, *norms,
+                rotary.cos_sin if rotary is not None else None, self.scale, self.sliding_window,
+            )  # fmt: skip
+            return self.o_proj(out.reshape(*lead, self.num_heads * self.head_dim))
+        q, k, v = qkv.split(self.split, dim=-1)
         q = q.reshape(*lead, self.num_heads, self.head_dim)
         k = k.reshape(*lead, self.num_kv_heads, self.head_dim)
         v = v.reshape(*lead, self.num_kv_heads, self.head_dim)

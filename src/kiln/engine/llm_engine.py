@@ -9,19 +9,29 @@ from __future__ import annotations
 import itertools
 import json
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 from kiln.config import ModelConfig
 from kiln.engine.block_manager import BlockManager
 from kiln.engine.config import EngineConfig
 from kiln.engine.detokenizer import check_stop, detokenize_incrementally, init_offsets, visible_text
-from kiln.engine.model_runner import ModelRunner
+from kiln.engine.model_runner import ModelRunner, PreviousTokens
 from kiln.engine.outputs import CompletionOutput, RequestMetrics, RequestOutput
-from kiln.engine.sampler import Sampler, make_generator
+from kiln.engine.sampler import PendingSample, Sampler, make_generator
 from kiln.engine.sampling_params import SamplingParams
 from kiln.engine.scheduler import Scheduler
 from kiln.engine.sequence import Sequence
 from kiln.errors import ConfigError, InputError, TokenizerError
+
+
+@dataclass
+class InFlight:
+    """A step queued on the device whose sampled tokens the host has not read yet."""
+
+    seqs: list[Sequence]
+    sample: PendingSample
+    tokens: PreviousTokens
 
 
 class Request:
@@ -106,12 +116,20 @@ class LLMEngine:
         self.block_manager = BlockManager(
             self.runner.num_blocks, cfg.block_size, cfg.enable_prefix_caching
         )
-        self.scheduler = Scheduler(cfg, self.block_manager)
+        self.scheduler = Scheduler(cfg, self.block_manager, self.max_model_len)
         self.sampler = Sampler(self.model_config.vocab_size)
+        if self.device.type == "cuda" and self.runner.backend_name == "triton":
+            self.sampler.compile_kernels(self.runner.dtype, self.device)
         self.requests: dict[str, Request] = {}
         self._seq_ids = itertools.count()
         self.prompt_tokens_total = 0
         self.generation_tokens_total = 0
+        # Async scheduling: queue step N+1 on the GPU before reading step N's tokens.
+        self.async_scheduling = (
+            cfg.async_scheduling if cfg.async_scheduling is not None else self.device.type == "cuda"
+        )
+        self._inflight: InFlight | None = None
+        self._sync_only: set[str] = set()  # live requests that need lockstep steps
 
     # ------------------------------------------------------------------ requests
 
@@ -154,6 +172,7 @@ class LLMEngine:
             from kiln.engine.beam_search import BeamSearchRequest
 
             self.requests[request_id] = BeamSearchRequest(self, request_id, prompt, ids, params)
+            self._sync_only.add(request_id)
             return
         self.add_validated(request_id, prompt, ids, params)
 
@@ -168,15 +187,18 @@ class LLMEngine:
             seq.generator = make_generator(params.seed, 0, self.device)
         req.seqs.append(seq)
         self.requests[request_id] = req
+        if params.has_penalties or params.best_of > 1:
+            self._sync_only.add(request_id)  # penalties read the newest tokens; forks share them
         self.scheduler.add(seq)
         self.prompt_tokens_total += len(ids)
         return req
 
     def abort(self, request_id: str) -> RequestOutput | None:
         """Stop a request now and free its blocks; its final output (finish_reason 'abort')."""
-        req = self.requests.pop(request_id, None)
+        req = self.requests.get(request_id)
         if req is None:
             return None
+        self._remove(request_id)
         if req.is_beam:
             return req.abort()
         for seq in req.seqs:
@@ -187,6 +209,10 @@ class LLMEngine:
         req.metrics.finished_time = time.monotonic()
         return req.output()
 
+    def _remove(self, request_id: str) -> None:
+        del self.requests[request_id]
+        self._sync_only.discard(request_id)
+
     def has_unfinished(self) -> bool:
         return bool(self.requests)
 
@@ -194,7 +220,17 @@ class LLMEngine:
 
     def step(self, stream: bool = True) -> list[RequestOutput]:
         """Run one scheduled step; outputs of the requests it changed (only finished ones
-        unless `stream`)."""
+        unless `stream`).
+
+        With async scheduling the step is queued on the GPU and the previous step's tokens are
+        read back while it runs, so outputs trail the GPU by one step: a sequence that ends
+        (EOS, stop) has computed one token too many, which is dropped.
+        """
+        if self.async_scheduling and not self._sync_only:
+            return self._step_async(stream)
+        if self._inflight is not None:  # a request that needs lockstep arrived: drain first
+            prev, self._inflight = self._inflight, None
+            return self._process(prev.seqs, prev.sample.result(), stream)
         out = self.scheduler.schedule()
         if not out.seqs:
             return self._drive_beams([])
@@ -205,10 +241,35 @@ class LLMEngine:
         seqs, rows = self._fork(seqs)
         if rows is not None:
             logits = logits[rows]
-        result = self.sampler(logits, seqs)
+        return self._drive_beams(self._process(seqs, self.sampler(logits, seqs), stream))
+
+    def _step_async(self, stream: bool) -> list[RequestOutput]:
+        out = self.scheduler.schedule()
+        launched = None
+        if out.seqs:
+            prev = self._inflight.tokens if self._inflight is not None else None
+            seqs, logits = self.runner.execute(out, prev)
+            self.scheduler.update(out)
+            if seqs:
+                sample = self.sampler.sample(logits, seqs)
+                for seq in seqs:
+                    seq.num_pending += 1
+                rows = {seq.seq_id: i for i, seq in enumerate(seqs)}
+                launched = InFlight(seqs, sample, PreviousTokens(sample.tokens, rows))
+        prev, self._inflight = self._inflight, launched
+        if prev is None:
+            return []
+        return self._process(prev.seqs, prev.sample.result(), stream)
+
+    def _process(self, seqs: list[Sequence], result, stream: bool) -> list[RequestOutput]:
+        """Append the sampled tokens, detokenize, check stops; the changed requests' outputs."""
         now = time.monotonic()
         touched: dict[str, Request] = {}
         for i, seq in enumerate(seqs):
+            if seq.num_pending:
+                seq.num_pending -= 1
+            if seq.is_finished:  # aborted, or ended while this token was in flight
+                continue
             self._append(seq, result.token_ids[i], result.logprobs[i], result.top_logprobs[i])
             touched[seq.request_id] = self.requests[seq.request_id]
         outputs = []
@@ -218,10 +279,10 @@ class LLMEngine:
             if all(s.is_finished for s in req.seqs):
                 req.finished = True
                 req.metrics.finished_time = now
-                del self.requests[req.request_id]
+                self._remove(req.request_id)
             if (stream or req.finished) and not req.internal:
                 outputs.append(req.output())
-        return self._drive_beams(outputs)
+        return outputs
 
     def _fork(self, seqs: list[Sequence]):
         """Fork the siblings of sequences sampling their first token (they share its logits)."""
@@ -262,7 +323,7 @@ class LLMEngine:
                 if out is not None:
                     outputs.append(out)
                     if out.finished:
-                        del self.requests[req.request_id]
+                        self._remove(req.request_id)
         return outputs
 
     def stats(self) -> dict:

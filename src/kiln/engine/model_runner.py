@@ -10,6 +10,7 @@ from __future__ import annotations
 import functools
 import importlib
 import logging
+from dataclasses import dataclass
 
 import numpy as np
 import torch
@@ -53,6 +54,14 @@ class ProfileBackend:
         return causal_attention(q[None], k[None], v[None], scale, 0, sliding_window)[0]
 
 
+@dataclass
+class PreviousTokens:
+    """The previous step's sampled tokens, still on the device, and each sequence's row."""
+
+    tokens: torch.Tensor  # [S] int64
+    rows: dict[int, int]  # seq_id -> row of tokens
+
+
 class ModelRunner:
     def __init__(self, model: Transformer, config: EngineConfig, max_model_len: int):
         self.config = config
@@ -87,6 +96,8 @@ class ModelRunner:
         graphs_ok = self.device.type == "cuda" and name == "triton" and not mc.num_experts
         if config.use_cuda_graph and graphs_ok:
             self._capture_graphs()
+        if self.device.type == "cuda" and name == "triton":
+            self._compile_kernels()
 
     # ------------------------------------------------------------------ KV pool size
 
@@ -142,8 +153,13 @@ class ModelRunner:
 
     # ------------------------------------------------------------------ one step
 
-    def prepare(self, out: SchedulerOutput):
-        """Flat input ids, positions and metadata (one-token rows first); sampled rows."""
+    def prepare(self, out: SchedulerOutput, prev: PreviousTokens | None = None):
+        """Flat input ids, positions and metadata (one-token rows first), the rows to sample
+        (a device index, or None for all) and their sequences.
+
+        A decode whose input token is still in flight (async scheduling) reads it from
+        `prev`, the previous step's sampled tokens on the device.
+        """
         bs = self.block_size
         order = sorted(range(len(out)), key=lambda i: out.num_new_tokens[i] != 1)
         input_ids: list[int] = []
@@ -151,12 +167,18 @@ class ModelRunner:
         slots: list[int] = []
         query_lens, context_lens, tables = [], [], []
         logits_indices, sample_seqs = [], []
+        pend_dst, pend_src = [], []
         for i in order:
             seq, n = out.seqs[i], out.num_new_tokens[i]
             start, end = seq.num_computed_tokens, seq.num_computed_tokens + n
             table = seq.block_table
             if n == 1:  # decode: plain ints beat numpy on one element
-                input_ids.append(seq.token_ids[start])
+                if start < len(seq.token_ids):
+                    input_ids.append(seq.token_ids[start])
+                else:  # sampled last step, not read back yet
+                    pend_dst.append(len(input_ids))
+                    pend_src.append(prev.rows[seq.seq_id])
+                    input_ids.append(0)
                 positions.append(start)
                 slots.append(table[start // bs] * bs + start % bs)
             else:
@@ -177,12 +199,32 @@ class ModelRunner:
             padded[r, : len(t)] = t
         # One host buffer, one (pinned, asynchronous on CUDA) copy for the whole step.
         n_tok, b = len(input_ids), len(tables)
+        every_row = len(logits_indices) == n_tok
+        if every_row:
+            logits_indices = []
+        n_idx, n_pend = len(logits_indices), len(pend_dst)
         host = np.concatenate(
-            [input_ids, positions, slots, context_lens, np.cumsum([0, *query_lens]), padded.ravel()]
+            [
+                input_ids,
+                positions,
+                slots,
+                logits_indices,
+                pend_dst,
+                pend_src,
+                context_lens,
+                np.cumsum([0, *query_lens]),
+                padded.ravel(),
+            ]  # fmt: skip
         ).astype(np.int64)
         dev = self._to_device(host)
         ids, pos_d, slot_d = dev[:n_tok], dev[n_tok : 2 * n_tok], dev[2 * n_tok : 3 * n_tok]
-        rest = dev[3 * n_tok :].to(torch.int32)
+        at = 3 * n_tok
+        index = None if every_row else dev[at : at + n_idx]
+        at += n_idx
+        if n_pend:
+            dst, src = dev[at : at + n_pend], dev[at + n_pend : at + 2 * n_pend]
+            ids[dst] = prev.tokens[src]
+        rest = dev[at + 2 * n_pend :].to(torch.int32)
         md = AttentionMetadata(
             positions=pos_d,
             slot_mapping=slot_d,
@@ -192,7 +234,7 @@ class ModelRunner:
             num_decodes=num_decodes,
             query_lens=query_lens,
         )
-        return ids, md, logits_indices, sample_seqs
+        return ids, md, index, sample_seqs
 
     def _to_device(self, host: np.ndarray) -> torch.Tensor:
         t = torch.from_numpy(host)
@@ -211,24 +253,61 @@ class ModelRunner:
         return out
 
     @torch.inference_mode()
-    def execute(self, out: SchedulerOutput) -> tuple[list[Sequence], torch.Tensor | None]:
-        """Run the step; logits [S, vocab] for the S sequences that reach their last token."""
+    def execute(
+        self, out: SchedulerOutput, prev: PreviousTokens | None = None
+    ) -> tuple[list[Sequence], torch.Tensor | None]:
+        """Queue the step on the device; logits [S, vocab] for the S sequences that reach
+        their last token (nothing here waits for the GPU)."""
         self.kv_cache.copy_blocks(out.block_copies)
-        ids, md, logits_indices, sample_seqs = self.prepare(out)
+        ids, md, index, sample_seqs = self.prepare(out, prev)
+        if not sample_seqs and md.num_decodes != len(md.query_lens):
+            self.backend.set_metadata(md)
+            self.model.hidden_states(ids, md.positions, self.backend)
+            return [], None
         batch = len(md.query_lens)
         graph_bs = self._graph_batch_size(batch) if md.num_decodes == batch else None
         if graph_bs is not None:
             logits = self._replay(graph_bs, ids, md)
-            if len(logits_indices) != batch:  # a one-token prefill chunk does not sample
-                logits = logits[torch.tensor(logits_indices, device=self.device)]
-        else:
-            self.backend.set_metadata(md)
-            hidden = self.model.hidden_states(ids, md.positions, self.backend)
-            if not logits_indices:
-                return [], None
-            index = torch.tensor(logits_indices, device=self.device)
-            logits = self.model.compute_logits(hidden[index])
-        return sample_seqs, logits
+            return sample_seqs, logits if index is None else logits[index]
+        self.backend.set_metadata(md)
+        hidden = self.model.hidden_states(ids, md.positions, self.backend)
+        return sample_seqs, self.model.compute_logits(hidden if index is None else hidden[index])
+
+    # ------------------------------------------------------------------ Triton variants
+
+    @torch.inference_mode()
+    def _compile_kernels(self) -> None:
+        """Compile now every attention-kernel variant an eager (prefill) step can pick, rather
+        than on a live request: one per block of sequence offsets for varlen prefill, one per
+        split count for paged decode, with and without each sliding window of the model."""
+        from kiln.kernels.paged_decode_attention import MAX_SPLITS
+        from kiln.kernels.varlen_prefill_attention import MIN_BLOCK_B
+
+        mc, dev = self.model_config, self.device
+        k_cache, v_cache = self.kv_cache.layer(0)
+        windows = {m.sliding_window for m in self.model.modules() if hasattr(m, "sliding_window")}
+        scale = mc.head_dim**-0.5
+        b = MIN_BLOCK_B
+        while True:
+            n = min(b, self.config.max_num_seqs)
+            q = torch.zeros(2 * n, mc.num_heads, mc.head_dim, dtype=self.dtype, device=dev)
+            cu = torch.arange(0, 2 * n + 1, 2, dtype=torch.int32, device=dev)
+            lens = torch.full((n,), 2, dtype=torch.int32, device=dev)
+            tables = torch.zeros(n, 1, dtype=torch.int32, device=dev)
+            for window in windows:
+                self.backend._prefill(q, k_cache, v_cache, cu, lens, tables, scale, window)
+            if n == self.config.max_num_seqs or b >= self.config.max_num_seqs:
+                break
+            b *= 2
+        q = torch.zeros(1, mc.num_heads, mc.head_dim, dtype=self.dtype, device=dev)
+        lens = torch.ones(1, dtype=torch.int32, device=dev)
+        tables = torch.zeros(1, 1, dtype=torch.int32, device=dev)
+        splits = 1
+        while splits <= MAX_SPLITS:
+            for window in windows:
+                self.backend._decode(q, k_cache, v_cache, tables, lens, scale, window, splits)
+            splits *= 2
+        torch.cuda.synchronize()
 
     # ------------------------------------------------------------------ CUDA graphs
 

@@ -6,6 +6,13 @@ min_tokens' EOS mask act on the logits; logprobs are reported from the model's o
 divide by their temperature, keep top_k / top_p / min_p, and draw with exponential noise
 (argmax of p / q, q ~ Exp(1)). A request with a seed draws its noise from its own generator, so
 its tokens do not depend on what else is in the batch.
+
+On CUDA, a batch that only needs temperature sampling (no top-k/top-p/min-p, penalties,
+min_tokens masks, seeds or top-N logprobs) takes one fused kernel (kiln.kernels.sample:
+log-sum-exp and Gumbel-max argmax in a single pass over the logits); greedy rows give the same
+argmax either way. Nothing here waits for the GPU: `sample` returns a PendingSample whose
+results are copied to pinned host memory behind the GPU work, and `.result()` waits for them
+(so the engine can schedule the next step meanwhile).
 """
 
 from __future__ import annotations
@@ -15,6 +22,55 @@ from dataclasses import dataclass
 import torch
 
 from kiln.engine.sequence import Sequence
+from kiln.kernels._triton import use_triton
+
+
+def to_device(values, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+    """A small host list as a device tensor without a stream sync (pinned, non-blocking)."""
+    t = torch.tensor(values, dtype=dtype)
+    if device.type != "cuda":
+        return t
+    return t.pin_memory().to(device, non_blocking=True)
+
+
+def _to_host(t: torch.Tensor) -> torch.Tensor:
+    """Start copying a device tensor to pinned host memory behind the queued GPU work."""
+    if not t.is_cuda:
+        return t
+    host = torch.empty(t.shape, dtype=t.dtype, pin_memory=True)
+    return host.copy_(t, non_blocking=True)
+
+
+class PendingSample:
+    """A step's sampled tokens on their way to the host; .result() waits for them."""
+
+    def __init__(self, tokens, token_lp, top=None):
+        # top: (rows, wanted, vals [R, k] | None, ids [R, k] | None, chosen [R]) for logprobs
+        self.tokens = tokens  # stays on the device: the next step's input ids
+        self._host = [_to_host(tokens), _to_host(token_lp)]
+        self._top = top
+        if top is not None:
+            self._host += [_to_host(t) if t is not None else None for t in top[2:]]
+        self._event = None
+        if tokens.is_cuda:
+            self._event = torch.cuda.Event()
+            self._event.record()
+
+    def result(self) -> SampleResult:
+        if self._event is not None:
+            self._event.synchronize()
+        tokens, token_lp = self._host[0].tolist(), self._host[1].tolist()
+        out: list[dict[int, float] | None] = [None] * len(tokens)
+        if self._top is not None:
+            rows, wanted = self._top[:2]
+            vals, ids, chosen = (t.tolist() if t is not None else None for t in self._host[2:])
+            for j, i in enumerate(rows):
+                d = {}
+                if wanted[i]:
+                    d = dict(zip(ids[j][: wanted[i]], vals[j][: wanted[i]]))
+                d[tokens[i]] = chosen[j]
+                out[i] = d
+        return SampleResult(tokens, token_lp, out)
 
 
 @dataclass
@@ -34,10 +90,38 @@ def make_generator(seed: int, index: int, device: torch.device) -> torch.Generat
 class Sampler:
     def __init__(self, vocab_size: int):
         self.vocab_size = vocab_size
+        self._seed_rng = torch.Generator().manual_seed(0x5EED)  # the fast path's noise seeds
 
     @torch.inference_mode()
+    def compile_kernels(self, dtype: torch.dtype, device: torch.device) -> None:
+        """Compile the fused kernel's variants (split rows for small batches, whole rows for
+        large ones) at start-up rather than on the first request."""
+        from kiln.kernels._triton import num_sms
+        from kiln.kernels.sample import sample_triton
+
+        for batch in (1, num_sms(device) + 1):
+            logits = torch.zeros(batch, self.vocab_size, dtype=dtype, device=device)
+            ones = torch.ones(batch, device=device)
+            sample_triton(logits, ones, torch.zeros(batch, dtype=torch.long, device=device))
+        torch.cuda.synchronize(device)
+
     def __call__(self, logits: torch.Tensor, seqs: list[Sequence]) -> SampleResult:
-        """logits [B, V] (any float dtype) for seqs[i] -> one token each."""
+        """logits [B, V] (any float dtype) for seqs[i] -> one token each (waits for them)."""
+        return self.sample(logits, seqs).result()
+
+    @torch.inference_mode()
+    def sample(self, logits: torch.Tensor, seqs: list[Sequence]) -> PendingSample:
+        """Queue the sampling of one token per row on the device; nothing waits."""
+        dev = logits.device
+        if self._fast_path_ok(logits, seqs):
+            from kiln.kernels.sample import sample_triton
+
+            temps = [0.0 if s.params.greedy else s.params.temperature for s in seqs]
+            temps = to_device(temps, torch.float32, dev)
+            seeds = torch.randint(2**62, (len(seqs),), generator=self._seed_rng)
+            seeds = seeds.pin_memory().to(dev, non_blocking=True)
+            tokens, token_lp = sample_triton(logits, temps, seeds)
+            return PendingSample(tokens, token_lp)
         logits = logits.float()
         raw = logits.clone() if self._needs_raw(seqs) else logits
         log_z = torch.logsumexp(raw, dim=-1)  # [B]
@@ -47,11 +131,28 @@ class Sampler:
         tokens = logits.argmax(dim=-1)
         sampled_rows = [i for i, s in enumerate(seqs) if not s.params.greedy]
         if sampled_rows:
-            rows = torch.tensor(sampled_rows, device=logits.device)
+            rows = to_device(sampled_rows, torch.long, dev)
             tokens[rows] = self._sample(logits[rows], [seqs[i] for i in sampled_rows])
         token_lp = raw.gather(1, tokens[:, None]).squeeze(1) - log_z
-        top = self._top_logprobs(raw, log_z, tokens, seqs)
-        return SampleResult(tokens.tolist(), token_lp.tolist(), top)
+        return PendingSample(tokens, token_lp, self._top_logprobs(raw, log_z, tokens, seqs))
+
+    @staticmethod
+    def _fast_path_ok(logits: torch.Tensor, seqs: list[Sequence]) -> bool:
+        if not use_triton(logits):
+            return False
+        for s in seqs:
+            p = s.params
+            if (
+                p.top_k > 0
+                or p.top_p < 1.0
+                or p.min_p > 0
+                or p.has_penalties
+                or p.logprobs is not None
+                or s.generator is not None
+                or s.num_output_tokens + s.num_pending < p.min_tokens
+            ):
+                return False
+        return True
 
     @staticmethod
     def _needs_raw(seqs: list[Sequence]) -> bool:
@@ -79,17 +180,21 @@ class Sampler:
     @staticmethod
     def _mask_early_stop(logits: torch.Tensor, seqs: list[Sequence]) -> None:
         """Before min_tokens are out, EOS and stop_token_ids cannot be drawn."""
+        rows, cols = [], []
         for i, s in enumerate(seqs):
-            if s.num_output_tokens < s.params.min_tokens:
+            if s.num_output_tokens + s.num_pending < s.params.min_tokens:
                 stop = set(s.params.stop_token_ids)
                 if not s.params.ignore_eos:
                     stop |= s.eos_token_ids
-                if stop:
-                    logits[i, sorted(stop)] = float("-inf")
+                rows += [i] * len(stop)
+                cols += sorted(stop)
+        if rows:
+            index = to_device([rows, cols], torch.long, logits.device)
+            logits[index[0], index[1]] = float("-inf")
 
     def _sample(self, logits: torch.Tensor, seqs: list[Sequence]) -> torch.Tensor:
         dev = logits.device
-        temp = torch.tensor([s.params.temperature for s in seqs], device=dev)[:, None]
+        temp = to_device([s.params.temperature for s in seqs], torch.float32, dev)[:, None]
         logits = logits / temp
         top_k = [s.params.top_k for s in seqs]
         top_p = [s.params.top_p for s in seqs]
@@ -98,7 +203,9 @@ class Sampler:
         probs = torch.softmax(logits, dim=-1)
         min_p = [s.params.min_p for s in seqs]
         if any(m > 0 for m in min_p):
-            floor = torch.tensor(min_p, device=dev)[:, None] * probs.max(-1, keepdim=True).values
+            floor = (
+                to_device(min_p, torch.float32, dev)[:, None] * probs.max(-1, keepdim=True).values
+            )
             probs = probs.masked_fill(probs < floor, 0.0)
         # Exp(1) noise as -log(U): one draw for every unseeded row (5x faster than
         # exponential_() on CPU, the same on GPU).
@@ -109,26 +216,18 @@ class Sampler:
         return probs.div_(noise).argmax(dim=-1)
 
     @staticmethod
-    def _top_logprobs(
-        raw: torch.Tensor, log_z: torch.Tensor, tokens: torch.Tensor, seqs: list[Sequence]
-    ) -> list[dict[int, float] | None]:
+    def _top_logprobs(raw: torch.Tensor, log_z: torch.Tensor, tokens: torch.Tensor, seqs):
+        """(rows, wanted, top values, top ids, chosen logprob) on the device, or None."""
         wanted = [s.params.logprobs for s in seqs]
-        out: list[dict[int, float] | None] = [None] * len(seqs)
         k = max((w for w in wanted if w is not None), default=None)
         if k is None:
-            return out
+            return None
         rows = [i for i, w in enumerate(wanted) if w is not None]
-        logprobs = torch.full_like(raw, float("-inf"))
-        logprobs[rows] = raw[rows] - log_z[rows, None]
-        vals, ids = logprobs[rows].topk(max(k, 1), dim=-1) if k else (None, None)
-        chosen = logprobs[rows].gather(1, tokens[rows][:, None]).squeeze(1).tolist()
-        for j, i in enumerate(rows):
-            d = {}
-            if wanted[i]:
-                d = dict(zip(ids[j, : wanted[i]].tolist(), vals[j, : wanted[i]].tolist()))
-            d[int(tokens[i])] = chosen[j]
-            out[i] = d
-        return out
+        index = to_device(rows, torch.long, raw.device)
+        logprobs = raw[index] - log_z[index, None]
+        vals, ids = logprobs.topk(k, dim=-1) if k else (None, None)
+        chosen = logprobs.gather(1, tokens[index][:, None]).squeeze(1)
+        return rows, wanted, vals, ids, chosen
 
 
 def _top_k_top_p(logits: torch.Tensor, top_k: list[int], top_p: list[float]) -> torch.Tensor:
@@ -136,10 +235,10 @@ def _top_k_top_p(logits: torch.Tensor, top_k: list[int], top_p: list[float]) -> 
     b, v = logits.shape
     dev = logits.device
     sorted_logits, order = logits.sort(dim=-1, descending=True)
-    k = torch.tensor([kk if kk > 0 else v for kk in top_k], device=dev)[:, None]
+    k = to_device([kk if kk > 0 else v for kk in top_k], torch.long, dev)[:, None]
     rank = torch.arange(v, device=dev)[None, :]
     sorted_logits = sorted_logits.masked_fill(rank >= k, float("-inf"))
-    p = torch.tensor(top_p, device=dev)[:, None]
+    p = to_device(top_p, torch.float32, dev)[:, None]
     probs = sorted_logits.softmax(-1)
     drop = probs.cumsum(-1) - probs > p  # keep the smallest set whose mass reaches top_p
     sorted_logits = sorted_logits.masked_fill(drop, float("-inf"))

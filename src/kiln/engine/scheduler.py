@@ -37,9 +37,12 @@ class SchedulerOutput:
 
 
 class Scheduler:
-    def __init__(self, config: EngineConfig, block_manager: BlockManager):
+    def __init__(
+        self, config: EngineConfig, block_manager: BlockManager, max_model_len: int | None = None
+    ):
         self.config = config
         self.block_manager = block_manager
+        self.max_model_len = max_model_len or config.max_model_len or 2**62
         self.waiting: deque[Sequence] = deque()
         self.running: list[Sequence] = []
         self.num_preemptions = 0
@@ -57,6 +60,9 @@ class Scheduler:
         i = 0
         while i < len(self.running) and budget > 0:
             seq = self.running[i]
+            if seq.num_pending and seq.reaches_limit(self.max_model_len):
+                i += 1  # finishes when its token in flight arrives
+                continue
             num_new = min(seq.num_uncomputed_tokens, budget)
             while not bm.allocate(seq, num_new):
                 victim = self.running.pop()
@@ -109,11 +115,9 @@ class Scheduler:
 
     def update(self, out: SchedulerOutput) -> None:
         """Advance the computed counts after the model ran; register newly full blocks."""
-        bs = self.block_manager.block_size
         for seq, num_new in zip(out.seqs, out.num_new_tokens):
-            first_block = seq.num_computed_tokens // bs
             seq.num_computed_tokens += num_new
-            self.block_manager.register_full_blocks(seq, first_block)
+            self.block_manager.register_full_blocks(seq)
 
     def add_running(self, seq: Sequence) -> None:
         """A forked sibling joins the running set."""

@@ -39,6 +39,10 @@ class Sequence:
         self.num_cached_tokens = 0  # of those, how many came from prefix-cache hits
         self.block_table: list[int] = []
         self.block_hashes: list[int] = []  # hash of each full block of token_ids, in order
+        self.num_registered_blocks = 0  # leading blocks of block_table in the prefix cache
+        # Tokens sampled on the GPU whose ids the host has not read yet (async scheduling):
+        # they count in len(seq) (the scheduler's view) but are not in token_ids.
+        self.num_pending = 0
         self.finish_reason: str | None = None
         self.stop_reason: int | str | None = None
         self.logprobs: list[dict[int, float]] | None = [] if params.logprobs is not None else None
@@ -50,11 +54,22 @@ class Sequence:
         self.prefix_offset = self.read_offset = self.num_prompt_tokens
 
     def __len__(self) -> int:
-        return len(self.token_ids)
+        """Tokens the sequence has, including any still in flight from the GPU."""
+        return len(self.token_ids) + self.num_pending
 
     @property
     def num_output_tokens(self) -> int:
+        """Generated tokens the host knows (in flight ones not counted)."""
         return len(self.token_ids) - self.num_prompt_tokens
+
+    def reaches_limit(self, max_model_len: int) -> bool:
+        """Whether the tokens in flight already end the sequence by length (so it need not
+        be scheduled again: it finishes as soon as they arrive)."""
+        n = len(self)
+        max_tokens = self.params.max_tokens
+        return n >= max_model_len or (
+            max_tokens is not None and n - self.num_prompt_tokens >= max_tokens
+        )
 
     @property
     def output_token_ids(self) -> list[int]:
@@ -66,7 +81,7 @@ class Sequence:
 
     @property
     def num_uncomputed_tokens(self) -> int:
-        return len(self.token_ids) - self.num_computed_tokens
+        return len(self) - self.num_computed_tokens
 
     def fork(self, seq_id: int, index: int) -> Sequence:
         """A sibling with the same tokens and KV blocks (the caller bumps the ref counts)."""
@@ -80,6 +95,7 @@ class Sequence:
         child.num_cached_tokens = self.num_cached_tokens
         child.block_table = list(self.block_table)
         child.block_hashes = list(self.block_hashes)
+        child.num_registered_blocks = self.num_registered_blocks
         return child
 
     def finish(self, reason: str, stop_reason: int | str | None = None) -> None:

@@ -66,7 +66,9 @@ def paged_decode_attention_ref(
     return out.masked_fill(q_pos[:, :, None] < 0, 0.0)
 
 
-@triton.jit
+# Arguments that change from step to step are not value-specialized (Triton would otherwise
+# compile a new variant when one happens to be 1 or a multiple of 16, mid-serving).
+@triton.jit(do_not_specialize=["stride_qb", "stride_ob", "stride_bt", "num_splits"])
 def _decode_kernel(
     q_ptr, k_cache_ptr, v_cache_ptr, block_tables_ptr, context_lens_ptr,
     out_ptr, part_out_ptr, part_lse_ptr,
@@ -123,7 +125,7 @@ def _decode_kernel(
         tl.store(o_ptrs, out.to(out_ptr.dtype.element_ty), mask=head_ok[:, None])
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["stride_ob", "num_splits"])
 def _decode_reduce_kernel(
     part_out_ptr, part_lse_ptr, out_ptr, stride_ob, stride_oh, num_heads, num_splits,
     D: tl.constexpr, BLOCK_S: tl.constexpr,
@@ -144,10 +146,12 @@ def _decode_reduce_kernel(
 
 
 def choose_num_splits(batch: int, num_kv_heads: int, max_len: int, device: torch.device) -> int:
-    """Enough splits to give every SM two programs, each split at least 256 tokens long."""
+    """Enough splits to give every SM two programs, each split at least 256 tokens long;
+    a power of two (so that the reduce kernel has few variants to compile)."""
     programs = batch * num_kv_heads
     want = triton.cdiv(2 * num_sms(device), programs)
-    return max(1, min(want, triton.cdiv(max_len, MIN_TOKENS_PER_SPLIT), MAX_SPLITS))
+    n = max(1, min(want, triton.cdiv(max_len, MIN_TOKENS_PER_SPLIT), MAX_SPLITS))
+    return 1 << (n.bit_length() - 1)
 
 
 def paged_decode_attention_triton(

@@ -33,6 +33,7 @@ CUDA_CONFIGS = {
     256: dict(BLOCK_M=64, BLOCK_N=32, num_warps=4, num_stages=2),
 }
 INTERPRETER_CONFIG = dict(BLOCK_M=16, BLOCK_N=16, num_warps=4, num_stages=1)
+MIN_BLOCK_B = 64  # the smallest sequence-offset tile (next_power_of_2(num_seqs) above it)
 
 
 def varlen_prefill_attention_ref(
@@ -57,7 +58,8 @@ def varlen_prefill_attention_ref(
     return out
 
 
-@triton.jit
+# Arguments that change from step to step are not value-specialized (no mid-serving compiles).
+@triton.jit(do_not_specialize=["stride_qn", "stride_on", "stride_bt", "num_seqs"])
 def _prefill_kernel(
     q_ptr, k_cache_ptr, v_cache_ptr, cu_seqlens_q_ptr, context_lens_ptr, block_tables_ptr,
     out_ptr,
@@ -124,6 +126,11 @@ def _prefill_kernel(
     tl.store(o_ptrs, out.to(out_ptr.dtype.element_ty), mask=row_ok[:, None])
 
 
+def prefill_block_b(num_seqs: int) -> int:
+    """The tile of sequence offsets each program scans: few sizes, so few compiled variants."""
+    return max(MIN_BLOCK_B, triton.next_power_of_2(num_seqs))
+
+
 def varlen_prefill_attention_triton(
     q: torch.Tensor,
     k_cache: torch.Tensor,
@@ -153,7 +160,7 @@ def varlen_prefill_attention_triton(
         k_cache.stride(0), k_cache.stride(1), k_cache.stride(2), block_tables.stride(0),
         scale * LOG2E, sliding_window or 0, k_cache.shape[1], num_seqs,
         GROUP=num_heads // k_cache.shape[2], D=head_dim,
-        BLOCK_B=triton.next_power_of_2(num_seqs), USE_WINDOW=sliding_window is not None,
+        BLOCK_B=prefill_block_b(num_seqs), USE_WINDOW=sliding_window is not None,
         **dot_options(q), **config,
     )  # fmt: skip
     return out
