@@ -1,4 +1,5 @@
-"""How close the decode step's GEMMs (cuBLAS through F.linear) come to memory bandwidth (GPU).
+"""How close the decode step's GEMMs come to memory bandwidth (GPU): cuBLAS (F.linear) and
+kiln's Triton GEMVs (kiln.kernels.gemv), alone and with the norm / SiLU-mul fused in.
 
 Qwen3-0.6B's projections at the batch sizes decode runs at: microseconds (CUDA-graph replay
 of 20 calls, so launch gaps count as they do in the engine's graphs) and weight GB/s.
@@ -39,6 +40,10 @@ def graph_time(fn, reps: int = 20) -> float:
 
 
 def main() -> None:
+    from kiln.kernels import gemv
+    from kiln.kernels.rmsnorm import rmsnorm_triton
+    from kiln.kernels.silu_and_mul import silu_and_mul_triton
+
     c = QWEN3_0_6B
     h, d = c["hidden_size"], c["head_dim"]
     q, kv, inter = (
@@ -53,15 +58,61 @@ def main() -> None:
         "down": (inter, h),
         "lm_head": (h, c["vocab_size"]),
     }
+    bf16 = dict(dtype=torch.bfloat16, device="cuda")
     print(f"device: {torch.cuda.get_device_name()}; torch {torch.__version__}")
-    print("| layer | K -> N | batch | us | weight GB/s |")
-    print("|---|---|---|---|---|")
+    print("| layer | K -> N | batch | cuBLAS us | GB/s | Triton GEMV us | GB/s | best sweep us |")
+    print("|---|---|---|---|---|---|---|---|")
     for name, (k, n) in shapes.items():
-        w = torch.randn(n, k, dtype=torch.bfloat16, device="cuda") * 0.02
+        w = torch.randn(n, k, **bf16) * 0.02
+        best_cfg = None
         for m in (1, 8, 64, 256):
-            x = torch.randn(m, k, dtype=torch.bfloat16, device="cuda")
+            x = torch.randn(m, k, **bf16)
             t = graph_time(functools.partial(F.linear, x, w))
-            print(f"| {name} | {k} -> {n} | {m} | {t * 1e6:.1f} | {w.numel() * 2 / t / 1e9:.0f} |")
+            row = f"| {name} | {k} -> {n} | {m} | {t * 1e6:.1f} | {w.numel() * 2 / t / 1e9:.0f} |"
+            if m <= 16 and name != "lm_head":
+                tg = graph_time(functools.partial(gemv.gemv_triton, x, w))
+                if best_cfg is None:  # sweep at batch 1, reuse at 8
+                    sweep = [
+                        (graph_time(functools.partial(gemv.gemv_triton, x, w, config=cfg)), cfg)
+                        for cfg in gemv.sweep_configs()
+                    ]
+                    best_cfg = min(sweep, key=lambda tc: tc[0])[1]
+                tb = graph_time(functools.partial(gemv.gemv_triton, x, w, config=best_cfg))
+                row += f" {tg * 1e6:.1f} | {w.numel() * 2 / tg / 1e9:.0f} |"
+                row += f" {tb * 1e6:.1f} {best_cfg} |"
+            else:
+                row += " | | |"
+            print(row, flush=True)
+    print("\nfused prologues (one decode layer's neighbours), us per call:")
+    print("| op | batch | unfused (Triton elementwise + cuBLAS) | fused Triton GEMV |")
+    print("|---|---|---|---|")
+    for m in (1, 8):
+        x, res = torch.randn(m, h, **bf16), torch.randn(m, h, **bf16)
+        nw = torch.randn(h, **bf16)
+        for name in ("qkv", "gate_up"):
+            k, n = shapes[name]
+            w = torch.randn(n, k, **bf16) * 0.02
+
+            def unfused(x=x, w=w, nw=nw, res=res):
+                y, _ = rmsnorm_triton(x, nw, 1e-6, res)
+                return F.linear(y, w)
+
+            fused = functools.partial(gemv.rmsnorm_gemv_triton, x, res, nw, 1e-6, w)
+            print(
+                f"| add + rmsnorm + {name} | {m} | {graph_time(unfused) * 1e6:.1f} | "
+                f"{graph_time(fused) * 1e6:.1f} |"
+            )
+        gu = torch.randn(m, 2 * inter, **bf16)
+        w = torch.randn(h, inter, **bf16) * 0.02
+
+        def unfused_down(gu=gu, w=w):
+            return F.linear(silu_and_mul_triton(gu), w)
+
+        fused = functools.partial(gemv.silu_mul_gemv_triton, gu, w)
+        print(
+            f"| silu_and_mul + down | {m} | {graph_time(unfused_down) * 1e6:.1f} | "
+            f"{graph_time(fused) * 1e6:.1f} |"
+        )
 
 
 if __name__ == "__main__":

@@ -2,8 +2,11 @@
 
 import pytest
 import torch
+import triton
+import triton.language as tl
 
 from kiln.kernels.qkv_prepare import (
+    _sum_squares,
     _torch_sum_plan,
     qkv_prepare,
     qkv_prepare_ref,
@@ -124,6 +127,40 @@ def _sum_in_plan_order(s: torch.Tensor, vec: int, width: int) -> torch.Tensor:
         half = t.shape[1] // 2
         t = t[:, :half] + t[:, half:]
     return t[:, 0]
+
+
+@triton.jit
+def _sum_squares_kernel(
+    x_ptr, out_ptr, num_heads, D: tl.constexpr, VEC: tl.constexpr, LOG_BW: tl.constexpr,
+    BLOCK_H: tl.constexpr,
+):  # fmt: skip
+    heads = tl.arange(0, BLOCK_H)[:, None]
+    sums = _sum_squares(x_ptr, num_heads, D, VEC, LOG_BW, BLOCK_H)
+    tl.store(out_ptr + heads, sums, mask=heads < num_heads)
+
+
+@pytest.mark.parametrize(
+    "head_dim,rows",
+    [(16, 5), (32, 5), (64, 5), (64, 16), (128, 5), (256, 8), (256, 16), (512, 2), (512, 8)],
+)
+def test_kernel_sums_in_plan_order(device, head_dim, rows):
+    """Float32 sums of squares, bit for bit in _torch_sum_plan's order (BW 32, 64, 128)."""
+    num_heads = 3
+    scale = torch.rand(num_heads, head_dim).pow(8)  # varied magnitudes: the order shows
+    x = (torch.randn(num_heads, head_dim) * scale).to(device)
+    vec, width = _torch_sum_plan(rows, head_dim)
+    got = torch.empty(num_heads, device=device)
+    _sum_squares_kernel[(1,)](
+        x,
+        got,
+        num_heads,
+        D=head_dim,
+        VEC=vec,
+        LOG_BW=width.bit_length() - 1,
+        BLOCK_H=4,
+        enable_fp_fusion=False,
+    )
+    assert torch.equal(got, _sum_in_plan_order(x * x, vec, width))
 
 
 @pytest.mark.gpu

@@ -7,7 +7,9 @@ import torch
 from kiln.kernels.sample import INTERPRETER_CONFIG, sample, sample_ref, sample_triton
 
 INF = float("-inf")
-CHUNK = INTERPRETER_CONFIG["BLOCK_V"]  # the tests' vocabularies span several chunks
+# The interpreter's chunk (split or not): the tests' vocabularies span several of them.
+CHUNK = INTERPRETER_CONFIG["BLOCK_V"]
+assert INTERPRETER_CONFIG["SPLIT_BLOCK_V"] == CHUNK
 
 
 def _seeds(b: int, device, offset: int = 0) -> torch.Tensor:

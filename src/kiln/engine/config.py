@@ -27,6 +27,11 @@ class EngineConfig:
     kv_cache_memory_bytes: int | None = None  # overrides gpu_memory_utilization when given
     fuse_weights: bool = True  # fused qkv / gate_up Linears (and Triton norms on CUDA)
     max_cuda_graph_batch_size: int = 256
+    # Steps of at most this many tokens (small-batch decode) run the projections as kiln's
+    # fused Triton GEMVs (norm / SiLU-mul in their prologue) rather than cuBLAS; 0: never.
+    # Off by default: on an H100 batch-1 decode measured 669 tok/s with them, 696 without
+    # (benchmarks/bench_linear.py: they win on o/down at batch 1, lose on qkv/gate_up and at 8).
+    gemv_max_batch: int = 0
     # Queue step N+1 before reading step N's tokens (hides the host's work behind the GPU's);
     # None: on for CUDA. Requests with penalties, n > 1 / best_of or beam search run lockstep.
     async_scheduling: bool | None = None
@@ -40,6 +45,8 @@ class EngineConfig:
             )
         if self.max_num_seqs < 1:
             raise InputError(f"max_num_seqs must be >= 1, got {self.max_num_seqs}")
+        if not 0 <= self.gemv_max_batch <= 16:
+            raise InputError(f"gemv_max_batch must be in [0, 16], got {self.gemv_max_batch}")
         if self.max_num_batched_tokens < 1:
             raise InputError(
                 f"max_num_batched_tokens must be >= 1, got {self.max_num_batched_tokens}"

@@ -14,6 +14,8 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from kiln.kernels._triton import use_triton
+from kiln.kernels.gemv import gemv_triton, rmsnorm_gemv_triton, silu_mul_gemv_triton
 from kiln.kernels.rmsnorm import rmsnorm
 from kiln.kernels.rope import rope
 from kiln.kernels.silu_and_mul import silu_and_mul
@@ -56,10 +58,13 @@ class FusedAttention(nn.Module):
         self.split = [self.num_heads * self.head_dim] + [self.num_kv_heads * self.head_dim] * 2
 
     def forward(self, x, positions, rotary, backend):
-        lead = x.shape[:-1]
-        qkv = self.qkv_proj(x)
+        return self.o_proj(self.attend_qkv(self.qkv_proj(x), positions, rotary, backend))
+
+    def attend_qkv(self, qkv, positions, rotary, backend):
+        """Attention from the qkv projection's output; [..., Hq * D] before o_proj."""
+        lead = qkv.shape[:-1]
         attend_qkv = getattr(backend, "attend_qkv", None)
-        if attend_qkv is not None and x.dim() == 2:  # the paged backends: one fused op
+        if attend_qkv is not None and qkv.dim() == 2:  # the paged backends: one fused op
             norms = (None, None, 0.0)
             if self.q_norm is not None:
                 norms = (self.q_norm.weight, self.k_norm.weight, self.q_norm.eps)
@@ -67,7 +72,7 @@ class FusedAttention(nn.Module):
                 self.layer_idx, qkv, positions, self.num_heads, self.num_kv_heads, *norms,
                 rotary.cos_sin if rotary is not None else None, self.scale, self.sliding_window,
             )  # fmt: skip
-            return self.o_proj(out.reshape(*lead, self.num_heads * self.head_dim))
+            return out.reshape(*lead, self.num_heads * self.head_dim)
         q, k, v = qkv.split(self.split, dim=-1)
         q = q.reshape(*lead, self.num_heads, self.head_dim)
         k = k.reshape(*lead, self.num_kv_heads, self.head_dim)
@@ -77,7 +82,7 @@ class FusedAttention(nn.Module):
         if rotary is not None:
             q, k = rope(q, k, positions, rotary.cos_sin)
         out = backend.attend(self.layer_idx, q, k, v, self.scale, self.sliding_window)
-        return self.o_proj(out.reshape(*lead, self.num_heads * self.head_dim))
+        return out.reshape(*lead, self.num_heads * self.head_dim)
 
 
 class FusedMLP(nn.Module):
@@ -112,27 +117,50 @@ class FinalNorm(FusedRMSNorm):
 
 
 class ResidualBlock(nn.Module):
-    """Block whose norms fuse the residual adds; carries (hidden, residual) between blocks."""
+    """Block whose norms fuse the residual adds; carries (hidden, residual) between blocks.
 
-    def __init__(self, block: Block):
+    A step of at most `gemv_max_batch` tokens on CUDA (small-batch decode) runs its four
+    projections as kiln.kernels.gemv kernels instead of cuBLAS, with each RMSNorm (and its
+    residual add) and the SiLU-and-mul fused into the GEMV that reads their output.
+    """
+
+    def __init__(self, block: Block, gemv_max_batch: int = 0):
         super().__init__()
         self.input_layernorm = FusedRMSNorm(block.input_layernorm)
         self.self_attn = block.self_attn
         self.post_attention_layernorm = FusedRMSNorm(block.post_attention_layernorm)
         self.mlp = block.mlp
+        self.gemv_max_batch = gemv_max_batch if isinstance(self.mlp, FusedMLP) else 0
 
     def forward(self, x, positions, rotary, backend):
-        if isinstance(x, tuple):
-            h, residual = self.input_layernorm(*x)
+        h, residual = x if isinstance(x, tuple) else (x, None)
+        if 0 < h.shape[0] <= self.gemv_max_batch and h.dim() == 2 and use_triton(h):
+            return self._forward_gemv(h, residual, positions, rotary, backend)
+        if residual is not None:
+            h, residual = self.input_layernorm(h, residual)
         else:
-            h, residual = self.input_layernorm(x), x
+            h, residual = self.input_layernorm(h), h
         h = self.self_attn(h, positions, rotary, backend)
         h, residual = self.post_attention_layernorm(h, residual)
         return self.mlp(h), residual
 
+    def _forward_gemv(self, h, residual, positions, rotary, backend):
+        attn, mlp = self.self_attn, self.mlp
+        norm1, norm2 = self.input_layernorm, self.post_attention_layernorm
+        qkv, residual = rmsnorm_gemv_triton(
+            h, residual, norm1.weight, norm1.eps, attn.qkv_proj.weight, attn.qkv_proj.bias
+        )
+        out = attn.attend_qkv(qkv, positions, rotary, backend)
+        h = gemv_triton(out, attn.o_proj.weight, attn.o_proj.bias)
+        gate_up, residual = rmsnorm_gemv_triton(
+            h, residual, norm2.weight, norm2.eps, mlp.gate_up_proj.weight, mlp.gate_up_proj.bias
+        )
+        return silu_mul_gemv_triton(gate_up, mlp.down_proj.weight, mlp.down_proj.bias), residual
 
-def fuse_model(model: Transformer) -> Transformer:
-    """Apply the transformations in place (weights are shared, not copied, where unchanged)."""
+
+def fuse_model(model: Transformer, gemv_max_batch: int = 0) -> Transformer:
+    """Apply the transformations in place (weights are shared, not copied, where unchanged);
+    steps of at most `gemv_max_batch` tokens use the fused GEMV kernels on CUDA."""
     config = model.config
     for i, block in enumerate(model.layers):
         block.self_attn = FusedAttention(block.self_attn)
@@ -143,7 +171,7 @@ def fuse_model(model: Transformer) -> Transformer:
                 attn = block.self_attn
                 attn.q_norm = FusedRMSNorm(attn.q_norm)
                 attn.k_norm = FusedRMSNorm(attn.k_norm)
-            model.layers[i] = ResidualBlock(block)
+            model.layers[i] = ResidualBlock(block, gemv_max_batch)
     if config.norm_type == "rmsnorm":
         model.norm = FinalNorm(model.norm)
     return model

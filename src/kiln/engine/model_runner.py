@@ -76,7 +76,7 @@ class ModelRunner:
             name = "triton" if self.device.type == "cuda" and triton_available() else "torch"
         self.backend_name = name
         log.info("attention backend: %s", name)
-        self.model = fuse_model(model) if config.fuse_weights else model
+        self.model = fuse_model(model, config.gemv_max_batch) if config.fuse_weights else model
         self.num_blocks = self._num_kv_blocks()
         mc = self.model_config
         self.kv_cache = KVCache(

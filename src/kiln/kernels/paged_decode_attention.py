@@ -66,9 +66,15 @@ def paged_decode_attention_ref(
     return out.masked_fill(q_pos[:, :, None] < 0, 0.0)
 
 
-# Arguments that change from step to step are not value-specialized (Triton would otherwise
-# compile a new variant when one happens to be 1 or a multiple of 16, mid-serving).
-@triton.jit(do_not_specialize=["stride_qb", "stride_ob", "stride_bt", "num_splits"])
+# Arguments that change from step to step are not value-specialized: Triton would otherwise
+# compile a new variant, mid-serving, when an int happens to be 1 or a multiple of 16, or when
+# a metadata pointer (a slice of the step's packed buffer) is or is not 16-byte aligned.
+@triton.jit(
+    do_not_specialize=[
+        "block_tables_ptr", "context_lens_ptr", "stride_qb", "stride_ob", "stride_bt",
+        "num_splits",
+    ]
+)  # fmt: skip
 def _decode_kernel(
     q_ptr, k_cache_ptr, v_cache_ptr, block_tables_ptr, context_lens_ptr,
     out_ptr, part_out_ptr, part_lse_ptr,

@@ -65,7 +65,7 @@ def _last_pow2(n: int) -> int:
 
 def _torch_sum_plan(rows: int, head_dim: int) -> tuple[int, int]:
     """(VEC, BW): how PyTorch's CUDA reduction (ATen/native/cuda/Reduce.cuh, setReduceConfig
-    and ReduceOp, as of torch 2.11) sums each row of a contiguous float32 [rows, head_dim].
+    and ReduceOp, torch 2.11 to 2.13) sums each row of a contiguous float32 [rows, head_dim].
 
     A row is reduced by BW threads. With VEC == 4 ("vectorize along input", head_dim >= 128),
     thread x loads the 4-vectors at elements 4 * (x + BW * j), keeps one running sum per lane
@@ -81,7 +81,7 @@ def _torch_sum_plan(rows: int, head_dim: int) -> tuple[int, int]:
     width = min(dim0_pow2, 32)
     height = min(dim1_pow2, max_threads // width)
     width = min(dim0_pow2, max_threads // height)
-    assert head_dim // (vec * width) <= 4, "no split across warps for head_dim <= 512"
+    assert head_dim <= 512, "beyond that torch may split a row across warps"
     return vec, (width if vec == 4 else head_dim)
 
 
@@ -93,14 +93,18 @@ def _squares(ptrs, mask):
 
 @triton.jit
 def _sum_squares(
-    x_ptr, mask, D: tl.constexpr, VEC: tl.constexpr, LOG_BW: tl.constexpr,
+    src_ptr, num_heads, D: tl.constexpr, VEC: tl.constexpr, LOG_BW: tl.constexpr,
     BLOCK_H: tl.constexpr,
 ):  # fmt: skip
-    """Per head, sum of x² over its D values in torch's order (_torch_sum_plan): [BLOCK_H, 1]."""
+    """Per head, the sum of x² over its D values in torch's order (_torch_sum_plan):
+    [BLOCK_H, 1]. src_ptr is the first head; heads are D apart."""
     BW: tl.constexpr = 1 << LOG_BW
-    lanes = tl.arange(0, BW)[None, :]
+    heads = tl.arange(0, BLOCK_H)[:, None]
+    mask = heads < num_heads
+    row = src_ptr + heads * D
+    lanes = tl.arange(0, BW)[None, :]  # one column a reduction thread
     if VEC == 4:
-        base = x_ptr + 4 * lanes
+        base = row + 4 * lanes
         s0 = _squares(base, mask)
         s1 = _squares(base + 1, mask)
         s2 = _squares(base + 2, mask)
@@ -112,8 +116,9 @@ def _sum_squares(
             s3 += _squares(base + 4 * BW * j + 3, mask)
         s = ((s0 + s1) + s2) + s3
     else:
-        s = _squares(x_ptr + lanes, mask)
-    for level in tl.static_range(LOG_BW):  # lane x += lane x + width / 2, down to one lane
+        s = _squares(row + lanes, mask)
+    # the halving tree: a sum over an axis of size 2 is one addition, the tree's own
+    for level in tl.static_range(LOG_BW):
         s = tl.sum(tl.reshape(s, [BLOCK_H, 2, BW >> (level + 1)]), axis=1)
     return s
 
@@ -134,7 +139,7 @@ def _prepare_heads(
     x2 = tl.load(src + HALF + d, mask=mask, other=0.0)
     ty = x1.dtype
     if HAS_NORM:  # rmsnorm_ref: normalize in float32, round, times the weight, round
-        ss = _sum_squares(src, mask, D, VEC, LOG_BW, BLOCK_H)
+        ss = _sum_squares(src_ptr, num_heads, D, VEC, LOG_BW, BLOCK_H)
         rstd = tl.rsqrt(ss * (1.0 / D) + eps)
         w1 = tl.load(w_ptr + d).to(tl.float32)
         w2 = tl.load(w_ptr + HALF + d).to(tl.float32)
@@ -149,7 +154,9 @@ def _prepare_heads(
     tl.store(dst + HALF, x2, mask=mask)
 
 
-@triton.jit
+# positions and slots are slices of the step's packed metadata: whether they are 16-byte
+# aligned changes from step to step, which must not compile a new variant mid-serving.
+@triton.jit(do_not_specialize=["pos_ptr", "slot_ptr", "stride_qkv"])
 def _qkv_prepare_kernel(
     qkv_ptr, pos_ptr, cos_sin_ptr, q_w_ptr, k_w_ptr, q_out_ptr, k_cache_ptr, v_cache_ptr,
     slot_ptr,
@@ -238,6 +245,7 @@ def qkv_prepare_triton(
         BLOCK_HKV=triton.next_power_of_2(num_kv_heads),
         VEC=vec, LOG_BW_Q=bw_q.bit_length() - 1, LOG_BW_K=bw_k.bit_length() - 1,
         enable_fp_fusion=False,  # no FMA: round after each multiply, as torch does
+        num_warps=2 if n < 256 else 1,  # few warps: the summation tree's reshapes cost less
     )  # fmt: skip
     return q
 

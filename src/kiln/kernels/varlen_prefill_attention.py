@@ -58,8 +58,14 @@ def varlen_prefill_attention_ref(
     return out
 
 
-# Arguments that change from step to step are not value-specialized (no mid-serving compiles).
-@triton.jit(do_not_specialize=["stride_qn", "stride_on", "stride_bt", "num_seqs"])
+# Arguments that change from step to step are not value-specialized (no mid-serving compiles):
+# ints that may be 1 or a multiple of 16, metadata pointers that may or may not be aligned.
+@triton.jit(
+    do_not_specialize=[
+        "cu_seqlens_q_ptr", "context_lens_ptr", "block_tables_ptr",
+        "stride_qn", "stride_on", "stride_bt", "num_seqs",
+    ]
+)  # fmt: skip
 def _prefill_kernel(
     q_ptr, k_cache_ptr, v_cache_ptr, cu_seqlens_q_ptr, context_lens_ptr, block_tables_ptr,
     out_ptr,
