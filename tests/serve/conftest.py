@@ -26,8 +26,9 @@ def chat_model_dir(hf_model_dir, tmp_path_factory):
 
 @pytest.fixture(scope="session")
 def server(chat_model_dir):
-    """The main test server: room for 64 sequences at once."""
-    with start_server(chat_model_dir, max_num_seqs=64) as s:
+    """The main test server: room for 64 sequences at once, with async scheduling (what the
+    engine does on GPUs) so that every server test also covers tokens in flight."""
+    with start_server(chat_model_dir, max_num_seqs=64, async_scheduling=True) as s:
         yield s
 
 

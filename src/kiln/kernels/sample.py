@@ -223,7 +223,8 @@ def sample_triton(
     _sample_kernel[(b, num_splits)](
         logits, temperature, seeds, tokens, logprobs, parts,
         logits.stride(0), v,
-        BLOCK_V=block_v, SPLIT=split, FAST_LOG=logits.is_cuda, num_warps=config["num_warps"],
+        BLOCK_V=block_v, SPLIT=split, num_warps=config["num_warps"],
+        FAST_LOG=logits.is_cuda and torch.version.hip is None,  # PTX lg2.approx: NVIDIA only
     )  # fmt: skip
     if split:
         _sample_merge_kernel[(b,)](
