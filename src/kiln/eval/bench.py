@@ -63,6 +63,11 @@ def register(sub: argparse._SubParsersAction) -> None:
     off.add_argument("--max-model-len", type=int, default=None)
     off.add_argument("--attention-backend", default="auto", choices=["auto", "torch", "triton"])
     off.add_argument("--no-cuda-graph", action="store_true")
+    off.add_argument(
+        "--lockstep",
+        action="store_true",
+        help="read each step's tokens before scheduling the next (no async scheduling)",
+    )
     off.set_defaults(func=_offline_cli)
     serve = verbs.add_parser("serve", help="serving benchmark against a running kiln server")
     if importlib.util.find_spec("kiln.serve.bench") is not None:
@@ -85,12 +90,14 @@ def _offline_cli(args: argparse.Namespace) -> None:
         max_model_len=args.max_model_len,
         attention_backend=args.attention_backend,
         use_cuda_graph=not args.no_cuda_graph,
+        async_scheduling=False if args.lockstep else None,
     )
     vocab = llm.engine.model_config.vocab_size
     workload = offline_workload(
         args.num_prompts, tuple(args.input_len), tuple(args.output_len), vocab, args.seed
     )
-    run_offline(llm, offline_workload(2, (16, 16), (8, 8), vocab, args.seed + 1))  # warm up
+    # Warm up on mixed prefill/decode steps of several shapes.
+    run_offline(llm, offline_workload(16, (16, 200), (4, 16), vocab, args.seed + 1))
     r = run_offline(llm, workload, args.temperature)
     print(
         f"{r['requests']} requests, {r['input_tokens']} input / {r['output_tokens']} output "
