@@ -35,7 +35,7 @@ def test_async_gives_the_same_tokens(hf_model_dir, random_prompts, engine_args):
     path, _ = hf_model_dir("qwen3")
     prompts = random_prompts((33, 7, 50, 16), seed=3)
     params = [
-        SamplingParams(temperature=0.0, max_tokens=n, ignore_eos=True) for n in (40, 30, 40, 20)
+        SamplingParams(temperature=0.0, max_tokens=n, ignore_eos=True) for n in (40, 1, 40, 30)
     ]
     _, sync = _run(path, prompts, params, async_scheduling=False, **engine_args)
     llm, overlapped = _run(path, prompts, params, async_scheduling=True, **engine_args)
