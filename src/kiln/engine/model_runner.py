@@ -203,19 +203,9 @@ class ModelRunner:
         if every_row:
             logits_indices = []
         n_idx, n_pend = len(logits_indices), len(pend_dst)
-        host = np.concatenate(
-            [
-                input_ids,
-                positions,
-                slots,
-                logits_indices,
-                pend_dst,
-                pend_src,
-                context_lens,
-                np.cumsum([0, *query_lens]),
-                padded.ravel(),
-            ]  # fmt: skip
-        ).astype(np.int64)
+        parts = [input_ids, positions, slots, logits_indices, pend_dst, pend_src, context_lens]
+        parts += [np.cumsum([0, *query_lens]), padded.ravel()]
+        host = np.concatenate(parts).astype(np.int64)
         dev = self._to_device(host)
         ids, pos_d, slot_d = dev[:n_tok], dev[n_tok : 2 * n_tok], dev[2 * n_tok : 3 * n_tok]
         at = 3 * n_tok
