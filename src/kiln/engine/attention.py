@@ -17,6 +17,7 @@ from dataclasses import dataclass
 
 import torch
 
+from kiln.engine.transfer import to_device
 from kiln.kernels.paged_decode_attention import (
     paged_decode_attention_ref,
     paged_decode_attention_triton,
@@ -65,7 +66,7 @@ class KVCache:
     def copy_blocks(self, copies: list[tuple[int, int]]) -> None:
         """Copy-on-write: duplicate whole blocks (every layer, k and v)."""
         if copies:
-            src, dst = (torch.tensor(c, device=self.data.device) for c in zip(*copies))
+            src, dst = to_device(list(zip(*copies)), torch.long, self.data.device)
             self.data[:, :, dst] = self.data[:, :, src]
 
 
@@ -129,6 +130,38 @@ class PagedBackend:
             views["prefill_context_lens"], views["prefill_block_tables"], scale, sliding_window,
         )  # fmt: skip
         return out
+
+    @torch.inference_mode()
+    def compile_kernels(self, num_heads: int, windows: set[int | None], max_num_seqs: int):
+        """Run every attention-kernel variant an eager (prefill) step can pick once, so that
+        Triton compiles them now rather than on a live request: one per block of sequence
+        offsets for varlen prefill (up to max_num_seqs), one per split count for paged decode,
+        for each sliding window (None: none) the model's layers use."""
+        from kiln.kernels.paged_decode_attention import MAX_SPLITS
+        from kiln.kernels.varlen_prefill_attention import MIN_BLOCK_B
+
+        k_cache, v_cache = self.kv_cache.layer(0)  # read only: nothing is stored
+        dev, head_dim = k_cache.device, k_cache.shape[-1]
+
+        def zeros(*shape, dtype=k_cache.dtype):
+            return torch.zeros(shape, dtype=dtype, device=dev)
+
+        scale = head_dim**-0.5
+        sizes = [min(b, max_num_seqs) for b in (MIN_BLOCK_B << i for i in range(16))]
+        for n in sorted(set(sizes)):  # prefill: n sequences of 2 tokens
+            q = zeros(2 * n, num_heads, head_dim)
+            cu = torch.arange(0, 2 * n + 1, 2, dtype=torch.int32, device=dev)
+            lens = torch.full((n,), 2, dtype=torch.int32, device=dev)
+            for window in windows:
+                self._prefill(q, k_cache, v_cache, cu, lens, zeros(n, 1, dtype=torch.int32),
+                              scale, window)  # fmt: skip
+        q, lens = zeros(1, num_heads, head_dim), torch.ones(1, dtype=torch.int32, device=dev)
+        for splits in (1 << i for i in range(MAX_SPLITS.bit_length())):
+            for window in windows:
+                self._decode(q, k_cache, v_cache, zeros(1, 1, dtype=torch.int32), lens, scale,
+                             window, splits)  # fmt: skip
+        if dev.type == "cuda":
+            torch.cuda.synchronize(dev)
 
 
 def make_backend(name: str, kv_cache: KVCache) -> PagedBackend:

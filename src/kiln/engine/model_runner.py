@@ -20,6 +20,7 @@ from kiln.engine.config import CPU_KV_CACHE_BYTES, EngineConfig
 from kiln.engine.fuse import fuse_model
 from kiln.engine.scheduler import SchedulerOutput
 from kiln.engine.sequence import Sequence
+from kiln.engine.transfer import to_device
 from kiln.errors import ConfigError
 from kiln.model.attention import causal_attention
 from kiln.model.transformer import Transformer
@@ -90,14 +91,13 @@ class ModelRunner:
         )
         self.backend = make_backend(name, self.kv_cache)
         self.graphs: dict[int, torch.cuda.CUDAGraph] = {}
-        self._pinned: torch.Tensor | None = None  # staging for the step's host -> GPU copy
-        self._copied: torch.cuda.Event | None = None
         # MoE routing reads the chosen experts on the host: not capturable.
         graphs_ok = self.device.type == "cuda" and name == "triton" and not mc.num_experts
         if config.use_cuda_graph and graphs_ok:
             self._capture_graphs()
         if self.device.type == "cuda" and name == "triton":
-            self._compile_kernels()
+            windows = {m.sliding_window for m in model.modules() if hasattr(m, "sliding_window")}
+            self.backend.compile_kernels(mc.num_heads, windows, config.max_num_seqs)
 
     # ------------------------------------------------------------------ KV pool size
 
@@ -205,8 +205,7 @@ class ModelRunner:
         n_idx, n_pend = len(logits_indices), len(pend_dst)
         parts = [input_ids, positions, slots, logits_indices, pend_dst, pend_src, context_lens]
         parts += [np.cumsum([0, *query_lens]), padded.ravel()]
-        host = np.concatenate(parts).astype(np.int64)
-        dev = self._to_device(host)
+        dev = to_device(np.concatenate(parts).astype(np.int64), torch.int64, self.device)
         ids, pos_d, slot_d = dev[:n_tok], dev[n_tok : 2 * n_tok], dev[2 * n_tok : 3 * n_tok]
         at = 3 * n_tok
         index = None if every_row else dev[at : at + n_idx]
@@ -226,22 +225,6 @@ class ModelRunner:
         )
         return ids, md, index, sample_seqs
 
-    def _to_device(self, host: np.ndarray) -> torch.Tensor:
-        t = torch.from_numpy(host)
-        if self.device.type != "cuda":
-            return t
-        # A persistent pinned staging buffer, reused once the previous step's copy is done.
-        if self._copied is not None:
-            self._copied.synchronize()
-        if self._pinned is None or self._pinned.numel() < t.numel():
-            self._pinned = torch.empty(max(t.numel(), 1 << 16), dtype=torch.int64).pin_memory()
-        staged = self._pinned[: t.numel()]
-        staged.copy_(t)
-        out = staged.to(self.device, non_blocking=True)
-        self._copied = torch.cuda.Event()
-        self._copied.record()
-        return out
-
     @torch.inference_mode()
     def execute(
         self, out: SchedulerOutput, prev: PreviousTokens | None = None
@@ -250,10 +233,6 @@ class ModelRunner:
         their last token (nothing here waits for the GPU)."""
         self.kv_cache.copy_blocks(out.block_copies)
         ids, md, index, sample_seqs = self.prepare(out, prev)
-        if not sample_seqs and md.num_decodes != len(md.query_lens):
-            self.backend.set_metadata(md)
-            self.model.hidden_states(ids, md.positions, self.backend)
-            return [], None
         batch = len(md.query_lens)
         graph_bs = self._graph_batch_size(batch) if md.num_decodes == batch else None
         if graph_bs is not None:
@@ -262,42 +241,6 @@ class ModelRunner:
         self.backend.set_metadata(md)
         hidden = self.model.hidden_states(ids, md.positions, self.backend)
         return sample_seqs, self.model.compute_logits(hidden if index is None else hidden[index])
-
-    # ------------------------------------------------------------------ Triton variants
-
-    @torch.inference_mode()
-    def _compile_kernels(self) -> None:
-        """Compile now every attention-kernel variant an eager (prefill) step can pick, rather
-        than on a live request: one per block of sequence offsets for varlen prefill, one per
-        split count for paged decode, with and without each sliding window of the model."""
-        from kiln.kernels.paged_decode_attention import MAX_SPLITS
-        from kiln.kernels.varlen_prefill_attention import MIN_BLOCK_B
-
-        mc, dev = self.model_config, self.device
-        k_cache, v_cache = self.kv_cache.layer(0)
-        windows = {m.sliding_window for m in self.model.modules() if hasattr(m, "sliding_window")}
-        scale = mc.head_dim**-0.5
-        b = MIN_BLOCK_B
-        while True:
-            n = min(b, self.config.max_num_seqs)
-            q = torch.zeros(2 * n, mc.num_heads, mc.head_dim, dtype=self.dtype, device=dev)
-            cu = torch.arange(0, 2 * n + 1, 2, dtype=torch.int32, device=dev)
-            lens = torch.full((n,), 2, dtype=torch.int32, device=dev)
-            tables = torch.zeros(n, 1, dtype=torch.int32, device=dev)
-            for window in windows:
-                self.backend._prefill(q, k_cache, v_cache, cu, lens, tables, scale, window)
-            if n == self.config.max_num_seqs or b >= self.config.max_num_seqs:
-                break
-            b *= 2
-        q = torch.zeros(1, mc.num_heads, mc.head_dim, dtype=self.dtype, device=dev)
-        lens = torch.ones(1, dtype=torch.int32, device=dev)
-        tables = torch.zeros(1, 1, dtype=torch.int32, device=dev)
-        splits = 1
-        while splits <= MAX_SPLITS:
-            for window in windows:
-                self.backend._decode(q, k_cache, v_cache, tables, lens, scale, window, splits)
-            splits *= 2
-        torch.cuda.synchronize()
 
     # ------------------------------------------------------------------ CUDA graphs
 

@@ -22,23 +22,8 @@ from dataclasses import dataclass
 import torch
 
 from kiln.engine.sequence import Sequence
+from kiln.engine.transfer import to_device, to_host
 from kiln.kernels._triton import use_triton
-
-
-def to_device(values, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
-    """A small host list as a device tensor without a stream sync (pinned, non-blocking)."""
-    t = torch.tensor(values, dtype=dtype)
-    if device.type != "cuda":
-        return t
-    return t.pin_memory().to(device, non_blocking=True)
-
-
-def _to_host(t: torch.Tensor) -> torch.Tensor:
-    """Start copying a device tensor to pinned host memory behind the queued GPU work."""
-    if not t.is_cuda:
-        return t
-    host = torch.empty(t.shape, dtype=t.dtype, pin_memory=True)
-    return host.copy_(t, non_blocking=True)
 
 
 class PendingSample:
@@ -47,10 +32,10 @@ class PendingSample:
     def __init__(self, tokens, token_lp, top=None):
         # top: (rows, wanted, vals [R, k] | None, ids [R, k] | None, chosen [R]) for logprobs
         self.tokens = tokens  # stays on the device: the next step's input ids
-        self._host = [_to_host(tokens), _to_host(token_lp)]
+        self._host = [to_host(tokens), to_host(token_lp)]
         self._top = top
         if top is not None:
-            self._host += [_to_host(t) if t is not None else None for t in top[2:]]
+            self._host += [to_host(t) if t is not None else None for t in top[2:]]
         self._event = None
         if tokens.is_cuda:
             self._event = torch.cuda.Event()

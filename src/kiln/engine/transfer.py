@@ -1,0 +1,30 @@
+"""Host <-> device copies that never stall the host behind queued GPU work.
+
+A copy from pageable memory waits for the stream to drain; through pinned memory it is queued
+like a kernel (the caching host allocator keeps the pinned block alive until the copy ran).
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+
+
+def to_device(values, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+    """A host list or array as a device tensor, copied behind the queued GPU work."""
+    if isinstance(values, np.ndarray):
+        t = torch.from_numpy(values).to(dtype)
+    else:
+        t = torch.tensor(values, dtype=dtype)
+    if device.type != "cuda":
+        return t
+    return t.pin_memory().to(device, non_blocking=True)
+
+
+def to_host(t: torch.Tensor) -> torch.Tensor:
+    """Start copying a device tensor to pinned host memory behind the queued GPU work (read it
+    after an event recorded later has completed)."""
+    if not t.is_cuda:
+        return t
+    host = torch.empty(t.shape, dtype=t.dtype, pin_memory=True)
+    return host.copy_(t, non_blocking=True)
