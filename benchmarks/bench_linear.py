@@ -115,5 +115,88 @@ def main() -> None:
         )
 
 
+def layer_chain(m: int = 1, layers: int = 28) -> None:
+    """The decode step's projections for all layers, each layer's own weights (so they come
+    from HBM, as in the model): add+norm -> qkv, o, add+norm -> gate_up, silu-mul -> down,
+    cuBLAS with the separate Triton norm / SiLU-mul kernels vs the fused Triton GEMVs, with
+    and without programmatic dependent launch. Prints us per layer and weight TB/s."""
+    from kiln.kernels import _triton, gemv
+    from kiln.kernels.rmsnorm import rmsnorm_triton
+    from kiln.kernels.silu_and_mul import silu_and_mul_triton
+
+    c = QWEN3_0_6B
+    h, d = c["hidden_size"], c["head_dim"]
+    q, kv, inter = (
+        c["num_attention_heads"] * d,
+        c["num_key_value_heads"] * d,
+        c["intermediate_size"],
+    )
+    bf16 = dict(dtype=torch.bfloat16, device="cuda")
+    ws = [
+        [
+            torch.randn(n, k, **bf16) * 0.02
+            for k, n in ((h, q + 2 * kv), (q, h), (h, 2 * inter), (inter, h))
+        ]
+        for _ in range(layers)
+    ]
+    nw = torch.randn(h, **bf16)
+    x0, r0 = torch.randn(m, h, **bf16), torch.randn(m, h, **bf16)
+    nbytes = sum(w.numel() * 2 for layer in ws for w in layer)
+
+    def cublas():
+        x, r = x0, r0
+        for wq, wo, wgu, wd in ws:
+            y, r = rmsnorm_triton(x, nw, 1e-6, r)
+            qkv = F.linear(y, wq)
+            y, r = rmsnorm_triton(F.linear(qkv[:, :q], wo), nw, 1e-6, r)
+            x = F.linear(silu_and_mul_triton(F.linear(y, wgu)), wd)
+
+    def fused(kind: str, elements: int):
+        def cfg(w):
+            n, k = w.shape
+            if kind == "resident":
+                return gemv.resident_config(m, n, k, elements)
+            return dict(BLOCK_N=4, BLOCK_K=min(1024, k), num_warps=4, num_stages=2)
+
+        x, r = x0, r0
+        for wq, wo, wgu, wd in ws:
+            qkv, r = gemv.rmsnorm_gemv_triton(x, r, nw, 1e-6, wq, config=cfg(wq))
+            o = gemv.gemv_triton(qkv[:, :q], wo, config=cfg(wo))
+            gu, r = gemv.rmsnorm_gemv_triton(o, r, nw, 1e-6, wgu, config=cfg(wgu))
+            x = gemv.silu_mul_gemv_triton(gu, wd, config=cfg(wd))
+
+    print(f"\n{layers} layers of projections, batch {m} (us per layer, weight TB/s):")
+    print("| path | us/layer | TB/s |")
+    print("|---|---|---|")
+    variants = [("cuBLAS + norm/silu kernels", cublas, True)]
+    for elements in (8192, 16384, 32768):
+        for pdl in (False, True):
+            variants.append(
+                (
+                    f"resident GEMV, {elements} weights/program, PDL {pdl}",
+                    functools.partial(fused, "resident", elements),
+                    pdl,
+                )  # fmt: skip
+            )
+    variants.append(
+        ("previous Triton GEMV (chunked K)", functools.partial(fused, "chunked", 0), False)
+    )
+    for name, fn, pdl in variants:
+        _triton.PDL_ENABLED = pdl
+        try:
+            t = graph_time(fn, reps=1)
+        except Exception as e:  # noqa: BLE001 - report and go on
+            print(f"| {name} | failed: {type(e).__name__}: {str(e)[:120]} | |", flush=True)
+            continue
+        print(f"| {name} | {t / layers * 1e6:.2f} | {nbytes / t / 1e12:.2f} |", flush=True)
+    _triton.PDL_ENABLED = True
+
+
 if __name__ == "__main__":
-    main()
+    import sys
+
+    if "--chain" in sys.argv:
+        for batch in (1, 4):
+            layer_chain(batch)
+    else:
+        main()

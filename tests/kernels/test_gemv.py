@@ -5,10 +5,12 @@ import torch
 import torch.nn.functional as F
 
 from kiln.kernels.gemv import (
+    RESIDENT_MAX_M,
     default_config,
     gemv,
     gemv_ref,
     gemv_triton,
+    resident_config,
     rmsnorm_gemv,
     rmsnorm_gemv_ref,
     rmsnorm_gemv_triton,
@@ -91,6 +93,29 @@ def test_every_product_path(device, check, poisoned, m, product):
     )
 
 
+@pytest.mark.parametrize("elements", [64, 4096], ids=["narrow", "wide"])
+@pytest.mark.parametrize("m,k,n", [(1, 96, 136), (3, 160, 40), (4, 64, 64), (2, 200, 7)])
+def test_resident_kernel(dtype, device, check, poisoned, m, k, n, elements):
+    """The whole-slice kernel (small M): every prologue, ragged N and padded K."""
+    config = resident_config(m, n, k, elements)
+    assert config["RESIDENT"] and config["BLOCK_K"] >= k
+    x, residual = torch.randn(2, m, k, dtype=dtype, device=device).unbind(0)
+    norm_w = torch.randn(k, dtype=dtype, device=device)
+    w, b = _weights(n, k, dtype, device, bias=True)
+    check(poisoned(gemv_triton, x, w, b, config=config), gemv_ref(x, w, b))
+    check(poisoned(gemv_triton, x, w, config=config), gemv_ref(x, w))
+    for r in (residual, None):
+        out, h = poisoned(rmsnorm_gemv_triton, x, r, norm_w, EPS, w, b, config=config)
+        ref_out, ref_h = rmsnorm_gemv_ref(x, r, norm_w, EPS, w, b)
+        check(out, ref_out)
+        check(h, ref_h)
+    gate_up = torch.cat([x, residual], dim=-1)
+    check(
+        poisoned(silu_mul_gemv_triton, gate_up, w, b, config=config),
+        silu_mul_gemv_ref(gate_up, w, b),
+    )
+
+
 def test_leading_dims_and_strided_rows(device, check):
     """x [..., K] keeps its leading dims; rows may be strided (a view of a wider tensor)."""
     wide = torch.randn(2, 3, 200, device=device)
@@ -143,7 +168,12 @@ def test_configs():
         for k, n in QWEN3_SHAPES.values():
             for silu_mul in (False, True):
                 c = default_config(m, n, k, silu_mul=silu_mul)
-                assert -(-n // c["BLOCK_N"]) >= 128 and c["BLOCK_K"] <= k
+                assert -(-n // c["BLOCK_N"]) >= 128
+                if m <= RESIDENT_MAX_M:  # whole rows, ~16K weights a program
+                    assert c["RESIDENT"] and c["BLOCK_K"] >= k
+                    assert c["BLOCK_N"] * c["BLOCK_K"] == 16384
+                else:
+                    assert c["BLOCK_K"] <= k
     configs = sweep_configs()
     assert 8 <= len(configs) <= 12
     for c in configs:
@@ -153,7 +183,7 @@ def test_configs():
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("m", [1, 8])
+@pytest.mark.parametrize("m", [1, 2, 4, 8])
 def test_gemvs_at_qwen3_sizes(check, poisoned, m):
     dtype, dev = torch.bfloat16, "cuda"
     w = {name: _weights(n, k, dtype, dev, bias=False)[0] for name, (k, n) in QWEN3_SHAPES.items()}

@@ -36,7 +36,14 @@ import torch
 import torch.nn.functional as F
 
 from kiln.kernels._paged import dot_options
-from kiln.kernels._triton import tl, triton, use_triton
+from kiln.kernels._triton import (
+    gdc_launch_dependents,
+    gdc_wait,
+    tl,
+    triton,
+    use_pdl,
+    use_triton,
+)
 from kiln.kernels.rmsnorm import rmsnorm, rmsnorm_ref
 from kiln.kernels.silu_and_mul import silu_and_mul, silu_and_mul_ref
 
@@ -53,6 +60,22 @@ _PLAIN, _RMSNORM, _SILU_MUL = 0, 1, 2  # prologues
 _BROADCAST, _DOT, _DOT_T = 0, 1, 2  # products: multiply-and-sum, x @ w^T, (w @ x^T)^T
 
 
+# The resident-weight kernel (one program holds its whole weight slice): up to this many rows
+# and this many (power-of-two padded) columns, about this many weight elements a program.
+RESIDENT_MAX_M = 4
+RESIDENT_MAX_K = 8192
+RESIDENT_ELEMENTS = 16384
+
+
+def resident_config(M: int, N: int, K: int, elements: int = RESIDENT_ELEMENTS) -> dict:
+    """Settings for the resident-weight kernel: BLOCK_N rows of K (padded) columns a program,
+    about `elements` weights (64 bf16 registers a thread at 4 warps for 16384)."""
+    block_k = triton.next_power_of_2(K)
+    block_n = max(1, min(elements // block_k, triton.next_power_of_2(N)))
+    warps = 8 if block_n * block_k >= 32768 else 4
+    return dict(BLOCK_N=block_n, BLOCK_K=block_k, num_warps=warps, num_stages=1, RESIDENT=True)
+
+
 def default_config(M: int, N: int, K: int, *, silu_mul: bool = False) -> dict:
     """Launch settings for CUDA (from an H100 sweep at M=1 and M=8; see the module doc).
 
@@ -62,7 +85,10 @@ def default_config(M: int, N: int, K: int, *, silu_mul: bool = False) -> dict:
     software-pipelined, so num_stages hardly matters. M > 4, tl.dot: 32-row slices where
     that still leaves 128 programs (N >= 4096), else 8, with 256- or 512-column chunks and
     3 stages; the SiLU-mul prologue instead keeps broadcast-and-sum (8 x 1024, 8 warps).
+    Up to RESIDENT_MAX_M rows (and K <= RESIDENT_MAX_K) the resident-weight kernel instead.
     """
+    if M <= RESIDENT_MAX_M and triton.next_power_of_2(K) <= RESIDENT_MAX_K:
+        return resident_config(M, N, K)
     if M <= MAX_BROADCAST_M:
         block_k = min(1024 if M == 1 else 512, triton.next_power_of_2(K))
         return dict(BLOCK_N=4, BLOCK_K=block_k, num_warps=4, num_stages=2)
@@ -228,6 +254,59 @@ def _gemv_kernel(
     tl.store(out_ptrs, acc.to(out_ptr.dtype.element_ty), mask=out_mask)
 
 
+@triton.jit(do_not_specialize=["M", "stride_xm", "stride_rm", "stride_om"])
+def _gemv_resident_kernel(
+    x_ptr, res_ptr, nw_ptr, w_ptr, b_ptr, out_ptr, h_ptr,
+    M, stride_xm, stride_rm, stride_om, N, K, eps,
+    PROLOGUE: tl.constexpr, HAS_RESIDUAL: tl.constexpr, HAS_BIAS: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, PDL: tl.constexpr,
+):  # fmt: skip
+    """Small-M GEMV whose program loads its whole [BLOCK_N, K] weight slice at once, before
+    it waits for the previous kernel (PDL): the weights do not depend on it, so with
+    programmatic dependent launch their reads overlap the previous kernel's tail, and with
+    the grid resident on the SMs the whole matrix is in flight at once. Then each of the M
+    rows (whole, so that RMSNorm needs no second pass) is prepared and multiplied."""
+    if PDL:
+        gdc_launch_dependents()
+    pid = tl.program_id(0)
+    offs_n = pid * BLOCK_N + tl.arange(0, BLOCK_N)
+    cols = tl.arange(0, BLOCK_K)
+    k_ok = cols < K
+    w = tl.load(
+        w_ptr + offs_n[:, None].to(tl.int64) * K + cols[None, :],
+        mask=(offs_n[:, None] < N) & k_ok[None, :], other=0.0, eviction_policy="evict_first",
+    ).to(tl.float32)  # fmt: skip
+    if HAS_BIAS:
+        bias = tl.load(b_ptr + offs_n, mask=offs_n < N, other=0.0).to(tl.float32)
+    if PROLOGUE == 1:
+        nw = tl.load(nw_ptr + cols, mask=k_ok, other=0.0).to(tl.float32)
+    if PDL:
+        gdc_wait()
+    for m in tl.static_range(BLOCK_M):
+        if m < M:
+            x = tl.load(x_ptr + m * stride_xm + cols, mask=k_ok, other=0.0)
+            if PROLOGUE == 1:  # the rounding steps of kiln.kernels.rmsnorm
+                if HAS_RESIDUAL:
+                    r = tl.load(res_ptr + m * stride_rm + cols, mask=k_ok, other=0.0)
+                    x = (x.to(tl.float32) + r.to(tl.float32)).to(x.dtype)
+                    if pid == 0:
+                        tl.store(h_ptr + m * K + cols, x, mask=k_ok)
+                xf = x.to(tl.float32)
+                rstd = tl.rsqrt(tl.sum(xf * xf, axis=0) / K + eps)
+                normed = (xf * rstd).to(x.dtype)
+                x = (normed.to(tl.float32) * nw).to(x.dtype)
+            elif PROLOGUE == 2:  # SiLU-and-mul: x is the gate, the up half lies K columns on
+                up = tl.load(x_ptr + m * stride_xm + K + cols, mask=k_ok, other=0.0)
+                g = x.to(tl.float32)
+                act = (g * tl.sigmoid(g)).to(x.dtype)
+                x = (act.to(tl.float32) * up.to(tl.float32)).to(x.dtype)
+            acc = tl.sum(w * x.to(tl.float32)[None, :], axis=1)  # [BLOCK_N]
+            if HAS_BIAS:
+                acc += bias
+            out_ptrs = out_ptr + m * stride_om + offs_n
+            tl.store(out_ptrs, acc.to(out_ptr.dtype.element_ty), mask=offs_n < N)
+
+
 def _launch(
     prologue: int,
     x2: torch.Tensor,  # [M, K] (or [M, 2K] gate_up), unit stride along the row
@@ -251,9 +330,24 @@ def _launch(
         config = default_config(m, n, k, silu_mul=silu_mul) if x2.is_cuda else INTERPRETER_CONFIG
     config = dict(config)
     block_n, block_k = config.pop("BLOCK_N"), config.pop("BLOCK_K")
+    out = torch.empty(m, n, dtype=x2.dtype, device=x2.device)
+    if config.pop("RESIDENT", False):
+        assert block_k >= k, f"the resident kernel takes whole rows: BLOCK_K {block_k} < K {k}"
+        pdl = use_pdl(x2)
+        if pdl:
+            config["launch_pdl"] = True
+        _gemv_resident_kernel[(triton.cdiv(n, block_n),)](
+            x2, res2 if res2 is not None else x2,
+            norm_weight if norm_weight is not None else x2,
+            weight, bias if bias is not None else weight, out, h2 if h2 is not None else out,
+            m, x2.stride(0), res2.stride(0) if res2 is not None else 0, out.stride(0), n, k, eps,
+            PROLOGUE=prologue, HAS_RESIDUAL=res2 is not None, HAS_BIAS=bias is not None,
+            BLOCK_M=triton.next_power_of_2(m), BLOCK_N=block_n, BLOCK_K=block_k, PDL=pdl,
+            **config,
+        )  # fmt: skip
+        return out
     product = config.pop("PRODUCT", _DOT if m > MAX_BROADCAST_M else _BROADCAST)
     block_m = triton.next_power_of_2(m) if product == _BROADCAST else 16
-    out = torch.empty(m, n, dtype=x2.dtype, device=x2.device)
     dots = dot_options(x2)
     _gemv_kernel[(triton.cdiv(n, block_n),)](
         x2, res2 if res2 is not None else x2,
