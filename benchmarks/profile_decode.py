@@ -67,7 +67,7 @@ def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--out", default=None)
     ap.add_argument("--tokens", type=int, default=512)
-    ap.add_argument("--gemv-max-batch", type=int, default=0)
+    ap.add_argument("--gemv-max-batch", type=int, default=1)
     args = ap.parse_args()
     tmp = Path(tempfile.mkdtemp())
     del_model = build_model(tmp)

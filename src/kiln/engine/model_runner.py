@@ -20,7 +20,7 @@ from kiln.engine.config import CPU_KV_CACHE_BYTES, EngineConfig
 from kiln.engine.fuse import fuse_model
 from kiln.engine.scheduler import SchedulerOutput
 from kiln.engine.sequence import Sequence
-from kiln.engine.transfer import to_device
+from kiln.engine.transfer import copy_to_device, to_device
 from kiln.errors import ConfigError
 from kiln.model.attention import causal_attention
 from kiln.model.transformer import Transformer
@@ -64,6 +64,10 @@ class PreviousTokens:
 
 
 class ModelRunner:
+    # Graph steps copy their block-table rows at full width (max_blocks) with the other int32
+    # inputs when size x max_blocks is at most this many values; else only their own columns.
+    GRAPH_TABLE_COPY_LIMIT = 65536
+
     def __init__(self, model: Transformer, config: EngineConfig, max_model_len: int):
         self.config = config
         self.model_config = model.config
@@ -193,12 +197,21 @@ class ModelRunner:
                 logits_indices.append(len(input_ids) - 1)
                 sample_seqs.append(seq)
         num_decodes = sum(1 for n in query_lens if n == 1)
+        b = len(tables)
+        size = self._graph_batch_size(b) if num_decodes == b else None
+        if size is not None:
+            args = (input_ids, positions, slots, context_lens, tables, pend_dst, pend_src)
+            ids, md = self._stage_graph_inputs(size, prev, *args)
+            index = None
+            if len(logits_indices) < b:
+                index = to_device(logits_indices, torch.int64, self.device)
+            return ids, md, index, sample_seqs
         width = max(len(t) for t in tables)
         padded = np.zeros((len(tables), width), dtype=np.int64)
         for r, t in enumerate(tables):
             padded[r, : len(t)] = t
         # One host buffer, one (pinned, asynchronous on CUDA) copy for the whole step.
-        n_tok, b = len(input_ids), len(tables)
+        n_tok = len(input_ids)
         every_row = len(logits_indices) == n_tok
         if every_row:
             logits_indices = []
@@ -235,8 +248,9 @@ class ModelRunner:
         ids, md, index, sample_seqs = self.prepare(out, prev)
         batch = len(md.query_lens)
         graph_bs = self._graph_batch_size(batch) if md.num_decodes == batch else None
-        if graph_bs is not None:
-            logits = self._replay(graph_bs, ids, md)
+        if graph_bs is not None:  # the inputs are staged in the graph's buffers already
+            self.graphs[graph_bs].replay()
+            logits = self.g_logits[graph_bs][:batch]
             return sample_seqs, logits if index is None else logits[index]
         self.backend.set_metadata(md)
         hidden = self.model.hidden_states(ids, md.positions, self.backend)
@@ -255,16 +269,25 @@ class ModelRunner:
                 return size
         return None
 
+    def _alloc_graph_buffers(self, top: int) -> None:
+        """The graphs' inputs, in two flat buffers so that a step stages them with one
+        host->device copy each: int64 [ids | positions | slots], each `top` long, and int32
+        [context_lens (top) | cu_seqlens (top + 1) | block tables (top x max_blocks)]."""
+        dev, blocks = self.device, self.max_blocks_per_seq
+        self.g_i64 = torch.zeros(3 * top, dtype=torch.long, device=dev)
+        self.g_ids, self.g_positions, self.g_slots = self.g_i64.view(3, top)
+        self.g_slots.fill_(-1)
+        self.g_i32 = torch.zeros(2 * top + 1 + top * blocks, dtype=torch.int32, device=dev)
+        self.g_context_lens = self.g_i32[:top].fill_(1)
+        self.g_cu = self.g_i32[top : 2 * top + 1]
+        self.g_cu.copy_(torch.arange(top + 1, dtype=torch.int32))
+        self.g_tables = self.g_i32[2 * top + 1 :].view(top, blocks)
+        self.g_top = top
+
     def _capture_graphs(self) -> None:
         sizes = self._graph_sizes()
         top = sizes[-1]
-        dev = self.device
-        self.g_ids = torch.zeros(top, dtype=torch.long, device=dev)
-        self.g_positions = torch.zeros(top, dtype=torch.long, device=dev)
-        self.g_slots = torch.full((top,), -1, dtype=torch.long, device=dev)
-        self.g_tables = torch.zeros(top, self.max_blocks_per_seq, dtype=torch.int32, device=dev)
-        self.g_context_lens = torch.ones(top, dtype=torch.int32, device=dev)
-        self.g_cu = torch.arange(top + 1, dtype=torch.int32, device=dev)
+        self._alloc_graph_buffers(top)
         self.g_logits: dict[int, torch.Tensor] = {}
         pool = None
         with torch.inference_mode():
@@ -292,15 +315,54 @@ class ModelRunner:
         """Logits of every row (what a decode graph computes)."""
         return self.model.compute_logits(self.model.hidden_states(ids, md.positions, self.backend))
 
-    def _replay(self, size: int, ids: torch.Tensor, md: AttentionMetadata) -> torch.Tensor:
-        b = len(md.query_lens)
-        self.g_ids[:b] = ids
-        self.g_positions[:b] = md.positions
-        self.g_slots.fill_(-1)
-        self.g_slots[:b] = md.slot_mapping
-        self.g_context_lens.fill_(1)
-        self.g_context_lens[:b] = md.context_lens
-        w = md.block_tables.shape[1]
-        self.g_tables[:b, :w] = md.block_tables
-        self.graphs[size].replay()
-        return self.g_logits[size][:b]
+    def _stage_graph_inputs(
+        self, size, prev, input_ids, positions, slots, context_lens, tables, pend_dst, pend_src
+    ):  # fmt: skip
+        """Write a decode step of b <= size sequences into the graphs' input buffers (rows b..
+        size-1 padded: no KV store, context length 1); returns (ids, metadata) as views.
+
+        Two pinned host->device copies: the int64 buffer whole (3 x top values), and the int32
+        one up to the size-row tables (their rows are max_blocks wide; past ~64K values only
+        the step's own columns are copied, in a second step). Input ids still in flight come
+        from `prev` on the device."""
+        top, b, blocks = self.g_top, len(tables), self.max_blocks_per_seq
+        host64 = np.zeros((3, top), dtype=np.int64)
+        host64[0, :b], host64[1, :b] = input_ids, positions
+        host64[2] = -1
+        host64[2, :b] = slots
+        copy_to_device(self.g_i64, host64.ravel())
+        width = max(len(t) for t in tables)
+        full_rows = size * blocks <= self.GRAPH_TABLE_COPY_LIMIT
+        n32 = 2 * top + 1 + (size * blocks if full_rows else 0)
+        host32 = np.zeros(n32, dtype=np.int32)
+        host32[:top] = 1
+        host32[:b] = context_lens
+        host32[top : 2 * top + 1] = np.arange(top + 1)
+        if full_rows:
+            rows = host32[2 * top + 1 :].reshape(size, blocks)
+            for r, t in enumerate(tables):
+                rows[r, : len(t)] = t
+        copy_to_device(self.g_i32[:n32], host32)
+        if not full_rows:
+            padded = np.zeros((size, width), dtype=np.int32)
+            for r, t in enumerate(tables):
+                padded[r, : len(t)] = t
+            self.g_tables[:size, :width] = to_device(padded, torch.int32, self.device)
+        ids = self.g_ids[:b]
+        if pend_dst:
+            n = len(pend_dst)
+            if pend_dst == pend_src == list(range(n)):  # the usual case: one copy
+                ids[:n] = prev.tokens[:n]
+            else:
+                idx = to_device([pend_dst, pend_src], torch.int64, self.device)
+                ids[idx[0]] = prev.tokens[idx[1]]
+        md = AttentionMetadata(
+            positions=self.g_positions[:b],
+            slot_mapping=self.g_slots[:b],
+            block_tables=self.g_tables[:b, :width],
+            context_lens=self.g_context_lens[:b],
+            cu_seqlens_q=self.g_cu[: b + 1],
+            num_decodes=b,
+            query_lens=[1] * b,
+        )
+        return ids, md

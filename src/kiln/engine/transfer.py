@@ -21,6 +21,15 @@ def to_device(values, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
     return t.pin_memory().to(device, non_blocking=True)
 
 
+def copy_to_device(dst: torch.Tensor, values: np.ndarray) -> None:
+    """Copy a host array (of dst's dtype and size) into the device tensor dst, behind the
+    queued GPU work."""
+    src = torch.from_numpy(values).view(dst.shape)
+    if dst.is_cuda:
+        src = src.pin_memory()
+    dst.copy_(src, non_blocking=True)
+
+
 def to_host(t: torch.Tensor) -> torch.Tensor:
     """Start copying a device tensor to pinned host memory behind the queued GPU work (read it
     after an event recorded later has completed)."""

@@ -272,10 +272,12 @@ def _gemv_resident_kernel(
     offs_n = pid * BLOCK_N + tl.arange(0, BLOCK_N)
     cols = tl.arange(0, BLOCK_K)
     k_ok = cols < K
-    w = tl.load(
+    w = tl.load(  # kept in its dtype (half the registers of float32) until the product
         w_ptr + offs_n[:, None].to(tl.int64) * K + cols[None, :],
-        mask=(offs_n[:, None] < N) & k_ok[None, :], other=0.0, eviction_policy="evict_first",
-    ).to(tl.float32)  # fmt: skip
+        mask=(offs_n[:, None] < N) & k_ok[None, :],
+        other=0.0,
+        eviction_policy="evict_first",
+    )
     if HAS_BIAS:
         bias = tl.load(b_ptr + offs_n, mask=offs_n < N, other=0.0).to(tl.float32)
     if PROLOGUE == 1:
@@ -300,7 +302,7 @@ def _gemv_resident_kernel(
                 g = x.to(tl.float32)
                 act = (g * tl.sigmoid(g)).to(x.dtype)
                 x = (act.to(tl.float32) * up.to(tl.float32)).to(x.dtype)
-            acc = tl.sum(w * x.to(tl.float32)[None, :], axis=1)  # [BLOCK_N]
+            acc = tl.sum(w.to(tl.float32) * x.to(tl.float32)[None, :], axis=1)  # [BLOCK_N]
             if HAS_BIAS:
                 acc += bias
             out_ptrs = out_ptr + m * stride_om + offs_n
