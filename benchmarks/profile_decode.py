@@ -63,11 +63,64 @@ def host_split(llm, tokens: int) -> tuple[float, float]:
     return 1e3 * wall / steps, 1e3 * sum(waits[4:]) / max(steps - 4, 1)
 
 
+def variant_table(llm) -> None:
+    """Batch-1 decode graph time with parts of the fast path switched off, one process (the
+    graphs re-captured for each; inputs: a 128-token prompt 256 tokens into its decode)."""
+    import functools
+
+    from kiln.kernels import _triton
+    from kiln.kernels.decode_qkv import paged_decode_qkv_triton
+    from kiln.kernels.paged_decode_attention import paged_decode_attention_triton
+
+    runner = llm.engine.runner
+    backend = runner.backend
+    fused = backend._decode_qkv
+    blocks = runner.model.layers
+    unfused_decode = paged_decode_attention_triton
+    variants = {
+        "default (resident GEMVs + fused decode, PDL)": {},
+        "fused decode, split merge in the kernel": {
+            "decode_qkv": functools.partial(fused, last_reduces=True)
+        },
+        "fused decode, 4 splits": {"decode_qkv": functools.partial(fused, num_splits=4)},
+        "fused decode without PDL": {"decode_qkv": functools.partial(fused, pdl=False)},
+        "unfused decode (qkv_prepare, decode, reduce)": {"decode_qkv": None},
+        "unfused decode, 4 splits": {
+            "decode_qkv": None,
+            "decode": functools.partial(unfused_decode, num_splits=4),
+        },
+        "unfused decode, 8 splits": {
+            "decode_qkv": None,
+            "decode": functools.partial(unfused_decode, num_splits=8),
+        },
+        "no PDL anywhere": {"pdl": False},
+        "cuBLAS projections": {"gemv": 0},
+    }
+    assert fused is paged_decode_qkv_triton
+    p = SamplingParams(temperature=0, max_tokens=256, ignore_eos=True)
+    print("| variant | decode graph ms (batch 1) | tok/s end to end |")
+    print("|---|---|---|")
+    for name, v in variants.items():
+        backend._decode_qkv = v.get("decode_qkv", fused)
+        backend._decode = v.get("decode", paged_decode_attention_triton)
+        _triton.PDL_ENABLED = v.get("pdl", True)
+        for b in blocks:
+            b.gemv_max_batch = v.get("gemv", 1)
+        runner.graphs = {}
+        runner._capture_graphs()
+        rate = decode_rate(llm, new_tokens=256)
+        llm.generate(prompt_token_ids=[list(range(11, 139))], sampling_params=p)
+        print(f"| {name} | {graph_ms(runner):.3f} | {rate:.0f} |", flush=True)
+    backend._decode_qkv, _triton.PDL_ENABLED = fused, True
+    backend._decode = paged_decode_attention_triton
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--out", default=None)
     ap.add_argument("--tokens", type=int, default=512)
     ap.add_argument("--gemv-max-batch", type=int, default=1)
+    ap.add_argument("--variants", action="store_true", help="graph time of kernel variants")
     args = ap.parse_args()
     tmp = Path(tempfile.mkdtemp())
     del_model = build_model(tmp)
@@ -78,6 +131,9 @@ def main() -> None:
         gemv_max_batch=args.gemv_max_batch,
     )  # fmt: skip
     runner = llm.engine.runner
+    if args.variants:
+        variant_table(llm)
+        return
     rate = decode_rate(llm, new_tokens=args.tokens)
     step_ms, wait_ms = host_split(llm, args.tokens)
     g_ms = graph_ms(runner)

@@ -56,8 +56,12 @@ def test_staged_graph_inputs_give_the_same_tokens(
             monkeypatch.setattr(llm.engine.runner, "GRAPH_TABLE_COPY_LIMIT", table_limit)
             _fake_graphs(llm)
             replays = []
+
+            def counted(replay, replays=replays):
+                return lambda: (replays.append(1), replay())
+
             for g in llm.engine.runner.graphs.values():
-                monkeypatch.setattr(g, "replay", lambda g=g, f=g.replay: (replays.append(1), f()))
+                monkeypatch.setattr(g, "replay", counted(g.replay))
         out = llm.generate(prompt_token_ids=prompts, sampling_params=params)
         llm.engine.block_manager.check_all_free()
         runs.append([o.outputs[0].token_ids for o in out])

@@ -8,7 +8,8 @@ pool at `slot_mapping`, then attends each query over its sequence's pages.
 One backend class, two sets of ops from kiln.kernels: "torch" uses each kernel's plain-torch
 reference (runs anywhere; the reference), "triton" the Triton kernels (store_kvcache, split-KV
 paged decode, varlen prefill over paged prefixes, and qkv_prepare: q/k norm + RoPE + K/V store
-in one launch, for models transformed by kiln.engine.fuse, which call `attend_qkv`).
+in one launch, for models transformed by kiln.engine.fuse, which call `attend_qkv`; a step of
+decodes only goes from qkv to attention output in one launch, kiln.kernels.decode_qkv).
 """
 
 from __future__ import annotations
@@ -18,6 +19,7 @@ from dataclasses import dataclass
 import torch
 
 from kiln.engine.transfer import to_device
+from kiln.kernels.decode_qkv import paged_decode_qkv_ref, paged_decode_qkv_triton
 from kiln.kernels.paged_decode_attention import (
     paged_decode_attention_ref,
     paged_decode_attention_triton,
@@ -72,13 +74,14 @@ class KVCache:
 
 class PagedBackend:
     """Store the step's K/V, then paged decode for the one-token rows, varlen prefill for the
-    rest, with the given ops (the kernels' references or their Triton versions)."""
+    rest, with the given ops (the kernels' references or their Triton versions); decode_qkv
+    (None: prepare, then decode) does a decode-only step of attend_qkv in one op."""
 
-    def __init__(self, kv_cache: KVCache, store, decode, prefill, prepare):
+    def __init__(self, kv_cache: KVCache, store, decode, prefill, prepare, decode_qkv=None):
         self.kv_cache = kv_cache
         self.metadata: AttentionMetadata | None = None
         self._store, self._decode, self._prefill = store, decode, prefill
-        self._prepare = prepare
+        self._prepare, self._decode_qkv = prepare, decode_qkv
         self._views: dict[str, torch.Tensor] = {}
 
     def set_metadata(self, md: AttentionMetadata) -> None:
@@ -103,18 +106,30 @@ class PagedBackend:
     ):  # fmt: skip
         """attend() straight from the fused qkv projection's output [N, (Hq + 2 Hkv) * D]:
         per-head q/k RMSNorm (when given), RoPE (when cos_sin is given) and the K/V store in
-        one op (kiln.kernels.qkv_prepare), then attention; returns [N, Hq, D]."""
+        one op (kiln.kernels.qkv_prepare), then attention; returns [N, Hq, D]. A step of
+        decodes only does it all in one op (kiln.kernels.decode_qkv)."""
         k_cache, v_cache = self.kv_cache.layer(layer_idx)
+        md = self.metadata
+        if self._decode_qkv is not None and self._decode_only(qkv.shape[0]):
+            return self._decode_qkv(
+                qkv, positions, cos_sin, q_norm_weight, k_norm_weight, eps, k_cache, v_cache,
+                md.slot_mapping, num_heads, num_kv_heads, self._views["block_tables"],
+                self._views["context_lens"], scale, sliding_window,
+            )  # fmt: skip
         q = self._prepare(
             qkv, positions, cos_sin, q_norm_weight, k_norm_weight, eps, k_cache, v_cache,
-            self.metadata.slot_mapping, num_heads, num_kv_heads,
+            md.slot_mapping, num_heads, num_kv_heads,
         )  # fmt: skip
         return self._attend_cached(q, k_cache, v_cache, scale, sliding_window)
+
+    def _decode_only(self, num_tokens: int) -> bool:
+        md = self.metadata
+        return md.num_decodes == md.num_seqs and num_tokens == md.num_decodes
 
     def _attend_cached(self, q, k_cache, v_cache, scale, sliding_window):
         md, views = self.metadata, self._views
         d = md.num_decodes
-        if d == md.num_seqs and q.shape[0] == d:
+        if self._decode_only(q.shape[0]):
             return self._decode(
                 q, k_cache, v_cache, views["block_tables"], views["context_lens"], scale,
                 sliding_window,
@@ -132,11 +147,18 @@ class PagedBackend:
         return out
 
     @torch.inference_mode()
-    def compile_kernels(self, num_heads: int, windows: set[int | None], max_num_seqs: int):
+    def compile_kernels(
+        self,
+        num_heads: int,
+        windows: set[int | None],
+        max_num_seqs: int,
+        fused_qkv: tuple[bool, bool] | None = None,
+    ):
         """Run every attention-kernel variant an eager (prefill) step can pick once, so that
         Triton compiles them now rather than on a live request: one per block of sequence
         offsets for varlen prefill (up to max_num_seqs), one per split count for paged decode,
-        for each sliding window (None: none) the model's layers use."""
+        for each sliding window (None: none) the model's layers use. fused_qkv: (q/k norm,
+        RoPE) of a model that calls attend_qkv, whose decode_qkv variants compile too."""
         from kiln.kernels.paged_decode_attention import MAX_SPLITS
         from kiln.kernels.varlen_prefill_attention import MIN_BLOCK_B
 
@@ -156,10 +178,22 @@ class PagedBackend:
                 self._prefill(q, k_cache, v_cache, cu, lens, zeros(n, 1, dtype=torch.int32),
                               scale, window)  # fmt: skip
         q, lens = zeros(1, num_heads, head_dim), torch.ones(1, dtype=torch.int32, device=dev)
+        table = zeros(1, 1, dtype=torch.int32)
+        fused = fused_qkv is not None and self._decode_qkv is not None
+        if fused:  # one decode of a token whose slot is -1: nothing is stored
+            num_kv_heads = k_cache.shape[2]
+            qkv = zeros(1, (num_heads + 2 * num_kv_heads) * head_dim)
+            weight = zeros(head_dim) if fused_qkv[0] else None
+            cos_sin = zeros(1, head_dim, dtype=torch.float32) if fused_qkv[1] else None
+            no_slot = torch.full((1,), -1, dtype=torch.int64, device=dev)
         for splits in (1 << i for i in range(MAX_SPLITS.bit_length())):
             for window in windows:
-                self._decode(q, k_cache, v_cache, zeros(1, 1, dtype=torch.int32), lens, scale,
-                             window, splits)  # fmt: skip
+                self._decode(q, k_cache, v_cache, table, lens, scale, window, splits)
+                if fused:
+                    self._decode_qkv(
+                        qkv, no_slot + 1, cos_sin, weight, weight, 1e-6, k_cache, v_cache,
+                        no_slot, num_heads, num_kv_heads, table, lens, scale, window, splits,
+                    )  # fmt: skip
         if dev.type == "cuda":
             torch.cuda.synchronize(dev)
 
@@ -169,11 +203,11 @@ def make_backend(name: str, kv_cache: KVCache) -> PagedBackend:
     if name == "triton":
         ops = (
             store_kvcache_triton, paged_decode_attention_triton, varlen_prefill_attention_triton,
-            qkv_prepare_triton,
+            qkv_prepare_triton, paged_decode_qkv_triton,
         )  # fmt: skip
     else:
         ops = (
             store_kvcache_ref, paged_decode_attention_ref, varlen_prefill_attention_ref,
-            qkv_prepare_ref,
+            qkv_prepare_ref, paged_decode_qkv_ref,
         )  # fmt: skip
     return PagedBackend(kv_cache, *ops)

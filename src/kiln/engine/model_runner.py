@@ -101,7 +101,12 @@ class ModelRunner:
             self._capture_graphs()
         if self.device.type == "cuda" and name == "triton":
             windows = {m.sliding_window for m in model.modules() if hasattr(m, "sliding_window")}
-            self.backend.compile_kernels(mc.num_heads, windows, config.max_num_seqs)
+            fused = None  # (q/k norm, RoPE) of a fused model: its decode_qkv variants too
+            if config.fuse_weights:
+                fused = (mc.qk_norm, mc.position_embedding != "learned")
+            self.backend.compile_kernels(
+                mc.num_heads, windows, config.max_num_seqs, fused_qkv=fused
+            )
 
     # ------------------------------------------------------------------ KV pool size
 

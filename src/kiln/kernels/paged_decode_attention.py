@@ -4,7 +4,8 @@ Each program takes one (sequence, kv head, split): the GROUP = Hq / Hkv query he
 the kv head ride together as the rows of one tile, so every K/V tile is loaded once for all of
 them. For long contexts and small batches the context is cut into `num_splits` pieces
 (flash-decoding); each piece writes a partial output and its log-sum-exp, and a second kernel
-merges them.
+merges them, or ("last block reduces") the last program of each (sequence, kv head) to finish
+merges them itself: the programs count themselves in through an atomic counter.
 """
 
 from __future__ import annotations
@@ -19,7 +20,15 @@ from kiln.kernels._paged import (
     kv_tile_offsets,
     online_softmax_step,
 )
-from kiln.kernels._triton import num_sms, tl, triton, use_triton
+from kiln.kernels._triton import (
+    gdc_launch_dependents,
+    gdc_wait,
+    num_sms,
+    tl,
+    triton,
+    use_pdl,
+    use_triton,
+)
 
 MIN_TOKENS_PER_SPLIT = 256
 MAX_SPLITS = 64
@@ -66,6 +75,100 @@ def paged_decode_attention_ref(
     return out.masked_fill(q_pos[:, :, None] < 0, 0.0)
 
 
+@triton.jit
+def split_range(length, split, num_splits, sliding_window, USE_WINDOW: tl.constexpr, BLOCK_N):
+    """The keys [lo, hi) that split `split` of a query at position length - 1 attends to:
+    the visible keys cut into num_splits chunks of whole tiles (the last ones may be empty)."""
+    start = 0
+    if USE_WINDOW:  # the query at length - 1 sees keys with (length - 1) - pos < window
+        start = tl.maximum(length - sliding_window, 0)
+    chunk = tl.cdiv(tl.cdiv(length - start, num_splits), BLOCK_N) * BLOCK_N
+    lo = start + split * chunk
+    return lo, tl.minimum(lo + chunk, length)
+
+
+@triton.jit
+def attend_split(
+    q, k_cache_ptr, v_cache_ptr, table, head_off, lo, hi,
+    block_size, stride_cache_block, stride_cache_off, qk_scale,
+    D: tl.constexpr, BLOCK_N: tl.constexpr, DOT_PRECISION: tl.constexpr, DOT_UPCAST: tl.constexpr,
+):  # fmt: skip
+    """Flash attention of q [BLOCK_G, D] over the keys [lo, hi) of the sequence whose block
+    table is `table`, one kv head (at element head_off of a cache row): (acc, m, l)."""
+    d = tl.arange(0, D)
+    acc = tl.zeros([q.shape[0], D], dtype=tl.float32)
+    m = tl.full([q.shape[0]], float("-inf"), dtype=tl.float32)
+    l = tl.zeros([q.shape[0]], dtype=tl.float32)
+    for tile in range(lo, hi, BLOCK_N):
+        toks = tile + tl.arange(0, BLOCK_N)
+        valid = toks < hi
+        rows = kv_tile_offsets(table, toks, valid, block_size, stride_cache_block, stride_cache_off)
+        ptrs = rows[:, None] + head_off + d[None, :]  # [BLOCK_N, D]
+        k = tl.load(k_cache_ptr + ptrs, mask=valid[:, None], other=0.0)
+        v = tl.load(v_cache_ptr + ptrs, mask=valid[:, None], other=0.0)
+        acc, m, l = online_softmax_step(
+            q, k, v, valid[None, :], acc, m, l, qk_scale, DOT_PRECISION, DOT_UPCAST
+        )
+    return acc, m, l
+
+
+@triton.jit
+def _merge_splits(part_out_ptr, part_lse_ptr, first, head_ok, num_splits, D: tl.constexpr):
+    """The reduce kernel's merge for a tile of heads whose split 0 sits at partial index
+    `first` [BLOCK_G]; .cg loads: the partials come from other programs, fresh in L2 only."""
+    d = tl.arange(0, D)
+    top = tl.full(first.shape, float("-inf"), dtype=tl.float32)
+    for s in range(num_splits):
+        lse = tl.load(
+            part_lse_ptr + first + s, mask=head_ok, other=float("-inf"), cache_modifier=".cg"
+        )
+        top = tl.maximum(top, lse)
+    top = tl.where(top == float("-inf"), 0.0, top)
+    acc = tl.zeros([first.shape[0], D], dtype=tl.float32)
+    total = tl.zeros(first.shape, dtype=tl.float32)
+    for s in range(num_splits):
+        lse = tl.load(
+            part_lse_ptr + first + s, mask=head_ok, other=float("-inf"), cache_modifier=".cg"
+        )
+        w = tl.exp2(lse - top)  # [BLOCK_G]; empty splits: 0
+        ptrs = part_out_ptr + (first + s)[:, None] * D + d[None, :]
+        acc += w[:, None] * tl.load(ptrs, mask=head_ok[:, None], other=0.0, cache_modifier=".cg")
+        total += w
+    return acc / tl.where(total > 0, total, 1.0)[:, None]
+
+
+@triton.jit
+def write_split_output(
+    acc, m, l, seq, heads, head_ok, split, out_ptr, stride_ob, stride_oh,
+    part_out_ptr, part_lse_ptr, counter_ptr, num_heads, num_splits,
+    D: tl.constexpr, SPLIT: tl.constexpr, LAST_REDUCES: tl.constexpr,
+):  # fmt: skip
+    """Finish one (sequence, kv head, split) program for its q heads `heads` [BLOCK_G]: the
+    output itself (one split), or a partial output and its log-sum-exp; with LAST_REDUCES,
+    the last split program to get here merges all of them into the output, and sets the
+    (sequence, kv head)'s counter at counter_ptr back to 0 for the next launch."""
+    d = tl.arange(0, D)
+    out = acc / tl.where(l > 0, l, 1.0)[:, None]  # an empty split (or context) gives zeros
+    o_ptrs = out_ptr + seq * stride_ob + heads[:, None] * stride_oh + d[None, :]
+    if SPLIT:
+        first = (seq * num_heads + heads) * num_splits  # [BLOCK_G]
+        tl.store(
+            part_out_ptr + (first + split)[:, None] * D + d[None, :], out, mask=head_ok[:, None]
+        )
+        lse = tl.where(l > 0, m + tl.log2(tl.where(l > 0, l, 1.0)), float("-inf"))
+        tl.store(part_lse_ptr + first + split, lse, mask=head_ok)
+        if LAST_REDUCES:
+            # Every thread's partials are written before one thread releases them (gpu scope,
+            # acq_rel); the program that counts last acquires all the others' releases.
+            tl.debug_barrier()
+            if tl.atomic_add(counter_ptr, 1) == num_splits - 1:
+                out = _merge_splits(part_out_ptr, part_lse_ptr, first, head_ok, num_splits, D)
+                tl.store(o_ptrs, out.to(out_ptr.dtype.element_ty), mask=head_ok[:, None])
+                tl.store(counter_ptr, 0)
+    else:
+        tl.store(o_ptrs, out.to(out_ptr.dtype.element_ty), mask=head_ok[:, None])
+
+
 # Arguments that change from step to step are not value-specialized: Triton would otherwise
 # compile a new variant, mid-serving, when an int happens to be 1 or a multiple of 16, or when
 # a metadata pointer (a slice of the step's packed buffer) is or is not 16-byte aligned.
@@ -77,24 +180,22 @@ def paged_decode_attention_ref(
 )  # fmt: skip
 def _decode_kernel(
     q_ptr, k_cache_ptr, v_cache_ptr, block_tables_ptr, context_lens_ptr,
-    out_ptr, part_out_ptr, part_lse_ptr,
+    out_ptr, part_out_ptr, part_lse_ptr, counter_ptr,
     stride_qb, stride_qh, stride_ob, stride_oh,
     stride_cache_block, stride_cache_off, stride_cache_head, stride_bt,
-    qk_scale, sliding_window, block_size, num_heads, num_splits,
+    qk_scale, sliding_window, block_size, num_heads, num_kv_heads, num_splits,
     GROUP: tl.constexpr, BLOCK_G: tl.constexpr, D: tl.constexpr, BLOCK_N: tl.constexpr,
-    USE_WINDOW: tl.constexpr, SPLIT: tl.constexpr,
-    DOT_PRECISION: tl.constexpr, DOT_UPCAST: tl.constexpr,
+    USE_WINDOW: tl.constexpr, SPLIT: tl.constexpr, LAST_REDUCES: tl.constexpr,
+    DOT_PRECISION: tl.constexpr, DOT_UPCAST: tl.constexpr, PDL: tl.constexpr,
 ):  # fmt: skip
+    if PDL:  # launched early: let the next kernel launch, wait for the previous one's writes
+        gdc_launch_dependents()
+        gdc_wait()
     seq = tl.program_id(0).to(tl.int64)
     kv_head = tl.program_id(1)
     split = tl.program_id(2)
     length = tl.load(context_lens_ptr + seq)
-    start = 0
-    if USE_WINDOW:  # the query at length - 1 sees keys with (length - 1) - pos < window
-        start = tl.maximum(length - sliding_window, 0)
-    chunk = tl.cdiv(tl.cdiv(length - start, num_splits), BLOCK_N) * BLOCK_N
-    lo = start + split * chunk
-    hi = tl.minimum(lo + chunk, length)
+    lo, hi = split_range(length, split, num_splits, sliding_window, USE_WINDOW, BLOCK_N)
 
     g = tl.arange(0, BLOCK_G)
     heads = kv_head * GROUP + g  # [BLOCK_G]: the q heads of this kv head, padded
@@ -104,38 +205,26 @@ def _decode_kernel(
         q_ptr + seq * stride_qb + heads[:, None] * stride_qh + d[None, :],
         mask=head_ok[:, None], other=0.0,
     )  # fmt: skip
-    acc = tl.zeros([BLOCK_G, D], dtype=tl.float32)
-    m = tl.full([BLOCK_G], float("-inf"), dtype=tl.float32)
-    l = tl.zeros([BLOCK_G], dtype=tl.float32)
-    table = block_tables_ptr + seq * stride_bt
-    head_off = kv_head * stride_cache_head
-    for tile in range(lo, hi, BLOCK_N):
-        toks = tile + tl.arange(0, BLOCK_N)
-        valid = toks < hi
-        rows = kv_tile_offsets(table, toks, valid, block_size, stride_cache_block, stride_cache_off)
-        ptrs = rows[:, None] + head_off + d[None, :]  # [BLOCK_N, D]
-        k = tl.load(k_cache_ptr + ptrs, mask=valid[:, None], other=0.0)
-        v = tl.load(v_cache_ptr + ptrs, mask=valid[:, None], other=0.0)
-        acc, m, l = online_softmax_step(
-            q, k, v, valid[None, :], acc, m, l, qk_scale, DOT_PRECISION, DOT_UPCAST
-        )
-
-    out = acc / tl.where(l > 0, l, 1.0)[:, None]  # an empty split (or context) gives zeros
-    if SPLIT:
-        part = (seq * num_heads + heads) * num_splits + split  # [BLOCK_G]
-        tl.store(part_out_ptr + part[:, None] * D + d[None, :], out, mask=head_ok[:, None])
-        lse = tl.where(l > 0, m + tl.log2(tl.where(l > 0, l, 1.0)), float("-inf"))
-        tl.store(part_lse_ptr + part, lse, mask=head_ok)
-    else:
-        o_ptrs = out_ptr + seq * stride_ob + heads[:, None] * stride_oh + d[None, :]
-        tl.store(o_ptrs, out.to(out_ptr.dtype.element_ty), mask=head_ok[:, None])
+    acc, m, l = attend_split(
+        q, k_cache_ptr, v_cache_ptr, block_tables_ptr + seq * stride_bt,
+        kv_head * stride_cache_head, lo, hi, block_size, stride_cache_block, stride_cache_off,
+        qk_scale, D, BLOCK_N, DOT_PRECISION, DOT_UPCAST,
+    )  # fmt: skip
+    write_split_output(
+        acc, m, l, seq, heads, head_ok, split, out_ptr, stride_ob, stride_oh,
+        part_out_ptr, part_lse_ptr, counter_ptr + seq * num_kv_heads + kv_head, num_heads,
+        num_splits, D, SPLIT, LAST_REDUCES,
+    )  # fmt: skip
 
 
 @triton.jit(do_not_specialize=["stride_ob", "num_splits"])
 def _decode_reduce_kernel(
     part_out_ptr, part_lse_ptr, out_ptr, stride_ob, stride_oh, num_heads, num_splits,
-    D: tl.constexpr, BLOCK_S: tl.constexpr,
+    D: tl.constexpr, BLOCK_S: tl.constexpr, PDL: tl.constexpr,
 ):  # fmt: skip
+    if PDL:
+        gdc_launch_dependents()
+        gdc_wait()
     seq = tl.program_id(0).to(tl.int64)
     head = tl.program_id(1)
     s = tl.arange(0, BLOCK_S)
@@ -149,6 +238,36 @@ def _decode_reduce_kernel(
     total = tl.sum(w, 0)
     out = tl.sum(w[:, None] * parts, 0) / tl.where(total > 0, total, 1.0)
     tl.store(out_ptr + seq * stride_ob + head * stride_oh + d, out.to(out_ptr.dtype.element_ty))
+
+
+# The "last block reduces" counters, one int32 per (sequence, kv head), zero between launches
+# (each launch sets back what it counted). Allocated once per device rather than per call
+# because a CUDA graph replays its launches without re-zeroing; buffers outgrown are kept,
+# since graphs captured with them still point at them. One launch at a time: concurrent
+# launches on different streams of one device would share the counters.
+_COUNTERS: dict[torch.device, list[torch.Tensor]] = {}
+MIN_COUNTERS = 1 << 16
+
+
+def split_counters(n: int, device: torch.device) -> torch.Tensor:
+    """At least n zeroed int32 counters on `device`, the same buffer from call to call."""
+    bufs = _COUNTERS.setdefault(device, [])
+    if not bufs or bufs[-1].numel() < n:
+        capturing = device.type == "cuda" and torch.cuda.is_current_stream_capturing()
+        assert not capturing, "split counters must be allocated before a CUDA graph capture"
+        bufs.append(torch.zeros(max(n, MIN_COUNTERS), dtype=torch.int32, device=device))
+    return bufs[-1]
+
+
+def split_buffers(
+    batch: int, num_heads: int, num_splits: int, head_dim: int, device: torch.device
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Each split's partial output [B, Hq, S, D] and log-sum-exp [B, Hq, S] (float32)."""
+    part_out = torch.empty(
+        batch, num_heads, num_splits, head_dim, dtype=torch.float32, device=device
+    )
+    part_lse = torch.empty(batch, num_heads, num_splits, dtype=torch.float32, device=device)
+    return part_out, part_lse
 
 
 def choose_num_splits(batch: int, num_kv_heads: int, max_len: int, device: torch.device) -> int:
@@ -169,12 +288,14 @@ def paged_decode_attention_triton(
     scale: float,
     sliding_window: int | None = None,
     num_splits: int | None = None,
+    last_reduces: bool = False,
 ) -> torch.Tensor:
     """Triton split-KV decode attention; same contract as paged_decode_attention_ref.
 
     num_splits=None chooses from the batch, the SM count and the longest context the block
     table can hold (its width times block_size: known without a device sync, so the call can
-    be captured in a CUDA graph). A sequence of context length 0 gets zeros.
+    be captured in a CUDA graph). A sequence of context length 0 gets zeros. last_reduces:
+    merge the splits in the attention kernel (see split_counters) instead of a second one.
     """
     check_paged_args(q, k_cache, v_cache, block_tables)
     batch, num_heads, head_dim = q.shape
@@ -187,26 +308,27 @@ def paged_decode_attention_triton(
         max_len = block_tables.shape[1] * block_size
         num_splits = choose_num_splits(batch, num_kv_heads, max_len, q.device)
     split = num_splits > 1
+    part_out = part_lse = counters = out  # unused with one split
     if split:
-        part_out = torch.empty(
-            batch, num_heads, num_splits, head_dim, dtype=torch.float32, device=q.device
-        )
-        part_lse = torch.empty(batch, num_heads, num_splits, dtype=torch.float32, device=q.device)
-    else:
-        part_out = part_lse = out  # unused
+        part_out, part_lse = split_buffers(batch, num_heads, num_splits, head_dim, q.device)
+    if split and last_reduces:
+        counters = split_counters(batch * num_kv_heads, q.device)
+    pdl = use_pdl(q)
+    launch = dict(launch_pdl=True) if pdl else {}
     _decode_kernel[(batch, num_kv_heads, num_splits)](
-        q, k_cache, v_cache, block_tables, context_lens, out, part_out, part_lse,
+        q, k_cache, v_cache, block_tables, context_lens, out, part_out, part_lse, counters,
         q.stride(0), q.stride(1), out.stride(0), out.stride(1),
         k_cache.stride(0), k_cache.stride(1), k_cache.stride(2), block_tables.stride(0),
-        scale * LOG2E, sliding_window or 0, block_size, num_heads, num_splits,
+        scale * LOG2E, sliding_window or 0, block_size, num_heads, num_kv_heads, num_splits,
         GROUP=group, BLOCK_G=max(16, triton.next_power_of_2(group)), D=head_dim,
-        USE_WINDOW=sliding_window is not None, SPLIT=split, **dot_options(q),
-        **(CUDA_CONFIG if q.is_cuda else INTERPRETER_CONFIG),
+        USE_WINDOW=sliding_window is not None, SPLIT=split, LAST_REDUCES=last_reduces,
+        PDL=pdl, **dot_options(q), **(CUDA_CONFIG if q.is_cuda else INTERPRETER_CONFIG),
+        **launch,
     )  # fmt: skip
-    if split:
+    if split and not last_reduces:
         _decode_reduce_kernel[(batch, num_heads)](
             part_out, part_lse, out, out.stride(0), out.stride(1), num_heads, num_splits,
-            D=head_dim, BLOCK_S=triton.next_power_of_2(num_splits),
+            D=head_dim, BLOCK_S=triton.next_power_of_2(num_splits), PDL=pdl, **launch,
         )  # fmt: skip
     return out
 

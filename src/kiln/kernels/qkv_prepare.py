@@ -17,7 +17,15 @@ from __future__ import annotations
 
 import torch
 
-from kiln.kernels._triton import assert_head_dim, tl, triton, use_triton
+from kiln.kernels._triton import (
+    assert_head_dim,
+    gdc_launch_dependents,
+    gdc_wait,
+    tl,
+    triton,
+    use_pdl,
+    use_triton,
+)
 from kiln.kernels.rmsnorm import rmsnorm_ref
 from kiln.kernels.rope import rope_ref
 from kiln.kernels.store_kvcache import store_kvcache_ref
@@ -124,12 +132,13 @@ def _sum_squares(
 
 
 @triton.jit
-def _prepare_heads(
-    src_ptr, dst_ptr, dst_stride_h, num_heads, w_ptr, eps, cos, sin,
+def _norm_rope_heads(
+    src_ptr, num_heads, w_ptr, eps, cos, sin,
     HAS_NORM: tl.constexpr, HAS_ROPE: tl.constexpr, HALF: tl.constexpr, BLOCK_H: tl.constexpr,
     VEC: tl.constexpr, LOG_BW: tl.constexpr,
 ):  # fmt: skip
-    """Norm and rotate every head of one token; src_ptr is the token's first head (stride D)."""
+    """Norm and rotate every head of one token; src_ptr is the token's first head (stride D).
+    Returns each head's two halves, [BLOCK_H, D/2] each (padded heads hold zeros)."""
     D: tl.constexpr = 2 * HALF
     heads = tl.arange(0, BLOCK_H)[:, None]
     d = tl.arange(0, HALF)[None, :]
@@ -149,9 +158,62 @@ def _prepare_heads(
         a, b = x1.to(tl.float32), x2.to(tl.float32)
         x1 = (a * cos - b * sin).to(ty)
         x2 = (b * cos + a * sin).to(ty)
-    dst = dst_ptr + heads * dst_stride_h + d
-    tl.store(dst, x1, mask=mask)
-    tl.store(dst + HALF, x2, mask=mask)
+    return x1, x2
+
+
+@triton.jit
+def _prepare_heads(
+    src_ptr, dst_ptr, dst_stride_h, num_heads, w_ptr, eps, cos, sin,
+    HAS_NORM: tl.constexpr, HAS_ROPE: tl.constexpr, HALF: tl.constexpr, BLOCK_H: tl.constexpr,
+    VEC: tl.constexpr, LOG_BW: tl.constexpr,
+):  # fmt: skip
+    """_norm_rope_heads, stored at dst_ptr (heads dst_stride_h apart)."""
+    x1, x2 = _norm_rope_heads(
+        src_ptr, num_heads, w_ptr, eps, cos, sin, HAS_NORM, HAS_ROPE, HALF, BLOCK_H, VEC, LOG_BW
+    )
+    heads = tl.arange(0, BLOCK_H)[:, None]
+    dst = dst_ptr + heads * dst_stride_h + tl.arange(0, HALF)[None, :]
+    tl.store(dst, x1, mask=heads < num_heads)
+    tl.store(dst + HALF, x2, mask=heads < num_heads)
+
+
+@triton.jit
+def _rope_cos_sin(pos_ptr, cos_sin_ptr, stride_cs, HAS_ROPE: tl.constexpr, HALF: tl.constexpr):
+    """RoPE's factors at the position *pos_ptr: cos, sin [1, D/2] float32 (0.0 without RoPE)."""
+    cos, sin = 0.0, 0.0
+    if HAS_ROPE:
+        pos = tl.load(pos_ptr).to(tl.int64)
+        d = tl.arange(0, HALF)[None, :]
+        cos = tl.load(cos_sin_ptr + pos * stride_cs + d)
+        sin = tl.load(cos_sin_ptr + pos * stride_cs + HALF + d)
+    return cos, sin
+
+
+@triton.jit
+def _store_token_kv(
+    row_ptr, slot, first_head, count, k_w_ptr, eps, cos, sin, k_cache_ptr, v_cache_ptr,
+    stride_kc_block, stride_kc_off, stride_kc_head,
+    stride_vc_block, stride_vc_off, stride_vc_head,
+    block_size, num_heads, num_kv_heads,
+    HAS_NORM: tl.constexpr, HAS_ROPE: tl.constexpr, HALF: tl.constexpr, BLOCK_H: tl.constexpr,
+    VEC: tl.constexpr, LOG_BW: tl.constexpr,
+):  # fmt: skip
+    """Norm and rotate the k of kv heads [first_head, first_head + count) of the token whose
+    qkv row starts at row_ptr, and store them and their v in the cache at `slot` (>= 0)."""
+    D: tl.constexpr = 2 * HALF
+    block, off = slot // block_size, slot % block_size
+    k_dst = k_cache_ptr + block * stride_kc_block + off * stride_kc_off
+    _prepare_heads(
+        row_ptr + (num_heads + first_head) * D, k_dst + first_head * stride_kc_head,
+        stride_kc_head, count, k_w_ptr, eps, cos, sin,
+        HAS_NORM, HAS_ROPE, HALF, BLOCK_H, VEC, LOG_BW,
+    )  # fmt: skip
+    heads = tl.arange(0, BLOCK_H)[:, None]
+    dd = tl.arange(0, D)[None, :]
+    mask = heads < count
+    v = tl.load(row_ptr + (num_heads + num_kv_heads + first_head + heads) * D + dd, mask=mask)
+    v_dst = v_cache_ptr + block * stride_vc_block + off * stride_vc_off
+    tl.store(v_dst + (first_head + heads) * stride_vc_head + dd, v, mask=mask)
 
 
 # positions and slots are slices of the step's packed metadata: whether they are 16-byte
@@ -166,35 +228,57 @@ def _qkv_prepare_kernel(
     block_size, num_heads, num_kv_heads, eps,
     HAS_NORM: tl.constexpr, HAS_ROPE: tl.constexpr, HALF: tl.constexpr,
     BLOCK_HQ: tl.constexpr, BLOCK_HKV: tl.constexpr,
-    VEC: tl.constexpr, LOG_BW_Q: tl.constexpr, LOG_BW_K: tl.constexpr,
+    VEC: tl.constexpr, LOG_BW_Q: tl.constexpr, LOG_BW_K: tl.constexpr, PDL: tl.constexpr,
 ):  # fmt: skip
-    D: tl.constexpr = 2 * HALF
+    if PDL:  # launched early: let the next kernel launch, wait for the previous one's writes
+        gdc_launch_dependents()
+        gdc_wait()
     tok = tl.program_id(0).to(tl.int64)
     row = qkv_ptr + tok * stride_qkv
-    cos, sin = 0.0, 0.0
-    if HAS_ROPE:
-        pos = tl.load(pos_ptr + tok).to(tl.int64)
-        d = tl.arange(0, HALF)[None, :]
-        cos = tl.load(cos_sin_ptr + pos * stride_cs + d)  # [1, D/2] float32
-        sin = tl.load(cos_sin_ptr + pos * stride_cs + HALF + d)
+    cos, sin = _rope_cos_sin(pos_ptr + tok, cos_sin_ptr, stride_cs, HAS_ROPE, HALF)
     _prepare_heads(
         row, q_out_ptr + tok * stride_qo_n, stride_qo_h, num_heads, q_w_ptr, eps, cos, sin,
         HAS_NORM, HAS_ROPE, HALF, BLOCK_HQ, VEC, LOG_BW_Q,
     )  # fmt: skip
     slot = tl.load(slot_ptr + tok).to(tl.int64)
     if slot >= 0:  # else padding: q only
-        block, off = slot // block_size, slot % block_size
-        k_dst = k_cache_ptr + block * stride_kc_block + off * stride_kc_off
-        _prepare_heads(
-            row + num_heads * D, k_dst, stride_kc_head, num_kv_heads, k_w_ptr, eps, cos, sin,
+        _store_token_kv(
+            row, slot, 0, num_kv_heads, k_w_ptr, eps, cos, sin, k_cache_ptr, v_cache_ptr,
+            stride_kc_block, stride_kc_off, stride_kc_head,
+            stride_vc_block, stride_vc_off, stride_vc_head,
+            block_size, num_heads, num_kv_heads,
             HAS_NORM, HAS_ROPE, HALF, BLOCK_HKV, VEC, LOG_BW_K,
         )  # fmt: skip
-        heads = tl.arange(0, BLOCK_HKV)[:, None]
-        dd = tl.arange(0, D)[None, :]
-        mask = heads < num_kv_heads
-        v = tl.load(row + (num_heads + num_kv_heads) * D + heads * D + dd, mask=mask)
-        v_dst = v_cache_ptr + block * stride_vc_block + off * stride_vc_off
-        tl.store(v_dst + heads * stride_vc_head + dd, v, mask=mask)
+
+
+def check_qkv_args(
+    qkv: torch.Tensor,
+    positions: torch.Tensor,
+    cos_sin: torch.Tensor | None,
+    q_norm_weight: torch.Tensor | None,
+    k_norm_weight: torch.Tensor | None,
+    k_cache: torch.Tensor,
+    v_cache: torch.Tensor,
+    slot_mapping: torch.Tensor,
+    num_heads: int,
+    num_kv_heads: int,
+) -> tuple[bool, bool]:
+    """Assert the shapes and layouts the qkv kernels rely on; returns (has_norm, has_rope)."""
+    n, head_dim = qkv.shape[0], k_cache.shape[-1]
+    assert_head_dim(head_dim)
+    assert qkv.shape == (n, (num_heads + 2 * num_kv_heads) * head_dim) and qkv.stride(-1) == 1
+    assert k_cache.shape[2:] == (num_kv_heads, head_dim) and v_cache.shape == k_cache.shape
+    assert k_cache.dtype == v_cache.dtype == qkv.dtype
+    assert k_cache.stride(-1) == v_cache.stride(-1) == 1 and slot_mapping.shape == (n,)
+    has_norm, has_rope = q_norm_weight is not None, cos_sin is not None
+    assert has_norm == (k_norm_weight is not None), "q_norm_weight and k_norm_weight go together"
+    if has_norm:
+        for w in (q_norm_weight, k_norm_weight):
+            assert w.shape == (head_dim,) and w.is_contiguous() and w.dtype == qkv.dtype
+    if has_rope:
+        assert positions.shape == (n,) and cos_sin.stride(-1) == 1
+        assert cos_sin.shape[-1] == head_dim and cos_sin.dtype == torch.float32
+    return has_norm, has_rope
 
 
 def qkv_prepare_triton(
@@ -211,27 +295,18 @@ def qkv_prepare_triton(
     num_kv_heads: int,
 ) -> torch.Tensor:
     """Triton, one program a token for all its heads; same contract as qkv_prepare_ref."""
-    n = qkv.shape[0]
-    head_dim = k_cache.shape[-1]
-    assert_head_dim(head_dim)
-    assert qkv.shape == (n, (num_heads + 2 * num_kv_heads) * head_dim) and qkv.stride(-1) == 1
-    assert k_cache.shape[2:] == (num_kv_heads, head_dim) and v_cache.shape == k_cache.shape
-    assert k_cache.dtype == v_cache.dtype == qkv.dtype
-    assert k_cache.stride(-1) == v_cache.stride(-1) == 1 and slot_mapping.shape == (n,)
-    has_norm, has_rope = q_norm_weight is not None, cos_sin is not None
-    assert has_norm == (k_norm_weight is not None), "q_norm_weight and k_norm_weight go together"
-    if has_norm:
-        for w in (q_norm_weight, k_norm_weight):
-            assert w.shape == (head_dim,) and w.is_contiguous() and w.dtype == qkv.dtype
-    if has_rope:
-        assert positions.shape == (n,) and cos_sin.stride(-1) == 1
-        assert cos_sin.shape[-1] == head_dim and cos_sin.dtype == torch.float32
+    n, head_dim = qkv.shape[0], k_cache.shape[-1]
+    has_norm, has_rope = check_qkv_args(
+        qkv, positions, cos_sin, q_norm_weight, k_norm_weight, k_cache, v_cache, slot_mapping,
+        num_heads, num_kv_heads,
+    )  # fmt: skip
     q = torch.empty(n, num_heads, head_dim, dtype=qkv.dtype, device=qkv.device)
     if n == 0:
         return q
     vec, bw_q = _torch_sum_plan(n * num_heads, head_dim)
     _, bw_k = _torch_sum_plan(n * num_kv_heads, head_dim)
     dummy = qkv  # stands in for the pointers of the steps left out (never read)
+    pdl = use_pdl(qkv)
     _qkv_prepare_kernel[(n,)](
         qkv, positions if has_rope else dummy, cos_sin if has_rope else dummy,
         q_norm_weight if has_norm else dummy, k_norm_weight if has_norm else dummy,
@@ -243,9 +318,10 @@ def qkv_prepare_triton(
         HAS_NORM=has_norm, HAS_ROPE=has_rope, HALF=head_dim // 2,
         BLOCK_HQ=triton.next_power_of_2(num_heads),
         BLOCK_HKV=triton.next_power_of_2(num_kv_heads),
-        VEC=vec, LOG_BW_Q=bw_q.bit_length() - 1, LOG_BW_K=bw_k.bit_length() - 1,
+        VEC=vec, LOG_BW_Q=bw_q.bit_length() - 1, LOG_BW_K=bw_k.bit_length() - 1, PDL=pdl,
         enable_fp_fusion=False,  # no FMA: round after each multiply, as torch does
         num_warps=2 if n < 256 else 1,  # few warps: the summation tree's reshapes cost less
+        **(dict(launch_pdl=True) if pdl else {}),
     )  # fmt: skip
     return q
 
