@@ -151,11 +151,15 @@ def layer_chain(m: int = 1, layers: int = 28) -> None:
             y, r = rmsnorm_triton(F.linear(qkv[:, :q], wo), nw, 1e-6, r)
             x = F.linear(silu_and_mul_triton(F.linear(y, wgu)), wd)
 
-    def fused(kind: str, elements: int):
+    def fused(kind: str, elements):  # elements: one count, or (qkv, o, gate_up, down)
         def cfg(w):
             n, k = w.shape
             if kind == "resident":
-                return gemv.resident_config(m, n, k, elements)
+                e = elements
+                if isinstance(elements, tuple):
+                    shapes = [(q + 2 * kv, h), (h, q), (2 * inter, h), (h, inter)]
+                    e = elements[shapes.index((n, k))]
+                return gemv.resident_config(m, n, k, e)
             return dict(BLOCK_N=4, BLOCK_K=min(1024, k), num_warps=4, num_stages=2)
 
         x, r = x0, r0
@@ -178,6 +182,16 @@ def layer_chain(m: int = 1, layers: int = 28) -> None:
                     pdl,
                 )  # fmt: skip
             )
+    per_projection = [
+        (16384, 8192, 16384, 16384),
+        (16384, 8192, 16384, 8192),
+        (16384, 16384, 32768, 16384),
+        (8192, 8192, 16384, 8192),
+        (16384, 4096, 16384, 8192),
+    ]
+    for per in per_projection:
+        name = f"resident GEMV, qkv/o/gate_up/down {per}, PDL True"
+        variants.append((name, functools.partial(fused, "resident", per), True))
     variants.append(
         ("previous Triton GEMV (chunked K)", functools.partial(fused, "chunked", 0), False)
     )
@@ -190,6 +204,18 @@ def layer_chain(m: int = 1, layers: int = 28) -> None:
             continue
         print(f"| {name} | {t / layers * 1e6:.2f} | {nbytes / t / 1e12:.2f} |", flush=True)
     _triton.PDL_ENABLED = True
+    if m == 1:  # the LM head (HBM-bound at any config: 311 MB of bf16 weights)
+        w = torch.randn(c["vocab_size"], h, **bf16) * 0.02
+        print("\n| LM head, batch 1 | us | TB/s |\n|---|---|---|")
+        runs = [("cuBLAS", functools.partial(F.linear, x0, w))]
+        for elements in (8192, 16384, 32768):
+            cfg = gemv.resident_config(1, w.shape[0], h, elements)
+            runs.append(
+                (f"resident {elements}", functools.partial(gemv.gemv_triton, x0, w, config=cfg))
+            )
+        for name, fn in runs:
+            t = graph_time(fn, reps=3)
+            print(f"| {name} | {t * 1e6:.1f} | {w.numel() * 2 / t / 1e12:.2f} |", flush=True)
 
 
 if __name__ == "__main__":

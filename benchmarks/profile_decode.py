@@ -76,23 +76,15 @@ def variant_table(llm) -> None:
     backend = runner.backend
     fused = backend._decode_qkv
     blocks = runner.model.layers
-    unfused_decode = paged_decode_attention_triton
     variants = {
-        "default (resident GEMVs + fused decode, PDL)": {},
+        "default (resident GEMVs, fused decode, sampling in the graph, PDL)": {},
+        "sampling outside the graph": {"sample_in_graph": False},
+        "cuBLAS LM head": {"lm_head": 0},
+        "fused decode, 8 splits": {"decode_qkv": functools.partial(fused, num_splits=8)},
         "fused decode, split merge in the kernel": {
             "decode_qkv": functools.partial(fused, last_reduces=True)
         },
-        "fused decode, 4 splits": {"decode_qkv": functools.partial(fused, num_splits=4)},
-        "fused decode without PDL": {"decode_qkv": functools.partial(fused, pdl=False)},
         "unfused decode (qkv_prepare, decode, reduce)": {"decode_qkv": None},
-        "unfused decode, 4 splits": {
-            "decode_qkv": None,
-            "decode": functools.partial(unfused_decode, num_splits=4),
-        },
-        "unfused decode, 8 splits": {
-            "decode_qkv": None,
-            "decode": functools.partial(unfused_decode, num_splits=8),
-        },
         "no PDL anywhere": {"pdl": False},
         "cuBLAS projections": {"gemv": 0},
     }
@@ -103,6 +95,8 @@ def variant_table(llm) -> None:
     for name, v in variants.items():
         backend._decode_qkv = v.get("decode_qkv", fused)
         backend._decode = v.get("decode", paged_decode_attention_triton)
+        runner.sample_in_graph = v.get("sample_in_graph", True)
+        runner.model.lm_head.gemv_max_batch = v.get("lm_head", 1)
         _triton.PDL_ENABLED = v.get("pdl", True)
         for b in blocks:
             b.gemv_max_batch = v.get("gemv", 1)
@@ -113,6 +107,7 @@ def variant_table(llm) -> None:
         print(f"| {name} | {graph_ms(runner):.3f} | {rate:.0f} |", flush=True)
     backend._decode_qkv, _triton.PDL_ENABLED = fused, True
     backend._decode = paged_decode_attention_triton
+    runner.sample_in_graph = True
 
 
 def main() -> None:

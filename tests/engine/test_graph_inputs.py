@@ -27,34 +27,43 @@ class ReplayEager:
         )  # fmt: skip
         r.backend.set_metadata(md)
         with torch.inference_mode():
-            r.g_logits[n].copy_(r._forward_all(r.g_ids[:n], md))
+            logits, sampled = r._graph_body(n, md)
+            r.g_logits[n].copy_(logits)
+            if sampled is not None:
+                for static, value in zip(r.g_sampled[n], sampled):
+                    static.copy_(value)
 
 
-def _fake_graphs(llm, sizes=(1, 2, 4, 8)):
+def _fake_graphs(llm, sample_in_graph, sizes=(1, 2, 4, 8)):
     r = llm.engine.runner
     r._alloc_graph_buffers(sizes[-1])
     vocab = r.model_config.vocab_size
     r.g_logits = {n: torch.zeros(n, vocab, dtype=r.dtype) for n in sizes}
+    r.g_sampled = {n: (torch.zeros(n, dtype=torch.long), torch.zeros(n)) for n in sizes}
+    r.sample_in_graph = sample_in_graph
     r.graphs = {n: ReplayEager(r, n) for n in sizes}
 
 
+@pytest.mark.parametrize("sample_in_graph", [False, True], ids=["sampler", "graph-samples"])
 @pytest.mark.parametrize("async_scheduling", [False, True], ids=["lockstep", "async"])
 @pytest.mark.parametrize("table_limit", [65536, 4], ids=["full-rows", "own-columns"])
 def test_staged_graph_inputs_give_the_same_tokens(
-    hf_model_dir, random_prompts, monkeypatch, async_scheduling, table_limit
+    hf_model_dir, random_prompts, monkeypatch, async_scheduling, table_limit, sample_in_graph
 ):
     path, _ = hf_model_dir("qwen3")
     prompts = random_prompts((33, 7, 50, 16, 21), seed=5)
-    # Different lengths: the batch shrinks (pad rows, reordered in-flight ids) as they end.
+    # Different lengths: the batch shrinks (pad rows, reordered in-flight ids) as they end;
+    # the seeded request cannot be sampled in the graph (its rows fall back to the sampler).
     params = [
-        SamplingParams(temperature=0.0, max_tokens=n, ignore_eos=True) for n in (30, 3, 24, 9, 1)
+        SamplingParams(temperature=0.0, max_tokens=n, ignore_eos=True) for n in (30, 3, 24, 9)
     ]
+    params.append(SamplingParams(temperature=1.0, seed=7, max_tokens=12, ignore_eos=True))
     runs = []
     for fake in (False, True):
         llm = LLM(str(path), device="cpu", async_scheduling=async_scheduling, max_num_seqs=8)
         if fake:
             monkeypatch.setattr(llm.engine.runner, "GRAPH_TABLE_COPY_LIMIT", table_limit)
-            _fake_graphs(llm)
+            _fake_graphs(llm, sample_in_graph)
             replays = []
 
             def counted(replay, replays=replays):
@@ -67,3 +76,5 @@ def test_staged_graph_inputs_give_the_same_tokens(
         runs.append([o.outputs[0].token_ids for o in out])
     assert len(replays) > 20  # the decode steps went through the staged buffers
     assert runs[1] == runs[0]
+    if sample_in_graph and async_scheduling:  # the greedy-only steps were sampled in-graph
+        assert any(t.any() for t, _ in llm.engine.runner.g_sampled.values())

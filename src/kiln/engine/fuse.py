@@ -12,6 +12,7 @@ transformed model runs (and is tested) on CPU too. The model code itself is unto
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from kiln.kernels._triton import use_triton
@@ -158,6 +159,22 @@ class ResidualBlock(nn.Module):
         return silu_mul_gemv_triton(gate_up, mlp.down_proj.weight, mlp.down_proj.bias), residual
 
 
+class GemvLinear(nn.Module):
+    """A Linear (the LM head) that runs as kiln's resident-weight GEMV on CUDA for steps of
+    at most `gemv_max_batch` rows, F.linear otherwise; the weight is shared, not copied."""
+
+    def __init__(self, linear: nn.Linear, gemv_max_batch: int):
+        super().__init__()
+        self.weight, self.bias = linear.weight, linear.bias
+        self.gemv_max_batch = gemv_max_batch
+
+    def forward(self, x):
+        rows = x.numel() // x.shape[-1] if x.shape[-1] else 0
+        if 0 < rows <= self.gemv_max_batch and use_triton(x) and self.weight.is_contiguous():
+            return gemv_triton(x, self.weight, self.bias)
+        return F.linear(x, self.weight, self.bias)
+
+
 def fuse_model(model: Transformer, gemv_max_batch: int = 0) -> Transformer:
     """Apply the transformations in place (weights are shared, not copied, where unchanged);
     steps of at most `gemv_max_batch` tokens use the fused GEMV kernels on CUDA."""
@@ -174,4 +191,6 @@ def fuse_model(model: Transformer, gemv_max_batch: int = 0) -> Transformer:
             model.layers[i] = ResidualBlock(block, gemv_max_batch)
     if config.norm_type == "rmsnorm":
         model.norm = FinalNorm(model.norm)
+    if gemv_max_batch and isinstance(model.lm_head, nn.Linear):
+        model.lm_head = GemvLinear(model.lm_head, gemv_max_batch)
     return model

@@ -248,10 +248,9 @@ class LLMEngine:
         launched = None
         if out.seqs:
             prev = self._inflight.tokens if self._inflight is not None else None
-            seqs, logits = self.runner.execute(out, prev)
+            seqs, sample = self.runner.execute_and_sample(out, prev, self.sampler)
             self.scheduler.update(out)
             if seqs:
-                sample = self.sampler.sample(logits, seqs)
                 for seq in seqs:
                     seq.num_pending += 1
                 rows = {seq.seq_id: i for i, seq in enumerate(seqs)}

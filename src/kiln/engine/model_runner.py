@@ -18,6 +18,7 @@ import torch
 from kiln.engine.attention import AttentionMetadata, KVCache, make_backend
 from kiln.engine.config import CPU_KV_CACHE_BYTES, EngineConfig
 from kiln.engine.fuse import fuse_model
+from kiln.engine.sampler import PendingSample
 from kiln.engine.scheduler import SchedulerOutput
 from kiln.engine.sequence import Sequence
 from kiln.engine.transfer import copy_to_device, to_device
@@ -97,6 +98,8 @@ class ModelRunner:
         self.graphs: dict[int, torch.cuda.CUDAGraph] = {}
         # MoE routing reads the chosen experts on the host: not capturable.
         graphs_ok = self.device.type == "cuda" and name == "triton" and not mc.num_experts
+        # Decode graphs also run the fused sampling kernel (used by execute_and_sample).
+        self.sample_in_graph = graphs_ok and config.use_cuda_graph
         if config.use_cuda_graph and graphs_ok:
             self._capture_graphs()
         if self.device.type == "cuda" and name == "triton":
@@ -162,9 +165,11 @@ class ModelRunner:
 
     # ------------------------------------------------------------------ one step
 
-    def prepare(self, out: SchedulerOutput, prev: PreviousTokens | None = None):
+    def prepare(self, out: SchedulerOutput, prev: PreviousTokens | None = None, sampler=None):
         """Flat input ids, positions and metadata (one-token rows first), the rows to sample
-        (a device index, or None for all) and their sequences.
+        (a device index, or None for all), their sequences, and whether the step's CUDA graph
+        samples them too (given a sampler, for a graph step whose rows all sample on the fused
+        kernel's terms: their temperatures and noise seeds are staged with the inputs).
 
         A decode whose input token is still in flight (async scheduling) reads it from
         `prev`, the previous step's sampled tokens on the device.
@@ -205,12 +210,19 @@ class ModelRunner:
         b = len(tables)
         size = self._graph_batch_size(b) if num_decodes == b else None
         if size is not None:
+            temps = seeds = None
+            in_graph = (
+                sampler is not None and self.sample_in_graph and len(sample_seqs) == b
+                and sampler.fast_path_ok(sample_seqs)
+            )  # fmt: skip
+            if in_graph:
+                temps, seeds = sampler.fast_path_inputs(sample_seqs)
             args = (input_ids, positions, slots, context_lens, tables, pend_dst, pend_src)
-            ids, md = self._stage_graph_inputs(size, prev, *args)
+            ids, md = self._stage_graph_inputs(size, prev, *args, temps, seeds)
             index = None
             if len(logits_indices) < b:
                 index = to_device(logits_indices, torch.int64, self.device)
-            return ids, md, index, sample_seqs
+            return ids, md, index, sample_seqs, in_graph
         width = max(len(t) for t in tables)
         padded = np.zeros((len(tables), width), dtype=np.int64)
         for r, t in enumerate(tables):
@@ -241,7 +253,7 @@ class ModelRunner:
             num_decodes=num_decodes,
             query_lens=query_lens,
         )
-        return ids, md, index, sample_seqs
+        return ids, md, index, sample_seqs, False
 
     @torch.inference_mode()
     def execute(
@@ -249,17 +261,36 @@ class ModelRunner:
     ) -> tuple[list[Sequence], torch.Tensor | None]:
         """Queue the step on the device; logits [S, vocab] for the S sequences that reach
         their last token (nothing here waits for the GPU)."""
+        seqs, logits, _ = self._run(out, prev, None)
+        return seqs, logits
+
+    @torch.inference_mode()
+    def execute_and_sample(
+        self, out: SchedulerOutput, prev: PreviousTokens | None, sampler
+    ) -> tuple[list[Sequence], PendingSample | None]:
+        """execute() and sampler.sample() in one: a decode step that its CUDA graph can sample
+        (the fused sampling kernel's terms) is sampled there, with no launch of its own."""
+        seqs, logits, sampled = self._run(out, prev, sampler)
+        if sampled is None and seqs:
+            sampled = sampler.sample(logits, seqs)
+        return seqs, sampled
+
+    def _run(self, out, prev, sampler):
         self.kv_cache.copy_blocks(out.block_copies)
-        ids, md, index, sample_seqs = self.prepare(out, prev)
+        ids, md, index, sample_seqs, in_graph = self.prepare(out, prev, sampler)
         batch = len(md.query_lens)
         graph_bs = self._graph_batch_size(batch) if md.num_decodes == batch else None
         if graph_bs is not None:  # the inputs are staged in the graph's buffers already
             self.graphs[graph_bs].replay()
+            if in_graph:
+                tokens, token_lp = self.g_sampled[graph_bs]
+                return sample_seqs, None, PendingSample(tokens[:batch], token_lp[:batch])
             logits = self.g_logits[graph_bs][:batch]
-            return sample_seqs, logits if index is None else logits[index]
+            return sample_seqs, logits if index is None else logits[index], None
         self.backend.set_metadata(md)
         hidden = self.model.hidden_states(ids, md.positions, self.backend)
-        return sample_seqs, self.model.compute_logits(hidden if index is None else hidden[index])
+        hidden = hidden if index is None else hidden[index]
+        return sample_seqs, self.model.compute_logits(hidden), None
 
     # ------------------------------------------------------------------ CUDA graphs
 
@@ -276,17 +307,19 @@ class ModelRunner:
 
     def _alloc_graph_buffers(self, top: int) -> None:
         """The graphs' inputs, in two flat buffers so that a step stages them with one
-        host->device copy each: int64 [ids | positions | slots], each `top` long, and int32
-        [context_lens (top) | cu_seqlens (top + 1) | block tables (top x max_blocks)]."""
+        host->device copy each: int64 [ids | positions | slots | noise seeds], each `top`
+        long, and int32 [cu_seqlens (top + 1, fixed) | context_lens (top) | temperatures
+        (top, float32 bits) | block tables (top x max_blocks)]."""
         dev, blocks = self.device, self.max_blocks_per_seq
-        self.g_i64 = torch.zeros(3 * top, dtype=torch.long, device=dev)
-        self.g_ids, self.g_positions, self.g_slots = self.g_i64.view(3, top)
+        self.g_i64 = torch.zeros(4 * top, dtype=torch.long, device=dev)
+        self.g_ids, self.g_positions, self.g_slots, self.g_seeds = self.g_i64.view(4, top)
         self.g_slots.fill_(-1)
-        self.g_i32 = torch.zeros(2 * top + 1 + top * blocks, dtype=torch.int32, device=dev)
-        self.g_context_lens = self.g_i32[:top].fill_(1)
-        self.g_cu = self.g_i32[top : 2 * top + 1]
+        self.g_i32 = torch.zeros(3 * top + 1 + top * blocks, dtype=torch.int32, device=dev)
+        self.g_cu = self.g_i32[: top + 1]
         self.g_cu.copy_(torch.arange(top + 1, dtype=torch.int32))
-        self.g_tables = self.g_i32[2 * top + 1 :].view(top, blocks)
+        self.g_context_lens = self.g_i32[top + 1 : 2 * top + 1].fill_(1)
+        self.g_temps = self.g_i32[2 * top + 1 : 3 * top + 1].view(torch.float32)
+        self.g_tables = self.g_i32[3 * top + 1 :].view(top, blocks)
         self.g_top = top
 
     def _capture_graphs(self) -> None:
@@ -294,6 +327,7 @@ class ModelRunner:
         top = sizes[-1]
         self._alloc_graph_buffers(top)
         self.g_logits: dict[int, torch.Tensor] = {}
+        self.g_sampled: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
         pool = None
         with torch.inference_mode():
             for size in reversed(sizes):
@@ -304,12 +338,12 @@ class ModelRunner:
                     query_lens=[1] * size,
                 )  # fmt: skip
                 self.backend.set_metadata(md)
-                run = functools.partial(self._forward_all, self.g_ids[:size], md)
+                run = functools.partial(self._graph_body, size, md)
                 run()  # compile and warm up outside the capture
                 torch.cuda.synchronize()
                 graph = torch.cuda.CUDAGraph()
                 with torch.cuda.graph(graph, pool=pool):
-                    self.g_logits[size] = run()
+                    self.g_logits[size], self.g_sampled[size] = run()
                 pool = graph.pool() if pool is None else pool
                 self.graphs[size] = graph
         self.graphs = dict(sorted(self.graphs.items()))
@@ -317,37 +351,54 @@ class ModelRunner:
         log.info("captured CUDA graphs for decode batch sizes %s", list(self.graphs))
 
     def _forward_all(self, ids: torch.Tensor, md: AttentionMetadata) -> torch.Tensor:
-        """Logits of every row (what a decode graph computes)."""
+        """Logits of every row."""
         return self.model.compute_logits(self.model.hidden_states(ids, md.positions, self.backend))
 
+    def _graph_body(self, size: int, md: AttentionMetadata):
+        """What a decode graph of `size` rows computes: every row's logits and, where the
+        graph samples (sample_in_graph), the fused kernel's (tokens, logprobs) from the staged
+        temperatures and seeds."""
+        logits = self._forward_all(self.g_ids[:size], md)
+        sampled = None
+        if self.sample_in_graph:
+            from kiln.kernels.sample import sample
+
+            sampled = sample(logits, self.g_temps[:size], self.g_seeds[:size])
+        return logits, sampled
+
     def _stage_graph_inputs(
-        self, size, prev, input_ids, positions, slots, context_lens, tables, pend_dst, pend_src
+        self, size, prev, input_ids, positions, slots, context_lens, tables, pend_dst, pend_src,
+        temps=None, seeds=None,
     ):  # fmt: skip
         """Write a decode step of b <= size sequences into the graphs' input buffers (rows b..
-        size-1 padded: no KV store, context length 1); returns (ids, metadata) as views.
+        size-1 padded: no KV store, context length 1), with the sampling temperatures and
+        seeds when the graph samples; returns (ids, metadata) as views.
 
-        Two pinned host->device copies: the int64 buffer whole (3 x top values), and the int32
-        one up to the size-row tables (their rows are max_blocks wide; past ~64K values only
-        the step's own columns are copied, in a second step). Input ids still in flight come
-        from `prev` on the device."""
+        Two pinned host->device copies: the int64 buffer whole (4 x top values), and the int32
+        one up to the size-row tables (their rows are max_blocks wide; past
+        GRAPH_TABLE_COPY_LIMIT values only the step's own columns are copied, in a second
+        step). Input ids still in flight come from `prev` on the device."""
         top, b, blocks = self.g_top, len(tables), self.max_blocks_per_seq
-        host64 = np.zeros((3, top), dtype=np.int64)
+        host64 = np.zeros((4, top), dtype=np.int64)
         host64[0, :b], host64[1, :b] = input_ids, positions
         host64[2] = -1
         host64[2, :b] = slots
+        if seeds is not None:
+            host64[3, :b] = seeds
         copy_to_device(self.g_i64, host64.ravel())
         width = max(len(t) for t in tables)
         full_rows = size * blocks <= self.GRAPH_TABLE_COPY_LIMIT
-        n32 = 2 * top + 1 + (size * blocks if full_rows else 0)
+        n32 = 2 * top + (size * blocks if full_rows else 0)  # from context_lens on
         host32 = np.zeros(n32, dtype=np.int32)
         host32[:top] = 1
         host32[:b] = context_lens
-        host32[top : 2 * top + 1] = np.arange(top + 1)
+        if temps is not None:
+            host32[top : top + b] = np.asarray(temps, dtype=np.float32).view(np.int32)
         if full_rows:
-            rows = host32[2 * top + 1 :].reshape(size, blocks)
+            rows = host32[2 * top :].reshape(size, blocks)
             for r, t in enumerate(tables):
                 rows[r, : len(t)] = t
-        copy_to_device(self.g_i32[:n32], host32)
+        copy_to_device(self.g_i32[top + 1 : top + 1 + n32], host32)
         if not full_rows:
             padded = np.zeros((size, width), dtype=np.int32)
             for r, t in enumerate(tables):

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 
 from kiln.engine.sequence import Sequence
@@ -75,7 +76,7 @@ def make_generator(seed: int, index: int, device: torch.device) -> torch.Generat
 class Sampler:
     def __init__(self, vocab_size: int):
         self.vocab_size = vocab_size
-        self._seed_rng = torch.Generator().manual_seed(0x5EED)  # the fast path's noise seeds
+        self._seed_rng = np.random.default_rng(0x5EED)  # the fast path's noise seeds
 
     @torch.inference_mode()
     def compile_kernels(self, dtype: torch.dtype, device: torch.device) -> None:
@@ -98,14 +99,17 @@ class Sampler:
     def sample(self, logits: torch.Tensor, seqs: list[Sequence]) -> PendingSample:
         """Queue the sampling of one token per row on the device; nothing waits."""
         dev = logits.device
-        if self._fast_path_ok(logits, seqs):
+        if use_triton(logits) and self.fast_path_ok(seqs):
             from kiln.kernels.sample import sample_triton
 
-            temps = [0.0 if s.params.greedy else s.params.temperature for s in seqs]
-            temps = to_device(temps, torch.float32, dev)
-            seeds = torch.randint(2**62, (len(seqs),), generator=self._seed_rng)
-            seeds = seeds.pin_memory().to(dev, non_blocking=True)
-            tokens, token_lp = sample_triton(logits, temps, seeds)
+            temps, seeds = self.fast_path_inputs(seqs)
+            b = len(seqs)
+            host = np.zeros(b + (b + 1) // 2, dtype=np.int64)  # seeds, then float32 temps
+            host[:b] = seeds
+            host[b:].view(np.float32)[:b] = temps
+            packed = to_device(host, torch.int64, dev)  # one copy for both
+            temps_d = packed[b:].view(torch.float32)[:b]
+            tokens, token_lp = sample_triton(logits, temps_d, packed[:b])
             return PendingSample(tokens, token_lp)
         logits = logits.float()
         raw = logits.clone() if self._needs_raw(seqs) else logits
@@ -121,10 +125,15 @@ class Sampler:
         token_lp = raw.gather(1, tokens[:, None]).squeeze(1) - log_z
         return PendingSample(tokens, token_lp, self._top_logprobs(raw, log_z, tokens, seqs))
 
+    def fast_path_inputs(self, seqs: list[Sequence]) -> tuple[list[float], np.ndarray]:
+        """The fused kernel's per-row temperatures (0: greedy) and fresh noise seeds."""
+        temps = [0.0 if s.params.greedy else s.params.temperature for s in seqs]
+        return temps, self._seed_rng.integers(0, 2**62, len(seqs), dtype=np.int64)
+
     @staticmethod
-    def _fast_path_ok(logits: torch.Tensor, seqs: list[Sequence]) -> bool:
-        if not use_triton(logits):
-            return False
+    def fast_path_ok(seqs: list[Sequence]) -> bool:
+        """Whether every row samples on the fused kernel's terms (temperature only: no top-k/
+        top-p/min-p, penalties, min_tokens mask, per-request seed or top-N logprobs)."""
         for s in seqs:
             p = s.params
             if (

@@ -34,6 +34,6 @@ def to_host(t: torch.Tensor) -> torch.Tensor:
     """Start copying a device tensor to pinned host memory behind the queued GPU work (read it
     after an event recorded later has completed)."""
     if not t.is_cuda:
-        return t
+        return t.clone()  # a copy all the same: t may be a buffer the next step overwrites
     host = torch.empty(t.shape, dtype=t.dtype, pin_memory=True)
     return host.copy_(t, non_blocking=True)
