@@ -78,14 +78,11 @@ def paged_decode_attention_ref(
 @triton.jit
 def split_range(length, split, num_splits, sliding_window, USE_WINDOW: tl.constexpr, BLOCK_N):
     """The keys [lo, hi) that split `split` of a query at position length - 1 attends to:
-    the visible keys cut into num_splits chunks of whole tiles, at least two tiles each (so a
-    short context, in a launch whose split count was chosen for the longest one, leaves the
-    last splits empty rather than each with one tile: measured faster at batch 1)."""
+    the visible keys cut into num_splits chunks of whole tiles (the last ones may be empty)."""
     start = 0
     if USE_WINDOW:  # the query at length - 1 sees keys with (length - 1) - pos < window
         start = tl.maximum(length - sliding_window, 0)
-    tiles = tl.maximum(tl.cdiv(tl.cdiv(length - start, num_splits), BLOCK_N), 2)
-    chunk = tiles * BLOCK_N
+    chunk = tl.cdiv(tl.cdiv(length - start, num_splits), BLOCK_N) * BLOCK_N
     lo = start + split * chunk
     return lo, tl.minimum(lo + chunk, length)
 

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import torch
 
-from kiln.kernels._triton import gdc_launch_dependents, gdc_wait, tl, triton, use_pdl, use_triton
+from kiln.kernels._triton import tl, triton, use_triton
 
 
 def rmsnorm_ref(
@@ -29,11 +29,8 @@ def _rmsnorm_kernel(
     x_ptr, res_ptr, w_ptr, out_ptr, new_res_ptr,
     stride_x, stride_res, stride_out, stride_new_res,
     H, eps,
-    HAS_RESIDUAL: tl.constexpr, BLOCK_H: tl.constexpr, PDL: tl.constexpr,
+    HAS_RESIDUAL: tl.constexpr, BLOCK_H: tl.constexpr,
 ):  # fmt: skip
-    if PDL:  # launched early: let the next kernel launch, wait for the previous one's writes
-        gdc_launch_dependents()
-        gdc_wait()
     row = tl.program_id(0).to(tl.int64)
     cols = tl.arange(0, BLOCK_H)
     mask = cols < H
@@ -67,13 +64,12 @@ def rmsnorm_triton(
     else:
         res2 = new_res2 = x2
     block = triton.next_power_of_2(hidden)
-    pdl = use_pdl(x)
     _rmsnorm_kernel[(x2.shape[0],)](
         x2, res2, weight, out2, new_res2,
         x2.stride(0), res2.stride(0), out2.stride(0), new_res2.stride(0),
         hidden, eps,
-        HAS_RESIDUAL=residual is not None, BLOCK_H=block, PDL=pdl,
-        num_warps=min(max(block // 256, 1), 16), **(dict(launch_pdl=True) if pdl else {}),
+        HAS_RESIDUAL=residual is not None, BLOCK_H=block,
+        num_warps=min(max(block // 256, 1), 16),
     )  # fmt: skip
     return out if residual is None else (out, new_res)
 

@@ -30,15 +30,7 @@ from __future__ import annotations
 
 import torch
 
-from kiln.kernels._triton import (
-    gdc_launch_dependents,
-    gdc_wait,
-    num_sms,
-    tl,
-    triton,
-    use_pdl,
-    use_triton,
-)
+from kiln.kernels._triton import num_sms, tl, triton, use_triton
 
 # Launch settings: chunks of BLOCK_V tokens for whole rows, SPLIT_BLOCK_V for split ones (the
 # fastest of each on an H100 at V = 151936, B = 1 .. 256); the interpreter uses 128-token
@@ -108,16 +100,12 @@ def _finish(row_ptr, tokens_ptr, logprobs_ptr, row, token, m, total):
     tl.store(logprobs_ptr + row, (x_tok - m) - tl.log(total))
 
 
-# temperature and seeds may be slices of a packed per-step buffer: their alignment varies.
-@triton.jit(do_not_specialize=["temperature_ptr", "seeds_ptr"])
+@triton.jit
 def _sample_kernel(
     logits_ptr, temperature_ptr, seeds_ptr, tokens_ptr, logprobs_ptr, parts_ptr,
     stride_row, V,
-    BLOCK_V: tl.constexpr, SPLIT: tl.constexpr, FAST_LOG: tl.constexpr, PDL: tl.constexpr,
+    BLOCK_V: tl.constexpr, SPLIT: tl.constexpr, FAST_LOG: tl.constexpr,
 ):  # fmt: skip
-    if PDL:  # launched early: let the next kernel launch, wait for the previous one's writes
-        gdc_launch_dependents()
-        gdc_wait()
     row = tl.program_id(0).to(tl.int64)
     split = tl.program_id(1)
     num_splits = tl.num_programs(1)
@@ -180,11 +168,8 @@ def _sample_kernel(
 def _sample_merge_kernel(
     logits_ptr, tokens_ptr, logprobs_ptr, parts_ptr,
     stride_row, V, num_splits,
-    BLOCK_S: tl.constexpr, PDL: tl.constexpr,
+    BLOCK_S: tl.constexpr,
 ):  # fmt: skip
-    if PDL:
-        gdc_launch_dependents()
-        gdc_wait()
     row = tl.program_id(0).to(tl.int64)
     s = tl.arange(0, BLOCK_S)
     ok = s < num_splits
@@ -235,20 +220,17 @@ def sample_triton(
     if not split:
         block_v = config["BLOCK_V"]
     parts = torch.empty(4, b, num_splits, device=logits.device) if split else tokens  # unused
-    pdl = use_pdl(logits)
-    launch = dict(launch_pdl=True) if pdl else {}
     _sample_kernel[(b, num_splits)](
         logits, temperature, seeds, tokens, logprobs, parts,
         logits.stride(0), v,
         BLOCK_V=block_v, SPLIT=split, num_warps=config["num_warps"],
         FAST_LOG=logits.is_cuda and torch.version.hip is None,  # PTX lg2.approx: NVIDIA only
-        PDL=pdl, **launch,
     )  # fmt: skip
     if split:
         _sample_merge_kernel[(b,)](
             logits, tokens, logprobs, parts,
             logits.stride(0), v, num_splits,
-            BLOCK_S=MAX_SPLITS, PDL=pdl, **launch,
+            BLOCK_S=MAX_SPLITS,
         )  # fmt: skip
     return tokens, logprobs
 
