@@ -100,7 +100,8 @@ def _finish(row_ptr, tokens_ptr, logprobs_ptr, row, token, m, total):
     tl.store(logprobs_ptr + row, (x_tok - m) - tl.log(total))
 
 
-@triton.jit
+# temperature and seeds may be slices of a packed per-step buffer: their alignment varies.
+@triton.jit(do_not_specialize=["temperature_ptr", "seeds_ptr"])
 def _sample_kernel(
     logits_ptr, temperature_ptr, seeds_ptr, tokens_ptr, logprobs_ptr, parts_ptr,
     stride_row, V,
