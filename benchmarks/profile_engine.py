@@ -61,7 +61,8 @@ def main() -> None:
     eng.step = timed("step (total)", eng.step)
     eng.scheduler.schedule = timed("schedule", eng.scheduler.schedule)
     runner.prepare = timed("prepare (pack + H2D)", runner.prepare)
-    runner._replay = timed("graph replay", runner._replay)
+    for graph in runner.graphs.values():
+        graph.replay = timed("graph replay", graph.replay)
     runner.execute = timed("execute (incl. prepare, forward)", runner.execute)
     eng.sampler.__call__ = None
     sampler = eng.sampler
