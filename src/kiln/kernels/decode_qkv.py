@@ -35,12 +35,10 @@ from kiln.kernels._triton import gdc_launch_dependents, gdc_wait, tl, triton, us
 from kiln.kernels.paged_decode_attention import (
     CUDA_CONFIG,
     INTERPRETER_CONFIG,
-    _decode_reduce_kernel,
     attend_split,
-    choose_num_splits,
+    launch_split_merge,
     paged_decode_attention_ref,
-    split_buffers,
-    split_counters,
+    split_launch_buffers,
     split_range,
     write_split_output,
 )
@@ -190,15 +188,10 @@ def paged_decode_qkv_triton(
     out = torch.empty(batch, num_heads, head_dim, dtype=qkv.dtype, device=qkv.device)
     if batch == 0:
         return out
-    if num_splits is None:
-        max_len = block_tables.shape[1] * block_size
-        num_splits = choose_num_splits(batch, num_kv_heads, max_len, qkv.device)
+    num_splits, part_out, part_lse, counters = split_launch_buffers(
+        out, num_kv_heads, block_tables, block_size, num_splits, last_reduces
+    )
     split = num_splits > 1
-    part_out = part_lse = counters = out  # unused with one split
-    if split:
-        part_out, part_lse = split_buffers(batch, num_heads, num_splits, head_dim, qkv.device)
-        if last_reduces:
-            counters = split_counters(batch * num_kv_heads, qkv.device)
     vec, bw_q = _torch_sum_plan(batch * num_heads, head_dim)  # as qkv_prepare_triton sums
     _, bw_k = _torch_sum_plan(batch * num_kv_heads, head_dim)
     dummy = qkv  # stands in for the pointers of the steps left out (never read)
@@ -220,11 +213,7 @@ def paged_decode_qkv_triton(
         **(dict(launch_pdl=True) if pdl else {}),
     )  # fmt: skip
     if split and not last_reduces:
-        _decode_reduce_kernel[(batch, num_heads)](
-            part_out, part_lse, out, out.stride(0), out.stride(1), num_heads, num_splits,
-            D=head_dim, BLOCK_S=triton.next_power_of_2(num_splits), PDL=pdl,
-            **(dict(launch_pdl=True) if pdl else {}),
-        )  # fmt: skip
+        launch_split_merge(part_out, part_lse, out, num_splits, pdl)
     return out
 
 

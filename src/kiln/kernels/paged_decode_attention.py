@@ -279,6 +279,35 @@ def choose_num_splits(batch: int, num_kv_heads: int, max_len: int, device: torch
     return 1 << (n.bit_length() - 1)
 
 
+def split_launch_buffers(
+    out: torch.Tensor, num_kv_heads: int, block_tables: torch.Tensor, block_size: int,
+    num_splits: int | None, last_reduces: bool,
+):  # fmt: skip
+    """For a split-KV decode launch writing out [B, Hq, D]: (num_splits, part_out, part_lse,
+    counters), the split count chosen when None (see choose_num_splits) and `out` standing in
+    for the buffers a single split does not use."""
+    batch, num_heads, head_dim = out.shape
+    if num_splits is None:
+        max_len = block_tables.shape[1] * block_size
+        num_splits = choose_num_splits(batch, num_kv_heads, max_len, out.device)
+    part_out = part_lse = counters = out
+    if num_splits > 1:
+        part_out, part_lse = split_buffers(batch, num_heads, num_splits, head_dim, out.device)
+        if last_reduces:
+            counters = split_counters(batch * num_kv_heads, out.device)
+    return num_splits, part_out, part_lse, counters
+
+
+def launch_split_merge(part_out, part_lse, out, num_splits: int, pdl: bool) -> None:
+    """Merge the splits' partial outputs into out [B, Hq, D] (_decode_reduce_kernel)."""
+    batch, num_heads, head_dim = out.shape
+    _decode_reduce_kernel[(batch, num_heads)](
+        part_out, part_lse, out, out.stride(0), out.stride(1), num_heads, num_splits,
+        D=head_dim, BLOCK_S=triton.next_power_of_2(num_splits), PDL=pdl,
+        **(dict(launch_pdl=True) if pdl else {}),
+    )  # fmt: skip
+
+
 def paged_decode_attention_triton(
     q: torch.Tensor,
     k_cache: torch.Tensor,
@@ -304,15 +333,10 @@ def paged_decode_attention_triton(
     out = torch.empty_like(q)
     if batch == 0:
         return out
-    if num_splits is None:
-        max_len = block_tables.shape[1] * block_size
-        num_splits = choose_num_splits(batch, num_kv_heads, max_len, q.device)
+    num_splits, part_out, part_lse, counters = split_launch_buffers(
+        out, num_kv_heads, block_tables, block_size, num_splits, last_reduces
+    )
     split = num_splits > 1
-    part_out = part_lse = counters = out  # unused with one split
-    if split:
-        part_out, part_lse = split_buffers(batch, num_heads, num_splits, head_dim, q.device)
-    if split and last_reduces:
-        counters = split_counters(batch * num_kv_heads, q.device)
     pdl = use_pdl(q)
     launch = dict(launch_pdl=True) if pdl else {}
     _decode_kernel[(batch, num_kv_heads, num_splits)](
@@ -326,10 +350,7 @@ def paged_decode_attention_triton(
         **launch,
     )  # fmt: skip
     if split and not last_reduces:
-        _decode_reduce_kernel[(batch, num_heads)](
-            part_out, part_lse, out, out.stride(0), out.stride(1), num_heads, num_splits,
-            D=head_dim, BLOCK_S=triton.next_power_of_2(num_splits), PDL=pdl, **launch,
-        )  # fmt: skip
+        launch_split_merge(part_out, part_lse, out, num_splits, pdl)
     return out
 
 
