@@ -76,3 +76,17 @@ def use_pdl(x: torch.Tensor) -> bool:
     kernel starts while the previous one drains; its `gdc_wait()` holds its dependent reads
     until the previous kernel's writes are visible)."""
     return PDL_ENABLED and x.is_cuda and _pdl_capable(x.device)
+
+
+@triton.jit
+def pdl_enter(PDL: tl.constexpr):
+    """A kernel's first statement under programmatic dependent launch: let the next kernel
+    launch now, and wait until the previous one's writes are visible (no-op when not PDL)."""
+    if PDL:
+        gdc_launch_dependents()
+        gdc_wait()
+
+
+def pdl_options(pdl: bool) -> dict:
+    """Launch keyword arguments for a kernel launched with (or without) PDL."""
+    return {"launch_pdl": True} if pdl else {}

@@ -31,7 +31,7 @@ from __future__ import annotations
 import torch
 
 from kiln.kernels._paged import LOG2E, check_paged_args, dot_options
-from kiln.kernels._triton import gdc_launch_dependents, gdc_wait, tl, triton, use_pdl, use_triton
+from kiln.kernels._triton import pdl_enter, pdl_options, tl, triton, use_pdl, use_triton
 from kiln.kernels.paged_decode_attention import (
     CUDA_CONFIG,
     INTERPRETER_CONFIG,
@@ -99,9 +99,7 @@ def _decode_qkv_kernel(
     USE_WINDOW: tl.constexpr, SPLIT: tl.constexpr, LAST_REDUCES: tl.constexpr,
     DOT_PRECISION: tl.constexpr, DOT_UPCAST: tl.constexpr, PDL: tl.constexpr,
 ):  # fmt: skip
-    if PDL:  # the next kernel may start now; our inputs are ready once the previous one ends
-        gdc_launch_dependents()
-        gdc_wait()
+    pdl_enter(PDL)  # launched early: wait for the previous kernel's writes
     D: tl.constexpr = 2 * HALF
     seq = tl.program_id(0).to(tl.int64)
     kv_head = tl.program_id(1)
@@ -210,7 +208,7 @@ def paged_decode_qkv_triton(
         USE_WINDOW=sliding_window is not None, SPLIT=split, LAST_REDUCES=last_reduces, PDL=pdl,
         enable_fp_fusion=False,  # no FMA: q and k round as qkv_prepare's do
         **dot_options(qkv), **(CUDA_CONFIG if qkv.is_cuda else INTERPRETER_CONFIG),
-        **(dict(launch_pdl=True) if pdl else {}),
+        **pdl_options(pdl),
     )  # fmt: skip
     if split and not last_reduces:
         launch_split_merge(part_out, part_lse, out, num_splits, pdl)

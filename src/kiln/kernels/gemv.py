@@ -52,6 +52,7 @@ from kiln.kernels._paged import dot_options
 from kiln.kernels._triton import (
     gdc_launch_dependents,
     gdc_wait,
+    pdl_options,
     tl,
     triton,
     use_pdl,
@@ -349,8 +350,7 @@ def _launch(
     if config.pop("RESIDENT", False):
         assert block_k >= k, f"the resident kernel takes whole rows: BLOCK_K {block_k} < K {k}"
         pdl = use_pdl(x2)
-        if pdl:
-            config["launch_pdl"] = True
+        config.update(pdl_options(pdl))
         _gemv_resident_kernel[(triton.cdiv(n, block_n),)](
             x2, res2 if res2 is not None else x2,
             norm_weight if norm_weight is not None else x2,

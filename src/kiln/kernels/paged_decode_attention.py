@@ -21,9 +21,9 @@ from kiln.kernels._paged import (
     online_softmax_step,
 )
 from kiln.kernels._triton import (
-    gdc_launch_dependents,
-    gdc_wait,
     num_sms,
+    pdl_enter,
+    pdl_options,
     tl,
     triton,
     use_pdl,
@@ -188,9 +188,7 @@ def _decode_kernel(
     USE_WINDOW: tl.constexpr, SPLIT: tl.constexpr, LAST_REDUCES: tl.constexpr,
     DOT_PRECISION: tl.constexpr, DOT_UPCAST: tl.constexpr, PDL: tl.constexpr,
 ):  # fmt: skip
-    if PDL:  # launched early: let the next kernel launch, wait for the previous one's writes
-        gdc_launch_dependents()
-        gdc_wait()
+    pdl_enter(PDL)  # launched early: wait for the previous kernel's writes
     seq = tl.program_id(0).to(tl.int64)
     kv_head = tl.program_id(1)
     split = tl.program_id(2)
@@ -222,9 +220,7 @@ def _decode_reduce_kernel(
     part_out_ptr, part_lse_ptr, out_ptr, stride_ob, stride_oh, num_heads, num_splits,
     D: tl.constexpr, BLOCK_S: tl.constexpr, PDL: tl.constexpr,
 ):  # fmt: skip
-    if PDL:
-        gdc_launch_dependents()
-        gdc_wait()
+    pdl_enter(PDL)  # launched early: wait for the previous kernel's writes
     seq = tl.program_id(0).to(tl.int64)
     head = tl.program_id(1)
     s = tl.arange(0, BLOCK_S)
@@ -259,17 +255,6 @@ def split_counters(n: int, device: torch.device) -> torch.Tensor:
     return bufs[-1]
 
 
-def split_buffers(
-    batch: int, num_heads: int, num_splits: int, head_dim: int, device: torch.device
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """Each split's partial output [B, Hq, S, D] and log-sum-exp [B, Hq, S] (float32)."""
-    part_out = torch.empty(
-        batch, num_heads, num_splits, head_dim, dtype=torch.float32, device=device
-    )
-    part_lse = torch.empty(batch, num_heads, num_splits, dtype=torch.float32, device=device)
-    return part_out, part_lse
-
-
 def choose_num_splits(batch: int, num_kv_heads: int, max_len: int, device: torch.device) -> int:
     """Enough splits to give every SM two programs, each split at least 256 tokens long;
     a power of two (so that the reduce kernel has few variants to compile)."""
@@ -292,7 +277,9 @@ def split_launch_buffers(
         num_splits = choose_num_splits(batch, num_kv_heads, max_len, out.device)
     part_out = part_lse = counters = out
     if num_splits > 1:
-        part_out, part_lse = split_buffers(batch, num_heads, num_splits, head_dim, out.device)
+        f32 = dict(dtype=torch.float32, device=out.device)
+        part_out = torch.empty(batch, num_heads, num_splits, head_dim, **f32)
+        part_lse = torch.empty(batch, num_heads, num_splits, **f32)
         if last_reduces:
             counters = split_counters(batch * num_kv_heads, out.device)
     return num_splits, part_out, part_lse, counters
@@ -304,7 +291,7 @@ def launch_split_merge(part_out, part_lse, out, num_splits: int, pdl: bool) -> N
     _decode_reduce_kernel[(batch, num_heads)](
         part_out, part_lse, out, out.stride(0), out.stride(1), num_heads, num_splits,
         D=head_dim, BLOCK_S=triton.next_power_of_2(num_splits), PDL=pdl,
-        **(dict(launch_pdl=True) if pdl else {}),
+        **pdl_options(pdl),
     )  # fmt: skip
 
 
@@ -338,7 +325,6 @@ def paged_decode_attention_triton(
     )
     split = num_splits > 1
     pdl = use_pdl(q)
-    launch = dict(launch_pdl=True) if pdl else {}
     _decode_kernel[(batch, num_kv_heads, num_splits)](
         q, k_cache, v_cache, block_tables, context_lens, out, part_out, part_lse, counters,
         q.stride(0), q.stride(1), out.stride(0), out.stride(1),
@@ -347,7 +333,7 @@ def paged_decode_attention_triton(
         GROUP=group, BLOCK_G=max(16, triton.next_power_of_2(group)), D=head_dim,
         USE_WINDOW=sliding_window is not None, SPLIT=split, LAST_REDUCES=last_reduces,
         PDL=pdl, **dot_options(q), **(CUDA_CONFIG if q.is_cuda else INTERPRETER_CONFIG),
-        **launch,
+        **pdl_options(pdl),
     )  # fmt: skip
     if split and not last_reduces:
         launch_split_merge(part_out, part_lse, out, num_splits, pdl)

@@ -19,8 +19,8 @@ import torch
 
 from kiln.kernels._triton import (
     assert_head_dim,
-    gdc_launch_dependents,
-    gdc_wait,
+    pdl_enter,
+    pdl_options,
     tl,
     triton,
     use_pdl,
@@ -230,9 +230,7 @@ def _qkv_prepare_kernel(
     BLOCK_HQ: tl.constexpr, BLOCK_HKV: tl.constexpr,
     VEC: tl.constexpr, LOG_BW_Q: tl.constexpr, LOG_BW_K: tl.constexpr, PDL: tl.constexpr,
 ):  # fmt: skip
-    if PDL:  # launched early: let the next kernel launch, wait for the previous one's writes
-        gdc_launch_dependents()
-        gdc_wait()
+    pdl_enter(PDL)  # launched early: wait for the previous kernel's writes
     tok = tl.program_id(0).to(tl.int64)
     row = qkv_ptr + tok * stride_qkv
     cos, sin = _rope_cos_sin(pos_ptr + tok, cos_sin_ptr, stride_cs, HAS_ROPE, HALF)
@@ -321,7 +319,7 @@ def qkv_prepare_triton(
         VEC=vec, LOG_BW_Q=bw_q.bit_length() - 1, LOG_BW_K=bw_k.bit_length() - 1, PDL=pdl,
         enable_fp_fusion=False,  # no FMA: round after each multiply, as torch does
         num_warps=2 if n < 256 else 1,  # few warps: the summation tree's reshapes cost less
-        **(dict(launch_pdl=True) if pdl else {}),
+        **pdl_options(pdl),
     )  # fmt: skip
     return q
 
