@@ -17,7 +17,7 @@ def _run(path, prompts, params=GREEDY, **engine_args):
     llm = LLM(str(path), device="cpu", **engine_args)
     out = llm.generate(prompt_token_ids=prompts, sampling_params=params)
     llm.engine.block_manager.check_all_free()
-    assert llm.engine._inflight is None or not llm.engine.has_unfinished()
+    assert llm.engine.core._inflight is None or not llm.engine.has_unfinished()
     return llm, [(o.outputs[0].token_ids, o.outputs[0].finish_reason) for o in out]
 
 
@@ -77,7 +77,7 @@ def test_abort_with_a_token_in_flight(hf_model_dir, random_prompts):
     for _ in range(4):
         for out in engine.step():
             assert not out.finished
-    assert engine._inflight is not None
+    assert engine.core._inflight is not None
     aborted = engine.abort("1")
     assert aborted.finished and aborted.outputs[0].finish_reason == "abort"
     while engine.has_unfinished():

@@ -175,7 +175,7 @@ def test_n_samples_share_prompt_blocks(hf_model_dir, random_prompts):
     params = SamplingParams(n=3, temperature=1.0, seed=7, max_tokens=10, ignore_eos=True)
     engine.add_request("r", None, params, p)
     engine.step()
-    seqs = engine.requests["r"].seqs
+    seqs = engine.core.requests["r"].seqs
     assert len(seqs) == 3 and len({tuple(s.block_table) for s in seqs}) == 1
     assert [engine.block_manager.blocks[b].ref_count for b in seqs[0].block_table] == [3] * 3
     engine.step()  # each writes into the shared partial block: copy on write

@@ -9,10 +9,9 @@ At the end hypotheses are ranked by cum_logprob / len ** length_penalty.
 
 from __future__ import annotations
 
-import time
 from dataclasses import dataclass, field
 
-from kiln.engine.outputs import CompletionOutput, RequestMetrics, RequestOutput
+from kiln.engine.core import SeqDelta
 from kiln.engine.sampling_params import SamplingParams
 
 
@@ -30,14 +29,12 @@ class BeamSearchRequest:
     is_beam = True
     internal = False
 
-    def __init__(self, engine, request_id: str, prompt, prompt_token_ids, params: SamplingParams):
+    def __init__(self, engine, request_id: str, prompt_token_ids, params: SamplingParams):
         self.engine = engine
         self.request_id = request_id
-        self.prompt = prompt
         self.prompt_token_ids = prompt_token_ids
         self.params = params
         self.width = params.best_of
-        self.metrics = RequestMetrics(arrival_time=time.monotonic())
         self.beams = [Beam()]
         self.done: list[Beam] = []
         self.step = 0
@@ -52,7 +49,6 @@ class BeamSearchRequest:
         self.subs = [
             self.engine.add_validated(
                 f"{self.request_id}#beam{self.step}.{k}",
-                None,
                 self.prompt_token_ids + beam.tokens,
                 step_params,
                 internal=True,
@@ -60,12 +56,11 @@ class BeamSearchRequest:
             for k, beam in enumerate(self.beams)
         ]
 
-    def advance(self) -> RequestOutput | None:
-        """After an engine step: start the next beam step once this one is back."""
+    def advance(self) -> list[SeqDelta] | None:
+        """After an engine step: start the next beam step once this one is back; the final
+        hypotheses (one delta each, all their tokens) once the search ends."""
         if not all(sub.finished for sub in self.subs):
             return None
-        if self.metrics.first_token_time is None:
-            self.metrics.first_token_time = time.monotonic()
         candidates = []
         for beam, sub in zip(self.beams, self.subs):
             for token, lp in sub.seqs[0].logprobs[0].items():
@@ -86,31 +81,21 @@ class BeamSearchRequest:
         self._launch()
         return None
 
-    def _finish(self) -> RequestOutput:
+    def _finish(self) -> list[SeqDelta]:
         self.finished = True
-        self.metrics.finished_time = time.monotonic()
         ranked = sorted(self.done + self.beams, key=lambda b: -b.score(self.params.length_penalty))
-        tok = self.engine.tokenizer
-        outs = [
-            CompletionOutput(
-                index=i,
-                text=tok.decode(b.tokens, self.params.skip_special_tokens) if tok else "",
-                token_ids=b.tokens,
-                finish_reason="stop" if b.finished else "length",
+        return [
+            SeqDelta(
+                self.request_id,
+                i,
+                b.tokens,
                 cumulative_logprob=b.logprob,
+                finish_reason="stop" if b.finished else "length",
             )
             for i, b in enumerate(ranked[: self.params.n])
         ]
-        return RequestOutput(
-            self.request_id, self.prompt, self.prompt_token_ids, outs, True, self.metrics
-        )
 
-    def abort(self) -> RequestOutput:
+    def abort(self) -> None:
         for sub in self.subs:
             self.engine.abort(sub.request_id)
         self.finished = True
-        self.metrics.finished_time = time.monotonic()
-        outs = [CompletionOutput(0, "", [], "abort")]
-        return RequestOutput(
-            self.request_id, self.prompt, self.prompt_token_ids, outs, True, self.metrics
-        )

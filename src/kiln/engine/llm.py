@@ -4,10 +4,11 @@ from __future__ import annotations
 
 import itertools
 from collections.abc import Sequence as Seq
+from dataclasses import replace
 
 from kiln.engine.llm_engine import LLMEngine
 from kiln.engine.outputs import RequestOutput
-from kiln.engine.sampling_params import SamplingParams
+from kiln.engine.sampling_params import RequestOutputKind, SamplingParams
 from kiln.errors import InputError
 
 
@@ -50,6 +51,8 @@ class LLM:
         order = []
         for text, tok_ids, p in zip(texts, ids, params):
             rid = str(next(self._ids))
+            # one output per request, at its end: nothing is assembled while it runs
+            p = replace(p, output_kind=RequestOutputKind.FINAL_ONLY)
             self.engine.add_request(rid, text, p, tok_ids)
             order.append(rid)
         return self._run(order, use_tqdm)

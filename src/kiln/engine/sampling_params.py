@@ -2,9 +2,18 @@
 
 from __future__ import annotations
 
+import enum
 from dataclasses import dataclass, field
 
 from kiln.errors import InputError
+
+
+class RequestOutputKind(enum.IntEnum):
+    """What each RequestOutput of a running request carries (vLLM's names)."""
+
+    CUMULATIVE = 0  # everything so far: text, token_ids, logprobs from the first token
+    DELTA = 1  # only what is new since the previous output
+    FINAL_ONLY = 2  # nothing until the request finishes, then everything
 
 
 @dataclass
@@ -30,12 +39,14 @@ class SamplingParams:
     use_beam_search: bool = False
     length_penalty: float = 1.0
     skip_special_tokens: bool = True
+    output_kind: RequestOutputKind = RequestOutputKind.CUMULATIVE
 
     def __post_init__(self) -> None:
         if isinstance(self.stop, str):
             self.stop = [self.stop]
         self.stop = list(self.stop or [])
         self.stop_token_ids = list(self.stop_token_ids or [])
+        self.output_kind = RequestOutputKind(self.output_kind)
         if self.top_k == -1:
             self.top_k = 0
         if self.best_of is None:

@@ -1,4 +1,4 @@
-"""Sequence: one completion's tokens, its place in the KV pool, and its decoded text so far."""
+"""Sequence: one completion's tokens and its place in the KV pool."""
 
 from __future__ import annotations
 
@@ -49,9 +49,6 @@ class Sequence:
         self.cumulative_logprob = 0.0
         self.generator: torch.Generator | None = None  # per-request seeded sampling
         self.pending_forks = 0  # siblings to fork off when the first token is sampled
-        # incremental detokenization
-        self.text = ""
-        self.prefix_offset = self.read_offset = self.num_prompt_tokens
 
     def __len__(self) -> int:
         """Tokens the sequence has, including any still in flight from the GPU."""
@@ -89,7 +86,6 @@ class Sequence:
             seq_id, self.request_id, index, self.token_ids, self.params, self.eos_token_ids
         )
         child.num_prompt_tokens = self.num_prompt_tokens
-        child.prefix_offset, child.read_offset = self.prefix_offset, self.read_offset
         child.status = self.status
         child.num_computed_tokens = self.num_computed_tokens
         child.num_cached_tokens = self.num_cached_tokens

@@ -1,0 +1,356 @@
+"""EngineCore: the scheduler, the block manager, the runner and the sampler; token ids in,
+per-step token-id deltas out.
+
+It knows nothing of text: detokenization and stop strings live in the OutputProcessor (in the
+caller's process), which tells the core to finish a sequence when a stop string appears. The
+core checks what is decided on token ids alone: EOS, stop token ids, max_tokens, the context.
+`kiln.LLM` drives a core in its own process; the server drives one in an engine-core process
+(kiln.engine.core_client) so that the GPU loop never waits on HTTP.
+"""
+
+from __future__ import annotations
+
+import itertools
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+import msgspec
+
+from kiln.config import ModelConfig
+from kiln.engine.block_manager import BlockManager
+from kiln.engine.config import EngineConfig
+from kiln.engine.model_runner import ModelRunner, PreviousTokens
+from kiln.engine.sampler import PendingSample, Sampler, make_generator
+from kiln.engine.sampling_params import SamplingParams
+from kiln.engine.scheduler import Scheduler
+from kiln.engine.sequence import Sequence
+from kiln.errors import ConfigError, InputError
+
+
+class SeqDelta(msgspec.Struct, array_like=True, omit_defaults=True):
+    """What one sequence gained in a step (vLLM's EngineCoreOutput)."""
+
+    request_id: str
+    index: int  # which of the request's completions
+    new_token_ids: list[int]
+    new_logprobs: list[dict[int, float]] | None = None  # top-N per new token, when asked
+    cumulative_logprob: float = 0.0
+    finish_reason: str | None = None
+    stop_reason: int | str | None = None
+
+
+@dataclass
+class InFlight:
+    """A step queued on the device whose sampled tokens the host has not read yet."""
+
+    seqs: list[Sequence]
+    sample: PendingSample
+    tokens: PreviousTokens
+
+
+class CoreRequest:
+    """One request inside the core: its prompt ids, its settings, its (best_of) sequences."""
+
+    is_beam = False
+
+    def __init__(self, request_id: str, prompt_token_ids: list[int], params: SamplingParams):
+        self.request_id = request_id
+        self.prompt_token_ids = prompt_token_ids
+        self.params = params
+        self.seqs: list[Sequence] = []
+        self.finished = False
+        self.internal = False  # a beam-search step: its tokens go to the beam, not the caller
+
+
+def eos_ids_from_dir(path: Path, config: ModelConfig) -> set[int]:
+    """EOS ids from generation_config.json and config.json (for a model with no tokenizer)."""
+    ids: set[int] = set()
+    gen = path / "generation_config.json"
+    values = [config.eos_token_id]
+    if gen.is_file():
+        values.append(json.loads(gen.read_text()).get("eos_token_id"))
+    for v in values:
+        ids |= set(v) if isinstance(v, list) else {v} if v is not None else set()
+    return ids
+
+
+def resolve_max_model_len(config: EngineConfig, model_config: ModelConfig) -> int:
+    """The engine's context: max_model_len if given (checked), else the model's."""
+    context = model_config.max_position_embeddings
+    max_model_len = config.max_model_len or context
+    if max_model_len > context:
+        raise ConfigError(f"max_model_len={max_model_len} exceeds the model's context of {context}")
+    if not config.enable_chunked_prefill and config.max_num_batched_tokens < max_model_len:
+        raise ConfigError(
+            f"max_num_batched_tokens={config.max_num_batched_tokens} < max_model_len="
+            f"{max_model_len} needs enable_chunked_prefill=True"
+        )
+    return max_model_len
+
+
+class EngineCore:
+    """EngineCore(model_dir, dtype, device, eos_token_ids=None, **engine_args)."""
+
+    def __init__(self, model: str, dtype=None, device=None, eos_token_ids=None, **engine_args):
+        from kiln.model.loader import load_model
+
+        self.config = cfg = EngineConfig.from_kwargs(engine_args)
+        path = Path(model)
+        self.model_config = ModelConfig.from_dir(path)
+        self.max_model_len = resolve_max_model_len(cfg, self.model_config)
+        if eos_token_ids is None:
+            eos_token_ids = eos_ids_from_dir(path, self.model_config)
+        self.eos_token_ids = frozenset(eos_token_ids)
+        net = load_model(path, dtype=dtype, device=device)
+        self.runner = ModelRunner(net, cfg, self.max_model_len)
+        self.device = self.runner.device
+        self.block_manager = BlockManager(
+            self.runner.num_blocks, cfg.block_size, cfg.enable_prefix_caching
+        )
+        self.scheduler = Scheduler(cfg, self.block_manager, self.max_model_len)
+        self.sampler = Sampler(self.model_config.vocab_size)
+        if self.device.type == "cuda" and self.runner.backend_name == "triton":
+            self.sampler.compile_kernels(self.runner.dtype, self.device)
+        self.requests: dict[str, CoreRequest] = {}
+        self._seq_ids = itertools.count()
+        self.prompt_tokens_total = 0
+        self.generation_tokens_total = 0
+        # Async scheduling: queue step N+1 on the GPU before reading step N's tokens.
+        self.async_scheduling = (
+            cfg.async_scheduling if cfg.async_scheduling is not None else self.device.type == "cuda"
+        )
+        self._inflight: InFlight | None = None
+        self._sync_only: set[str] = set()  # live requests that need lockstep steps
+
+    # ------------------------------------------------------------------ requests
+
+    def check_prompt(self, ids: list[int]) -> list[int]:
+        """`ids` if they fit the context and the vocabulary, else InputError naming both."""
+        return check_prompt_ids(ids, self.max_model_len, self.model_config.vocab_size)
+
+    def add_request(
+        self, request_id: str, prompt_token_ids: list[int], params: SamplingParams
+    ) -> None:
+        """Queue a request (its prompt checked again: the core trusts no caller)."""
+        if request_id in self.requests:
+            raise InputError(f"request id {request_id!r} is already in use")
+        ids = self.check_prompt(prompt_token_ids)
+        if params.use_beam_search:
+            from kiln.engine.beam_search import BeamSearchRequest
+
+            self.requests[request_id] = BeamSearchRequest(self, request_id, ids, params)
+            self._sync_only.add(request_id)
+            return
+        self.add_validated(request_id, ids, params)
+
+    def add_validated(self, request_id, ids, params, internal=False) -> CoreRequest:
+        """Queue a request whose prompt is already checked."""
+        req = CoreRequest(request_id, ids, params)
+        req.internal = internal
+        seq = Sequence(next(self._seq_ids), request_id, 0, ids, params, self.eos_token_ids)
+        seq.pending_forks = params.best_of - 1
+        if params.seed is not None:
+            seq.generator = make_generator(params.seed, 0, self.device)
+        req.seqs.append(seq)
+        self.requests[request_id] = req
+        if params.has_penalties or params.best_of > 1:
+            self._sync_only.add(request_id)  # penalties read the newest tokens; forks share them
+        self.scheduler.add(seq)
+        self.prompt_tokens_total += len(ids)
+        return req
+
+    def abort(self, request_id: str) -> bool:
+        """Stop a request now and free its blocks; whether it was live."""
+        req = self.requests.get(request_id)
+        if req is None:
+            return False
+        self._remove(request_id)
+        if req.is_beam:
+            req.abort()
+            return True
+        for seq in req.seqs:
+            if not seq.is_finished:
+                seq.finish("abort")
+                self.scheduler.finish(seq)
+        return True
+
+    def finish_seq(self, request_id: str, index: int, reason: str, stop_reason=None) -> None:
+        """End one sequence early (a stop string the output processor found)."""
+        req = self.requests.get(request_id)
+        if req is None or req.is_beam:
+            return
+        for seq in req.seqs:
+            if seq.index == index and not seq.is_finished:
+                seq.finish(reason, stop_reason)
+                self.scheduler.finish(seq)
+        if all(s.is_finished for s in req.seqs):
+            req.finished = True
+            self._remove(request_id)
+
+    def _remove(self, request_id: str) -> None:
+        del self.requests[request_id]
+        self._sync_only.discard(request_id)
+
+    def has_unfinished(self) -> bool:
+        return bool(self.requests)
+
+    # ------------------------------------------------------------------ one step
+
+    def step(self) -> list[SeqDelta]:
+        """Run one scheduled step; what every sequence it touched gained.
+
+        With async scheduling the step is queued on the GPU and the previous step's tokens are
+        read back while it runs, so outputs trail the GPU by one step: a sequence that ends
+        (EOS, stop) has computed one token too many, which is dropped.
+        """
+        if self.async_scheduling and not self._sync_only:
+            return self._step_async()
+        if self._inflight is not None:  # a request that needs lockstep arrived: drain first
+            prev, self._inflight = self._inflight, None
+            return self._process(prev.seqs, prev.sample.result())
+        out = self.scheduler.schedule()
+        if not out.seqs:
+            return self._drive_beams([])
+        seqs, logits = self.runner.execute(out)
+        self.scheduler.update(out)
+        if not seqs:
+            return self._drive_beams([])
+        seqs, rows = self._fork(seqs)
+        if rows is not None:
+            logits = logits[rows]
+        return self._drive_beams(self._process(seqs, self.sampler(logits, seqs)))
+
+    def _step_async(self) -> list[SeqDelta]:
+        out = self.scheduler.schedule()
+        launched = None
+        if out.seqs:
+            prev = self._inflight.tokens if self._inflight is not None else None
+            seqs, sample = self.runner.execute_and_sample(out, prev, self.sampler)
+            self.scheduler.update(out)
+            if seqs:
+                for seq in seqs:
+                    seq.num_pending += 1
+                rows = {seq.seq_id: i for i, seq in enumerate(seqs)}
+                launched = InFlight(seqs, sample, PreviousTokens(sample.tokens, rows))
+        prev, self._inflight = self._inflight, launched
+        if prev is None:
+            return []
+        return self._process(prev.seqs, prev.sample.result())
+
+    def _process(self, seqs: list[Sequence], result) -> list[SeqDelta]:
+        """Append the sampled tokens, check token-level stops; the deltas for the caller."""
+        deltas = []
+        done: list[CoreRequest] = []
+        for i, seq in enumerate(seqs):
+            if seq.num_pending:
+                seq.num_pending -= 1
+            if seq.is_finished:  # aborted, or ended while this token was in flight
+                continue
+            token, top = result.token_ids[i], result.top_logprobs[i]
+            self._append(seq, token, result.logprobs[i], top)
+            req = self.requests[seq.request_id]
+            if not req.internal:
+                deltas.append(
+                    SeqDelta(
+                        seq.request_id,
+                        seq.index,
+                        [token],
+                        None if top is None else [top],
+                        seq.cumulative_logprob,
+                        seq.finish_reason,
+                        seq.stop_reason,
+                    )
+                )
+            if seq.is_finished:
+                done.append(req)
+        for req in done:
+            if not req.finished and all(s.is_finished for s in req.seqs):
+                req.finished = True
+                self._remove(req.request_id)
+        return deltas
+
+    def _fork(self, seqs: list[Sequence]):
+        """Fork the siblings of sequences sampling their first token (they share its logits)."""
+        if not any(s.pending_forks for s in seqs):
+            return seqs, None
+        all_seqs, rows = [], []
+        for j, seq in enumerate(seqs):
+            all_seqs.append(seq)
+            rows.append(j)
+            req = self.requests[seq.request_id]
+            for _ in range(seq.pending_forks):
+                child = seq.fork(next(self._seq_ids), len(req.seqs))
+                self.block_manager.fork(seq, child)
+                if seq.params.seed is not None:
+                    child.generator = make_generator(seq.params.seed, child.index, self.device)
+                self.scheduler.add_running(child)
+                req.seqs.append(child)
+                all_seqs.append(child)
+                rows.append(j)
+            seq.pending_forks = 0
+        return all_seqs, rows
+
+    def _append(self, seq: Sequence, token: int, logprob: float, top) -> None:
+        seq.token_ids.append(token)
+        seq.cumulative_logprob += logprob
+        if seq.logprobs is not None:
+            seq.logprobs.append(top)
+        self.generation_tokens_total += 1
+        check_stop_token(seq, self.max_model_len)
+        if seq.is_finished:
+            self.scheduler.finish(seq)
+
+    def _drive_beams(self, deltas: list[SeqDelta]) -> list[SeqDelta]:
+        for req in list(self.requests.values()):
+            if req.is_beam:
+                final = req.advance()
+                if final is not None:
+                    deltas += final
+                    self._remove(req.request_id)
+        return deltas
+
+    def stats(self) -> dict:
+        bm = self.block_manager
+        return {
+            "num_running": len(self.scheduler.running),
+            "num_waiting": len(self.scheduler.waiting),
+            "kv_cache_usage": bm.usage(),
+            "num_free_blocks": bm.num_free_blocks,
+            "num_total_blocks": bm.num_blocks,
+            "prefix_cache_hits": bm.prefix_cache_hits,
+            "prefix_cache_queries": bm.prefix_cache_queries,
+            "prompt_tokens_total": self.prompt_tokens_total,
+            "generation_tokens_total": self.generation_tokens_total,
+        }
+
+
+def check_prompt_ids(ids: list[int], max_model_len: int, vocab_size: int) -> list[int]:
+    """The prompt's ids as ints; InputError for an empty, too long or out-of-vocab prompt."""
+    ids = [int(t) for t in ids]
+    if not ids:
+        raise InputError("empty prompt: give at least one token")
+    if len(ids) >= max_model_len:
+        raise InputError(
+            f"prompt has {len(ids)} tokens but max_model_len is {max_model_len} "
+            "(the prompt must leave room for at least one generated token)"
+        )
+    bad = next((t for t in ids if not 0 <= t < vocab_size), None)
+    if bad is not None:
+        raise InputError(f"token id {bad} is outside the vocabulary [0, {vocab_size})")
+    return ids
+
+
+def check_stop_token(seq: Sequence, max_model_len: int) -> None:
+    """Finish seq if its newest token ends it: EOS, a stop token id, max_tokens, the context."""
+    p = seq.params
+    token = seq.token_ids[-1]
+    if seq.num_output_tokens >= p.min_tokens:
+        if not p.ignore_eos and token in seq.eos_token_ids:
+            return seq.finish("stop")
+        if token in p.stop_token_ids:
+            return seq.finish("stop", token)
+    if (p.max_tokens is not None and seq.num_output_tokens >= p.max_tokens) or len(
+        seq.token_ids
+    ) >= max_model_len:
+        seq.finish("length")
