@@ -51,14 +51,18 @@ def test_64_concurrent_streams_all_complete(server, client):
     wait_all_blocks_free(server.url)
 
 
-def _finished_total(url: str) -> float:
+def _finished_total(url: str, reason: str | None = None) -> float:
     m = read_metrics(url)
-    return sum(v for k, v in m.items() if k.startswith("kiln:request_success_total"))
+    name = "kiln:request_success_total"
+    if reason is not None:
+        name += f'{{finished_reason="{reason}"}}'
+    return sum(v for k, v in m.items() if k.startswith(name))
 
 
 def test_dropped_streams_free_their_blocks(server):
     body = {"prompt": [5, 6, 7, 8], "max_tokens": 200, "ignore_eos": True, "stream": True}
     finished_before = _finished_total(server.url)
+    aborted_before = _finished_total(server.url, "abort")
     with httpx.Client(base_url=server.url, timeout=30) as http:
         streams = [http.stream("POST", "/v1/completions", json=body) for _ in range(8)]
         for s in streams:
@@ -70,7 +74,9 @@ def test_dropped_streams_free_their_blocks(server):
         for s in streams:
             s.__exit__(None, None, None)
     wait_all_blocks_free(server.url)
-    assert _finished_total(server.url) == finished_before  # aborted, not run to the end
+    # aborted, not run to the end, and counted as aborts
+    assert _finished_total(server.url) == finished_before + 8
+    assert _finished_total(server.url, "abort") == aborted_before + 8
 
 
 def test_dropped_plain_request_is_aborted(server):
@@ -87,4 +93,4 @@ def test_dropped_plain_request_is_aborted(server):
             assert time.monotonic() < deadline, "the request never started"
             time.sleep(0.01)
     wait_all_blocks_free(server.url)
-    assert _finished_total(server.url) == finished_before
+    assert _finished_total(server.url) == finished_before + 1  # as an abort

@@ -1,65 +1,140 @@
-"""AsyncLLM: the engine loop on its own thread, streamed to asyncio callers (the server).
+"""AsyncLLM: the server's engine. The engine core runs in its own process; this side (the API
+process) tokenizes, detokenizes and streams.
 
-Requests go in through a thread-safe queue; the loop thread steps the LLMEngine and hands each
-RequestOutput to the asyncio.Queue of its request via loop.call_soon_threadsafe. Leaving the
-`generate` iterator early (break, cancel, client gone) aborts the request and frees its blocks.
+`generate` checks and tokenizes the prompt here, sends the request to the core, and yields the
+RequestOutputs that the OutputProcessor builds from the core's per-step deltas. Outputs a slow
+consumer has not taken yet are merged (DELTA: concatenated; otherwise the newest replaces the
+older), so a stalled client holds one pending output, not one per step. Leaving the iterator
+early (break, cancel, client gone) aborts the request in the core and frees its blocks.
 """
 
 from __future__ import annotations
 
 import asyncio
-import queue
-import threading
 import uuid
 from collections.abc import AsyncIterator
+from pathlib import Path
+from typing import Any
 
-from kiln.engine.llm_engine import LLMEngine
+from kiln.config import ModelConfig
+from kiln.engine.config import EngineConfig
+from kiln.engine.core_client import (
+    CoreOutputs,
+    EngineCoreClient,
+    EngineDeadError,
+    EngineStopped,
+)
+from kiln.engine.llm_engine import check_params, encode_prompt, load_engine_tokenizer
+from kiln.engine.output_processor import OutputProcessor
 from kiln.engine.outputs import RequestOutput
-from kiln.engine.sampling_params import SamplingParams
+from kiln.engine.sampling_params import RequestOutputKind, SamplingParams
 from kiln.errors import KilnError
 
+__all__ = ["AsyncLLM", "EngineDeadError", "EngineStopped"]
 
-class EngineStopped(KilnError):
-    """A request arrived while the engine drains for shutdown (the server answers 503)."""
+
+class EngineError(KilnError):
+    """The engine failed this request (the model raised, or the core refused it)."""
+
+
+class OutputCollector:
+    """The outputs of one request that its consumer has not taken yet, merged."""
+
+    def __init__(self, kind: RequestOutputKind):
+        self.kind = kind
+        self.output: RequestOutput | None = None
+        self.error: BaseException | None = None
+        self.ready = asyncio.Event()
+
+    def put(self, out: RequestOutput) -> None:
+        if self.output is None or self.kind != RequestOutputKind.DELTA:
+            self.output = out
+        else:
+            merge_delta(self.output, out)
+        self.ready.set()
+
+    def fail(self, error: BaseException) -> None:
+        self.error = error
+        self.ready.set()
+
+    async def get(self) -> RequestOutput:
+        while self.output is None:
+            if self.error is not None:
+                raise self.error
+            await self.ready.wait()
+            self.ready.clear()
+        out, self.output = self.output, None
+        return out
+
+
+def merge_delta(into: RequestOutput, new: RequestOutput) -> None:
+    """Fold a later delta output into an earlier one that nobody has taken yet."""
+    by_index = {c.index: c for c in into.outputs}
+    for c in new.outputs:
+        old = by_index.get(c.index)
+        if old is None:
+            into.outputs.append(c)
+            by_index[c.index] = c
+            continue
+        old.text += c.text
+        old.token_ids = old.token_ids + c.token_ids
+        if old.logprobs is not None and c.logprobs is not None:
+            old.logprobs = old.logprobs + c.logprobs
+        old.finish_reason, old.stop_reason = c.finish_reason, c.stop_reason
+        old.cumulative_logprob = c.cumulative_logprob
+    into.outputs.sort(key=lambda c: c.index)
+    into.finished = new.finished
 
 
 class AsyncLLM:
     """AsyncLLM(model_path, **engine_args); `await start()`, `generate(...)`, `abort(id)`."""
 
     def __init__(self, model: str, dtype=None, device=None, **engine_args):
-        self.engine = LLMEngine(model, dtype=dtype, device=device, **engine_args)
-        self.tokenizer = self.engine.tokenizer
-        self.model_config = self.engine.model_config
-        self.max_model_len = self.engine.max_model_len
-        self._inbox: queue.Queue = queue.Queue()  # ("add", ...) / ("abort", id) / ("stop",)
-        self._streams: dict[str, asyncio.Queue] = {}
+        path = Path(model)
+        self.config = EngineConfig.from_kwargs(engine_args)  # bad arguments fail here, fast
+        self.model_config = ModelConfig.from_dir(path)
+        self.tokenizer = load_engine_tokenizer(path)
+        eos = sorted(self.tokenizer.eos_token_ids) if self.tokenizer is not None else None
+        kwargs = dict(engine_args, dtype=dtype, device=device, eos_token_ids=eos)
+        self.client = EngineCoreClient(str(model), **kwargs)  # starts the core, waits for it
+        self.max_model_len: int = self.client.info["max_model_len"]
+        self.processor = OutputProcessor(self.tokenizer)
+        self._collectors: dict[str, OutputCollector] = {}
         self._loop: asyncio.AbstractEventLoop | None = None
-        self._thread: threading.Thread | None = None
-        self._wake = threading.Event()
         self._stopping = False
-        self._drain = True
-        self._stats: dict = self.engine.stats()
+        self._idle = asyncio.Event()
+        self.on_dead: list[Any] = []  # callbacks(exitcode) once the core process is gone
 
     @property
     def is_running(self) -> bool:
-        """Whether the engine loop runs and takes new requests."""
-        return self._thread is not None and self._thread.is_alive() and not self._stopping
+        """Whether the engine core runs and takes new requests."""
+        return self._loop is not None and not self.client.dead and not self._stopping
+
+    @property
+    def dead(self) -> bool:
+        return self.client.dead
 
     async def start(self) -> None:
-        if self._thread is not None:
+        if self._loop is not None:
             return
         self._loop = asyncio.get_running_loop()
-        self._thread = threading.Thread(target=self._run, name="kiln-engine", daemon=True)
-        self._thread.start()
+        self.client.start_reader(self._on_message_threadsafe, self._on_dead_threadsafe)
 
-    async def shutdown(self, drain: bool = True) -> None:
-        """Stop the loop: after finishing what is queued (drain) or aborting it."""
-        if self._thread is None:
+    async def shutdown(self, drain: bool = True, timeout: float | None = None) -> None:
+        """Stop: after what is in flight finishes (drain, at most `timeout` s) or at once;
+        what is left is aborted, then the core process exits."""
+        if self._stopping and self.client._closing:
             return
-        self._stopping, self._drain = True, drain
-        self._wake.set()
-        await asyncio.to_thread(self._thread.join)
-        self._thread = None
+        self._stopping = True
+        if drain and self._collectors and not self.client.dead:
+            self._idle.clear()
+            try:
+                await asyncio.wait_for(self._idle.wait(), timeout)
+            except TimeoutError:
+                pass
+        for rid in list(self._collectors):
+            self.abort(rid)
+        await asyncio.to_thread(self.client.shutdown)
 
     async def generate(
         self,
@@ -67,91 +142,81 @@ class AsyncLLM:
         sampling_params: SamplingParams | None = None,
         request_id: str | None = None,
     ) -> AsyncIterator[RequestOutput]:
-        """Cumulative outputs after every step that changed the request; the last finished."""
-        if self._thread is None:
+        """The request's outputs as they come (shaped by params.output_kind); the last is
+        finished. Outputs the caller has not taken yet are merged."""
+        if self._loop is None:
             await self.start()
+        if self.client.dead:
+            raise EngineDeadError("the engine core is not running")
         if self._stopping:
             raise EngineStopped("the engine is shutting down")
         request_id = request_id or uuid.uuid4().hex
         text, ids = (prompt, None) if isinstance(prompt, str) else (None, list(prompt))
         params = sampling_params or SamplingParams()
-        ids = self.engine.validate_prompt(text, ids)  # InputError before anything is queued
-        if request_id in self._streams:
+        ids = encode_prompt(
+            self.tokenizer, text, ids, self.max_model_len, self.model_config.vocab_size
+        )
+        check_params(self.tokenizer, params)
+        if request_id in self._collectors:
             raise KilnError(f"request id {request_id!r} is already running")
-        stream: asyncio.Queue = asyncio.Queue()
-        self._streams[request_id] = stream
-        self._inbox.put(("add", request_id, text, ids, params))
-        self._wake.set()
+        collector = OutputCollector(params.output_kind)
+        self._collectors[request_id] = collector
+        self.processor.add_request(request_id, text, ids, params)
+        self.client.add_request(request_id, ids, params)
         finished = False
         try:
-            while True:
-                item = await stream.get()
-                if isinstance(item, BaseException):
-                    raise item
-                finished = item.finished
-                yield item
-                if finished:
-                    break
+            while not finished:
+                out = await collector.get()
+                finished = out.finished
+                yield out
         finally:
-            self._streams.pop(request_id, None)
             if not finished:
                 self.abort(request_id)
+            else:
+                self._forget(request_id)
 
     def abort(self, request_id: str) -> None:
-        """Abort a request (its blocks are freed on the loop thread)."""
-        self._inbox.put(("abort", request_id))
-        self._wake.set()
+        """Abort a request: the core frees its blocks; nothing more comes out of it."""
+        if self._collectors.get(request_id) is None:
+            return
+        self.processor.abort(request_id)
+        self.client.abort([request_id])
+        self._forget(request_id)
+
+    def _forget(self, request_id: str) -> None:
+        self._collectors.pop(request_id, None)
+        if not self._collectors:
+            self._idle.set()
 
     def stats(self) -> dict:
-        return dict(self._stats)
+        return dict(self.client.stats)
 
-    # ------------------------------------------------------------------ loop thread
+    # ------------------------------------------------------------------ from the reader thread
 
-    def _deliver(self, request_id: str, item) -> None:
-        stream = self._streams.get(request_id)
-        if stream is not None:
-            stream.put_nowait(item)
+    def _on_message_threadsafe(self, msg: CoreOutputs) -> None:
+        self._loop.call_soon_threadsafe(self._on_message, msg)
 
-    def _send(self, request_id: str, item) -> None:
-        self._loop.call_soon_threadsafe(self._deliver, request_id, item)
+    def _on_dead_threadsafe(self, exitcode: int | None) -> None:
+        self._loop.call_soon_threadsafe(self._on_dead, exitcode)
 
-    def _handle_inbox(self) -> None:
-        while True:
-            try:
-                msg = self._inbox.get_nowait()
-            except queue.Empty:
-                return
-            if msg[0] == "add":
-                _, rid, text, ids, params = msg
-                try:
-                    self.engine.add_request(rid, text, params, ids)
-                except KilnError as e:
-                    self._send(rid, e)
-            else:
-                self.engine.abort(msg[1])
-
-    def _run(self) -> None:
-        engine = self.engine
-        while True:
-            self._handle_inbox()
-            if self._stopping and (not self._drain or not engine.has_unfinished()):
-                for rid in list(engine.requests):
-                    out = engine.abort(rid)
-                    if out is not None:
-                        self._send(rid, out)
-                break
-            if not engine.has_unfinished():
-                self._stats = engine.stats()
-                self._wake.wait(timeout=0.5)
-                self._wake.clear()
-                continue
-            try:
-                outputs = engine.step(stream=True)
-            except Exception as e:  # the model failed: fail every request, keep serving
-                for rid in list(engine.requests):
-                    engine.abort(rid)
-                    self._send(rid, e)
-                continue
+    def _on_message(self, msg: CoreOutputs) -> None:
+        if msg.deltas:
+            outputs, stops = self.processor.process(msg.deltas)
             for out in outputs:
-                self._send(out.request_id, out)
-            self._stats = engine.stats()
+                collector = self._collectors.get(out.request_id)
+                if collector is not None:
+                    collector.put(out)
+            self.client.finish_seqs([(s.request_id, s.index, s.stop) for s in stops])
+        for rid, why in msg.errors:
+            self.processor.abort(rid)
+            collector = self._collectors.get(rid)
+            if collector is not None:
+                collector.fail(EngineError(why))
+
+    def _on_dead(self, exitcode: int | None) -> None:
+        error = EngineDeadError(f"the engine core process exited (code {exitcode})")
+        for rid, collector in list(self._collectors.items()):
+            self.processor.abort(rid)
+            collector.fail(error)
+        for callback in self.on_dead:
+            callback(exitcode)

@@ -17,8 +17,8 @@ from fastapi.responses import JSONResponse, Response, StreamingResponse
 from pydantic import BaseModel
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from kiln.engine.async_engine import EngineStopped
-from kiln.errors import InputError
+from kiln.engine.async_engine import EngineDeadError, EngineError, EngineStopped
+from kiln.errors import InputError, KilnError
 from kiln.serve import serving
 from kiln.serve.admission import AdmissionGate
 from kiln.serve.metrics import CONTENT_TYPE, ServerMetrics
@@ -27,6 +27,7 @@ from kiln.serve.protocol import (
     ChatCompletionRequest,
     CompletionRequest,
     ModelCard,
+    engine_error,
     ModelList,
     error_body,
     input_error,
@@ -54,7 +55,7 @@ def create_app(
     max_body_bytes: int = DEFAULT_MAX_BODY_BYTES,
 ) -> FastAPI:
     """An OpenAI-compatible app over `engine` (an AsyncLLM, started and drained by the app)."""
-    max_running = engine.engine.config.max_num_seqs
+    max_running = engine.config.max_num_seqs
     ctx = ServingContext(
         engine=engine,
         model_name=served_model_name,
@@ -108,7 +109,9 @@ def _v1_routes(ctx: ServingContext, max_body_bytes: int) -> APIRouter:
         req.check_supported()
         prompts = await serving.completion_prompts(ctx, req)
         max_tokens = [serving.resolve_max_tokens(ctx, p, req.max_tokens, "prompt") for p in prompts]
-        params = serving.sampling_params(req.sampling_kwargs(min(max_tokens), req.logprobs))
+        params = serving.sampling_params(
+            req.sampling_kwargs(min(max_tokens), req.logprobs), req.stream
+        )
         return await _respond(
             ctx,
             request,
@@ -127,7 +130,9 @@ def _v1_routes(ctx: ServingContext, max_body_bytes: int) -> APIRouter:
         req.check_supported()
         prompt = await serving.chat_prompt(ctx, req)
         max_tokens = serving.resolve_max_tokens(ctx, prompt, req.requested_max_tokens, "messages")
-        params = serving.sampling_params(req.sampling_kwargs(max_tokens, req.num_logprobs))
+        params = serving.sampling_params(
+            req.sampling_kwargs(max_tokens, req.num_logprobs), req.stream
+        )
         return await _respond(
             ctx,
             request,
@@ -270,6 +275,11 @@ def _add_error_handlers(app: FastAPI) -> None:
         return _error(
             APIError(503, str(e), type="service_unavailable", headers={"Retry-After": "1"})
         )
+
+    @app.exception_handler(EngineDeadError)
+    @app.exception_handler(EngineError)
+    async def engine_failed(request: Request, e: KilnError) -> JSONResponse:
+        return _error(engine_error(e))
 
     @app.exception_handler(RequestValidationError)
     async def invalid(request: Request, e: RequestValidationError) -> JSONResponse:

@@ -1,4 +1,4 @@
-"""The engine's cumulative outputs as per-choice deltas, and token logprobs in OpenAI's two
+"""The engine's delta outputs as OpenAI choices, and token logprobs in OpenAI's two
 shapes (the legacy completions object and chat's content list)."""
 
 from __future__ import annotations
@@ -30,35 +30,23 @@ class Delta:
 
 @dataclass
 class DeltaTracker:
-    """Turns the engine's cumulative outputs into per-choice deltas; counts usage."""
+    """Numbers the engine's delta outputs as OpenAI choices (prompt i, completion j ->
+    i * n + j) and counts usage."""
 
     n: int
     prompt_tokens: list[int]  # per prompt
-    sent_text: dict[int, int] = field(default_factory=dict)
     sent_tokens: dict[int, int] = field(default_factory=dict)
-    finished: set[int] = field(default_factory=set)
 
     def deltas(self, prompt_index: int, out) -> list[Delta]:
+        """The choices' deltas in a DELTA (or FINAL_ONLY) RequestOutput."""
         found = []
         for c in out.outputs:
             index = prompt_index * self.n + c.index
-            if index in self.finished:
+            self.sent_tokens[index] = self.sent_tokens.get(index, 0) + len(c.token_ids)
+            if not c.text and not c.token_ids and not c.finish_reason:
                 continue
-            text_at, tok_at = self.sent_text.get(index, 0), self.sent_tokens.get(index, 0)
-            if len(c.text) == text_at and len(c.token_ids) == tok_at and not c.finish_reason:
-                continue
-            self.sent_text[index], self.sent_tokens[index] = len(c.text), len(c.token_ids)
-            if c.finish_reason:
-                self.finished.add(index)
             found.append(
-                Delta(
-                    index,
-                    c.text[text_at:],
-                    c.token_ids[tok_at:],
-                    None if c.logprobs is None else c.logprobs[tok_at : len(c.token_ids)],
-                    c.finish_reason,
-                    c.stop_reason,
-                )
+                Delta(index, c.text, c.token_ids, c.logprobs, c.finish_reason, c.stop_reason)
             )
         return found
 

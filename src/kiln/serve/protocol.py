@@ -242,6 +242,11 @@ def input_error(e: InputError, param: str | None = None) -> APIError:
     return APIError(400, str(e), param=param)
 
 
+def engine_error(e: Exception) -> APIError:
+    """The engine failed the request (the model raised, the engine core died) as a 500."""
+    return APIError(500, str(e), type="server_error", code="engine_error")
+
+
 # ---- responses -------------------------------------------------------------------------
 
 

@@ -45,12 +45,25 @@ def serve(
     log_level: str = "info",
     **engine_args: Any,
 ) -> None:
-    """Load `model`, serve it over HTTP until SIGTERM/SIGINT, then drain and return."""
+    """Load `model`, serve it over HTTP until SIGTERM/SIGINT, then drain and return;
+    EngineDeadError (the CLI exits non-zero) if the engine core process dies."""
     logging.basicConfig(level=log_level.upper(), format="%(levelname)s %(name)s: %(message)s")
+    from kiln.engine.async_engine import EngineDeadError
+
     engine = build_engine(model, **engine_args)
     app = create_app(engine, served_model_name or str(model), api_key=api_key, max_queue=max_queue)
     config = uvicorn.Config(app, host=host, port=port, log_level=log_level, access_log=False)
-    DrainingServer(config, app).run()
+    server = DrainingServer(config, app)
+    dead: list[int | None] = []
+
+    def engine_died(exitcode: int | None) -> None:  # fail fast: a supervisor restarts us
+        dead.append(exitcode)
+        server.should_exit = True
+
+    engine.on_dead.append(engine_died)
+    server.run()
+    if dead:
+        raise EngineDeadError(f"the engine core process died (exit code {dead[0]}); stopped")
 
 
 def demo_examples(base_url: str, model_name: str, chat: bool) -> str:

@@ -17,6 +17,7 @@ from typing import Any
 
 from pydantic import BaseModel
 
+from kiln.engine.async_engine import EngineDeadError, EngineError
 from kiln.errors import InputError, TokenizerError
 from kiln.serve.admission import AdmissionGate
 from kiln.serve.deltas import Delta, DeltaTracker, chat_logprobs, completion_logprobs, token_decoder
@@ -35,6 +36,7 @@ from kiln.serve.protocol import (
     CompletionResponse,
     DeltaMessage,
     UsageInfo,
+    engine_error,
     error_body,
     input_error,
 )
@@ -125,12 +127,14 @@ def resolve_max_tokens(
     return max_tokens
 
 
-def sampling_params(kwargs: dict[str, Any]):
-    """kiln's SamplingParams; its range checks become 400s."""
-    from kiln.engine.sampling_params import SamplingParams
+def sampling_params(kwargs: dict[str, Any], stream: bool):
+    """kiln's SamplingParams (delta outputs when streamed, one final output otherwise); its
+    range checks become 400s."""
+    from kiln.engine.sampling_params import RequestOutputKind, SamplingParams
 
+    kind = RequestOutputKind.DELTA if stream else RequestOutputKind.FINAL_ONLY
     try:
-        return SamplingParams(**kwargs)
+        return SamplingParams(**kwargs, output_kind=kind)
     except InputError as e:  # "invalid sampling parameter NAME=VALUE: ..."
         name = re.search(r"parameter (\w+)=", str(e))
         raise input_error(e, name and name.group(1)) from None
@@ -146,23 +150,29 @@ def new_id(prefix: str) -> str:
 async def run_request(
     ctx: ServingContext, prompt: list[int], params, request_id: str, arrival: float
 ) -> AsyncIterator[Any]:
-    """The engine's outputs for one prompt; records latencies when it finishes. Closing the
-    engine's stream early (disconnect, error, cancellation) aborts the request."""
+    """The engine's outputs for one prompt; records latencies and finish reasons. Closing
+    the engine's stream early (disconnect, error, cancellation) aborts the request."""
     first_token = None
-    out = None
+    tokens: dict[int, int] = {}
+    finished = False
     stream = ctx.engine.generate(prompt, params, request_id)
     try:
         async for out in stream:
-            if first_token is None and any(c.token_ids for c in out.outputs):
-                first_token = time.monotonic()
+            for c in out.outputs:
+                if c.token_ids and first_token is None:
+                    first_token = time.monotonic()
+                tokens[c.index] = tokens.get(c.index, 0) + len(c.token_ids)
+                if c.finish_reason:
+                    ctx.metrics.finished.labels(c.finish_reason).inc()
+            finished = out.finished
             yield out
     finally:
         await stream.aclose()
-        if out is not None and out.finished:
-            num_tokens = max(len(c.token_ids) for c in out.outputs)
+        if finished:
+            num_tokens = max(tokens.values(), default=0)
             ctx.metrics.observe_request(arrival, first_token, time.monotonic(), num_tokens)
-            for c in out.outputs:
-                ctx.metrics.finished.labels(c.finish_reason or "abort").inc()
+        else:
+            ctx.metrics.finished.labels("abort").inc()
 
 
 _DONE = object()
@@ -222,6 +232,8 @@ async def guarded_events(events: AsyncIterator[str]) -> AsyncIterator[str]:
         yield sse(e.body())
     except InputError as e:
         yield sse(input_error(e).body())
+    except (EngineDeadError, EngineError) as e:
+        yield sse(engine_error(e).body())
     except Exception:
         log.exception("streaming request failed")
         yield sse(error_body("internal server error", "server_error", code="internal_error"))

@@ -1,0 +1,280 @@
+"""The engine core in its own process, and the client the API process talks to it through.
+
+Two ZeroMQ PUSH/PULL sockets over IPC carry msgpack (msgspec) messages: requests, aborts and
+stops go in; one `CoreOutputs` per engine step comes out with every sequence's new tokens and
+the engine's stats. The core never waits on the API side (its send queue is unbounded); the
+API side reads on a thread of its own and hands each message to its asyncio loop.
+"""
+
+from __future__ import annotations
+
+import logging
+import multiprocessing
+import os
+import signal
+import tempfile
+import threading
+import time
+import traceback
+import uuid
+from collections.abc import Callable
+from typing import Any
+
+import msgspec
+import zmq
+
+from kiln.engine.core import SeqDelta
+from kiln.engine.sampling_params import SamplingParams
+from kiln.errors import KilnError
+
+log = logging.getLogger("kiln.engine")
+
+POLL_MS = 200  # how often an idle side looks at the other one's health
+
+
+class AddRequest(msgspec.Struct, tag="add", array_like=True):
+    request_id: str
+    prompt_token_ids: list[int]
+    params: SamplingParams
+
+
+class Abort(msgspec.Struct, tag="abort", array_like=True):
+    request_ids: list[str]
+
+
+class FinishSeqs(msgspec.Struct, tag="stop", array_like=True):
+    """Sequences the API side ended on a stop string: (request_id, index, stop)."""
+
+    stops: list[tuple[str, int, str]]
+
+
+class Shutdown(msgspec.Struct, tag="shutdown", array_like=True):
+    pass
+
+
+CoreInput = AddRequest | Abort | FinishSeqs | Shutdown
+
+
+class CoreOutputs(msgspec.Struct, array_like=True, omit_defaults=True):
+    """One message from the core: a step's deltas, refused requests, stats, or its state."""
+
+    deltas: list[SeqDelta] = []
+    errors: list[tuple[str, str]] = []  # (request_id, why): the core failed these requests
+    stats: dict[str, float] | None = None
+    ready: dict[str, Any] | None = None  # first message after start-up: the engine's facts
+    fatal: str | None = None  # the core could not start (the error's one line)
+
+
+class EngineDeadError(KilnError):
+    """The engine-core process is gone: nothing in flight can finish (the server answers 500
+    and exits so that a supervisor restarts it)."""
+
+
+class EngineStopped(KilnError):
+    """A request arrived while the engine drains for shutdown (the server answers 503)."""
+
+
+# ---------------------------------------------------------------------- the core process
+
+
+def run_engine_core(
+    model: str, engine_kwargs: dict[str, Any], in_addr: str, out_addr: str, parent_pid: int
+) -> None:
+    """The engine-core process: build the engine, then step it while there is work."""
+    from kiln.engine.core import EngineCore
+
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is the API process's to handle
+    ctx = zmq.Context()
+    inbox = ctx.socket(zmq.PULL)
+    inbox.connect(in_addr)
+    outbox = ctx.socket(zmq.PUSH)
+    outbox.setsockopt(zmq.SNDHWM, 0)  # never block the GPU loop on a slow reader
+    outbox.connect(out_addr)
+    encode = msgspec.msgpack.Encoder().encode
+    try:
+        core = EngineCore(model, **engine_kwargs)
+    except KilnError as e:
+        outbox.send(encode(CoreOutputs(fatal=f"{type(e).__name__}: {e}")))
+        outbox.close(linger=5000)
+        os._exit(1)
+    ready = dict(max_model_len=core.max_model_len, vocab_size=core.model_config.vocab_size)
+    outbox.send(encode(CoreOutputs(ready=ready, stats=core.stats())))
+    EngineCoreLoop(core, inbox, outbox, parent_pid).run()
+    outbox.close(linger=5000)
+    inbox.close(linger=0)
+    ctx.term()
+
+
+class EngineCoreLoop:
+    """Inputs in, one step, outputs out; blocks on the inbox only while there is no work."""
+
+    def __init__(self, core, inbox: zmq.Socket, outbox: zmq.Socket, parent_pid: int):
+        self.core = core
+        self.inbox = inbox
+        self.outbox = outbox
+        self.parent_pid = parent_pid
+        self.decode = msgspec.msgpack.Decoder(CoreInput).decode
+        self.encode = msgspec.msgpack.Encoder().encode
+        self.errors: list[tuple[str, str]] = []
+        self.running = True
+        self.last_stats: dict | None = None
+
+    def run(self) -> None:
+        core = self.core
+        while self.running:
+            busy = core.has_unfinished() or core._inflight is not None
+            if not busy and not self.inbox.poll(POLL_MS):
+                if os.getppid() != self.parent_pid:  # the API process died: nobody to serve
+                    return
+                continue
+            while self.inbox.poll(0):
+                self.handle(self.decode(self.inbox.recv()))
+            deltas = self.step() if busy or core.has_unfinished() else []
+            stats = core.stats()
+            if deltas or self.errors or stats != self.last_stats:
+                msg = CoreOutputs(deltas=deltas, errors=self.errors, stats=stats)
+                self.outbox.send(self.encode(msg), copy=False)
+                self.errors, self.last_stats = [], stats
+
+    def step(self) -> list[SeqDelta]:
+        try:
+            return self.core.step()
+        except Exception as e:  # the model failed: fail every request, keep serving
+            traceback.print_exc()
+            why = f"the engine failed: {type(e).__name__}: {e}"
+            for rid in list(self.core.requests):
+                self.core.abort(rid)
+                self.errors.append((rid, why))
+            self.core._inflight = None
+            return []
+
+    def handle(self, msg: CoreInput) -> None:
+        core = self.core
+        if isinstance(msg, AddRequest):
+            try:
+                core.add_request(msg.request_id, msg.prompt_token_ids, msg.params)
+            except KilnError as e:
+                self.errors.append((msg.request_id, str(e)))
+        elif isinstance(msg, Abort):
+            for rid in msg.request_ids:
+                core.abort(rid)
+        elif isinstance(msg, FinishSeqs):
+            for rid, index, stop in msg.stops:
+                core.finish_seq(rid, index, "stop", stop)
+        else:
+            self.running = False
+
+
+# ---------------------------------------------------------------------- the API side
+
+
+class EngineCoreClient:
+    """Starts the engine-core process and talks to it; `on_message(CoreOutputs)` and
+    `on_dead(exitcode)` are called on the reader thread."""
+
+    def __init__(self, model: str, startup_timeout: float = 1800.0, **engine_kwargs: Any):
+        self.ctx = zmq.Context()
+        base = os.path.join(tempfile.gettempdir(), f"kiln-{uuid.uuid4().hex[:12]}")
+        in_addr, out_addr = f"ipc://{base}-in", f"ipc://{base}-out"
+        self._paths = [f"{base}-in", f"{base}-out"]
+        self.inbox = self.ctx.socket(zmq.PUSH)  # our sends: the core's inbox
+        self.inbox.setsockopt(zmq.SNDHWM, 0)
+        self.inbox.bind(in_addr)
+        self.outbox = self.ctx.socket(zmq.PULL)  # the core's outputs
+        self.outbox.setsockopt(zmq.RCVHWM, 0)
+        self.outbox.bind(out_addr)
+        self.encode = msgspec.msgpack.Encoder().encode
+        self.decode = msgspec.msgpack.Decoder(CoreOutputs).decode
+        spawn = multiprocessing.get_context("spawn")
+        self.proc = spawn.Process(
+            target=run_engine_core,
+            args=(model, engine_kwargs, in_addr, out_addr, os.getpid()),
+            name="kiln-engine-core",
+            daemon=True,
+        )
+        self.proc.start()
+        self.dead = False
+        self._reader: threading.Thread | None = None
+        self._closing = False
+        first = self._wait_ready(startup_timeout)
+        self.info: dict[str, Any] = first.ready
+        self.stats: dict[str, float] = first.stats or {}
+
+    def _wait_ready(self, timeout: float) -> CoreOutputs:
+        deadline = time.monotonic() + timeout
+        while not self.outbox.poll(POLL_MS):
+            if not self.proc.is_alive():
+                self.close()
+                raise KilnError(f"the engine core exited while starting (code {self.proc.exitcode})")
+            if time.monotonic() > deadline:
+                self.close()
+                raise KilnError(f"the engine core did not start in {timeout:.0f} s")
+        msg = self.decode(self.outbox.recv())
+        if msg.fatal is not None:
+            self.proc.join(timeout=10)
+            self.close()
+            name, _, text = msg.fatal.partition(": ")
+            import kiln.errors as errors
+
+            raise getattr(errors, name, KilnError)(text)
+        return msg
+
+    def start_reader(self, on_message: Callable, on_dead: Callable) -> None:
+        self._reader = threading.Thread(
+            target=self._read, args=(on_message, on_dead), name="kiln-core-reader", daemon=True
+        )
+        self._reader.start()
+
+    def _read(self, on_message: Callable, on_dead: Callable) -> None:
+        while not self._closing:
+            if self.outbox.poll(POLL_MS):
+                msg = self.decode(self.outbox.recv(copy=False).buffer)
+                if msg.stats is not None:
+                    self.stats = msg.stats
+                on_message(msg)
+            elif not self.proc.is_alive():
+                while self.outbox.poll(0):  # what it said before it died still counts
+                    on_message(self.decode(self.outbox.recv()))
+                if not self._closing:
+                    self.dead = True
+                    on_dead(self.proc.exitcode)
+                return
+
+    def _send(self, msg: CoreInput) -> None:
+        if not self.dead and not self._closing:
+            self.inbox.send(self.encode(msg), flags=zmq.NOBLOCK)
+
+    def add_request(self, request_id: str, ids: list[int], params: SamplingParams) -> None:
+        self._send(AddRequest(request_id, ids, params))
+
+    def abort(self, request_ids: list[str]) -> None:
+        if request_ids:
+            self._send(Abort(request_ids))
+
+    def finish_seqs(self, stops: list[tuple[str, int, str]]) -> None:
+        if stops:
+            self._send(FinishSeqs(stops))
+
+    def shutdown(self, timeout: float = 30.0) -> None:
+        """Ask the core to stop, wait for it, then kill it if it hangs."""
+        self._send(Shutdown())
+        self._closing = True
+        if self._reader is not None:
+            self._reader.join(timeout=5)
+        self.proc.join(timeout=timeout)
+        if self.proc.is_alive():
+            self.proc.kill()
+            self.proc.join(timeout=10)
+        self.close()
+
+    def close(self) -> None:
+        self._closing = True
+        if self.proc.is_alive():
+            self.proc.kill()
+            self.proc.join(timeout=10)
+        self.inbox.close(linger=0)
+        self.outbox.close(linger=0)
+        self.ctx.term()
+        for p in self._paths:
+            if os.path.exists(p):
+                os.unlink(p)
