@@ -2,11 +2,14 @@
 leaving the iterator, stats, the core dying."""
 
 import asyncio
+import os
+import signal
 
 import pytest
 
 from kiln.engine import SamplingParams
-from kiln.engine.async_engine import AsyncLLM
+from kiln.engine.async_engine import AsyncLLM, EngineDeadError
+from kiln.engine.sampling_params import RequestOutputKind
 from kiln.errors import InputError
 
 
@@ -60,3 +63,58 @@ def test_stream_is_cumulative_and_abort_frees_blocks(hf_model_dir, random_prompt
         "generation_tokens_total",
     }
     assert stats["num_free_blocks"] == stats["num_total_blocks"]
+
+
+def test_slow_consumer_gets_merged_deltas_and_the_same_tokens(hf_model_dir, random_prompts):
+    path, _ = hf_model_dir("llama")
+    llm = AsyncLLM(str(path), device="cpu", max_model_len=128)
+    (p,) = random_prompts((7,), seed=21)
+    kinds = (RequestOutputKind.CUMULATIVE, RequestOutputKind.DELTA)
+    params = {k: SamplingParams(temperature=0, max_tokens=24, ignore_eos=True, output_kind=k)
+              for k in kinds}  # fmt: skip
+
+    async def collect(kind, delay):
+        outs = []
+        async for o in llm.generate(p, params[kind]):
+            outs.append(o)
+            await asyncio.sleep(delay)
+        return outs
+
+    async def main():
+        await llm.start()
+        res = await asyncio.gather(collect(kinds[0], 0), collect(kinds[1], 0.2))
+        await llm.shutdown()
+        return res
+
+    cumulative, delta = asyncio.run(main())
+    ids = cumulative[-1].outputs[0].token_ids
+    assert len(ids) == 24
+    assert [t for o in delta for t in o.outputs[0].token_ids] == ids
+    assert len(delta) < len(cumulative)  # a slow reader takes several steps at once
+    assert delta[-1].finished and delta[-1].outputs[0].finish_reason == "length"
+
+
+def test_engine_core_death_fails_requests_and_is_reported(hf_model_dir, random_prompts):
+    path, _ = hf_model_dir("llama")
+    llm = AsyncLLM(str(path), device="cpu", max_model_len=128)
+    (p,) = random_prompts((7,), seed=22)
+    deaths = []
+    llm.on_dead.append(deaths.append)
+
+    async def main():
+        await llm.start()
+        params = SamplingParams(max_tokens=100, ignore_eos=True)
+        n = 0
+        with pytest.raises(EngineDeadError, match="engine core process exited"):
+            async for _ in llm.generate(p, params):
+                n += 1
+                if n == 2:
+                    os.kill(llm.client.proc.pid, signal.SIGKILL)
+        assert not llm.is_running
+        with pytest.raises(EngineDeadError):
+            async for _ in llm.generate(p, params):
+                pass
+        await llm.shutdown()
+
+    asyncio.run(main())
+    assert deaths == [-signal.SIGKILL]

@@ -15,6 +15,7 @@ class ServerThread:
     def __init__(self, app):
         import uvicorn
 
+        self.engine = app.state.ctx.engine
         self.sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
         self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         self.sock.bind(("127.0.0.1", 0))

@@ -8,10 +8,12 @@ API side reads on a thread of its own and hands each message to its asyncio loop
 
 from __future__ import annotations
 
+import json
 import logging
-import multiprocessing
 import os
 import signal
+import subprocess
+import sys
 import tempfile
 import threading
 import time
@@ -78,7 +80,7 @@ class EngineStopped(KilnError):
 
 
 def run_engine_core(
-    model: str, engine_kwargs: dict[str, Any], in_addr: str, out_addr: str, parent_pid: int
+    model: str, kwargs: dict[str, Any], in_addr: str, out_addr: str, parent_pid: int
 ) -> None:
     """The engine-core process: build the engine, then step it while there is work."""
     from kiln.engine.core import EngineCore
@@ -92,7 +94,7 @@ def run_engine_core(
     outbox.connect(out_addr)
     encode = msgspec.msgpack.Encoder().encode
     try:
-        core = EngineCore(model, **engine_kwargs)
+        core = EngineCore(model, **kwargs)
     except KilnError as e:
         outbox.send(encode(CoreOutputs(fatal=f"{type(e).__name__}: {e}")))
         outbox.close(linger=5000)
@@ -185,14 +187,11 @@ class EngineCoreClient:
         self.outbox.bind(out_addr)
         self.encode = msgspec.msgpack.Encoder().encode
         self.decode = msgspec.msgpack.Decoder(CoreOutputs).decode
-        spawn = multiprocessing.get_context("spawn")
-        self.proc = spawn.Process(
-            target=run_engine_core,
-            args=(model, engine_kwargs, in_addr, out_addr, os.getpid()),
-            name="kiln-engine-core",
-            daemon=True,
-        )
-        self.proc.start()
+        # A fresh interpreter (not multiprocessing): no re-import of the caller's __main__,
+        # no CUDA state inherited from a fork.
+        spec = json.dumps(dict(model=model, kwargs=_plain(engine_kwargs), in_addr=in_addr,
+                               out_addr=out_addr, parent_pid=os.getpid()))  # fmt: skip
+        self.proc = subprocess.Popen([sys.executable, "-m", "kiln.engine.core_client", spec])
         self.dead = False
         self._reader: threading.Thread | None = None
         self._closing = False
@@ -203,15 +202,17 @@ class EngineCoreClient:
     def _wait_ready(self, timeout: float) -> CoreOutputs:
         deadline = time.monotonic() + timeout
         while not self.outbox.poll(POLL_MS):
-            if not self.proc.is_alive():
+            if self.proc.poll() is not None:
                 self.close()
-                raise KilnError(f"the engine core exited while starting (code {self.proc.exitcode})")
+                raise KilnError(
+                    f"the engine core exited while starting (code {self.proc.returncode})"
+                )
             if time.monotonic() > deadline:
                 self.close()
                 raise KilnError(f"the engine core did not start in {timeout:.0f} s")
         msg = self.decode(self.outbox.recv())
         if msg.fatal is not None:
-            self.proc.join(timeout=10)
+            self.proc.wait(timeout=10)
             self.close()
             name, _, text = msg.fatal.partition(": ")
             import kiln.errors as errors
@@ -232,12 +233,12 @@ class EngineCoreClient:
                 if msg.stats is not None:
                     self.stats = msg.stats
                 on_message(msg)
-            elif not self.proc.is_alive():
+            elif self.proc.poll() is not None:
                 while self.outbox.poll(0):  # what it said before it died still counts
                     on_message(self.decode(self.outbox.recv()))
                 if not self._closing:
                     self.dead = True
-                    on_dead(self.proc.exitcode)
+                    on_dead(self.proc.returncode)
                 return
 
     def _send(self, msg: CoreInput) -> None:
@@ -261,20 +262,30 @@ class EngineCoreClient:
         self._closing = True
         if self._reader is not None:
             self._reader.join(timeout=5)
-        self.proc.join(timeout=timeout)
-        if self.proc.is_alive():
-            self.proc.kill()
-            self.proc.join(timeout=10)
+        try:
+            self.proc.wait(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            pass
         self.close()
 
     def close(self) -> None:
         self._closing = True
-        if self.proc.is_alive():
+        if self.proc.poll() is None:
             self.proc.kill()
-            self.proc.join(timeout=10)
+            self.proc.wait(timeout=10)
         self.inbox.close(linger=0)
         self.outbox.close(linger=0)
         self.ctx.term()
         for p in self._paths:
             if os.path.exists(p):
                 os.unlink(p)
+
+
+def _plain(kwargs: dict[str, Any]) -> dict[str, Any]:
+    """Engine arguments as JSON values (a torch dtype or device by its name)."""
+    return {k: v if v is None or isinstance(v, bool | int | float | str | list) else
+            str(v).removeprefix("torch.") for k, v in kwargs.items()}  # fmt: skip
+
+
+if __name__ == "__main__":  # the engine-core process (started by EngineCoreClient)
+    run_engine_core(**json.loads(sys.argv[1]))

@@ -1,0 +1,247 @@
+"""Served vs offline throughput on one workload, and a sweep of Poisson request rates.
+
+One run: `kiln.LLM` offline on N random-token prompts (input/output lengths fixed, greedy,
+ignore_eos), then `kiln serve` on the same model measured by `kiln bench serve` at rate inf on
+the same prompts, then (optionally) at each --rates value. Each engine runs in a process of
+its own, one after the other. With --baseline-src, the offline and served runs are repeated
+with another source tree (e.g. a worktree of an older commit) for a before/after table.
+Writes results.json, a markdown table and sweep.png (throughput and TTFT/TPOT p50/p99 against
+the offered rate) under --out.
+
+    # GPU: the Qwen3-0.6B-shaped random bf16 model
+    PYTHONPATH=src python3 benchmarks/bench_serve_vs_offline.py --random-qwen3 /tmp/q3 \
+        --num-prompts 1000 --rates 100 150 200 250 --out /tmp/sweep
+    # CPU: a tiny random model, before (an older tree) and after
+    PYTHONPATH=src python3 benchmarks/bench_serve_vs_offline.py --tiny /tmp/tiny \
+        --num-prompts 200 --input-len 32 --output-len 64 --baseline-src /tmp/old/src
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import math
+import os
+import random
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import httpx
+
+HERE = Path(__file__).resolve().parent
+SRC = HERE.parent / "src"
+
+OFFLINE = """
+import json, random, sys, time
+from kiln.engine import LLM, SamplingParams
+spec = json.loads(sys.argv[1])
+llm = LLM(spec["model"], **spec["engine_args"])
+rng = random.Random(spec["seed"])
+def prompts(n):
+    return [[rng.randrange(10, spec["max_token_id"]) for _ in range(spec["input_len"])]
+            for _ in range(n)]
+warm = prompts(spec["warmup"])
+work = prompts(spec["num_prompts"])
+params = SamplingParams(temperature=0.0, max_tokens=spec["output_len"], ignore_eos=True)
+llm.generate(prompt_token_ids=warm, sampling_params=params)
+start = time.perf_counter()
+outs = llm.generate(prompt_token_ids=work, sampling_params=params)
+elapsed = time.perf_counter() - start
+tokens = sum(len(o.outputs[0].token_ids) for o in outs)
+print("RESULT " + json.dumps(dict(output_throughput=tokens / elapsed,
+      request_throughput=len(outs) / elapsed, duration_s=elapsed, tokens=tokens)))
+"""
+
+
+def build_tiny(out: Path) -> Path:
+    """A tiny random Llama (2 layers, hidden 64) with a synthetic byte-level tokenizer."""
+    if not (out / "tokenizer.json").is_file():
+        import torch
+        from bench_serve import save_synthetic_tokenizer
+        from transformers import LlamaConfig, LlamaForCausalLM
+
+        torch.manual_seed(0)
+        cfg = LlamaConfig(vocab_size=4096, hidden_size=64, intermediate_size=128,
+                          num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+                          max_position_embeddings=512, eos_token_id=4095)  # fmt: skip
+        LlamaForCausalLM(cfg).save_pretrained(out)
+        save_synthetic_tokenizer(out, cfg.vocab_size)
+    return out
+
+
+def env_for(src: Path) -> dict[str, str]:
+    env = dict(os.environ)
+    env["PYTHONPATH"] = f"{src}{os.pathsep}{HERE}"
+    return env
+
+
+def run_offline(src: Path, model: Path, args, engine_args: dict) -> dict:
+    spec = dict(model=str(model), engine_args=engine_args, seed=args.seed,
+                max_token_id=args.max_token_id, input_len=args.input_len,
+                output_len=args.output_len, num_prompts=args.num_prompts,
+                warmup=args.warmup)  # fmt: skip
+    out = subprocess.run([sys.executable, "-c", OFFLINE, json.dumps(spec)], env=env_for(src),
+                         capture_output=True, text=True, check=False)  # fmt: skip
+    line = next((x for x in out.stdout.splitlines() if x.startswith("RESULT ")), None)
+    if line is None:
+        raise SystemExit(f"offline run failed:\n{out.stdout[-3000:]}\n{out.stderr[-3000:]}")
+    return json.loads(line[7:])
+
+
+def wait_healthy(url: str, proc: subprocess.Popen, timeout: float = 900) -> None:
+    deadline = time.monotonic() + timeout
+    while True:
+        if proc.poll() is not None:
+            raise SystemExit(f"kiln serve exited with {proc.returncode} while starting")
+        try:
+            if httpx.get(f"{url}/health", timeout=2).status_code == 200:
+                return
+        except httpx.TransportError:
+            pass
+        if time.monotonic() > deadline:
+            raise SystemExit("kiln serve did not start")
+        time.sleep(0.5)
+
+
+def run_served(src: Path, model: Path, args, serve_args: list[str], rates: list[float]) -> list:
+    """Start kiln serve from `src`; kiln bench serve (this tree's client) at each rate."""
+    from bench_serve import free_port
+
+    from kiln.serve.bench import run_benchmark
+
+    port = free_port()
+    url = f"http://127.0.0.1:{port}"
+    cmd = [sys.executable, "-m", "kiln.cli", "serve", "--model", str(model), "--port", str(port),
+           "--max-queue", str(args.num_prompts + args.warmup), "--log-level", "warning",
+           *serve_args]  # fmt: skip
+    log = open(args.out / f"serve_{src.parent.name}.log", "w")
+    proc = subprocess.Popen(cmd, env=env_for(src), stdout=log, stderr=subprocess.STDOUT)
+    results = []
+    try:
+        wait_healthy(url, proc)
+        bench = argparse.Namespace(base_url=url, api_key=None, model=None,
+                                   num_prompts=args.num_prompts, input_len=args.input_len,
+                                   output_len=args.output_len, max_token_id=args.max_token_id,
+                                   warmup_requests=args.warmup, max_concurrency=None)  # fmt: skip
+        for rate in rates:
+            s = asyncio.run(run_benchmark(bench, rate, args.seed))
+            print(f"  served rate {rate}: {s['request_throughput']:.1f} req/s, "
+                  f"{s['output_throughput']:.0f} tok/s, TTFT p99 {s['ttft_ms']['p99']:.0f} ms, "
+                  f"failed {s['failed']} {s['first_error'][:80]}", flush=True)  # fmt: skip
+            results.append(s)
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        try:
+            proc.wait(timeout=60)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+        log.close()
+    return results
+
+
+def sustained(s: dict, slack: float = 0.05, ttft_p99_ms: float = 1000.0) -> bool:
+    """Request throughput within `slack` of the offered rate and TTFT p99 under the bound."""
+    ok = s["failed"] == 0 and s["request_throughput"] >= (1 - slack) * s["request_rate"]
+    return ok and s["ttft_ms"]["p99"] < ttft_p99_ms
+
+
+def plot(sweep: list[dict], offline_rps: float, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    rates = [s["request_rate"] for s in sweep]
+    fig, ax = plt.subplots(1, 3, figsize=(15, 4.2))
+    ax[0].plot(rates, [s["request_throughput"] for s in sweep], "o-", label="served")
+    ax[0].plot(rates, rates, ":", color="gray", label="offered")
+    ax[0].axhline(offline_rps, ls="--", color="k", label="offline engine")
+    ax[0].set(xlabel="offered rate (req/s)", ylabel="req/s", title="request throughput")
+    for i, key in ((1, "ttft_ms"), (2, "tpot_ms")):
+        for q in ("p50", "p99"):
+            ax[i].plot(rates, [s[key][q] for s in sweep], "o-", label=q)
+        ax[i].set(xlabel="offered rate (req/s)", ylabel="ms", title=key[:4].upper(), yscale="log")
+    for a in ax:
+        a.legend()
+        a.grid(alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    src = p.add_mutually_exclusive_group(required=True)
+    src.add_argument("--model", type=Path)
+    src.add_argument("--random-qwen3", type=Path, metavar="DIR")
+    src.add_argument("--tiny", type=Path, metavar="DIR")
+    p.add_argument("--num-prompts", type=int, default=1000)
+    p.add_argument("--input-len", type=int, default=256)
+    p.add_argument("--output-len", type=int, default=128)
+    p.add_argument("--max-token-id", type=int, default=1000)
+    p.add_argument("--warmup", type=int, default=32)
+    p.add_argument("--rates", type=float, nargs="*", default=[])
+    p.add_argument("--max-num-seqs", type=int, default=256)
+    p.add_argument("--baseline-src", type=Path, default=None, help="a 'before' source tree")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--out", type=Path, default=Path("out/serve_vs_offline"))
+    args = p.parse_args()
+    args.out.mkdir(parents=True, exist_ok=True)
+    if args.random_qwen3:
+        from bench_serve import build_random_qwen3
+
+        model = build_random_qwen3(args.random_qwen3)
+    else:
+        model = build_tiny(args.tiny) if args.tiny else args.model
+    engine_args = {"max_num_seqs": args.max_num_seqs}
+    serve_args = ["--max-num-seqs", str(args.max_num_seqs)]
+    if args.tiny:
+        engine_args["device"] = "cpu"
+    trees = [("after", SRC)] + ([("before", args.baseline_src)] if args.baseline_src else [])
+    report: dict = {"args": {k: str(v) for k, v in vars(args).items()}, "trees": {}}
+    for name, tree in trees:
+        print(f"== {name} ({tree})", flush=True)
+        off = run_offline(tree, model, args, engine_args)
+        print(f"  offline: {off['output_throughput']:.0f} tok/s, "
+              f"{off['request_throughput']:.1f} req/s", flush=True)  # fmt: skip
+        rates = [math.inf] + (args.rates if name == "after" else [])
+        served = run_served(tree, model, args, serve_args, rates)
+        report["trees"][name] = {"offline": off, "served": served}
+    (args.out / "results.json").write_text(json.dumps(report, indent=2))
+    lines = [
+        "| tree | offline tok/s | served tok/s (rate inf) | served / offline | "
+        "offline req/s | served req/s | TTFT p50 / p99 ms |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    for name, r in report["trees"].items():
+        off, inf = r["offline"], r["served"][0]
+        lines.append(f"| {name} | {off['output_throughput']:,.0f} | "
+                     f"{inf['output_throughput']:,.0f} | "
+                     f"{inf['output_throughput'] / off['output_throughput']:.1%} | "
+                     f"{off['request_throughput']:.1f} | {inf['request_throughput']:.1f} | "
+                     f"{inf['ttft_ms']['p50']:.0f} / {inf['ttft_ms']['p99']:.0f} |")  # fmt: skip
+    after = report["trees"]["after"]
+    sweep = after["served"][1:]
+    if sweep:
+        offline_rps = after["offline"]["request_throughput"]
+        lines += ["", "| offered req/s | served req/s | out tok/s | TTFT p50 / p99 ms | "
+                  "TPOT p50 / p99 ms | sustained |", "|---|---|---|---|---|---|"]  # fmt: skip
+        for s in sweep:
+            lines.append(f"| {s['request_rate']:.0f} | {s['request_throughput']:.1f} | "
+                         f"{s['output_throughput']:,.0f} | {s['ttft_ms']['p50']:.0f} / "
+                         f"{s['ttft_ms']['p99']:.0f} | {s['tpot_ms']['p50']:.1f} / "
+                         f"{s['tpot_ms']['p99']:.1f} | {'yes' if sustained(s) else 'no'} |")  # fmt: skip
+        best = max((s["request_rate"] for s in sweep if sustained(s)), default=0.0)
+        lines.append(f"\nhighest sustained rate: {best:.0f} req/s = {best / offline_rps:.0%} "
+                     f"of offline {offline_rps:.1f} req/s")  # fmt: skip
+        plot(sweep, offline_rps, args.out / "sweep.png")
+    table = "\n".join(lines)
+    (args.out / "table.md").write_text(table + "\n")
+    print(table)
+
+
+if __name__ == "__main__":
+    main()
