@@ -229,12 +229,11 @@ def main() -> None:
         lines += ["", "| offered req/s | served req/s | out tok/s | TTFT p50 / p99 ms | "
                   "TPOT p50 / p99 ms | sustained |", "|---|---|---|---|---|---|"]  # fmt: skip
         for s in sweep:
-            lines.append(
-                f"| {s['request_rate']:.0f} | {s['request_throughput']:.1f} | "
-                f"{s['output_throughput']:,.0f} | {s['ttft_ms']['p50']:.0f} / "
-                f"{s['ttft_ms']['p99']:.0f} | {s['tpot_ms']['p50']:.1f} / "
-                f"{s['tpot_ms']['p99']:.1f} | {'yes' if sustained(s) else 'no'} |"
-            )
+            ttft, tpot = s["ttft_ms"], s["tpot_ms"]
+            ok = "yes" if sustained(s) else "no"
+            lines.append(f"| {s['request_rate']:.0f} | {s['request_throughput']:.1f} | "
+                         f"{s['output_throughput']:,.0f} | {ttft['p50']:.0f} / {ttft['p99']:.0f}"
+                         f" | {tpot['p50']:.1f} / {tpot['p99']:.1f} | {ok} |")  # fmt: skip
         best = max((s["request_rate"] for s in sweep if sustained(s)), default=0.0)
         lines.append(f"\nhighest sustained rate: {best:.0f} req/s = {best / offline_rps:.0%} "
                      f"of offline {offline_rps:.1f} req/s")  # fmt: skip
