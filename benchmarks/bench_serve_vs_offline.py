@@ -91,6 +91,12 @@ def run_offline(src: Path, model: Path, args, engine_args: dict) -> dict:
     return json.loads(line[7:])
 
 
+def triton_cache_entries() -> int | None:
+    """Kernels in TRITON_CACHE_DIR (when set): more after serving = compiled at request time."""
+    cache = os.environ.get("TRITON_CACHE_DIR")
+    return len(os.listdir(cache)) if cache and os.path.isdir(cache) else None
+
+
 def wait_healthy(url: str, proc: subprocess.Popen, timeout: float = 900) -> None:
     deadline = time.monotonic() + timeout
     while True:
@@ -122,6 +128,7 @@ def run_served(src: Path, model: Path, args, serve_args: list[str], rates: list[
     results = []
     try:
         wait_healthy(url, proc)
+        compiled_at_start = triton_cache_entries()
         bench = argparse.Namespace(base_url=url, api_key=None, model=None,
                                    num_prompts=args.num_prompts, input_len=args.input_len,
                                    output_len=args.output_len, max_token_id=args.max_token_id,
@@ -132,6 +139,9 @@ def run_served(src: Path, model: Path, args, serve_args: list[str], rates: list[
                   f"{s['output_throughput']:.0f} tok/s, TTFT p99 {s['ttft_ms']['p99']:.0f} ms, "
                   f"failed {s['failed']} {s['first_error'][:80]}", flush=True)  # fmt: skip
             results.append(s)
+        if compiled_at_start is not None:
+            print(f"  Triton cache entries: {compiled_at_start} when ready, "
+                  f"{triton_cache_entries()} after the runs", flush=True)  # fmt: skip
     finally:
         proc.send_signal(signal.SIGTERM)
         try:

@@ -86,6 +86,7 @@ def run_engine_core(
     from kiln.engine.core import EngineCore
 
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is the API process's to handle
+    _leave_a_core_for_the_api_process()
     ctx = zmq.Context()
     inbox = ctx.socket(zmq.PULL)
     inbox.connect(in_addr)
@@ -105,6 +106,16 @@ def run_engine_core(
     outbox.close(linger=5000)
     inbox.close(linger=0)
     ctx.term()
+
+
+def _leave_a_core_for_the_api_process() -> None:
+    """On the CPU, torch's intra-op threads spin at their barriers: one thread per core plus
+    a busy API process makes every op wait for a descheduled thread (10x slower steps on 2
+    cores). Unless OMP_NUM_THREADS says otherwise, the core takes all cores but one."""
+    import torch
+
+    if "OMP_NUM_THREADS" not in os.environ:
+        torch.set_num_threads(max(1, (os.cpu_count() or 2) - 1))
 
 
 class EngineCoreLoop:
