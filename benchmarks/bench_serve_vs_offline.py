@@ -74,7 +74,9 @@ def build_tiny(out: Path) -> Path:
 
 def env_for(src: Path) -> dict[str, str]:
     env = dict(os.environ)
-    env["PYTHONPATH"] = f"{src}{os.pathsep}{HERE}"
+    env["PYTHONPATH"] = os.pathsep.join(
+        [str(src), str(HERE)] + ([env["PYTHONPATH"]] if env.get("PYTHONPATH") else [])
+    )
     return env
 
 
