@@ -19,7 +19,6 @@ the offered rate) under --out.
 from __future__ import annotations
 
 import argparse
-import asyncio
 import json
 import math
 import os
@@ -99,6 +98,16 @@ def triton_cache_entries() -> int | None:
     return len(os.listdir(cache)) if cache and os.path.isdir(cache) else None
 
 
+def cpu_seconds(pid: int) -> float:
+    """User + system CPU time of a process so far (Linux /proc)."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def _children(pid: int) -> list[int]:
+    return [int(c) for c in Path(f"/proc/{pid}/task/{pid}/children").read_text().split()]
+
+
 def wait_healthy(url: str, proc: subprocess.Popen, timeout: float = 900) -> None:
     deadline = time.monotonic() + timeout
     while True:
@@ -134,12 +143,26 @@ def run_served(src: Path, model: Path, args, serve_args: list[str], rates: list[
         bench = argparse.Namespace(base_url=url, api_key=None, model=None,
                                    num_prompts=args.num_prompts, input_len=args.input_len,
                                    output_len=args.output_len, max_token_id=args.max_token_id,
-                                   warmup_requests=args.warmup, max_concurrency=None)  # fmt: skip
-        for rate in rates:
-            s = asyncio.run(run_benchmark(bench, rate, args.seed))
-            print(f"  served rate {rate}: {s['request_throughput']:.1f} req/s, "
+                                   warmup_requests=args.warmup, max_concurrency=None,
+                                   num_clients=1)  # fmt: skip
+        pids = {"api": proc.pid, "core": _children(proc.pid)[0]}
+        runs = [(rate, 1) for rate in rates]
+        if args.clients > 1:
+            runs.append((math.inf, args.clients))
+        for rate, clients in runs:
+            before = {k: cpu_seconds(v) for k, v in pids.items()}
+            client_before, start = time.process_time(), time.perf_counter()
+            bench.num_clients = clients
+            s = run_benchmark(bench, rate, args.seed)
+            wall = time.perf_counter() - start
+            s["cpu_share"] = {k: (cpu_seconds(v) - before[k]) / wall for k, v in pids.items()}
+            s["cpu_share"]["client"] = (time.process_time() - client_before) / wall
+            s["clients"] = clients
+            print(f"  served rate {rate} ({clients} client): {s['request_throughput']:.1f} req/s, "
                   f"{s['output_throughput']:.0f} tok/s, TTFT p99 {s['ttft_ms']['p99']:.0f} ms, "
-                  f"failed {s['failed']} {s['first_error'][:80]}", flush=True)  # fmt: skip
+                  f"failed {s['failed']} {s['first_error'][:80]}; CPU busy "
+                  + ", ".join(f"{k} {v:.0%}" for k, v in s["cpu_share"].items()),
+                  flush=True)  # fmt: skip
             results.append(s)
         if compiled_at_start is not None:
             print(f"  Triton cache entries: {compiled_at_start} when ready, "
@@ -198,6 +221,9 @@ def main() -> None:
     p.add_argument("--max-num-seqs", type=int, default=256)
     p.add_argument("--baseline-src", type=Path, default=None, help="a 'before' source tree")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--clients", type=int, default=1,
+                   help="also run rate inf from this many client processes")  # fmt: skip
+    p.add_argument("--serve-arg", action="append", default=[], help="passed to kiln serve")
     p.add_argument("--out", type=Path, default=Path("out/serve_vs_offline"))
     args = p.parse_args()
     args.out.mkdir(parents=True, exist_ok=True)
@@ -208,7 +234,7 @@ def main() -> None:
     else:
         model = build_tiny(args.tiny) if args.tiny else args.model
     engine_args = {"max_num_seqs": args.max_num_seqs}
-    serve_args = ["--max-num-seqs", str(args.max_num_seqs)]
+    serve_args = ["--max-num-seqs", str(args.max_num_seqs), *args.serve_arg]
     if args.tiny:
         engine_args["device"] = "cpu"
     trees = [("after", SRC)] + ([("before", args.baseline_src)] if args.baseline_src else [])
@@ -235,7 +261,7 @@ def main() -> None:
                      f"{off['request_throughput']:.1f} | {inf['request_throughput']:.1f} | "
                      f"{inf['ttft_ms']['p50']:.0f} / {inf['ttft_ms']['p99']:.0f} |")  # fmt: skip
     after = report["trees"]["after"]
-    sweep = after["served"][1:]
+    sweep = [s for s in after["served"][1:] if s["clients"] == 1]
     if sweep:
         offline_rps = after["offline"]["request_throughput"]
         lines += ["", "| offered req/s | served req/s | out tok/s | TTFT p50 / p99 ms | "

@@ -5,6 +5,8 @@ from __future__ import annotations
 import argparse
 import json
 
+import pytest
+
 
 def test_bench_serve_reports_vllm_metrics(server, tmp_path, capsys):
     from kiln.serve import bench
@@ -26,3 +28,20 @@ def test_bench_serve_reports_vllm_metrics(server, tmp_path, capsys):
         assert 0 < r["ttft_ms"]["p50"] <= r["ttft_ms"]["p99"] <= r["e2e_ms"]["p99"]
         assert r["tpot_ms"]["mean"] > 0 and r["itl_ms"]["p95"] > 0
     assert "output throughput" in capsys.readouterr().out
+
+
+def test_bench_serve_with_several_client_processes_counts_every_request(server, tmp_path):
+    from kiln.serve import bench
+
+    parser = argparse.ArgumentParser()
+    bench.add_arguments(parser)
+    out = tmp_path / "bench.json"
+    args = parser.parse_args(
+        ["--base-url", server.url, "--num-prompts", "9", "--num-clients", "2",
+         "--input-len", "8", "--output-len", "5", "--max-token-id", "300",
+         "--warmup-requests", "1", "--json", str(out)]
+    )  # fmt: skip
+    assert bench.main(args) == 0
+    (r,) = json.loads(out.read_text())
+    assert r["completed"] == 9 and r["failed"] == 0 and r["num_prompts"] == 9
+    assert r["output_throughput"] == pytest.approx(9 * 5 / r["duration_s"])

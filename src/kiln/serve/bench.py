@@ -12,6 +12,7 @@ import argparse
 import asyncio
 import json
 import math
+import multiprocessing
 import random
 import time
 from dataclasses import dataclass, field
@@ -53,19 +54,24 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--output-len", type=int, default=128)
     p.add_argument("--max-token-id", type=int, default=1000, help="prompt ids in [10, this)")
     p.add_argument("--warmup-requests", type=int, default=16, help="concurrent, untimed")
+    p.add_argument(
+        "--num-clients", type=int, default=1,
+        help="client processes sharing the load (one Python client parses ~10k streamed "
+        "chunks/s: use several past that)",
+    )  # fmt: skip
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--json", default=None, help="also write the results to this file")
 
 
 def main(args: argparse.Namespace) -> int:
-    for name in ("num_prompts", "input_len", "output_len", "warmup_requests"):
+    for name in ("num_prompts", "input_len", "output_len", "warmup_requests", "num_clients"):
         if getattr(args, name) < 1:
             raise InputError(f"--{name.replace('_', '-')} must be >= 1")
     if any(not r > 0 for r in args.request_rate):
         raise InputError(f"--request-rate must be > 0, got {args.request_rate}")
     results = []
     for i, rate in enumerate(args.request_rate):  # fresh prompts each run: no prefix hits across
-        results.append(asyncio.run(run_benchmark(args, rate, args.seed + i)))
+        results.append(run_benchmark(args, rate, args.seed + i))
         print(format_summary(results[-1]), flush=True)
     if args.json:
         with open(args.json, "w") as f:
@@ -81,40 +87,71 @@ def random_prompts(rng: random.Random, n: int, length: int, max_token_id: int) -
     return [[rng.randrange(10, max_token_id) for _ in range(length)] for _ in range(n)]
 
 
-async def run_benchmark(args: argparse.Namespace, rate: float, seed: int) -> dict:
+def run_benchmark(args: argparse.Namespace, rate: float, seed: int) -> dict:
     """One run at `rate` requests/s: a warm-up burst (so kernel compilation is not timed), then
-    --num-prompts Poisson arrivals."""
-    import httpx
-
+    --num-prompts Poisson arrivals, sent by --num-clients processes (each a share of the
+    prompts at its share of the rate: together still a Poisson process at `rate`)."""
     rng = random.Random(seed)
     prompts = random_prompts(rng, args.num_prompts, args.input_len, args.max_token_id)
     warmup = random_prompts(rng, args.warmup_requests, args.input_len, args.max_token_id)
-    limits = httpx.Limits(max_connections=None, max_keepalive_connections=None)
-    timeout = httpx.Timeout(None, connect=30.0)
-    async with httpx.AsyncClient(
-        base_url=args.base_url, headers=_headers(args.api_key), limits=limits, timeout=timeout
-    ) as client:
+    model = asyncio.run(_warm_up(args, warmup))
+    k = max(1, min(getattr(args, "num_clients", 1), len(prompts)))
+    shares = [(args, model, prompts[i::k], rate / k, seed * 1000 + i) for i in range(k)]
+    start = time.time() + (0.0 if k == 1 else 2.0)  # the clients start together
+    if k == 1:
+        runs = [_client_process(*shares[0], start)]
+    else:
+        ctx = multiprocessing.get_context("spawn")
+        with ctx.Pool(k) as pool:
+            runs = pool.starmap(_client_process, [(*share, start) for share in shares])
+    done = [r for results, _ in runs for r in results]
+    duration = max(end for _, end in runs) - start
+    return summarize(done, duration, rate, args)
+
+
+async def _warm_up(args: argparse.Namespace, warmup: list[list[int]]) -> str:
+    """The served model's name, after the warm-up requests have all succeeded."""
+    async with _client(args) as client:
         model = args.model or (await client.get("/v1/models")).json()["data"][0]["id"]
         for warm in await asyncio.gather(
             *(one_request(client, model, p, min(args.output_len, 16)) for p in warmup)
         ):
             if not warm.ok:
                 raise InputError(f"warm-up request failed: {warm.error}")
-        gate = asyncio.Semaphore(args.max_concurrency or args.num_prompts)
+    return model
+
+
+def _client(args: argparse.Namespace):
+    import httpx
+
+    limits = httpx.Limits(max_connections=None, max_keepalive_connections=None)
+    timeout = httpx.Timeout(None, connect=30.0)
+    return httpx.AsyncClient(
+        base_url=args.base_url, headers=_headers(args.api_key), limits=limits, timeout=timeout
+    )
+
+
+def _client_process(args, model, prompts, rate, seed, start) -> tuple[list[RequestResult], float]:
+    """One client's share: its requests' results and when it finished (time.time())."""
+    return asyncio.run(_send(args, model, prompts, rate, random.Random(seed), start))
+
+
+async def _send(args, model, prompts, rate, rng, start) -> tuple[list[RequestResult], float]:
+    async with _client(args) as client:
+        gate = asyncio.Semaphore(args.max_concurrency or len(prompts))
 
         async def limited(prompt: list[int]) -> RequestResult:
             async with gate:
                 return await one_request(client, model, prompt, args.output_len)
 
-        start = time.perf_counter()
+        await asyncio.sleep(max(0.0, start - time.time()))
         tasks = []
         for prompt in prompts:
             tasks.append(asyncio.create_task(limited(prompt)))
             if math.isfinite(rate):
                 await asyncio.sleep(rng.expovariate(rate))
         done = await asyncio.gather(*tasks)
-        duration = time.perf_counter() - start
-    return summarize(done, duration, rate, args)
+    return done, time.time()
 
 
 async def one_request(client, model: str, prompt: list[int], max_tokens: int) -> RequestResult:
