@@ -177,14 +177,20 @@ def test_mixtral_expert_tensor_without_projection_is_unexpected():
 
 
 @pytest.mark.parametrize("what", ["weights", "config"])
-def test_cli_corrupt_model_is_one_line(hf_model_dir, tmp_path, capsys, what):
+@pytest.mark.parametrize(
+    "argv",
+    [["generate", "--prompt", "hi"], ["serve", "--device", "cpu"]],
+    ids=["generate", "serve"],
+)
+def test_cli_corrupt_model_is_one_line(hf_model_dir, tmp_path, capsys, what, argv):
     d = save_char_tokenizer(_llama_copy(hf_model_dir, tmp_path))
     if what == "weights":
         (d / "model.safetensors").write_bytes(b"\x00" * 7)
     else:
         hf = json.loads((d / "config.json").read_text())
         (d / "config.json").write_text(json.dumps({**hf, "num_hidden_layers": -3}))
-    assert main(["generate", "--model", str(d), "--prompt", "hi"]) == 2
+    capsys.readouterr()  # drop the fixture's progress bars
+    assert main([*argv, "--model", str(d)]) == 2
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and "Traceback" not in err
     assert ("model.safetensors" if what == "weights" else "num_hidden_layers") in err
