@@ -1,10 +1,11 @@
 """load_tokenizer and chat templates against transformers."""
 
 import pytest
+from chat_tokenizer import save_char_tokenizer
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
 
 import kiln
-from kiln.errors import TokenizerError
+from kiln.errors import MissingTokenizerError, TokenizerError
 
 CHATML = (
     "{% for message in messages %}{{'<|im_start|>' + message['role'] + '\n' + message['content']"
@@ -132,3 +133,43 @@ def test_template_exception_is_a_tokenizer_error(tokenizer_dir):
 def test_missing_tokenizer_json(tmp_path):
     with pytest.raises(TokenizerError, match="no tokenizer.json"):
         kiln.load_tokenizer(tmp_path)
+
+
+def test_missing_tokenizer_is_its_own_error(tmp_path):
+    (tmp_path / "config.json").write_text("{}")
+    with pytest.raises(MissingTokenizerError):
+        kiln.load_tokenizer(tmp_path)
+    with pytest.raises(MissingTokenizerError):
+        kiln.load_tokenizer(tmp_path / "no_such_dir")
+
+
+@pytest.mark.parametrize(
+    "file, content, match",
+    [
+        ("tokenizer.json", bytes(range(256)) * 4, "not a valid tokenizer.json"),
+        ("tokenizer.json", b"", "not a valid tokenizer.json"),
+        ("tokenizer.json", b"{}", "not a valid tokenizer.json"),
+        ("tokenizer_config.json", b"{not json", "not valid JSON"),
+        ("tokenizer_config.json", b"\xff\xfe\x00", "not valid JSON"),
+        ("tokenizer_config.json", b"[]", "expected a JSON object"),
+        ("tokenizer_config.json", b'{"eos_token": 5}', "eos_token must be a string"),
+        ("tokenizer_config.json", b'{"chat_template": 5}', "chat_template must be a string"),
+        ("tokenizer_config.json", b'{"chat_template": [{"x": 1}]}', "chat_template list"),
+        ("tokenizer_config.json", b'{"chat_template": "{% for %}"}', "does not parse"),
+        ("chat_template.jinja", b"{{ messages", "does not parse"),
+        ("chat_template.jinja", b"\xff\xfe{{", "not UTF-8"),
+        ("generation_config.json", b"{", "not valid JSON"),
+        ("generation_config.json", b'{"eos_token_id": "x"}', "eos_token_id must be token ids"),
+    ],
+)
+def test_a_file_that_exists_but_does_not_load_is_a_plain_tokenizer_error(
+    tmp_path, file, content, match
+):
+    save_char_tokenizer(tmp_path)
+    if file == "tokenizer_config.json":
+        (tmp_path / "chat_template.jinja").unlink(missing_ok=True)  # it overrides the config's
+    (tmp_path / file).write_bytes(content)
+    with pytest.raises(TokenizerError, match=f"{file}: .*{match}") as e:
+        kiln.load_tokenizer(tmp_path)
+    assert not isinstance(e.value, MissingTokenizerError)
+    assert "\n" not in str(e.value)

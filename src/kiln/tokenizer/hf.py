@@ -10,16 +10,18 @@ from typing import Any
 
 from tokenizers import Tokenizer as HFTokenizer
 
-from kiln.errors import TokenizerError
-from kiln.tokenizer.chat import render_chat
+from kiln.errors import MissingTokenizerError, TokenizerError
+from kiln.tokenizer.chat import compile_template, render_chat
 
 SPECIAL_TOKEN_KEYS = ("bos_token", "eos_token", "unk_token", "pad_token")
 
 
-def _token_text(value: Any) -> str | None:
-    if isinstance(value, dict):  # serialized AddedToken
-        return value.get("content")
-    return value
+def _token_text(value: Any, key: str, where: Path) -> str | None:
+    """A special token's text from tokenizer_config.json: a string or a serialized AddedToken."""
+    text = value.get("content") if isinstance(value, dict) else value
+    if text is not None and not isinstance(text, str):
+        raise TokenizerError(f"{where}: {key} must be a string, got {value!r:.80}")
+    return text
 
 
 class Tokenizer:
@@ -85,34 +87,62 @@ class Tokenizer:
 
 
 def load_tokenizer(path: str | os.PathLike) -> Tokenizer:
-    """Load tokenizer.json (+ tokenizer_config.json, chat template) from a model directory."""
+    """Load tokenizer.json (+ tokenizer_config.json, chat template) from a model directory.
+
+    MissingTokenizerError when there is no tokenizer.json; TokenizerError naming the file when
+    one of the files exists but does not load.
+    """
     path = Path(path)
     file = path / "tokenizer.json" if path.is_dir() else path
     if not file.is_file():
-        raise TokenizerError(f"no tokenizer.json in {str(path)!r}")
+        raise MissingTokenizerError(f"no tokenizer.json in {str(path)!r}")
     try:
         tok = HFTokenizer.from_file(str(file))
     except Exception as e:  # tokenizers raises a bare Exception on malformed files
-        raise TokenizerError(f"{file}: cannot load tokenizer ({e})") from e
+        raise TokenizerError(f"{file}: not a valid tokenizer.json ({e})") from e
     directory = file.parent
-    cfg = _read_json(directory / "tokenizer_config.json")
-    special = {k: _token_text(cfg.get(k)) for k in SPECIAL_TOKEN_KEYS}
-    template = cfg.get("chat_template")
-    jinja_file = directory / "chat_template.jinja"
-    if jinja_file.is_file():
-        template = jinja_file.read_text()
-    if isinstance(template, list):  # named templates: use "default"
-        template = {t["name"]: t["template"] for t in template}.get("default")
-    gen = _read_json(directory / "generation_config.json")
-    eos = gen.get("eos_token_id")
+    cfg_file = directory / "tokenizer_config.json"
+    cfg = _read_json(cfg_file)
+    special = {k: _token_text(cfg.get(k), k, cfg_file) for k in SPECIAL_TOKEN_KEYS}
+    template = _chat_template(cfg, cfg_file, directory / "chat_template.jinja")
+    gen_file = directory / "generation_config.json"
+    eos = _read_json(gen_file).get("eos_token_id")
     extra = eos if isinstance(eos, list) else [eos] if eos is not None else []
+    if not all(isinstance(i, int) and not isinstance(i, bool) and i >= 0 for i in extra):
+        raise TokenizerError(f"{gen_file}: eos_token_id must be token ids, got {eos!r}")
     return Tokenizer(tok, special, template, extra)
+
+
+def _chat_template(cfg: dict[str, Any], cfg_file: Path, jinja_file: Path) -> str | None:
+    """The chat template (chat_template.jinja over tokenizer_config.json's), compiled once."""
+    template, where = cfg.get("chat_template"), cfg_file
+    if jinja_file.is_file():
+        try:
+            template, where = jinja_file.read_text(), jinja_file
+        except UnicodeDecodeError as e:
+            raise TokenizerError(f"{jinja_file}: not UTF-8 text ({e})") from e
+    if isinstance(template, list):  # named templates: use "default"
+        if not all(isinstance(t, dict) and {"name", "template"} <= t.keys() for t in template):
+            raise TokenizerError(f"{where}: chat_template list needs {{name, template}} objects")
+        template = {t["name"]: t["template"] for t in template}.get("default")
+    if template is None:
+        return None
+    if not isinstance(template, str):
+        raise TokenizerError(f"{where}: chat_template must be a string, got {template!r:.80}")
+    try:
+        compile_template(template)
+    except TokenizerError as e:
+        raise TokenizerError(f"{where}: {e}") from e
+    return template
 
 
 def _read_json(path: Path) -> dict[str, Any]:
     if not path.is_file():
         return {}
     try:
-        return json.loads(path.read_text())
-    except json.JSONDecodeError as e:
+        data = json.loads(path.read_text())
+    except ValueError as e:  # JSONDecodeError, UnicodeDecodeError
         raise TokenizerError(f"{path}: not valid JSON ({e})") from e
+    if not isinstance(data, dict):
+        raise TokenizerError(f"{path}: expected a JSON object, got {type(data).__name__}")
+    return data
