@@ -1,5 +1,10 @@
 """Tokenizers from a model directory: tokenizer.json through HF `tokenizers`, plus the special
-tokens and chat template of tokenizer_config.json."""
+tokens and chat template of tokenizer_config.json.
+
+Text a user wrote (a prompt, a message's content) never yields a special token: `encode` treats
+special-token text as ordinary text unless asked (like `split_special_tokens=True` in
+transformers), and a tokenized chat gets special tokens only from its template's own markers.
+"""
 
 from __future__ import annotations
 
@@ -11,7 +16,12 @@ from typing import Any
 from tokenizers import Tokenizer as HFTokenizer
 
 from kiln.errors import MissingTokenizerError, TokenizerError
-from kiln.tokenizer.chat import compile_template, render_chat
+from kiln.tokenizer.chat import (
+    Placeholders,
+    compile_template,
+    render_chat,
+    special_text_pattern,
+)
 
 SPECIAL_TOKEN_KEYS = ("bos_token", "eos_token", "unk_token", "pad_token")
 
@@ -35,6 +45,13 @@ class Tokenizer:
         extra_eos_ids: list[int] | None = None,
     ):
         self.tokenizer = tokenizer
+        # A copy that reads special-token text as ordinary text (a flag of the tokenizer object,
+        # so a second object rather than a toggle that concurrent encodes would race on).
+        self._plain = HFTokenizer.from_str(tokenizer.to_str())
+        self._plain.encode_special_tokens = True
+        added = tokenizer.get_added_tokens_decoder()
+        self._specials = {i: t.content for i, t in added.items() if t.special}  # id -> text
+        self._special_text = special_text_pattern(self._specials.values())
         self.special_tokens = {k: v for k, v in (special_tokens or {}).items() if v is not None}
         self.chat_template = chat_template
         self.bos_token_id = self.token_to_id(self.special_tokens.get("bos_token"))
@@ -53,9 +70,15 @@ class Tokenizer:
     def id_to_token(self, token_id: int) -> str | None:
         return self.tokenizer.id_to_token(token_id)
 
-    def encode(self, text: str, add_special_tokens: bool = True) -> list[int]:
-        """Token ids of `text` (special tokens added as the tokenizer's post-processor says)."""
-        return self.tokenizer.encode(text, add_special_tokens=add_special_tokens).ids
+    def encode(
+        self, text: str, add_special_tokens: bool = True, allow_special: bool = False
+    ) -> list[int]:
+        """Token ids of `text`; special-token text in it is ordinary text unless allow_special.
+
+        add_special_tokens: let the tokenizer's post-processor add its tokens (BOS, ...).
+        """
+        tok = self.tokenizer if allow_special else self._plain
+        return tok.encode(text, add_special_tokens=add_special_tokens).ids
 
     def decode(self, ids: list[int], skip_special_tokens: bool = True) -> str:
         return self.tokenizer.decode(list(ids), skip_special_tokens=skip_special_tokens)
@@ -67,13 +90,47 @@ class Tokenizer:
         tokenize: bool = False,
         **kwargs: Any,
     ) -> str | list[int]:
-        """Render a conversation the way `transformers.apply_chat_template` does."""
+        """Render a conversation the way `transformers.apply_chat_template` does.
+
+        tokenize=True gives token ids in which only the template's own markers are special
+        tokens: special-token text inside messages (or tools) is encoded as ordinary text.
+        """
         if not self.chat_template:
             raise TokenizerError("this tokenizer has no chat template")
-        text = render_chat(
+        if not tokenize:
+            return self._render(messages, add_generation_prompt, **kwargs)
+        hidden = Placeholders(self._special_text)
+        text = self._render(hidden.hide(messages), add_generation_prompt, **hidden.hide(kwargs))
+        if not hidden.texts:
+            return self.encode(text, add_special_tokens=False, allow_special=True)
+        return self._encode_around_markers(text, hidden)
+
+    def _render(self, messages, add_generation_prompt: bool, **kwargs: Any) -> str:
+        return render_chat(
             self.chat_template, messages, add_generation_prompt, self.special_tokens, **kwargs
         )
-        return self.encode(text, add_special_tokens=False) if tokenize else text
+
+    def _encode_around_markers(self, text: str, hidden: Placeholders) -> list[int]:
+        """Ids of a rendered chat whose user text held special-token text, hidden: the special
+        tokens found in `text` are the template's markers; the text between them, revealed, is
+        encoded as ordinary text.
+
+        The tokenizer itself encodes the text between special tokens piece by piece, so this
+        gives its ids, except that a Metaspace pre-tokenizer with prepend_scheme="first" now
+        prefixes "▁" to each piece rather than to the first only.
+        """
+        ids: list[int] = []
+        pos = 0
+        found = self.tokenizer.encode(text, add_special_tokens=False)
+        for token, (start, end) in zip(found.ids, found.offsets):
+            marker = self._specials.get(token)
+            # a match of the marker's text (offsets take in any whitespace it strips), not an
+            # id such as <unk> that the model gave a character it lacks
+            if marker is not None and marker in text[start:end]:
+                ids += self.encode(hidden.reveal(text[pos:start]), add_special_tokens=False)
+                ids.append(token)
+                pos = end
+        return ids + self.encode(hidden.reveal(text[pos:]), add_special_tokens=False)
 
     def save(self, out_dir: str | os.PathLike) -> None:
         """Write tokenizer.json and tokenizer_config.json (special tokens, chat template)."""
