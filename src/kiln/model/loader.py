@@ -128,7 +128,7 @@ def read_tensors(file: Path) -> Iterator[tuple[str, torch.Tensor]]:
             for name in f.keys():
                 yield name, f.get_tensor(name)
     except (SafetensorError, OSError) as e:
-        raise CheckpointError(f"not a valid safetensors file ({e})") from e
+        raise CheckpointError(f"{file}: not a valid safetensors file ({e})") from e
 
 
 def hf_to_kiln(
@@ -216,13 +216,13 @@ def load_model(
     expected = dict(model.named_parameters())
     loaded: set[str] = set()
     for file in weight_files(path):
-        try:
-            for hf_name, hf_tensor in read_tensors(file):
+        for hf_name, hf_tensor in read_tensors(file):
+            try:
                 for name, tensor in hf_to_kiln(config, hf_name, hf_tensor):
                     _assign(model, expected, name, tensor, dtype, device)
                     loaded.add(name)
-        except CheckpointError as e:
-            raise CheckpointError(f"{file}: {e}") from e
+            except CheckpointError as e:
+                raise CheckpointError(f"{file}: {e}") from e
     if config.tie_word_embeddings:
         model.lm_head.weight = model.embed_tokens.weight
         loaded.add("lm_head.weight")
