@@ -275,15 +275,14 @@ def _positive(hf: dict[str, Any], key: str, default: float) -> float:
 
 
 def _token_ids(hf: dict[str, Any]) -> dict[str, Any]:
-    """bos/eos/pad token ids: each null, an id >= 0, or (eos) a list of ids."""
+    """bos/eos/pad token ids: each null, an integer (old Llama configs say pad -1) or, for eos,
+    a list of integers."""
     out = {}
     for key in ("bos_token_id", "eos_token_id", "pad_token_id"):
         value = hf.get(key)
         ids = value if key == "eos_token_id" and isinstance(value, list) else [value]
-        if value is not None and not all(
-            isinstance(i, int) and not isinstance(i, bool) and i >= 0 for i in ids
-        ):
-            raise ConfigError(f"{key} must be a token id (an integer >= 0), got {value!r}")
+        if value is not None and not all(type(i) is int for i in ids):
+            raise ConfigError(f"{key} must be a token id (an integer), got {value!r}")
         out[key] = value
     return out
 

@@ -165,7 +165,7 @@ def load_tokenizer(path: str | os.PathLike) -> Tokenizer:
     gen_file = directory / "generation_config.json"
     eos = _read_json(gen_file).get("eos_token_id")
     extra = eos if isinstance(eos, list) else [eos] if eos is not None else []
-    if not all(isinstance(i, int) and not isinstance(i, bool) and i >= 0 for i in extra):
+    if not all(type(i) is int for i in extra):
         raise TokenizerError(f"{gen_file}: eos_token_id must be token ids, got {eos!r}")
     return Tokenizer(tok, special, template, extra)
 
