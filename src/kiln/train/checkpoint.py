@@ -82,7 +82,7 @@ def save_checkpoint(
         dist.barrier()
 
 
-def _temp_path(path: Path, pid: int) -> Path:
+def _temp_path(path: Path, pid: int | str) -> Path:
     return path.with_name(f"{path.name}.tmp{pid}")
 
 
@@ -94,9 +94,10 @@ def remove_stale_temporaries(path: str | os.PathLike) -> list[Path]:
     is stale too (left by an earlier process given the same pid). Returns the files removed.
     """
     path = Path(path)
+    prefix = _temp_path(path, "").name
     removed = []
-    for tmp in path.parent.glob(f"{glob.escape(path.name)}.tmp*"):
-        pid = tmp.name.removeprefix(f"{path.name}.tmp")
+    for tmp in path.parent.glob(f"{glob.escape(prefix)}*"):
+        pid = tmp.name.removeprefix(prefix)
         if re.fullmatch(r"[0-9]+", pid) and not _is_other_live_process(int(pid)):
             tmp.unlink(missing_ok=True)
             removed.append(tmp)
