@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -79,6 +80,8 @@ class ModelConfig:
     @classmethod
     def from_hf(cls, hf: dict[str, Any]) -> ModelConfig:
         """Map a Hugging Face config dict onto ModelConfig."""
+        if not isinstance(hf, dict):
+            raise ConfigError(f"expected a JSON object, got {type(hf).__name__}")
         model_type = hf.get("model_type")
         if model_type not in SUPPORTED_MODEL_TYPES:
             raise ConfigError(
@@ -92,28 +95,29 @@ class ModelConfig:
     @classmethod
     def _from_llama_like(cls, hf: dict[str, Any]) -> ModelConfig:
         mt = hf["model_type"]
-        try:
-            hidden, heads, layers = (
-                hf["hidden_size"],
-                hf["num_attention_heads"],
-                hf["num_hidden_layers"],
-            )
-        except KeyError as e:
-            raise ConfigError(f"config.json for {mt!r} lacks required field {e.args[0]!r}") from e
-        kv_heads = hf.get("num_key_value_heads") or heads
-        head_dim = hf.get("head_dim") or hidden // heads
+        hidden = _int(hf, "hidden_size")
+        heads = _int(hf, "num_attention_heads")
+        layers = _int(hf, "num_hidden_layers")
+        num_experts, top_k = 0, 2
+        if mt == "mixtral":
+            num_experts = _int(hf, "num_local_experts", 0, minimum=0)
+            top_k = _int(hf, "num_experts_per_tok", 2)
+            if num_experts and top_k > num_experts:
+                raise ConfigError(
+                    f"num_experts_per_tok={top_k} exceeds num_local_experts={num_experts}"
+                )
         theta, scaling = _rope_params(hf)
         return cls(
             model_type=mt,
-            vocab_size=hf["vocab_size"],
+            vocab_size=_int(hf, "vocab_size"),
             hidden_size=hidden,
-            intermediate_size=hf["intermediate_size"],
+            intermediate_size=_int(hf, "intermediate_size"),
             num_layers=layers,
             num_heads=heads,
-            num_kv_heads=kv_heads,
-            head_dim=head_dim,
-            max_position_embeddings=hf.get("max_position_embeddings", 2048),
-            norm_eps=hf.get("rms_norm_eps", 1e-6),
+            num_kv_heads=_int(hf, "num_key_value_heads", heads),
+            head_dim=_int(hf, "head_dim", hidden // heads),
+            max_position_embeddings=_int(hf, "max_position_embeddings", 2048),
+            norm_eps=_positive(hf, "rms_norm_eps", 1e-6),
             activation=_activation(hf.get("hidden_act", "silu")),
             rope_theta=theta,
             rope_scaling=scaling,
@@ -122,13 +126,11 @@ class ModelConfig:
             mlp_bias=bool(hf.get("mlp_bias", False)),
             qk_norm=mt == "qwen3",
             sliding_windows=_sliding_windows(hf, layers),
-            num_experts=hf.get("num_local_experts", 0) if mt == "mixtral" else 0,
-            num_experts_per_tok=hf.get("num_experts_per_tok", 2),
+            num_experts=num_experts,
+            num_experts_per_tok=top_k,
             tie_word_embeddings=bool(hf.get("tie_word_embeddings", False)),
-            bos_token_id=hf.get("bos_token_id"),
-            eos_token_id=hf.get("eos_token_id"),
-            pad_token_id=hf.get("pad_token_id"),
-            dtype=hf.get("dtype") or hf.get("torch_dtype"),
+            **_token_ids(hf),
+            dtype=_dtype(hf),
             hf_config=dict(hf),
         )
 
@@ -139,18 +141,20 @@ class ModelConfig:
                 raise ConfigError(f"gpt2 option {flag}=true is not supported")
         if hf.get("scale_attn_weights") is False:
             raise ConfigError("gpt2 option scale_attn_weights=false is not supported")
-        hidden, heads = hf["n_embd"], hf["n_head"]
+        hidden, heads = _int(hf, "n_embd"), _int(hf, "n_head")
+        if hidden % heads:
+            raise ConfigError(f"n_embd={hidden} is not a multiple of n_head={heads}")
         return cls(
             model_type="gpt2",
-            vocab_size=hf["vocab_size"],
+            vocab_size=_int(hf, "vocab_size"),
             hidden_size=hidden,
-            intermediate_size=hf.get("n_inner") or 4 * hidden,
-            num_layers=hf["n_layer"],
+            intermediate_size=_int(hf, "n_inner", 4 * hidden),
+            num_layers=_int(hf, "n_layer"),
             num_heads=heads,
             num_kv_heads=heads,
             head_dim=hidden // heads,
-            max_position_embeddings=hf.get("n_positions", 1024),
-            norm_eps=hf.get("layer_norm_epsilon", 1e-5),
+            max_position_embeddings=_int(hf, "n_positions", 1024),
+            norm_eps=_positive(hf, "layer_norm_epsilon", 1e-5),
             norm_type="layernorm",
             activation=_activation(hf.get("activation_function", "gelu_new")),
             gated_mlp=False,
@@ -159,10 +163,8 @@ class ModelConfig:
             o_bias=True,
             mlp_bias=True,
             tie_word_embeddings=hf.get("tie_word_embeddings", True),
-            bos_token_id=hf.get("bos_token_id"),
-            eos_token_id=hf.get("eos_token_id"),
-            pad_token_id=hf.get("pad_token_id"),
-            dtype=hf.get("dtype") or hf.get("torch_dtype"),
+            **_token_ids(hf),
+            dtype=_dtype(hf),
             hf_config=dict(hf),
         )
 
@@ -235,28 +237,79 @@ class ModelConfig:
             raise ConfigError(f"no config.json in {str(path)!r}")
         try:
             hf = json.loads(p.read_text())
-        except json.JSONDecodeError as e:
+        except ValueError as e:  # JSONDecodeError, UnicodeDecodeError
             raise ConfigError(f"{p}: not valid JSON ({e})") from e
-        return cls.from_hf(hf)
+        try:
+            return cls.from_hf(hf)
+        except ConfigError as e:
+            raise ConfigError(f"{p}: {e}") from e
 
     def replace(self, **changes: Any) -> ModelConfig:
         """A copy with some fields changed."""
         return dataclasses.replace(self, **changes)
 
 
-def _activation(name: str) -> str:
+_REQUIRED: Any = object()
+
+
+def _int(hf: dict[str, Any], key: str, default: Any = _REQUIRED, minimum: int = 1) -> Any:
+    """hf[key] (or `default` when absent or null) as an integer >= minimum, or None."""
+    value = hf.get(key)
+    if value is None:
+        if default is _REQUIRED:
+            raise ConfigError(f"lacks required field {key!r}")
+        if default is None:
+            return None
+        value = default
+    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
+        raise ConfigError(f"{key} must be an integer >= {minimum}, got {value!r}")
+    return value
+
+
+def _positive(hf: dict[str, Any], key: str, default: float) -> float:
+    """hf[key] (or `default` when absent) as a finite number > 0."""
+    value = hf.get(key, default)
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 < value < math.inf:
+        raise ConfigError(f"{key} must be a number > 0, got {value!r}")
+    return float(value)
+
+
+def _token_ids(hf: dict[str, Any]) -> dict[str, Any]:
+    """bos/eos/pad token ids: each null, an integer (old Llama configs say pad -1) or, for eos,
+    a list of integers."""
+    out = {}
+    for key in ("bos_token_id", "eos_token_id", "pad_token_id"):
+        value = hf.get(key)
+        ids = value if key == "eos_token_id" and isinstance(value, list) else [value]
+        if value is not None and not all(type(i) is int for i in ids):
+            raise ConfigError(f"{key} must be a token id (an integer), got {value!r}")
+        out[key] = value
+    return out
+
+
+def _dtype(hf: dict[str, Any]) -> str | None:
+    dtype = hf.get("dtype") or hf.get("torch_dtype")
+    if dtype is not None and not isinstance(dtype, str):
+        raise ConfigError(f"dtype must be a string such as 'bfloat16', got {dtype!r}")
+    return dtype
+
+
+def _activation(name: Any) -> str:
     aliases = {"silu": "silu", "swish": "silu", "gelu_new": "gelu_new", "gelu": "gelu"}
     aliases |= {"gelu_pytorch_tanh": "gelu_new", "gelu_fast": "gelu_new"}
-    if name not in aliases:
+    if not isinstance(name, str) or name not in aliases:
         raise ConfigError(f"unsupported activation {name!r}; supported: {sorted(aliases)}")
     return aliases[name]
 
 
 def _rope_params(hf: dict[str, Any]) -> tuple[float, dict[str, Any] | None]:
     """rope_theta and scaling from either the v4 (`rope_scaling`) or v5 (`rope_parameters`) keys."""
-    params = dict(hf.get("rope_parameters") or {})
+    params = hf.get("rope_parameters") or {}
     legacy = hf.get("rope_scaling") or {}
-    theta = params.get("rope_theta", hf.get("rope_theta", 10000.0))
+    for key, value in (("rope_parameters", params), ("rope_scaling", legacy)):
+        if not isinstance(value, dict):
+            raise ConfigError(f"{key} must be an object, got {value!r}")
+    theta = _positive(params, "rope_theta", _positive(hf, "rope_theta", 10000.0))
     scaling = {k: v for k, v in {**legacy, **params}.items() if k != "rope_theta"}
     rope_type = scaling.pop("rope_type", None) or scaling.pop("type", None) or "default"
     scaling.pop("type", None)
@@ -265,18 +318,25 @@ def _rope_params(hf: dict[str, Any]) -> tuple[float, dict[str, Any] | None]:
             f"unsupported rope type {rope_type!r}; supported: {', '.join(SUPPORTED_ROPE_TYPES)}"
         )
     if rope_type == "default":
-        return float(theta), None
-    return float(theta), {"rope_type": rope_type, **scaling}
+        return theta, None
+    _positive(scaling, "factor", None)
+    if rope_type == "llama3":
+        _int(scaling, "original_max_position_embeddings")
+    return theta, {"rope_type": rope_type, **scaling}
 
 
 def _sliding_windows(hf: dict[str, Any], num_layers: int) -> list[int | None]:
-    window = hf.get("sliding_window")
+    window = _int(hf, "sliding_window", None)
     if hf["model_type"] in ("qwen2", "qwen3") and not hf.get("use_sliding_window", False):
         window = None
     layer_types = hf.get("layer_types")
+    if layer_types is not None and (
+        not isinstance(layer_types, list) or len(layer_types) != num_layers
+    ):
+        raise ConfigError(f"layer_types must list one type for each of the {num_layers} layers")
     if layer_types and window:
         return [window if t == "sliding_attention" else None for t in layer_types]
     if hf["model_type"] in ("qwen2", "qwen3") and window:
-        first_full = hf.get("max_window_layers", num_layers)
+        first_full = _int(hf, "max_window_layers", num_layers, minimum=0)
         return [window if i >= first_full else None for i in range(num_layers)]
     return [window] * num_layers

@@ -17,5 +17,9 @@ class TokenizerError(KilnError):
     """A tokenizer that cannot be trained, loaded or applied."""
 
 
+class MissingTokenizerError(TokenizerError):
+    """A model directory with no tokenizer.json (unlike one whose tokenizer does not load)."""
+
+
 class InputError(KilnError, ValueError):
     """A request or argument outside what kiln accepts (empty prompt, bad sampling value...)."""

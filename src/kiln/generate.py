@@ -140,7 +140,7 @@ def _cli(args: argparse.Namespace) -> None:
     model = load_model(args.model, dtype=args.dtype, device=args.device, lora=args.lora)
     if args.chat:
         messages = [{"role": "user", "content": args.prompt}]
-        ids = tok.encode(tok.apply_chat_template(messages), add_special_tokens=False)
+        ids = tok.apply_chat_template(messages, tokenize=True)
     else:
         ids = tok.encode(args.prompt)
     if not ids:

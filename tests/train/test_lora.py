@@ -141,6 +141,26 @@ def test_adapter_for_another_base_is_refused(hf_model_dir, tmp_path):
         kiln.load_model(hf_model_dir("gpt2")[0], lora=tmp_path)
 
 
+@pytest.mark.parametrize(
+    "file, content, match",
+    [
+        ("adapter_model.safetensors", b"", "adapter_model.safetensors: not a valid safetensors"),
+        ("adapter_model.safetensors", b"\x13" * 64, "not a valid safetensors file"),
+        ("adapter_config.json", b"\xff\xfe", "adapter_config.json: not valid JSON"),
+        ("adapter_config.json", b"[]", "adapter_config.json: expected a JSON object"),
+    ],
+)
+def test_corrupt_adapter_is_a_checkpoint_error_naming_the_file(
+    hf_model_dir, tmp_path, file, content, match
+):
+    model = kiln.load_model(hf_model_dir("llama")[0])
+    apply_lora(model, LoraConfig(r=4))
+    lora.save_adapter(model, tmp_path)
+    (tmp_path / file).write_bytes(content)
+    with pytest.raises(CheckpointError, match=match):
+        kiln.load_model(hf_model_dir("llama")[0], lora=tmp_path)
+
+
 def test_adapter_config_is_peft_shaped(hf_model_dir, tmp_path):
     from peft import LoraConfig as PeftLoraConfig
 

@@ -2,6 +2,8 @@
 
 import json
 import math
+import os
+import subprocess
 
 import pytest
 import torch
@@ -99,6 +101,26 @@ def test_a_write_killed_midway_leaves_the_last_checkpoint_usable(tmp_path, monke
     opt = make_optimizer(fresh, train_config(tmp_path), torch.device("cpu"))
     assert load_checkpoint(path, fresh, opt)[0] == 3
     assert torch.equal(fresh.lm_head.weight, model.lm_head.weight)
+
+
+def test_a_run_removes_the_temp_files_of_killed_writes(tmp_path):
+    data = token_file(tmp_path / "tokens.bin")
+    run = tmp_path / "run"
+    train(tiny_model(), train_config(run, max_steps=3), windows(data, 4), lm_loss)
+    dead = subprocess.Popen(["true"])
+    dead.wait()
+    temps = {
+        pid: run / f"{CHECKPOINT_NAME}.tmp{pid}" for pid in (dead.pid, os.getpid(), os.getppid())
+    }
+    not_ours = run / f"{CHECKPOINT_NAME}.tmp-notes"
+    for p in [*temps.values(), not_ours]:
+        p.write_bytes(b"half a checkpoint")
+    train(tiny_model(), train_config(run, max_steps=4), windows(data, 4), lm_loss, resume=True)
+    assert not temps[dead.pid].exists()  # its writer died: kill -9 mid-write
+    assert not temps[os.getpid()].exists()  # an earlier process with this pid
+    assert temps[os.getppid()].exists()  # a live process may be writing it
+    assert not_ours.exists()
+    assert read_checkpoint(run / CHECKPOINT_NAME)[1]["step"] == "4"
 
 
 def test_corrupt_checkpoint_is_a_one_line_error(tmp_path):

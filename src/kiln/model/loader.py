@@ -13,7 +13,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import torch
-from safetensors import safe_open
+from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
 from kiln.config import ModelConfig
@@ -79,7 +79,7 @@ def weight_files(path: Path) -> list[Path]:
     """The safetensors files of a checkpoint directory; refuses pickle-based weights."""
     index = path / "model.safetensors.index.json"
     if index.is_file():
-        shards = sorted(set(json.loads(index.read_text())["weight_map"].values()))
+        shards = shard_names(index)
         missing = [s for s in shards if not (path / s).is_file()]
         if missing:
             raise CheckpointError(f"{index} names missing shard(s): {', '.join(missing)}")
@@ -99,6 +99,38 @@ def weight_files(path: Path) -> list[Path]:
     raise CheckpointError(f"no model.safetensors in {str(path)!r}")
 
 
+def shard_names(index: Path) -> list[str]:
+    """The shard files a model.safetensors.index.json maps tensors to, each inside its folder.
+
+    Names are checked as written: an absolute path or a `..` part is refused, while a shard
+    that is a symlink is followed (the Hugging Face cache links every file to its blob store).
+    """
+    try:
+        data = json.loads(index.read_text())
+    except ValueError as e:  # JSONDecodeError, UnicodeDecodeError
+        raise CheckpointError(f"{index}: not valid JSON ({e})") from e
+    weight_map = data.get("weight_map") if isinstance(data, dict) else None
+    if not isinstance(weight_map, dict) or not all(isinstance(v, str) for v in weight_map.values()):
+        raise CheckpointError(f"{index}: no 'weight_map' object of tensor name -> shard file")
+    shards = sorted(set(weight_map.values()))
+    for name in shards:
+        if Path(name).is_absolute() or ".." in Path(name).parts or "\0" in name:
+            raise CheckpointError(
+                f"{index}: shard {name!r} is not a file name inside the model directory"
+            )
+    return shards
+
+
+def read_tensors(file: Path) -> Iterator[tuple[str, torch.Tensor]]:
+    """(name, tensor) of each tensor in a safetensors file; CheckpointError if it is corrupt."""
+    try:
+        with safe_open(str(file), framework="pt") as f:
+            for name in f.keys():
+                yield name, f.get_tensor(name)
+    except (SafetensorError, OSError) as e:
+        raise CheckpointError(f"{file}: not a valid safetensors file ({e})") from e
+
+
 def hf_to_kiln(
     config: ModelConfig, name: str, tensor: torch.Tensor
 ) -> Iterator[tuple[str, torch.Tensor]]:
@@ -108,21 +140,28 @@ def hf_to_kiln(
         if name.endswith(".attn.bias") or name.endswith(".attn.masked_bias"):
             return  # old GPT-2 checkpoints store the causal mask as a buffer
         m = re.match(r"^h\.(\d+)\.attn\.c_attn\.(weight|bias)$", name)
+        conv1d = re.match(r"^h\.\d+\.(attn\.c_proj|mlp\.c_fc|mlp\.c_proj)\.weight$", name)
+        ndim = 2 if name.endswith(".weight") else 1
+        if (m or conv1d) and tensor.dim() != ndim:
+            raise CheckpointError(
+                f"tensor {name!r} has shape {tuple(tensor.shape)}, expected {ndim} dimension(s)"
+            )
         if m:
             layer, kind = m.groups()
             t = tensor.t() if kind == "weight" else tensor  # Conv1D: [in, out]
             for proj, part in zip(("q", "k", "v"), t.chunk(3, dim=0)):
                 yield f"layers.{layer}.self_attn.{proj}_proj.{kind}", part
             return
-        conv1d = re.match(r"^h\.\d+\.(attn\.c_proj|mlp\.c_fc|mlp\.c_proj)\.weight$", name)
         yield _rename(name, to_kiln=True), tensor.t() if conv1d else tensor
         return
     name = name.removeprefix("model.")
-    m = re.match(r"^(layers\.\d+)\.block_sparse_moe\.(gate|experts\.\d+)\.(w[123]\.)?weight$", name)
+    m = re.match(r"^(layers\.\d+)\.block_sparse_moe\.(gate|experts\.\d+\.w[123])\.weight$", name)
     if m:
-        layer, part, w = m.groups()
-        sub = "gate" if part == "gate" else f"{part}.{_MIXTRAL_EXPERT[w[:-1]]}"
-        name = f"{layer}.mlp.{sub}.weight"
+        layer, part = m.groups()
+        if part != "gate":
+            expert, w = part.rsplit(".", 1)
+            part = f"{expert}.{_MIXTRAL_EXPERT[w]}"
+        name = f"{layer}.mlp.{part}.weight"
     yield name, tensor
 
 
@@ -177,11 +216,13 @@ def load_model(
     expected = dict(model.named_parameters())
     loaded: set[str] = set()
     for file in weight_files(path):
-        with safe_open(str(file), framework="pt") as f:
-            for hf_name in f.keys():
-                for name, tensor in hf_to_kiln(config, hf_name, f.get_tensor(hf_name)):
-                    _assign(model, expected, name, tensor, dtype, device, file)
+        for hf_name, hf_tensor in read_tensors(file):
+            try:
+                for name, tensor in hf_to_kiln(config, hf_name, hf_tensor):
+                    _assign(model, expected, name, tensor, dtype, device)
                     loaded.add(name)
+            except CheckpointError as e:
+                raise CheckpointError(f"{file}: {e}") from e
     if config.tie_word_embeddings:
         model.lm_head.weight = model.embed_tokens.weight
         loaded.add("lm_head.weight")
@@ -200,15 +241,15 @@ def load_model(
     return model
 
 
-def _assign(model, expected, name, tensor, dtype, device, file) -> None:
+def _assign(model, expected, name, tensor, dtype, device) -> None:
     if name not in expected:
         if name.endswith("rotary_emb.inv_freq"):
             return
-        raise CheckpointError(f"{file.name}: unexpected tensor {name!r} for this config")
+        raise CheckpointError(f"unexpected tensor {name!r} for this config")
     want = tuple(expected[name].shape)
     if tuple(tensor.shape) != want:
         raise CheckpointError(
-            f"{file.name}: tensor {name!r} has shape {tuple(tensor.shape)}, config expects {want}"
+            f"tensor {name!r} has shape {tuple(tensor.shape)}, config expects {want}"
         )
     module_name, _, attr = name.rpartition(".")
     module = model.get_submodule(module_name)

@@ -1,8 +1,12 @@
-"""Chat templates: Jinja2 rendering with the environment `transformers.apply_chat_template` uses."""
+"""Chat templates: Jinja2 rendering with the environment `transformers.apply_chat_template` uses,
+and the placeholders that keep special-token text in user messages from passing for markers."""
 
 from __future__ import annotations
 
 import json
+import re
+import secrets
+from collections.abc import Iterable
 from datetime import datetime
 from functools import lru_cache
 from typing import Any
@@ -74,3 +78,50 @@ def render_chat(
         )
     except jinja2.TemplateError as e:
         raise TokenizerError(f"chat template failed: {e}") from e
+
+
+def special_text_pattern(specials: Iterable[str]) -> re.Pattern | None:
+    """A regex matching any of `specials` (longest first), or None when there are none."""
+    texts = sorted({t for t in specials if t}, key=len, reverse=True)
+    return re.compile("|".join(map(re.escape, texts))) if texts else None
+
+
+class Placeholders:
+    """Stand-ins for special-token text inside user-supplied values (message contents, tools).
+
+    hide() swaps each occurrence for a placeholder before a template renders them, so every
+    special token left in the rendered text is one of the template's own markers; reveal() puts
+    the text back, to be encoded as ordinary text. A placeholder is a random run of digits
+    between two private-use characters: no special token can match into it, and templates that
+    trim, split or case-change a message leave it whole.
+    """
+
+    def __init__(self, special_text: re.Pattern | None):
+        self.special_text = special_text
+        self.nonce = f"{secrets.randbelow(10**16):016d}"
+        self.texts: list[str] = []  # placeholder i stands for texts[i]
+        self._placeholder = re.compile(f"\ue000{self.nonce}(\\d+)\ue001")
+
+    def hide(self, value: Any) -> Any:
+        """`value` with special-token text in its strings (nested in dicts, lists) hidden."""
+        if isinstance(value, str):
+            return self.special_text.sub(self._stand_in, value) if self.special_text else value
+        if isinstance(value, dict):
+            return {k: self.hide(v) for k, v in value.items()}
+        if isinstance(value, (list, tuple)):
+            return [self.hide(v) for v in value]
+        return value
+
+    def _stand_in(self, match: re.Match) -> str:
+        self.texts.append(match.group())
+        return f"\ue000{self.nonce}{len(self.texts) - 1}\ue001"
+
+    def reveal(self, text: str) -> str:
+        """`text` with each placeholder replaced by the special-token text it hides."""
+        text = self._placeholder.sub(lambda m: self.texts[int(m.group(1))], text)
+        if self.nonce in text:  # a template escaped the private-use characters (tojson ascii)
+            raise TokenizerError(
+                "the chat template rewrote message text that contains special tokens' text; "
+                "cannot encode it safely"
+            )
+        return text

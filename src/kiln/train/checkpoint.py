@@ -5,14 +5,17 @@
     rng.<rank>.cpu|cuda      each rank's generator state (dropout draws resume exactly)
     metadata                 step, optimizer param_groups and caller extras, as JSON strings
 
-The file is written to a temp name, fsynced, then os.replace()d over the old one, so a run
-killed mid-write leaves the previous checkpoint intact. Nothing is ever unpickled.
+The file is written to a temp name (`<name>.tmp<pid>`), fsynced, then os.replace()d over the old
+one, so a run killed mid-write leaves the previous checkpoint intact; the next run removes the
+temp file such a kill leaves behind. Nothing is ever unpickled.
 """
 
 from __future__ import annotations
 
+import glob
 import json
 import os
+import re
 from pathlib import Path
 from typing import Any
 
@@ -67,7 +70,7 @@ def save_checkpoint(
         "extra": json.dumps(extra or {}),
     }
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f"{path.name}.tmp{os.getpid()}")
+    tmp = _temp_path(path, os.getpid())
     try:
         save_file(tensors, str(tmp), metadata)
         with open(tmp, "rb") as f:
@@ -77,6 +80,40 @@ def save_checkpoint(
         tmp.unlink(missing_ok=True)
     if dist.is_initialized():
         dist.barrier()
+
+
+def _temp_path(path: Path, pid: int | str) -> Path:
+    return path.with_name(f"{path.name}.tmp{pid}")
+
+
+def remove_stale_temporaries(path: str | os.PathLike) -> list[Path]:
+    """Delete the temp files of writes to checkpoint `path` that were killed (kill -9, OOM).
+
+    A temp file names its writer's pid: one whose process still runs (another run sharing the
+    directory) is kept; this process writes nothing while it calls this, so its own pid's file
+    is stale too (left by an earlier process given the same pid). Returns the files removed.
+    """
+    path = Path(path)
+    prefix = _temp_path(path, "").name
+    removed = []
+    for tmp in path.parent.glob(f"{glob.escape(prefix)}*"):
+        pid = tmp.name.removeprefix(prefix)
+        if re.fullmatch(r"[0-9]+", pid) and not _is_other_live_process(int(pid)):
+            tmp.unlink(missing_ok=True)
+            removed.append(tmp)
+    return removed
+
+
+def _is_other_live_process(pid: int) -> bool:
+    if pid == os.getpid():
+        return False
+    try:
+        os.kill(pid, 0)  # signal 0: only checks that the process exists
+    except (ProcessLookupError, OverflowError):
+        return False
+    except PermissionError:
+        return True  # alive, owned by another user
+    return True
 
 
 def read_checkpoint(path: str | os.PathLike) -> tuple[dict[str, torch.Tensor], dict[str, str]]:

@@ -97,14 +97,18 @@ def assistant_spans(tok, messages: list[dict], where: str = "") -> tuple[str, li
 
 
 def encode_chat(tok, messages: list[dict], where: str = "") -> Example:
-    """Tokens of the rendered conversation; the loss mask covers exactly the assistant turns."""
+    """Tokens of the rendered conversation; the loss mask covers exactly the assistant turns.
+
+    The rendered text is encoded with special tokens on, for the template's markers: training
+    data is trusted, so special-token text inside its messages becomes special tokens too.
+    """
     full, spans = assistant_spans(tok, messages, where)
     ids: list[int] = []
     mask: list[bool] = []
     pos = 0
     for start, end in [*spans, (len(full), len(full))]:
         for text, trained in ((full[pos:start], False), (full[start:end], True)):
-            piece = tok.encode(text, add_special_tokens=False) if text else []
+            piece = tok.encode(text, add_special_tokens=False, allow_special=True) if text else []
             ids += piece
             mask += [trained] * len(piece)
         pos = end
@@ -126,8 +130,8 @@ def encode_prompt_completion(tok, prompt: str | list[dict], completion: str, whe
         answer = {"role": "assistant", "content": completion}
         full, spans = assistant_spans(tok, [*prompt, answer], where)
         start, end = spans[-1]
-        head = tok.encode(full[:start], add_special_tokens=False)
-        tail = tok.encode(full[start:end], add_special_tokens=False)
+        head = tok.encode(full[:start], add_special_tokens=False, allow_special=True)
+        tail = tok.encode(full[start:end], add_special_tokens=False, allow_special=True)
     if not tail:
         raise InputError(f"{where}: empty completion")
     return Example(head + tail, [False] * len(head) + [True] * len(tail))

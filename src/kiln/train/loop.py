@@ -33,7 +33,12 @@ from torch import Tensor, nn
 
 from kiln.errors import CheckpointError, ConfigError, KilnError
 from kiln.train import distributed
-from kiln.train.checkpoint import CHECKPOINT_NAME, load_checkpoint, save_checkpoint
+from kiln.train.checkpoint import (
+    CHECKPOINT_NAME,
+    load_checkpoint,
+    remove_stale_temporaries,
+    save_checkpoint,
+)
 from kiln.train.config import TrainConfig
 
 LossFn = Callable[[nn.Module, Any], tuple[Tensor, dict[str, Any]]]
@@ -89,6 +94,8 @@ def train(
         raise CheckpointError(
             f"{str(ckpt)!r} already exists: pass resume to continue it, or use another out_dir"
         )
+    if info.is_main:
+        remove_stale_temporaries(ckpt)  # ~ a checkpoint's size each, left by a kill mid-write
     torch.manual_seed(cfg.seed + info.rank)
     model.to(info.device).train()
     if cfg.compile:

@@ -20,10 +20,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import save_file
 from torch import nn
 
 from kiln.errors import CheckpointError, ConfigError
+from kiln.model.loader import read_tensors
 
 PEFT_PREFIX = "base_model.model."
 ADAPTER_CONFIG = "adapter_config.json"
@@ -265,8 +266,10 @@ def load_adapter(model: nn.Module, path: str | os.PathLike) -> nn.Module:
         )
     try:
         cfg = json.loads(cfg_file.read_text())
-    except json.JSONDecodeError as e:
+    except ValueError as e:  # JSONDecodeError, UnicodeDecodeError
         raise CheckpointError(f"{cfg_file}: not valid JSON ({e})") from e
+    if not isinstance(cfg, dict):
+        raise CheckpointError(f"{cfg_file}: expected a JSON object, got {type(cfg).__name__}")
     if cfg.get("peft_type") != "LORA":
         raise CheckpointError(f"{cfg_file}: peft_type {cfg.get('peft_type')!r}, kiln loads LORA")
     for unsupported in ("use_dora", "alpha_pattern", "modules_to_save", "layers_to_transform"):
@@ -309,12 +312,14 @@ def load_adapter(model: nn.Module, path: str | os.PathLike) -> nn.Module:
 
 def _adapter_tensors(file: Path) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
     """HF module name -> (lora_A [r, in], lora_B [out, r]) from a PEFT safetensors file."""
-    state = load_file(str(file))
+    state = dict(read_tensors(file))
     pairs: dict[str, dict[str, torch.Tensor]] = {}
     for key, t in state.items():
         module, _, part = key.removeprefix(PEFT_PREFIX).rpartition(".lora_")
         if not key.startswith(PEFT_PREFIX) or part not in ("A.weight", "B.weight"):
             raise CheckpointError(f"{file.name}: unexpected tensor {key!r} (kiln loads lora_A/B)")
+        if t.dim() != 2:
+            raise CheckpointError(f"{file.name}: {key!r} has shape {tuple(t.shape)}, not a matrix")
         pairs.setdefault(module, {})[part[0]] = t
     incomplete = [m for m, p in pairs.items() if set(p) != {"A", "B"}]
     if incomplete:
