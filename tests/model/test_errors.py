@@ -176,7 +176,7 @@ def test_mixtral_expert_tensor_without_projection_is_unexpected():
     assert [n for n, _ in hf_to_kiln(cfg, name, torch.zeros(1))] == [name[len("model.") :]]
 
 
-@pytest.mark.parametrize("what", ["weights", "config"])
+@pytest.mark.parametrize("what", ["weights", "config", "tokenizer"])
 @pytest.mark.parametrize(
     "argv",
     [["generate", "--prompt", "hi"], ["serve", "--device", "cpu"]],
@@ -186,6 +186,8 @@ def test_cli_corrupt_model_is_one_line(hf_model_dir, tmp_path, capsys, what, arg
     d = save_char_tokenizer(_llama_copy(hf_model_dir, tmp_path))
     if what == "weights":
         (d / "model.safetensors").write_bytes(b"\x00" * 7)
+    elif what == "tokenizer":  # a broken tokenizer fails at start-up, not on every request
+        (d / "tokenizer.json").write_bytes(bytes(range(256)) * 4)
     else:
         hf = json.loads((d / "config.json").read_text())
         (d / "config.json").write_text(json.dumps({**hf, "num_hidden_layers": -3}))
@@ -193,4 +195,6 @@ def test_cli_corrupt_model_is_one_line(hf_model_dir, tmp_path, capsys, what, arg
     assert main([*argv, "--model", str(d)]) == 2
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and "Traceback" not in err
-    assert ("model.safetensors" if what == "weights" else "num_hidden_layers") in err
+    names = {"weights": "model.safetensors", "config": "num_hidden_layers",
+             "tokenizer": "tokenizer.json"}  # fmt: skip
+    assert names[what] in err

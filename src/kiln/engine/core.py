@@ -69,7 +69,10 @@ def eos_ids_from_dir(path: Path, config: ModelConfig) -> set[int]:
     gen = path / "generation_config.json"
     values = [config.eos_token_id]
     if gen.is_file():
-        values.append(json.loads(gen.read_text()).get("eos_token_id"))
+        try:
+            values.append(json.loads(gen.read_text()).get("eos_token_id"))
+        except (ValueError, AttributeError) as e:
+            raise ConfigError(f"{gen}: not a JSON object ({e})") from None
     for v in values:
         ids |= set(v) if isinstance(v, list) else {v} if v is not None else set()
     return ids

@@ -14,16 +14,17 @@ from kiln.engine.core import EngineCore, check_prompt_ids
 from kiln.engine.output_processor import OutputProcessor, StopRequest
 from kiln.engine.outputs import RequestOutput
 from kiln.engine.sampling_params import SamplingParams
-from kiln.errors import InputError, TokenizerError
+from kiln.errors import InputError, MissingTokenizerError
 
 
 def load_engine_tokenizer(path: str | Path):
-    """The model directory's tokenizer, or None when it has none (token ids in and out)."""
+    """The model directory's tokenizer, or None when it has none (token ids in and out); a
+    tokenizer file that exists but does not load is a TokenizerError, not a silent None."""
     from kiln.tokenizer.hf import load_tokenizer
 
     try:
         return load_tokenizer(path)
-    except TokenizerError:
+    except MissingTokenizerError:
         return None
 
 
