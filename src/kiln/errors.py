@@ -22,4 +22,9 @@ class MissingTokenizerError(TokenizerError):
 
 
 class InputError(KilnError, ValueError):
-    """A request or argument outside what kiln accepts (empty prompt, bad sampling value...)."""
+    """A request or argument outside what kiln accepts (empty prompt, bad sampling value...);
+    `param` names the field at fault when there is one (the server's 400 carries it)."""
+
+    def __init__(self, message: str, param: str | None = None):
+        super().__init__(message)
+        self.param = param

@@ -76,3 +76,15 @@ def test_triton_backend_modules_exist():
     from kiln.engine.model_runner import TRITON_KERNELS
 
     assert all(importlib.util.find_spec(m) is not None for m in TRITON_KERNELS)
+
+
+def test_n_beyond_max_num_seqs_is_refused_not_queued_forever(hf_model_dir):
+    from kiln.engine import LLM, SamplingParams
+    from kiln.errors import InputError
+
+    llm = LLM(str(hf_model_dir("llama")[0]), device="cpu", max_num_seqs=2)
+    with pytest.raises(InputError, match="max_num_seqs=2") as e:
+        llm.generate(prompt_token_ids=[[5, 6]], sampling_params=SamplingParams(n=3))
+    assert e.value.param == "n"
+    out = llm.generate(prompt_token_ids=[[5, 6]], sampling_params=SamplingParams(n=2))
+    assert len(out[0].outputs) == 2

@@ -83,3 +83,17 @@ def test_engine_stopping_is_503_not_500():
     r = TestClient(app).get("/boom")
     assert r.status_code == 503 and r.headers["retry-after"] == "1"
     assert r.json()["error"]["type"] == "service_unavailable"
+
+
+@pytest.mark.parametrize("stream", [False, True])
+def test_n_beyond_max_num_seqs_is_400_and_does_not_wedge_the_queue(small, stream):
+    # max_num_seqs=1, max_queue=1: n=2 fits the admission capacity but can never run at once
+    body = {"prompt": [5, 6, 7], "max_tokens": 4, "n": 2, "temperature": 1.0, "stream": stream}
+    with httpx.Client(base_url=small.url, timeout=30, headers=AUTH) as http:
+        resp = http.post("/v1/completions", json=body)
+        assert resp.status_code == 400
+        err = resp.json()["error"]
+        assert err["param"] == "n" and "max_num_seqs=1" in err["message"]
+        ok = http.post("/v1/completions", json={"prompt": [5, 6], "max_tokens": 2})
+        assert ok.status_code == 200  # the next request is served, not stuck behind it
+    wait_all_blocks_free(small.url)

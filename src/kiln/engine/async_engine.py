@@ -68,7 +68,8 @@ class OutputCollector:
 
 
 def merge_delta(into: RequestOutput, new: RequestOutput) -> None:
-    """Fold a later delta output into an earlier one that nobody has taken yet."""
+    """Fold a later delta output into an earlier one that nobody has taken yet (in place:
+    the earlier output's lists are its own)."""
     by_index = {c.index: c for c in into.outputs}
     for c in new.outputs:
         old = by_index.get(c.index)
@@ -77,12 +78,13 @@ def merge_delta(into: RequestOutput, new: RequestOutput) -> None:
             by_index[c.index] = c
             continue
         old.text += c.text
-        old.token_ids = old.token_ids + c.token_ids
+        old.token_ids.extend(c.token_ids)
         if old.logprobs is not None and c.logprobs is not None:
-            old.logprobs = old.logprobs + c.logprobs
+            old.logprobs.extend(c.logprobs)
         old.finish_reason, old.stop_reason = c.finish_reason, c.stop_reason
         old.cumulative_logprob = c.cumulative_logprob
-    into.outputs.sort(key=lambda c: c.index)
+    if len(into.outputs) > 1:
+        into.outputs.sort(key=lambda c: c.index)
     into.finished = new.finished
 
 
@@ -156,7 +158,7 @@ class AsyncLLM:
         ids = encode_prompt(
             self.tokenizer, text, ids, self.max_model_len, self.model_config.vocab_size
         )
-        check_params(self.tokenizer, params)
+        self.check_params(params)
         if request_id in self._collectors:
             raise KilnError(f"request id {request_id!r} is already running")
         collector = OutputCollector(params.output_kind)
@@ -174,6 +176,10 @@ class AsyncLLM:
                 self.abort(request_id)
             else:
                 self._forget(request_id)
+
+    def check_params(self, params: SamplingParams) -> None:
+        """InputError for settings this engine can never serve (before anything is sent)."""
+        check_params(self.tokenizer, params, self.config.max_num_seqs)
 
     def abort(self, request_id: str) -> None:
         """Abort a request: the core frees its blocks; nothing more comes out of it."""

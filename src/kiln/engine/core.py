@@ -139,6 +139,12 @@ class EngineCore:
         if request_id in self.requests:
             raise InputError(f"request id {request_id!r} is already in use")
         ids = self.check_prompt(prompt_token_ids)
+        if (
+            params.best_of > self.config.max_num_seqs and not params.use_beam_search
+        ):  # would wait at the queue head forever
+            raise InputError(
+                f"best_of={params.best_of} exceeds max_num_seqs={self.config.max_num_seqs}", "n"
+            )
         if params.use_beam_search:
             from kiln.engine.beam_search import BeamSearchRequest
 

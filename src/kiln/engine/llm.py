@@ -6,7 +6,7 @@ import itertools
 from collections.abc import Sequence as Seq
 from dataclasses import replace
 
-from kiln.engine.llm_engine import LLMEngine
+from kiln.engine.llm_engine import LLMEngine, check_params
 from kiln.engine.outputs import RequestOutput
 from kiln.engine.sampling_params import RequestOutputKind, SamplingParams
 from kiln.errors import InputError
@@ -48,6 +48,8 @@ class LLM:
             params = [params] * len(ids)
         # Validate everything before queueing anything.
         ids = [self.engine.validate_prompt(t, i) for t, i in zip(texts, ids)]
+        for p in params:
+            check_params(self.tokenizer, p, self.engine.config.max_num_seqs)
         order = []
         for text, tok_ids, p in zip(texts, ids, params):
             rid = str(next(self._ids))

@@ -42,10 +42,17 @@ def encode_prompt(
     return check_prompt_ids(prompt_token_ids, max_model_len, vocab_size)
 
 
-def check_params(tokenizer, params: SamplingParams) -> None:
-    """What a request's settings need of the model: stop strings need a tokenizer."""
+def check_params(tokenizer, params: SamplingParams, max_num_seqs: int) -> None:
+    """What a request's settings need of the engine: stop strings need a tokenizer, and all
+    n (best_of) sequences must fit in one batch (they are scheduled together)."""
     if params.stop and tokenizer is None:
-        raise InputError("stop strings need a tokenizer; this model has none")
+        raise InputError("stop strings need a tokenizer; this model has none", "stop")
+    if params.best_of > max_num_seqs and not params.use_beam_search:
+        name = "best_of" if params.best_of > params.n else "n"
+        raise InputError(
+            f"{name}={params.best_of} sequences can never run at once: this engine runs at "
+            f"most max_num_seqs={max_num_seqs}", name
+        )  # fmt: skip
 
 
 class LLMEngine:
@@ -92,7 +99,7 @@ class LLMEngine:
         if request_id in self.processor.requests:
             raise InputError(f"request id {request_id!r} is already in use")
         ids = self.validate_prompt(prompt, prompt_token_ids)
-        check_params(self.tokenizer, params)
+        check_params(self.tokenizer, params, self.config.max_num_seqs)
         self.core.add_request(request_id, ids, params)
         self.processor.add_request(request_id, prompt, ids, params)
 

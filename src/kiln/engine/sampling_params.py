@@ -106,4 +106,4 @@ class SamplingParams:
 
 def _check(ok: bool, name: str, value, allowed: str) -> None:
     if not ok:
-        raise InputError(f"invalid sampling parameter {name}={value!r}: must be {allowed}")
+        raise InputError(f"invalid sampling parameter {name}={value!r}: must be {allowed}", name)

@@ -110,7 +110,7 @@ def _v1_routes(ctx: ServingContext, max_body_bytes: int) -> APIRouter:
         prompts = await serving.completion_prompts(ctx, req)
         max_tokens = [serving.resolve_max_tokens(ctx, p, req.max_tokens, "prompt") for p in prompts]
         params = serving.sampling_params(
-            req.sampling_kwargs(min(max_tokens), req.logprobs), req.stream
+            ctx, req.sampling_kwargs(min(max_tokens), req.logprobs), req.stream
         )
         return await _respond(
             ctx,
@@ -131,7 +131,7 @@ def _v1_routes(ctx: ServingContext, max_body_bytes: int) -> APIRouter:
         prompt = await serving.chat_prompt(ctx, req)
         max_tokens = serving.resolve_max_tokens(ctx, prompt, req.requested_max_tokens, "messages")
         params = serving.sampling_params(
-            req.sampling_kwargs(max_tokens, req.num_logprobs), req.stream
+            ctx, req.sampling_kwargs(max_tokens, req.num_logprobs), req.stream
         )
         return await _respond(
             ctx,

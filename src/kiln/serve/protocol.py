@@ -237,9 +237,10 @@ def parse_request(cls: type[_Request], body: bytes) -> Any:
         raise validation_error(e) from None
 
 
-def input_error(e: InputError, param: str | None = None) -> APIError:
-    """The engine's InputError (bad sampling value, prompt too long) as a 400."""
-    return APIError(400, str(e), param=param)
+def input_error(e: InputError) -> APIError:
+    """The engine's InputError (bad sampling value, prompt too long) as a 400 naming the
+    field at fault."""
+    return APIError(400, str(e), param=getattr(e, "param", None))
 
 
 def engine_error(e: Exception) -> APIError:

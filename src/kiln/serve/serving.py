@@ -7,7 +7,6 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
-import re
 import time
 import uuid
 from collections.abc import AsyncIterator
@@ -127,17 +126,18 @@ def resolve_max_tokens(
     return max_tokens
 
 
-def sampling_params(kwargs: dict[str, Any], stream: bool):
+def sampling_params(ctx: ServingContext, kwargs: dict[str, Any], stream: bool):
     """kiln's SamplingParams (delta outputs when streamed, one final output otherwise); its
     range checks become 400s."""
     from kiln.engine.sampling_params import RequestOutputKind, SamplingParams
 
     kind = RequestOutputKind.DELTA if stream else RequestOutputKind.FINAL_ONLY
     try:
-        return SamplingParams(**kwargs, output_kind=kind)
-    except InputError as e:  # "invalid sampling parameter NAME=VALUE: ..."
-        name = re.search(r"parameter (\w+)=", str(e))
-        raise input_error(e, name and name.group(1)) from None
+        params = SamplingParams(**kwargs, output_kind=kind)
+        ctx.engine.check_params(params)
+    except InputError as e:
+        raise input_error(e) from None
+    return params
 
 
 # ---- engine streams -----------------------------------------------------------------------
