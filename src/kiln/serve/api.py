@@ -109,9 +109,10 @@ def _v1_routes(ctx: ServingContext, max_body_bytes: int) -> APIRouter:
         req.check_supported()
         prompts = await serving.completion_prompts(ctx, req)
         max_tokens = [serving.resolve_max_tokens(ctx, p, req.max_tokens, "prompt") for p in prompts]
-        params = serving.sampling_params(
-            ctx, req.sampling_kwargs(min(max_tokens), req.logprobs), req.stream
-        )
+        params = [  # each prompt its own room when max_tokens is not given
+            serving.sampling_params(ctx, req.sampling_kwargs(m, req.logprobs), req.stream)
+            for m in max_tokens
+        ]
         return await _respond(
             ctx,
             request,
@@ -137,7 +138,7 @@ def _v1_routes(ctx: ServingContext, max_body_bytes: int) -> APIRouter:
             ctx,
             request,
             num_seqs=req.n,
-            job=serving.start_job(ctx, "chatcmpl", [prompt], params, arrival),
+            job=serving.start_job(ctx, "chatcmpl", [prompt], [params], arrival),
             stream=req.stream,
             events=lambda job: serving.chat_events(ctx, job, req.include_usage),
             whole=lambda job: serving.chat_response(ctx, job),
@@ -162,10 +163,9 @@ async def _respond(
         if e.status in (429, 503):
             ctx.metrics.rejected.labels(e.code).inc()
         raise
+    job.gate = ctx.gate
     if stream:
-        return EventStreamResponse(
-            serving.guarded_events(events(job)), release=lambda: ctx.gate.release(num_seqs)
-        )
+        return EventStreamResponse(serving.guarded_events(events(job)), release=job.release_all)
     try:
         result = await _unless_disconnected(request, whole(job))
     except ClientDisconnected:
@@ -173,7 +173,7 @@ async def _respond(
     except InputError as e:
         raise input_error(e) from None
     finally:
-        ctx.gate.release(num_seqs)
+        job.release_all()
     return JSONResponse(result.model_dump())
 
 

@@ -9,7 +9,7 @@ import json
 import logging
 import time
 import uuid
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from contextlib import aclosing
 from dataclasses import dataclass, field
 from typing import Any
@@ -148,8 +148,9 @@ def new_id(prefix: str) -> str:
 
 
 async def run_request(
-    ctx: ServingContext, prompt: list[int], params, request_id: str, arrival: float
-) -> AsyncIterator[Any]:
+    ctx: ServingContext, prompt: list[int], params, request_id: str, arrival: float,
+    on_end: Callable[[], None] = lambda: None,
+) -> AsyncIterator[Any]:  # fmt: skip
     """The engine's outputs for one prompt; records latencies and finish reasons. Closing
     the engine's stream early (disconnect, error, cancellation) aborts the request."""
     first_token = None
@@ -168,6 +169,7 @@ async def run_request(
             yield out
     finally:
         await stream.aclose()
+        on_end()
         if finished:
             num_tokens = max(tokens.values(), default=0)
             ctx.metrics.observe_request(arrival, first_token, time.monotonic(), num_tokens)
@@ -245,25 +247,40 @@ async def guarded_events(events: AsyncIterator[str]) -> AsyncIterator[str]:
 
 @dataclass
 class Job:
-    """One HTTP request's work for the engine."""
+    """One HTTP request's work for the engine: a stream per prompt, and the admission slots
+    each holds until its engine work ends (not until the client has read it all)."""
 
     request_id: str
     streams: list[AsyncIterator[Any]]
     tracker: DeltaTracker
     num_logprobs: int | None
+    held: list[int]  # admitted sequences per stream, until it ends
+    gate: AdmissionGate | None = None
     created: int = field(default_factory=lambda: int(time.time()))
+
+    def release(self, i: int) -> None:
+        """Stream i's engine request is over: its sequences leave the admission count."""
+        if self.gate is not None and self.held[i]:
+            self.gate.release(self.held[i])
+        self.held[i] = 0
+
+    def release_all(self) -> None:
+        for i in range(len(self.held)):
+            self.release(i)
 
 
 def start_job(
-    ctx: ServingContext, prefix: str, prompts: list[list[int]], params, arrival: float
+    ctx: ServingContext, prefix: str, prompts: list[list[int]], params: list, arrival: float
 ) -> Job:
-    """Engine streams for each prompt (nothing runs until they are iterated)."""
+    """Engine streams for each prompt and its params (nothing runs until they are iterated)."""
     request_id = new_id(prefix)
-    streams = [
-        run_request(ctx, p, params, f"{request_id}-{i}", arrival) for i, p in enumerate(prompts)
+    job = Job(request_id, [], DeltaTracker(params[0].n, [len(p) for p in prompts]),
+              params[0].logprobs, [p.n for p in params])  # fmt: skip
+    job.streams = [
+        run_request(ctx, p, sp, f"{request_id}-{i}", arrival, lambda i=i: job.release(i))
+        for i, (p, sp) in enumerate(zip(prompts, params))
     ]
-    tracker = DeltaTracker(params.n, [len(p) for p in prompts])
-    return Job(request_id, streams, tracker, params.logprobs)
+    return job
 
 
 def _completion_choice(decode, job: Job, d: Delta, offset: int = 0) -> CompletionChoice:
