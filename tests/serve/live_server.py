@@ -12,7 +12,7 @@ import httpx
 class ServerThread:
     """uvicorn serving `app` on a free loopback port, in a daemon thread."""
 
-    def __init__(self, app):
+    def __init__(self, app, **config):
         import uvicorn
 
         self.engine = app.state.ctx.engine
@@ -20,7 +20,7 @@ class ServerThread:
         self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         self.sock.bind(("127.0.0.1", 0))
         self.url = f"http://127.0.0.1:{self.sock.getsockname()[1]}"
-        config = uvicorn.Config(app, log_level="warning", timeout_graceful_shutdown=10)
+        config = uvicorn.Config(app, log_level="warning", timeout_graceful_shutdown=10, **config)
         self.server = uvicorn.Server(config)
         self.thread = threading.Thread(
             target=self.server.run, kwargs={"sockets": [self.sock]}, daemon=True

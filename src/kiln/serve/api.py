@@ -16,6 +16,7 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 from pydantic import BaseModel
 from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.requests import ClientDisconnect
 
 from kiln.engine.async_engine import EngineDeadError, EngineError, EngineStopped
 from kiln.errors import InputError, KilnError
@@ -68,7 +69,7 @@ def create_app(
         await engine.start()
         yield
         ctx.gate.draining = True
-        await engine.shutdown(drain=True)
+        await engine.shutdown(drain=True, timeout=10)  # uvicorn has drained; a backstop
 
     app = FastAPI(title="kiln", lifespan=lifespan, docs_url=None, redoc_url=None)
     app.state.ctx = ctx
@@ -226,10 +227,13 @@ async def _read_body(request: Request, limit: int) -> bytes:
     if length.isdigit() and int(length) > limit:
         raise too_big
     body = bytearray()
-    async for chunk in request.stream():
-        body += chunk
-        if len(body) > limit:
-            raise too_big
+    try:
+        async for chunk in request.stream():
+            body += chunk
+            if len(body) > limit:
+                raise too_big
+    except ClientDisconnect:  # gone during the upload: nobody to answer, nothing to log
+        raise ClientDisconnected from None
     return bytes(body)
 
 
@@ -275,6 +279,10 @@ def _add_error_handlers(app: FastAPI) -> None:
         return _error(
             APIError(503, str(e), type="service_unavailable", headers={"Retry-After": "1"})
         )
+
+    @app.exception_handler(ClientDisconnected)
+    async def gone(request: Request, e: ClientDisconnected) -> Response:
+        return Response(status_code=499)
 
     @app.exception_handler(EngineDeadError)
     @app.exception_handler(EngineError)

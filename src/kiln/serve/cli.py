@@ -25,6 +25,13 @@ def register(subparsers) -> None:
         help="sequences that may wait beyond --max-num-seqs before new requests get 429 "
         "(default 256)",
     )
+    p.add_argument(
+        "--drain-timeout", type=float, default=30.0,
+        help="on SIGTERM, seconds to let in-flight requests finish (new ones get 503) before "
+        "aborting the rest and exiting 0",
+    )  # fmt: skip
+    p.add_argument("--max-connections", type=int, default=4096,
+                   help="open connections beyond this get 503")  # fmt: skip
     p.add_argument("--max-model-len", type=int, default=None)
     p.add_argument("--dtype", default=None, help="bfloat16, float16 or float32")
     p.add_argument("--device", default=None)
@@ -41,6 +48,10 @@ def run(args: argparse.Namespace) -> int:
 
     if not 1 <= args.port <= 65535:
         raise InputError(f"--port must be in [1, 65535], got {args.port}")
+    if args.drain_timeout < 0:
+        raise InputError(f"--drain-timeout must be >= 0, got {args.drain_timeout}")
+    if args.max_connections < 1:
+        raise InputError(f"--max-connections must be >= 1, got {args.max_connections}")
     if args.max_queue is not None and args.max_queue < 0:
         raise InputError(f"--max-queue must be >= 0, got {args.max_queue}")
     engine_args = dict(
@@ -62,6 +73,8 @@ def run(args: argparse.Namespace) -> int:
         api_key=args.api_key,
         served_model_name=args.served_model_name,
         log_level=args.log_level,
+        drain_timeout=args.drain_timeout,
+        max_connections=args.max_connections,
         **queue,
         **engine_args,
     )

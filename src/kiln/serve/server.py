@@ -2,30 +2,92 @@
 
 from __future__ import annotations
 
+import asyncio
 import json
 import logging
 import os
+import time
 from typing import Any
 
 import uvicorn
 from fastapi import FastAPI
+from uvicorn.protocols.http.h11_impl import H11Protocol
 
 from kiln.serve.api import DEFAULT_MAX_QUEUE, create_app
 
+log = logging.getLogger("kiln.serve")
+
+HEADER_TIMEOUT_S = 10.0  # a request's headers must arrive within this
+DEFAULT_MAX_CONNECTIONS = 4096
+
 
 class DrainingServer(uvicorn.Server):
-    """uvicorn's server that, on SIGTERM/SIGINT, first turns new requests away with 503.
+    """uvicorn's server with a bounded drain: the first SIGTERM/SIGINT turns new requests away
+    with 503 (Retry-After) while the listener stays open, until what is in flight is done or
+    `drain_timeout` s have passed; then uvicorn stops (cancelling what is left, which aborts
+    it in the engine) and the process exits 0. A second signal stops at once."""
 
-    uvicorn then stops listening, lets in-flight responses finish, and runs the app's shutdown,
-    which drains the engine."""
-
-    def __init__(self, config: uvicorn.Config, app: FastAPI):
+    def __init__(self, config: uvicorn.Config, app: FastAPI, drain_timeout: float = 30.0):
         super().__init__(config)
         self.gate = app.state.ctx.gate
+        self.drain_timeout = drain_timeout
+        self.drain_deadline: float | None = None
 
     def handle_exit(self, sig: int, frame: Any) -> None:
-        self.gate.draining = True
-        super().handle_exit(sig, frame)
+        if self.drain_deadline is None:
+            log.info("draining: up to %.0f s for %d sequences", self.drain_timeout,
+                     self.gate.in_flight)  # fmt: skip
+            self.gate.draining = True
+            self.drain_deadline = time.monotonic() + self.drain_timeout
+        else:
+            self.should_exit = self.force_exit = True
+
+    async def on_tick(self, counter: int) -> bool:
+        if self.drain_deadline is not None:
+            left = self.drain_deadline - time.monotonic()
+            if self.gate.in_flight == 0 or left <= 0:
+                self.config.timeout_graceful_shutdown = max(1, int(left))
+                return True
+        return await super().on_tick(counter)
+
+
+class GuardedH11Protocol(H11Protocol):
+    """uvicorn's h11 protocol, plus a deadline for a request's headers: a connection that
+    does not complete them in `header_timeout` s is closed (slowloris). uvicorn itself times
+    out only idle keep-alive connections."""
+
+    header_timeout = HEADER_TIMEOUT_S
+    _header_timer: asyncio.TimerHandle | None = None
+
+    def connection_made(self, transport) -> None:  # type: ignore[override]
+        super().connection_made(transport)
+        self._arm()
+
+    def _arm(self) -> None:
+        self._disarm()
+        self._header_timer = self.loop.call_later(self.header_timeout, self._too_slow)
+
+    def _disarm(self) -> None:
+        if self._header_timer is not None:
+            self._header_timer.cancel()
+            self._header_timer = None
+
+    def _too_slow(self) -> None:
+        if self.cycle is None or self.cycle.response_complete:  # still no whole request
+            self.timeout_keep_alive_handler()
+
+    def handle_events(self) -> None:
+        super().handle_events()
+        if self.cycle is not None and not self.cycle.response_complete:
+            self._disarm()
+
+    def on_response_complete(self) -> None:
+        self._arm()  # the next request's headers get the same deadline
+        super().on_response_complete()
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self._disarm()
+        super().connection_lost(exc)
 
 
 def build_engine(model: str | os.PathLike, **engine_args: Any):
@@ -43,6 +105,8 @@ def serve(
     served_model_name: str | None = None,
     max_queue: int = DEFAULT_MAX_QUEUE,
     log_level: str = "info",
+    drain_timeout: float = 30.0,
+    max_connections: int = DEFAULT_MAX_CONNECTIONS,
     **engine_args: Any,
 ) -> None:
     """Load `model`, serve it over HTTP until SIGTERM/SIGINT, then drain and return;
@@ -52,8 +116,11 @@ def serve(
 
     engine = build_engine(model, **engine_args)
     app = create_app(engine, served_model_name or str(model), api_key=api_key, max_queue=max_queue)
-    config = uvicorn.Config(app, host=host, port=port, log_level=log_level, access_log=False)
-    server = DrainingServer(config, app)
+    config = uvicorn.Config(
+        app, host=host, port=port, log_level=log_level, access_log=False,
+        http=GuardedH11Protocol, limit_concurrency=max_connections,
+    )  # fmt: skip
+    server = DrainingServer(config, app, drain_timeout)
     dead: list[int | None] = []
 
     def engine_died(exitcode: int | None) -> None:  # fail fast: a supervisor restarts us
