@@ -41,12 +41,17 @@ class ServerThread:
         assert not self.thread.is_alive(), "server did not stop in 30 s"
 
 
-def start_server(model_dir, api_key=None, max_queue=256, **engine_args) -> ServerThread:
+def start_server(
+    model_dir, api_key=None, max_queue=256, public_metrics=False, **engine_args
+) -> ServerThread:
     from kiln.engine.async_engine import AsyncLLM
     from kiln.serve.api import create_app
 
     engine = AsyncLLM(str(model_dir), **engine_args)
-    return ServerThread(create_app(engine, "tiny", api_key=api_key, max_queue=max_queue))
+    app = create_app(
+        engine, "tiny", api_key=api_key, max_queue=max_queue, public_metrics=public_metrics
+    )
+    return ServerThread(app)
 
 
 def read_metrics(url: str) -> dict[str, float]:

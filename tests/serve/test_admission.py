@@ -17,7 +17,9 @@ LONG = {"prompt": [5, 6, 7], "max_tokens": 200, "ignore_eos": True, "stream": Tr
 @pytest.fixture(scope="module")
 def small(chat_model_dir):
     """One sequence runs, one may wait, nothing more."""
-    with start_server(chat_model_dir, api_key=KEY, max_queue=1, max_num_seqs=1) as s:
+    with start_server(
+        chat_model_dir, api_key=KEY, max_queue=1, max_num_seqs=1, public_metrics=True
+    ) as s:
         yield s
 
 
@@ -97,3 +99,56 @@ def test_n_beyond_max_num_seqs_is_400_and_does_not_wedge_the_queue(small, stream
         ok = http.post("/v1/completions", json={"prompt": [5, 6], "max_tokens": 2})
         assert ok.status_code == 200  # the next request is served, not stuck behind it
     wait_all_blocks_free(small.url)
+
+
+class _IdleEngine:
+    """Just enough of AsyncLLM for routes that never reach the engine."""
+
+    config = type("C", (), {"max_num_seqs": 4})
+    tokenizer = None
+    max_model_len = 16
+    is_running = True
+
+    def stats(self) -> dict:
+        return dict(num_running=0, num_waiting=0, kv_cache_usage=0.0, num_free_blocks=1,
+                    num_total_blocks=1, prefix_cache_hits=0, prefix_cache_queries=0,
+                    prompt_tokens_total=0, generation_tokens_total=0)  # fmt: skip
+
+    async def start(self) -> None:
+        pass
+
+    async def shutdown(self, drain=True, timeout=None) -> None:
+        pass
+
+
+@pytest.mark.parametrize("public_metrics", [False, True])
+def test_api_key_guards_metrics_and_openapi_unless_metrics_are_public(public_metrics):
+    from fastapi.testclient import TestClient
+
+    from kiln.serve.api import create_app
+
+    app = create_app(_IdleEngine(), "tiny", api_key=KEY, public_metrics=public_metrics)
+    with TestClient(app) as http:
+        assert http.get("/health").status_code == 200
+        assert http.get("/openapi.json").status_code == 401
+        assert http.get("/openapi.json", headers=AUTH).json()["info"]["title"] == "kiln"
+        assert http.get("/metrics").status_code == (200 if public_metrics else 401)
+        assert http.get("/metrics", headers=AUTH).status_code == 200
+        for scheme in ("bearer", "BEARER", "Bearer "):
+            assert http.get("/v1/models", headers={"Authorization": f"{scheme} {KEY}"}).json()
+
+
+def test_non_json_bodies_are_415(small):
+    with httpx.Client(base_url=small.url, timeout=30, headers=AUTH) as http:
+        for kind in ("text/plain", "application/x-www-form-urlencoded", "multipart/form-data"):
+            r = http.post("/v1/completions", content=b'{"prompt": "Hi", "max_tokens": 1}',
+                          headers={"Content-Type": kind})  # fmt: skip
+            assert r.status_code == 415 and r.json()["error"]["code"] == "unsupported_media_type"
+
+
+def test_api_key_from_the_environment(monkeypatch):
+    from kiln.cli import build_parser
+
+    monkeypatch.setenv("KILN_API_KEY", "from-env")
+    args = build_parser().parse_args(["serve", "--model", "m"])
+    assert args.api_key == "from-env"

@@ -54,8 +54,10 @@ def create_app(
     api_key: str | None = None,
     max_queue: int = DEFAULT_MAX_QUEUE,
     max_body_bytes: int = DEFAULT_MAX_BODY_BYTES,
+    public_metrics: bool = False,
 ) -> FastAPI:
-    """An OpenAI-compatible app over `engine` (an AsyncLLM, started and drained by the app)."""
+    """An OpenAI-compatible app over `engine` (an AsyncLLM, started and drained by the app).
+    With an `api_key` every route but /health needs it (/metrics too, unless public_metrics)."""
     max_running = engine.config.max_num_seqs
     ctx = ServingContext(
         engine=engine,
@@ -71,15 +73,18 @@ def create_app(
         ctx.gate.draining = True
         await engine.shutdown(drain=True, timeout=10)  # uvicorn has drained; a backstop
 
-    app = FastAPI(title="kiln", lifespan=lifespan, docs_url=None, redoc_url=None)
+    app = FastAPI(title="kiln", lifespan=lifespan, docs_url=None, redoc_url=None, openapi_url=None)
     app.state.ctx = ctx
     _add_error_handlers(app)
-    app.include_router(_open_routes(ctx))
-    app.include_router(_v1_routes(ctx, max_body_bytes), dependencies=[Depends(_auth(api_key))])
+    auth = [Depends(_auth(api_key))]
+    app.include_router(_health_route(ctx))
+    app.include_router(_metrics_route(ctx), dependencies=[] if public_metrics else auth)
+    app.include_router(_openapi_route(app), dependencies=auth)
+    app.include_router(_v1_routes(ctx, max_body_bytes), dependencies=auth)
     return app
 
 
-def _open_routes(ctx: ServingContext) -> APIRouter:
+def _health_route(ctx: ServingContext) -> APIRouter:
     router = APIRouter()
 
     @router.get("/health")
@@ -88,9 +93,25 @@ def _open_routes(ctx: ServingContext) -> APIRouter:
             return _error(APIError(503, "the engine is not running", type="service_unavailable"))
         return Response(status_code=200)
 
+    return router
+
+
+def _metrics_route(ctx: ServingContext) -> APIRouter:
+    router = APIRouter()
+
     @router.get("/metrics")
     async def metrics() -> Response:
         return Response(ctx.metrics.render(), media_type=CONTENT_TYPE)
+
+    return router
+
+
+def _openapi_route(app: FastAPI) -> APIRouter:
+    router = APIRouter()
+
+    @router.get("/openapi.json", include_in_schema=False)
+    async def openapi() -> JSONResponse:
+        return JSONResponse(app.openapi())
 
     return router
 
@@ -221,7 +242,12 @@ async def _unless_disconnected(request: Request, work: Awaitable[T]) -> T:
 
 
 async def _read_body(request: Request, limit: int) -> bytes:
-    """The request body, refused with 413 as soon as it passes `limit` bytes."""
+    """The request body, refused with 413 as soon as it passes `limit` bytes, and with 415 when
+    it says it is not JSON (so that a web page's form or text/plain post cannot generate)."""
+    kind = request.headers.get("content-type", "application/json").split(";")[0].strip()
+    if kind.lower() != "application/json":
+        raise APIError(415, f"the body must be application/json, not {kind!r}",
+                       code="unsupported_media_type")  # fmt: skip
     too_big = APIError(413, f"request body exceeds {limit} bytes", code="request_too_large")
     length = request.headers.get("content-length", "")
     if length.isdigit() and int(length) > limit:
@@ -248,14 +274,16 @@ def _check_model(ctx: ServingContext, model: str | None) -> None:
 
 
 def _auth(api_key: str | None):
-    """A dependency that demands `Authorization: Bearer <api_key>` when a key is set."""
-    expected = f"Bearer {api_key}".encode() if api_key else None
+    """A dependency that demands `Authorization: Bearer <api_key>` (the scheme in any case)
+    when a key is set."""
+    expected = api_key.encode() if api_key else None
 
     async def check(request: Request) -> None:
         if expected is None:
             return
-        given = request.headers.get("authorization", "").encode()
-        if not hmac.compare_digest(given, expected):
+        scheme, _, token = request.headers.get("authorization", "").partition(" ")
+        ok = scheme.lower() == "bearer" and hmac.compare_digest(token.strip().encode(), expected)
+        if not ok:
             raise APIError(401, "invalid or missing API key", code="invalid_api_key")
 
     return check

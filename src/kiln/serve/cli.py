@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import os
 
 
 def register(subparsers) -> None:
@@ -15,7 +16,15 @@ def register(subparsers) -> None:
     p.add_argument("--model", required=True, help="model directory (Hugging Face layout)")
     p.add_argument("--host", default="127.0.0.1")
     p.add_argument("--port", type=int, default=8000)
-    p.add_argument("--api-key", default=None, help="require `Authorization: Bearer KEY`")
+    p.add_argument(
+        "--api-key", default=os.environ.get("KILN_API_KEY"),
+        help="require `Authorization: Bearer KEY` on every route but /health "
+        "(default: $KILN_API_KEY)",
+    )  # fmt: skip
+    p.add_argument(
+        "--public-metrics", action="store_true",
+        help="with --api-key, leave /metrics open (for a scraper without the key)",
+    )  # fmt: skip
     p.add_argument("--served-model-name", default=None, help="the name clients ask for")
     p.add_argument("--max-num-seqs", type=int, default=256, help="sequences run at once")
     p.add_argument(
@@ -75,6 +84,7 @@ def run(args: argparse.Namespace) -> int:
         log_level=args.log_level,
         drain_timeout=args.drain_timeout,
         max_connections=args.max_connections,
+        public_metrics=args.public_metrics,
         **queue,
         **engine_args,
     )

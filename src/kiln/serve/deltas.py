@@ -3,6 +3,7 @@ shapes (the legacy completions object and chat's content list)."""
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
@@ -58,8 +59,18 @@ class DeltaTracker:
         )
 
 
+LOGPROB_FLOOR = -9999.0  # what -inf / NaN logprobs become: JSON has neither
+
+
+def finite(value: float | None) -> float | None:
+    """A logprob JSON can carry: -inf and NaN become LOGPROB_FLOOR."""
+    if value is None:
+        return None
+    return value if math.isfinite(value) else (0.0 if value > 0 else LOGPROB_FLOOR)
+
+
 def _sorted_top(lp: dict[int, float], k: int) -> list[tuple[int, float]]:
-    return sorted(lp.items(), key=lambda kv: -kv[1])[:k]
+    return sorted(((t, finite(v)) for t, v in lp.items()), key=lambda kv: -kv[1])[:k]
 
 
 def completion_logprobs(
@@ -70,9 +81,9 @@ def completion_logprobs(
     for tid, lp in zip(d.token_ids, d.logprobs or []):
         text = decode(tid)
         top = {decode(t): v for t, v in _sorted_top(lp, num)}
-        top.setdefault(text, lp.get(tid, float("-inf")))
+        top.setdefault(text, finite(lp.get(tid, float("-inf"))))
         result.tokens.append(text)
-        result.token_logprobs.append(lp.get(tid))
+        result.token_logprobs.append(finite(lp.get(tid)))
         result.top_logprobs.append(top)
         result.text_offset.append(offset)
         offset += len(text)
@@ -84,7 +95,7 @@ def chat_logprobs(decode: Callable[[int], str], d: Delta, num: int) -> ChatLogpr
 
     def entry(tid: int, value: float) -> dict[str, Any]:
         text = decode(tid)
-        return dict(token=text, logprob=max(value, -9999.0), bytes=list(text.encode()))
+        return dict(token=text, logprob=finite(value), bytes=list(text.encode()))
 
     content = [
         TokenLogprob(

@@ -56,7 +56,10 @@ def validation_error(e: ValidationError) -> APIError:
     def where(err: dict[str, Any]) -> list[str]:  # the location without union members' tags
         return [str(x) for x in err.get("loc", ()) if not _is_type_tag(x)]
 
-    err = max(e.errors(include_url=False), key=lambda err: len(where(err)))
+    def specificity(err: dict[str, Any]) -> tuple[int, bool]:  # deepest; a broken limit
+        return len(where(err)), not err.get("type", "").endswith("_type")  # over a wrong type
+
+    err = max(e.errors(include_url=False), key=specificity)
     if err.get("type") == "json_invalid":
         return APIError(
             400, f"request body is not valid JSON: {err.get('msg')}", code="json_invalid"

@@ -107,6 +107,7 @@ def serve(
     log_level: str = "info",
     drain_timeout: float = 30.0,
     max_connections: int = DEFAULT_MAX_CONNECTIONS,
+    public_metrics: bool = False,
     **engine_args: Any,
 ) -> None:
     """Load `model`, serve it over HTTP until SIGTERM/SIGINT, then drain and return;
@@ -115,7 +116,8 @@ def serve(
     from kiln.engine.async_engine import EngineDeadError
 
     engine = build_engine(model, **engine_args)
-    app = create_app(engine, served_model_name or str(model), api_key=api_key, max_queue=max_queue)
+    app = create_app(engine, served_model_name or str(model), api_key=api_key,
+                     max_queue=max_queue, public_metrics=public_metrics)  # fmt: skip
     config = uvicorn.Config(
         app, host=host, port=port, log_level=log_level, access_log=False,
         http=GuardedH11Protocol, limit_concurrency=max_connections,
