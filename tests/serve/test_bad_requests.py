@@ -119,3 +119,37 @@ def test_server_still_serves_after_bad_requests(http):
     assert http.get("/health").status_code == 200
     ok = http.post("/v1/completions", json=COMPLETION)
     assert ok.status_code == 200 and ok.json()["usage"]["prompt_tokens"] > 0
+
+
+def test_too_many_stop_strings_names_the_limit(http):
+    err = assert_error(
+        http.post("/v1/completions", json={**COMPLETION, "stop": ["x"] * 10_000}), 400, "stop"
+    )
+    assert "16" in err["message"]
+
+
+def test_huge_text_prompt_is_refused_before_tokenizing(http, server):
+    limit = server.engine.max_model_len * server.engine.max_token_bytes
+    resp = http.post("/v1/completions", json={**COMPLETION, "prompt": "a" * (limit + 1)})
+    err = assert_error(resp, 400, "prompt")
+    assert err["code"] == "context_length_exceeded" and "characters" in err["message"]
+
+
+def test_each_prompt_of_a_batch_gets_its_own_room(http, server):
+    room = server.engine.max_model_len
+    body = {"prompt": [[5] * 4, [5] * (room - 3)], "max_tokens": None, "ignore_eos": True}
+    choices = http.post("/v1/completions", json=body).json()["choices"]
+    assert [len(c["text"]) > 0 for c in choices] == [True, True]
+    assert [c["finish_reason"] for c in choices] == ["length", "length"]
+
+
+def test_logprobs_json_never_carries_inf_or_nan():
+    from kiln.serve.deltas import LOGPROB_FLOOR, Delta, chat_logprobs, completion_logprobs
+
+    d = Delta(0, "ab", [1, 2], [{1: float("-inf"), 3: 0.0}, {2: float("nan")}], None, None)
+    decode = str
+    legacy = completion_logprobs(decode, d, 2, 0).model_dump_json()
+    chat = chat_logprobs(decode, d, 2).model_dump_json()
+    for text in (legacy, chat):
+        assert "inf" not in text.lower() and "nan" not in text.lower()
+        assert str(LOGPROB_FLOOR) in text

@@ -88,6 +88,12 @@ def merge_delta(into: RequestOutput, new: RequestOutput) -> None:
     into.finished = new.finished
 
 
+def max_token_bytes(tokenizer) -> int:
+    """An upper bound on the UTF-8 bytes of text one token covers (its vocabulary entry's
+    bytes: byte-level and metaspace entries spell a byte or a space with more)."""
+    return max(len(t.encode()) for t in tokenizer.tokenizer.get_vocab(with_added_tokens=True))
+
+
 class AsyncLLM:
     """AsyncLLM(model_path, **engine_args); `await start()`, `generate(...)`, `abort(id)`."""
 
@@ -101,6 +107,9 @@ class AsyncLLM:
         self.client = EngineCoreClient(str(model), **kwargs)  # starts the core, waits for it
         self.max_model_len: int = self.client.info["max_model_len"]
         self.processor = OutputProcessor(self.tokenizer)
+        # no token is longer than this many UTF-8 bytes of its vocabulary entry: a text of more
+        # than max_model_len times it is too long without tokenizing it
+        self.max_token_bytes = max_token_bytes(self.tokenizer) if self.tokenizer else 0
         self._collectors: dict[str, OutputCollector] = {}
         self._loop: asyncio.AbstractEventLoop | None = None
         self._stopping = False

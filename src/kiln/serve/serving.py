@@ -68,6 +68,17 @@ async def completion_prompts(ctx: ServingContext, req: CompletionRequest) -> lis
     """Token ids of each prompt in the batch (strings tokenized off the event loop)."""
     prompts = req.prompts()
     tok = ctx.tokenizer
+    texts = [p for p in prompts if isinstance(p, str)]
+    if texts and tok is None:
+        raise APIError(400, "this model has no tokenizer: give the prompt as token ids",
+                       param="prompt")  # fmt: skip
+    limit = ctx.max_model_len * ctx.engine.max_token_bytes
+    if any(len(t) > limit for t in texts):  # too long however it tokenizes: refuse it cheaply
+        raise APIError(
+            400, f"this model's maximum context length is {ctx.max_model_len} tokens, and the "
+            f"prompt has more than {limit} characters", param="prompt",
+            code="context_length_exceeded",
+        )  # fmt: skip
 
     def encode() -> list[list[int]]:
         return [tok.encode(p) if isinstance(p, str) else list(p) for p in prompts]
@@ -79,6 +90,9 @@ async def chat_prompt(ctx: ServingContext, req: ChatCompletionRequest) -> list[i
     """The conversation rendered by the model's chat template, as token ids."""
     messages = [m.to_template() for m in req.messages]
     tok = ctx.tokenizer
+    if tok is None or tok.chat_template is None:
+        raise APIError(400, "this model has no chat template: use /v1/completions",
+                       param="messages")  # fmt: skip
 
     def render() -> list[int]:
         return tok.apply_chat_template(
