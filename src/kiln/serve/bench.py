@@ -96,6 +96,7 @@ def run_benchmark(args: argparse.Namespace, rate: float, seed: int) -> dict:
     warmup = random_prompts(rng, args.warmup_requests, args.input_len, args.max_token_id)
     model = asyncio.run(_warm_up(args, warmup))
     k = max(1, min(getattr(args, "num_clients", 1), len(prompts)))
+    args = argparse.Namespace(**{n: v for n, v in vars(args).items() if not callable(v)})
     shares = [(args, model, prompts[i::k], rate / k, seed * 1000 + i) for i in range(k)]
     start = time.time() + (0.0 if k == 1 else 2.0)  # the clients start together
     if k == 1:
