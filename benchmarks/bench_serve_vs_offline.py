@@ -146,9 +146,9 @@ def run_served(src: Path, model: Path, args, serve_args: list[str], rates: list[
                                    warmup_requests=args.warmup, max_concurrency=None,
                                    num_clients=1)  # fmt: skip
         pids = {"api": proc.pid, "core": _children(proc.pid)[0]}
-        runs = [(rate, 1) for rate in rates]
-        if args.clients > 1:
-            runs.append((math.inf, args.clients))
+        runs = [(rate, args.clients) for rate in rates]
+        if args.clients > 1:  # what one client process alone measures, for comparison
+            runs.append((math.inf, 1))
         for rate, clients in runs:
             before = {k: cpu_seconds(v) for k, v in pids.items()}
             client_before, start = time.process_time(), time.perf_counter()
@@ -222,7 +222,8 @@ def main() -> None:
     p.add_argument("--baseline-src", type=Path, default=None, help="a 'before' source tree")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--clients", type=int, default=1,
-                   help="also run rate inf from this many client processes")  # fmt: skip
+                   help="client processes sending the load (then also one rate-inf run from "
+                   "a single client, for comparison)")  # fmt: skip
     p.add_argument("--serve-arg", action="append", default=[], help="passed to kiln serve")
     p.add_argument("--out", type=Path, default=Path("out/serve_vs_offline"))
     args = p.parse_args()
@@ -261,7 +262,7 @@ def main() -> None:
                      f"{off['request_throughput']:.1f} | {inf['request_throughput']:.1f} | "
                      f"{inf['ttft_ms']['p50']:.0f} / {inf['ttft_ms']['p99']:.0f} |")  # fmt: skip
     after = report["trees"]["after"]
-    sweep = [s for s in after["served"][1:] if s["clients"] == 1]
+    sweep = [s for s in after["served"][1:] if s["clients"] == args.clients]
     if sweep:
         offline_rps = after["offline"]["request_throughput"]
         lines += ["", "| offered req/s | served req/s | out tok/s | TTFT p50 / p99 ms | "
