@@ -8,6 +8,9 @@ from dataclasses import dataclass, field
 from kiln.errors import InputError
 
 
+MAX_LOGPROBS = 20  # top-N logprobs a request may ask for (the server's limit too)
+
+
 class RequestOutputKind(enum.IntEnum):
     """What each RequestOutput of a running request carries (vLLM's names)."""
 
@@ -78,7 +81,8 @@ class SamplingParams:
         else:
             _check(self.min_tokens >= 0, "min_tokens", self.min_tokens, ">= 0")
         if self.logprobs is not None:
-            _check(0 <= self.logprobs <= 20, "logprobs", self.logprobs, "in [0, 20]")
+            _check(0 <= self.logprobs <= MAX_LOGPROBS, "logprobs", self.logprobs,
+                   f"in [0, {MAX_LOGPROBS}]")  # fmt: skip
         _check(
             self.length_penalty > 0 or not self.use_beam_search,
             "length_penalty",

@@ -11,10 +11,10 @@ from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_serializer
 
+from kiln.engine.sampling_params import MAX_LOGPROBS
 from kiln.errors import InputError
 
 MAX_SEED = 2**63 - 1
-MAX_LOGPROBS = 20
 MAX_N = 128
 MAX_STOP = 16
 
