@@ -7,7 +7,6 @@ from dataclasses import dataclass, field
 
 from kiln.errors import InputError
 
-
 MAX_LOGPROBS = 20  # top-N logprobs a request may ask for (the server's limit too)
 
 
