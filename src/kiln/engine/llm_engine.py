@@ -117,8 +117,8 @@ class LLMEngine:
             self.runner.num_blocks, cfg.block_size, cfg.enable_prefix_caching
         )
         self.scheduler = Scheduler(cfg, self.block_manager, self.max_model_len)
-        self.sampler = Sampler(self.model_config.vocab_size)
-        if self.device.type == "cuda" and self.runner.backend_name == "triton":
+        self.sampler = Sampler(self.model_config.vocab_size, self.runner.ops)
+        if self.device.type == "cuda" and self.runner.ops.name == "triton":
             self.sampler.compile_kernels(self.runner.dtype, self.device)
         self.requests: dict[str, Request] = {}
         self._seq_ids = itertools.count()

@@ -2,22 +2,23 @@
 
 It owns the model (transformed by kiln.engine.fuse when asked), the KV pool (sized from free
 GPU memory after a profiling forward, or a fixed budget on CPU), the attention backend, and
-the CUDA graphs captured for decode-only steps of 1, 2, 4, 8, 16, 24, ... sequences.
+the CUDA graphs captured for decode-only steps of 1, 2, 4, 8, 16, 24, ... sequences. The
+kernels they all run are one Ops (kiln.engine.ops), chosen here at start-up.
 """
 
 from __future__ import annotations
 
 import functools
-import importlib
 import logging
 from dataclasses import dataclass
 
 import numpy as np
 import torch
 
-from kiln.engine.attention import AttentionMetadata, KVCache, make_backend
+from kiln.engine.attention import AttentionMetadata, KVCache, PagedBackend
 from kiln.engine.config import CPU_KV_CACHE_BYTES, EngineConfig
 from kiln.engine.fuse import fuse_model
+from kiln.engine.ops import choose_ops
 from kiln.engine.sampler import PendingSample
 from kiln.engine.scheduler import SchedulerOutput
 from kiln.engine.sequence import Sequence
@@ -27,26 +28,6 @@ from kiln.model.attention import causal_attention
 from kiln.model.transformer import Transformer
 
 log = logging.getLogger("kiln.engine")
-
-TRITON_KERNELS = (
-    "kiln.kernels.store_kvcache",
-    "kiln.kernels.paged_decode_attention",
-    "kiln.kernels.varlen_prefill_attention",
-)
-
-
-def triton_available() -> bool:
-    """Whether the Triton attention kernels import and can run here."""
-    if not torch.cuda.is_available():
-        return False
-    try:
-        for module in TRITON_KERNELS:
-            importlib.import_module(module)
-        import triton  # noqa: F401
-    except ImportError as e:
-        log.warning("Triton attention unavailable (%s): using the torch backend", e)
-        return False
-    return True
 
 
 class ProfileBackend:
@@ -77,12 +58,10 @@ class ModelRunner:
         self.device, self.dtype = param.device, param.dtype
         self.block_size = config.block_size
         self.max_blocks_per_seq = -(-max_model_len // config.block_size)
-        name = config.attention_backend
-        if name == "auto":
-            name = "triton" if self.device.type == "cuda" and triton_available() else "torch"
-        self.backend_name = name
-        log.info("attention backend: %s", name)
-        self.model = fuse_model(model, config.gemv_max_batch) if config.fuse_weights else model
+        self.ops = choose_ops(config.attention_backend, self.device)
+        if config.fuse_weights:
+            model = fuse_model(model, self.ops, config.gemv_max_batch)
+        self.model = model
         self.num_blocks = self._num_kv_blocks()
         mc = self.model_config
         self.kv_cache = KVCache(
@@ -94,15 +73,17 @@ class ModelRunner:
             self.dtype,
             self.device,
         )
-        self.backend = make_backend(name, self.kv_cache)
+        self.backend = PagedBackend(self.kv_cache, self.ops)
         self.graphs: dict[int, torch.cuda.CUDAGraph] = {}
-        # MoE routing reads the chosen experts on the host: not capturable.
-        graphs_ok = self.device.type == "cuda" and name == "triton" and not mc.num_experts
+        # Only the Triton ops are capturable (the references read lengths on the host), and
+        # MoE routing reads the chosen experts on the host.
+        triton_cuda = self.device.type == "cuda" and self.ops.name == "triton"
+        graphs_ok = triton_cuda and not mc.num_experts
         # Decode graphs also run the fused sampling kernel (used by execute_and_sample).
         self.sample_in_graph = graphs_ok and config.use_cuda_graph
         if config.use_cuda_graph and graphs_ok:
             self._capture_graphs()
-        if self.device.type == "cuda" and name == "triton":
+        if triton_cuda:
             windows = {m.sliding_window for m in model.modules() if hasattr(m, "sliding_window")}
             fused = None  # (q/k norm, RoPE) of a fused model: its decode_qkv variants too
             if config.fuse_weights:
@@ -361,9 +342,7 @@ class ModelRunner:
         logits = self._forward_all(self.g_ids[:size], md)
         sampled = None
         if self.sample_in_graph:
-            from kiln.kernels.sample import sample
-
-            sampled = sample(logits, self.g_temps[:size], self.g_seeds[:size])
+            sampled = self.ops.sample(logits, self.g_temps[:size], self.g_seeds[:size])
         return logits, sampled
 
     def _stage_graph_inputs(
