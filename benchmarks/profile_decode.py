@@ -28,7 +28,7 @@ from kiln.engine import sampler as sampler_mod  # noqa: E402
 
 def graph_ms(runner, size: int = 1, iters: int = 200) -> float:
     """GPU milliseconds of one decode-graph replay (back to back, inputs as last left)."""
-    graph = runner.graphs[size]
+    graph = runner.graph_runner.graphs[size]
     for _ in range(10):
         graph.replay()
     a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
@@ -73,8 +73,8 @@ def variant_table(llm) -> None:
     from kiln.kernels.decode_qkv import paged_decode_qkv_triton
 
     runner = llm.engine.runner
-    backend = runner.backend
-    ops = backend.ops
+    backend, graphs = runner.backend, runner.graph_runner
+    ops, sizes = backend.ops, list(graphs.graphs)
     fused = ops.paged_decode_qkv
     blocks = runner.model.layers
     variants = {
@@ -95,18 +95,18 @@ def variant_table(llm) -> None:
     print("|---|---|---|")
     for name, v in variants.items():
         backend.ops = dataclasses.replace(ops, paged_decode_qkv=v.get("decode_qkv", fused))
-        runner.sample_in_graph = v.get("sample_in_graph", True)
+        graphs.sample_in_graph = v.get("sample_in_graph", True)
         runner.model.lm_head.gemv_max_batch = v.get("lm_head", 1)
         _triton.PDL_ENABLED = v.get("pdl", True)
         for b in blocks:
             b.gemv_max_batch = v.get("gemv", 1)
-        runner.graphs = {}
-        runner._capture_graphs()
+        graphs.graphs = {}
+        graphs.capture(sizes)
         rate = decode_rate(llm, new_tokens=256)
         llm.generate(prompt_token_ids=[list(range(11, 139))], sampling_params=p)
         print(f"| {name} | {graph_ms(runner):.3f} | {rate:.0f} |", flush=True)
     backend.ops, _triton.PDL_ENABLED = ops, True
-    runner.sample_in_graph = True
+    graphs.sample_in_graph = True
 
 
 def main() -> None:

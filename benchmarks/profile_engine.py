@@ -61,7 +61,7 @@ def main() -> None:
     eng.step = timed("step (total)", eng.step)
     eng.scheduler.schedule = timed("schedule", eng.scheduler.schedule)
     runner.prepare = timed("prepare (pack + H2D)", runner.prepare)
-    for graph in runner.graphs.values():
+    for graph in runner.graph_runner.graphs.values():
         graph.replay = timed("graph replay", graph.replay)
     runner.execute = timed("execute (incl. prepare, forward)", runner.execute)
     eng.sampler.__call__ = None

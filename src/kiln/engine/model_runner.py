@@ -2,13 +2,12 @@
 
 It owns the model (transformed by kiln.engine.fuse when asked), the KV pool (sized from free
 GPU memory after a profiling forward, or a fixed budget on CPU), the attention backend, and
-the CUDA graphs captured for decode-only steps of 1, 2, 4, 8, 16, 24, ... sequences. The
-kernels they all run are one Ops (kiln.engine.ops), chosen here at start-up.
+the CUDA graphs of decode-only steps (kiln.engine.cuda_graphs). The kernels they all run are
+one Ops (kiln.engine.ops), chosen here at start-up.
 """
 
 from __future__ import annotations
 
-import functools
 import logging
 from dataclasses import dataclass
 
@@ -17,12 +16,13 @@ import torch
 
 from kiln.engine.attention import AttentionMetadata, KVCache, PagedBackend
 from kiln.engine.config import CPU_KV_CACHE_BYTES, EngineConfig
+from kiln.engine.cuda_graphs import CudaGraphRunner, graph_batch_sizes
 from kiln.engine.fuse import fuse_model
 from kiln.engine.ops import choose_ops
 from kiln.engine.sampler import PendingSample
 from kiln.engine.scheduler import SchedulerOutput
 from kiln.engine.sequence import Sequence
-from kiln.engine.transfer import copy_to_device, to_device
+from kiln.engine.transfer import to_device
 from kiln.errors import ConfigError
 from kiln.model.attention import causal_attention
 from kiln.model.transformer import Transformer
@@ -46,10 +46,6 @@ class PreviousTokens:
 
 
 class ModelRunner:
-    # Graph steps copy their block-table rows at full width (max_blocks) with the other int32
-    # inputs when size x max_blocks is at most this many values; else only their own columns.
-    GRAPH_TABLE_COPY_LIMIT = 65536
-
     def __init__(self, model: Transformer, config: EngineConfig, max_model_len: int):
         self.config = config
         self.model_config = model.config
@@ -74,15 +70,15 @@ class ModelRunner:
             self.device,
         )
         self.backend = PagedBackend(self.kv_cache, self.ops)
-        self.graphs: dict[int, torch.cuda.CUDAGraph] = {}
+        self.graph_runner = CudaGraphRunner(
+            self.model, self.backend, self.ops, self.max_blocks_per_seq
+        )
         # Only the Triton ops are capturable (the references read lengths on the host), and
         # MoE routing reads the chosen experts on the host.
         triton_cuda = self.device.type == "cuda" and self.ops.name == "triton"
-        graphs_ok = triton_cuda and not mc.num_experts
-        # Decode graphs also run the fused sampling kernel (used by execute_and_sample).
-        self.sample_in_graph = graphs_ok and config.use_cuda_graph
-        if config.use_cuda_graph and graphs_ok:
-            self._capture_graphs()
+        if config.use_cuda_graph and triton_cuda and not mc.num_experts:
+            top = min(config.max_cuda_graph_batch_size, config.max_num_seqs)
+            self.graph_runner.capture(graph_batch_sizes(top))
         if triton_cuda:
             windows = {m.sliding_window for m in model.modules() if hasattr(m, "sliding_window")}
             fused = None  # (q/k norm, RoPE) of a fused model: its decode_qkv variants too
@@ -189,17 +185,18 @@ class ModelRunner:
                 sample_seqs.append(seq)
         num_decodes = sum(1 for n in query_lens if n == 1)
         b = len(tables)
-        size = self._graph_batch_size(b) if num_decodes == b else None
+        graphs = self.graph_runner
+        size = graphs.batch_size(b) if num_decodes == b else None
         if size is not None:
             temps = seeds = None
             in_graph = (
-                sampler is not None and self.sample_in_graph and len(sample_seqs) == b
+                sampler is not None and graphs.sample_in_graph and len(sample_seqs) == b
                 and sampler.fast_path_ok(sample_seqs)
             )  # fmt: skip
             if in_graph:
                 temps, seeds = sampler.fast_path_inputs(sample_seqs)
             args = (input_ids, positions, slots, context_lens, tables, pend_dst, pend_src)
-            ids, md = self._stage_graph_inputs(size, prev, *args, temps, seeds)
+            ids, md = graphs.stage(size, prev, *args, temps, seeds)
             index = None
             if len(logits_indices) < b:
                 index = to_device(logits_indices, torch.int64, self.device)
@@ -260,144 +257,13 @@ class ModelRunner:
         self.kv_cache.copy_blocks(out.block_copies)
         ids, md, index, sample_seqs, in_graph = self.prepare(out, prev, sampler)
         batch = len(md.query_lens)
-        graph_bs = self._graph_batch_size(batch) if md.num_decodes == batch else None
+        graph_bs = self.graph_runner.batch_size(batch) if md.num_decodes == batch else None
         if graph_bs is not None:  # the inputs are staged in the graph's buffers already
-            self.graphs[graph_bs].replay()
+            logits, sampled = self.graph_runner.replay(graph_bs, batch)
             if in_graph:
-                tokens, token_lp = self.g_sampled[graph_bs]
-                return sample_seqs, None, PendingSample(tokens[:batch], token_lp[:batch])
-            logits = self.g_logits[graph_bs][:batch]
+                return sample_seqs, None, PendingSample(*sampled)
             return sample_seqs, logits if index is None else logits[index], None
         self.backend.set_metadata(md)
         hidden = self.model.hidden_states(ids, md.positions, self.backend)
         hidden = hidden if index is None else hidden[index]
         return sample_seqs, self.model.compute_logits(hidden), None
-
-    # ------------------------------------------------------------------ CUDA graphs
-
-    def _graph_sizes(self) -> list[int]:
-        top = min(self.config.max_cuda_graph_batch_size, self.config.max_num_seqs)
-        sizes = [s for s in (1, 2, 4, 8) if s < top] + list(range(16, top, 16))
-        return sorted(set(sizes + [top]))
-
-    def _graph_batch_size(self, batch: int) -> int | None:
-        for size in self.graphs:
-            if size >= batch:
-                return size
-        return None
-
-    def _alloc_graph_buffers(self, top: int) -> None:
-        """The graphs' inputs, in two flat buffers so that a step stages them with one
-        host->device copy each: int64 [ids | positions | slots | noise seeds], each `top`
-        long, and int32 [cu_seqlens (top + 1, fixed) | context_lens (top) | temperatures
-        (top, float32 bits) | block tables (top x max_blocks)]."""
-        dev, blocks = self.device, self.max_blocks_per_seq
-        self.g_i64 = torch.zeros(4 * top, dtype=torch.long, device=dev)
-        self.g_ids, self.g_positions, self.g_slots, self.g_seeds = self.g_i64.view(4, top)
-        self.g_slots.fill_(-1)
-        self.g_i32 = torch.zeros(3 * top + 1 + top * blocks, dtype=torch.int32, device=dev)
-        self.g_cu = self.g_i32[: top + 1]
-        self.g_cu.copy_(torch.arange(top + 1, dtype=torch.int32))
-        self.g_context_lens = self.g_i32[top + 1 : 2 * top + 1].fill_(1)
-        self.g_temps = self.g_i32[2 * top + 1 : 3 * top + 1].view(torch.float32)
-        self.g_tables = self.g_i32[3 * top + 1 :].view(top, blocks)
-        self.g_top = top
-
-    def _capture_graphs(self) -> None:
-        sizes = self._graph_sizes()
-        top = sizes[-1]
-        self._alloc_graph_buffers(top)
-        self.g_logits: dict[int, torch.Tensor] = {}
-        self.g_sampled: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
-        pool = None
-        with torch.inference_mode():
-            for size in reversed(sizes):
-                md = AttentionMetadata(
-                    positions=self.g_positions[:size], slot_mapping=self.g_slots[:size],
-                    block_tables=self.g_tables[:size], context_lens=self.g_context_lens[:size],
-                    cu_seqlens_q=self.g_cu[: size + 1], num_decodes=size,
-                    query_lens=[1] * size,
-                )  # fmt: skip
-                self.backend.set_metadata(md)
-                run = functools.partial(self._graph_body, size, md)
-                run()  # compile and warm up outside the capture
-                torch.cuda.synchronize()
-                graph = torch.cuda.CUDAGraph()
-                with torch.cuda.graph(graph, pool=pool):
-                    self.g_logits[size], self.g_sampled[size] = run()
-                pool = graph.pool() if pool is None else pool
-                self.graphs[size] = graph
-        self.graphs = dict(sorted(self.graphs.items()))
-        torch.cuda.synchronize()
-        log.info("captured CUDA graphs for decode batch sizes %s", list(self.graphs))
-
-    def _forward_all(self, ids: torch.Tensor, md: AttentionMetadata) -> torch.Tensor:
-        """Logits of every row."""
-        return self.model.compute_logits(self.model.hidden_states(ids, md.positions, self.backend))
-
-    def _graph_body(self, size: int, md: AttentionMetadata):
-        """What a decode graph of `size` rows computes: every row's logits and, where the
-        graph samples (sample_in_graph), the fused kernel's (tokens, logprobs) from the staged
-        temperatures and seeds."""
-        logits = self._forward_all(self.g_ids[:size], md)
-        sampled = None
-        if self.sample_in_graph:
-            sampled = self.ops.sample(logits, self.g_temps[:size], self.g_seeds[:size])
-        return logits, sampled
-
-    def _stage_graph_inputs(
-        self, size, prev, input_ids, positions, slots, context_lens, tables, pend_dst, pend_src,
-        temps=None, seeds=None,
-    ):  # fmt: skip
-        """Write a decode step of b <= size sequences into the graphs' input buffers (rows b..
-        size-1 padded: no KV store, context length 1), with the sampling temperatures and
-        seeds when the graph samples; returns (ids, metadata) as views.
-
-        Two pinned host->device copies: the int64 buffer whole (4 x top values), and the int32
-        one up to the size-row tables (their rows are max_blocks wide; past
-        GRAPH_TABLE_COPY_LIMIT values only the step's own columns are copied, in a second
-        step). Input ids still in flight come from `prev` on the device."""
-        top, b, blocks = self.g_top, len(tables), self.max_blocks_per_seq
-        host64 = np.zeros((4, top), dtype=np.int64)
-        host64[0, :b], host64[1, :b] = input_ids, positions
-        host64[2] = -1
-        host64[2, :b] = slots
-        if seeds is not None:
-            host64[3, :b] = seeds
-        copy_to_device(self.g_i64, host64.ravel())
-        width = max(len(t) for t in tables)
-        full_rows = size * blocks <= self.GRAPH_TABLE_COPY_LIMIT
-        n32 = 2 * top + (size * blocks if full_rows else 0)  # from context_lens on
-        host32 = np.zeros(n32, dtype=np.int32)
-        host32[:top] = 1
-        host32[:b] = context_lens
-        if temps is not None:
-            host32[top : top + b] = np.asarray(temps, dtype=np.float32).view(np.int32)
-        if full_rows:
-            rows = host32[2 * top :].reshape(size, blocks)
-            for r, t in enumerate(tables):
-                rows[r, : len(t)] = t
-        copy_to_device(self.g_i32[top + 1 : top + 1 + n32], host32)
-        if not full_rows:
-            padded = np.zeros((size, width), dtype=np.int32)
-            for r, t in enumerate(tables):
-                padded[r, : len(t)] = t
-            self.g_tables[:size, :width] = to_device(padded, torch.int32, self.device)
-        ids = self.g_ids[:b]
-        if pend_dst:
-            n = len(pend_dst)
-            if pend_dst == pend_src == list(range(n)):  # the usual case: one copy
-                ids[:n] = prev.tokens[:n]
-            else:
-                idx = to_device([pend_dst, pend_src], torch.int64, self.device)
-                ids[idx[0]] = prev.tokens[idx[1]]
-        md = AttentionMetadata(
-            positions=self.g_positions[:b],
-            slot_mapping=self.g_slots[:b],
-            block_tables=self.g_tables[:b, :width],
-            context_lens=self.g_context_lens[:b],
-            cu_seqlens_q=self.g_cu[: b + 1],
-            num_decodes=b,
-            query_lens=[1] * b,
-        )
-        return ids, md
