@@ -1,15 +1,21 @@
-"""ModelRunner: a scheduled step -> flat tokens + AttentionMetadata -> the model -> logits.
+"""ModelRunner: a scheduled step -> a step plan -> the model -> the sampled next tokens.
 
 It owns the model (transformed by kiln.engine.fuse when asked), the KV pool (sized from free
 GPU memory after a profiling forward, or a fixed budget on CPU), the attention backend, and
 the CUDA graphs of decode-only steps (kiln.engine.cuda_graphs). The kernels they all run are
 one Ops (kiln.engine.ops), chosen here at start-up.
+
+Each step: `prepare` flattens the scheduled tokens, stages them on the device and decides, once,
+how the step runs (a CUDA graph or eager) and how its rows are sampled (a StepPlan); `execute`
+runs that plan. Lockstep and async scheduling go through the same `execute`; lockstep only
+waits for the tokens before scheduling the next step.
 """
 
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from typing import NamedTuple
 
 import numpy as np
 import torch
@@ -19,7 +25,7 @@ from kiln.engine.config import CPU_KV_CACHE_BYTES, EngineConfig
 from kiln.engine.cuda_graphs import CudaGraphRunner, graph_batch_sizes
 from kiln.engine.fuse import fuse_model
 from kiln.engine.ops import choose_ops
-from kiln.engine.sampler import PendingSample
+from kiln.engine.sampler import PendingSample, Sampler
 from kiln.engine.scheduler import SchedulerOutput
 from kiln.engine.sequence import Sequence
 from kiln.engine.transfer import to_device
@@ -43,6 +49,55 @@ class PreviousTokens:
 
     tokens: torch.Tensor  # [S] int64
     rows: dict[int, int]  # seq_id -> row of tokens
+
+
+@dataclass
+class HostInputs:
+    """A step's flat inputs on the host, one-token rows (decodes) first."""
+
+    input_ids: list[int] = field(default_factory=list)  # [N]; 0 where the token is in flight
+    positions: list[int] = field(default_factory=list)  # [N]
+    slots: list[int] = field(default_factory=list)  # [N]
+    query_lens: list[int] = field(default_factory=list)  # [B]
+    context_lens: list[int] = field(default_factory=list)  # [B]
+    tables: list[list[int]] = field(default_factory=list)  # [B] block tables
+    logits_indices: list[int] = field(default_factory=list)  # [S] the N rows that sample
+    sample_seqs: list[Sequence] = field(default_factory=list)  # [S] their sequences
+    pend_dst: list[int] = field(default_factory=list)  # rows whose token is in flight ...
+    pend_src: list[int] = field(default_factory=list)  # ... their rows in prev.tokens
+
+    @property
+    def num_decodes(self) -> int:
+        return sum(1 for n in self.query_lens if n == 1)
+
+
+@dataclass
+class StepPlan:
+    """How the runner runs one scheduled step, decided once in ModelRunner.prepare.
+
+    `sampling` says how the rows that reach their last token get their next one:
+    - "graph": the step's decode graph samples every row with the fused op (ops.sample), from
+      temperatures and seeds staged with its inputs;
+    - "fast": the fused op samples the logits after the forward;
+    - "full": the sampler's torch path (top-k/p, min-p, penalties, min_tokens, seeds, logprobs);
+    - "fork": not here: the rows fork n / best_of siblings, which share their logits; the
+      engine forks them, then samples.
+    """
+
+    seqs: list[Sequence]  # [S] the sequences that sample, by row
+    input_ids: torch.Tensor  # [N] int64 on the device
+    metadata: AttentionMetadata
+    logits_rows: torch.Tensor | None  # [S] the rows of the N that sample (None: all of them)
+    graph_size: int | None  # the decode graph that runs the step, inputs staged; None: eager
+    sampling: str  # "graph" | "fast" | "full" | "fork"
+
+
+class StepOutput(NamedTuple):
+    """What ModelRunner.execute queued: the sequences that sample, by row, and their tokens."""
+
+    seqs: list[Sequence]
+    sample: PendingSample | None  # None: no row samples, or they fork (see logits)
+    logits: torch.Tensor | None = None  # [S, vocab] when the rows fork (plan "fork")
 
 
 class ModelRunner:
@@ -142,23 +197,80 @@ class ModelRunner:
 
     # ------------------------------------------------------------------ one step
 
-    def prepare(self, out: SchedulerOutput, prev: PreviousTokens | None = None, sampler=None):
-        """Flat input ids, positions and metadata (one-token rows first), the rows to sample
-        (a device index, or None for all), their sequences, and whether the step's CUDA graph
-        samples them too (given a sampler, for a graph step whose rows all sample on the fused
-        kernel's terms: their temperatures and noise seeds are staged with the inputs).
+    @torch.inference_mode()
+    def execute(
+        self, out: SchedulerOutput, prev: PreviousTokens | None, sampler: Sampler
+    ) -> StepOutput:
+        """Queue the step on the device, and the sampling of the next token of each sequence
+        that reaches its last one, as prepare() plans it (nothing here waits for the GPU).
 
-        A decode whose input token is still in flight (async scheduling) reads it from
-        `prev`, the previous step's sampled tokens on the device.
-        """
+        A decode whose input token is still in flight (async scheduling) reads it from `prev`,
+        the previous step's sampled tokens on the device."""
+        self.kv_cache.copy_blocks(out.block_copies)
+        plan = self.prepare(out, prev, sampler)
+        logits, sampled = self._forward(plan)
+        if not plan.seqs:
+            return StepOutput([], None)
+        if plan.sampling == "graph":
+            return StepOutput(plan.seqs, PendingSample(*sampled))
+        if plan.sampling == "fork":
+            return StepOutput(plan.seqs, None, logits)
+        return StepOutput(plan.seqs, sampler.sample(logits, plan.seqs, plan.sampling == "fast"))
+
+    def _forward(self, plan: StepPlan):
+        """Run the model over the step: the sampling rows' logits [S, vocab] (None if no row
+        samples in an eager step) and, where the graph samples them, (tokens, logprobs)."""
+        if plan.graph_size is not None:  # the inputs are staged in the graph's buffers already
+            logits, sampled = self.graph_runner.replay(plan.graph_size, plan.metadata.num_seqs)
+            if plan.logits_rows is not None:
+                logits = logits[plan.logits_rows]
+            return logits, sampled
+        self.backend.set_metadata(plan.metadata)
+        hidden = self.model.hidden_states(plan.input_ids, plan.metadata.positions, self.backend)
+        if not plan.seqs:
+            return None, None
+        if plan.logits_rows is not None:
+            hidden = hidden[plan.logits_rows]
+        return self.model.compute_logits(hidden), None
+
+    def prepare(
+        self, out: SchedulerOutput, prev: PreviousTokens | None, sampler: Sampler
+    ) -> StepPlan:
+        """The step's plan: its inputs staged on the device (a decode-only step that fits a
+        CUDA graph: in the graph's buffers), the rows that sample, and how they sample (the
+        sampler's fast path, asked once here; in the graph when every row takes it)."""
+        host = self._flatten(out, prev)
+        seqs, b = host.sample_seqs, len(host.tables)
+        graphs = self.graph_runner
+        size = graphs.batch_size(b) if host.num_decodes == b else None
+        fast = sampler.fast_path_ok(seqs)
+        if any(s.pending_forks for s in seqs):
+            sampling = "fork"
+        elif size is not None and fast and graphs.sample_in_graph and len(seqs) == b:
+            sampling = "graph"
+        else:
+            sampling = "fast" if fast else "full"
+        if size is None:
+            ids, md, rows = self._stage_eager(host, prev)
+            return StepPlan(seqs, ids, md, rows, None, sampling)
+        temps = seeds = None
+        if sampling == "graph":
+            temps, seeds = sampler.fast_path_inputs(seqs)
+        ids, md = graphs.stage(
+            size, prev, host.input_ids, host.positions, host.slots, host.context_lens,
+            host.tables, host.pend_dst, host.pend_src, temps, seeds,
+        )  # fmt: skip
+        rows = None
+        if len(host.logits_indices) < b:
+            rows = to_device(host.logits_indices, torch.int64, self.device)
+        return StepPlan(seqs, ids, md, rows, size, sampling)
+
+    def _flatten(self, out: SchedulerOutput, prev: PreviousTokens | None) -> HostInputs:
+        """The scheduled tokens as flat host lists, one-token rows first."""
         bs = self.block_size
         order = sorted(range(len(out)), key=lambda i: out.num_new_tokens[i] != 1)
-        input_ids: list[int] = []
-        positions: list[int] = []
-        slots: list[int] = []
-        query_lens, context_lens, tables = [], [], []
-        logits_indices, sample_seqs = [], []
-        pend_dst, pend_src = [], []
+        host = HostInputs()
+        input_ids, positions, slots = host.input_ids, host.positions, host.slots
         for i in order:
             seq, n = out.seqs[i], out.num_new_tokens[i]
             start, end = seq.num_computed_tokens, seq.num_computed_tokens + n
@@ -167,8 +279,8 @@ class ModelRunner:
                 if start < len(seq.token_ids):
                     input_ids.append(seq.token_ids[start])
                 else:  # sampled last step, not read back yet
-                    pend_dst.append(len(input_ids))
-                    pend_src.append(prev.rows[seq.seq_id])
+                    host.pend_dst.append(len(input_ids))
+                    host.pend_src.append(prev.rows[seq.seq_id])
                     input_ids.append(0)
                 positions.append(start)
                 slots.append(table[start // bs] * bs + start % bs)
@@ -177,46 +289,34 @@ class ModelRunner:
                 pos = np.arange(start, end)
                 positions.extend(pos.tolist())
                 slots.extend((np.asarray(table)[pos // bs] * bs + pos % bs).tolist())
-            query_lens.append(n)
-            context_lens.append(end)
-            tables.append(table)
+            host.query_lens.append(n)
+            host.context_lens.append(end)
+            host.tables.append(table)
             if end == len(seq):
-                logits_indices.append(len(input_ids) - 1)
-                sample_seqs.append(seq)
-        num_decodes = sum(1 for n in query_lens if n == 1)
-        b = len(tables)
-        graphs = self.graph_runner
-        size = graphs.batch_size(b) if num_decodes == b else None
-        if size is not None:
-            temps = seeds = None
-            in_graph = (
-                sampler is not None and graphs.sample_in_graph and len(sample_seqs) == b
-                and sampler.fast_path_ok(sample_seqs)
-            )  # fmt: skip
-            if in_graph:
-                temps, seeds = sampler.fast_path_inputs(sample_seqs)
-            args = (input_ids, positions, slots, context_lens, tables, pend_dst, pend_src)
-            ids, md = graphs.stage(size, prev, *args, temps, seeds)
-            index = None
-            if len(logits_indices) < b:
-                index = to_device(logits_indices, torch.int64, self.device)
-            return ids, md, index, sample_seqs, in_graph
-        width = max(len(t) for t in tables)
-        padded = np.zeros((len(tables), width), dtype=np.int64)
+                host.logits_indices.append(len(input_ids) - 1)
+                host.sample_seqs.append(seq)
+        return host
+
+    def _stage_eager(self, host: HostInputs, prev: PreviousTokens | None):
+        """(input ids, metadata, logits rows or None for all) of an eager step on the device:
+        one host buffer, one (pinned, asynchronous on CUDA) copy."""
+        tables, query_lens = host.tables, host.query_lens
+        b, width = len(tables), max(len(t) for t in tables)
+        padded = np.zeros((b, width), dtype=np.int64)
         for r, t in enumerate(tables):
             padded[r, : len(t)] = t
-        # One host buffer, one (pinned, asynchronous on CUDA) copy for the whole step.
-        n_tok = len(input_ids)
+        n_tok = len(host.input_ids)
+        logits_indices = host.logits_indices
         every_row = len(logits_indices) == n_tok
         if every_row:
             logits_indices = []
-        n_idx, n_pend = len(logits_indices), len(pend_dst)
-        parts = [input_ids, positions, slots, logits_indices, pend_dst, pend_src, context_lens]
-        parts += [np.cumsum([0, *query_lens]), padded.ravel()]
+        n_idx, n_pend = len(logits_indices), len(host.pend_dst)
+        parts = [host.input_ids, host.positions, host.slots, logits_indices, host.pend_dst]
+        parts += [host.pend_src, host.context_lens, np.cumsum([0, *query_lens]), padded.ravel()]
         dev = to_device(np.concatenate(parts).astype(np.int64), torch.int64, self.device)
         ids, pos_d, slot_d = dev[:n_tok], dev[n_tok : 2 * n_tok], dev[2 * n_tok : 3 * n_tok]
         at = 3 * n_tok
-        index = None if every_row else dev[at : at + n_idx]
+        rows = None if every_row else dev[at : at + n_idx]
         at += n_idx
         if n_pend:
             dst, src = dev[at : at + n_pend], dev[at + n_pend : at + 2 * n_pend]
@@ -228,42 +328,7 @@ class ModelRunner:
             block_tables=rest[2 * b + 1 :].view(b, width),
             context_lens=rest[:b],
             cu_seqlens_q=rest[b : 2 * b + 1],
-            num_decodes=num_decodes,
+            num_decodes=host.num_decodes,
             query_lens=query_lens,
         )
-        return ids, md, index, sample_seqs, False
-
-    @torch.inference_mode()
-    def execute(
-        self, out: SchedulerOutput, prev: PreviousTokens | None = None
-    ) -> tuple[list[Sequence], torch.Tensor | None]:
-        """Queue the step on the device; logits [S, vocab] for the S sequences that reach
-        their last token (nothing here waits for the GPU)."""
-        seqs, logits, _ = self._run(out, prev, None)
-        return seqs, logits
-
-    @torch.inference_mode()
-    def execute_and_sample(
-        self, out: SchedulerOutput, prev: PreviousTokens | None, sampler
-    ) -> tuple[list[Sequence], PendingSample | None]:
-        """execute() and sampler.sample() in one: a decode step that its CUDA graph can sample
-        (the fused sampling kernel's terms) is sampled there, with no launch of its own."""
-        seqs, logits, sampled = self._run(out, prev, sampler)
-        if sampled is None and seqs:
-            sampled = sampler.sample(logits, seqs)
-        return seqs, sampled
-
-    def _run(self, out, prev, sampler):
-        self.kv_cache.copy_blocks(out.block_copies)
-        ids, md, index, sample_seqs, in_graph = self.prepare(out, prev, sampler)
-        batch = len(md.query_lens)
-        graph_bs = self.graph_runner.batch_size(batch) if md.num_decodes == batch else None
-        if graph_bs is not None:  # the inputs are staged in the graph's buffers already
-            logits, sampled = self.graph_runner.replay(graph_bs, batch)
-            if in_graph:
-                return sample_seqs, None, PendingSample(*sampled)
-            return sample_seqs, logits if index is None else logits[index], None
-        self.backend.set_metadata(md)
-        hidden = self.model.hidden_states(ids, md.positions, self.backend)
-        hidden = hidden if index is None else hidden[index]
-        return sample_seqs, self.model.compute_logits(hidden), None
+        return ids, md, rows

@@ -10,9 +10,10 @@ its tokens do not depend on what else is in the batch.
 A batch that only needs temperature sampling (no top-k/top-p/min-p, penalties, min_tokens
 masks, seeds or top-N logprobs) can take the fast path instead: the engine Ops' `sample`
 (kiln.kernels.sample: log-sum-exp and Gumbel-max argmax in a single pass over the logits, or
-its torch reference); greedy rows give the same argmax either way. Nothing here waits for the
-GPU: `sample` returns a PendingSample whose results are copied to pinned host memory behind
-the GPU work, and `.result()` waits for them (so the engine can schedule the next step
+its torch reference); greedy rows give the same argmax either way. Whether a step's batch does
+is its plan's decision (kiln.engine.model_runner.StepPlan), made once. Nothing here waits for
+the GPU: `sample` returns a PendingSample whose results are copied to pinned host memory
+behind the GPU work, and `.result()` waits for them (so the engine can schedule the next step
 meanwhile).
 """
 
@@ -97,10 +98,16 @@ class Sampler:
         return self.sample(logits, seqs).result()
 
     @torch.inference_mode()
-    def sample(self, logits: torch.Tensor, seqs: list[Sequence]) -> PendingSample:
-        """Queue the sampling of one token per row on the device; nothing waits."""
+    def sample(
+        self, logits: torch.Tensor, seqs: list[Sequence], fast: bool | None = None
+    ) -> PendingSample:
+        """Queue the sampling of one token per row on the device; nothing waits. `fast`: the
+        rows take the fused op (ops.sample), as the step plan decided (None: decide here,
+        fast_path_ok)."""
         dev = logits.device
-        if self.fast_path_ok(seqs):
+        if fast is None:
+            fast = self.fast_path_ok(seqs)
+        if fast:
             temps, seeds = self.fast_path_inputs(seqs)
             b = len(seqs)
             host = np.zeros(b + (b + 1) // 2, dtype=np.int64)  # seeds, then float32 temps
