@@ -28,7 +28,7 @@ from kiln.engine import sampler as sampler_mod  # noqa: E402
 
 def graph_ms(runner, size: int = 1, iters: int = 200) -> float:
     """GPU milliseconds of one decode-graph replay (back to back, inputs as last left)."""
-    graph = runner.graphs[size]
+    graph = runner.graph_runner.graphs[size]
     for _ in range(10):
         graph.replay()
     a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
@@ -66,15 +66,16 @@ def host_split(llm, tokens: int) -> tuple[float, float]:
 def variant_table(llm) -> None:
     """Batch-1 decode graph time with parts of the fast path switched off, one process (the
     graphs re-captured for each; inputs: a 128-token prompt 256 tokens into its decode)."""
+    import dataclasses
     import functools
 
     from kiln.kernels import _triton
     from kiln.kernels.decode_qkv import paged_decode_qkv_triton
-    from kiln.kernels.paged_decode_attention import paged_decode_attention_triton
 
     runner = llm.engine.runner
-    backend = runner.backend
-    fused = backend._decode_qkv
+    backend, graphs = runner.backend, runner.graph_runner
+    ops, sizes = backend.ops, list(graphs.graphs)
+    fused = ops.paged_decode_qkv
     blocks = runner.model.layers
     variants = {
         "default (resident GEMVs, fused decode, sampling in the graph, PDL)": {},
@@ -93,21 +94,19 @@ def variant_table(llm) -> None:
     print("| variant | decode graph ms (batch 1) | tok/s end to end |")
     print("|---|---|---|")
     for name, v in variants.items():
-        backend._decode_qkv = v.get("decode_qkv", fused)
-        backend._decode = v.get("decode", paged_decode_attention_triton)
-        runner.sample_in_graph = v.get("sample_in_graph", True)
+        backend.ops = dataclasses.replace(ops, paged_decode_qkv=v.get("decode_qkv", fused))
+        graphs.sample_in_graph = v.get("sample_in_graph", True)
         runner.model.lm_head.gemv_max_batch = v.get("lm_head", 1)
         _triton.PDL_ENABLED = v.get("pdl", True)
         for b in blocks:
             b.gemv_max_batch = v.get("gemv", 1)
-        runner.graphs = {}
-        runner._capture_graphs()
+        graphs.graphs = {}
+        graphs.capture(sizes)
         rate = decode_rate(llm, new_tokens=256)
         llm.generate(prompt_token_ids=[list(range(11, 139))], sampling_params=p)
         print(f"| {name} | {graph_ms(runner):.3f} | {rate:.0f} |", flush=True)
-    backend._decode_qkv, _triton.PDL_ENABLED = fused, True
-    backend._decode = paged_decode_attention_triton
-    runner.sample_in_graph = True
+    backend.ops, _triton.PDL_ENABLED = ops, True
+    graphs.sample_in_graph = True
 
 
 def main() -> None:

@@ -61,12 +61,10 @@ def main() -> None:
     eng.step = timed("step (total)", eng.step)
     eng.scheduler.schedule = timed("schedule", eng.scheduler.schedule)
     runner.prepare = timed("prepare (pack + H2D)", runner.prepare)
-    for graph in runner.graphs.values():
+    for graph in runner.graph_runner.graphs.values():
         graph.replay = timed("graph replay", graph.replay)
-    runner.execute = timed("execute (incl. prepare, forward)", runner.execute)
-    eng.sampler.__call__ = None
-    sampler = eng.sampler
-    eng.sampler = timed("sample", sampler)
+    runner.execute = timed("execute (incl. prepare, forward, sampling)", runner.execute)
+    eng.sampler.sample = timed("sample (steps not sampled in a graph)", eng.sampler.sample)
     work = offline_workload(args.requests, (100, 1024), (100, 1024), QWEN3_06B["vocab_size"])
     res = run_offline(llm, work)
     lines = [

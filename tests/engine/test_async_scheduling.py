@@ -44,6 +44,32 @@ def test_async_gives_the_same_tokens(hf_model_dir, random_prompts, engine_args):
         assert llm.engine.scheduler.num_preemptions > 0
 
 
+def test_lockstep_and_async_run_the_same_runner_entry(hf_model_dir, random_prompts):
+    """Both modes queue every step through ModelRunner.execute (lockstep then waits for its
+    tokens); the runner has no other entry, and the greedy tokens agree."""
+    from kiln.engine.model_runner import ModelRunner
+
+    path, _ = hf_model_dir("qwen3")
+    prompts = random_prompts((21, 5, 12), seed=8)
+    entries = {name for name in vars(ModelRunner) if not name.startswith("_")}
+    assert entries == {"execute", "prepare"}
+    runs, calls = [], []
+    for async_scheduling in (False, True):
+        llm = LLM(str(path), device="cpu", async_scheduling=async_scheduling)
+        execute, n = llm.engine.runner.execute, []
+
+        def counted(*args, execute=execute, n=n):
+            n.append(1)
+            return execute(*args)
+
+        llm.engine.runner.execute = counted
+        out = llm.generate(prompt_token_ids=prompts, sampling_params=GREEDY)
+        runs.append([o.outputs[0].token_ids for o in out])
+        calls.append(len(n))
+    assert runs[1] == runs[0]
+    assert calls[0] >= GREEDY.max_tokens and calls[1] >= GREEDY.max_tokens
+
+
 def test_async_stops_one_step_late_without_showing_it(model_with_tokenizer, random_prompts):
     path, _ = model_with_tokenizer
     p = random_prompts((9,), seed=9)[0]

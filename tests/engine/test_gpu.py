@@ -25,7 +25,7 @@ def test_triton_backend_and_graphs_match_torch_backend(hf_model_dir, random_prom
         path, prompts, attention_backend="torch", use_cuda_graph=False, fuse_weights=False
     )
     llm, out = _run(path, prompts, attention_backend="triton")
-    assert bool(llm.engine.runner.graphs) == (name != "mixtral")  # MoE routing syncs
+    assert bool(llm.engine.runner.graph_runner.graphs) == (name != "mixtral")  # MoE syncs
     assert out == ref
     _, chunked = _run(path, prompts, attention_backend="triton", max_num_batched_tokens=7)
     assert chunked == ref

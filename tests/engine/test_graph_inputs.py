@@ -15,33 +15,34 @@ from kiln.engine.attention import AttentionMetadata
 class ReplayEager:
     """Stands in for a captured decode graph of `size` rows: reads only the graph buffers."""
 
-    def __init__(self, runner, size):
-        self.runner, self.size = runner, size
+    def __init__(self, graph_runner, size):
+        self.graph_runner, self.size = graph_runner, size
 
     def replay(self):
-        r, n = self.runner, self.size
+        g, n = self.graph_runner, self.size
         md = AttentionMetadata(
-            positions=r.g_positions[:n], slot_mapping=r.g_slots[:n],
-            block_tables=r.g_tables[:n], context_lens=r.g_context_lens[:n],
-            cu_seqlens_q=r.g_cu[: n + 1], num_decodes=n, query_lens=[1] * n,
+            positions=g.positions[:n], slot_mapping=g.slots[:n],
+            block_tables=g.block_tables[:n], context_lens=g.context_lens[:n],
+            cu_seqlens_q=g.cu_seqlens[: n + 1], num_decodes=n, query_lens=[1] * n,
         )  # fmt: skip
-        r.backend.set_metadata(md)
+        g.backend.set_metadata(md)
         with torch.inference_mode():
-            logits, sampled = r._graph_body(n, md)
-            r.g_logits[n].copy_(logits)
+            logits, sampled = g.body(n, md)
+            g.logits[n].copy_(logits)
             if sampled is not None:
-                for static, value in zip(r.g_sampled[n], sampled):
+                for static, value in zip(g.sampled[n], sampled):
                     static.copy_(value)
 
 
 def _fake_graphs(llm, sample_in_graph, sizes=(1, 2, 4, 8)):
     r = llm.engine.runner
-    r._alloc_graph_buffers(sizes[-1])
+    g = r.graph_runner
+    g.alloc_buffers(sizes[-1])
     vocab = r.model_config.vocab_size
-    r.g_logits = {n: torch.zeros(n, vocab, dtype=r.dtype) for n in sizes}
-    r.g_sampled = {n: (torch.zeros(n, dtype=torch.long), torch.zeros(n)) for n in sizes}
-    r.sample_in_graph = sample_in_graph
-    r.graphs = {n: ReplayEager(r, n) for n in sizes}
+    g.logits = {n: torch.zeros(n, vocab, dtype=r.dtype) for n in sizes}
+    g.sampled = {n: (torch.zeros(n, dtype=torch.long), torch.zeros(n)) for n in sizes}
+    g.sample_in_graph = sample_in_graph
+    g.graphs = {n: ReplayEager(g, n) for n in sizes}
 
 
 @pytest.mark.parametrize("sample_in_graph", [False, True], ids=["sampler", "graph-samples"])
@@ -62,19 +63,19 @@ def test_staged_graph_inputs_give_the_same_tokens(
     for fake in (False, True):
         llm = LLM(str(path), device="cpu", async_scheduling=async_scheduling, max_num_seqs=8)
         if fake:
-            monkeypatch.setattr(llm.engine.runner, "GRAPH_TABLE_COPY_LIMIT", table_limit)
+            monkeypatch.setattr(llm.engine.runner.graph_runner, "TABLE_COPY_LIMIT", table_limit)
             _fake_graphs(llm, sample_in_graph)
             replays = []
 
             def counted(replay, replays=replays):
                 return lambda: (replays.append(1), replay())
 
-            for g in llm.engine.runner.graphs.values():
+            for g in llm.engine.runner.graph_runner.graphs.values():
                 monkeypatch.setattr(g, "replay", counted(g.replay))
         out = llm.generate(prompt_token_ids=prompts, sampling_params=params)
         llm.engine.block_manager.check_all_free()
         runs.append([o.outputs[0].token_ids for o in out])
     assert len(replays) > 20  # the decode steps went through the staged buffers
     assert runs[1] == runs[0]
-    if sample_in_graph and async_scheduling:  # the greedy-only steps were sampled in-graph
-        assert any(t.any() for t, _ in llm.engine.runner.g_sampled.values())
+    if sample_in_graph:  # the greedy-only steps were sampled in-graph (lockstep too)
+        assert any(t.any() for t, _ in llm.engine.runner.graph_runner.sampled.values())

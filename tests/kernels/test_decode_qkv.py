@@ -1,19 +1,20 @@
 """The one-launch decode step (qkv -> norm, RoPE, K/V store, split-KV attention, merge)
 against the unfused sequence it replaces."""
 
+import dataclasses
+
 import pytest
 import torch
 
-from kiln.engine.attention import AttentionMetadata, KVCache, PagedBackend, make_backend
+from kiln.engine.attention import AttentionMetadata, KVCache, PagedBackend
+from kiln.engine.ops import Ops
 from kiln.kernels.decode_qkv import paged_decode_qkv, paged_decode_qkv_ref, paged_decode_qkv_triton
 from kiln.kernels.paged_decode_attention import (
     _COUNTERS,
     paged_decode_attention_ref,
     paged_decode_attention_triton,
 )
-from kiln.kernels.qkv_prepare import qkv_prepare_ref, qkv_prepare_triton
-from kiln.kernels.store_kvcache import store_kvcache_ref
-from kiln.kernels.varlen_prefill_attention import varlen_prefill_attention_ref
+from kiln.kernels.qkv_prepare import qkv_prepare_triton
 
 EPS = 1e-6
 
@@ -196,7 +197,7 @@ def test_backends_agree_on_a_decode_only_step(paged_kv, device, check, sliding_w
     step = _make_step(paged_kv, LENS, 4, 2, 64, torch.float32, device, padding=[0])
     outs, caches = [], []
     for name in ("torch", "triton"):
-        backend = make_backend(name, _cache_for(step))
+        backend = PagedBackend(_cache_for(step), getattr(Ops, name)())
         _backend_step(backend, step)
         outs.append(_attend_qkv(backend, step, sliding_window))
         caches.append(backend.kv_cache.data)
@@ -213,10 +214,8 @@ def test_backend_fuses_decode_only_steps_and_nothing_else(paged_kv, device, chec
         return paged_decode_qkv_ref(*args)
 
     step = _make_step(paged_kv, LENS, 4, 2, 64, torch.float32, device)
-    backend = PagedBackend(
-        _cache_for(step), store_kvcache_ref, paged_decode_attention_ref,
-        varlen_prefill_attention_ref, qkv_prepare_ref, decode_qkv,
-    )  # fmt: skip
+    ops = dataclasses.replace(Ops.torch(), paged_decode_qkv=decode_qkv)
+    backend = PagedBackend(_cache_for(step), ops)
     _backend_step(backend, step)
     want = _attend_qkv(backend, step)
     assert calls == [len(LENS)]
@@ -237,7 +236,8 @@ def test_compile_kernels_runs_the_decode_qkv_variants(name, windows, fused_qkv):
     """The start-up compile pass calls decode_qkv well formed, storing nothing."""
     cache = KVCache(2, 4, 16, 2, 32, torch.float32, "cpu")
     before = cache.data.clone()
-    make_backend(name, cache).compile_kernels(4, windows, max_num_seqs=2, fused_qkv=fused_qkv)
+    backend = PagedBackend(cache, getattr(Ops, name)())
+    backend.compile_kernels(4, windows, max_num_seqs=2, fused_qkv=fused_qkv)
     assert torch.equal(cache.data, before)
 
 

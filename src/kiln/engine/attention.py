@@ -5,11 +5,11 @@ sliding_window)`, see kiln.model.attention). The step's tokens come flat: first 
 compute one token (decodes), then the prefill chunks. Each backend writes the new K/V into the
 pool at `slot_mapping`, then attends each query over its sequence's pages.
 
-One backend class, two sets of ops from kiln.kernels: "torch" uses each kernel's plain-torch
-reference (runs anywhere; the reference), "triton" the Triton kernels (store_kvcache, split-KV
-paged decode, varlen prefill over paged prefixes, and qkv_prepare: q/k norm + RoPE + K/V store
-in one launch, for models transformed by kiln.engine.fuse, which call `attend_qkv`; a step of
-decodes only goes from qkv to attention output in one launch, kiln.kernels.decode_qkv).
+One backend class over the engine's Ops (kiln.engine.ops): the kernels' plain-torch references
+(run anywhere; the reference) or their Triton versions (store_kvcache, split-KV paged decode,
+varlen prefill over paged prefixes, and qkv_prepare: q/k norm + RoPE + K/V store in one launch,
+for models transformed by kiln.engine.fuse, which call `attend_qkv`; a step of decodes only
+goes from qkv to attention output in one launch, kiln.kernels.decode_qkv).
 """
 
 from __future__ import annotations
@@ -18,18 +18,8 @@ from dataclasses import dataclass
 
 import torch
 
+from kiln.engine.ops import Ops
 from kiln.engine.transfer import to_device
-from kiln.kernels.decode_qkv import paged_decode_qkv_ref, paged_decode_qkv_triton
-from kiln.kernels.paged_decode_attention import (
-    paged_decode_attention_ref,
-    paged_decode_attention_triton,
-)
-from kiln.kernels.qkv_prepare import qkv_prepare_ref, qkv_prepare_triton
-from kiln.kernels.store_kvcache import store_kvcache_ref, store_kvcache_triton
-from kiln.kernels.varlen_prefill_attention import (
-    varlen_prefill_attention_ref,
-    varlen_prefill_attention_triton,
-)
 
 
 @dataclass
@@ -74,14 +64,14 @@ class KVCache:
 
 class PagedBackend:
     """Store the step's K/V, then paged decode for the one-token rows, varlen prefill for the
-    rest, with the given ops (the kernels' references or their Triton versions); decode_qkv
-    (None: prepare, then decode) does a decode-only step of attend_qkv in one op."""
+    rest, with the given ops (the kernels' references or their Triton versions);
+    ops.paged_decode_qkv (None: qkv_prepare, then decode) does a decode-only step of
+    attend_qkv in one op."""
 
-    def __init__(self, kv_cache: KVCache, store, decode, prefill, prepare, decode_qkv=None):
+    def __init__(self, kv_cache: KVCache, ops: Ops):
         self.kv_cache = kv_cache
+        self.ops = ops
         self.metadata: AttentionMetadata | None = None
-        self._store, self._decode, self._prefill = store, decode, prefill
-        self._prepare, self._decode_qkv = prepare, decode_qkv
         self._views: dict[str, torch.Tensor] = {}
 
     def set_metadata(self, md: AttentionMetadata) -> None:
@@ -97,7 +87,7 @@ class PagedBackend:
 
     def attend(self, layer_idx, q, k, v, scale, sliding_window):
         k_cache, v_cache = self.kv_cache.layer(layer_idx)
-        self._store(k, v, k_cache, v_cache, self.metadata.slot_mapping)
+        self.ops.store_kvcache(k, v, k_cache, v_cache, self.metadata.slot_mapping)
         return self._attend_cached(q, k_cache, v_cache, scale, sliding_window)
 
     def attend_qkv(
@@ -109,14 +99,14 @@ class PagedBackend:
         one op (kiln.kernels.qkv_prepare), then attention; returns [N, Hq, D]. A step of
         decodes only does it all in one op (kiln.kernels.decode_qkv)."""
         k_cache, v_cache = self.kv_cache.layer(layer_idx)
-        md = self.metadata
-        if self._decode_qkv is not None and self._decode_only(qkv.shape[0]):
-            return self._decode_qkv(
+        md, ops = self.metadata, self.ops
+        if ops.paged_decode_qkv is not None and self._decode_only(qkv.shape[0]):
+            return ops.paged_decode_qkv(
                 qkv, positions, cos_sin, q_norm_weight, k_norm_weight, eps, k_cache, v_cache,
                 md.slot_mapping, num_heads, num_kv_heads, self._views["block_tables"],
                 self._views["context_lens"], scale, sliding_window,
             )  # fmt: skip
-        q = self._prepare(
+        q = ops.qkv_prepare(
             qkv, positions, cos_sin, q_norm_weight, k_norm_weight, eps, k_cache, v_cache,
             md.slot_mapping, num_heads, num_kv_heads,
         )  # fmt: skip
@@ -127,20 +117,20 @@ class PagedBackend:
         return md.num_decodes == md.num_seqs and num_tokens == md.num_decodes
 
     def _attend_cached(self, q, k_cache, v_cache, scale, sliding_window):
-        md, views = self.metadata, self._views
+        md, views, decode = self.metadata, self._views, self.ops.paged_decode_attention
         d = md.num_decodes
         if self._decode_only(q.shape[0]):
-            return self._decode(
+            return decode(
                 q, k_cache, v_cache, views["block_tables"], views["context_lens"], scale,
                 sliding_window,
             )  # fmt: skip
         out = torch.empty_like(q)
         if d:
-            out[:d] = self._decode(
+            out[:d] = decode(
                 q[:d], k_cache, v_cache, views["block_tables"], views["context_lens"], scale,
                 sliding_window,
             )  # fmt: skip
-        out[d:] = self._prefill(
+        out[d:] = self.ops.varlen_prefill_attention(
             q[d:], k_cache, v_cache, views["prefill_cu_seqlens_q"],
             views["prefill_context_lens"], views["prefill_block_tables"], scale, sliding_window,
         )  # fmt: skip
@@ -162,6 +152,7 @@ class PagedBackend:
         from kiln.kernels.paged_decode_attention import MAX_SPLITS
         from kiln.kernels.varlen_prefill_attention import MIN_BLOCK_B
 
+        ops = self.ops
         k_cache, v_cache = self.kv_cache.layer(0)  # read only: nothing is stored
         dev, head_dim = k_cache.device, k_cache.shape[-1]
 
@@ -174,12 +165,12 @@ class PagedBackend:
             q = zeros(2 * n, num_heads, head_dim)
             cu = torch.arange(0, 2 * n + 1, 2, dtype=torch.int32, device=dev)
             lens = torch.full((n,), 2, dtype=torch.int32, device=dev)
+            table = zeros(n, 1, dtype=torch.int32)
             for window in windows:
-                self._prefill(q, k_cache, v_cache, cu, lens, zeros(n, 1, dtype=torch.int32),
-                              scale, window)  # fmt: skip
+                ops.varlen_prefill_attention(q, k_cache, v_cache, cu, lens, table, scale, window)
         q, lens = zeros(1, num_heads, head_dim), torch.ones(1, dtype=torch.int32, device=dev)
         table = zeros(1, 1, dtype=torch.int32)
-        fused = fused_qkv is not None and self._decode_qkv is not None
+        fused = fused_qkv is not None and ops.paged_decode_qkv is not None
         if fused:  # one decode of a token whose slot is -1: nothing is stored
             num_kv_heads = k_cache.shape[2]
             qkv = zeros(1, (num_heads + 2 * num_kv_heads) * head_dim)
@@ -188,26 +179,11 @@ class PagedBackend:
             no_slot = torch.full((1,), -1, dtype=torch.int64, device=dev)
         for splits in (1 << i for i in range(MAX_SPLITS.bit_length())):
             for window in windows:
-                self._decode(q, k_cache, v_cache, table, lens, scale, window, splits)
+                ops.paged_decode_attention(q, k_cache, v_cache, table, lens, scale, window, splits)
                 if fused:
-                    self._decode_qkv(
+                    ops.paged_decode_qkv(
                         qkv, no_slot + 1, cos_sin, weight, weight, 1e-6, k_cache, v_cache,
                         no_slot, num_heads, num_kv_heads, table, lens, scale, window, splits,
                     )  # fmt: skip
         if dev.type == "cuda":
             torch.cuda.synchronize(dev)
-
-
-def make_backend(name: str, kv_cache: KVCache) -> PagedBackend:
-    """The backend called `name` ("torch" or "triton") over `kv_cache`."""
-    if name == "triton":
-        ops = (
-            store_kvcache_triton, paged_decode_attention_triton, varlen_prefill_attention_triton,
-            qkv_prepare_triton, paged_decode_qkv_triton,
-        )  # fmt: skip
-    else:
-        ops = (
-            store_kvcache_ref, paged_decode_attention_ref, varlen_prefill_attention_ref,
-            qkv_prepare_ref, paged_decode_qkv_ref,
-        )  # fmt: skip
-    return PagedBackend(kv_cache, *ops)

@@ -23,7 +23,9 @@ class EngineConfig:
     enable_prefix_caching: bool = True
     enable_chunked_prefill: bool = True
     use_cuda_graph: bool = True  # CUDA only
-    attention_backend: str = "auto"  # "auto" | "torch" | "triton"
+    # The kernels everywhere (attention, fused layers, sampler; kiln.engine.ops): "auto"
+    # (Triton on CUDA), "torch" (the references) or "triton".
+    attention_backend: str = "auto"
     kv_cache_memory_bytes: int | None = None  # overrides gpu_memory_utilization when given
     fuse_weights: bool = True  # fused qkv / gate_up Linears (and Triton norms on CUDA)
     max_cuda_graph_batch_size: int = 256

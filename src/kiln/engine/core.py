@@ -112,8 +112,8 @@ class EngineCore:
             self.runner.num_blocks, cfg.block_size, cfg.enable_prefix_caching
         )
         self.scheduler = Scheduler(cfg, self.block_manager, self.max_model_len)
-        self.sampler = Sampler(self.model_config.vocab_size)
-        if self.device.type == "cuda" and self.runner.backend_name == "triton":
+        self.sampler = Sampler(self.model_config.vocab_size, self.runner.ops)
+        if self.device.type == "cuda" and self.runner.ops.name == "triton":
             self.sampler.compile_kernels(self.runner.dtype, self.device)
         self.requests: dict[str, CoreRequest] = {}
         self._seq_ids = itertools.count()
@@ -221,23 +221,24 @@ class EngineCore:
         out = self.scheduler.schedule()
         if not out.seqs:
             return self._drive_beams([])
-        seqs, logits = self.runner.execute(out)
+        seqs, sample, logits = self.runner.execute(out, None, self.sampler)
         self.scheduler.update(out)
         if not seqs:
             return self._drive_beams([])
-        seqs, rows = self._fork(seqs)
-        if rows is not None:
-            logits = logits[rows]
-        return self._drive_beams(self._process(seqs, self.sampler(logits, seqs)))
+        if sample is None:  # first tokens of n / best_of siblings: fork them, then sample
+            seqs, rows = self._fork(seqs)
+            sample = self.sampler.sample(logits[rows], seqs)
+        return self._drive_beams(self._process(seqs, sample.result()))
 
     def _step_async(self) -> list[SeqDelta]:
         out = self.scheduler.schedule()
         launched = None
         if out.seqs:
             prev = self._inflight.tokens if self._inflight is not None else None
-            seqs, sample = self.runner.execute_and_sample(out, prev, self.sampler)
+            seqs, sample, _ = self.runner.execute(out, prev, self.sampler)
             self.scheduler.update(out)
             if seqs:
+                assert sample is not None, "forks run lockstep"
                 for seq in seqs:
                     seq.num_pending += 1
                 rows = {seq.seq_id: i for i, seq in enumerate(seqs)}

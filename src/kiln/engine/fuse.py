@@ -5,8 +5,9 @@
   then pass (hidden, residual) pairs along, and the final norm finishes the last add);
 - SiLU-and-mul and RoPE run as kiln.kernels ops; under the engine's paged backends, the
   per-head q/k norms, RoPE and the K/V store run as one op on the qkv output (attend_qkv).
-The kernels dispatch to Triton on CUDA and to their torch references elsewhere, so the
-transformed model runs (and is tested) on CPU too. The model code itself is untouched.
+The kernels are the engine's Ops (kiln.engine.ops), chosen once at start-up: their torch
+references (the transformed model runs, and is tested, on CPU) or their Triton versions. The
+model code itself is untouched.
 """
 
 from __future__ import annotations
@@ -15,11 +16,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from kiln.kernels._triton import use_triton
-from kiln.kernels.gemv import gemv_triton, rmsnorm_gemv_triton, silu_mul_gemv_triton
-from kiln.kernels.rmsnorm import rmsnorm
-from kiln.kernels.rope import rope
-from kiln.kernels.silu_and_mul import silu_and_mul
+from kiln.engine.ops import Ops
 from kiln.model.attention import Attention
 from kiln.model.layers import MLP, RMSNorm
 from kiln.model.transformer import Block, Transformer
@@ -43,10 +40,11 @@ def _fused_linear(parts: list[nn.Linear]) -> nn.Linear:
 
 
 class FusedAttention(nn.Module):
-    """kiln.model.attention.Attention with one qkv_proj (and kernel RoPE when available)."""
+    """kiln.model.attention.Attention with one qkv_proj and the ops' RoPE."""
 
-    def __init__(self, attn: Attention):
+    def __init__(self, attn: Attention, ops: Ops):
         super().__init__()
+        self.ops = ops
         self.layer_idx, self.scale, self.sliding_window = (
             attn.layer_idx, attn.scale, attn.sliding_window,
         )  # fmt: skip
@@ -81,32 +79,34 @@ class FusedAttention(nn.Module):
         if self.q_norm is not None:
             q, k = self.q_norm(q), self.k_norm(k)
         if rotary is not None:
-            q, k = rope(q, k, positions, rotary.cos_sin)
+            q, k = self.ops.rope(q, k, positions, rotary.cos_sin)
         out = backend.attend(self.layer_idx, q, k, v, self.scale, self.sliding_window)
         return out.reshape(*lead, self.num_heads * self.head_dim)
 
 
 class FusedMLP(nn.Module):
-    """SwiGLU with one gate_up_proj and the silu_and_mul kernel."""
+    """SwiGLU with one gate_up_proj and the ops' silu_and_mul."""
 
-    def __init__(self, mlp: MLP):
+    def __init__(self, mlp: MLP, ops: Ops):
         super().__init__()
+        self.ops = ops
         self.gate_up_proj = _fused_linear([mlp.gate_proj, mlp.up_proj])
         self.down_proj = mlp.down_proj
 
     def forward(self, x):
-        return self.down_proj(silu_and_mul(self.gate_up_proj(x)))
+        return self.down_proj(self.ops.silu_and_mul(self.gate_up_proj(x)))
 
 
 class FusedRMSNorm(nn.Module):
-    """RMSNorm through the kernel; given (x, residual) it adds first and returns both."""
+    """RMSNorm through the ops' kernel; given (x, residual) it adds first and returns both."""
 
-    def __init__(self, norm: RMSNorm):
+    def __init__(self, norm: RMSNorm, ops: Ops):
         super().__init__()
         self.weight, self.eps = norm.weight, norm.eps
+        self.ops = ops
 
     def forward(self, x, residual=None):
-        return rmsnorm(x, self.weight, self.eps, residual)
+        return self.ops.rmsnorm(x, self.weight, self.eps, residual)
 
 
 class FinalNorm(FusedRMSNorm):
@@ -114,28 +114,30 @@ class FinalNorm(FusedRMSNorm):
 
     def forward(self, x):
         hidden, residual = x
-        return rmsnorm(hidden, self.weight, self.eps, residual)[0]
+        return self.ops.rmsnorm(hidden, self.weight, self.eps, residual)[0]
 
 
 class ResidualBlock(nn.Module):
     """Block whose norms fuse the residual adds; carries (hidden, residual) between blocks.
 
-    A step of at most `gemv_max_batch` tokens on CUDA (small-batch decode) runs its four
-    projections as kiln.kernels.gemv kernels instead of cuBLAS, with each RMSNorm (and its
-    residual add) and the SiLU-and-mul fused into the GEMV that reads their output.
+    A step of at most `gemv_max_batch` tokens (small-batch decode) runs its four projections
+    as the ops' GEMVs (kiln.kernels.gemv: Triton instead of cuBLAS, or their references), with
+    each RMSNorm (and its residual add) and the SiLU-and-mul fused into the GEMV that reads
+    their output.
     """
 
-    def __init__(self, block: Block, gemv_max_batch: int = 0):
+    def __init__(self, block: Block, ops: Ops, gemv_max_batch: int = 0):
         super().__init__()
-        self.input_layernorm = FusedRMSNorm(block.input_layernorm)
+        self.ops = ops
+        self.input_layernorm = FusedRMSNorm(block.input_layernorm, ops)
         self.self_attn = block.self_attn
-        self.post_attention_layernorm = FusedRMSNorm(block.post_attention_layernorm)
+        self.post_attention_layernorm = FusedRMSNorm(block.post_attention_layernorm, ops)
         self.mlp = block.mlp
         self.gemv_max_batch = gemv_max_batch if isinstance(self.mlp, FusedMLP) else 0
 
     def forward(self, x, positions, rotary, backend):
         h, residual = x if isinstance(x, tuple) else (x, None)
-        if 0 < h.shape[0] <= self.gemv_max_batch and h.dim() == 2 and use_triton(h):
+        if 0 < h.shape[0] <= self.gemv_max_batch and h.dim() == 2:
             return self._forward_gemv(h, residual, positions, rotary, backend)
         if residual is not None:
             h, residual = self.input_layernorm(h, residual)
@@ -146,51 +148,53 @@ class ResidualBlock(nn.Module):
         return self.mlp(h), residual
 
     def _forward_gemv(self, h, residual, positions, rotary, backend):
-        attn, mlp = self.self_attn, self.mlp
+        attn, mlp, ops = self.self_attn, self.mlp, self.ops
         norm1, norm2 = self.input_layernorm, self.post_attention_layernorm
-        qkv, residual = rmsnorm_gemv_triton(
+        qkv, residual = ops.rmsnorm_gemv(
             h, residual, norm1.weight, norm1.eps, attn.qkv_proj.weight, attn.qkv_proj.bias
         )
         out = attn.attend_qkv(qkv, positions, rotary, backend)
-        h = gemv_triton(out, attn.o_proj.weight, attn.o_proj.bias)
-        gate_up, residual = rmsnorm_gemv_triton(
+        h = ops.gemv(out, attn.o_proj.weight, attn.o_proj.bias)
+        gate_up, residual = ops.rmsnorm_gemv(
             h, residual, norm2.weight, norm2.eps, mlp.gate_up_proj.weight, mlp.gate_up_proj.bias
         )
-        return silu_mul_gemv_triton(gate_up, mlp.down_proj.weight, mlp.down_proj.bias), residual
+        return ops.silu_mul_gemv(gate_up, mlp.down_proj.weight, mlp.down_proj.bias), residual
 
 
 class GemvLinear(nn.Module):
-    """A Linear (the LM head) that runs as kiln's resident-weight GEMV on CUDA for steps of
-    at most `gemv_max_batch` rows, F.linear otherwise; the weight is shared, not copied."""
+    """A Linear (the LM head) that runs as the ops' GEMV (Triton: kiln's resident-weight
+    kernel) for steps of at most `gemv_max_batch` rows, F.linear otherwise; the weight is
+    shared, not copied."""
 
-    def __init__(self, linear: nn.Linear, gemv_max_batch: int):
+    def __init__(self, linear: nn.Linear, ops: Ops, gemv_max_batch: int):
         super().__init__()
         self.weight, self.bias = linear.weight, linear.bias
+        self.ops = ops
         self.gemv_max_batch = gemv_max_batch
 
     def forward(self, x):
         rows = x.numel() // x.shape[-1] if x.shape[-1] else 0
-        if 0 < rows <= self.gemv_max_batch and use_triton(x) and self.weight.is_contiguous():
-            return gemv_triton(x, self.weight, self.bias)
+        if 0 < rows <= self.gemv_max_batch and self.weight.is_contiguous():
+            return self.ops.gemv(x, self.weight, self.bias)
         return F.linear(x, self.weight, self.bias)
 
 
-def fuse_model(model: Transformer, gemv_max_batch: int = 0) -> Transformer:
-    """Apply the transformations in place (weights are shared, not copied, where unchanged);
-    steps of at most `gemv_max_batch` tokens use the fused GEMV kernels on CUDA."""
+def fuse_model(model: Transformer, ops: Ops, gemv_max_batch: int = 0) -> Transformer:
+    """Apply the transformations in place (weights are shared, not copied, where unchanged),
+    running `ops`; steps of at most `gemv_max_batch` tokens use the fused GEMVs."""
     config = model.config
     for i, block in enumerate(model.layers):
-        block.self_attn = FusedAttention(block.self_attn)
+        block.self_attn = FusedAttention(block.self_attn, ops)
         if isinstance(block.mlp, MLP) and block.mlp.gated and config.activation == "silu":
-            block.mlp = FusedMLP(block.mlp)
+            block.mlp = FusedMLP(block.mlp, ops)
         if config.norm_type == "rmsnorm":
             if block.self_attn.q_norm is not None:
                 attn = block.self_attn
-                attn.q_norm = FusedRMSNorm(attn.q_norm)
-                attn.k_norm = FusedRMSNorm(attn.k_norm)
-            model.layers[i] = ResidualBlock(block, gemv_max_batch)
+                attn.q_norm = FusedRMSNorm(attn.q_norm, ops)
+                attn.k_norm = FusedRMSNorm(attn.k_norm, ops)
+            model.layers[i] = ResidualBlock(block, ops, gemv_max_batch)
     if config.norm_type == "rmsnorm":
-        model.norm = FinalNorm(model.norm)
+        model.norm = FinalNorm(model.norm, ops)
     if gemv_max_batch and isinstance(model.lm_head, nn.Linear):
-        model.lm_head = GemvLinear(model.lm_head, gemv_max_batch)
+        model.lm_head = GemvLinear(model.lm_head, ops, gemv_max_batch)
     return model

@@ -1,52 +1,39 @@
-"""ModelRunner: a scheduled step -> flat tokens + AttentionMetadata -> the model -> logits.
+"""ModelRunner: a scheduled step -> a step plan -> the model -> the sampled next tokens.
 
 It owns the model (transformed by kiln.engine.fuse when asked), the KV pool (sized from free
 GPU memory after a profiling forward, or a fixed budget on CPU), the attention backend, and
-the CUDA graphs captured for decode-only steps of 1, 2, 4, 8, 16, 24, ... sequences.
+the CUDA graphs of decode-only steps (kiln.engine.cuda_graphs). The kernels they all run are
+one Ops (kiln.engine.ops), chosen here at start-up.
+
+Each step: `prepare` flattens the scheduled tokens, stages them on the device and decides, once,
+how the step runs (a CUDA graph or eager) and how its rows are sampled (a StepPlan); `execute`
+runs that plan. Lockstep and async scheduling go through the same `execute`; lockstep only
+waits for the tokens before scheduling the next step.
 """
 
 from __future__ import annotations
 
-import functools
-import importlib
 import logging
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from typing import NamedTuple
 
 import numpy as np
 import torch
 
-from kiln.engine.attention import AttentionMetadata, KVCache, make_backend
+from kiln.engine.attention import AttentionMetadata, KVCache, PagedBackend
 from kiln.engine.config import CPU_KV_CACHE_BYTES, EngineConfig
+from kiln.engine.cuda_graphs import CudaGraphRunner, graph_batch_sizes
 from kiln.engine.fuse import fuse_model
-from kiln.engine.sampler import PendingSample
+from kiln.engine.ops import choose_ops
+from kiln.engine.sampler import PendingSample, Sampler
 from kiln.engine.scheduler import SchedulerOutput
 from kiln.engine.sequence import Sequence
-from kiln.engine.transfer import copy_to_device, to_device
+from kiln.engine.transfer import to_device
 from kiln.errors import ConfigError
 from kiln.model.attention import causal_attention
 from kiln.model.transformer import Transformer
 
 log = logging.getLogger("kiln.engine")
-
-TRITON_KERNELS = (
-    "kiln.kernels.store_kvcache",
-    "kiln.kernels.paged_decode_attention",
-    "kiln.kernels.varlen_prefill_attention",
-)
-
-
-def triton_available() -> bool:
-    """Whether the Triton attention kernels import and can run here."""
-    if not torch.cuda.is_available():
-        return False
-    try:
-        for module in TRITON_KERNELS:
-            importlib.import_module(module)
-        import triton  # noqa: F401
-    except ImportError as e:
-        log.warning("Triton attention unavailable (%s): using the torch backend", e)
-        return False
-    return True
 
 
 class ProfileBackend:
@@ -64,11 +51,56 @@ class PreviousTokens:
     rows: dict[int, int]  # seq_id -> row of tokens
 
 
-class ModelRunner:
-    # Graph steps copy their block-table rows at full width (max_blocks) with the other int32
-    # inputs when size x max_blocks is at most this many values; else only their own columns.
-    GRAPH_TABLE_COPY_LIMIT = 65536
+@dataclass
+class HostInputs:
+    """A step's flat inputs on the host, one-token rows (decodes) first."""
 
+    input_ids: list[int] = field(default_factory=list)  # [N]; 0 where the token is in flight
+    positions: list[int] = field(default_factory=list)  # [N]
+    slots: list[int] = field(default_factory=list)  # [N]
+    query_lens: list[int] = field(default_factory=list)  # [B]
+    context_lens: list[int] = field(default_factory=list)  # [B]
+    tables: list[list[int]] = field(default_factory=list)  # [B] block tables
+    logits_indices: list[int] = field(default_factory=list)  # [S] the N rows that sample
+    sample_seqs: list[Sequence] = field(default_factory=list)  # [S] their sequences
+    pend_dst: list[int] = field(default_factory=list)  # rows whose token is in flight ...
+    pend_src: list[int] = field(default_factory=list)  # ... their rows in prev.tokens
+
+    @property
+    def num_decodes(self) -> int:
+        return sum(1 for n in self.query_lens if n == 1)
+
+
+@dataclass
+class StepPlan:
+    """How the runner runs one scheduled step, decided once in ModelRunner.prepare.
+
+    `sampling` says how the rows that reach their last token get their next one:
+    - "graph": the step's decode graph samples every row with the fused op (ops.sample), from
+      temperatures and seeds staged with its inputs;
+    - "fast": the fused op samples the logits after the forward;
+    - "full": the sampler's torch path (top-k/p, min-p, penalties, min_tokens, seeds, logprobs);
+    - "fork": not here: the rows fork n / best_of siblings, which share their logits; the
+      engine forks them, then samples.
+    """
+
+    seqs: list[Sequence]  # [S] the sequences that sample, by row
+    input_ids: torch.Tensor  # [N] int64 on the device
+    metadata: AttentionMetadata
+    logits_rows: torch.Tensor | None  # [S] the rows of the N that sample (None: all of them)
+    graph_size: int | None  # the decode graph that runs the step, inputs staged; None: eager
+    sampling: str  # "graph" | "fast" | "full" | "fork"
+
+
+class StepOutput(NamedTuple):
+    """What ModelRunner.execute queued: the sequences that sample, by row, and their tokens."""
+
+    seqs: list[Sequence]
+    sample: PendingSample | None  # None: no row samples, or they fork (see logits)
+    logits: torch.Tensor | None = None  # [S, vocab] when the rows fork (plan "fork")
+
+
+class ModelRunner:
     def __init__(self, model: Transformer, config: EngineConfig, max_model_len: int):
         self.config = config
         self.model_config = model.config
@@ -77,12 +109,10 @@ class ModelRunner:
         self.device, self.dtype = param.device, param.dtype
         self.block_size = config.block_size
         self.max_blocks_per_seq = -(-max_model_len // config.block_size)
-        name = config.attention_backend
-        if name == "auto":
-            name = "triton" if self.device.type == "cuda" and triton_available() else "torch"
-        self.backend_name = name
-        log.info("attention backend: %s", name)
-        self.model = fuse_model(model, config.gemv_max_batch) if config.fuse_weights else model
+        self.ops = choose_ops(config.attention_backend, self.device)
+        if config.fuse_weights:
+            model = fuse_model(model, self.ops, config.gemv_max_batch)
+        self.model = model
         self.num_blocks = self._num_kv_blocks()
         mc = self.model_config
         self.kv_cache = KVCache(
@@ -94,15 +124,17 @@ class ModelRunner:
             self.dtype,
             self.device,
         )
-        self.backend = make_backend(name, self.kv_cache)
-        self.graphs: dict[int, torch.cuda.CUDAGraph] = {}
-        # MoE routing reads the chosen experts on the host: not capturable.
-        graphs_ok = self.device.type == "cuda" and name == "triton" and not mc.num_experts
-        # Decode graphs also run the fused sampling kernel (used by execute_and_sample).
-        self.sample_in_graph = graphs_ok and config.use_cuda_graph
-        if config.use_cuda_graph and graphs_ok:
-            self._capture_graphs()
-        if self.device.type == "cuda" and name == "triton":
+        self.backend = PagedBackend(self.kv_cache, self.ops)
+        self.graph_runner = CudaGraphRunner(
+            self.model, self.backend, self.ops, self.max_blocks_per_seq
+        )
+        # Only the Triton ops are capturable (the references read lengths on the host), and
+        # MoE routing reads the chosen experts on the host.
+        triton_cuda = self.device.type == "cuda" and self.ops.name == "triton"
+        if config.use_cuda_graph and triton_cuda and not mc.num_experts:
+            top = min(config.max_cuda_graph_batch_size, config.max_num_seqs)
+            self.graph_runner.capture(graph_batch_sizes(top))
+        if triton_cuda:
             windows = {m.sliding_window for m in model.modules() if hasattr(m, "sliding_window")}
             fused = None  # (q/k norm, RoPE) of a fused model: its decode_qkv variants too
             if config.fuse_weights:
@@ -165,23 +197,80 @@ class ModelRunner:
 
     # ------------------------------------------------------------------ one step
 
-    def prepare(self, out: SchedulerOutput, prev: PreviousTokens | None = None, sampler=None):
-        """Flat input ids, positions and metadata (one-token rows first), the rows to sample
-        (a device index, or None for all), their sequences, and whether the step's CUDA graph
-        samples them too (given a sampler, for a graph step whose rows all sample on the fused
-        kernel's terms: their temperatures and noise seeds are staged with the inputs).
+    @torch.inference_mode()
+    def execute(
+        self, out: SchedulerOutput, prev: PreviousTokens | None, sampler: Sampler
+    ) -> StepOutput:
+        """Queue the step on the device, and the sampling of the next token of each sequence
+        that reaches its last one, as prepare() plans it (nothing here waits for the GPU).
 
-        A decode whose input token is still in flight (async scheduling) reads it from
-        `prev`, the previous step's sampled tokens on the device.
-        """
+        A decode whose input token is still in flight (async scheduling) reads it from `prev`,
+        the previous step's sampled tokens on the device."""
+        self.kv_cache.copy_blocks(out.block_copies)
+        plan = self.prepare(out, prev, sampler)
+        logits, sampled = self._forward(plan)
+        if not plan.seqs:
+            return StepOutput([], None)
+        if plan.sampling == "graph":
+            return StepOutput(plan.seqs, PendingSample(*sampled))
+        if plan.sampling == "fork":
+            return StepOutput(plan.seqs, None, logits)
+        return StepOutput(plan.seqs, sampler.sample(logits, plan.seqs, plan.sampling == "fast"))
+
+    def _forward(self, plan: StepPlan):
+        """Run the model over the step: the sampling rows' logits [S, vocab] (None if no row
+        samples in an eager step) and, where the graph samples them, (tokens, logprobs)."""
+        if plan.graph_size is not None:  # the inputs are staged in the graph's buffers already
+            logits, sampled = self.graph_runner.replay(plan.graph_size, plan.metadata.num_seqs)
+            if plan.logits_rows is not None:
+                logits = logits[plan.logits_rows]
+            return logits, sampled
+        self.backend.set_metadata(plan.metadata)
+        hidden = self.model.hidden_states(plan.input_ids, plan.metadata.positions, self.backend)
+        if not plan.seqs:
+            return None, None
+        if plan.logits_rows is not None:
+            hidden = hidden[plan.logits_rows]
+        return self.model.compute_logits(hidden), None
+
+    def prepare(
+        self, out: SchedulerOutput, prev: PreviousTokens | None, sampler: Sampler
+    ) -> StepPlan:
+        """The step's plan: its inputs staged on the device (a decode-only step that fits a
+        CUDA graph: in the graph's buffers), the rows that sample, and how they sample (the
+        sampler's fast path, asked once here; in the graph when every row takes it)."""
+        host = self._flatten(out, prev)
+        seqs, b = host.sample_seqs, len(host.tables)
+        graphs = self.graph_runner
+        size = graphs.batch_size(b) if host.num_decodes == b else None
+        fast = sampler.fast_path_ok(seqs)
+        if any(s.pending_forks for s in seqs):
+            sampling = "fork"
+        elif size is not None and fast and graphs.sample_in_graph and len(seqs) == b:
+            sampling = "graph"
+        else:
+            sampling = "fast" if fast else "full"
+        if size is None:
+            ids, md, rows = self._stage_eager(host, prev)
+            return StepPlan(seqs, ids, md, rows, None, sampling)
+        temps = seeds = None
+        if sampling == "graph":
+            temps, seeds = sampler.fast_path_inputs(seqs)
+        ids, md = graphs.stage(
+            size, prev, host.input_ids, host.positions, host.slots, host.context_lens,
+            host.tables, host.pend_dst, host.pend_src, temps, seeds,
+        )  # fmt: skip
+        rows = None
+        if len(host.logits_indices) < b:
+            rows = to_device(host.logits_indices, torch.int64, self.device)
+        return StepPlan(seqs, ids, md, rows, size, sampling)
+
+    def _flatten(self, out: SchedulerOutput, prev: PreviousTokens | None) -> HostInputs:
+        """The scheduled tokens as flat host lists, one-token rows first."""
         bs = self.block_size
         order = sorted(range(len(out)), key=lambda i: out.num_new_tokens[i] != 1)
-        input_ids: list[int] = []
-        positions: list[int] = []
-        slots: list[int] = []
-        query_lens, context_lens, tables = [], [], []
-        logits_indices, sample_seqs = [], []
-        pend_dst, pend_src = [], []
+        host = HostInputs()
+        input_ids, positions, slots = host.input_ids, host.positions, host.slots
         for i in order:
             seq, n = out.seqs[i], out.num_new_tokens[i]
             start, end = seq.num_computed_tokens, seq.num_computed_tokens + n
@@ -190,8 +279,8 @@ class ModelRunner:
                 if start < len(seq.token_ids):
                     input_ids.append(seq.token_ids[start])
                 else:  # sampled last step, not read back yet
-                    pend_dst.append(len(input_ids))
-                    pend_src.append(prev.rows[seq.seq_id])
+                    host.pend_dst.append(len(input_ids))
+                    host.pend_src.append(prev.rows[seq.seq_id])
                     input_ids.append(0)
                 positions.append(start)
                 slots.append(table[start // bs] * bs + start % bs)
@@ -200,45 +289,34 @@ class ModelRunner:
                 pos = np.arange(start, end)
                 positions.extend(pos.tolist())
                 slots.extend((np.asarray(table)[pos // bs] * bs + pos % bs).tolist())
-            query_lens.append(n)
-            context_lens.append(end)
-            tables.append(table)
+            host.query_lens.append(n)
+            host.context_lens.append(end)
+            host.tables.append(table)
             if end == len(seq):
-                logits_indices.append(len(input_ids) - 1)
-                sample_seqs.append(seq)
-        num_decodes = sum(1 for n in query_lens if n == 1)
-        b = len(tables)
-        size = self._graph_batch_size(b) if num_decodes == b else None
-        if size is not None:
-            temps = seeds = None
-            in_graph = (
-                sampler is not None and self.sample_in_graph and len(sample_seqs) == b
-                and sampler.fast_path_ok(sample_seqs)
-            )  # fmt: skip
-            if in_graph:
-                temps, seeds = sampler.fast_path_inputs(sample_seqs)
-            args = (input_ids, positions, slots, context_lens, tables, pend_dst, pend_src)
-            ids, md = self._stage_graph_inputs(size, prev, *args, temps, seeds)
-            index = None
-            if len(logits_indices) < b:
-                index = to_device(logits_indices, torch.int64, self.device)
-            return ids, md, index, sample_seqs, in_graph
-        width = max(len(t) for t in tables)
-        padded = np.zeros((len(tables), width), dtype=np.int64)
+                host.logits_indices.append(len(input_ids) - 1)
+                host.sample_seqs.append(seq)
+        return host
+
+    def _stage_eager(self, host: HostInputs, prev: PreviousTokens | None):
+        """(input ids, metadata, logits rows or None for all) of an eager step on the device:
+        one host buffer, one (pinned, asynchronous on CUDA) copy."""
+        tables, query_lens = host.tables, host.query_lens
+        b, width = len(tables), max(len(t) for t in tables)
+        padded = np.zeros((b, width), dtype=np.int64)
         for r, t in enumerate(tables):
             padded[r, : len(t)] = t
-        # One host buffer, one (pinned, asynchronous on CUDA) copy for the whole step.
-        n_tok = len(input_ids)
+        n_tok = len(host.input_ids)
+        logits_indices = host.logits_indices
         every_row = len(logits_indices) == n_tok
         if every_row:
             logits_indices = []
-        n_idx, n_pend = len(logits_indices), len(pend_dst)
-        parts = [input_ids, positions, slots, logits_indices, pend_dst, pend_src, context_lens]
-        parts += [np.cumsum([0, *query_lens]), padded.ravel()]
+        n_idx, n_pend = len(logits_indices), len(host.pend_dst)
+        parts = [host.input_ids, host.positions, host.slots, logits_indices, host.pend_dst]
+        parts += [host.pend_src, host.context_lens, np.cumsum([0, *query_lens]), padded.ravel()]
         dev = to_device(np.concatenate(parts).astype(np.int64), torch.int64, self.device)
         ids, pos_d, slot_d = dev[:n_tok], dev[n_tok : 2 * n_tok], dev[2 * n_tok : 3 * n_tok]
         at = 3 * n_tok
-        index = None if every_row else dev[at : at + n_idx]
+        rows = None if every_row else dev[at : at + n_idx]
         at += n_idx
         if n_pend:
             dst, src = dev[at : at + n_pend], dev[at + n_pend : at + 2 * n_pend]
@@ -250,175 +328,7 @@ class ModelRunner:
             block_tables=rest[2 * b + 1 :].view(b, width),
             context_lens=rest[:b],
             cu_seqlens_q=rest[b : 2 * b + 1],
-            num_decodes=num_decodes,
+            num_decodes=host.num_decodes,
             query_lens=query_lens,
         )
-        return ids, md, index, sample_seqs, False
-
-    @torch.inference_mode()
-    def execute(
-        self, out: SchedulerOutput, prev: PreviousTokens | None = None
-    ) -> tuple[list[Sequence], torch.Tensor | None]:
-        """Queue the step on the device; logits [S, vocab] for the S sequences that reach
-        their last token (nothing here waits for the GPU)."""
-        seqs, logits, _ = self._run(out, prev, None)
-        return seqs, logits
-
-    @torch.inference_mode()
-    def execute_and_sample(
-        self, out: SchedulerOutput, prev: PreviousTokens | None, sampler
-    ) -> tuple[list[Sequence], PendingSample | None]:
-        """execute() and sampler.sample() in one: a decode step that its CUDA graph can sample
-        (the fused sampling kernel's terms) is sampled there, with no launch of its own."""
-        seqs, logits, sampled = self._run(out, prev, sampler)
-        if sampled is None and seqs:
-            sampled = sampler.sample(logits, seqs)
-        return seqs, sampled
-
-    def _run(self, out, prev, sampler):
-        self.kv_cache.copy_blocks(out.block_copies)
-        ids, md, index, sample_seqs, in_graph = self.prepare(out, prev, sampler)
-        batch = len(md.query_lens)
-        graph_bs = self._graph_batch_size(batch) if md.num_decodes == batch else None
-        if graph_bs is not None:  # the inputs are staged in the graph's buffers already
-            self.graphs[graph_bs].replay()
-            if in_graph:
-                tokens, token_lp = self.g_sampled[graph_bs]
-                return sample_seqs, None, PendingSample(tokens[:batch], token_lp[:batch])
-            logits = self.g_logits[graph_bs][:batch]
-            return sample_seqs, logits if index is None else logits[index], None
-        self.backend.set_metadata(md)
-        hidden = self.model.hidden_states(ids, md.positions, self.backend)
-        hidden = hidden if index is None else hidden[index]
-        return sample_seqs, self.model.compute_logits(hidden), None
-
-    # ------------------------------------------------------------------ CUDA graphs
-
-    def _graph_sizes(self) -> list[int]:
-        top = min(self.config.max_cuda_graph_batch_size, self.config.max_num_seqs)
-        sizes = [s for s in (1, 2, 4, 8) if s < top] + list(range(16, top, 16))
-        return sorted(set(sizes + [top]))
-
-    def _graph_batch_size(self, batch: int) -> int | None:
-        for size in self.graphs:
-            if size >= batch:
-                return size
-        return None
-
-    def _alloc_graph_buffers(self, top: int) -> None:
-        """The graphs' inputs, in two flat buffers so that a step stages them with one
-        host->device copy each: int64 [ids | positions | slots | noise seeds], each `top`
-        long, and int32 [cu_seqlens (top + 1, fixed) | context_lens (top) | temperatures
-        (top, float32 bits) | block tables (top x max_blocks)]."""
-        dev, blocks = self.device, self.max_blocks_per_seq
-        self.g_i64 = torch.zeros(4 * top, dtype=torch.long, device=dev)
-        self.g_ids, self.g_positions, self.g_slots, self.g_seeds = self.g_i64.view(4, top)
-        self.g_slots.fill_(-1)
-        self.g_i32 = torch.zeros(3 * top + 1 + top * blocks, dtype=torch.int32, device=dev)
-        self.g_cu = self.g_i32[: top + 1]
-        self.g_cu.copy_(torch.arange(top + 1, dtype=torch.int32))
-        self.g_context_lens = self.g_i32[top + 1 : 2 * top + 1].fill_(1)
-        self.g_temps = self.g_i32[2 * top + 1 : 3 * top + 1].view(torch.float32)
-        self.g_tables = self.g_i32[3 * top + 1 :].view(top, blocks)
-        self.g_top = top
-
-    def _capture_graphs(self) -> None:
-        sizes = self._graph_sizes()
-        top = sizes[-1]
-        self._alloc_graph_buffers(top)
-        self.g_logits: dict[int, torch.Tensor] = {}
-        self.g_sampled: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
-        pool = None
-        with torch.inference_mode():
-            for size in reversed(sizes):
-                md = AttentionMetadata(
-                    positions=self.g_positions[:size], slot_mapping=self.g_slots[:size],
-                    block_tables=self.g_tables[:size], context_lens=self.g_context_lens[:size],
-                    cu_seqlens_q=self.g_cu[: size + 1], num_decodes=size,
-                    query_lens=[1] * size,
-                )  # fmt: skip
-                self.backend.set_metadata(md)
-                run = functools.partial(self._graph_body, size, md)
-                run()  # compile and warm up outside the capture
-                torch.cuda.synchronize()
-                graph = torch.cuda.CUDAGraph()
-                with torch.cuda.graph(graph, pool=pool):
-                    self.g_logits[size], self.g_sampled[size] = run()
-                pool = graph.pool() if pool is None else pool
-                self.graphs[size] = graph
-        self.graphs = dict(sorted(self.graphs.items()))
-        torch.cuda.synchronize()
-        log.info("captured CUDA graphs for decode batch sizes %s", list(self.graphs))
-
-    def _forward_all(self, ids: torch.Tensor, md: AttentionMetadata) -> torch.Tensor:
-        """Logits of every row."""
-        return self.model.compute_logits(self.model.hidden_states(ids, md.positions, self.backend))
-
-    def _graph_body(self, size: int, md: AttentionMetadata):
-        """What a decode graph of `size` rows computes: every row's logits and, where the
-        graph samples (sample_in_graph), the fused kernel's (tokens, logprobs) from the staged
-        temperatures and seeds."""
-        logits = self._forward_all(self.g_ids[:size], md)
-        sampled = None
-        if self.sample_in_graph:
-            from kiln.kernels.sample import sample
-
-            sampled = sample(logits, self.g_temps[:size], self.g_seeds[:size])
-        return logits, sampled
-
-    def _stage_graph_inputs(
-        self, size, prev, input_ids, positions, slots, context_lens, tables, pend_dst, pend_src,
-        temps=None, seeds=None,
-    ):  # fmt: skip
-        """Write a decode step of b <= size sequences into the graphs' input buffers (rows b..
-        size-1 padded: no KV store, context length 1), with the sampling temperatures and
-        seeds when the graph samples; returns (ids, metadata) as views.
-
-        Two pinned host->device copies: the int64 buffer whole (4 x top values), and the int32
-        one up to the size-row tables (their rows are max_blocks wide; past
-        GRAPH_TABLE_COPY_LIMIT values only the step's own columns are copied, in a second
-        step). Input ids still in flight come from `prev` on the device."""
-        top, b, blocks = self.g_top, len(tables), self.max_blocks_per_seq
-        host64 = np.zeros((4, top), dtype=np.int64)
-        host64[0, :b], host64[1, :b] = input_ids, positions
-        host64[2] = -1
-        host64[2, :b] = slots
-        if seeds is not None:
-            host64[3, :b] = seeds
-        copy_to_device(self.g_i64, host64.ravel())
-        width = max(len(t) for t in tables)
-        full_rows = size * blocks <= self.GRAPH_TABLE_COPY_LIMIT
-        n32 = 2 * top + (size * blocks if full_rows else 0)  # from context_lens on
-        host32 = np.zeros(n32, dtype=np.int32)
-        host32[:top] = 1
-        host32[:b] = context_lens
-        if temps is not None:
-            host32[top : top + b] = np.asarray(temps, dtype=np.float32).view(np.int32)
-        if full_rows:
-            rows = host32[2 * top :].reshape(size, blocks)
-            for r, t in enumerate(tables):
-                rows[r, : len(t)] = t
-        copy_to_device(self.g_i32[top + 1 : top + 1 + n32], host32)
-        if not full_rows:
-            padded = np.zeros((size, width), dtype=np.int32)
-            for r, t in enumerate(tables):
-                padded[r, : len(t)] = t
-            self.g_tables[:size, :width] = to_device(padded, torch.int32, self.device)
-        ids = self.g_ids[:b]
-        if pend_dst:
-            n = len(pend_dst)
-            if pend_dst == pend_src == list(range(n)):  # the usual case: one copy
-                ids[:n] = prev.tokens[:n]
-            else:
-                idx = to_device([pend_dst, pend_src], torch.int64, self.device)
-                ids[idx[0]] = prev.tokens[idx[1]]
-        md = AttentionMetadata(
-            positions=self.g_positions[:b],
-            slot_mapping=self.g_slots[:b],
-            block_tables=self.g_tables[:b, :width],
-            context_lens=self.g_context_lens[:b],
-            cu_seqlens_q=self.g_cu[: b + 1],
-            num_decodes=b,
-            query_lens=[1] * b,
-        )
-        return ids, md
+        return ids, md, rows

@@ -7,12 +7,14 @@ divide by their temperature, keep top_k / top_p / min_p, and draw with exponenti
 (argmax of p / q, q ~ Exp(1)). A request with a seed draws its noise from its own generator, so
 its tokens do not depend on what else is in the batch.
 
-On CUDA, a batch that only needs temperature sampling (no top-k/top-p/min-p, penalties,
-min_tokens masks, seeds or top-N logprobs) takes one fused kernel (kiln.kernels.sample:
-log-sum-exp and Gumbel-max argmax in a single pass over the logits); greedy rows give the same
-argmax either way. Nothing here waits for the GPU: `sample` returns a PendingSample whose
-results are copied to pinned host memory behind the GPU work, and `.result()` waits for them
-(so the engine can schedule the next step meanwhile).
+A batch that only needs temperature sampling (no top-k/top-p/min-p, penalties, min_tokens
+masks, seeds or top-N logprobs) can take the fast path instead: the engine Ops' `sample`
+(kiln.kernels.sample: log-sum-exp and Gumbel-max argmax in a single pass over the logits, or
+its torch reference); greedy rows give the same argmax either way. Whether a step's batch does
+is its plan's decision (kiln.engine.model_runner.StepPlan), made once. Nothing here waits for
+the GPU: `sample` returns a PendingSample whose results are copied to pinned host memory
+behind the GPU work, and `.result()` waits for them (so the engine can schedule the next step
+meanwhile).
 """
 
 from __future__ import annotations
@@ -22,9 +24,9 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
+from kiln.engine.ops import Ops
 from kiln.engine.sequence import Sequence
 from kiln.engine.transfer import to_device, to_host
-from kiln.kernels._triton import use_triton
 
 
 class PendingSample:
@@ -74,8 +76,9 @@ def make_generator(seed: int, index: int, device: torch.device) -> torch.Generat
 
 
 class Sampler:
-    def __init__(self, vocab_size: int):
+    def __init__(self, vocab_size: int, ops: Ops | None = None):
         self.vocab_size = vocab_size
+        self.ops = ops if ops is not None else Ops.torch()  # ops.sample: the fast path
         self._seed_rng = np.random.default_rng(0x5EED)  # the fast path's noise seeds
 
     @torch.inference_mode()
@@ -83,12 +86,11 @@ class Sampler:
         """Compile the fused kernel's variants (split rows for small batches, whole rows for
         large ones) at start-up rather than on the first request."""
         from kiln.kernels._triton import num_sms
-        from kiln.kernels.sample import sample_triton
 
         for batch in (1, num_sms(device) + 1):
             logits = torch.zeros(batch, self.vocab_size, dtype=dtype, device=device)
             ones = torch.ones(batch, device=device)
-            sample_triton(logits, ones, torch.zeros(batch, dtype=torch.long, device=device))
+            self.ops.sample(logits, ones, torch.zeros(batch, dtype=torch.long, device=device))
         torch.cuda.synchronize(device)
 
     def __call__(self, logits: torch.Tensor, seqs: list[Sequence]) -> SampleResult:
@@ -96,12 +98,16 @@ class Sampler:
         return self.sample(logits, seqs).result()
 
     @torch.inference_mode()
-    def sample(self, logits: torch.Tensor, seqs: list[Sequence]) -> PendingSample:
-        """Queue the sampling of one token per row on the device; nothing waits."""
+    def sample(
+        self, logits: torch.Tensor, seqs: list[Sequence], fast: bool | None = None
+    ) -> PendingSample:
+        """Queue the sampling of one token per row on the device; nothing waits. `fast`: the
+        rows take the fused op (ops.sample), as the step plan decided (None: decide here,
+        fast_path_ok)."""
         dev = logits.device
-        if use_triton(logits) and self.fast_path_ok(seqs):
-            from kiln.kernels.sample import sample_triton
-
+        if fast is None:
+            fast = self.fast_path_ok(seqs)
+        if fast:
             temps, seeds = self.fast_path_inputs(seqs)
             b = len(seqs)
             host = np.zeros(b + (b + 1) // 2, dtype=np.int64)  # seeds, then float32 temps
@@ -109,7 +115,7 @@ class Sampler:
             host[b:].view(np.float32)[:b] = temps
             packed = to_device(host, torch.int64, dev)  # one copy for both
             temps_d = packed[b:].view(torch.float32)[:b]
-            tokens, token_lp = sample_triton(logits, temps_d, packed[:b])
+            tokens, token_lp = self.ops.sample(logits, temps_d, packed[:b])
             return PendingSample(tokens, token_lp)
         logits = logits.float()
         raw = logits.clone() if self._needs_raw(seqs) else logits
