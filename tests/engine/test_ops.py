@@ -18,7 +18,7 @@ GREEDY = SamplingParams(temperature=0.0, max_tokens=8, ignore_eos=True)
 def _ops_in_use(llm) -> list[Ops]:
     """The Ops of the backend, the graph runner, every fused layer and the sampler."""
     runner = llm.engine.runner
-    found = [runner.backend.ops, runner.graph_runner.ops, llm.engine.sampler.ops]
+    found = [runner.backend.ops, runner.graph_runner.ops, llm.engine.core.sampler.ops]
     found += [m.ops for m in runner.model.modules() if hasattr(m, "ops")]
     return found
 
