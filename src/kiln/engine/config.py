@@ -31,9 +31,8 @@ class EngineConfig:
     max_cuda_graph_batch_size: int = 256
     # Steps of at most this many tokens (small-batch decode) run the projections as kiln's
     # fused Triton GEMVs (norm / SiLU-mul in their prologue, weights loaded ahead under
-    # programmatic dependent launch) rather than cuBLAS; 0: never. On an H100 (Qwen3-0.6B
-    # shapes, benchmarks/bench_linear.py --chain) the GEMVs take 16.1 us a layer at batch 1
-    # against 31.2 for cuBLAS and the separate kernels, but lose at batch 4 (35.9 vs 31.6).
+    # programmatic dependent launch) rather than cuBLAS; 0: never. They win at batch 1 and
+    # lose by batch 4 (benchmarks/bench_linear.py --chain; numbers in notes/BENCHMARKS.md).
     gemv_max_batch: int = 1
     # Queue step N+1 before reading step N's tokens (hides the host's work behind the GPU's);
     # None: on for CUDA. Requests with penalties, n > 1 / best_of or beam search run lockstep.

@@ -30,11 +30,6 @@ class SchedulerOutput:
     def __len__(self) -> int:
         return len(self.seqs)
 
-    def samples(self, i: int) -> bool:
-        """Whether seqs[i] reaches its last token this step (so it gets a new one)."""
-        seq = self.seqs[i]
-        return seq.num_computed_tokens + self.num_new_tokens[i] == len(seq)
-
 
 class Scheduler:
     def __init__(
@@ -49,9 +44,6 @@ class Scheduler:
 
     def add(self, seq: Sequence) -> None:
         self.waiting.append(seq)
-
-    def has_unfinished(self) -> bool:
-        return bool(self.waiting or self.running)
 
     def schedule(self) -> SchedulerOutput:
         out = SchedulerOutput()

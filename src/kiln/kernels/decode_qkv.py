@@ -6,8 +6,7 @@ norm and rotate q and k per head, store the new k and v in the paged cache at sl
 (-1 = do not store), attend each q over its sequence's pages and merge the splits. Of the
 three launches of the unfused path (_qkv_prepare_kernel, _decode_kernel,
 _decode_reduce_kernel) the first two become one, which is what launch-bound batch-1 decode
-wants: on an H100 (Qwen3-0.6B shapes, `benchmarks/profile_decode.py --variants`) the batch-1
-decode graph takes 0.81 ms with it against 0.90 ms unfused.
+wants (`benchmarks/profile_decode.py --variants`; numbers in notes/BENCHMARKS.md).
 
 Each program takes one (sequence, kv head, split), as paged_decode_attention's kernel does:
 - it recomputes the norm and RoPE of its GROUP q heads from the qkv row (with the helpers of

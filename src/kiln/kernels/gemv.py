@@ -17,11 +17,8 @@ kernel: each program loads its whole [BLOCK_N, K] weight slice (about 16K weight
 kernel is launched while the previous one runs, and `gdc_wait` holds back only the reads of
 the activations), so the weight stream overlaps the previous kernel and the whole matrix is
 in flight at once; then each row (whole: RMSNorm needs no second pass) is prepared and
-multiplied. On an H100, Qwen3-0.6B's four projections of all 28 layers, each layer's own
-weights, batch 1 (`benchmarks/bench_linear.py --chain`): 16.1-16.5 us a layer (1.9 TB/s)
-with PDL, 21.4 without, 22.3 for the chunked kernel below, 31.2 for cuBLAS with the separate
-norm / SiLU-mul kernels; at batch 4 it loses to cuBLAS (35.9 vs 31.6). The LM head (311 MB)
-takes 103.9 us against cuBLAS's 113.7.
+multiplied. It beats cuBLAS plus separate norm / SiLU-mul kernels at batch 1 and loses by
+batch 4 (numbers: notes/BENCHMARKS.md, "GEMV kernels").
 
 Otherwise, the chunked kernel: one program per BLOCK_N rows of the weight ([N, K], row-major
 as nn.Linear.weight), looping over K in BLOCK_K chunks (each a coalesced [BLOCK_N, BLOCK_K]
@@ -33,14 +30,8 @@ tl.dot with M padded to 16, as x @ w^T or (w @ x^T)^T. The RMSNorm variant first
 row's squares over the whole row (every program, from L2: the row is small), and program 0
 alone writes h = x + residual.
 
-The chunked kernel, measured on an H100 (bf16, Qwen3-0.6B shapes, each call replayed from a
-CUDA graph over 16 rotating weight copies so that weights come from HBM; cuBLAS F.linear /
-unfused kernel + F.linear / this, in us): at M=1, qkv 1024->4096 with RMSNorm+residual 6.45
-/ 8.18 / 5.95, o 2048->1024 6.63 / - / 4.5, gate_up 1024->6144 with RMSNorm 7.95 / 9.63 /
-7.45, down 3072->1024 with SiLU-mul 8.39 / 9.79 / 6.70. At M=8 every variant tried was
-slower than cuBLAS (qkv 10.8, o 8.7, gate_up 13.9, down 17.6 against 6.4-8.4), and the SiLU
-prologue with tl.dot is pathological (80 us and more): so the dispatchers use the kernel at
-M=1 only.
+Measured (notes/BENCHMARKS.md), the chunked kernel beats cuBLAS at M=1 only, and the SiLU
+prologue with tl.dot is pathological: so the dispatchers use it at M=1 only.
 """
 
 from __future__ import annotations
