@@ -99,7 +99,9 @@ def run_engine_core(
     except KilnError as e:
         outbox.send(encode(CoreOutputs(fatal=f"{type(e).__name__}: {e}")))
         outbox.close(linger=5000)
-        os._exit(1)
+        inbox.close(linger=0)
+        ctx.term()  # returns once the message is out
+        sys.exit(1)
     ready = dict(max_model_len=core.max_model_len, vocab_size=core.model_config.vocab_size)
     outbox.send(encode(CoreOutputs(ready=ready, stats=core.stats())))
     EngineCoreLoop(core, inbox, outbox, parent_pid).run()
@@ -213,7 +215,7 @@ class EngineCoreClient:
     def _wait_ready(self, timeout: float) -> CoreOutputs:
         deadline = time.monotonic() + timeout
         while not self.outbox.poll(POLL_MS):
-            if self.proc.poll() is not None:
+            if self.proc.poll() is not None and not self.outbox.poll(POLL_MS):
                 self.close()
                 raise KilnError(
                     f"the engine core exited while starting (code {self.proc.returncode})"
