@@ -2,6 +2,7 @@
 stage, and it chats out of the box in kiln and in transformers."""
 
 import json
+import shutil
 
 import pytest
 import torch
@@ -33,12 +34,14 @@ ANSWER = "Ay, my lord."
 QUESTIONS = ["Who's there?", "Stand and unfold yourself.", "Speak to me.", "Is it the king?"]
 
 
-@pytest.fixture
-def tiny_demo(tmp_path, monkeypatch):
-    """`kiln demo`'s build with a tiny config, and an SFT set of one reply to learn by heart."""
-    config = tmp_path / "tiny.toml"
-    config.write_text(TINY_CONFIG.format(corpus=make_corpus(tmp_path / "corpus")))
-    data = tmp_path / "chat.jsonl"
+@pytest.fixture(scope="module")
+def tiny_demo(tmp_path_factory):
+    """Where `kiln demo` builds, with a tiny config and an SFT set of one reply to learn by heart
+    (both patched in for the module's tests)."""
+    tmp = tmp_path_factory.mktemp("demo")
+    config = tmp / "tiny.toml"
+    config.write_text(TINY_CONFIG.format(corpus=make_corpus(tmp / "corpus")))
+    data = tmp / "chat.jsonl"
     turns = [
         [{"role": "user", "content": q}, {"role": "assistant", "content": ANSWER}]
         for q in QUESTIONS
@@ -46,9 +49,10 @@ def tiny_demo(tmp_path, monkeypatch):
     data.write_text("".join(json.dumps({"messages": t}) + "\n" for t in turns))
     sft = ["--data", str(data), "--max-steps", "40", "--batch-size", "4", "--lr", "1e-2"]
     sft += ["--warmup-steps", "2", "--val-fraction", "0", "--log-interval", "10"]
-    monkeypatch.setattr(demo, "DEFAULT_CONFIG", config)
-    monkeypatch.setattr(demo, "SFT_FLAGS", sft)
-    return tmp_path / "build"
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(demo, "DEFAULT_CONFIG", config)
+        patch.setattr(demo, "SFT_FLAGS", sft)
+        yield tmp / "build"
 
 
 def test_default_model_chats_and_stops_at_the_end_of_its_turn(tiny_demo, capsys):
@@ -77,11 +81,15 @@ def test_default_model_chats_and_stops_at_the_end_of_its_turn(tiny_demo, capsys)
     assert new[0, ids.shape[1] :].tolist() == out.token_ids  # transformers stops there too
 
 
-def test_each_stage_is_built_once_and_sft_resumes_its_own_checkpoint(tiny_demo, monkeypatch):
+def test_each_stage_is_built_once_and_sft_resumes_its_own_checkpoint(
+    tiny_demo, tmp_path, monkeypatch
+):
     import kiln.train.pretrain
     import kiln.train.sft
 
-    model_dir = demo.ensure_default_model(tiny_demo)
+    demo.ensure_default_model(tiny_demo)
+    root = shutil.copytree(tiny_demo, tmp_path / "build")
+    model_dir = root / "chat"
     weights = (model_dir / "model.safetensors").read_bytes()
 
     def refuse(*args, **kwargs):
@@ -90,8 +98,8 @@ def test_each_stage_is_built_once_and_sft_resumes_its_own_checkpoint(tiny_demo, 
     run_sft = kiln.train.sft.run_sft
     monkeypatch.setattr(kiln.train.pretrain, "run_pretrain", refuse)
     monkeypatch.setattr(kiln.train.sft, "run_sft", refuse)
-    assert demo.ensure_default_model(tiny_demo) == model_dir  # both stages cached
+    assert demo.ensure_default_model(root) == model_dir  # both stages cached
     monkeypatch.setattr(kiln.train.sft, "run_sft", run_sft)
     (model_dir / "config.json").unlink()  # as if killed while exporting the chat model
-    assert demo.ensure_default_model(tiny_demo) == model_dir
+    assert demo.ensure_default_model(root) == model_dir
     assert (model_dir / "model.safetensors").read_bytes() == weights
