@@ -18,11 +18,12 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[2]
 DEFAULT_CONFIG = REPO / "configs" / "default.toml"
 DEFAULT_DIR = REPO / "models" / "default"
-# A few epochs of the bundled chat set (data/sft/shakespeare.jsonl): the model learns the
-# ChatML turns and to end its own with <|im_end|>.
+# About two epochs of the bundled chat set (data/sft/shakespeare.jsonl), a tenth of the
+# pretraining's compute: enough for the model to keep to ChatML turns and end its own with
+# <|im_end|> (more steps lower the train loss, not the validation loss).
 SFT_FLAGS = [
-    "--max-steps", "80", "--batch-size", "16", "--pack", "--lr", "1e-3", "--warmup-steps", "10",
-    "--eval-interval", "40", "--eval-steps", "2",
+    "--max-steps", "40", "--batch-size", "16", "--pack", "--lr", "1e-3", "--warmup-steps", "10",
+    "--eval-steps", "2",
 ]  # fmt: skip
 DEMO_MESSAGE = "Continue this line from Hamlet:\nTo be, or not to be, that is the question:"
 
