@@ -1,5 +1,13 @@
 """`kiln demo`: build the bundled default model once (kiln BPE + pretraining on the bundled
-Shakespeare, on CPU, a few minutes), then generate a sample from it."""
+Shakespeare, then a short SFT pass on the bundled chat set; on CPU, a few minutes), then
+generate a sample from it.
+
+The build is what these two commands do, with the pretraining cached in models/default/pretrain
+and the chat model in models/default/chat:
+
+    kiln pretrain --config configs/default.toml
+    kiln sft --model models/default/pretrain/model --out models/default/chat <SFT_FLAGS>
+"""
 
 from __future__ import annotations
 
@@ -9,37 +17,53 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[2]
 DEFAULT_CONFIG = REPO / "configs" / "default.toml"
+DEFAULT_DIR = REPO / "models" / "default"
+# About two epochs of the bundled chat set (data/sft/shakespeare.jsonl), a tenth of the
+# pretraining's compute: enough for the model to keep to ChatML turns and end its own with
+# <|im_end|> (more steps lower the train loss, not the validation loss).
+SFT_FLAGS = [
+    "--max-steps", "40", "--batch-size", "16", "--pack", "--lr", "1e-3", "--warmup-steps", "10",
+    "--eval-steps", "2",
+]  # fmt: skip
+DEMO_MESSAGE = "Continue this line from Hamlet:\nTo be, or not to be, that is the question:"
 
 
 def ensure_default_model(out_dir: str | Path | None = None) -> Path:
-    """The default model's HF directory (models/default/model), built and cached on first use.
+    """The default model's HF directory (models/default/chat), built and cached on first use.
 
-    An interrupted build resumes from its last checkpoint. The export's config.json is written
-    last, so its presence means the model is complete.
+    An interrupted build resumes from its last checkpoint. Each stage's export writes its
+    config.json last, so its presence means that stage is complete.
     """
     from kiln.train.checkpoint import CHECKPOINT_NAME
     from kiln.train.config import load_config
     from kiln.train.pretrain import run_pretrain
+    from kiln.train.sft import run_sft, sft_args
 
+    root = Path(out_dir) if out_dir is not None else DEFAULT_DIR
     cfg = load_config(DEFAULT_CONFIG)
     cfg.data.corpus = str(REPO / cfg.data.corpus)
-    out = Path(out_dir) if out_dir is not None else REPO / cfg.train.out_dir
-    cfg.train.out_dir = str(out)
-    model_dir = out / "model"
-    if not (model_dir / "config.json").is_file():
-        run_pretrain(cfg, resume=(out / CHECKPOINT_NAME).is_file())
-    return model_dir
+    cfg.train.out_dir = str(root / "pretrain")
+    base, chat = root / "pretrain" / "model", root / "chat"
+    if not (base / "config.json").is_file():
+        run_pretrain(cfg, resume=(root / "pretrain" / CHECKPOINT_NAME).is_file())
+    if not (chat / "config.json").is_file():
+        argv = ["--model", str(base), "--out", str(chat), "--device", cfg.train.device]
+        if (chat / "run" / CHECKPOINT_NAME).is_file():
+            argv.append("--resume")
+        run_sft(sft_args([*argv, *SFT_FLAGS]))
+    return chat
 
 
 def register(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("demo", help="build the default model if needed, sample, serve it")
-    p.add_argument("--prompt", default="ROMEO.\n")
+    p.add_argument("--prompt", default="ROMEO.\n", help="text to continue")
+    p.add_argument("--message", default=DEMO_MESSAGE, help="a user message to answer in chat")
     p.add_argument("--max-tokens", type=int, default=120)
     p.add_argument("--temperature", type=float, default=0.8)
     p.add_argument("--top-k", type=int, default=40)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out-dir", default=None, help="where to build/cache (default models/default)")
-    p.add_argument("--no-serve", action="store_true", help="print a sample and exit, no server")
+    p.add_argument("--no-serve", action="store_true", help="print samples and exit, no server")
     p.add_argument("--port", type=int, default=8000)
     p.set_defaults(func=_cli)
 
@@ -56,18 +80,26 @@ def _cli(args: argparse.Namespace) -> None:
     print(f"default model: {model_dir} (ready in {time.perf_counter() - start:.0f} s)")
     tok = load_tokenizer(model_dir)
     model = load_model(model_dir, device="cpu")
-    ids = torch.tensor([tok.encode(args.prompt)])
-    out = generate(
-        model,
-        ids,
-        args.max_tokens,
-        temperature=args.temperature,
-        top_k=args.top_k,
-        seed=args.seed,
-        eos_token_ids=tok.eos_token_ids,
-    )
+
+    def continuation(ids: list[int]) -> str:
+        room = model.config.max_position_embeddings - len(ids)
+        out = generate(
+            model,
+            torch.tensor([ids]),
+            min(args.max_tokens, room),
+            temperature=args.temperature,
+            top_k=args.top_k,
+            seed=args.seed,
+            eos_token_ids=tok.eos_token_ids,
+        )
+        return tok.decode(out[0, len(ids) :].tolist())
+
+    messages = [{"role": "user", "content": args.message}]
     print("-" * 60)
-    print(tok.decode(out[0].tolist()))
+    print(args.prompt + continuation(tok.encode(args.prompt)))
+    print("-" * 60)
+    print(f"user: {args.message}")
+    print(f"assistant: {continuation(tok.apply_chat_template(messages, tokenize=True))}")
     print("-" * 60)
     if not args.no_serve:
         from kiln.serve.server import serve_demo

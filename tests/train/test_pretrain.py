@@ -248,3 +248,45 @@ def test_export_loads_in_transformers_with_equal_logits(tmp_path, model_type):
         torch.testing.assert_close(ours(ids), theirs(ids).logits, rtol=1e-4, atol=1e-4)
     hf_tok = transformers.AutoTokenizer.from_pretrained(out)
     assert hf_tok("Fair is foul")["input_ids"] == tok.encode("Fair is foul")
+
+
+@pytest.mark.parametrize("tokenizer", ["bpe", "char"])
+def test_chatml_turn_markers_are_single_special_tokens_and_stop_generation(tmp_path, tokenizer):
+    transformers = pytest.importorskip("transformers")
+    import kiln
+
+    make_corpus(tmp_path / "corpus")
+    overrides = dict(
+        corpus=str(tmp_path / "corpus"), tokenizer=tokenizer, vocab_size="300",
+        chat_template="chatml", out_dir=str(tmp_path / "run"), num_layers="1", num_heads="2",
+        hidden_size="32", block_size="32", max_steps="1", batch_size="2", eval_steps="1",
+        device="cpu",
+    )  # fmt: skip
+    run_pretrain(load_config(None, overrides))
+    out = tmp_path / "run" / "model"
+    tok = kiln.load_tokenizer(out)
+    start, end = tok.token_to_id("<|im_start|>"), tok.token_to_id("<|im_end|>")
+    messages = [{"role": "user", "content": "Fair is foul"}]
+    text = tok.apply_chat_template(messages)
+    assert text == "<|im_start|>user\nFair is foul<|im_end|>\n<|im_start|>assistant\n"
+    ids = tok.apply_chat_template(messages, tokenize=True)
+    assert ids.count(start) == 2 and ids.count(end) == 1
+    assert tok.decode(ids, skip_special_tokens=False) == text
+    assert tok.decode(ids) == "user\nFair is foul\nassistant\n"
+    if tokenizer == "bpe":
+        assert tok.vocab_size == 300  # the markers come out of the vocabulary budget
+    assert {tok.eos_token_id, end} == tok.eos_token_ids  # a turn's end stops generation
+    hf_tok = transformers.AutoTokenizer.from_pretrained(out)
+    assert hf_tok.apply_chat_template(messages, add_generation_prompt=True, tokenize=False) == text
+    assert hf_tok(text, add_special_tokens=False)["input_ids"] == ids
+    assert transformers.GenerationConfig.from_pretrained(out).eos_token_id == [
+        tok.eos_token_id,
+        end,
+    ]
+
+
+def test_unknown_chat_template_is_refused(tmp_path):
+    make_corpus(tmp_path / "corpus")
+    overrides = dict(corpus=str(tmp_path / "corpus"), out_dir=str(tmp_path / "run"))
+    with pytest.raises(ConfigError, match="chat_template must be"):
+        run_pretrain(load_config(None, overrides | {"chat_template": "llama2"}))

@@ -1,7 +1,8 @@
 """`kiln bench <offline|serve>`: throughput benchmarks.
 
 `offline` runs nano-vllm's workload through kiln.LLM: N requests of random token ids, input and
-output lengths uniform in [min, max], ignore_eos, and prints output tokens/s. `serve` is
+output lengths uniform in [min, max], ignore_eos, and prints output tokens/s. On a model whose
+context is shorter than the longest request, both ranges shrink by one factor to fit. `serve` is
 kiln.serve.bench's (add_arguments(parser), main(args)), imported only when asked for.
 """
 
@@ -25,6 +26,23 @@ def offline_workload(
         prompt = [rng.randrange(vocab_size) for _ in range(n_in)]
         work.append((prompt, rng.randint(*output_len)))
     return work
+
+
+def fit_lengths(
+    input_len: tuple[int, int], output_len: tuple[int, int], max_model_len: int
+) -> tuple[tuple[int, int], tuple[int, int]]:
+    """Both length ranges scaled by one factor so the longest request fits max_model_len tokens
+    (prompt and output keep their proportions); unchanged if it already fits."""
+    longest = input_len[1] + output_len[1]
+    if longest <= max_model_len:
+        return input_len, output_len
+
+    def scale(lengths: tuple[int, int]) -> tuple[int, int]:
+        # Floors keep the longest request within max_model_len; at least one token each side.
+        lo, hi = (max(1, n * max_model_len // longest) for n in lengths)
+        return lo, hi
+
+    return scale(input_len), scale(output_len)
 
 
 def run_offline(llm, workload, temperature: float = 0.6) -> dict:
@@ -92,12 +110,18 @@ def _offline_cli(args: argparse.Namespace) -> None:
         use_cuda_graph=not args.no_cuda_graph,
         async_scheduling=False if args.lockstep else None,
     )
-    vocab = llm.engine.model_config.vocab_size
-    workload = offline_workload(
-        args.num_prompts, tuple(args.input_len), tuple(args.output_len), vocab, args.seed
-    )
+    vocab, context = llm.engine.model_config.vocab_size, llm.engine.max_model_len
+    asked = tuple(args.input_len), tuple(args.output_len)
+    input_len, output_len = fit_lengths(*asked, context)
+    if (input_len, output_len) != asked:
+        print(
+            f"note: requests of up to {sum(n for _, n in asked)} tokens exceed max_model_len "
+            f"{context}: input lengths scaled to U{list(input_len)}, output to U{list(output_len)}"
+        )
+    workload = offline_workload(args.num_prompts, input_len, output_len, vocab, args.seed)
     # Warm up on mixed prefill/decode steps of several shapes.
-    run_offline(llm, offline_workload(16, (16, 200), (4, 16), vocab, args.seed + 1))
+    warmup = offline_workload(16, *fit_lengths((16, 200), (4, 16), context), vocab, args.seed + 1)
+    run_offline(llm, warmup)
     r = run_offline(llm, workload, args.temperature)
     print(
         f"{r['requests']} requests, {r['input_tokens']} input / {r['output_tokens']} output "

@@ -65,6 +65,7 @@ class DataSpec:
     vocab_size: int = 4096  # for tokenizer = "bpe"
     pattern: str = "gpt2"  # BPE pre-tokenization regex: "gpt2" | "gpt4"
     val_fraction: float = 0.1  # share of documents held out for validation
+    chat_template: str = ""  # "chatml": ChatML's turn markers as special tokens, and its template
 
 
 @dataclass

@@ -32,8 +32,10 @@ def corpus_files(corpus: str | os.PathLike) -> list[Path]:
     return files
 
 
-def train_char_tokenizer(files: Sequence[Path], out_dir: str | os.PathLike) -> Path:
-    """A character-level tokenizer (one id per distinct character, plus <|endoftext|>).
+def train_char_tokenizer(
+    files: Sequence[Path], out_dir: str | os.PathLike, specials: Sequence[str] = (EOT,)
+) -> Path:
+    """A character-level tokenizer (one id per distinct character, plus the special tokens).
 
     It is a plain tokenizer.json (WordLevel over single characters), so kiln and transformers
     load it like any other.
@@ -45,7 +47,7 @@ def train_char_tokenizer(files: Sequence[Path], out_dir: str | os.PathLike) -> P
     tok = Tokenizer(models.WordLevel(vocab, unk_token=None))
     tok.pre_tokenizer = pre_tokenizers.Split(Regex(r"[\s\S]"), behavior="isolated")
     tok.decoder = decoders.Fuse()
-    tok.add_special_tokens([EOT])
+    tok.add_special_tokens(list(specials))
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     tok.save(str(out / "tokenizer.json"))

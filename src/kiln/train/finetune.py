@@ -128,10 +128,14 @@ def run_training(model, tok, args, train_batch, loss_fn, val_batch=None) -> dict
 
 
 def export(model, tok, out: str, base: str, lora: bool) -> Path:
-    """A PEFT adapter directory (LoRA) or an HF model directory in the base's dtype (full)."""
+    """A PEFT adapter directory (LoRA) or an HF model directory in the base's dtype (full).
+
+    The tokenizer goes first: the model's config.json, written last, marks a complete export.
+    """
     from kiln.model.loader import save_model
     from kiln.train.lora import save_adapter
 
+    tok.save(out)
     if lora:
         save_adapter(model, out, base_model_name_or_path=str(base))
     else:
@@ -141,5 +145,4 @@ def export(model, tok, out: str, base: str, lora: bool) -> Path:
 
             model.to(getattr(torch, dtype))
         save_model(model, out)
-    tok.save(out)
     return Path(out)

@@ -18,8 +18,19 @@ from pathlib import Path
 from kiln.errors import ConfigError
 from kiln.train.config import ModelSpec, PretrainConfig, field_index, load_config
 
+# ChatML, Qwen's chat format. With chat_template = "chatml" the tokenizer holds its turn markers
+# as special tokens (one id each) and its template, and the model stops at the end of a turn.
+IM_START, IM_END = "<|im_start|>", "<|im_end|>"
+CHATML_TEMPLATE = (
+    "{% for message in messages %}{{ '<|im_start|>' + message['role'] + '\n'"
+    " + message['content'] + '<|im_end|>\n' }}{% endfor %}"
+    "{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}"
+)
 
-def model_config(spec: ModelSpec, vocab_size: int, bos_id: int | None, eos_id: int | None):
+
+def model_config(
+    spec: ModelSpec, vocab_size: int, bos_id: int | None, eos_id: int | list[int] | None
+):
     """The kiln ModelConfig of a ModelSpec, built through the HF config it exports as."""
     from kiln.config import ModelConfig
 
@@ -88,8 +99,14 @@ def compiled_loss():
 
 def prepare_tokenizer(cfg: PretrainConfig, files: list[Path]) -> Path:
     """The run's tokenizer directory: an existing one, or one trained on the corpus (cached)."""
+    from kiln.train.data import EOT
+
     data = cfg.data
+    if data.chat_template not in ("", "chatml"):
+        raise ConfigError(f'chat_template must be "" or "chatml", got {data.chat_template!r}')
     if data.tokenizer not in ("bpe", "char"):
+        if data.chat_template:
+            raise ConfigError("chat_template needs a tokenizer kiln trains (bpe or char)")
         path = Path(data.tokenizer)
         if not (path / "tokenizer.json").is_file():
             raise ConfigError(
@@ -100,18 +117,25 @@ def prepare_tokenizer(cfg: PretrainConfig, files: list[Path]) -> Path:
     spec = {"tokenizer": data.tokenizer, "files": [str(f.resolve()) for f in files]}
     if data.tokenizer == "bpe":
         spec |= {"vocab_size": data.vocab_size, "pattern": data.pattern}
+    if data.chat_template:
+        spec["chat_template"] = data.chat_template
     spec_file = out / "kiln_tokenizer_spec.json"
     if spec_file.is_file() and json.loads(spec_file.read_text()) == spec:
         return out
+    specials = [EOT, IM_START, IM_END] if data.chat_template else [EOT]
     if data.tokenizer == "char":
         from kiln.train.data import train_char_tokenizer
 
-        train_char_tokenizer(files, out)
+        train_char_tokenizer(files, out, specials)
     else:
         from kiln.tokenizer.bpe import BPETokenizer
 
-        tok = BPETokenizer.train(files, data.vocab_size, data.pattern, progress=False)
+        tok = BPETokenizer.train(files, data.vocab_size, data.pattern, specials, progress=False)
         tok.save(out)
+    if data.chat_template:
+        config_file = out / "tokenizer_config.json"
+        config = json.loads(config_file.read_text()) | {"chat_template": CHATML_TEMPLATE}
+        config_file.write_text(json.dumps(config, indent=2) + "\n")
     spec_file.write_text(json.dumps(spec, indent=2) + "\n")
     return out
 
@@ -144,7 +168,10 @@ def run_pretrain(cfg: PretrainConfig, resume: bool = False) -> dict:
     if meta["num_tokens"]["val"]:
         val_batch = TokenWindows(out / "data" / "val.bin", seed=cfg.train.seed + 1, **windows)
     torch.manual_seed(cfg.train.seed)
-    config = model_config(spec, tok.vocab_size, tok.bos_token_id, tok.eos_token_id)
+    eos = tok.eos_token_id
+    if cfg.data.chat_template:
+        eos = [eos, tok.token_to_id(IM_END)]  # generation stops at a chat turn's end too
+    config = model_config(spec, tok.vocab_size, tok.bos_token_id, eos)
     model = Transformer(config)
     model.init_weights(spec.init_std)
     add_dropout(model, spec.dropout)

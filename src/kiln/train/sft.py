@@ -139,16 +139,29 @@ def load_sft_examples(tok, path, max_len: int) -> list[Example]:
     return examples
 
 
-def register(sub: argparse._SubParsersAction) -> None:
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    """`kiln sft`'s flags."""
     from kiln.train.finetune import add_finetune_arguments
 
-    p = sub.add_parser("sft", help="supervised fine-tuning on chat JSONL (full or LoRA)")
     add_finetune_arguments(p, DEFAULT_DATA)
     p.add_argument("--pack", action="store_true", help="pack several examples per row")
+
+
+def register(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("sft", help="supervised fine-tuning on chat JSONL (full or LoRA)")
+    add_arguments(p)
     p.set_defaults(func=_cli)
 
 
-def _cli(args: argparse.Namespace) -> None:
+def sft_args(argv: list[str]) -> argparse.Namespace:
+    """The arguments `kiln sft ARGV...` runs with (every default filled in), for run_sft."""
+    p = argparse.ArgumentParser(prog="kiln sft")
+    add_arguments(p)
+    return p.parse_args(argv)
+
+
+def run_sft(args: argparse.Namespace) -> dict:
+    """Fine-tune args.model on args.data and export the result to args.out (`kiln sft`)."""
     from kiln.train.finetune import prepare, run_training, split
 
     model, tok = prepare(args)
@@ -158,4 +171,10 @@ def _cli(args: argparse.Namespace) -> None:
     make = lambda ex: sft_batches(  # noqa: E731
         ex, args.batch_size, pad_id, args.max_seq_len, args.pack, args.seed
     )
-    run_training(model, tok, args, make(train_ex), sft_loss, make(val_ex) if val_ex else None)
+    return run_training(
+        model, tok, args, make(train_ex), sft_loss, make(val_ex) if val_ex else None
+    )
+
+
+def _cli(args: argparse.Namespace) -> None:
+    run_sft(args)
