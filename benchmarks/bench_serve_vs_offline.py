@@ -145,7 +145,8 @@ def run_served(src: Path, model: Path, args, serve_args: list[str], rates: list[
                                    output_len=args.output_len, max_token_id=args.max_token_id,
                                    warmup_requests=args.warmup, max_concurrency=None,
                                    num_clients=1)  # fmt: skip
-        pids = {"api": proc.pid, "core": _children(proc.pid)[0]}
+        kids = _children(proc.pid)  # the engine core, if it runs in a process of its own
+        pids = {"api": proc.pid, **({"core": kids[0]} if kids else {})}
         runs = [(rate, args.clients) for rate in rates]
         if args.clients > 1:  # what one client process alone measures, for comparison
             runs.append((math.inf, 1))
