@@ -24,10 +24,10 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
 from shapes import QWEN3_0_6B  # noqa: E402
 
 from kiln.config import ModelConfig  # noqa: E402
+from kiln.model.lora import LoraConfig, apply_lora  # noqa: E402
 from kiln.model.transformer import Transformer  # noqa: E402
 from kiln.train.finetune_data import Example  # noqa: E402
 from kiln.train.loop import TrainConfig, train  # noqa: E402
-from kiln.train.lora import LoraConfig, apply_lora  # noqa: E402
 from kiln.train.sft import collate, sft_loss  # noqa: E402
 
 QWEN3_06B = dict(QWEN3_0_6B, model_type="qwen3", hidden_act="silu", torch_dtype="bfloat16")

@@ -12,7 +12,7 @@ import kiln
 from kiln.cli import main
 from kiln.config import ModelConfig
 from kiln.errors import CheckpointError, ConfigError
-from kiln.model.loader import hf_to_kiln
+from kiln.model.hf_format import hf_to_kiln
 
 
 def _copy(src, dst):

@@ -184,7 +184,7 @@ def test_demo_examples_run(server, capsys):
     import shutil
     import subprocess
 
-    from kiln.serve.server import demo_examples
+    from kiln.demo import demo_examples
 
     for chat in (False, True):
         text = demo_examples(server.url, "tiny", chat)

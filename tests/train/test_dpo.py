@@ -12,8 +12,8 @@ import torch
 import kiln
 from kiln.cli import main as kiln_main
 from kiln.errors import InputError
+from kiln.model.lora import LoraConfig, apply_lora
 from kiln.train import dpo
-from kiln.train.lora import LoraConfig, apply_lora
 
 
 def _trl_loss(loss_type, beta, per_token, completion_mask, ref_chosen, ref_rejected):

@@ -7,8 +7,8 @@ import torch
 
 import kiln
 from kiln.errors import CheckpointError, ConfigError
-from kiln.train import lora
-from kiln.train.lora import LoraConfig, apply_lora
+from kiln.model import lora
+from kiln.model.lora import LoraConfig, apply_lora
 
 IDS = torch.tensor([[1, 5, 9, 200, 33, 7, 120, 64], [3, 3, 90, 14, 250, 8, 2, 77]])
 

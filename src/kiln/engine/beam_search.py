@@ -11,7 +11,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from kiln.engine.core import SeqDelta
+from kiln.engine.outputs import SeqDelta
 from kiln.engine.sampling_params import SamplingParams
 
 

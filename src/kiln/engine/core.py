@@ -15,29 +15,16 @@ import json
 from dataclasses import dataclass
 from pathlib import Path
 
-import msgspec
-
 from kiln.config import ModelConfig
 from kiln.engine.block_manager import BlockManager
 from kiln.engine.config import EngineConfig
 from kiln.engine.model_runner import ModelRunner, PreviousTokens
+from kiln.engine.outputs import SeqDelta
 from kiln.engine.sampler import PendingSample, Sampler, make_generator
 from kiln.engine.sampling_params import SamplingParams
 from kiln.engine.scheduler import Scheduler
 from kiln.engine.sequence import Sequence
 from kiln.errors import ConfigError, InputError
-
-
-class SeqDelta(msgspec.Struct, array_like=True, omit_defaults=True):
-    """What one sequence gained in a step (vLLM's EngineCoreOutput)."""
-
-    request_id: str
-    index: int  # which of the request's completions
-    new_token_ids: list[int]
-    new_logprobs: list[dict[int, float]] | None = None  # top-N per new token, when asked
-    cumulative_logprob: float = 0.0
-    finish_reason: str | None = None
-    stop_reason: int | str | None = None
 
 
 @dataclass

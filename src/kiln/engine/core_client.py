@@ -25,7 +25,7 @@ from typing import Any
 import msgspec
 import zmq
 
-from kiln.engine.core import SeqDelta
+from kiln.engine.outputs import SeqDelta
 from kiln.engine.sampling_params import SamplingParams
 from kiln.errors import KilnError
 

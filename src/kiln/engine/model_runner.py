@@ -30,7 +30,7 @@ from kiln.engine.scheduler import SchedulerOutput
 from kiln.engine.sequence import Sequence
 from kiln.engine.transfer import to_device
 from kiln.errors import ConfigError
-from kiln.model.attention import causal_attention
+from kiln.kernels.causal_attention import causal_attention
 from kiln.model.transformer import Transformer
 
 log = logging.getLogger("kiln.engine")

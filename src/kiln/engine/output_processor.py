@@ -11,9 +11,8 @@ from __future__ import annotations
 import time
 from dataclasses import dataclass
 
-from kiln.engine.core import SeqDelta
 from kiln.engine.detokenizer import SeqText
-from kiln.engine.outputs import CompletionOutput, RequestMetrics, RequestOutput
+from kiln.engine.outputs import CompletionOutput, RequestMetrics, RequestOutput, SeqDelta
 from kiln.engine.sampling_params import RequestOutputKind, SamplingParams
 
 

@@ -1,8 +1,11 @@
-"""What the engine hands back: vLLM's RequestOutput / CompletionOutput shapes."""
+"""What the engine hands back: the core's per-step SeqDelta, and vLLM's RequestOutput /
+CompletionOutput shapes built from them."""
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+
+import msgspec
 
 
 @dataclass
@@ -41,3 +44,15 @@ class RequestOutput:
     outputs: list[CompletionOutput] = field(default_factory=list)
     finished: bool = False
     metrics: RequestMetrics | None = None
+
+
+class SeqDelta(msgspec.Struct, array_like=True, omit_defaults=True):
+    """What one sequence gained in a step (vLLM's EngineCoreOutput)."""
+
+    request_id: str
+    index: int  # which of the request's completions
+    new_token_ids: list[int]
+    new_logprobs: list[dict[int, float]] | None = None  # top-N per new token, when asked
+    cumulative_logprob: float = 0.0
+    finish_reason: str | None = None
+    stop_reason: int | str | None = None

@@ -9,7 +9,7 @@ from __future__ import annotations
 import torch
 
 from kiln.kernels._triton import assert_head_dim, tl, triton
-from kiln.model.attention import causal_attention
+from kiln.kernels.causal_attention import causal_attention
 
 LOG2E = 1.4426950408889634  # the kernels use exp2, so scores are scaled by log2(e)
 

@@ -1,9 +1,8 @@
-"""Running the app: uvicorn with a drain on SIGTERM, and the demo's `serve_demo`."""
+"""Running the app: uvicorn with a bounded drain on SIGTERM and guarded connections."""
 
 from __future__ import annotations
 
 import asyncio
-import json
 import logging
 import os
 import time
@@ -133,49 +132,3 @@ def serve(
     server.run()
     if dead:
         raise EngineDeadError(f"the engine core process died (exit code {dead[0]}); stopped")
-
-
-def demo_examples(base_url: str, model_name: str, chat: bool) -> str:
-    """A curl command and an `openai` client snippet that talk to the served model: chat
-    completions when the model has a chat template, plain completions otherwise."""
-    if chat:
-        route, field = "chat/completions", {"messages": [{"role": "user", "content": "Hello!"}]}
-        call = "client.chat.completions.create"
-        piece = "chunk.choices[0].delta.content or ''"
-    else:
-        route, field = "completions", {"prompt": "ROMEO.\n"}
-        call, piece = "client.completions.create", "chunk.choices[0].text"
-    body = {"model": model_name, **field, "max_tokens": 64}
-    args = ", ".join(f"{k}={v!r}" for k, v in body.items())
-    return f"""\
-Serving {model_name!r} at {base_url}/v1 (Ctrl-C to stop). Try:
-
-  curl {base_url}/v1/{route} -H 'Content-Type: application/json' \\
-    -d '{json.dumps(body)}'
-
-or from Python (pip install openai):
-
-from openai import OpenAI
-client = OpenAI(base_url="{base_url}/v1", api_key="unused")
-for chunk in {call}({args}, stream=True):
-    print({piece}, end="", flush=True)
-print()
-"""
-
-
-def serve_demo(
-    model_dir: str | os.PathLike | None = None,
-    host: str = "127.0.0.1",
-    port: int = 8000,
-    served_model_name: str = "kiln-demo",
-) -> None:
-    """Serve the demo model (built first if needed) and print how to talk to it."""
-    from kiln.tokenizer.hf import load_tokenizer
-
-    if model_dir is None:
-        from kiln.demo import ensure_default_model
-
-        model_dir = ensure_default_model()
-    chat = load_tokenizer(model_dir).chat_template is not None
-    print(demo_examples(f"http://{host}:{port}", served_model_name, chat), flush=True)
-    serve(model_dir, host=host, port=port, served_model_name=served_model_name)

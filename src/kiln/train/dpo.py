@@ -82,7 +82,7 @@ class DPOLoss:
 
     @torch.no_grad()
     def reference_logps(self, model, batch) -> torch.Tensor:
-        from kiln.train.lora import disable_adapters
+        from kiln.model.lora import disable_adapters
 
         if self.reference is not None:
             return sequence_logps(self.reference, batch)

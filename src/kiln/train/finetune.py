@@ -12,7 +12,8 @@ import argparse
 from pathlib import Path
 
 from kiln.errors import InputError
-from kiln.train.lora import add_lora_arguments, lora_config_from_args
+from kiln.model.lora import ALL_LINEAR, LoraConfig
+from kiln.train.default_model import built_chat_model
 
 # For tokenizers without one (e.g. the bundled character-level model): plain-text turns that
 # any vocabulary can spell, each assistant turn closed by the EOS token.
@@ -60,16 +61,14 @@ def prepare(args: argparse.Namespace):
     import torch
 
     from kiln.model.loader import load_model
+    from kiln.model.lora import apply_lora
     from kiln.tokenizer.hf import load_tokenizer
     from kiln.train.distributed import resolve_device
-    from kiln.train.lora import apply_lora
 
     if args.max_seq_len is not None and args.max_seq_len < 2:
         raise InputError(f"--max-seq-len must be >= 2, got {args.max_seq_len}")
     if args.model is None:
-        from kiln.demo import ensure_default_model
-
-        args.model = str(ensure_default_model())
+        args.model = str(built_chat_model())
     tok = load_tokenizer(args.model)
     if not tok.chat_template:
         tok.chat_template = DEFAULT_CHAT_TEMPLATE
@@ -133,7 +132,7 @@ def export(model, tok, out: str, base: str, lora: bool) -> Path:
     The tokenizer goes first: the model's config.json, written last, marks a complete export.
     """
     from kiln.model.loader import save_model
-    from kiln.train.lora import save_adapter
+    from kiln.model.lora import save_adapter
 
     tok.save(out)
     if lora:
@@ -146,3 +145,26 @@ def export(model, tok, out: str, base: str, lora: bool) -> Path:
             model.to(getattr(torch, dtype))
         save_model(model, out)
     return Path(out)
+
+
+def add_lora_arguments(p: argparse.ArgumentParser) -> None:
+    """--lora-r/--lora-alpha/--lora-dropout/--target-modules for the fine-tuning verbs."""
+    p.add_argument("--lora-r", type=int, default=None, help="LoRA rank (default: full fine-tune)")
+    p.add_argument("--lora-alpha", type=float, default=None, help="LoRA alpha (default: 2 * r)")
+    p.add_argument("--lora-dropout", type=float, default=0.0)
+    p.add_argument(
+        "--target-modules",
+        default=ALL_LINEAR,
+        help="comma-separated module names (q_proj,v_proj,...) or 'all-linear'",
+    )
+
+
+def lora_config_from_args(args: argparse.Namespace) -> LoraConfig | None:
+    """The LoraConfig the CLI flags ask for, or None for full fine-tuning."""
+    if args.lora_r is None:
+        return None
+    targets = args.target_modules
+    if targets != ALL_LINEAR:
+        targets = [t.strip() for t in targets.split(",") if t.strip()]
+    alpha = args.lora_alpha if args.lora_alpha is not None else 2.0 * args.lora_r
+    return LoraConfig(args.lora_r, alpha, args.lora_dropout, targets)

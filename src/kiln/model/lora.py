@@ -10,7 +10,6 @@ module names come from the loader's own kiln_to_hf, so every family maps the way
 
 from __future__ import annotations
 
-import argparse
 import json
 import math
 import os
@@ -24,7 +23,7 @@ from safetensors.torch import save_file
 from torch import nn
 
 from kiln.errors import CheckpointError, ConfigError
-from kiln.model.loader import read_tensors
+from kiln.model.hf_format import kiln_to_hf, read_tensors
 
 PEFT_PREFIX = "base_model.model."
 ADAPTER_CONFIG = "adapter_config.json"
@@ -196,8 +195,6 @@ def hf_module_names(model: nn.Module) -> dict[str, str]:
     Conv1D transposes, Mixtral experts) is the loader's; fused weights (GPT-2's c_attn, whose
     tensor comes back with three entries) have no one-to-one name and are left out.
     """
-    from kiln.model.loader import kiln_to_hf
-
     names = [n.replace(".base_layer.", ".") for n in model.state_dict()]
     names = [n for n in names if ".lora_" not in n]
     tagged = {n: torch.full((1, 1), float(i)) for i, n in enumerate(names)}
@@ -327,26 +324,3 @@ def _adapter_tensors(file: Path) -> dict[str, tuple[torch.Tensor, torch.Tensor]]
     if not pairs:
         raise CheckpointError(f"{file.name}: holds no LoRA weights")
     return {m: (p["A"], p["B"]) for m, p in pairs.items()}
-
-
-def add_lora_arguments(p: argparse.ArgumentParser) -> None:
-    """--lora-r/--lora-alpha/--lora-dropout/--target-modules for the fine-tuning verbs."""
-    p.add_argument("--lora-r", type=int, default=None, help="LoRA rank (default: full fine-tune)")
-    p.add_argument("--lora-alpha", type=float, default=None, help="LoRA alpha (default: 2 * r)")
-    p.add_argument("--lora-dropout", type=float, default=0.0)
-    p.add_argument(
-        "--target-modules",
-        default=ALL_LINEAR,
-        help="comma-separated module names (q_proj,v_proj,...) or 'all-linear'",
-    )
-
-
-def lora_config_from_args(args: argparse.Namespace) -> LoraConfig | None:
-    """The LoraConfig the CLI flags ask for, or None for full fine-tuning."""
-    if args.lora_r is None:
-        return None
-    targets = args.target_modules
-    if targets != ALL_LINEAR:
-        targets = [t.strip() for t in targets.split(",") if t.strip()]
-    alpha = args.lora_alpha if args.lora_alpha is not None else 2.0 * args.lora_r
-    return LoraConfig(args.lora_r, alpha, args.lora_dropout, targets)
