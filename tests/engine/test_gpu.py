@@ -40,5 +40,5 @@ def test_async_scheduling_changes_no_token(hf_model_dir, random_prompts):
     prompts = random_prompts((3, 40, 17, 90, 1), seed=31)
     _, sync = _run(path, prompts, attention_backend="triton", async_scheduling=False)
     llm, overlapped = _run(path, prompts, attention_backend="triton", async_scheduling=True)
-    assert llm.engine.async_scheduling
+    assert llm.engine.core.async_scheduling
     assert overlapped == sync

