@@ -92,10 +92,21 @@ def run_offline(src: Path, model: Path, args, engine_args: dict) -> dict:
     return json.loads(line[7:])
 
 
-def triton_cache_entries() -> int | None:
-    """Kernels in TRITON_CACHE_DIR (when set): more after serving = compiled at request time."""
+def triton_cache_entries() -> set[str] | None:
+    """Kernels in TRITON_CACHE_DIR (when set), by directory: more after serving = compiled at
+    request time."""
     cache = os.environ.get("TRITON_CACHE_DIR")
-    return len(os.listdir(cache)) if cache and os.path.isdir(cache) else None
+    return set(os.listdir(cache)) if cache and os.path.isdir(cache) else None
+
+
+def kernel_names(entries: set[str]) -> list[str]:
+    """The kernel names (from each cache entry's metadata json) of some cache entries."""
+    names = []
+    for entry in sorted(entries):
+        for meta in Path(os.environ["TRITON_CACHE_DIR"], entry).glob("*.json"):
+            if not meta.name.startswith("__grp__"):
+                names.append(json.loads(meta.read_text()).get("name", meta.stem))
+    return names
 
 
 def cpu_seconds(pid: int) -> float:
@@ -166,8 +177,9 @@ def run_served(src: Path, model: Path, args, serve_args: list[str], rates: list[
                   flush=True)  # fmt: skip
             results.append(s)
         if compiled_at_start is not None:
-            print(f"  Triton cache entries: {compiled_at_start} when ready, "
-                  f"{triton_cache_entries()} after the runs", flush=True)  # fmt: skip
+            late = triton_cache_entries() - compiled_at_start
+            print(f"  Triton kernels compiled after start-up: {len(late)} "
+                  f"{kernel_names(late)}", flush=True)  # fmt: skip
     finally:
         proc.send_signal(signal.SIGTERM)
         try:
