@@ -42,15 +42,17 @@ class ServerThread:
 
 
 def start_server(
-    model_dir, api_key=None, max_queue=256, public_metrics=False, **engine_args
-) -> ServerThread:
+    model_dir, api_key=None, max_queue=256, public_metrics=False, stream_send_timeout=60.0,
+    **engine_args,
+) -> ServerThread:  # fmt: skip
     from kiln.engine.async_engine import AsyncLLM
     from kiln.serve.api import create_app
 
     engine = AsyncLLM(str(model_dir), **engine_args)
     app = create_app(
-        engine, "tiny", api_key=api_key, max_queue=max_queue, public_metrics=public_metrics
-    )
+        engine, "tiny", api_key=api_key, max_queue=max_queue, public_metrics=public_metrics,
+        stream_send_timeout=stream_send_timeout,
+    )  # fmt: skip
     return ServerThread(app)
 
 

@@ -4,6 +4,7 @@ reader that never reads."""
 from __future__ import annotations
 
 import json
+import logging
 import signal
 import socket
 import subprocess
@@ -28,8 +29,10 @@ def _stalled_readers(url: str, n: int, body: dict) -> list[socket.socket]:
     port = int(url.rsplit(":", 1)[1])
     socks = []
     for _ in range(n):
-        s = socket.create_connection(("127.0.0.1", port), timeout=10)
-        s.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+        s = socket.socket()
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)  # before connect: a small window
+        s.settimeout(10)
+        s.connect(("127.0.0.1", port))
         s.sendall(_request(body))
         socks.append(s)
     return socks
@@ -113,3 +116,39 @@ def test_sigterm_with_a_stalled_reader_drains_then_exits_zero(chat_model_dir, tm
             proc.kill()
             proc.wait(timeout=10)
     assert "Traceback" not in (tmp_path / "serve.log").read_text()
+
+
+def test_a_stream_nobody_reads_is_aborted_after_the_send_timeout(chat_model_dir, caplog):
+    from serve.live_server import start_server
+
+    caplog.set_level(logging.INFO, logger="kiln.serve")
+    # big chunks (logprobs) so the unread bytes fill the socket buffers and sends block
+    body = {"prompt": [5, 6, 7], "max_tokens": 120, "n": 64, "temperature": 1.0,
+            "logprobs": 20, "ignore_eos": True, "stream": True}  # fmt: skip
+    with start_server(chat_model_dir, max_num_seqs=64, stream_send_timeout=0.5) as s:
+        socks = _stalled_readers(s.url, 1, body)
+        try:
+            deadline = time.monotonic() + 30
+            while not any("stopped reading" in r.message for r in caplog.records):
+                assert time.monotonic() < deadline, "no stream was given up"
+                time.sleep(0.1)
+            wait_all_blocks_free(s.url)
+            assert httpx.get(f"{s.url}/health", timeout=10).status_code == 200
+        finally:
+            for sock in socks:
+                sock.close()
+
+
+def test_without_a_tokenizer_token_ids_are_served_and_text_is_400(hf_model_dir):
+    from serve.live_server import start_server
+
+    path, _ = hf_model_dir("llama")  # config and weights only
+    with start_server(path, max_num_seqs=4) as s, httpx.Client(base_url=s.url, timeout=30) as h:
+        ok = h.post("/v1/completions", json={"prompt": [5, 6], "max_tokens": 3})
+        assert ok.status_code == 200 and len(ok.json()["choices"][0]["text"]) == 0
+        assert ok.json()["usage"]["completion_tokens"] == 3
+        text = h.post("/v1/completions", json={"prompt": "hello", "max_tokens": 3})
+        assert text.status_code == 400 and text.json()["error"]["param"] == "prompt"
+        chat = h.post("/v1/chat/completions",
+                      json={"messages": [{"role": "user", "content": "hi"}]})  # fmt: skip
+        assert chat.status_code == 400 and chat.json()["error"]["param"] == "messages"

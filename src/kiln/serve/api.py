@@ -40,6 +40,7 @@ log = logging.getLogger("kiln.serve")
 
 DEFAULT_MAX_QUEUE = 256
 DEFAULT_MAX_BODY_BYTES = 4 * 2**20
+DEFAULT_STREAM_SEND_TIMEOUT = 60.0  # a stream whose client reads nothing this long is aborted
 
 T = TypeVar("T")
 
@@ -55,6 +56,7 @@ def create_app(
     max_queue: int = DEFAULT_MAX_QUEUE,
     max_body_bytes: int = DEFAULT_MAX_BODY_BYTES,
     public_metrics: bool = False,
+    stream_send_timeout: float = DEFAULT_STREAM_SEND_TIMEOUT,
 ) -> FastAPI:
     """An OpenAI-compatible app over `engine` (an AsyncLLM, started and drained by the app).
     With an `api_key` every route but /health needs it (/metrics too, unless public_metrics)."""
@@ -64,6 +66,7 @@ def create_app(
         model_name=served_model_name,
         metrics=ServerMetrics(engine.stats),
         gate=AdmissionGate(max_running, max_queue),
+        stream_send_timeout=stream_send_timeout,
     )
 
     @asynccontextmanager
@@ -187,7 +190,9 @@ async def _respond(
         raise
     job.gate = ctx.gate
     if stream:
-        return EventStreamResponse(serving.guarded_events(events(job)), release=job.release_all)
+        return EventStreamResponse(
+            serving.guarded_events(events(job)), job.release_all, ctx.stream_send_timeout
+        )
     try:
         result = await _unless_disconnected(request, whole(job))
     except ClientDisconnected:
@@ -199,21 +204,35 @@ async def _respond(
     return JSONResponse(result.model_dump())
 
 
-class EventStreamResponse(StreamingResponse):
-    """Server-sent events; however the response ends (finished, client gone, server error),
-    the event generator is closed, so its engine requests are aborted, and admission released."""
+class StalledReader(Exception):
+    """A client left a stream's bytes unread for longer than the send timeout."""
 
-    def __init__(self, events: AsyncIterator[str], release):
+
+class EventStreamResponse(StreamingResponse):
+    """Server-sent events; however the response ends (finished, client gone, a client that
+    stopped reading for `send_timeout` s, server error), the event generator is closed, so its
+    engine requests are aborted, and admission released."""
+
+    def __init__(self, events: AsyncIterator[str], release, send_timeout: float):
         super().__init__(
             events,
             media_type="text/event-stream",
             headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"},
         )
         self.release = release
+        self.send_timeout = send_timeout
 
     async def __call__(self, scope, receive, send) -> None:
+        async def send_or_give_up(message) -> None:
+            try:
+                await asyncio.wait_for(send(message), self.send_timeout)
+            except TimeoutError:
+                raise StalledReader from None
+
         try:
-            await super().__call__(scope, receive, send)
+            await super().__call__(scope, receive, send_or_give_up)
+        except* StalledReader:
+            log.info("a client stopped reading its stream for %.0f s: aborted", self.send_timeout)
         finally:
             try:
                 await self.body_iterator.aclose()

@@ -39,6 +39,10 @@ def register(subparsers) -> None:
         help="on SIGTERM, seconds to let in-flight requests finish (new ones get 503) before "
         "aborting the rest and exiting 0",
     )  # fmt: skip
+    p.add_argument(
+        "--stream-send-timeout", type=float, default=60.0,
+        help="abort a stream whose client has read nothing for this many seconds",
+    )  # fmt: skip
     p.add_argument("--max-connections", type=int, default=4096,
                    help="open connections beyond this get 503")  # fmt: skip
     p.add_argument("--max-model-len", type=int, default=None)
@@ -57,6 +61,8 @@ def run(args: argparse.Namespace) -> int:
 
     if not 1 <= args.port <= 65535:
         raise InputError(f"--port must be in [1, 65535], got {args.port}")
+    if args.stream_send_timeout <= 0:
+        raise InputError(f"--stream-send-timeout must be > 0, got {args.stream_send_timeout}")
     if args.drain_timeout < 0:
         raise InputError(f"--drain-timeout must be >= 0, got {args.drain_timeout}")
     if args.max_connections < 1:
@@ -85,6 +91,7 @@ def run(args: argparse.Namespace) -> int:
         drain_timeout=args.drain_timeout,
         max_connections=args.max_connections,
         public_metrics=args.public_metrics,
+        stream_send_timeout=args.stream_send_timeout,
         **queue,
         **engine_args,
     )

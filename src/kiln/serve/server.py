@@ -107,6 +107,7 @@ def serve(
     drain_timeout: float = 30.0,
     max_connections: int = DEFAULT_MAX_CONNECTIONS,
     public_metrics: bool = False,
+    stream_send_timeout: float = 60.0,
     **engine_args: Any,
 ) -> None:
     """Load `model`, serve it over HTTP until SIGTERM/SIGINT, then drain and return;
@@ -116,7 +117,8 @@ def serve(
 
     engine = build_engine(model, **engine_args)
     app = create_app(engine, served_model_name or str(model), api_key=api_key,
-                     max_queue=max_queue, public_metrics=public_metrics)  # fmt: skip
+                     max_queue=max_queue, public_metrics=public_metrics,
+                     stream_send_timeout=stream_send_timeout)  # fmt: skip
     config = uvicorn.Config(
         app, host=host, port=port, log_level=log_level, access_log=False,
         http=GuardedH11Protocol, limit_concurrency=max_connections,

@@ -51,6 +51,7 @@ class ServingContext:
     model_name: str
     metrics: ServerMetrics
     gate: AdmissionGate
+    stream_send_timeout: float = 60.0
 
     @property
     def tokenizer(self):
