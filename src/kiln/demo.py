@@ -17,9 +17,9 @@ import os
 import time
 from pathlib import Path
 
-from kiln.train.default_model import DEFAULT_CONFIG, DEFAULT_DIR, REPO
+from kiln.train.default_model import CORPUS, DEFAULT_CONFIG, default_dir
 
-# About two epochs of the bundled chat set (data/sft/shakespeare.jsonl), a tenth of the
+# About two epochs of the bundled chat set (kiln/data/sft/shakespeare.jsonl), a tenth of the
 # pretraining's compute: enough for the model to keep to ChatML turns and end its own with
 # <|im_end|> (more steps lower the train loss, not the validation loss).
 SFT_FLAGS = [
@@ -40,9 +40,9 @@ def ensure_default_model(out_dir: str | Path | None = None) -> Path:
     from kiln.train.pretrain import run_pretrain
     from kiln.train.sft import run_sft, sft_args
 
-    root = Path(out_dir) if out_dir is not None else DEFAULT_DIR
+    root = Path(out_dir) if out_dir is not None else default_dir()
     cfg = load_config(DEFAULT_CONFIG)
-    cfg.data.corpus = str(REPO / cfg.data.corpus)
+    cfg.data.corpus = str(CORPUS)
     cfg.train.out_dir = str(root / "pretrain")
     base, chat = root / "pretrain" / "model", root / "chat"
     if not (base / "config.json").is_file():

@@ -17,13 +17,13 @@ from __future__ import annotations
 
 import argparse
 import copy
-from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from kiln.errors import InputError
+from kiln.train.default_model import DPO_DATA
 from kiln.train.finetune_data import (
     IGNORE,
     Batches,
@@ -33,7 +33,7 @@ from kiln.train.finetune_data import (
 )
 from kiln.train.sft import collate, token_losses
 
-DEFAULT_DATA = str(Path(__file__).resolve().parents[3] / "data" / "dpo" / "shakespeare.jsonl")
+DEFAULT_DATA = str(DPO_DATA)
 LOSS_TYPES = ("sigmoid", "hinge", "ipo")
 
 

@@ -10,11 +10,11 @@ so a packed example computes exactly what it computes alone. Training runs in th
 from __future__ import annotations
 
 import argparse
-from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 
+from kiln.train.default_model import SFT_DATA
 from kiln.train.finetune_data import (
     IGNORE,
     Batches,
@@ -24,7 +24,7 @@ from kiln.train.finetune_data import (
     pad,
 )
 
-DEFAULT_DATA = str(Path(__file__).resolve().parents[3] / "data" / "sft" / "shakespeare.jsonl")
+DEFAULT_DATA = str(SFT_DATA)
 
 
 class PackedCausal:
