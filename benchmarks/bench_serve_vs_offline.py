@@ -28,8 +28,6 @@ import sys
 import time
 from pathlib import Path
 
-import httpx
-
 HERE = Path(__file__).resolve().parent
 SRC = HERE.parent / "src"
 
@@ -119,24 +117,9 @@ def _children(pid: int) -> list[int]:
     return [int(c) for c in Path(f"/proc/{pid}/task/{pid}/children").read_text().split()]
 
 
-def wait_healthy(url: str, proc: subprocess.Popen, timeout: float = 900) -> None:
-    deadline = time.monotonic() + timeout
-    while True:
-        if proc.poll() is not None:
-            raise SystemExit(f"kiln serve exited with {proc.returncode} while starting")
-        try:
-            if httpx.get(f"{url}/health", timeout=2).status_code == 200:
-                return
-        except httpx.TransportError:
-            pass
-        if time.monotonic() > deadline:
-            raise SystemExit("kiln serve did not start")
-        time.sleep(0.5)
-
-
 def run_served(src: Path, model: Path, args, serve_args: list[str], rates: list[float]) -> list:
     """Start kiln serve from `src`; kiln bench serve (this tree's client) at each rate."""
-    from bench_serve import free_port
+    from bench_serve import free_port, wait_healthy
 
     from kiln.serve.bench import run_benchmark
 
@@ -149,7 +132,7 @@ def run_served(src: Path, model: Path, args, serve_args: list[str], rates: list[
     proc = subprocess.Popen(cmd, env=env_for(src), stdout=log, stderr=subprocess.STDOUT)
     results = []
     try:
-        wait_healthy(url, proc)
+        wait_healthy(url, proc, timeout=900)
         compiled_at_start = triton_cache_entries()
         bench = argparse.Namespace(base_url=url, api_key=None, model=None,
                                    num_prompts=args.num_prompts, input_len=args.input_len,

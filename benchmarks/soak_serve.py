@@ -132,8 +132,8 @@ async def soak(args, port: int, pids: dict[str, int]) -> tuple[Counter, list]:
 
 def main() -> None:
     sys.path.insert(0, str(HERE))
-    from bench_serve import free_port
-    from bench_serve_vs_offline import _children, build_tiny, wait_healthy
+    from bench_serve import free_port, wait_healthy
+    from bench_serve_vs_offline import _children, build_tiny
 
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--minutes", type=float, default=10.0)
@@ -149,7 +149,7 @@ def main() -> None:
     log = open(args.out / "serve.log", "w")
     proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT)
     try:
-        wait_healthy(f"http://127.0.0.1:{port}", proc)
+        wait_healthy(f"http://127.0.0.1:{port}", proc, timeout=300)
         pids = {"api": proc.pid, "core": _children(proc.pid)[0]}
         stats, samples = asyncio.run(soak(args, port, pids))
         time.sleep(3)  # the last aborts land
