@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass, fields
+import argparse
+from dataclasses import dataclass, field, fields
 from typing import Any
 
 from kiln.errors import InputError
@@ -14,18 +15,28 @@ CPU_KV_CACHE_BYTES = 64 * 2**20  # the KV pool on CPU when kv_cache_memory_bytes
 class EngineConfig:
     """How the engine schedules and where it keeps the KV cache."""
 
-    block_size: int = 16
-    num_kv_blocks: int | None = None  # derived from memory when None
-    gpu_memory_utilization: float = 0.9
-    max_num_seqs: int = 256
-    max_num_batched_tokens: int = 8192
-    max_model_len: int | None = None  # the model's context when None
+    block_size: int = field(default=16, metadata={"help": "tokens per KV block"})
+    num_kv_blocks: int | None = field(
+        default=None, metadata={"help": "KV blocks in the pool (derived from memory when unset)"}
+    )
+    gpu_memory_utilization: float = field(
+        default=0.9, metadata={"help": "fraction of GPU memory for weights, activations, KV"}
+    )
+    max_num_seqs: int = field(default=256, metadata={"help": "sequences run at once"})
+    max_num_batched_tokens: int = field(default=8192, metadata={"help": "tokens a step"})
+    max_model_len: int | None = field(
+        default=None, metadata={"help": "context length (the model's when unset)"}
+    )
     enable_prefix_caching: bool = True
     enable_chunked_prefill: bool = True
-    use_cuda_graph: bool = True  # CUDA only
+    use_cuda_graph: bool = field(default=True, metadata={"help": "CUDA graphs for decode"})
     # The kernels everywhere (attention, fused layers, sampler; kiln.engine.ops): "auto"
     # (Triton on CUDA), "torch" (the references) or "triton".
-    attention_backend: str = "auto"
+    attention_backend: str = field(
+        default="auto",
+        metadata={"choices": ["auto", "torch", "triton"], "help": "kernels: torch references "
+                  "or Triton (auto: Triton on CUDA)"},
+    )  # fmt: skip
     kv_cache_memory_bytes: int | None = None  # overrides gpu_memory_utilization when given
     fuse_weights: bool = True  # fused qkv / gate_up Linears (and Triton norms on CUDA)
     max_cuda_graph_batch_size: int = 256
@@ -58,6 +69,32 @@ class EngineConfig:
                 f"attention_backend must be 'auto', 'torch' or 'triton', "
                 f"got {self.attention_backend!r}"
             )
+
+    @classmethod
+    def add_arguments(cls, parser, skip: tuple[str, ...] = ()) -> None:
+        """One --flag per field (dashes for underscores), so a default lives only here: a flag
+        left out is not passed on, and the field keeps its default. Booleans take --x/--no-x."""
+        group = parser.add_argument_group("engine")
+        for f in fields(cls):
+            if f.name in skip:
+                continue
+            kind = f.type if isinstance(f.type, str) else f.type.__name__
+            base = next(t.strip() for t in kind.split("|") if t.strip() != "None")
+            flag = "--" + f.name.replace("_", "-")
+            help_ = f"{f.metadata.get('help', '')} (default: {f.default})".strip()
+            if base == "bool":
+                group.add_argument(flag, action=argparse.BooleanOptionalAction, default=None,
+                                   help=help_)  # fmt: skip
+            else:
+                group.add_argument(flag, type={"int": int, "float": float, "str": str}[base],
+                                   default=None, choices=f.metadata.get("choices"),
+                                   help=help_)  # fmt: skip
+
+    @classmethod
+    def args_from(cls, args) -> dict[str, Any]:
+        """The engine arguments a parsed namespace sets (those left out keep their default)."""
+        given = vars(args)
+        return {f.name: given[f.name] for f in fields(cls) if given.get(f.name) is not None}
 
     @classmethod
     def from_kwargs(cls, kwargs: dict[str, Any]) -> EngineConfig:

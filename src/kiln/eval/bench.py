@@ -14,6 +14,8 @@ import importlib.util
 import random
 import time
 
+from kiln.engine.config import EngineConfig
+
 
 def offline_workload(
     num_requests=256, input_len=(100, 1024), output_len=(100, 1024), vocab_size=32000, seed=0
@@ -78,14 +80,12 @@ def register(sub: argparse._SubParsersAction) -> None:
     off.add_argument("--seed", type=int, default=0)
     off.add_argument("--dtype", default=None, choices=["float32", "bfloat16", "float16"])
     off.add_argument("--device", default=None)
-    off.add_argument("--max-model-len", type=int, default=None)
-    off.add_argument("--attention-backend", default="auto", choices=["auto", "torch", "triton"])
-    off.add_argument("--no-cuda-graph", action="store_true")
     off.add_argument(
         "--lockstep",
         action="store_true",
         help="read each step's tokens before scheduling the next (no async scheduling)",
     )
+    EngineConfig.add_arguments(off, skip=("async_scheduling",))
     off.set_defaults(func=_offline_cli)
     serve = verbs.add_parser("serve", help="serving benchmark against a running kiln server")
     if importlib.util.find_spec("kiln.serve.bench") is not None:
@@ -105,10 +105,8 @@ def _offline_cli(args: argparse.Namespace) -> None:
         args.model,
         dtype=args.dtype,
         device=args.device,
-        max_model_len=args.max_model_len,
-        attention_backend=args.attention_backend,
-        use_cuda_graph=not args.no_cuda_graph,
-        async_scheduling=False if args.lockstep else None,
+        **EngineConfig.args_from(args),
+        **({"async_scheduling": False} if args.lockstep else {}),
     )
     vocab, context = llm.engine.model_config.vocab_size, llm.engine.max_model_len
     asked = tuple(args.input_len), tuple(args.output_len)

@@ -5,6 +5,8 @@ from __future__ import annotations
 import argparse
 import os
 
+from kiln.engine.config import EngineConfig
+
 
 def register(subparsers) -> None:
     p = subparsers.add_parser(
@@ -26,7 +28,6 @@ def register(subparsers) -> None:
         help="with --api-key, leave /metrics open (for a scraper without the key)",
     )  # fmt: skip
     p.add_argument("--served-model-name", default=None, help="the name clients ask for")
-    p.add_argument("--max-num-seqs", type=int, default=256, help="sequences run at once")
     p.add_argument(
         "--max-queue",
         type=int,
@@ -45,13 +46,10 @@ def register(subparsers) -> None:
     )  # fmt: skip
     p.add_argument("--max-connections", type=int, default=4096,
                    help="open connections beyond this get 503")  # fmt: skip
-    p.add_argument("--max-model-len", type=int, default=None)
     p.add_argument("--dtype", default=None, help="bfloat16, float16 or float32")
     p.add_argument("--device", default=None)
-    p.add_argument("--gpu-memory-utilization", type=float, default=0.9)
-    p.add_argument("--attention-backend", default="auto", choices=["auto", "torch", "triton"])
-    p.add_argument("--no-cuda-graph", action="store_true", help="run decode steps eagerly")
     p.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
+    EngineConfig.add_arguments(p)
     p.set_defaults(func=run)
 
 
@@ -69,13 +67,7 @@ def run(args: argparse.Namespace) -> int:
         raise InputError(f"--max-connections must be >= 1, got {args.max_connections}")
     if args.max_queue is not None and args.max_queue < 0:
         raise InputError(f"--max-queue must be >= 0, got {args.max_queue}")
-    engine_args = dict(
-        max_num_seqs=args.max_num_seqs,
-        max_model_len=args.max_model_len,
-        gpu_memory_utilization=args.gpu_memory_utilization,
-        attention_backend=args.attention_backend,
-        use_cuda_graph=not args.no_cuda_graph,
-    )
+    engine_args = EngineConfig.args_from(args)
     if args.dtype:
         engine_args["dtype"] = args.dtype
     if args.device:
