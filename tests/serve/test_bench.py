@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 
 import pytest
 
@@ -46,3 +47,16 @@ def test_bench_serve_with_several_client_processes_counts_every_request(server, 
     (r,) = json.loads(out.read_text())
     assert r["completed"] == 9 and r["failed"] == 0 and r["num_prompts"] == 9
     assert r["output_throughput"] == pytest.approx(9 * 5 / r["duration_s"])
+
+
+def test_steady_throughput_leaves_out_the_drain_tail():
+    from kiln.serve.bench import RequestResult, steady_throughput
+
+    # 100 requests sent at 10/s, each taking 1 s: the server keeps up with the offered rate,
+    # but 100 requests / 10.9 s of wall time reads 8% low
+    done = [RequestResult(ok=True, e2e=1.0, sent_at=1000 + i / 10) for i in range(100)]
+    assert steady_throughput(done) == pytest.approx(10.0, rel=0.05)
+    slow = [RequestResult(ok=True, e2e=1.0 + i / 20, sent_at=1000 + i / 10) for i in range(100)]
+    assert steady_throughput(slow) < 8.0  # falling behind: completions lag the arrivals
+    at_once = [RequestResult(ok=True, e2e=1.0, sent_at=1000.0) for _ in range(20)]
+    assert math.isnan(steady_throughput(at_once))

@@ -30,6 +30,7 @@ class RequestResult:
     e2e: float = 0.0
     itl: list[float] = field(default_factory=list)
     error: str = ""
+    sent_at: float = 0.0  # time.time() when the request went out (comparable across clients)
 
     @property
     def tpot(self) -> float | None:
@@ -203,6 +204,7 @@ async def one_request(client, model: str, prompt: list[int], max_tokens: int) ->
     }
     result = RequestResult(ok=False)
     start = last = time.perf_counter()
+    result.sent_at = time.time()
     try:
         async with _stream_lines(client, "/v1/completions", body) as (status, error, lines):
             if status != 200:
@@ -252,11 +254,26 @@ def _percentiles(values: list[float]) -> dict[str, float]:
     }
 
 
+def steady_throughput(ok: list[RequestResult]) -> float:
+    """Requests finished per second while arrivals were still coming: completions inside the
+    middle 80% of the arrival window over its length (the ramp and the drain tail left out, so
+    a server that keeps up reads as the offered rate); NaN when all arrive at once."""
+    if len(ok) < 10:
+        return math.nan
+    sent = sorted(r.sent_at for r in ok)
+    lo, hi = sent[len(sent) // 10], sent[-len(sent) // 10 - 1]
+    if hi - lo < 1e-3:  # everything sent at once: no steady state to speak of
+        return math.nan
+    done = sum(lo <= r.sent_at + r.e2e <= hi for r in ok)
+    return done / (hi - lo)
+
+
 def summarize(results: list[RequestResult], duration: float, rate: float, args) -> dict:
     ok = [r for r in results if r.ok]
     output = sum(r.output_tokens for r in ok)
     prompt = sum(r.prompt_tokens for r in ok)
     return {
+        "steady_request_throughput": steady_throughput(ok),
         "request_rate": rate,
         "num_prompts": len(results),
         "completed": len(ok),
