@@ -224,8 +224,9 @@ class EventStreamResponse(StreamingResponse):
 
     async def __call__(self, scope, receive, send) -> None:
         async def send_or_give_up(message) -> None:
-            try:
-                await asyncio.wait_for(send(message), self.send_timeout)
+            try:  # asyncio.timeout, not wait_for: no task per chunk
+                async with asyncio.timeout(self.send_timeout):
+                    await send(message)
             except TimeoutError:
                 raise StalledReader from None
 
