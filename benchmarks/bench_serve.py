@@ -78,6 +78,15 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+def stop_server(proc: subprocess.Popen) -> None:
+    """SIGTERM (kiln serve drains, then exits); kill it if it has not gone in a minute."""
+    proc.send_signal(signal.SIGTERM)
+    try:
+        proc.wait(timeout=60)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+
+
 def wait_healthy(url: str, proc: subprocess.Popen, timeout: float) -> None:
     deadline = time.monotonic() + timeout
     while True:
@@ -158,11 +167,7 @@ def main() -> None:
         print("\n".join(line for line in metrics.splitlines() if line.startswith("kiln:")
                         and "_bucket" not in line and "_created" not in line))  # fmt: skip
     finally:
-        proc.send_signal(signal.SIGTERM)
-        try:
-            proc.wait(timeout=60)
-        except subprocess.TimeoutExpired:
-            proc.kill()
+        stop_server(proc)
         print("---- server log (tail)")
         print("\n".join(args.log.read_text().splitlines()[-80:]))
 

@@ -22,7 +22,6 @@ import argparse
 import json
 import math
 import os
-import signal
 import subprocess
 import sys
 import time
@@ -119,7 +118,7 @@ def _children(pid: int) -> list[int]:
 
 def run_served(src: Path, model: Path, args, serve_args: list[str], rates: list[float]) -> list:
     """Start kiln serve from `src`; kiln bench serve (this tree's client) at each rate."""
-    from bench_serve import free_port, wait_healthy
+    from bench_serve import free_port, stop_server, wait_healthy
 
     from kiln.serve.bench import run_benchmark
 
@@ -164,11 +163,7 @@ def run_served(src: Path, model: Path, args, serve_args: list[str], rates: list[
             print(f"  Triton kernels compiled after start-up: {len(late)} "
                   f"{kernel_names(late)}", flush=True)  # fmt: skip
     finally:
-        proc.send_signal(signal.SIGTERM)
-        try:
-            proc.wait(timeout=60)
-        except subprocess.TimeoutExpired:
-            proc.kill()
+        stop_server(proc)
         log.close()
     return results
 
