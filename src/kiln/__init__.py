@@ -23,10 +23,18 @@ _LAZY = {
 }
 
 
-def __getattr__(name: str):
-    if name in _LAZY:
-        return getattr(importlib.import_module(_LAZY[name]), name)
-    raise AttributeError(f"module 'kiln' has no attribute {name!r}")
+def lazy_attributes(module: str, table: dict[str, str]):
+    """A module-level __getattr__ that imports each public name's module on first use."""
+
+    def __getattr__(name: str):
+        if name in table:
+            return getattr(importlib.import_module(table[name]), name)
+        raise AttributeError(f"module {module!r} has no attribute {name!r}")
+
+    return __getattr__
+
+
+__getattr__ = lazy_attributes("kiln", _LAZY)
 
 
 def __dir__():

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-import importlib
+from kiln import lazy_attributes
 
 __all__ = ["LLM", "SamplingParams", "RequestOutput", "CompletionOutput"]
 
@@ -14,8 +14,4 @@ _LAZY = {
     "CompletionOutput": "kiln.engine.outputs",
 }
 
-
-def __getattr__(name: str):
-    if name in _LAZY:
-        return getattr(importlib.import_module(_LAZY[name]), name)
-    raise AttributeError(f"module 'kiln.engine' has no attribute {name!r}")
+__getattr__ = lazy_attributes("kiln.engine", _LAZY)
