@@ -118,3 +118,29 @@ def test_engine_core_death_fails_requests_and_is_reported(hf_model_dir, random_p
 
     asyncio.run(main())
     assert deaths == [-signal.SIGKILL]
+
+
+def test_a_failing_model_fails_its_requests_and_the_core_keeps_serving(hf_model_dir, monkeypatch):
+    from kiln.engine.core import EngineCore
+    from kiln.engine.core_client import EngineCoreLoop
+
+    path, _ = hf_model_dir("llama")
+    core = EngineCore(str(path), device="cpu", max_model_len=64)
+    loop = EngineCoreLoop(core, inbox=None, outbox=None, parent_pid=os.getppid())
+    core.add_request("a", [5, 6, 7], SamplingParams(max_tokens=4))
+    execute = core.runner.execute
+
+    def boom(*args, **kwargs):
+        raise RuntimeError("boom")
+
+    monkeypatch.setattr(core.runner, "execute", boom)
+    assert loop.step() == []
+    assert loop.errors == [("a", "the engine failed: RuntimeError: boom")]
+    assert not core.has_work()
+    core.block_manager.check_all_free()
+    monkeypatch.setattr(core.runner, "execute", execute)
+    core.add_request("b", [5, 6, 7], SamplingParams(max_tokens=4, ignore_eos=True))
+    tokens = []
+    while core.has_work():
+        tokens += [t for d in loop.step() for t in d.new_token_ids]
+    assert len(tokens) == 4

@@ -191,6 +191,19 @@ class EngineCore:
     def has_unfinished(self) -> bool:
         return bool(self.requests)
 
+    def has_work(self) -> bool:
+        """Requests to run, or a step on the device whose tokens are not read yet."""
+        return bool(self.requests) or self._inflight is not None
+
+    def abort_all(self) -> list[str]:
+        """Abort every request and forget the step in flight (after the model failed); the
+        aborted request ids."""
+        rids = list(self.requests)
+        for rid in rids:
+            self.abort(rid)
+        self._inflight = None
+        return rids
+
     # ------------------------------------------------------------------ one step
 
     def step(self) -> list[SeqDelta]:

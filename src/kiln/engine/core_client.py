@@ -137,7 +137,7 @@ class EngineCoreLoop:
     def run(self) -> None:
         core = self.core
         while self.running:
-            busy = core.has_unfinished() or core._inflight is not None
+            busy = core.has_work()
             if not busy and not self.inbox.poll(POLL_MS):
                 if os.getppid() != self.parent_pid:  # the API process died: nobody to serve
                     return
@@ -157,10 +157,7 @@ class EngineCoreLoop:
         except Exception as e:  # the model failed: fail every request, keep serving
             traceback.print_exc()
             why = f"the engine failed: {type(e).__name__}: {e}"
-            for rid in list(self.core.requests):
-                self.core.abort(rid)
-                self.errors.append((rid, why))
-            self.core._inflight = None
+            self.errors += [(rid, why) for rid in self.core.abort_all()]
             return []
 
     def handle(self, msg: CoreInput) -> None:
