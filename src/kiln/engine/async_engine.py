@@ -121,10 +121,6 @@ class AsyncLLM:
         """Whether the engine core runs and takes new requests."""
         return self._loop is not None and not self.client.dead and not self._stopping
 
-    @property
-    def dead(self) -> bool:
-        return self.client.dead
-
     async def start(self) -> None:
         if self._loop is not None:
             return
@@ -134,8 +130,6 @@ class AsyncLLM:
     async def shutdown(self, drain: bool = True, timeout: float | None = None) -> None:
         """Stop: after what is in flight finishes (drain, at most `timeout` s) or at once;
         what is left is aborted, then the core process exits."""
-        if self._stopping and self.client._closing:
-            return
         self._stopping = True
         if drain and self._collectors and not self.client.dead:
             self._idle.clear()

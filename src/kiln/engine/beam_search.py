@@ -63,7 +63,7 @@ class BeamSearchRequest:
             return None
         candidates = []
         for beam, sub in zip(self.beams, self.subs):
-            for token, lp in sub.seqs[0].logprobs[0].items():
+            for token, lp in sub.top_logprobs.items():
                 candidates.append(Beam(beam.tokens + [token], beam.logprob + lp))
         candidates.sort(key=lambda b: -b.logprob)
         eos = self.engine.eos_token_ids

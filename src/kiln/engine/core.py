@@ -48,6 +48,7 @@ class CoreRequest:
         self.seqs: list[Sequence] = []
         self.finished = False
         self.internal = False  # a beam-search step: its tokens go to the beam, not the caller
+        self.top_logprobs: dict[int, float] | None = None  # internal: its token's top-N
 
 
 def eos_ids_from_dir(path: Path, config: ModelConfig) -> set[int]:
@@ -126,12 +127,7 @@ class EngineCore:
         if request_id in self.requests:
             raise InputError(f"request id {request_id!r} is already in use")
         ids = self.check_prompt(prompt_token_ids)
-        if (
-            params.best_of > self.config.max_num_seqs and not params.use_beam_search
-        ):  # would wait at the queue head forever
-            raise InputError(
-                f"best_of={params.best_of} exceeds max_num_seqs={self.config.max_num_seqs}", "n"
-            )
+        check_fits_batch(params, self.config.max_num_seqs)
         if params.use_beam_search:
             from kiln.engine.beam_search import BeamSearchRequest
 
@@ -258,9 +254,11 @@ class EngineCore:
             if seq.is_finished:  # aborted, or ended while this token was in flight
                 continue
             token, top = result.token_ids[i], result.top_logprobs[i]
-            self._append(seq, token, result.logprobs[i], top)
+            self._append(seq, token, result.logprobs[i])
             req = self.requests[seq.request_id]
-            if not req.internal:
+            if req.internal:
+                req.top_logprobs = top
+            else:
                 deltas.append(
                     SeqDelta(
                         seq.request_id,
@@ -301,11 +299,9 @@ class EngineCore:
             seq.pending_forks = 0
         return all_seqs, rows
 
-    def _append(self, seq: Sequence, token: int, logprob: float, top) -> None:
+    def _append(self, seq: Sequence, token: int, logprob: float) -> None:
         seq.token_ids.append(token)
         seq.cumulative_logprob += logprob
-        if seq.logprobs is not None:
-            seq.logprobs.append(top)
         self.generation_tokens_total += 1
         check_stop_token(seq, self.max_model_len)
         if seq.is_finished:
@@ -349,6 +345,18 @@ def check_prompt_ids(ids: list[int], max_model_len: int, vocab_size: int) -> lis
     if bad is not None:
         raise InputError(f"token id {bad} is outside the vocabulary [0, {vocab_size})")
     return ids
+
+
+def check_fits_batch(params: SamplingParams, max_num_seqs: int) -> None:
+    """InputError unless all n (best_of) sequences fit in one batch: they are scheduled
+    together, so more would wait at the queue head forever. Beam search runs its beams as
+    separate one-token requests."""
+    if params.best_of > max_num_seqs and not params.use_beam_search:
+        name = "best_of" if params.best_of > params.n else "n"
+        raise InputError(
+            f"{name}={params.best_of} sequences can never run at once: this engine runs at "
+            f"most max_num_seqs={max_num_seqs}", name
+        )  # fmt: skip
 
 
 def check_stop_token(seq: Sequence, max_model_len: int) -> None:

@@ -25,6 +25,7 @@ from typing import Any
 import msgspec
 import zmq
 
+from kiln import errors
 from kiln.engine.outputs import SeqDelta
 from kiln.engine.sampling_params import SamplingParams
 from kiln.errors import KilnError
@@ -137,14 +138,13 @@ class EngineCoreLoop:
     def run(self) -> None:
         core = self.core
         while self.running:
-            busy = core.has_work()
-            if not busy and not self.inbox.poll(POLL_MS):
+            if not core.has_work() and not self.inbox.poll(POLL_MS):
                 if os.getppid() != self.parent_pid:  # the API process died: nobody to serve
                     return
                 continue
             while self.inbox.poll(0):
                 self.handle(self.decode(self.inbox.recv()))
-            deltas = self.step() if busy or core.has_unfinished() else []
+            deltas = self.step() if core.has_work() else []
             stats = core.stats()
             if deltas or self.errors or stats != self.last_stats:
                 msg = CoreOutputs(deltas=deltas, errors=self.errors, stats=stats)
@@ -225,9 +225,7 @@ class EngineCoreClient:
             self.proc.wait(timeout=10)
             self.close()
             name, _, text = msg.fatal.partition(": ")
-            import kiln.errors as errors
-
-            raise getattr(errors, name, KilnError)(text)
+            raise getattr(errors, name, KilnError)(text)  # the core's error type, by name
         return msg
 
     def start_reader(self, on_message: Callable, on_dead: Callable) -> None:
@@ -279,7 +277,10 @@ class EngineCoreClient:
         self.close()
 
     def close(self) -> None:
+        """Kill the core if it still runs and free the sockets (again: nothing happens)."""
         self._closing = True
+        if self.ctx.closed:
+            return
         if self.proc.poll() is None:
             self.proc.kill()
             self.proc.wait(timeout=10)

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from kiln.engine.core import EngineCore, check_prompt_ids
+from kiln.engine.core import EngineCore, check_fits_batch, check_prompt_ids
 from kiln.engine.output_processor import OutputProcessor, StopRequest
 from kiln.engine.outputs import RequestOutput
 from kiln.engine.sampling_params import SamplingParams
@@ -47,12 +47,7 @@ def check_params(tokenizer, params: SamplingParams, max_num_seqs: int) -> None:
     n (best_of) sequences must fit in one batch (they are scheduled together)."""
     if params.stop and tokenizer is None:
         raise InputError("stop strings need a tokenizer; this model has none", "stop")
-    if params.best_of > max_num_seqs and not params.use_beam_search:
-        name = "best_of" if params.best_of > params.n else "n"
-        raise InputError(
-            f"{name}={params.best_of} sequences can never run at once: this engine runs at "
-            f"most max_num_seqs={max_num_seqs}", name
-        )  # fmt: skip
+    check_fits_batch(params, max_num_seqs)
 
 
 class LLMEngine:

@@ -45,7 +45,6 @@ class Sequence:
         self.num_pending = 0
         self.finish_reason: str | None = None
         self.stop_reason: int | str | None = None
-        self.logprobs: list[dict[int, float]] | None = [] if params.logprobs is not None else None
         self.cumulative_logprob = 0.0
         self.generator: torch.Generator | None = None  # per-request seeded sampling
         self.pending_forks = 0  # siblings to fork off when the first token is sampled
