@@ -193,12 +193,8 @@ async def _respond(
         return EventStreamResponse(
             serving.guarded_events(events(job)), job.release_all, ctx.stream_send_timeout
         )
-    try:
+    try:  # a ClientDisconnected (499) or InputError (400) goes to the app's handlers
         result = await _unless_disconnected(request, whole(job))
-    except ClientDisconnected:
-        return Response(status_code=499)
-    except InputError as e:
-        raise input_error(e) from None
     finally:
         job.release_all()
     return JSONResponse(result.model_dump())
