@@ -48,7 +48,8 @@ outs = llm.generate(prompt_token_ids=work, sampling_params=params)
 elapsed = time.perf_counter() - start
 tokens = sum(len(o.outputs[0].token_ids) for o in outs)
 print("RESULT " + json.dumps(dict(output_throughput=tokens / elapsed,
-      request_throughput=len(outs) / elapsed, duration_s=elapsed, tokens=tokens)))
+      request_throughput=len(outs) / elapsed, duration_s=elapsed, tokens=tokens,
+      window=[start, start + elapsed])))
 """
 
 
@@ -68,8 +69,10 @@ def build_tiny(out: Path) -> Path:
     return out
 
 
-def env_for(src: Path) -> dict[str, str]:
+def env_for(src: Path, trace: Path | None = None) -> dict[str, str]:
     env = dict(os.environ)
+    if trace is not None:  # the engine writes a step trace there (kiln.engine.core.StepTrace)
+        env["KILN_STEP_TRACE"] = str(trace)
     env["PYTHONPATH"] = os.pathsep.join(
         [str(src), str(HERE)] + ([env["PYTHONPATH"]] if env.get("PYTHONPATH") else [])
     )
@@ -81,8 +84,10 @@ def run_offline(src: Path, model: Path, args, engine_args: dict) -> dict:
                 max_token_id=args.max_token_id, input_len=args.input_len,
                 output_len=args.output_len, num_prompts=args.num_prompts,
                 warmup=args.warmup)  # fmt: skip
-    out = subprocess.run([sys.executable, "-c", OFFLINE, json.dumps(spec)], env=env_for(src),
-                         capture_output=True, text=True, check=False)  # fmt: skip
+    trace = args.out / "trace" / f"offline-{src.parent.name}" if args.trace else None
+    out = subprocess.run([sys.executable, "-c", OFFLINE, json.dumps(spec)],
+                         env=env_for(src, trace), capture_output=True, text=True,
+                         check=False)  # fmt: skip
     line = next((x for x in out.stdout.splitlines() if x.startswith("RESULT ")), None)
     if line is None:
         raise SystemExit(f"offline run failed:\n{out.stdout[-3000:]}\n{out.stderr[-3000:]}")
@@ -128,7 +133,8 @@ def run_served(src: Path, model: Path, args, serve_args: list[str], rates: list[
            "--max-queue", str(args.num_prompts + args.warmup), "--log-level", "warning",
            *serve_args]  # fmt: skip
     log = open(args.out / f"serve_{src.parent.name}.log", "w")
-    proc = subprocess.Popen(cmd, env=env_for(src), stdout=log, stderr=subprocess.STDOUT)
+    trace = args.out / "trace" / f"served-{src.parent.name}" if args.trace else None
+    proc = subprocess.Popen(cmd, env=env_for(src, trace), stdout=log, stderr=subprocess.STDOUT)
     results = []
     try:
         wait_healthy(url, proc, timeout=900)
@@ -152,6 +158,7 @@ def run_served(src: Path, model: Path, args, serve_args: list[str], rates: list[
             s["cpu_share"] = {k: (cpu_seconds(v) - before[k]) / wall for k, v in pids.items()}
             s["cpu_share"]["client"] = (time.process_time() - client_before) / wall
             s["clients"] = clients
+            s["window"] = [start, start + wall]
             print(f"  served rate {rate} ({clients} client): {s['request_throughput']:.1f} req/s, "
                   f"{s['output_throughput']:.0f} tok/s, TTFT p99 {s['ttft_ms']['p99']:.0f} ms, "
                   f"failed {s['failed']} {s['first_error'][:80]}; CPU busy "
@@ -166,6 +173,21 @@ def run_served(src: Path, model: Path, args, serve_args: list[str], rates: list[
         stop_server(proc)
         log.close()
     return results
+
+
+def trace_table(report: dict, out: Path) -> str:
+    """Each run's engine steps (from the --trace step traces) as one markdown table."""
+    from step_trace_report import HEADER, format_row, load, summarize
+
+    lines = [HEADER]
+    for name, r in report["trees"].items():
+        steps = load(out / "trace" / f"offline-{Path(report['srcs'][name]).parent.name}")
+        lines.append(format_row(f"{name} offline", summarize(steps, *r["offline"]["window"])))
+        steps = load(out / "trace" / f"served-{Path(report['srcs'][name]).parent.name}")
+        for s in r["served"]:
+            label = f"{name} served rate {s['request_rate']} x{s['clients']}"
+            lines.append(format_row(label, summarize(steps, *s["window"])))
+    return "\n".join(lines)
 
 
 def sustained(s: dict, slack: float = 0.05, ttft_p99_ms: float = 1000.0) -> bool:
@@ -219,6 +241,11 @@ def main() -> None:
                    help="client processes sending the load (then also one rate-inf run from "
                    "a single client, for comparison)")  # fmt: skip
     p.add_argument("--serve-arg", action="append", default=[], help="passed to kiln serve")
+    p.add_argument(
+        "--trace",
+        action="store_true",
+        help="record engine step traces and print where each run spent its steps",
+    )
     p.add_argument("--out", type=Path, default=Path("out/serve_vs_offline"))
     args = p.parse_args()
     args.out.mkdir(parents=True, exist_ok=True)
@@ -233,7 +260,8 @@ def main() -> None:
     if args.tiny:
         engine_args["device"] = "cpu"
     trees = [("after", SRC)] + ([("before", args.baseline_src)] if args.baseline_src else [])
-    report: dict = {"args": {k: str(v) for k, v in vars(args).items()}, "trees": {}}
+    report: dict = {"args": {k: str(v) for k, v in vars(args).items()}, "trees": {},
+                    "srcs": {name: str(tree) for name, tree in trees}}  # fmt: skip
     for name, tree in trees:
         print(f"== {name} ({tree})", flush=True)
         off = run_offline(tree, model, args, engine_args)
@@ -272,6 +300,8 @@ def main() -> None:
         lines.append(f"\nhighest sustained rate: {best:.0f} req/s = {best / offline_rps:.0%} "
                      f"of offline {offline_rps:.1f} req/s")  # fmt: skip
         plot(sweep, offline_rps, args.out / "sweep.png")
+    if args.trace:
+        lines += ["", trace_table(report, args.out)]
     table = "\n".join(lines)
     (args.out / "table.md").write_text(table + "\n")
     print(table)

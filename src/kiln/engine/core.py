@@ -10,8 +10,11 @@ core checks what is decided on token ids alone: EOS, stop token ids, max_tokens,
 
 from __future__ import annotations
 
+import atexit
 import itertools
 import json
+import os
+import time
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -113,6 +116,7 @@ class EngineCore:
         )
         self._inflight: InFlight | None = None
         self._sync_only: set[str] = set()  # live requests that need lockstep steps
+        self.trace = StepTrace.from_env()
 
     # ------------------------------------------------------------------ requests
 
@@ -209,6 +213,11 @@ class EngineCore:
         read back while it runs, so outputs trail the GPU by one step: a sequence that ends
         (EOS, stop) has computed one token too many, which is dropped.
         """
+        if self.trace is not None:
+            return self.trace.record(self, self._step)
+        return self._step()
+
+    def _step(self) -> list[SeqDelta]:
         if self.async_scheduling and not self._sync_only:
             return self._step_async()
         if self._inflight is not None:  # a request that needs lockstep arrived: drain first
@@ -329,6 +338,48 @@ class EngineCore:
             "prompt_tokens_total": self.prompt_tokens_total,
             "generation_tokens_total": self.generation_tokens_total,
         }
+
+
+class StepTrace:
+    """KILN_STEP_TRACE=DIR: one JSON line per engine step in DIR/steps-PID.jsonl, written at
+    exit: the step's host start and end (perf_counter s), the sequences and tokens it
+    scheduled, how many of them were decodes, the CUDA graph that ran it (null: eager), and
+    the queue after it. For finding where a served run loses time against an offline one."""
+
+    def __init__(self, path: Path):
+        self.path = path
+        self.rows: list[tuple] = []
+        atexit.register(self.write)
+
+    @classmethod
+    def from_env(cls) -> StepTrace | None:
+        where = os.environ.get("KILN_STEP_TRACE")
+        if not where:
+            return None
+        Path(where).mkdir(parents=True, exist_ok=True)
+        return cls(Path(where) / f"steps-{os.getpid()}.jsonl")
+
+    def record(self, core: EngineCore, step):
+        start = time.perf_counter()
+        runner = core.runner
+        runner.last_plan = None
+        deltas = step()
+        plan = runner.last_plan
+        sched = core.scheduler
+        row = (start, time.perf_counter(), len(deltas), len(sched.running), len(sched.waiting))
+        if plan is not None:
+            md = plan.metadata
+            row += (md.num_seqs, int(md.positions.shape[0]), md.num_decodes, plan.graph_size)
+        self.rows.append(row)
+        return deltas
+
+    def write(self) -> None:
+        keys = ("start", "end", "deltas", "running", "waiting", "seqs", "tokens", "decodes",
+                "graph")  # fmt: skip
+        with open(self.path, "w") as f:
+            for row in self.rows:
+                f.write(json.dumps(dict(zip(keys, row))) + "\n")
+        self.rows = []
 
 
 def check_prompt_ids(ids: list[int], max_model_len: int, vocab_size: int) -> list[int]:

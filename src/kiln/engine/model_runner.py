@@ -114,6 +114,7 @@ class ModelRunner:
             model = fuse_model(model, self.ops, config.gemv_max_batch)
         self.model = model
         self.num_blocks = self._num_kv_blocks()
+        self.last_plan: StepPlan | None = None  # the newest step's plan (for StepTrace)
         mc = self.model_config
         self.kv_cache = KVCache(
             mc.num_layers,
@@ -207,7 +208,7 @@ class ModelRunner:
         A decode whose input token is still in flight (async scheduling) reads it from `prev`,
         the previous step's sampled tokens on the device."""
         self.kv_cache.copy_blocks(out.block_copies)
-        plan = self.prepare(out, prev, sampler)
+        plan = self.last_plan = self.prepare(out, prev, sampler)
         logits, sampled = self._forward(plan)
         if not plan.seqs:
             return StepOutput([], None)
