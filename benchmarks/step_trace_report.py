@@ -33,6 +33,7 @@ def summarize(steps: list[dict], start: float | None = None, end: float | None =
     eager = [s for s in ran if s["graph"] is None]
     graph = [s for s in ran if s["graph"] is not None]
     mixed = [s for s in ran if s["decodes"] < s["seqs"]]
+    mixed_graph = [s for s in graph if s["graph"][0] == "mixed"]
     span = steps[-1]["end"] - steps[0]["start"]
     busy = sum(s["end"] - s["start"] for s in steps)
 
@@ -46,6 +47,7 @@ def summarize(steps: list[dict], start: float | None = None, end: float | None =
         "eager": len(eager),
         "graph": len(graph),
         "mixed": len(mixed),
+        "mixed_graph": len(mixed_graph),
         "eager_ms_p50": 1e3 * med(eager, lambda r: r["end"] - r["start"]),
         "graph_ms_p50": 1e3 * med(graph, lambda r: r["end"] - r["start"]),
         "eager_time_s": sum(s["end"] - s["start"] for s in eager),
@@ -62,14 +64,15 @@ def format_row(name: str, s: dict) -> str:
         return f"| {name} | 0 | | | | | | |"
     return (
         f"| {name} | {s['steps']} | {s['span_s']:.2f} | {s['idle_s']:.2f} | "
-        f"{s['graph']} / {s['graph_ms_p50']:.2f} / {s['graph_time_s']:.2f} | "
-        f"{s['eager']} ({s['mixed']} mixed) / {s['eager_ms_p50']:.2f} / {s['eager_time_s']:.2f} | "
+        f"{s['graph']} ({s['mixed_graph']} mixed) / {s['graph_ms_p50']:.2f} / "
+        f"{s['graph_time_s']:.2f} | "
+        f"{s['eager']} / {s['eager_ms_p50']:.2f} / {s['eager_time_s']:.2f} | "
         f"{s['tokens_p50']:.0f} / {s['seqs_p50']:.0f} | {s['eager_tokens_p50']:.0f} |"
     )
 
 
 HEADER = (
-    "| run | steps | span s | idle s | graph steps / p50 ms / total s | "
+    "| run | steps | span s | idle s | graph steps (with prefill) / p50 ms / total s | "
     "eager steps / p50 ms / total s | tokens / seqs p50 | eager tokens p50 |\n"
     "|---|---|---|---|---|---|---|---|"
 )

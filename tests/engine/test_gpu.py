@@ -25,8 +25,12 @@ def test_triton_backend_and_graphs_match_torch_backend(hf_model_dir, random_prom
         path, prompts, attention_backend="torch", use_cuda_graph=False, fuse_weights=False
     )
     llm, out = _run(path, prompts, attention_backend="triton")
-    assert bool(llm.engine.runner.graph_runner.graphs) == (name != "mixtral")  # MoE syncs
+    graphs = llm.engine.runner.graph_runner
+    assert bool(graphs.graphs) == bool(graphs.mixed) == (name != "mixtral")  # MoE syncs
     assert out == ref
+    _, eager = _run(path, prompts, attention_backend="triton", use_cuda_graph=False)
+    assert eager == ref
+    # chunks beside decodes: nearly every step is a mixed one (the 16-token mixed graph)
     _, chunked = _run(path, prompts, attention_backend="triton", max_num_batched_tokens=7)
     assert chunked == ref
     llm, tight = _run(

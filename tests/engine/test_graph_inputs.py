@@ -79,3 +79,75 @@ def test_staged_graph_inputs_give_the_same_tokens(
     assert runs[1] == runs[0]
     if sample_in_graph:  # the greedy-only steps were sampled in-graph (lockstep too)
         assert any(t.any() for t, _ in llm.engine.runner.graph_runner.sampled.values())
+
+
+class ReplayEagerMixed:
+    """Stands in for a captured mixed graph of `size` tokens: reads only the mixed buffers."""
+
+    def __init__(self, graph_runner, size):
+        self.graph_runner, self.size = graph_runner, size
+
+    def replay(self):
+        g, n = self.graph_runner, self.size
+        md = g.mixed_buffers.metadata(n, g.mixed_seqs(n))
+        g.backend.set_metadata(md)
+        with torch.inference_mode():
+            logits, sampled = g.body_mixed(n, md)
+            g.mixed_logits[n].copy_(logits)
+            if sampled is not None:
+                for static, value in zip(g.mixed_sampled[n], sampled):
+                    static.copy_(value)
+
+
+def _fake_mixed_graphs(llm, sample_in_graph, sizes):
+    r = llm.engine.runner
+    g = r.graph_runner
+    g.alloc_mixed_buffers(sizes[-1])
+    vocab = r.model_config.vocab_size
+    rows = {n: g.mixed_seqs(n) for n in sizes}
+    g.mixed_logits = {n: torch.zeros(rows[n], vocab, dtype=r.dtype) for n in sizes}
+    g.mixed_sampled = {n: (torch.zeros(rows[n], dtype=torch.long), torch.zeros(rows[n]))
+                       for n in sizes}  # fmt: skip
+    g.sample_in_graph = sample_in_graph
+    g.mixed = {n: ReplayEagerMixed(g, n) for n in sizes}
+
+
+@pytest.mark.parametrize("sample_in_graph", [False, True], ids=["sampler", "graph-samples"])
+@pytest.mark.parametrize("async_scheduling", [False, True], ids=["lockstep", "async"])
+@pytest.mark.parametrize("table_limit", [65536, 4], ids=["full-rows", "own-columns"])
+def test_staged_mixed_steps_give_the_same_tokens(
+    hf_model_dir, random_prompts, monkeypatch, async_scheduling, table_limit, sample_in_graph
+):
+    """Steps with prefill chunks (fresh prompts, chunks of long ones, prefix-cache hits, decodes
+    beside them) staged into the mixed graphs' buffers: padded tokens and empty padded
+    sequences change nothing, and only the sampling rows come out."""
+    path, _ = hf_model_dir("qwen3")
+    prompts = random_prompts((33, 7, 50, 16, 21, 40), seed=9)
+    prompts[5][:32] = prompts[0][:32]  # two full blocks of prefix hits for the last prompt
+    params = [
+        SamplingParams(temperature=0.0, max_tokens=n, ignore_eos=True) for n in (12, 3, 10, 9, 6, 8)
+    ]
+    params[4] = SamplingParams(temperature=1.0, seed=7, max_tokens=6, ignore_eos=True)
+    engine_args = dict(device="cpu", async_scheduling=async_scheduling, max_num_seqs=4,
+                       max_num_batched_tokens=24)  # fmt: skip
+    runs = []
+    for fake in (False, True):
+        llm = LLM(str(path), **engine_args)
+        if fake:
+            monkeypatch.setattr(llm.engine.runner.graph_runner, "TABLE_COPY_LIMIT", table_limit)
+            _fake_mixed_graphs(llm, sample_in_graph, sizes=(16, 32))
+            replays = []
+
+            def counted(replay, size, replays=replays):
+                return lambda: (replays.append(size), replay())
+
+            for size, g in llm.engine.runner.graph_runner.mixed.items():
+                monkeypatch.setattr(g, "replay", counted(g.replay, size))
+        out = llm.generate(prompt_token_ids=prompts, sampling_params=params)
+        llm.engine.block_manager.check_all_free()
+        runs.append([o.outputs[0].token_ids for o in out])
+    # budget 24 > the 16-token graph: both sizes ran (decode-only steps too: no decode graphs)
+    assert set(replays) == {16, 32} and len(replays) > 15
+    assert runs[1] == runs[0]
+    if sample_in_graph:
+        assert any(t.any() for t, _ in llm.engine.runner.graph_runner.mixed_sampled.values())

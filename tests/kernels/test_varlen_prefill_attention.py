@@ -45,6 +45,24 @@ def test_prefill_sequence_without_queries_is_skipped(compare):
     compare([4, 0, 3], [4, 9, 3], 2, 2, 32, torch.float32, block_size=4)
 
 
+@pytest.mark.parametrize("pad_tokens", [0, 21])
+def test_prefill_padded_as_a_mixed_graph_stages_it(device, check, paged_kv, pad_tokens):
+    """A mixed CUDA graph's step (kiln.engine.cuda_graphs): decodes and chunks as sequences,
+    then empty padded sequences (cu_seqlens repeats the real token count, context 0, table
+    row 0) and padded tokens owned by no sequence; the real rows match the reference."""
+    q_lens, context_lens = [1, 1, 19, 7], [9, 30, 19, 20]
+    k_cache, v_cache, tables = paged_kv(context_lens, 4, 2, 32, torch.float32)
+    n, pad_seqs = sum(q_lens), 5
+    q = torch.randn(n + pad_tokens, 4, 32, device=device)
+    cu = torch.tensor([0, *torch.tensor(q_lens).cumsum(0).tolist()] + [n] * pad_seqs)
+    lens = torch.tensor(context_lens + [0] * pad_seqs, dtype=torch.int32, device=device)
+    padded_tables = torch.cat([tables, torch.zeros_like(tables[:1]).expand(pad_seqs, -1)])
+    args = (k_cache, v_cache, cu.int().to(device), lens, padded_tables, 32**-0.5)
+    got = varlen_prefill_attention_triton(q, *args)[:n]
+    real = (cu[: len(q_lens) + 1].int().to(device), lens[: len(q_lens)], tables, 32**-0.5)
+    check(got, varlen_prefill_attention_ref(q[:n], k_cache, v_cache, *real))
+
+
 @pytest.mark.gpu
 @pytest.mark.parametrize("head_dim", [64, 128])
 def test_prefill_at_real_sizes(compare, head_dim):

@@ -29,7 +29,7 @@ class EngineConfig:
     )
     enable_prefix_caching: bool = True
     enable_chunked_prefill: bool = True
-    use_cuda_graph: bool = field(default=True, metadata={"help": "CUDA graphs for decode"})
+    use_cuda_graph: bool = field(default=True, metadata={"help": "CUDA graphs for steps"})
     # The kernels everywhere (attention, fused layers, sampler; kiln.engine.ops): "auto"
     # (Triton on CUDA), "torch" (the references) or "triton".
     attention_backend: str = field(
@@ -40,6 +40,10 @@ class EngineConfig:
     kv_cache_memory_bytes: int | None = None  # overrides gpu_memory_utilization when given
     fuse_weights: bool = True  # fused qkv / gate_up Linears (and Triton norms on CUDA)
     max_cuda_graph_batch_size: int = 256
+    # Steps that carry prefill tokens run as CUDA graphs too, up to this many tokens (a graph
+    # per token count, kiln.engine.cuda_graphs); 0: decode steps only. Eager steps of a small
+    # model are bound by the host's kernel launches.
+    max_cuda_graph_tokens: int = 2048
     # Steps of at most this many tokens (small-batch decode) run the projections as kiln's
     # fused Triton GEMVs (norm / SiLU-mul in their prologue, weights loaded ahead under
     # programmatic dependent launch) rather than cuBLAS; 0: never. They win at batch 1 and
@@ -63,6 +67,10 @@ class EngineConfig:
         if self.max_num_batched_tokens < 1:
             raise InputError(
                 f"max_num_batched_tokens must be >= 1, got {self.max_num_batched_tokens}"
+            )
+        if self.max_cuda_graph_tokens < 0:
+            raise InputError(
+                f"max_cuda_graph_tokens must be >= 0, got {self.max_cuda_graph_tokens}"
             )
         if self.attention_backend not in ("auto", "torch", "triton"):
             raise InputError(

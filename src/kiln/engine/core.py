@@ -369,7 +369,7 @@ class StepTrace:
         row = (start, time.perf_counter(), len(deltas), len(sched.running), len(sched.waiting))
         if plan is not None:
             md = plan.metadata
-            row += (md.num_seqs, int(md.positions.shape[0]), md.num_decodes, plan.graph_size)
+            row += (md.num_seqs, int(md.positions.shape[0]), md.num_decodes, plan.graph)
         self.rows.append(row)
         return deltas
 

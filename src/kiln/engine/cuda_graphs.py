@@ -1,11 +1,22 @@
-"""CudaGraphRunner: the CUDA graphs of decode-only steps, their static inputs and outputs.
+"""CudaGraphRunner: the CUDA graphs of engine steps, their static inputs and outputs.
 
-One graph per batch size (1, 2, 4, 8, 16, 32, ... up to max_cuda_graph_batch_size), all
-captured over the same input buffers: a step of b decodes replays the smallest graph of at
-least b rows, with rows b.. padded (no KV store, context length 1). Each graph computes every
-row's logits and, when the graphs sample (`sample_in_graph`), the fused sampling op's (tokens,
-logprobs) from temperatures and noise seeds staged with the inputs, so that a step needs no
-launch of its own beyond the replay.
+Decode graphs: one per batch size (1, 2, 4, 8, 16, 32, ... up to max_cuda_graph_batch_size),
+all captured over the same input buffers: a step of b decodes replays the smallest graph of at
+least b rows, with rows b.. padded (no KV store, context length 1), through the split-KV paged
+decode kernels.
+
+Mixed graphs: one per token count (16, 32, ... up to max_cuda_graph_tokens), for steps that
+carry prefill tokens (with or without decodes) — under a steady stream of arrivals nearly every
+step does, and an eager step of a small model is bound by the host's kernel launches, not the
+GPU. Every sequence of such a step goes through the varlen prefill kernel (a decode is a
+one-token chunk); the graph of T tokens has room for min(T, max_num_seqs) sequences: padded
+sequences are empty (their tiles exit at once), padded tokens belong to none (no KV store, their
+rows are never read). It computes the logits of the rows that sample only, gathered by a staged
+index.
+
+Each graph computes its logits and, when the graphs sample (`sample_in_graph`), the fused
+sampling op's (tokens, logprobs) from temperatures and noise seeds staged with the inputs, so
+that a step needs no launch of its own beyond the replay.
 """
 
 from __future__ import annotations
@@ -30,20 +41,72 @@ def graph_batch_sizes(top: int) -> list[int]:
     return sorted(set(sizes + [top]))
 
 
+def mixed_token_sizes(top: int) -> list[int]:
+    """The token counts of mixed-step graphs: every 16 up to 256, every 32 up to 512, every
+    64 up to 1024, then every 128, up to `top` (rounded up to 16); none when top < 2."""
+    if top < 2:
+        return []
+    top = -(-top // 16) * 16
+    sizes = [*range(16, 257, 16), *range(288, 513, 32), *range(576, 1025, 64)]
+    sizes += range(1152, top + 1, 128)
+    return sorted({s for s in sizes if s < top} | {top})
+
+
+class MixedBuffers:
+    """The mixed graphs' inputs, in two flat buffers (one host->device copy each): int64
+    [ids | positions | slots (T each) | logits rows | noise seeds (S each)], int32 [cu_seqlens
+    (S + 1) | context_lens (S) | temperatures (S, float32 bits) | block tables (S x blocks)],
+    for at most T tokens and S sequences."""
+
+    def __init__(self, tokens: int, seqs: int, blocks: int, device: torch.device):
+        self.tokens, self.seqs, self.blocks = tokens, seqs, blocks
+        self.i64 = torch.zeros(3 * tokens + 2 * seqs, dtype=torch.long, device=device)
+        self.ids, self.positions, self.slots = self.i64[: 3 * tokens].view(3, tokens)
+        self.slots.fill_(-1)
+        self.rows, self.seeds = self.i64[3 * tokens :].view(2, seqs)
+        self.i32 = torch.zeros(3 * seqs + 1 + seqs * blocks, dtype=torch.int32, device=device)
+        self.cu_seqlens = self.i32[: seqs + 1]
+        self.context_lens = self.i32[seqs + 1 : 2 * seqs + 1]
+        self.temperatures = self.i32[2 * seqs + 1 : 3 * seqs + 1].view(torch.float32)
+        self.block_tables = self.i32[3 * seqs + 1 :].view(seqs, blocks)
+
+    def metadata(self, tokens: int, seqs: int, width: int | None = None) -> AttentionMetadata:
+        """The first `tokens` tokens and `seqs` sequences as a step of prefill chunks."""
+        return AttentionMetadata(
+            positions=self.positions[:tokens],
+            slot_mapping=self.slots[:tokens],
+            block_tables=self.block_tables[:seqs, :width],
+            context_lens=self.context_lens[:seqs],
+            cu_seqlens_q=self.cu_seqlens[: seqs + 1],
+            num_decodes=0,
+            query_lens=[0] * seqs,
+        )
+
+
 class CudaGraphRunner:
     # Graph steps copy their block-table rows at full width (max_blocks) with the other int32
     # inputs when size x max_blocks is at most this many values; else only their own columns.
     TABLE_COPY_LIMIT = 65536
 
     def __init__(
-        self, model: Transformer, backend: PagedBackend, ops: Ops, max_blocks_per_seq: int
+        self,
+        model: Transformer,
+        backend: PagedBackend,
+        ops: Ops,
+        max_blocks_per_seq: int,
+        max_num_seqs: int = 256,
     ):
         self.model, self.backend, self.ops = model, backend, ops
         self.max_blocks = max_blocks_per_seq
+        self.max_num_seqs = max_num_seqs
         self.device = backend.kv_cache.data.device
-        self.graphs: dict[int, torch.cuda.CUDAGraph] = {}  # by batch size, ascending
+        self.graphs: dict[int, torch.cuda.CUDAGraph] = {}  # decode, by batch size, ascending
         self.logits: dict[int, torch.Tensor] = {}  # [size, vocab], each graph's output
         self.sampled: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}  # (tokens, logprobs)
+        self.mixed: dict[int, torch.cuda.CUDAGraph] = {}  # mixed, by token count, ascending
+        self.mixed_logits: dict[int, torch.Tensor] = {}  # [seqs, vocab]: the sampling rows'
+        self.mixed_sampled: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
+        self.mixed_buffers: MixedBuffers | None = None
         self.sample_in_graph = True  # the graphs run the fused sampling op too
         self.top = 0
 
@@ -53,6 +116,18 @@ class CudaGraphRunner:
             if size >= batch:
                 return size
         return None
+
+    def mixed_size(self, tokens: int, seqs: int) -> int | None:
+        """The mixed graph that runs a step of `tokens` tokens over `seqs` sequences (None:
+        none is that large)."""
+        for size in self.mixed:
+            if size >= tokens:
+                return size if seqs <= self.mixed_seqs(size) else None
+        return None
+
+    def mixed_seqs(self, tokens: int) -> int:
+        """The sequences a mixed graph of `tokens` tokens has room for."""
+        return min(tokens, self.max_num_seqs)
 
     def alloc_buffers(self, top: int) -> None:
         """The graphs' inputs, in two flat buffers so that a step stages them with one
@@ -84,11 +159,32 @@ class CudaGraphRunner:
             query_lens=[1] * rows,
         )
 
-    def capture(self, sizes: list[int]) -> None:
-        """Capture one graph per batch size (largest first: the smaller ones share its
-        memory pool)."""
-        self.alloc_buffers(sizes[-1])
+    def alloc_mixed_buffers(self, top: int) -> None:
+        self.mixed_buffers = MixedBuffers(top, self.mixed_seqs(top), self.max_blocks, self.device)
+
+    def capture(self, sizes: list[int], token_sizes: list[int] = ()) -> None:
+        """Capture one decode graph per batch size and one mixed graph per token count
+        (largest first: the smaller ones share the first one's memory pool)."""
         pool = None
+        if token_sizes:
+            self.alloc_mixed_buffers(token_sizes[-1])
+            with torch.inference_mode():
+                for size in reversed(token_sizes):
+                    md = self.mixed_buffers.metadata(size, self.mixed_seqs(size))
+                    self.backend.set_metadata(md)
+                    run = functools.partial(self.body_mixed, size, md)
+                    run()  # compile and warm up outside the capture
+                    torch.cuda.synchronize()
+                    graph = torch.cuda.CUDAGraph()
+                    with torch.cuda.graph(graph, pool=pool):
+                        self.mixed_logits[size], self.mixed_sampled[size] = run()
+                    pool = graph.pool() if pool is None else pool
+                    self.mixed[size] = graph
+            self.mixed = dict(sorted(self.mixed.items()))
+            log.info("captured CUDA graphs for mixed steps of %s tokens", list(self.mixed))
+        if not sizes:
+            return
+        self.alloc_buffers(sizes[-1])
         with torch.inference_mode():
             for size in reversed(sizes):
                 md = self.metadata(size)
@@ -117,6 +213,75 @@ class CudaGraphRunner:
         if self.sample_in_graph:
             sampled = self.ops.sample(logits, self.temperatures[:size], self.seeds[:size])
         return logits, sampled
+
+    def body_mixed(self, size: int, md: AttentionMetadata):
+        """What a mixed graph of `size` tokens computes: the hidden states of every token, the
+        logits of the staged sampling rows (one per sequence slot; padded ones read row 0)
+        and, where the graphs sample, their (tokens, logprobs)."""
+        buf, model, seqs = self.mixed_buffers, self.model, self.mixed_seqs(size)
+        hidden = model.hidden_states(buf.ids[:size], md.positions, self.backend)
+        logits = model.compute_logits(hidden[buf.rows[:seqs]])
+        sampled = None
+        if self.sample_in_graph:
+            sampled = self.ops.sample(logits, buf.temperatures[:seqs], buf.seeds[:seqs])
+        return logits, sampled
+
+    def stage_mixed(self, size, prev, host, temps=None, seeds=None):
+        """Write a step's flat inputs (kiln.engine.model_runner.HostInputs) into the mixed
+        buffers for the graph of `size` tokens: tokens n.. padded (no KV store, owned by no
+        sequence), sequences b.. empty, logits rows [the sampling rows, then 0s]; with the
+        sampling temperatures and seeds when the graph samples. Returns (ids, metadata) of the
+        real tokens and sequences, as views."""
+        buf, seqs = self.mixed_buffers, self.mixed_seqs(size)
+        top, top_seqs, blocks = buf.tokens, buf.seqs, self.max_blocks
+        n, b, k = len(host.input_ids), len(host.tables), len(host.logits_indices)
+        host64 = np.zeros(3 * top + 2 * top_seqs, dtype=np.int64)
+        host64[:n] = host.input_ids
+        host64[top : top + n] = host.positions
+        host64[2 * top : 3 * top] = -1
+        host64[2 * top : 2 * top + n] = host.slots
+        at = 3 * top
+        host64[at : at + k] = host.logits_indices
+        if seeds is not None:
+            host64[at + top_seqs : at + top_seqs + k] = seeds
+        copy_to_device(buf.i64, host64)
+        tables = host.tables
+        width = max(len(t) for t in tables)
+        full_rows = seqs * blocks <= self.TABLE_COPY_LIMIT
+        n32 = 3 * top_seqs + 1 + (seqs * blocks if full_rows else 0)
+        host32 = np.zeros(n32, dtype=np.int32)
+        cu = host32[: top_seqs + 1]
+        cu[1 : b + 1] = np.cumsum(host.query_lens)
+        cu[b + 1 :] = n  # the padded sequences are empty
+        host32[top_seqs + 1 : top_seqs + 1 + b] = host.context_lens
+        if temps is not None:
+            t0 = 2 * top_seqs + 1
+            host32[t0 : t0 + k] = np.asarray(temps, dtype=np.float32).view(np.int32)
+        if full_rows:
+            rows = host32[3 * top_seqs + 1 :].reshape(seqs, blocks)
+            for r, t in enumerate(tables):
+                rows[r, : len(t)] = t
+        copy_to_device(buf.i32[:n32], host32)
+        if not full_rows:
+            padded = np.zeros((seqs, width), dtype=np.int32)
+            for r, t in enumerate(tables):
+                padded[r, : len(t)] = t
+            buf.block_tables[:seqs, :width] = to_device(padded, torch.int32, self.device)
+        ids = buf.ids[:n]
+        self._gather_pending(ids, prev, host.pend_dst, host.pend_src)
+        md = buf.metadata(n, b, width)
+        md.query_lens = host.query_lens
+        return ids, md
+
+    def _gather_pending(self, ids, prev, pend_dst, pend_src) -> None:
+        """Input ids still in flight (async scheduling): from the previous step's samples."""
+        if pend_dst:
+            n = len(pend_dst)
+            if pend_dst == pend_src == list(range(n)):  # the usual case: one copy
+                ids[:n] = prev.tokens[:n]
+            else:
+                idx = to_device([pend_dst, pend_src], torch.int64, self.device)
+                ids[idx[0]] = prev.tokens[idx[1]]
 
     def stage(
         self, size, prev, input_ids, positions, slots, context_lens, tables, pend_dst, pend_src,
@@ -157,20 +322,20 @@ class CudaGraphRunner:
                 padded[r, : len(t)] = t
             self.block_tables[:size, :width] = to_device(padded, torch.int32, self.device)
         ids = self.ids[:b]
-        if pend_dst:
-            n = len(pend_dst)
-            if pend_dst == pend_src == list(range(n)):  # the usual case: one copy
-                ids[:n] = prev.tokens[:n]
-            else:
-                idx = to_device([pend_dst, pend_src], torch.int64, self.device)
-                ids[idx[0]] = prev.tokens[idx[1]]
+        self._gather_pending(ids, prev, pend_dst, pend_src)
         return ids, self.metadata(b, width)
 
-    def replay(self, size: int, batch: int):
-        """Replay the graph of `size` rows over the staged inputs: the first `batch` rows'
-        logits [batch, vocab] and, where it samples, their (tokens, logprobs) (else None)."""
-        self.graphs[size].replay()
-        sampled = self.sampled[size]
+    def replay(self, graph: tuple[str, int], batch: int):
+        """Replay a graph ("decode", rows) or ("mixed", tokens) over the staged inputs: the
+        first `batch` rows' logits [batch, vocab] (a mixed graph's rows are the sampling
+        rows) and, where it samples, their (tokens, logprobs) (else None)."""
+        kind, size = graph
+        if kind == "mixed":
+            self.mixed[size].replay()
+            logits, sampled = self.mixed_logits[size], self.mixed_sampled[size]
+        else:
+            self.graphs[size].replay()
+            logits, sampled = self.logits[size], self.sampled[size]
         if sampled is not None:
             sampled = (sampled[0][:batch], sampled[1][:batch])
-        return self.logits[size][:batch], sampled
+        return logits[:batch], sampled

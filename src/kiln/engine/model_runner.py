@@ -2,7 +2,8 @@
 
 It owns the model (transformed by kiln.engine.fuse when asked), the KV pool (sized from free
 GPU memory after a profiling forward, or a fixed budget on CPU), the attention backend, and
-the CUDA graphs of decode-only steps (kiln.engine.cuda_graphs). The kernels they all run are
+the CUDA graphs of its steps (kiln.engine.cuda_graphs: decode-only steps by batch size,
+steps with prefill tokens by token count). The kernels they all run are
 one Ops (kiln.engine.ops), chosen here at start-up.
 
 Each step: `prepare` flattens the scheduled tokens, stages them on the device and decides, once,
@@ -22,7 +23,7 @@ import torch
 
 from kiln.engine.attention import AttentionMetadata, KVCache, PagedBackend
 from kiln.engine.config import CPU_KV_CACHE_BYTES, EngineConfig
-from kiln.engine.cuda_graphs import CudaGraphRunner, graph_batch_sizes
+from kiln.engine.cuda_graphs import CudaGraphRunner, graph_batch_sizes, mixed_token_sizes
 from kiln.engine.fuse import fuse_model
 from kiln.engine.ops import choose_ops
 from kiln.engine.sampler import PendingSample, Sampler
@@ -76,7 +77,7 @@ class StepPlan:
     """How the runner runs one scheduled step, decided once in ModelRunner.prepare.
 
     `sampling` says how the rows that reach their last token get their next one:
-    - "graph": the step's decode graph samples every row with the fused op (ops.sample), from
+    - "graph": the step's CUDA graph samples every row with the fused op (ops.sample), from
       temperatures and seeds staged with its inputs;
     - "fast": the fused op samples the logits after the forward;
     - "full": the sampler's torch path (top-k/p, min-p, penalties, min_tokens, seeds, logprobs);
@@ -88,7 +89,9 @@ class StepPlan:
     input_ids: torch.Tensor  # [N] int64 on the device
     metadata: AttentionMetadata
     logits_rows: torch.Tensor | None  # [S] the rows of the N that sample (None: all of them)
-    graph_size: int | None  # the decode graph that runs the step, inputs staged; None: eager
+    # The CUDA graph that runs the step, its inputs staged: ("decode", rows) or ("mixed",
+    # tokens) (kiln.engine.cuda_graphs); None: eager.
+    graph: tuple[str, int] | None
     sampling: str  # "graph" | "fast" | "full" | "fork"
 
 
@@ -127,14 +130,15 @@ class ModelRunner:
         )
         self.backend = PagedBackend(self.kv_cache, self.ops)
         self.graph_runner = CudaGraphRunner(
-            self.model, self.backend, self.ops, self.max_blocks_per_seq
+            self.model, self.backend, self.ops, self.max_blocks_per_seq, config.max_num_seqs
         )
         # Only the Triton ops are capturable (the references read lengths on the host), and
         # MoE routing reads the chosen experts on the host.
         triton_cuda = self.device.type == "cuda" and self.ops.name == "triton"
         if config.use_cuda_graph and triton_cuda and not mc.num_experts:
             top = min(config.max_cuda_graph_batch_size, config.max_num_seqs)
-            self.graph_runner.capture(graph_batch_sizes(top))
+            tokens = min(config.max_cuda_graph_tokens, config.max_num_batched_tokens)
+            self.graph_runner.capture(graph_batch_sizes(top), mixed_token_sizes(tokens))
         if triton_cuda:
             windows = {m.sliding_window for m in model.modules() if hasattr(m, "sliding_window")}
             fused = None  # (q/k norm, RoPE) of a fused model: its decode_qkv variants too
@@ -221,8 +225,9 @@ class ModelRunner:
     def _forward(self, plan: StepPlan):
         """Run the model over the step: the sampling rows' logits [S, vocab] (None if no row
         samples in an eager step) and, where the graph samples them, (tokens, logprobs)."""
-        if plan.graph_size is not None:  # the inputs are staged in the graph's buffers already
-            logits, sampled = self.graph_runner.replay(plan.graph_size, plan.metadata.num_seqs)
+        if plan.graph is not None:  # the inputs are staged in the graph's buffers already
+            rows = len(plan.seqs) if plan.graph[0] == "mixed" else plan.metadata.num_seqs
+            logits, sampled = self.graph_runner.replay(plan.graph, rows)
             if plan.logits_rows is not None:
                 logits = logits[plan.logits_rows]
             return logits, sampled
@@ -237,34 +242,42 @@ class ModelRunner:
     def prepare(
         self, out: SchedulerOutput, prev: PreviousTokens | None, sampler: Sampler
     ) -> StepPlan:
-        """The step's plan: its inputs staged on the device (a decode-only step that fits a
-        CUDA graph: in the graph's buffers), the rows that sample, and how they sample (the
-        sampler's fast path, asked once here; in the graph when every row takes it)."""
+        """The step's plan: its inputs staged on the device (a step that fits a CUDA graph: in
+        the graph's buffers), the rows that sample, and how they sample (the sampler's fast
+        path, asked once here; in the graph when every row takes it)."""
         host = self._flatten(out, prev)
         seqs, b = host.sample_seqs, len(host.tables)
         graphs = self.graph_runner
-        size = graphs.batch_size(b) if host.num_decodes == b else None
+        graph = None
+        if host.num_decodes == b and graphs.batch_size(b) is not None:
+            graph = ("decode", graphs.batch_size(b))
+        elif graphs.mixed_size(len(host.input_ids), b) is not None:
+            graph = ("mixed", graphs.mixed_size(len(host.input_ids), b))
         fast = sampler.fast_path_ok(seqs)
+        every_row = len(seqs) == b or (graph is not None and graph[0] == "mixed")
         if any(s.pending_forks for s in seqs):
             sampling = "fork"
-        elif size is not None and fast and graphs.sample_in_graph and len(seqs) == b:
+        elif graph is not None and fast and graphs.sample_in_graph and every_row:
             sampling = "graph"
         else:
             sampling = "fast" if fast else "full"
-        if size is None:
+        if graph is None:
             ids, md, rows = self._stage_eager(host, prev)
             return StepPlan(seqs, ids, md, rows, None, sampling)
         temps = seeds = None
         if sampling == "graph":
             temps, seeds = sampler.fast_path_inputs(seqs)
+        if graph[0] == "mixed":  # the graph computes the sampling rows' logits only
+            ids, md = graphs.stage_mixed(graph[1], prev, host, temps, seeds)
+            return StepPlan(seqs, ids, md, None, graph, sampling)
         ids, md = graphs.stage(
-            size, prev, host.input_ids, host.positions, host.slots, host.context_lens,
+            graph[1], prev, host.input_ids, host.positions, host.slots, host.context_lens,
             host.tables, host.pend_dst, host.pend_src, temps, seeds,
         )  # fmt: skip
         rows = None
         if len(host.logits_indices) < b:
             rows = to_device(host.logits_indices, torch.int64, self.device)
-        return StepPlan(seqs, ids, md, rows, size, sampling)
+        return StepPlan(seqs, ids, md, rows, graph, sampling)
 
     def _flatten(self, out: SchedulerOutput, prev: PreviousTokens | None) -> HostInputs:
         """The scheduled tokens as flat host lists, one-token rows first."""
