@@ -2,11 +2,11 @@
 
 from __future__ import annotations
 
-import argparse
 from dataclasses import dataclass, field, fields
 from typing import Any
 
 from kiln.errors import InputError
+from kiln.flags import add_flags, flags_given
 
 CPU_KV_CACHE_BYTES = 64 * 2**20  # the KV pool on CPU when kv_cache_memory_bytes is not given
 
@@ -80,29 +80,14 @@ class EngineConfig:
 
     @classmethod
     def add_arguments(cls, parser, skip: tuple[str, ...] = ()) -> None:
-        """One --flag per field (dashes for underscores), so a default lives only here: a flag
-        left out is not passed on, and the field keeps its default. Booleans take --x/--no-x."""
-        group = parser.add_argument_group("engine")
-        for f in fields(cls):
-            if f.name in skip:
-                continue
-            kind = f.type if isinstance(f.type, str) else f.type.__name__
-            base = next(t.strip() for t in kind.split("|") if t.strip() != "None")
-            flag = "--" + f.name.replace("_", "-")
-            help_ = f"{f.metadata.get('help', '')} (default: {f.default})".strip()
-            if base == "bool":
-                group.add_argument(flag, action=argparse.BooleanOptionalAction, default=None,
-                                   help=help_)  # fmt: skip
-            else:
-                group.add_argument(flag, type={"int": int, "float": float, "str": str}[base],
-                                   default=None, choices=f.metadata.get("choices"),
-                                   help=help_)  # fmt: skip
+        """One --flag per field (kiln.flags), so a default lives only here: a flag left out is
+        not passed on, and the field keeps its default. Booleans take --x/--no-x."""
+        add_flags(parser, cls, "engine", skip)
 
     @classmethod
     def args_from(cls, args) -> dict[str, Any]:
         """The engine arguments a parsed namespace sets (those left out keep their default)."""
-        given = vars(args)
-        return {f.name: given[f.name] for f in fields(cls) if given.get(f.name) is not None}
+        return flags_given(cls, args)
 
     @classmethod
     def from_kwargs(cls, kwargs: dict[str, Any]) -> EngineConfig:
