@@ -4,9 +4,11 @@
     [model]  model_type, num_layers, hidden_size, block_size, dropout, ...
     [train]  TrainConfig: out_dir, max_steps, batch_size, lr, ... (shared with SFT / DPO)
 
+FinetuneConfig is TrainConfig with fine-tuning's defaults, DPOConfig `kiln dpo`'s loss.
+
 Field names are unique across sections, so an override names the field alone
-(`max_steps=100`) or with its section (`train.max_steps=100`). No torch import here: the CLI
-builds its `--field` options from these dataclasses.
+(`max_steps=100`) or with its section (`train.max_steps=100`). No torch import here: the CLIs
+build their flags from these dataclasses (kiln.flags), so a default lives only here.
 """
 
 from __future__ import annotations
@@ -22,28 +24,38 @@ from kiln.errors import ConfigError
 
 @dataclass
 class TrainConfig:
-    """Optimization and bookkeeping knobs shared by pretrain, SFT and DPO."""
+    """Optimization and bookkeeping knobs shared by pretrain, SFT and DPO (the defaults are
+    pretraining's; FinetuneConfig holds fine-tuning's)."""
 
-    out_dir: str
-    max_steps: int
-    batch_size: int  # rows per micro-batch per process
-    grad_accum: int = 1
-    lr: float = 3e-4
-    min_lr: float = 3e-5
-    warmup_steps: int = 100
-    weight_decay: float = 0.1
-    beta1: float = 0.9
-    beta2: float = 0.95
-    grad_clip: float = 1.0  # 0 disables clipping
-    eval_interval: int = 250
-    eval_steps: int = 20
-    log_interval: int = 10
-    ckpt_interval: int = 500
-    dtype: str = "auto"  # "auto" (bf16 autocast on CUDA, fp32 on CPU) | "bfloat16" | "float32"
-    compile: bool = False
-    device: str = "auto"
-    seed: int = 1337
-    fsdp: bool = False  # under torchrun: shard with FSDP instead of replicating with DDP
+    out_dir: str = field(
+        default="runs/pretrain", metadata={"help": "where the checkpoint, log and plot go"}
+    )
+    max_steps: int = field(default=1000, metadata={"help": "optimizer steps"})
+    batch_size: int = field(default=16, metadata={"help": "rows per micro-batch per process"})
+    grad_accum: int = field(default=1, metadata={"help": "micro-batches per optimizer step"})
+    lr: float = field(default=3e-4, metadata={"help": "peak learning rate"})
+    min_lr: float = field(default=3e-5, metadata={"help": "learning rate at the end of the decay"})
+    warmup_steps: int = field(default=100, metadata={"help": "steps of linear warmup to lr"})
+    weight_decay: float = field(default=0.1, metadata={"help": "AdamW's, on matrices only"})
+    beta1: float = field(default=0.9, metadata={"help": "AdamW's"})
+    beta2: float = field(default=0.95, metadata={"help": "AdamW's"})
+    grad_clip: float = field(default=1.0, metadata={"help": "max gradient norm (0: no clipping)"})
+    eval_interval: int = field(default=250, metadata={"help": "steps between validations"})
+    eval_steps: int = field(default=20, metadata={"help": "batches per validation"})
+    log_interval: int = field(default=10, metadata={"help": "steps between log lines"})
+    ckpt_interval: int = field(default=500, metadata={"help": "steps between checkpoints"})
+    dtype: str = field(
+        default="auto",
+        metadata={"choices": ["auto", "bfloat16", "float32"],
+                  "help": "auto: bfloat16 autocast on CUDA, float32 on CPU"},
+    )  # fmt: skip
+    compile: bool = field(default=False, metadata={"help": "torch.compile the model"})
+    device: str = field(default="auto", metadata={"help": "auto, cpu, cuda, cuda:1, ..."})
+    seed: int = field(default=1337, metadata={"help": "of the weights, data order and dropout"})
+    fsdp: bool = field(
+        default=False,
+        metadata={"help": "under torchrun: shard with FSDP instead of replicating with DDP"},
+    )
 
     def validate(self) -> None:
         at_least_one = ("max_steps", "batch_size", "grad_accum", "log_interval", "eval_interval")
@@ -56,30 +68,107 @@ class TrainConfig:
             raise ConfigError(f"need 0 <= min_lr <= lr, got min_lr={self.min_lr}, lr={self.lr}")
 
 
+def _retuned(name: str, default: Any) -> Any:
+    """TrainConfig's field `name` with another default (its help kept)."""
+    return field(default=default, metadata=TrainConfig.__dataclass_fields__[name].metadata)
+
+
+@dataclass
+class FinetuneConfig(TrainConfig):
+    """TrainConfig with fine-tuning's defaults (`kiln sft`, `kiln dpo`): a short run from trained
+    weights, so a short warmup and no weight decay. A None is derived from the run (`resolve`)."""
+
+    out_dir: str | None = field(
+        default=None, metadata={"help": "where the checkpoint and log go (OUT/run if unset)"}
+    )
+    max_steps: int = _retuned("max_steps", 200)
+    batch_size: int = _retuned("batch_size", 8)
+    lr: float | None = field(
+        default=None, metadata={"help": "peak learning rate (2e-4 with LoRA, 2e-5 full if unset)"}
+    )
+    min_lr: float | None = field(
+        default=None, metadata={"help": "learning rate at the end of the decay (lr / 10 if unset)"}
+    )
+    warmup_steps: int = _retuned("warmup_steps", 10)
+    weight_decay: float = _retuned("weight_decay", 0.0)
+    eval_interval: int = _retuned("eval_interval", 50)
+    eval_steps: int = _retuned("eval_steps", 5)
+    ckpt_interval: int | None = field(
+        default=None, metadata={"help": "steps between checkpoints (max_steps if unset)"}
+    )
+
+    def resolve(self, out: str | Path, lora: bool) -> FinetuneConfig:
+        """A copy with every None filled in, for a run that exports to `out`."""
+        lr = self.lr if self.lr is not None else (2e-4 if lora else 2e-5)
+        return dataclasses.replace(
+            self,
+            out_dir=self.out_dir if self.out_dir is not None else str(Path(out) / "run"),
+            lr=lr,
+            min_lr=self.min_lr if self.min_lr is not None else lr / 10,
+            ckpt_interval=self.ckpt_interval if self.ckpt_interval is not None else self.max_steps,
+        )
+
+
+DPO_LOSS_TYPES = ("sigmoid", "hinge", "ipo")
+
+
+@dataclass
+class DPOConfig:
+    """`kiln dpo`'s preference loss (TRL's names; kiln.train.dpo has the formulas)."""
+
+    beta: float = field(
+        default=0.1, metadata={"help": "how strongly the policy is held to the reference"}
+    )
+    loss_type: str = field(
+        default="sigmoid", metadata={"choices": list(DPO_LOSS_TYPES), "help": "the DPO loss"}
+    )
+
+
 @dataclass
 class DataSpec:
     """Where the tokens come from."""
 
-    corpus: str = "data/shakespeare"  # a .txt file or a directory of .txt documents
-    tokenizer: str = "bpe"  # "bpe" (train kiln's BPE), "char", or an existing tokenizer dir
-    vocab_size: int = 4096  # for tokenizer = "bpe"
-    pattern: str = "gpt2"  # BPE pre-tokenization regex: "gpt2" | "gpt4"
-    val_fraction: float = 0.1  # share of documents held out for validation
-    chat_template: str = ""  # "chatml": ChatML's turn markers as special tokens, and its template
+    corpus: str = field(
+        default="data/shakespeare", metadata={"help": "a .txt file or a directory of .txt files"}
+    )
+    tokenizer: str = field(
+        default="bpe",
+        metadata={"help": "bpe (train kiln's BPE), char, or an existing tokenizer directory"},
+    )
+    vocab_size: int = field(default=4096, metadata={"help": "for tokenizer = bpe"})
+    pattern: str = field(
+        default="gpt2", metadata={"help": "BPE pre-tokenization regex: gpt2 or gpt4"}
+    )
+    val_fraction: float = field(
+        default=0.1, metadata={"help": "share of documents held out for validation"}
+    )
+    chat_template: str = field(
+        default="",
+        metadata={"help": "chatml: ChatML's turn markers as special tokens, and its template"},
+    )
 
 
 @dataclass
 class ModelSpec:
     """The architecture to train (a Llama- or GPT-2-family kiln Transformer)."""
 
-    model_type: str = "llama"  # "llama" (RoPE, RMSNorm, SwiGLU) | "gpt2" (learned pos, LN, GELU)
+    model_type: str = field(
+        default="llama",
+        metadata={"help": "llama (RoPE, RMSNorm, SwiGLU) or gpt2 (learned positions, LN, GELU)"},
+    )
     num_layers: int = 4
     num_heads: int = 4
-    num_kv_heads: int = 0  # 0 = num_heads
+    num_kv_heads: int = field(default=0, metadata={"help": "0: num_heads"})
     hidden_size: int = 256
-    intermediate_size: int = 0  # 0 = 4 * hidden (gpt2) or ~8/3 * hidden rounded to 64 (llama)
-    block_size: int = 256  # training context = max_position_embeddings
-    dropout: float = 0.0  # on embeddings and residual branches, training only
+    intermediate_size: int = field(
+        default=0, metadata={"help": "0: 4 * hidden (gpt2) or ~8/3 * hidden rounded to 64 (llama)"}
+    )
+    block_size: int = field(
+        default=256, metadata={"help": "training context (= max_position_embeddings)"}
+    )
+    dropout: float = field(
+        default=0.0, metadata={"help": "on embeddings and residual branches, training only"}
+    )
     tie_word_embeddings: bool = True
     rope_theta: float = 10000.0
     init_std: float = 0.02
@@ -89,7 +178,7 @@ class ModelSpec:
 class PretrainConfig:
     data: DataSpec = field(default_factory=DataSpec)
     model: ModelSpec = field(default_factory=ModelSpec)
-    train: TrainConfig = field(default_factory=lambda: TrainConfig("runs/pretrain", 1000, 16))
+    train: TrainConfig = field(default_factory=TrainConfig)
 
 
 SECTIONS = {"data": DataSpec, "model": ModelSpec, "train": TrainConfig}
