@@ -46,8 +46,10 @@ def add_flags(
             group.add_argument(flag, action=argparse.BooleanOptionalAction, default=None,
                                help=help_)  # fmt: skip
         else:
-            group.add_argument(*names, type=TYPES[kind], default=None,
-                               choices=f.metadata.get("choices"), help=help_)  # fmt: skip
+            choices = f.metadata.get("choices")
+            short = config_keys and not choices  # one word after each of the two spellings
+            group.add_argument(*names, type=TYPES[kind], default=None, choices=choices,
+                               metavar=kind.upper() if short else None, help=help_)  # fmt: skip
 
 
 def flags_given(cls: type, args: argparse.Namespace) -> dict[str, Any]:

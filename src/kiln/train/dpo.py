@@ -23,6 +23,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from kiln.errors import InputError
+from kiln.flags import add_flags, flags_given
+from kiln.train.config import DPO_LOSS_TYPES, DPOConfig
 from kiln.train.default_model import DPO_DATA
 from kiln.train.finetune_data import (
     IGNORE,
@@ -34,7 +36,6 @@ from kiln.train.finetune_data import (
 from kiln.train.sft import collate, token_losses
 
 DEFAULT_DATA = str(DPO_DATA)
-LOSS_TYPES = ("sigmoid", "hinge", "ipo")
 
 
 def dpo_loss(
@@ -61,7 +62,7 @@ def dpo_loss(
         per_token = per_token - rejected_logratios / rejected_lens.clamp(min=1)
         losses = (per_token - 1 / (2 * beta)) ** 2
     else:
-        raise InputError(f"loss_type must be one of {', '.join(LOSS_TYPES)}, got {loss_type!r}")
+        raise InputError(f"loss_type must be one of {', '.join(DPO_LOSS_TYPES)}, got {loss_type!r}")
     return losses, beta * chosen_logratios.detach(), beta * rejected_logratios.detach()
 
 
@@ -76,8 +77,10 @@ class DPOLoss:
     def __init__(self, beta: float, loss_type: str = "sigmoid", reference: nn.Module | None = None):
         if beta <= 0:
             raise InputError(f"beta must be > 0, got {beta}")
-        if loss_type not in LOSS_TYPES:
-            raise InputError(f"loss_type must be one of {', '.join(LOSS_TYPES)}, got {loss_type!r}")
+        if loss_type not in DPO_LOSS_TYPES:
+            raise InputError(
+                f"loss_type must be one of {', '.join(DPO_LOSS_TYPES)}, got {loss_type!r}"
+            )
         self.beta, self.loss_type, self.reference = beta, loss_type, reference
 
     @torch.no_grad()
@@ -156,22 +159,22 @@ def register(sub: argparse._SubParsersAction) -> None:
 
     p = sub.add_parser("dpo", help="direct preference optimization on preference JSONL")
     add_finetune_arguments(p, DEFAULT_DATA)
-    p.add_argument("--beta", type=float, default=0.1)
-    p.add_argument("--loss-type", default="sigmoid", choices=LOSS_TYPES)
+    add_flags(p, DPOConfig, "dpo")
     p.set_defaults(func=_cli)
 
 
 def _cli(args: argparse.Namespace) -> None:
-    from kiln.train.finetune import prepare, run_training, split
+    from kiln.train.finetune import prepare, run_training, split, train_config
 
-    model, tok = prepare(args)
+    cfg, dpo = train_config(args), DPOConfig(**flags_given(DPOConfig, args))
+    model, tok = prepare(args, cfg.device)
     reference = None
     if args.lora_r is None:  # full fine-tuning: a frozen copy of the starting weights
         reference = copy.deepcopy(model).requires_grad_(False).eval()
-    loss_fn = DPOLoss(args.beta, args.loss_type, reference)
+    loss_fn = DPOLoss(dpo.beta, dpo.loss_type, reference)
     pairs = load_pairs(tok, args.data, args.max_seq_len)
-    train_pairs, val_pairs = split(pairs, args)
+    train_pairs, val_pairs = split(pairs, args, cfg)
     pad_id = tok.pad_token_id if tok.pad_token_id is not None else 0
-    train_batches = pair_batches(train_pairs, args.batch_size, pad_id, args.seed)
-    val_batches = pair_batches(val_pairs, args.batch_size, pad_id, args.seed) if val_pairs else None
-    run_training(model, tok, args, train_batches, loss_fn, val_batches)
+    train_batches = pair_batches(train_pairs, cfg.batch_size, pad_id, cfg.seed)
+    val_batches = pair_batches(val_pairs, cfg.batch_size, pad_id, cfg.seed) if val_pairs else None
+    run_training(model, tok, args, cfg, train_batches, loss_fn, val_batches)

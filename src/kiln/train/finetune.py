@@ -12,7 +12,9 @@ import argparse
 from pathlib import Path
 
 from kiln.errors import InputError
+from kiln.flags import add_flags, flags_given
 from kiln.model.lora import ALL_LINEAR, LoraConfig
+from kiln.train.config import FinetuneConfig
 from kiln.train.default_model import built_chat_model
 
 # For tokenizers without one (e.g. the bundled character-level model): plain-text turns that
@@ -27,7 +29,7 @@ DEFAULT_CHAT_TEMPLATE = (
 
 
 def add_finetune_arguments(p: argparse.ArgumentParser, default_data: str) -> None:
-    """The flags every fine-tuning verb takes (model, data, output, LoRA, optimization)."""
+    """The flags every fine-tuning verb takes: model, data, output, LoRA, and FinetuneConfig's."""
     p.add_argument(
         "--model", default=None, help="HF model directory (default: the bundled default model)"
     )
@@ -41,23 +43,19 @@ def add_finetune_arguments(p: argparse.ArgumentParser, default_data: str) -> Non
         help="tokens per example (cut); default min(512, the model's context)",
     )
     p.add_argument("--val-fraction", type=float, default=0.05)
-    p.add_argument("--max-steps", type=int, default=200)
-    p.add_argument("--batch-size", type=int, default=8)
-    p.add_argument("--grad-accum", type=int, default=1)
-    p.add_argument("--lr", type=float, default=None, help="default 2e-4 with LoRA, 2e-5 full")
-    p.add_argument("--warmup-steps", type=int, default=10)
-    p.add_argument("--weight-decay", type=float, default=0.0)
-    p.add_argument("--eval-interval", type=int, default=50)
-    p.add_argument("--eval-steps", type=int, default=5)
-    p.add_argument("--log-interval", type=int, default=10)
-    p.add_argument("--dtype", default="auto", choices=["auto", "bfloat16", "float32"])
-    p.add_argument("--device", default="auto")
-    p.add_argument("--seed", type=int, default=1337)
     p.add_argument("--resume", action="store_true", help="continue the run saved in --out")
+    add_flags(p, FinetuneConfig, "training")
 
 
-def prepare(args: argparse.Namespace):
-    """Load tokenizer and model, then make LoRA adapters or every weight trainable."""
+def train_config(args: argparse.Namespace) -> FinetuneConfig:
+    """The run's TrainConfig: the flags given over FinetuneConfig's defaults, the rest derived."""
+    given = FinetuneConfig(**flags_given(FinetuneConfig, args))
+    return given.resolve(args.out, lora=args.lora_r is not None)
+
+
+def prepare(args: argparse.Namespace, device: str):
+    """Load tokenizer and model onto `device`, then make LoRA adapters or every weight
+    trainable."""
     import torch
 
     from kiln.model.loader import load_model
@@ -73,8 +71,9 @@ def prepare(args: argparse.Namespace):
     if not tok.chat_template:
         tok.chat_template = DEFAULT_CHAT_TEMPLATE
     lora = lora_config_from_args(args)
-    device = resolve_device(args.device)
-    model = load_model(args.model, dtype=None if lora else torch.float32, device=device)
+    model = load_model(
+        args.model, dtype=None if lora else torch.float32, device=resolve_device(device)
+    )
     context = model.config.max_position_embeddings
     if args.max_seq_len is None:
         args.max_seq_len = min(512, context)
@@ -89,37 +88,20 @@ def prepare(args: argparse.Namespace):
     return model, tok
 
 
-def split(examples: list, args: argparse.Namespace) -> tuple[list, list]:
+def split(examples: list, args: argparse.Namespace, cfg: FinetuneConfig) -> tuple[list, list]:
     from kiln.train.finetune_data import split_train_val
 
-    return split_train_val(examples, args.val_fraction, args.seed)
+    return split_train_val(examples, args.val_fraction, cfg.seed)
 
 
-def run_training(model, tok, args, train_batch, loss_fn, val_batch=None) -> dict:
-    """Run the shared loop (its state under OUT/run), then export the result to OUT."""
+def run_training(model, tok, args, cfg, train_batch, loss_fn, val_batch=None) -> dict:
+    """Run the shared loop with `cfg` (train_config), then export the result to OUT."""
     from kiln.train.distributed import init
-    from kiln.train.loop import TrainConfig, train
+    from kiln.train.loop import train
 
     lora = args.lora_r is not None
-    cfg = TrainConfig(
-        out_dir=str(Path(args.out) / "run"),
-        max_steps=args.max_steps,
-        batch_size=args.batch_size,
-        grad_accum=args.grad_accum,
-        lr=args.lr if args.lr is not None else (2e-4 if lora else 2e-5),
-        warmup_steps=args.warmup_steps,
-        weight_decay=args.weight_decay,
-        eval_interval=args.eval_interval,
-        eval_steps=args.eval_steps,
-        log_interval=args.log_interval,
-        ckpt_interval=args.max_steps,
-        dtype=args.dtype,
-        device=args.device,
-        seed=args.seed,
-    )
-    cfg.min_lr = cfg.lr / 10
     result = train(model, cfg, train_batch, loss_fn, val_batch, resume=args.resume)
-    if init(args.device).is_main:
+    if init(cfg.device).is_main:
         export(model, tok, args.out, args.model, lora)
     summary = {k: v for k, v in result.items() if isinstance(v, float)}
     print(f"saved {'LoRA adapter' if lora else 'model'} to {args.out}: {summary}")

@@ -1,7 +1,7 @@
 """`kiln pretrain`: corpus -> tokenizer -> token memmaps -> Transformer -> loop -> HF export.
 
-    kiln pretrain --config configs/shakespeare_char.toml --max_steps 100 --set lr=1e-3
-    torchrun --nproc_per_node 2 -m kiln.cli pretrain --config ...      # DDP (or --fsdp true)
+    kiln pretrain --config configs/shakespeare_char.toml --max-steps 100 --set lr=1e-3
+    torchrun --nproc_per_node 2 -m kiln.cli pretrain --config ...      # DDP (or --fsdp)
 
 Everything lands in train.out_dir: tokenizer/, data/{train,val}.bin, checkpoint.safetensors,
 log.jsonl, loss.png, and model/ (config.json, model.safetensors, tokenizer.json, ...).
@@ -16,7 +16,8 @@ import shutil
 from pathlib import Path
 
 from kiln.errors import ConfigError
-from kiln.train.config import ModelSpec, PretrainConfig, field_index, load_config
+from kiln.flags import add_flags, flags_given
+from kiln.train.config import SECTIONS, ModelSpec, PretrainConfig, load_config
 
 # ChatML, Qwen's chat format. With chat_template = "chatml" the tokenizer holds its turn markers
 # as special tokens (one id each) and its template, and the model stops at the end of a turn.
@@ -205,41 +206,34 @@ def register(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser(
         "pretrain",
         help="pretrain a model from a TOML config",
-        description="Pretrain a model. Every config field can be overridden: --max_steps 100, "
-        "or --set train.lr=1e-3 (values in TOML syntax).",
+        description="Pretrain a model. Every config field can be overridden: --max-steps 100 "
+        "(or --max_steps 100), or --set train.lr=1e-3 (values in TOML syntax).",
     )
     p.add_argument("--config", default=None, help="TOML file with [data], [model], [train]")
     p.add_argument("--resume", action="store_true", help="continue from out_dir's checkpoint")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override")
-    for name, (section, f) in field_index().items():
-        p.add_argument(
-            f"--{name}",
-            dest=f"field_{name}",
-            metavar=f.type.upper(),
-            help=f"[{section}] (default {_default(f)})",
-        )
+    for section, cls in SECTIONS.items():
+        add_flags(p, cls, section, config_keys=True)
     p.set_defaults(func=_cli)
 
 
-def _default(f: dataclasses.Field):
-    if f.default is not dataclasses.MISSING:
-        return f.default
-    return "required"
-
-
-def _cli(args: argparse.Namespace) -> None:
+def config_from_args(args: argparse.Namespace) -> PretrainConfig:
+    """The config a `kiln pretrain` command line asks for: the dataclasses' defaults, under the
+    TOML file's values, under --set, under the flags."""
     overrides = {}
     for item in args.set:
         key, eq, value = item.partition("=")
         if not eq:
             raise ConfigError(f"--set wants KEY=VALUE, got {item!r}")
         overrides[key.strip()] = value.strip()
-    for name in field_index():
-        value = getattr(args, f"field_{name}")
-        if value is not None:
-            overrides[name] = value
     cfg = load_config(args.config, overrides)
-    result = run_pretrain(cfg, resume=args.resume)
+    for section, cls in SECTIONS.items():
+        setattr(cfg, section, dataclasses.replace(getattr(cfg, section), **flags_given(cls, args)))
+    return cfg
+
+
+def _cli(args: argparse.Namespace) -> None:
+    result = run_pretrain(config_from_args(args), resume=args.resume)
     if "val_loss" in result:
         print(f"val loss {result['val_loss']:.4f}, perplexity {result['val_ppl']:.2f}")
     print(f"model: {result['export']}  log: {result['log']}  plot: {result.get('plot')}")

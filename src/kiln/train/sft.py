@@ -154,7 +154,7 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 
 def sft_args(argv: list[str]) -> argparse.Namespace:
-    """The arguments `kiln sft ARGV...` runs with (every default filled in), for run_sft."""
+    """The arguments `kiln sft ARGV...` runs with, for run_sft."""
     p = argparse.ArgumentParser(prog="kiln sft")
     add_arguments(p)
     return p.parse_args(argv)
@@ -162,17 +162,18 @@ def sft_args(argv: list[str]) -> argparse.Namespace:
 
 def run_sft(args: argparse.Namespace) -> dict:
     """Fine-tune args.model on args.data and export the result to args.out (`kiln sft`)."""
-    from kiln.train.finetune import prepare, run_training, split
+    from kiln.train.finetune import prepare, run_training, split, train_config
 
-    model, tok = prepare(args)
+    cfg = train_config(args)
+    model, tok = prepare(args, cfg.device)
     examples = load_sft_examples(tok, args.data, args.max_seq_len)
-    train_ex, val_ex = split(examples, args)
+    train_ex, val_ex = split(examples, args, cfg)
     pad_id = tok.pad_token_id if tok.pad_token_id is not None else 0
     make = lambda ex: sft_batches(  # noqa: E731
-        ex, args.batch_size, pad_id, args.max_seq_len, args.pack, args.seed
+        ex, cfg.batch_size, pad_id, args.max_seq_len, args.pack, cfg.seed
     )
     return run_training(
-        model, tok, args, make(train_ex), sft_loss, make(val_ex) if val_ex else None
+        model, tok, args, cfg, make(train_ex), sft_loss, make(val_ex) if val_ex else None
     )
 
 
