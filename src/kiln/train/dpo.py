@@ -32,6 +32,7 @@ from kiln.train.finetune_data import (
     Example,
     check_messages,
     encode_prompt_completion,
+    split_train_val,
 )
 from kiln.train.sft import collate, token_losses
 
@@ -164,16 +165,16 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 
 def _cli(args: argparse.Namespace) -> None:
-    from kiln.train.finetune import prepare, run_training, split, train_config
+    from kiln.train.finetune import prepare, run_training, train_config
 
-    cfg, dpo = train_config(args), DPOConfig(**flags_given(DPOConfig, args))
+    cfg, dpo_cfg = train_config(args), DPOConfig(**flags_given(DPOConfig, args))
     model, tok = prepare(args, cfg.device)
     reference = None
     if args.lora_r is None:  # full fine-tuning: a frozen copy of the starting weights
         reference = copy.deepcopy(model).requires_grad_(False).eval()
-    loss_fn = DPOLoss(dpo.beta, dpo.loss_type, reference)
+    loss_fn = DPOLoss(dpo_cfg.beta, dpo_cfg.loss_type, reference)
     pairs = load_pairs(tok, args.data, args.max_seq_len)
-    train_pairs, val_pairs = split(pairs, args, cfg)
+    train_pairs, val_pairs = split_train_val(pairs, args.val_fraction, cfg.seed)
     pad_id = tok.pad_token_id if tok.pad_token_id is not None else 0
     train_batches = pair_batches(train_pairs, cfg.batch_size, pad_id, cfg.seed)
     val_batches = pair_batches(val_pairs, cfg.batch_size, pad_id, cfg.seed) if val_pairs else None

@@ -49,8 +49,8 @@ def add_finetune_arguments(p: argparse.ArgumentParser, default_data: str) -> Non
 
 def train_config(args: argparse.Namespace) -> FinetuneConfig:
     """The run's TrainConfig: the flags given over FinetuneConfig's defaults, the rest derived."""
-    given = FinetuneConfig(**flags_given(FinetuneConfig, args))
-    return given.resolve(args.out, lora=args.lora_r is not None)
+    cfg = FinetuneConfig(**flags_given(FinetuneConfig, args))
+    return cfg.resolve(args.out, lora=args.lora_r is not None)
 
 
 def prepare(args: argparse.Namespace, device: str):
@@ -86,12 +86,6 @@ def prepare(args: argparse.Namespace, device: str):
     else:
         model.requires_grad_(True)
     return model, tok
-
-
-def split(examples: list, args: argparse.Namespace, cfg: FinetuneConfig) -> tuple[list, list]:
-    from kiln.train.finetune_data import split_train_val
-
-    return split_train_val(examples, args.val_fraction, cfg.seed)
 
 
 def run_training(model, tok, args, cfg, train_batch, loss_fn, val_batch=None) -> dict:

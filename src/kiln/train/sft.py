@@ -22,6 +22,7 @@ from kiln.train.finetune_data import (
     check_messages,
     encode_chat,
     pad,
+    split_train_val,
 )
 
 DEFAULT_DATA = str(SFT_DATA)
@@ -162,12 +163,12 @@ def sft_args(argv: list[str]) -> argparse.Namespace:
 
 def run_sft(args: argparse.Namespace) -> dict:
     """Fine-tune args.model on args.data and export the result to args.out (`kiln sft`)."""
-    from kiln.train.finetune import prepare, run_training, split, train_config
+    from kiln.train.finetune import prepare, run_training, train_config
 
     cfg = train_config(args)
     model, tok = prepare(args, cfg.device)
     examples = load_sft_examples(tok, args.data, args.max_seq_len)
-    train_ex, val_ex = split(examples, args, cfg)
+    train_ex, val_ex = split_train_val(examples, args.val_fraction, cfg.seed)
     pad_id = tok.pad_token_id if tok.pad_token_id is not None else 0
     make = lambda ex: sft_batches(  # noqa: E731
         ex, cfg.batch_size, pad_id, args.max_seq_len, args.pack, cfg.seed
