@@ -86,11 +86,15 @@ class ReplayEagerMixed:
 
     def __init__(self, graph_runner, size):
         self.graph_runner, self.size = graph_runner, size
+        # what the backend holds at capture: a real graph replays the tensors it saw then
+        g = graph_runner
+        g.backend.set_metadata(g.mixed_buffers.metadata(size, g.mixed_seqs(size)))
+        self.captured = (g.backend.metadata, dict(g.backend._views))
 
     def replay(self):
         g, n = self.graph_runner, self.size
-        md = g.mixed_buffers.metadata(n, g.mixed_seqs(n))
-        g.backend.set_metadata(md)
+        g.backend.metadata, g.backend._views = self.captured[0], dict(self.captured[1])
+        md = g.backend.metadata
         with torch.inference_mode():
             logits, sampled = g.body_mixed(n, md)
             g.mixed_logits[n].copy_(logits)

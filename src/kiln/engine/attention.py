@@ -82,7 +82,8 @@ class PagedBackend:
             "context_lens": md.context_lens[:d],
             "prefill_block_tables": md.block_tables[d:],
             "prefill_context_lens": md.context_lens[d:],
-            "prefill_cu_seqlens_q": md.cu_seqlens_q[d:] - d,
+            # a view when no decode comes first (a mixed CUDA graph reads the staged buffer)
+            "prefill_cu_seqlens_q": md.cu_seqlens_q[d:] - d if d else md.cu_seqlens_q,
         }
 
     def attend(self, layer_idx, q, k, v, scale, sliding_window):
