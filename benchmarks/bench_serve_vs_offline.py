@@ -111,6 +111,19 @@ def kernel_names(entries: set[str]) -> list[str]:
     return names
 
 
+def listen_drops() -> int | None:
+    """TcpExt ListenDrops so far (Linux /proc/net/netstat): connections the kernel dropped
+    because a listen queue was full (the client's TCP retries them 1 s later)."""
+    try:
+        lines = [x.split() for x in Path("/proc/net/netstat").read_text().splitlines()]
+    except OSError:
+        return None
+    for names, values in zip(lines[::2], lines[1::2]):
+        if names[0] == "TcpExt:" and "ListenDrops" in names:
+            return int(values[names.index("ListenDrops")])
+    return None
+
+
 def cpu_seconds(pid: int) -> float:
     """User + system CPU time of a process so far (Linux /proc)."""
     fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
@@ -151,6 +164,7 @@ def run_served(src: Path, model: Path, args, serve_args: list[str], rates: list[
             runs.append((math.inf, 1))
         for rate, clients in runs:
             before = {k: cpu_seconds(v) for k, v in pids.items()}
+            drops = listen_drops()
             client_before, start = time.process_time(), time.perf_counter()
             bench.num_clients = clients
             s = run_benchmark(bench, rate, args.seed)
@@ -159,9 +173,12 @@ def run_served(src: Path, model: Path, args, serve_args: list[str], rates: list[
             s["cpu_share"]["client"] = (time.process_time() - client_before) / wall
             s["clients"] = clients
             s["window"] = [start, start + wall]
+            after = listen_drops()
+            s["listen_drops"] = None if drops is None or after is None else after - drops
             print(f"  served rate {rate} ({clients} client): {s['request_throughput']:.1f} req/s, "
                   f"{s['output_throughput']:.0f} tok/s, TTFT p99 {s['ttft_ms']['p99']:.0f} ms, "
-                  f"failed {s['failed']} {s['first_error'][:80]}; CPU busy "
+                  f"failed {s['failed']} {s['first_error'][:80]}; listen drops "
+                  f"{s['listen_drops']}; CPU busy "
                   + ", ".join(f"{k} {v:.0%}" for k, v in s["cpu_share"].items()),
                   flush=True)  # fmt: skip
             results.append(s)

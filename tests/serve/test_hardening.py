@@ -152,3 +152,21 @@ def test_without_a_tokenizer_token_ids_are_served_and_text_is_400(hf_model_dir):
         chat = h.post("/v1/chat/completions",
                       json={"messages": [{"role": "user", "content": "hi"}]})  # fmt: skip
         assert chat.status_code == 400 and chat.json()["error"]["param"] == "messages"
+
+
+def test_backlog_capped_by_somaxconn_is_named(tmp_path):
+    from kiln.serve.server import backlog_warning
+
+    cap = tmp_path / "somaxconn"
+    cap.write_text("128\n")
+    warning = backlog_warning(4096, str(cap))
+    assert "somaxconn=128" in warning and "sysctl -w net.core.somaxconn=4096" in warning
+    assert backlog_warning(128, str(cap)) is None
+    assert backlog_warning(4096, str(tmp_path / "absent")) is None
+
+
+def test_bad_backlog_is_a_one_line_error(capsys):
+    from kiln.cli import main
+
+    assert main(["serve", "--model", "nowhere", "--backlog", "0"]) != 0
+    assert "--backlog must be >= 1, got 0" in capsys.readouterr().err

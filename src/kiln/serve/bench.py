@@ -183,10 +183,14 @@ async def _send(args, model, prompts, rate, rng, start) -> tuple[list[RequestRes
 
         await asyncio.sleep(max(0.0, start - time.time()))
         tasks = []
+        # Arrival times are drawn ahead and slept to, not slept between: a loop busy reading
+        # streams would otherwise stretch every gap and offer less than `rate`.
+        due = time.perf_counter()
         for prompt in prompts:
             tasks.append(asyncio.create_task(limited(prompt)))
             if math.isfinite(rate):
-                await asyncio.sleep(rng.expovariate(rate))
+                due += rng.expovariate(rate)
+                await asyncio.sleep(max(0.0, due - time.perf_counter()))
         done = await asyncio.gather(*tasks)
     return done, time.time()
 

@@ -46,6 +46,9 @@ def register(subparsers) -> None:
     )  # fmt: skip
     p.add_argument("--max-connections", type=int, default=4096,
                    help="open connections beyond this get 503")  # fmt: skip
+    p.add_argument("--backlog", type=int, default=4096,
+                   help="connections the kernel queues before they are accepted (capped at "
+                   "net.core.somaxconn)")  # fmt: skip
     p.add_argument("--dtype", default=None, help="bfloat16, float16 or float32")
     p.add_argument("--device", default=None)
     p.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
@@ -65,6 +68,8 @@ def run(args: argparse.Namespace) -> int:
         raise InputError(f"--drain-timeout must be >= 0, got {args.drain_timeout}")
     if args.max_connections < 1:
         raise InputError(f"--max-connections must be >= 1, got {args.max_connections}")
+    if args.backlog < 1:
+        raise InputError(f"--backlog must be >= 1, got {args.backlog}")
     if args.max_queue is not None and args.max_queue < 0:
         raise InputError(f"--max-queue must be >= 0, got {args.max_queue}")
     engine_args = EngineConfig.args_from(args)
@@ -82,6 +87,7 @@ def run(args: argparse.Namespace) -> int:
         log_level=args.log_level,
         drain_timeout=args.drain_timeout,
         max_connections=args.max_connections,
+        backlog=args.backlog,
         public_metrics=args.public_metrics,
         stream_send_timeout=args.stream_send_timeout,
         **queue,
