@@ -12,6 +12,7 @@ import sys
 import time
 
 import httpx
+import pytest
 
 from serve.live_server import read_metrics, wait_all_blocks_free
 from serve.test_cli_drain import free_port, wait_healthy
@@ -68,16 +69,19 @@ def test_client_gone_during_upload_is_a_quiet_disconnect(server, caplog):
     assert httpx.get(f"{server.url}/health", timeout=10).status_code == 200
 
 
-def test_slowloris_connections_are_closed(chat_model_dir, monkeypatch):
+@pytest.mark.parametrize("protocol", ["GuardedH11Protocol", "GuardedHttpToolsProtocol"])
+def test_slowloris_connections_are_closed(chat_model_dir, monkeypatch, protocol):
     from kiln.serve import server as srv
     from serve.live_server import ServerThread
 
-    monkeypatch.setattr(srv.GuardedH11Protocol, "header_timeout", 0.5)
+    http = getattr(srv, protocol)
+    assert http is not None  # httptools is a dependency
+    monkeypatch.setattr(http, "header_timeout", 0.5)
     from kiln.engine.async_engine import AsyncLLM
     from kiln.serve.api import create_app
 
     app = create_app(AsyncLLM(str(chat_model_dir), max_num_seqs=4), "tiny")
-    with ServerThread(app, http=srv.GuardedH11Protocol) as s:
+    with ServerThread(app, http=http) as s:
         port = int(s.url.rsplit(":", 1)[1])
         slow = socket.create_connection(("127.0.0.1", port), timeout=10)
         slow.sendall(b"POST /v1/completions HTTP/1.1\r\nHost: x\r\n")  # and never the rest

@@ -100,15 +100,19 @@ def run_benchmark(args: argparse.Namespace, rate: float, seed: int) -> dict:
     k = max(1, min(getattr(args, "num_clients", 1), len(prompts)))
     args = argparse.Namespace(**{n: v for n, v in vars(args).items() if not callable(v)})
     shares = [(args, model, prompts[i::k], rate / k, seed * 1000 + i) for i in range(k)]
-    start = time.time() + (0.0 if k == 1 else 2.0)  # the clients start together
     if k == 1:
-        runs = [_client_process(*shares[0], start)]
-    else:
+        runs = [_client_process(*shares[0])]
+    else:  # each client imports and opens its session, then all start at once
         ctx = multiprocessing.get_context("spawn")
-        with ctx.Pool(k) as pool:
-            runs = pool.starmap(_client_process, [(*share, start) for share in shares])
-    done = [r for results, _ in runs for r in results]
-    duration = max(end for _, end in runs) - start
+        ready, out = ctx.Barrier(k), ctx.Queue()
+        procs = [ctx.Process(target=_client_main, args=(*share, ready, out)) for share in shares]
+        for proc in procs:
+            proc.start()
+        runs = [out.get() for _ in procs]
+        for proc in procs:
+            proc.join()
+    done = [r for results, _, _ in runs for r in results]
+    duration = max(end for _, _, end in runs) - min(start for _, start, _ in runs)
     return summarize(done, duration, rate, args)
 
 
@@ -168,12 +172,18 @@ async def _stream_lines(client, path: str, body: dict):
             yield resp.status_code, error, resp.aiter_lines()
 
 
-def _client_process(args, model, prompts, rate, seed, start) -> tuple[list[RequestResult], float]:
-    """One client's share: its requests' results and when it finished (time.time())."""
-    return asyncio.run(_send(args, model, prompts, rate, random.Random(seed), start))
+def _client_process(args, model, prompts, rate, seed, ready=None):
+    """One client's share: its requests' results, when it started and when it finished
+    (time.time())."""
+    return asyncio.run(_send(args, model, prompts, rate, random.Random(seed), ready))
 
 
-async def _send(args, model, prompts, rate, rng, start) -> tuple[list[RequestResult], float]:
+def _client_main(args, model, prompts, rate, seed, ready, out) -> None:
+    """A client process: its share's results, through `out`."""
+    out.put(_client_process(args, model, prompts, rate, seed, ready))
+
+
+async def _send(args, model, prompts, rate, rng, ready=None):
     async with _client(args) as client:
         gate = asyncio.Semaphore(args.max_concurrency or len(prompts))
 
@@ -181,7 +191,9 @@ async def _send(args, model, prompts, rate, rng, start) -> tuple[list[RequestRes
             async with gate:
                 return await one_request(client, model, prompt, args.output_len)
 
-        await asyncio.sleep(max(0.0, start - time.time()))
+        if ready is not None:
+            ready.wait()  # every client process is up: start together
+        start = time.time()
         tasks = []
         # Arrival times are drawn ahead and slept to, not slept between: a loop busy reading
         # streams would otherwise stretch every gap and offer less than `rate`.
@@ -192,7 +204,7 @@ async def _send(args, model, prompts, rate, rng, start) -> tuple[list[RequestRes
                 due += rng.expovariate(rate)
                 await asyncio.sleep(max(0.0, due - time.perf_counter()))
         done = await asyncio.gather(*tasks)
-    return done, time.time()
+    return done, start, time.time()
 
 
 async def one_request(client, model: str, prompt: list[int], max_tokens: int) -> RequestResult:

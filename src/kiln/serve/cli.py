@@ -46,6 +46,18 @@ def register(subparsers) -> None:
     )  # fmt: skip
     p.add_argument("--max-connections", type=int, default=4096,
                    help="open connections beyond this get 503")  # fmt: skip
+    p.add_argument(
+        "--http",
+        default="auto",
+        choices=["auto", "h11", "httptools"],
+        help="uvicorn's HTTP parser (auto: httptools when installed)",
+    )
+    p.add_argument(
+        "--loop",
+        default="auto",
+        choices=["auto", "asyncio", "uvloop"],
+        help="uvicorn's event loop (auto: uvloop when installed)",
+    )
     p.add_argument("--backlog", type=int, default=4096,
                    help="connections the kernel queues before they are accepted (capped at "
                    "net.core.somaxconn)")  # fmt: skip
@@ -88,6 +100,8 @@ def run(args: argparse.Namespace) -> int:
         drain_timeout=args.drain_timeout,
         max_connections=args.max_connections,
         backlog=args.backlog,
+        http=args.http,
+        loop=args.loop,
         public_metrics=args.public_metrics,
         stream_send_timeout=args.stream_send_timeout,
         **queue,

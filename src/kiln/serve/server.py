@@ -12,6 +12,7 @@ import uvicorn
 from fastapi import FastAPI
 from uvicorn.protocols.http.h11_impl import H11Protocol
 
+from kiln.errors import InputError
 from kiln.serve.api import DEFAULT_MAX_QUEUE, create_app
 
 log = logging.getLogger("kiln.serve")
@@ -70,17 +71,13 @@ class DrainingServer(uvicorn.Server):
         return await super().on_tick(counter)
 
 
-class GuardedH11Protocol(H11Protocol):
-    """uvicorn's h11 protocol, plus a deadline for a request's headers: a connection that
-    does not complete them in `header_timeout` s is closed (slowloris). uvicorn itself times
-    out only idle keep-alive connections."""
+class HeaderDeadline:
+    """A deadline for a request's headers: a connection that does not complete them in
+    `header_timeout` s is closed (slowloris). uvicorn itself times out only idle keep-alive
+    connections. Mixed into uvicorn's protocols below, which call _arm/_disarm."""
 
     header_timeout = HEADER_TIMEOUT_S
     _header_timer: asyncio.TimerHandle | None = None
-
-    def connection_made(self, transport) -> None:  # type: ignore[override]
-        super().connection_made(transport)
-        self._arm()
 
     def _arm(self) -> None:
         self._disarm()
@@ -95,6 +92,14 @@ class GuardedH11Protocol(H11Protocol):
         if self.cycle is None or self.cycle.response_complete:  # still no whole request
             self.timeout_keep_alive_handler()
 
+
+class GuardedH11Protocol(HeaderDeadline, H11Protocol):
+    """uvicorn's pure-Python h11 protocol with the header deadline."""
+
+    def connection_made(self, transport) -> None:  # type: ignore[override]
+        super().connection_made(transport)
+        self._arm()
+
     def handle_events(self) -> None:
         super().handle_events()
         if self.cycle is not None and not self.cycle.response_complete:
@@ -107,6 +112,47 @@ class GuardedH11Protocol(H11Protocol):
     def connection_lost(self, exc: Exception | None) -> None:
         self._disarm()
         super().connection_lost(exc)
+
+
+def _httptools_protocol():
+    """uvicorn's httptools protocol (the C parser: a burst of requests is admitted several
+    times faster than through h11) with the header deadline; None without httptools."""
+    try:
+        from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
+    except ImportError:
+        return None
+
+    class GuardedHttpToolsProtocol(HeaderDeadline, HttpToolsProtocol):
+        def connection_made(self, transport) -> None:  # type: ignore[override]
+            super().connection_made(transport)
+            self._arm()
+
+        def on_headers_complete(self) -> None:
+            super().on_headers_complete()
+            self._disarm()
+
+        def on_response_complete(self) -> None:
+            self._arm()
+            super().on_response_complete()
+
+        def connection_lost(self, exc: Exception | None) -> None:
+            self._disarm()
+            super().connection_lost(exc)
+
+    return GuardedHttpToolsProtocol
+
+
+GuardedHttpToolsProtocol = _httptools_protocol()
+
+
+def http_protocol(name: str):
+    """uvicorn's HTTP protocol by name ("auto": httptools when installed, else h11), with
+    the header deadline."""
+    if name == "httptools" and GuardedHttpToolsProtocol is None:
+        raise InputError("--http httptools needs the httptools package (pip install httptools)")
+    if name == "h11" or GuardedHttpToolsProtocol is None:
+        return GuardedH11Protocol
+    return GuardedHttpToolsProtocol
 
 
 def build_engine(model: str | os.PathLike, **engine_args: Any):
@@ -127,6 +173,8 @@ def serve(
     drain_timeout: float = 30.0,
     max_connections: int = DEFAULT_MAX_CONNECTIONS,
     backlog: int = DEFAULT_BACKLOG,
+    http: str = "auto",
+    loop: str = "auto",
     public_metrics: bool = False,
     stream_send_timeout: float = 60.0,
     **engine_args: Any,
@@ -142,7 +190,8 @@ def serve(
                      stream_send_timeout=stream_send_timeout)  # fmt: skip
     config = uvicorn.Config(
         app, host=host, port=port, log_level=log_level, access_log=False,
-        http=GuardedH11Protocol, limit_concurrency=max_connections, backlog=backlog,
+        http=http_protocol(http), loop=loop, limit_concurrency=max_connections,
+        backlog=backlog,
     )  # fmt: skip
     warning = backlog_warning(backlog)
     if warning:
