@@ -108,6 +108,8 @@ class SamplingFields(_Request):
     ignore_eos: bool = False
     min_tokens: int = Field(0, ge=0)
     skip_special_tokens: bool = True
+    use_beam_search: bool = False  # vLLM's: n beams, the n best returned
+    length_penalty: float = Field(1.0, gt=0)
     stream: bool = False
     stream_options: StreamOptions | None = None
     user: str | None = None
@@ -125,6 +127,8 @@ class SamplingFields(_Request):
             logprobs=logprobs,
             skip_special_tokens=self.skip_special_tokens,
         )
+        if self.use_beam_search:  # as vLLM: greedy unless told otherwise (then refused)
+            kw.update(use_beam_search=True, length_penalty=self.length_penalty, temperature=0.0)
         for name in (
             "temperature",
             "top_p",
