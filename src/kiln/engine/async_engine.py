@@ -24,7 +24,7 @@ from typing import Any
 from kiln.config import ModelConfig
 from kiln.engine.beam_search import BeamSearch
 from kiln.engine.config import EngineConfig
-from kiln.engine.core import eos_ids_from_dir
+from kiln.engine.core import check_prompt_ids, eos_ids_from_dir
 from kiln.engine.core_client import (
     CoreOutputs,
     EngineCoreClient,
@@ -244,6 +244,10 @@ class AsyncLLM:
         async with aclosing(self._request(request_id, None, ids, params)) as outputs:
             (out,) = [o async for o in outputs]
         return out
+
+    def check_prompt(self, ids: list[int], param: str = "prompt") -> list[int]:
+        """`ids` if they fit the context and the vocabulary, else InputError naming `param`."""
+        return check_prompt_ids(ids, self.max_model_len, self.model_config.vocab_size, param)
 
     def check_params(self, params: SamplingParams) -> None:
         """InputError for settings this engine can never serve (before anything is sent)."""

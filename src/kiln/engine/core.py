@@ -27,7 +27,7 @@ from kiln.engine.sampler import PendingSample, Sampler, make_generator
 from kiln.engine.sampling_params import SamplingParams
 from kiln.engine.scheduler import Scheduler
 from kiln.engine.sequence import Sequence
-from kiln.errors import ConfigError, InputError
+from kiln.errors import ConfigError, ContextLengthError, InputError
 
 
 @dataclass
@@ -350,19 +350,22 @@ class StepTrace:
         self.rows = []
 
 
-def check_prompt_ids(ids: list[int], max_model_len: int, vocab_size: int) -> list[int]:
-    """The prompt's ids as ints; InputError for an empty, too long or out-of-vocab prompt."""
+def check_prompt_ids(
+    ids: list[int], max_model_len: int, vocab_size: int, param: str = "prompt"
+) -> list[int]:
+    """The prompt's ids as ints; InputError (naming `param`) for an empty or out-of-vocab
+    prompt, ContextLengthError for one that leaves no room to generate."""
     ids = [int(t) for t in ids]
     if not ids:
-        raise InputError("empty prompt: give at least one token")
+        raise InputError("empty prompt: give at least one token", param)
     if len(ids) >= max_model_len:
-        raise InputError(
+        raise ContextLengthError(
             f"prompt has {len(ids)} tokens but max_model_len is {max_model_len} "
-            "(the prompt must leave room for at least one generated token)"
-        )
+            "(the prompt must leave room for at least one generated token)", param
+        )  # fmt: skip
     bad = next((t for t in ids if not 0 <= t < vocab_size), None)
     if bad is not None:
-        raise InputError(f"token id {bad} is outside the vocabulary [0, {vocab_size})")
+        raise InputError(f"token id {bad} is outside the vocabulary [0, {vocab_size})", param)
     return ids
 
 

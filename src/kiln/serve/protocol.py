@@ -12,7 +12,7 @@ from typing import Annotated, Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_serializer
 
 from kiln.engine.sampling_params import MAX_LOGPROBS
-from kiln.errors import InputError
+from kiln.errors import ContextLengthError, InputError
 
 MAX_SEED = 2**63 - 1
 MAX_N = 128
@@ -247,7 +247,8 @@ def parse_request(cls: type[_Request], body: bytes) -> Any:
 def input_error(e: InputError) -> APIError:
     """The engine's InputError (bad sampling value, prompt too long) as a 400 naming the
     field at fault."""
-    return APIError(400, str(e), param=getattr(e, "param", None))
+    code = "context_length_exceeded" if isinstance(e, ContextLengthError) else None
+    return APIError(400, str(e), param=e.param, code=code)
 
 
 def engine_error(e: Exception) -> APIError:
