@@ -28,3 +28,8 @@ class InputError(KilnError, ValueError):
     def __init__(self, message: str, param: str | None = None):
         super().__init__(message)
         self.param = param
+
+
+class ContextLengthError(InputError):
+    """A prompt that leaves no room in the model's context (the server's 400 says
+    context_length_exceeded)."""

@@ -153,3 +153,26 @@ def test_logprobs_json_never_carries_inf_or_nan():
     for text in (legacy, chat):
         assert "inf" not in text.lower() and "nan" not in text.lower()
         assert str(LOGPROB_FLOOR) in text
+
+
+def test_prompt_checks_are_the_engines_naming_the_field(http, server):
+    from tiny_models import VOCAB
+
+    from kiln.engine.core import check_prompt_ids
+    from kiln.errors import InputError
+
+    def engine_says(ids) -> str:
+        with pytest.raises(InputError) as e:
+            check_prompt_ids(ids, server.engine.max_model_len, VOCAB)
+        return str(e.value)
+
+    bad = {**COMPLETION, "prompt": [3, VOCAB]}
+    err = assert_error(http.post("/v1/completions", json=bad), 400, "prompt")
+    assert err["message"] == engine_says([3, VOCAB]) and err["code"] is None
+    err = assert_error(
+        http.post("/v1/completions", json={**COMPLETION, "prompt": ""}), 400, "prompt"
+    )
+    assert err["message"] == engine_says([])
+    long = {**CHAT, "messages": [{"role": "user", "content": "to be or not " * 200}]}
+    err = assert_error(http.post("/v1/chat/completions", json=long), 400, "messages")
+    assert err["code"] == "context_length_exceeded" and "max_model_len is 256" in err["message"]

@@ -57,6 +57,8 @@ PLAUSIBLE = {
     "stream": st.booleans(),
     "echo": st.booleans(),
     "skip_special_tokens": st.booleans(),
+    "use_beam_search": st.booleans(),
+    "length_penalty": st.floats(-0.5, 3),
     "stream_options": st.fixed_dictionaries({"include_usage": st.booleans()}),
 }
 BASE = st.sampled_from(

@@ -6,18 +6,25 @@ RequestOutputs that the OutputProcessor builds from the core's per-step deltas. 
 consumer has not taken yet are merged (DELTA: concatenated; otherwise the newest replaces the
 older), so a stalled client holds one pending output, not one per step. Leaving the iterator
 early (break, cancel, client gone) aborts the request in the core and frees its blocks.
+
+A request with `use_beam_search` is a client of the engine (kiln.engine.beam_search): each beam
+step runs one ordinary request per live beam through the same path, and the one output comes
+when the search ends; leaving early aborts the step in flight.
 """
 
 from __future__ import annotations
 
 import asyncio
 import uuid
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable
+from contextlib import aclosing
 from pathlib import Path
 from typing import Any
 
 from kiln.config import ModelConfig
+from kiln.engine.beam_search import BeamSearch
 from kiln.engine.config import EngineConfig
+from kiln.engine.core import check_prompt_ids, eos_ids_from_dir
 from kiln.engine.core_client import (
     CoreOutputs,
     EngineCoreClient,
@@ -88,6 +95,18 @@ def merge_delta(into: RequestOutput, new: RequestOutput) -> None:
     into.finished = new.finished
 
 
+async def gather_or_cancel(steps: list[Awaitable]) -> list:
+    """Await every step; when one fails or the caller is cancelled, cancel the others and
+    wait for them (so their requests are aborted before this returns)."""
+    tasks = [asyncio.ensure_future(s) for s in steps]
+    try:
+        return await asyncio.gather(*tasks)
+    finally:
+        for t in tasks:
+            t.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+
+
 def max_token_bytes(tokenizer) -> int:
     """An upper bound on the UTF-8 bytes of text one token covers (its vocabulary entry's
     bytes: byte-level and metaspace entries spell a byte or a space with more)."""
@@ -102,7 +121,12 @@ class AsyncLLM:
         self.config = EngineConfig.from_kwargs(engine_args)  # bad arguments fail here, fast
         self.model_config = ModelConfig.from_dir(path)
         self.tokenizer = load_engine_tokenizer(path)
-        eos = sorted(self.tokenizer.eos_token_ids) if self.tokenizer is not None else None
+        self.eos_token_ids = frozenset(
+            self.tokenizer.eos_token_ids
+            if self.tokenizer is not None
+            else eos_ids_from_dir(path, self.model_config)
+        )
+        eos = sorted(self.eos_token_ids)
         kwargs = dict(engine_args, dtype=dtype, device=device, eos_token_ids=eos)
         self.client = EngineCoreClient(str(model), **kwargs)  # starts the core, waits for it
         self.max_model_len: int = self.client.info["max_model_len"]
@@ -111,6 +135,7 @@ class AsyncLLM:
         # than max_model_len times it is too long without tokenizing it
         self.max_token_bytes = max_token_bytes(self.tokenizer) if self.tokenizer else 0
         self._collectors: dict[str, OutputCollector] = {}
+        self._searches: set[str] = set()  # request ids of the running beam searches
         self._loop: asyncio.AbstractEventLoop | None = None
         self._stopping = False
         self._idle = asyncio.Event()
@@ -131,7 +156,7 @@ class AsyncLLM:
         """Stop: after what is in flight finishes (drain, at most `timeout` s) or at once;
         what is left is aborted, then the core process exits."""
         self._stopping = True
-        if drain and self._collectors and not self.client.dead:
+        if drain and (self._collectors or self._searches) and not self.client.dead:
             self._idle.clear()
             try:
                 await asyncio.wait_for(self._idle.wait(), timeout)
@@ -162,8 +187,22 @@ class AsyncLLM:
             self.tokenizer, text, ids, self.max_model_len, self.model_config.vocab_size
         )
         self.check_params(params)
-        if request_id in self._collectors:
+        if request_id in self._collectors or request_id in self._searches:
             raise KilnError(f"request id {request_id!r} is already running")
+        if params.use_beam_search:
+            outputs = self._beam_search(request_id, text, ids, params)
+        else:
+            outputs = self._request(request_id, text, ids, params)
+        async with aclosing(outputs):
+            async for out in outputs:
+                yield out
+
+    async def _request(
+        self, request_id: str, text: str | None, ids: list[int], params: SamplingParams
+    ) -> AsyncIterator[RequestOutput]:
+        """One checked request through the core: its outputs as they come."""
+        if self.client.dead:
+            raise EngineDeadError("the engine core is not running")
         collector = OutputCollector(params.output_kind)
         self._collectors[request_id] = collector
         self.processor.add_request(request_id, text, ids, params)
@@ -180,6 +219,36 @@ class AsyncLLM:
             else:
                 self._forget(request_id)
 
+    async def _beam_search(
+        self, request_id: str, text: str | None, ids: list[int], params: SamplingParams
+    ) -> AsyncIterator[RequestOutput]:
+        """One beam search: its steps' beam requests through `_request`, one output at the end."""
+        search = BeamSearch(ids, params, self.eos_token_ids, self.max_model_len)
+        self._searches.add(request_id)
+        try:
+            while not search.finished:
+                beams = [
+                    self._final_output(sub_id, prompt, search.step_params)
+                    for sub_id, prompt in search.step_requests(request_id)
+                ]
+                search.advance(await gather_or_cancel(beams))
+        finally:
+            self._searches.discard(request_id)
+            self._forget(request_id)
+        yield search.output(self.tokenizer, request_id, text)
+
+    async def _final_output(
+        self, request_id: str, ids: list[int], params: SamplingParams
+    ) -> RequestOutput:
+        """The one output of a FINAL_ONLY request."""
+        async with aclosing(self._request(request_id, None, ids, params)) as outputs:
+            (out,) = [o async for o in outputs]
+        return out
+
+    def check_prompt(self, ids: list[int], param: str = "prompt") -> list[int]:
+        """`ids` if they fit the context and the vocabulary, else InputError naming `param`."""
+        return check_prompt_ids(ids, self.max_model_len, self.model_config.vocab_size, param)
+
     def check_params(self, params: SamplingParams) -> None:
         """InputError for settings this engine can never serve (before anything is sent)."""
         check_params(self.tokenizer, params, self.config.max_num_seqs)
@@ -194,7 +263,7 @@ class AsyncLLM:
 
     def _forget(self, request_id: str) -> None:
         self._collectors.pop(request_id, None)
-        if not self._collectors:
+        if not self._collectors and not self._searches:
             self._idle.set()
 
     def stats(self) -> dict:

@@ -27,7 +27,7 @@ from kiln.engine.sampler import PendingSample, Sampler, make_generator
 from kiln.engine.sampling_params import SamplingParams
 from kiln.engine.scheduler import Scheduler
 from kiln.engine.sequence import Sequence
-from kiln.errors import ConfigError, InputError
+from kiln.errors import ConfigError, ContextLengthError, InputError
 
 
 @dataclass
@@ -42,16 +42,12 @@ class InFlight:
 class CoreRequest:
     """One request inside the core: its prompt ids, its settings, its (best_of) sequences."""
 
-    is_beam = False
-
     def __init__(self, request_id: str, prompt_token_ids: list[int], params: SamplingParams):
         self.request_id = request_id
         self.prompt_token_ids = prompt_token_ids
         self.params = params
         self.seqs: list[Sequence] = []
         self.finished = False
-        self.internal = False  # a beam-search step: its tokens go to the beam, not the caller
-        self.top_logprobs: dict[int, float] | None = None  # internal: its token's top-N
 
 
 def eos_ids_from_dir(path: Path, config: ModelConfig) -> set[int]:
@@ -132,18 +128,7 @@ class EngineCore:
             raise InputError(f"request id {request_id!r} is already in use")
         ids = self.check_prompt(prompt_token_ids)
         check_fits_batch(params, self.config.max_num_seqs)
-        if params.use_beam_search:
-            from kiln.engine.beam_search import BeamSearchRequest
-
-            self.requests[request_id] = BeamSearchRequest(self, request_id, ids, params)
-            self._sync_only.add(request_id)
-            return
-        self.add_validated(request_id, ids, params)
-
-    def add_validated(self, request_id, ids, params, internal=False) -> CoreRequest:
-        """Queue a request whose prompt is already checked."""
         req = CoreRequest(request_id, ids, params)
-        req.internal = internal
         seq = Sequence(next(self._seq_ids), request_id, 0, ids, params, self.eos_token_ids)
         seq.pending_forks = params.best_of - 1
         if params.seed is not None:
@@ -154,7 +139,6 @@ class EngineCore:
             self._sync_only.add(request_id)  # penalties read the newest tokens; forks share them
         self.scheduler.add(seq)
         self.prompt_tokens_total += len(ids)
-        return req
 
     def abort(self, request_id: str) -> bool:
         """Stop a request now and free its blocks; whether it was live."""
@@ -162,9 +146,6 @@ class EngineCore:
         if req is None:
             return False
         self._remove(request_id)
-        if req.is_beam:
-            req.abort()
-            return True
         for seq in req.seqs:
             if not seq.is_finished:
                 seq.finish("abort")
@@ -174,7 +155,7 @@ class EngineCore:
     def finish_seq(self, request_id: str, index: int, reason: str, stop_reason=None) -> None:
         """End one sequence early (a stop string the output processor found)."""
         req = self.requests.get(request_id)
-        if req is None or req.is_beam:
+        if req is None:
             return
         for seq in req.seqs:
             if seq.index == index and not seq.is_finished:
@@ -225,15 +206,15 @@ class EngineCore:
             return self._process(prev.seqs, prev.sample.result())
         out = self.scheduler.schedule()
         if not out.seqs:
-            return self._drive_beams([])
+            return []
         seqs, sample, logits = self.runner.execute(out, None, self.sampler)
         self.scheduler.update(out)
         if not seqs:
-            return self._drive_beams([])
+            return []
         if sample is None:  # first tokens of n / best_of siblings: fork them, then sample
             seqs, rows = self._fork(seqs)
             sample = self.sampler.sample(logits[rows], seqs)
-        return self._drive_beams(self._process(seqs, sample.result()))
+        return self._process(seqs, sample.result())
 
     def _step_async(self) -> list[SeqDelta]:
         out = self.scheduler.schedule()
@@ -264,23 +245,19 @@ class EngineCore:
                 continue
             token, top = result.token_ids[i], result.top_logprobs[i]
             self._append(seq, token, result.logprobs[i])
-            req = self.requests[seq.request_id]
-            if req.internal:
-                req.top_logprobs = top
-            else:
-                deltas.append(
-                    SeqDelta(
-                        seq.request_id,
-                        seq.index,
-                        [token],
-                        None if top is None else [top],
-                        seq.cumulative_logprob,
-                        seq.finish_reason,
-                        seq.stop_reason,
-                    )
+            deltas.append(
+                SeqDelta(
+                    seq.request_id,
+                    seq.index,
+                    [token],
+                    None if top is None else [top],
+                    seq.cumulative_logprob,
+                    seq.finish_reason,
+                    seq.stop_reason,
                 )
+            )
             if seq.is_finished:
-                done.append(req)
+                done.append(self.requests[seq.request_id])
         for req in done:
             if not req.finished and all(s.is_finished for s in req.seqs):
                 req.finished = True
@@ -315,15 +292,6 @@ class EngineCore:
         check_stop_token(seq, self.max_model_len)
         if seq.is_finished:
             self.scheduler.finish(seq)
-
-    def _drive_beams(self, deltas: list[SeqDelta]) -> list[SeqDelta]:
-        for req in list(self.requests.values()):
-            if req.is_beam:
-                final = req.advance()
-                if final is not None:
-                    deltas += final
-                    self._remove(req.request_id)
-        return deltas
 
     def stats(self) -> dict:
         bm = self.block_manager
@@ -382,27 +350,29 @@ class StepTrace:
         self.rows = []
 
 
-def check_prompt_ids(ids: list[int], max_model_len: int, vocab_size: int) -> list[int]:
-    """The prompt's ids as ints; InputError for an empty, too long or out-of-vocab prompt."""
+def check_prompt_ids(
+    ids: list[int], max_model_len: int, vocab_size: int, param: str = "prompt"
+) -> list[int]:
+    """The prompt's ids as ints; InputError (naming `param`) for an empty or out-of-vocab
+    prompt, ContextLengthError for one that leaves no room to generate."""
     ids = [int(t) for t in ids]
     if not ids:
-        raise InputError("empty prompt: give at least one token")
+        raise InputError("empty prompt: give at least one token", param)
     if len(ids) >= max_model_len:
-        raise InputError(
+        raise ContextLengthError(
             f"prompt has {len(ids)} tokens but max_model_len is {max_model_len} "
-            "(the prompt must leave room for at least one generated token)"
-        )
+            "(the prompt must leave room for at least one generated token)", param
+        )  # fmt: skip
     bad = next((t for t in ids if not 0 <= t < vocab_size), None)
     if bad is not None:
-        raise InputError(f"token id {bad} is outside the vocabulary [0, {vocab_size})")
+        raise InputError(f"token id {bad} is outside the vocabulary [0, {vocab_size})", param)
     return ids
 
 
 def check_fits_batch(params: SamplingParams, max_num_seqs: int) -> None:
     """InputError unless all n (best_of) sequences fit in one batch: they are scheduled
-    together, so more would wait at the queue head forever. Beam search runs its beams as
-    separate one-token requests."""
-    if params.best_of > max_num_seqs and not params.use_beam_search:
+    together, so more would wait at the queue head forever."""
+    if params.best_of > max_num_seqs:
         name = "best_of" if params.best_of > params.n else "n"
         raise InputError(
             f"{name}={params.best_of} sequences can never run at once: this engine runs at "

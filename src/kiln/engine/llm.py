@@ -1,4 +1,8 @@
-"""kiln.LLM: offline batch generation, vLLM's interface."""
+"""kiln.LLM: offline batch generation, vLLM's interface.
+
+Requests with `use_beam_search` run as clients of the engine (kiln.engine.beam_search): each
+beam step queues one ordinary request per live beam, batched with every other request.
+"""
 
 from __future__ import annotations
 
@@ -6,6 +10,7 @@ import itertools
 from collections.abc import Sequence as Seq
 from dataclasses import replace
 
+from kiln.engine.beam_search import BeamSearch
 from kiln.engine.llm_engine import LLMEngine, check_params
 from kiln.engine.outputs import RequestOutput
 from kiln.engine.sampling_params import RequestOutputKind, SamplingParams
@@ -50,14 +55,20 @@ class LLM:
         ids = [self.engine.validate_prompt(t, i) for t, i in zip(texts, ids)]
         for p in params:
             check_params(self.tokenizer, p, self.engine.config.max_num_seqs)
-        order = []
+        order, searches = [], {}
         for text, tok_ids, p in zip(texts, ids, params):
             rid = str(next(self._ids))
+            order.append(rid)
+            if p.use_beam_search:
+                search = BeamSearch(
+                    tok_ids, p, self.engine.eos_token_ids, self.engine.max_model_len
+                )
+                searches[rid] = text, search
+                continue
             # one output per request, at its end: nothing is assembled while it runs
             p = replace(p, output_kind=RequestOutputKind.FINAL_ONLY)
             self.engine.add_request(rid, text, p, tok_ids)
-            order.append(rid)
-        return self._run(order, use_tqdm)
+        return self._run(order, searches, use_tqdm)
 
     def chat(self, messages, sampling_params: SamplingParams | None = None, **kwargs):
         """Generate a reply to one conversation (list of messages) or to several."""
@@ -72,19 +83,46 @@ class LLM:
         ]
         return self.generate(sampling_params=sampling_params, prompt_token_ids=ids)
 
-    def _run(self, order: list[str], use_tqdm: bool) -> list[RequestOutput]:
+    def _run(
+        self, order: list[str], searches: dict[str, tuple[str | None, BeamSearch]], use_tqdm: bool
+    ) -> list[RequestOutput]:
+        """Step the engine until every request is done; the beam searches advance in
+        lockstep, each step's beam requests batched with everything else in flight."""
         done: dict[str, RequestOutput] = {}
+        top = set(order)
         bar = None
         if use_tqdm:
             from tqdm import tqdm
 
             bar = tqdm(total=len(order), desc="generate")
-        while self.engine.has_unfinished():
-            for out in self.engine.step(stream=False):
-                if out.finished:
+
+        def step_until(wanted: set[str]) -> None:
+            while not wanted <= done.keys():
+                assert self.engine.has_unfinished(), "waiting for requests the engine lacks"
+                for out in self.engine.step(stream=False):
                     done[out.request_id] = out
+                    if bar and out.request_id in top:
+                        bar.update(1)
+
+        while searches:
+            steps = {rid: self._queue_beam_step(rid, s) for rid, (_, s) in searches.items()}
+            step_until(set().union(*steps.values()))
+            for rid, sub_ids in steps.items():
+                text, search = searches[rid]
+                search.advance([done.pop(sub) for sub in sub_ids])
+                if search.finished:
+                    done[rid] = search.output(self.tokenizer, rid, text)
+                    del searches[rid]
                     if bar:
                         bar.update(1)
+        step_until(top)
         if bar:
             bar.close()
         return [done[r] for r in order]
+
+    def _queue_beam_step(self, rid: str, search: BeamSearch) -> list[str]:
+        """Queue one ordinary request per live beam of `search`; their ids."""
+        subs = search.step_requests(rid)
+        for sub_id, prompt in subs:
+            self.engine.add_request(sub_id, None, search.step_params, prompt)
+        return [sub_id for sub_id, _ in subs]

@@ -44,10 +44,12 @@ def encode_prompt(
 
 def check_params(tokenizer, params: SamplingParams, max_num_seqs: int) -> None:
     """What a request's settings need of the engine: stop strings need a tokenizer, and all
-    n (best_of) sequences must fit in one batch (they are scheduled together)."""
+    n (best_of) sequences must fit in one batch (they are scheduled together; beam search
+    runs each beam as a request of its own)."""
     if params.stop and tokenizer is None:
         raise InputError("stop strings need a tokenizer; this model has none", "stop")
-    check_fits_batch(params, max_num_seqs)
+    if not params.use_beam_search:
+        check_fits_batch(params, max_num_seqs)
 
 
 class LLMEngine:
@@ -91,6 +93,11 @@ class LLMEngine:
         prompt_token_ids: list[int] | None = None,
     ) -> None:
         params = params or SamplingParams()
+        if params.use_beam_search:  # a client of the engine, not a kind of request
+            raise InputError(
+                "beam search drives the engine from outside: use kiln.LLM.generate",
+                "use_beam_search",
+            )
         if request_id in self.processor.requests:
             raise InputError(f"request id {request_id!r} is already in use")
         ids = self.validate_prompt(prompt, prompt_token_ids)

@@ -43,13 +43,12 @@ class RequestState:
         self.prompt = prompt
         self.prompt_token_ids = prompt_token_ids
         self.params = params
-        # beam search hands back n hypotheses; sampling runs best_of sequences
-        self.num_seqs = params.n if params.use_beam_search else params.best_of
+        self.num_seqs = params.best_of
         self.seqs: dict[int, SeqState] = {}
         self.metrics = RequestMetrics(arrival_time=arrival)
         self.finished = False
         kind = params.output_kind
-        if params.best_of > params.n and not params.use_beam_search:
+        if params.best_of > params.n:
             kind = RequestOutputKind.FINAL_ONLY  # which n survive is known only at the end
         self.kind = kind
         self.changed: set[int] = set()  # delta mode: indexes with something new
@@ -91,7 +90,7 @@ class OutputProcessor:
         req = self.requests.pop(request_id, None)
         if req is None:
             return None
-        for i in range(req.num_seqs if not req.params.use_beam_search else 1):
+        for i in range(req.num_seqs):
             s = req.seq(i)
             if s.finish_reason is None:
                 s.finish_reason = "abort"
@@ -122,8 +121,8 @@ class OutputProcessor:
         for req in touched.values():
             if req.metrics.first_token_time is None:
                 req.metrics.first_token_time = now
-            done = all(s.finish_reason is not None for s in req.seqs.values()) and (
-                len(req.seqs) == req.num_seqs or req.params.use_beam_search
+            done = len(req.seqs) == req.num_seqs and all(
+                s.finish_reason is not None for s in req.seqs.values()
             )
             if done:
                 del self.requests[req.request_id]

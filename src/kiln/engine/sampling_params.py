@@ -88,8 +88,12 @@ class SamplingParams:
             self.length_penalty,
             "> 0",
         )
-        if self.use_beam_search:
-            _check(self.best_of > 1, "best_of", self.best_of, "> 1 with use_beam_search")
+        if self.use_beam_search:  # the beam width is best_of, which is n unless given
+            width = "best_of" if self.best_of > self.n else "n"
+            _check(self.best_of > 1, width, self.best_of, "> 1 with use_beam_search")
+            _check(self.best_of <= MAX_LOGPROBS // 2, width, self.best_of,
+                   f"<= {MAX_LOGPROBS // 2} with use_beam_search (a beam step reads the top "
+                   "2 * width logprobs)")  # fmt: skip
             _check(self.temperature == 0, "temperature", self.temperature, "0 with use_beam_search")
         for s in self.stop:
             _check(isinstance(s, str) and s != "", "stop", s, "non-empty strings")

@@ -12,7 +12,7 @@ from typing import Annotated, Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_serializer
 
 from kiln.engine.sampling_params import MAX_LOGPROBS
-from kiln.errors import InputError
+from kiln.errors import ContextLengthError, InputError
 
 MAX_SEED = 2**63 - 1
 MAX_N = 128
@@ -108,6 +108,8 @@ class SamplingFields(_Request):
     ignore_eos: bool = False
     min_tokens: int = Field(0, ge=0)
     skip_special_tokens: bool = True
+    use_beam_search: bool = False  # vLLM's: n beams, the n best returned
+    length_penalty: float = Field(1.0, gt=0)
     stream: bool = False
     stream_options: StreamOptions | None = None
     user: str | None = None
@@ -125,6 +127,8 @@ class SamplingFields(_Request):
             logprobs=logprobs,
             skip_special_tokens=self.skip_special_tokens,
         )
+        if self.use_beam_search:  # as vLLM: greedy unless told otherwise (then refused)
+            kw.update(use_beam_search=True, length_penalty=self.length_penalty, temperature=0.0)
         for name in (
             "temperature",
             "top_p",
@@ -243,7 +247,8 @@ def parse_request(cls: type[_Request], body: bytes) -> Any:
 def input_error(e: InputError) -> APIError:
     """The engine's InputError (bad sampling value, prompt too long) as a 400 naming the
     field at fault."""
-    return APIError(400, str(e), param=getattr(e, "param", None))
+    code = "context_length_exceeded" if isinstance(e, ContextLengthError) else None
+    return APIError(400, str(e), param=e.param, code=code)
 
 
 def engine_error(e: Exception) -> APIError:

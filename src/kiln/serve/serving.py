@@ -109,25 +109,11 @@ async def chat_prompt(ctx: ServingContext, req: ChatCompletionRequest) -> list[i
 def resolve_max_tokens(
     ctx: ServingContext, prompt: list[int], max_tokens: int | None, param: str
 ) -> int:
-    """Check a prompt against the context and vocabulary; return the max_tokens to use."""
+    """Check a prompt against the context and vocabulary (the engine's check: its InputError
+    is a 400 naming `param`); return the max_tokens to use."""
+    ctx.engine.check_prompt(prompt, param)
     limit = ctx.max_model_len
     n = len(prompt)
-    if n == 0:
-        raise APIError(400, f"{param} is empty: give at least one token", param=param)
-    vocab = ctx.engine.model_config.vocab_size
-    bad = next((t for t in prompt if t >= vocab), None)
-    if bad is not None:
-        raise APIError(
-            400, f"{param} holds token id {bad}, outside the vocabulary of {vocab}", param=param
-        )
-    if n >= limit:
-        raise APIError(
-            400,
-            f"this model's maximum context length is {limit} tokens, but the {param} has {n} "
-            f"tokens; leave room for at least one generated token",
-            param=param,
-            code="context_length_exceeded",
-        )
     if max_tokens is None:
         return limit - n
     if n + max_tokens > limit:
