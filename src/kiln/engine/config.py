@@ -50,7 +50,7 @@ class EngineConfig:
     # lose by batch 4 (benchmarks/bench_linear.py --chain; numbers in notes/BENCHMARKS.md).
     gemv_max_batch: int = 1
     # Queue step N+1 before reading step N's tokens (hides the host's work behind the GPU's);
-    # None: on for CUDA. Requests with penalties, n > 1 / best_of or beam search run lockstep.
+    # None: on for CUDA. Requests with penalties or n > 1 / best_of run lockstep.
     async_scheduling: bool | None = None
 
     def __post_init__(self) -> None:
