@@ -304,12 +304,14 @@ def main() -> None:
     sweep = [s for s in after["served"][1:] if s["clients"] == args.clients]
     if sweep:
         offline_rps = after["offline"]["request_throughput"]
-        lines += ["", "| offered req/s | served req/s (steady) | out tok/s | TTFT p50 / p99 ms | "
-                  "TPOT p50 / p99 ms | sustained |", "|---|---|---|---|---|---|"]  # fmt: skip
+        lines += ["", "| offered req/s (sent) | served req/s (steady) | out tok/s | "
+                  "TTFT p50 / p99 ms | TPOT p50 / p99 ms | sustained |",
+                  "|---|---|---|---|---|---|"]  # fmt: skip
         for s in sweep:
             ttft, tpot = s["ttft_ms"], s["tpot_ms"]
             ok = "yes" if sustained(s) else "no"
-            lines.append(f"| {s['request_rate']:.0f} | {s['request_throughput']:.1f} "
+            lines.append(f"| {s['request_rate']:.0f} ({s['offered_request_throughput']:.1f}) | "
+                         f"{s['request_throughput']:.1f} "
                          f"({s['steady_request_throughput']:.1f}) | "
                          f"{s['output_throughput']:,.0f} | {ttft['p50']:.0f} / {ttft['p99']:.0f}"
                          f" | {tpot['p50']:.1f} / {tpot['p99']:.1f} | {ok} |")  # fmt: skip

@@ -60,3 +60,13 @@ def test_steady_throughput_leaves_out_the_drain_tail():
     assert steady_throughput(slow) < 8.0  # falling behind: completions lag the arrivals
     at_once = [RequestResult(ok=True, e2e=1.0, sent_at=1000.0) for _ in range(20)]
     assert math.isnan(steady_throughput(at_once))
+
+
+def test_steady_throughput_is_not_biased_by_latency():
+    """Latency long against the arrival window (0.6 s of a 3.6 s run) reads as the offered
+    rate, and sends are counted as offered."""
+    from kiln.serve.bench import RequestResult, offered_throughput, steady_throughput
+
+    done = [RequestResult(ok=True, e2e=0.6, sent_at=1000 + i / 275) for i in range(1000)]
+    assert steady_throughput(done) == pytest.approx(275, rel=0.01)
+    assert offered_throughput(done) == pytest.approx(275, rel=0.01)

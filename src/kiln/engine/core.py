@@ -337,7 +337,8 @@ class StepTrace:
         row = (start, time.perf_counter(), len(deltas), len(sched.running), len(sched.waiting))
         if plan is not None:
             md = plan.metadata
-            row += (md.num_seqs, int(md.positions.shape[0]), md.num_decodes, plan.graph)
+            decodes = sum(1 for n in md.query_lens if n == 1)  # a mixed graph's too
+            row += (md.num_seqs, int(md.positions.shape[0]), decodes, plan.graph)
         self.rows.append(row)
         return deltas
 

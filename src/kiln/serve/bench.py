@@ -271,17 +271,28 @@ def _percentiles(values: list[float]) -> dict[str, float]:
 
 
 def steady_throughput(ok: list[RequestResult]) -> float:
-    """Requests finished per second while arrivals were still coming: completions inside the
-    middle 80% of the arrival window over its length (the ramp and the drain tail left out, so
-    a server that keeps up reads as the offered rate); NaN when all arrive at once."""
+    """Requests finished per second in steady state: the middle 80% of the completions over
+    the time they took (the ramp and the drain tail left out). A server that keeps up finishes
+    requests as fast as they arrive, so this reads as the offered rate (up to Poisson noise);
+    one that falls behind finishes them at its own pace. NaN when all arrive at once."""
     if len(ok) < 10:
         return math.nan
     sent = sorted(r.sent_at for r in ok)
-    lo, hi = sent[len(sent) // 10], sent[-len(sent) // 10 - 1]
-    if hi - lo < 1e-3:  # everything sent at once: no steady state to speak of
+    if sent[-len(sent) // 10 - 1] - sent[len(sent) // 10] < 1e-3:  # all at once: no steady state
         return math.nan
-    done = sum(lo <= r.sent_at + r.e2e <= hi for r in ok)
-    return done / (hi - lo)
+    done = sorted(r.sent_at + r.e2e for r in ok)
+    lo, hi = len(done) // 10, len(done) - len(done) // 10 - 1
+    return (hi - lo) / (done[hi] - done[lo])
+
+
+def offered_throughput(ok: list[RequestResult]) -> float:
+    """Requests sent per second over the middle 80% of the sends (what the clients managed
+    to offer)."""
+    if len(ok) < 10:
+        return math.nan
+    sent = sorted(r.sent_at for r in ok)
+    lo, hi = len(sent) // 10, len(sent) - len(sent) // 10 - 1
+    return (hi - lo) / (sent[hi] - sent[lo]) if sent[hi] > sent[lo] else math.nan
 
 
 def summarize(results: list[RequestResult], duration: float, rate: float, args) -> dict:
@@ -290,6 +301,7 @@ def summarize(results: list[RequestResult], duration: float, rate: float, args) 
     prompt = sum(r.prompt_tokens for r in ok)
     return {
         "steady_request_throughput": steady_throughput(ok),
+        "offered_request_throughput": offered_throughput(ok),
         "request_rate": rate,
         "num_prompts": len(results),
         "completed": len(ok),
