@@ -9,8 +9,9 @@ _decode_reduce_kernel) the first two become one, which is what launch-bound batc
 wants (`benchmarks/profile_decode.py --variants`; numbers in notes/BENCHMARKS.md).
 
 Each program takes one (sequence, kv head, split), as paged_decode_attention's kernel does:
-- it recomputes the norm and RoPE of its GROUP q heads from the qkv row (with the helpers of
-  kiln.kernels.qkv_prepare, so q and the stored k are bit-identical to that kernel's);
+- it recomputes the norm and RoPE of its GROUP q heads from the qkv row (with the helpers
+  qkv_prepare's kernel uses, from kiln.kernels.common, so q and the stored k are
+  bit-identical to that kernel's);
 - the program whose split holds the new token (position context_len - 1: the last non-empty
   split) prepares its kv head's k and v, stores them at the sequence's slot, and waits at a
   CTA barrier, so that its attention loop reads the new token back from the cache. No other
@@ -29,8 +30,17 @@ from __future__ import annotations
 
 import torch
 
-from kiln.kernels._paged import LOG2E, check_paged_args, dot_options
 from kiln.kernels._triton import pdl_enter, pdl_options, tl, triton, use_pdl, use_triton
+from kiln.kernels.common import (
+    LOG2E,
+    check_paged_args,
+    check_qkv_args,
+    dot_options,
+    norm_rope_heads,
+    rope_cos_sin,
+    store_token_kv,
+    torch_sum_plan,
+)
 from kiln.kernels.paged_decode_attention import (
     CUDA_CONFIG,
     INTERPRETER_CONFIG,
@@ -41,14 +51,7 @@ from kiln.kernels.paged_decode_attention import (
     split_range,
     write_split_output,
 )
-from kiln.kernels.qkv_prepare import (
-    _norm_rope_heads,
-    _rope_cos_sin,
-    _store_token_kv,
-    _torch_sum_plan,
-    check_qkv_args,
-    qkv_prepare_ref,
-)
+from kiln.kernels.qkv_prepare import qkv_prepare_ref
 
 
 def paged_decode_qkv_ref(
@@ -107,8 +110,8 @@ def _decode_qkv_kernel(
     lo, hi = split_range(length, split, num_splits, sliding_window, USE_WINDOW, BLOCK_N)
 
     row = qkv_ptr + seq * stride_qkv
-    cos, sin = _rope_cos_sin(pos_ptr + seq, cos_sin_ptr, stride_cs, HAS_ROPE, HALF)
-    q1, q2 = _norm_rope_heads(
+    cos, sin = rope_cos_sin(pos_ptr + seq, cos_sin_ptr, stride_cs, HAS_ROPE, HALF)
+    q1, q2 = norm_rope_heads(
         row + kv_head * GROUP * D, GROUP, q_w_ptr, eps, cos, sin,
         HAS_NORM, HAS_ROPE, HALF, BLOCK_G, VEC, LOG_BW_Q,
     )  # fmt: skip
@@ -119,7 +122,7 @@ def _decode_qkv_kernel(
     holds_new = ((lo < hi) & (hi == length)) | ((length == 0) & (split == 0))
     slot = tl.load(slot_ptr + seq).to(tl.int64)
     if holds_new & (slot >= 0):  # else padding: nothing to store
-        _store_token_kv(
+        store_token_kv(
             row, slot, kv_head, 1, k_w_ptr, eps, cos, sin, k_cache_ptr, v_cache_ptr,
             stride_cache_block, stride_cache_off, stride_cache_head,
             stride_cache_block, stride_cache_off, stride_cache_head,
@@ -189,8 +192,8 @@ def paged_decode_qkv_triton(
         out, num_kv_heads, block_tables, block_size, num_splits, last_reduces
     )
     split = num_splits > 1
-    vec, bw_q = _torch_sum_plan(batch * num_heads, head_dim)  # as qkv_prepare_triton sums
-    _, bw_k = _torch_sum_plan(batch * num_kv_heads, head_dim)
+    vec, bw_q = torch_sum_plan(batch * num_heads, head_dim)  # as qkv_prepare_triton sums
+    _, bw_k = torch_sum_plan(batch * num_kv_heads, head_dim)
     dummy = qkv  # stands in for the pointers of the steps left out (never read)
     _decode_qkv_kernel[(batch, num_kv_heads, num_splits)](
         qkv, positions if has_rope else dummy, cos_sin if has_rope else dummy,

@@ -13,13 +13,6 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from kiln.kernels._paged import (
-    LOG2E,
-    check_paged_args,
-    dot_options,
-    kv_tile_offsets,
-    online_softmax_step,
-)
 from kiln.kernels._triton import (
     num_sms,
     pdl_enter,
@@ -28,6 +21,13 @@ from kiln.kernels._triton import (
     triton,
     use_pdl,
     use_triton,
+)
+from kiln.kernels.common import (
+    LOG2E,
+    check_paged_args,
+    dot_options,
+    kv_tile_offsets,
+    online_softmax_step,
 )
 
 MIN_TOKENS_PER_SPLIT = 256

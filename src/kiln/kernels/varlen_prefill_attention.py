@@ -15,7 +15,8 @@ from __future__ import annotations
 
 import torch
 
-from kiln.kernels._paged import (
+from kiln.kernels._triton import tl, triton, use_triton
+from kiln.kernels.common import (
     LOG2E,
     attend_paged_ref,
     check_paged_args,
@@ -23,7 +24,6 @@ from kiln.kernels._paged import (
     kv_tile_offsets,
     online_softmax_step,
 )
-from kiln.kernels._triton import tl, triton, use_triton
 
 # Launch settings on CUDA by head_dim (benchmarks/bench_kernels.py sweeps them); the
 # interpreter uses 16x16 tiles so that tiny tests still cross tile boundaries.
