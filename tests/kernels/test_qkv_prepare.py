@@ -5,7 +5,7 @@ import torch
 import triton
 import triton.language as tl
 
-from kiln.kernels.common import sum_squares, torch_sum_plan
+from kiln.kernels.common import HeadLayout, PagedKV, QKNormRope, sum_squares, torch_sum_plan
 from kiln.kernels.qkv_prepare import qkv_prepare, qkv_prepare_ref, qkv_prepare_triton
 from kiln.kernels.rmsnorm import rmsnorm_ref
 from kiln.kernels.rope import rope_ref
@@ -43,8 +43,9 @@ def _run(fn, qkv, positions, cos_sin, q_w, k_w, shape, slots, num_heads, num_kv_
     # NaN everywhere first: a slot written by one and not the other shows up
     k_cache = torch.full(shape, float("nan"), dtype=qkv.dtype, device=qkv.device)
     v_cache = torch.full_like(k_cache, float("nan"))
-    q = fn(qkv, positions, cos_sin, q_w, k_w, EPS, k_cache, v_cache, slots,
-           num_heads, num_kv_heads)  # fmt: skip
+    heads = HeadLayout(num_heads, num_kv_heads, shape[-1])
+    kv = PagedKV(k_cache, v_cache, slot_mapping=slots)
+    q = fn(qkv, positions, heads, QKNormRope(q_w, k_w, EPS, cos_sin), kv)
     return q, k_cache, v_cache
 
 

@@ -1,6 +1,7 @@
-"""What the attention kernels share: their argument checks, the paged-attention pieces (the
-references' gather, the kernels' tile loads and online softmax) and the per-head q/k norm,
-RoPE and K/V store of qkv_prepare, which decode_qkv repeats bit for bit.
+"""What the attention kernels share: their argument types (HeadLayout, QKNormRope, PagedKV)
+and checks, the paged-attention pieces (the references' gather, the kernels' tile loads and
+online softmax) and the per-head q/k norm, RoPE and K/V store of qkv_prepare, which
+decode_qkv repeats bit for bit.
 
 A sequence's K/V live in the paged cache [num_blocks, block_size, num_kv_heads, head_dim]:
 its token t sits in block `block_table[t // block_size]` at offset `t % block_size`.
@@ -8,12 +9,88 @@ its token t sits in block `block_table[t // block_size]` at offset `t % block_si
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 
 from kiln.kernels._triton import assert_head_dim, tl, triton
 from kiln.kernels.causal_attention import causal_attention
 
 LOG2E = 1.4426950408889634  # the kernels use exp2, so scores are scaled by log2(e)
+
+
+@dataclass(frozen=True)
+class HeadLayout:
+    """How the attention heads of a layer are laid out: Hq query heads, Hkv K/V heads (Hq a
+    multiple of it), each head_dim wide; the fused projection's qkv row holds q, k, v heads
+    in that order."""
+
+    num_heads: int
+    num_kv_heads: int
+    head_dim: int
+
+    @property
+    def group(self) -> int:
+        """Query heads per K/V head."""
+        return self.num_heads // self.num_kv_heads
+
+    @property
+    def qkv_width(self) -> int:
+        """Width of a qkv row: (Hq + 2 Hkv) * D."""
+        return (self.num_heads + 2 * self.num_kv_heads) * self.head_dim
+
+    def split_qkv(self, qkv: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """qkv [..., (Hq + 2 Hkv) * D] -> q [..., Hq, D], k and v [..., Hkv, D] (views)."""
+        q_dim, kv_dim = self.num_heads * self.head_dim, self.num_kv_heads * self.head_dim
+        q, k, v = qkv.split([q_dim, kv_dim, kv_dim], dim=-1)
+        return (
+            q.unflatten(-1, (self.num_heads, self.head_dim)),
+            k.unflatten(-1, (self.num_kv_heads, self.head_dim)),
+            v.unflatten(-1, (self.num_kv_heads, self.head_dim)),
+        )
+
+
+# eq=False on the dataclasses of tensors: compared field by field, tensors would compare
+# elementwise; these compare (and hash) by identity.
+@dataclass(frozen=True, eq=False)
+class QKNormRope:
+    """What q and k go through between the qkv projection and attention: RMSNorm per head
+    (Qwen3's q_norm / k_norm; no weights: none), then RoPE (no cos_sin table: none)."""
+
+    q_norm_weight: torch.Tensor | None = None  # [D]
+    k_norm_weight: torch.Tensor | None = None  # [D]
+    eps: float = 0.0
+    cos_sin: torch.Tensor | None = None  # [max_positions, D] float32: cos, then sin halves
+
+    def __post_init__(self):
+        assert (self.q_norm_weight is None) == (self.k_norm_weight is None), (
+            "q_norm_weight and k_norm_weight go together"
+        )
+
+    @property
+    def has_norm(self) -> bool:
+        return self.q_norm_weight is not None
+
+    @property
+    def has_rope(self) -> bool:
+        return self.cos_sin is not None
+
+
+@dataclass(frozen=True, eq=False)
+class PagedKV:
+    """One layer's paged KV cache as a step's kernels use it: where the new tokens' K/V go
+    (slot_mapping: the kernels that store) and which pages each sequence attends to
+    (block_tables, context_lens: the kernels that read)."""
+
+    k_cache: torch.Tensor  # [num_blocks, block_size, Hkv, D]
+    v_cache: torch.Tensor  # like k_cache
+    block_tables: torch.Tensor | None = None  # [B, max_blocks] int32
+    context_lens: torch.Tensor | None = None  # [B] int32: tokens in the cache after the step
+    slot_mapping: torch.Tensor | None = None  # [N]: block_id * block_size + offset, -1 = skip
+
+    @property
+    def block_size(self) -> int:
+        return self.k_cache.shape[1]
 
 
 def gather_kv(
@@ -39,47 +116,37 @@ def attend_paged_ref(
     return causal_attention(q[None], k[None], v[None], scale, q_offset, sliding_window)[0]
 
 
-def check_paged_args(
-    q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, block_tables: torch.Tensor
-) -> None:
-    """Assert the shapes and layouts the paged kernels rely on."""
+def check_paged_args(q: torch.Tensor, kv: PagedKV) -> None:
+    """Assert the shapes and layouts the paged attention kernels rely on (q [.., Hq, D])."""
     num_heads, head_dim = q.shape[1:]
+    k_cache, v_cache, block_tables = kv.k_cache, kv.v_cache, kv.block_tables
     num_kv_heads = k_cache.shape[2]
     assert_head_dim(head_dim)
     assert num_heads % num_kv_heads == 0, f"{num_heads} q heads over {num_kv_heads} kv heads"
     assert k_cache.shape[3] == head_dim and v_cache.shape == k_cache.shape
     assert k_cache.stride() == v_cache.stride() and k_cache.stride(-1) == 1
+    assert block_tables is not None and kv.context_lens is not None, "attention reads pages"
     assert q.stride(-1) == 1 and block_tables.stride(-1) == 1
 
 
 def check_qkv_args(
-    qkv: torch.Tensor,
-    positions: torch.Tensor,
-    cos_sin: torch.Tensor | None,
-    q_norm_weight: torch.Tensor | None,
-    k_norm_weight: torch.Tensor | None,
-    k_cache: torch.Tensor,
-    v_cache: torch.Tensor,
-    slot_mapping: torch.Tensor,
-    num_heads: int,
-    num_kv_heads: int,
-) -> tuple[bool, bool]:
-    """Assert the shapes and layouts the qkv kernels rely on; returns (has_norm, has_rope)."""
-    n, head_dim = qkv.shape[0], k_cache.shape[-1]
+    qkv: torch.Tensor, positions: torch.Tensor, heads: HeadLayout, qk: QKNormRope, kv: PagedKV
+) -> None:
+    """Assert the shapes and layouts the qkv kernels rely on."""
+    n, head_dim = qkv.shape[0], heads.head_dim
+    k_cache, v_cache, slot_mapping = kv.k_cache, kv.v_cache, kv.slot_mapping
     assert_head_dim(head_dim)
-    assert qkv.shape == (n, (num_heads + 2 * num_kv_heads) * head_dim) and qkv.stride(-1) == 1
-    assert k_cache.shape[2:] == (num_kv_heads, head_dim) and v_cache.shape == k_cache.shape
+    assert qkv.shape == (n, heads.qkv_width) and qkv.stride(-1) == 1
+    assert k_cache.shape[2:] == (heads.num_kv_heads, head_dim) and v_cache.shape == k_cache.shape
     assert k_cache.dtype == v_cache.dtype == qkv.dtype
-    assert k_cache.stride(-1) == v_cache.stride(-1) == 1 and slot_mapping.shape == (n,)
-    has_norm, has_rope = q_norm_weight is not None, cos_sin is not None
-    assert has_norm == (k_norm_weight is not None), "q_norm_weight and k_norm_weight go together"
-    if has_norm:
-        for w in (q_norm_weight, k_norm_weight):
+    assert slot_mapping is not None and slot_mapping.shape == (n,), "the new K/V need slots"
+    assert k_cache.stride(-1) == v_cache.stride(-1) == 1
+    if qk.has_norm:
+        for w in (qk.q_norm_weight, qk.k_norm_weight):
             assert w.shape == (head_dim,) and w.is_contiguous() and w.dtype == qkv.dtype
-    if has_rope:
-        assert positions.shape == (n,) and cos_sin.stride(-1) == 1
-        assert cos_sin.shape[-1] == head_dim and cos_sin.dtype == torch.float32
-    return has_norm, has_rope
+    if qk.has_rope:
+        assert positions.shape == (n,) and qk.cos_sin.stride(-1) == 1
+        assert qk.cos_sin.shape[-1] == head_dim and qk.cos_sin.dtype == torch.float32
 
 
 @triton.jit
@@ -120,7 +187,7 @@ def dot_options(q: torch.Tensor) -> dict:
     )
 
 
-# ------------------------------------------------- per-head q/k norm, RoPE, K/V store
+# ---------------------------------------------------- per-head q/k norm, RoPE and K/V store
 
 
 def _last_pow2(n: int) -> int:

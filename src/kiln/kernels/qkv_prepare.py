@@ -19,6 +19,9 @@ import torch
 
 from kiln.kernels._triton import pdl_enter, pdl_options, tl, triton, use_pdl, use_triton
 from kiln.kernels.common import (
+    HeadLayout,
+    PagedKV,
+    QKNormRope,
     check_qkv_args,
     prepare_heads,
     rope_cos_sin,
@@ -30,39 +33,16 @@ from kiln.kernels.rope import rope_ref
 from kiln.kernels.store_kvcache import store_kvcache_ref
 
 
-def _split_heads(
-    qkv: torch.Tensor, num_heads: int, num_kv_heads: int, head_dim: int
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    n = qkv.shape[0]
-    split = [num_heads * head_dim, num_kv_heads * head_dim, num_kv_heads * head_dim]
-    q, k, v = qkv.split(split, dim=-1)
-    return (
-        q.reshape(n, num_heads, head_dim),
-        k.reshape(n, num_kv_heads, head_dim),
-        v.reshape(n, num_kv_heads, head_dim),
-    )
-
-
 def qkv_prepare_ref(
-    qkv: torch.Tensor,
-    positions: torch.Tensor,
-    cos_sin: torch.Tensor | None,
-    q_norm_weight: torch.Tensor | None,
-    k_norm_weight: torch.Tensor | None,
-    eps: float,
-    k_cache: torch.Tensor,
-    v_cache: torch.Tensor,
-    slot_mapping: torch.Tensor,
-    num_heads: int,
-    num_kv_heads: int,
+    qkv: torch.Tensor, positions: torch.Tensor, heads: HeadLayout, qk: QKNormRope, kv: PagedKV
 ) -> torch.Tensor:
     """Plain torch, the unfused sequence: split, per-head RMSNorm, RoPE, KV store; returns q."""
-    q, k, v = _split_heads(qkv, num_heads, num_kv_heads, k_cache.shape[-1])
-    if q_norm_weight is not None:
-        q, k = rmsnorm_ref(q, q_norm_weight, eps), rmsnorm_ref(k, k_norm_weight, eps)
-    if cos_sin is not None:
-        q, k = rope_ref(q, k, positions, cos_sin)
-    store_kvcache_ref(k, v, k_cache, v_cache, slot_mapping)
+    q, k, v = heads.split_qkv(qkv)
+    if qk.has_norm:
+        q, k = rmsnorm_ref(q, qk.q_norm_weight, qk.eps), rmsnorm_ref(k, qk.k_norm_weight, qk.eps)
+    if qk.has_rope:
+        q, k = rope_ref(q, k, positions, qk.cos_sin)
+    store_kvcache_ref(k, v, kv.k_cache, kv.v_cache, kv.slot_mapping)
     return q.contiguous()
 
 
@@ -100,39 +80,29 @@ def _qkv_prepare_kernel(
 
 
 def qkv_prepare_triton(
-    qkv: torch.Tensor,
-    positions: torch.Tensor,
-    cos_sin: torch.Tensor | None,
-    q_norm_weight: torch.Tensor | None,
-    k_norm_weight: torch.Tensor | None,
-    eps: float,
-    k_cache: torch.Tensor,
-    v_cache: torch.Tensor,
-    slot_mapping: torch.Tensor,
-    num_heads: int,
-    num_kv_heads: int,
+    qkv: torch.Tensor, positions: torch.Tensor, heads: HeadLayout, qk: QKNormRope, kv: PagedKV
 ) -> torch.Tensor:
     """Triton, one program a token for all its heads; same contract as qkv_prepare_ref."""
-    n, head_dim = qkv.shape[0], k_cache.shape[-1]
-    has_norm, has_rope = check_qkv_args(
-        qkv, positions, cos_sin, q_norm_weight, k_norm_weight, k_cache, v_cache, slot_mapping,
-        num_heads, num_kv_heads,
-    )  # fmt: skip
+    check_qkv_args(qkv, positions, heads, qk, kv)
+    n, head_dim = qkv.shape[0], heads.head_dim
+    num_heads, num_kv_heads = heads.num_heads, heads.num_kv_heads
+    k_cache, v_cache = kv.k_cache, kv.v_cache
     q = torch.empty(n, num_heads, head_dim, dtype=qkv.dtype, device=qkv.device)
     if n == 0:
         return q
     vec, bw_q = torch_sum_plan(n * num_heads, head_dim)
     _, bw_k = torch_sum_plan(n * num_kv_heads, head_dim)
+    has_norm, has_rope = qk.has_norm, qk.has_rope
     dummy = qkv  # stands in for the pointers of the steps left out (never read)
     pdl = use_pdl(qkv)
     _qkv_prepare_kernel[(n,)](
-        qkv, positions if has_rope else dummy, cos_sin if has_rope else dummy,
-        q_norm_weight if has_norm else dummy, k_norm_weight if has_norm else dummy,
-        q, k_cache, v_cache, slot_mapping,
-        qkv.stride(0), cos_sin.stride(0) if has_rope else 0, q.stride(0), q.stride(1),
+        qkv, positions if has_rope else dummy, qk.cos_sin if has_rope else dummy,
+        qk.q_norm_weight if has_norm else dummy, qk.k_norm_weight if has_norm else dummy,
+        q, k_cache, v_cache, kv.slot_mapping,
+        qkv.stride(0), qk.cos_sin.stride(0) if has_rope else 0, q.stride(0), q.stride(1),
         k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
         v_cache.stride(0), v_cache.stride(1), v_cache.stride(2),
-        k_cache.shape[1], num_heads, num_kv_heads, eps,
+        kv.block_size, num_heads, num_kv_heads, qk.eps,
         HAS_NORM=has_norm, HAS_ROPE=has_rope, HALF=head_dim // 2,
         BLOCK_HQ=triton.next_power_of_2(num_heads),
         BLOCK_HKV=triton.next_power_of_2(num_kv_heads),
@@ -145,24 +115,9 @@ def qkv_prepare_triton(
 
 
 def qkv_prepare(
-    qkv: torch.Tensor,
-    positions: torch.Tensor,
-    cos_sin: torch.Tensor | None,
-    q_norm_weight: torch.Tensor | None,
-    k_norm_weight: torch.Tensor | None,
-    eps: float,
-    k_cache: torch.Tensor,
-    v_cache: torch.Tensor,
-    slot_mapping: torch.Tensor,
-    num_heads: int,
-    num_kv_heads: int,
+    qkv: torch.Tensor, positions: torch.Tensor, heads: HeadLayout, qk: QKNormRope, kv: PagedKV
 ) -> torch.Tensor:
-    """Split qkv, norm and rotate q and k, store k and v at slot_mapping; returns q [N, Hq, D].
-
-    Triton on CUDA, the reference elsewhere.
-    """
+    """Split qkv [N, (Hq + 2 Hkv) * D], norm and rotate q and k, store k and v at
+    kv.slot_mapping; returns q [N, Hq, D]. Triton on CUDA, the reference elsewhere."""
     fn = qkv_prepare_triton if use_triton(qkv) else qkv_prepare_ref
-    return fn(
-        qkv, positions, cos_sin, q_norm_weight, k_norm_weight, eps,
-        k_cache, v_cache, slot_mapping, num_heads, num_kv_heads,
-    )  # fmt: skip
+    return fn(qkv, positions, heads, qk, kv)
