@@ -26,6 +26,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
 import triton  # noqa: E402
 from triton.testing import do_bench  # noqa: E402
 
+from kiln.kernels.common import PagedKV  # noqa: E402
 from kiln.kernels.paged_decode_attention import (  # noqa: E402
     choose_num_splits,
     paged_decode_attention_ref,
@@ -95,7 +96,7 @@ def decode_args(batch: int, length: int):
     k_cache, v_cache, tables = paged(lengths)
     q = torch.randn(batch, HQ, D, dtype=DTYPE, device=DEV)
     lens = torch.tensor(lengths, dtype=torch.int32, device=DEV)
-    return q, k_cache, v_cache, tables, lens, D**-0.5
+    return q, PagedKV(k_cache, v_cache, tables, lens), D**-0.5
 
 
 def prefill_args(q_lens: list[int], lengths: list[int]):
@@ -103,13 +104,13 @@ def prefill_args(q_lens: list[int], lengths: list[int]):
     q = torch.randn(sum(q_lens), HQ, D, dtype=DTYPE, device=DEV)
     cu = torch.tensor([0, *torch.tensor(q_lens).cumsum(0).tolist()], dtype=torch.int32, device=DEV)
     lens = torch.tensor(lengths, dtype=torch.int32, device=DEV)
-    return q, k_cache, v_cache, cu, lens, tables, D**-0.5
+    return q, PagedKV(k_cache, v_cache, tables, lens), cu, D**-0.5
 
 
 def bench_decode(rows, batch: int, length: int, num_splits: int | None = None):
     lengths = [length] * batch
     args = decode_args(batch, length)
-    q, tables = args[0], args[3]
+    q, tables = args[0], args[1].block_tables
     triton_fn = lambda: paged_decode_attention_triton(*args, num_splits=num_splits)
     k, v = dense_kv(lengths)
     sdpa_fn = lambda: F.scaled_dot_product_attention(q[:, :, None], k, v, enable_gqa=True)

@@ -8,6 +8,7 @@ import torch
 
 from kiln.engine.attention import AttentionMetadata, KVCache, PagedBackend
 from kiln.engine.ops import Ops
+from kiln.kernels.common import HeadLayout, PagedKV, QKNormRope
 from kiln.kernels.decode_qkv import paged_decode_qkv, paged_decode_qkv_ref, paged_decode_qkv_triton
 from kiln.kernels.paged_decode_attention import (
     _COUNTERS,
@@ -25,7 +26,8 @@ def _make_step(
 ):  # fmt: skip
     """A decode step's inputs as a dict of paged_decode_qkv's arguments: each sequence's new
     token at position context_len - 1 goes to its slot; rows in `padding` are CUDA-graph
-    padding (slot -1). The caches hold random values, the blocks in scattered order."""
+    padding (slot -1). The caches (in step["kv"]) hold random values, the blocks in scattered
+    order."""
     k_cache, v_cache, tables = paged_kv(context_lens, block_size, num_kv_heads, head_dim, dtype)
     lens = torch.tensor(context_lens, device=device)
     last = lens - 1
@@ -40,27 +42,29 @@ def _make_step(
     q_w = k_w = None
     if norm:
         q_w, k_w = torch.randn(2, head_dim, dtype=dtype, device=device)
-    width = (num_heads + 2 * num_kv_heads) * head_dim
+    heads = HeadLayout(num_heads, num_kv_heads, head_dim)
     return dict(
-        qkv=torch.randn(len(context_lens), width, dtype=dtype, device=device),
-        positions=last, cos_sin=cos_sin, q_norm_weight=q_w, k_norm_weight=k_w,
-        eps=EPS, k_cache=k_cache, v_cache=v_cache, slot_mapping=slots, num_heads=num_heads,
-        num_kv_heads=num_kv_heads, block_tables=tables, context_lens=lens.int(),
+        qkv=torch.randn(len(context_lens), heads.qkv_width, dtype=dtype, device=device),
+        positions=last,
+        heads=heads,
+        qk=QKNormRope(q_w, k_w, EPS, cos_sin),
+        kv=PagedKV(k_cache, v_cache, tables, lens.int(), slots),
         scale=head_dim**-0.5,
-    )  # fmt: skip
+    )
 
 
 def _call(fn, step, **kwargs):
     """fn on copies of the step's caches: (output, k_cache, v_cache)."""
-    k_cache, v_cache = step["k_cache"].clone(), step["v_cache"].clone()
-    out = fn(**{**step, "k_cache": k_cache, "v_cache": v_cache}, **kwargs)
+    kv = step["kv"]
+    k_cache, v_cache = kv.k_cache.clone(), kv.v_cache.clone()
+    kv = dataclasses.replace(kv, k_cache=k_cache, v_cache=v_cache)
+    out = fn(**{**step, "kv": kv}, **kwargs)
     return out, k_cache, v_cache
 
 
 def _prepare_triton(step):
     """Unfused Triton qkv_prepare on the step: (q, k_cache, v_cache)."""
-    skip = ("block_tables", "context_lens", "scale")
-    return _call(qkv_prepare_triton, {k: v for k, v in step.items() if k not in skip})
+    return _call(qkv_prepare_triton, {k: v for k, v in step.items() if k != "scale"})
 
 
 def _assert_like_reference(check, step, fn=paged_decode_qkv_triton, **kwargs):
@@ -122,7 +126,7 @@ def test_decode_qkv_more_splits_than_tokens(paged_kv, device, check):
 
 def test_decode_qkv_empty_context_stores_and_gives_zeros(paged_kv, device, check):
     step = _make_step(paged_kv, [1, 20], 4, 2, 64, torch.float32, device)
-    step["context_lens"][0] = 0  # its slot is still written, as qkv_prepare writes it
+    step["kv"].context_lens[0] = 0  # its slot is still written, as qkv_prepare writes it
     out = _assert_like_reference(check, step, num_splits=2)
     assert not out[0].any()
 
@@ -154,7 +158,7 @@ def test_decode_last_block_reduces(paged_kv, device, check, num_splits):
     k_cache, v_cache, tables = paged_kv(LENS, 8, 2, 32, torch.float32)
     q = torch.randn(len(LENS), 4, 32, device=device)
     lens = torch.tensor(LENS, dtype=torch.int32, device=device)
-    args = (q, k_cache, v_cache, tables, lens, 32**-0.5, 24)
+    args = (q, PagedKV(k_cache, v_cache, tables, lens), 32**-0.5, 24)
     got = paged_decode_attention_triton(*args, num_splits=num_splits, last_reduces=True)
     check(got, paged_decode_attention_ref(*args))
     again = paged_decode_attention_triton(*args, num_splits=num_splits, last_reduces=True)
@@ -163,15 +167,16 @@ def test_decode_last_block_reduces(paged_kv, device, check, num_splits):
 
 def _backend_step(backend, step):
     """Point the backend at a decode-only step over the step's caches (as layer 0)."""
-    backend.kv_cache.data[0, 0] = step["k_cache"]
-    backend.kv_cache.data[1, 0] = step["v_cache"]
+    kv = step["kv"]
+    backend.kv_cache.data[0, 0] = kv.k_cache
+    backend.kv_cache.data[1, 0] = kv.v_cache
     n = step["qkv"].shape[0]
     backend.set_metadata(
         AttentionMetadata(
             positions=step["positions"],
-            slot_mapping=step["slot_mapping"],
-            block_tables=step["block_tables"],
-            context_lens=step["context_lens"],
+            slot_mapping=kv.slot_mapping,
+            block_tables=kv.block_tables,
+            context_lens=kv.context_lens,
             cu_seqlens_q=torch.arange(n + 1, dtype=torch.int32, device=step["qkv"].device),
             num_decodes=n,
             query_lens=[1] * n,
@@ -180,15 +185,12 @@ def _backend_step(backend, step):
 
 
 def _attend_qkv(backend, step, sliding_window=None):
-    return backend.attend_qkv(
-        0, step["qkv"], step["positions"], step["num_heads"], step["num_kv_heads"],
-        step["q_norm_weight"], step["k_norm_weight"], EPS, step["cos_sin"], step["scale"],
-        sliding_window,
-    )  # fmt: skip
+    args = (step["qkv"], step["positions"], step["heads"], step["qk"], step["scale"])
+    return backend.attend_qkv(0, *args, sliding_window)
 
 
 def _cache_for(step) -> KVCache:
-    k = step["k_cache"]
+    k = step["kv"].k_cache
     return KVCache(1, k.shape[0], k.shape[1], k.shape[2], k.shape[3], k.dtype, k.device)
 
 
@@ -276,10 +278,8 @@ def test_decode_qkv_matches_the_unfused_triton_ops(paged_kv, check, norm):
     step = _qwen3_step(paged_kv, 8, 2048, norm=norm)
     out = _call(paged_decode_qkv_triton, step, num_splits=8)[0]
     q, k_cache, v_cache = _prepare_triton(step)
-    unfused = paged_decode_attention_triton(
-        q, k_cache, v_cache, step["block_tables"], step["context_lens"], step["scale"],
-        num_splits=8,
-    )  # fmt: skip
+    kv = dataclasses.replace(step["kv"], k_cache=k_cache, v_cache=v_cache)
+    unfused = paged_decode_attention_triton(q, kv, step["scale"], num_splits=8)
     check(out, unfused)
 
 
@@ -288,8 +288,9 @@ def test_decode_qkv_matches_the_unfused_triton_ops(paged_kv, check, norm):
 def test_decode_qkv_in_a_cuda_graph(paged_kv, pdl):
     """Captured once, replayed on new inputs: the same as eager calls (the counters stay 0)."""
     step = _qwen3_step(paged_kv, 4, 4096)
-    k_cache, v_cache = step["k_cache"].clone(), step["v_cache"].clone()
-    graph_step = {**step, "k_cache": k_cache, "v_cache": v_cache}
+    kv = step["kv"]
+    k_cache, v_cache = kv.k_cache.clone(), kv.v_cache.clone()
+    graph_step = {**step, "kv": dataclasses.replace(kv, k_cache=k_cache, v_cache=v_cache)}
     kw = dict(pdl=pdl, last_reduces=True)
     paged_decode_qkv_triton(**graph_step, **kw)  # compile and allocate outside the capture
     graph = torch.cuda.CUDAGraph()
@@ -297,8 +298,8 @@ def test_decode_qkv_in_a_cuda_graph(paged_kv, pdl):
         out = paged_decode_qkv_triton(**graph_step, **kw)
     for _ in range(3):
         step["qkv"].normal_()
-        k_cache.copy_(step["k_cache"])
-        v_cache.copy_(step["v_cache"])
+        k_cache.copy_(kv.k_cache)
+        v_cache.copy_(kv.v_cache)
         graph.replay()
         want, k_want, v_want = _call(paged_decode_qkv_triton, step, **kw)
         torch.cuda.synchronize()

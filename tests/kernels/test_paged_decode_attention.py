@@ -3,6 +3,7 @@
 import pytest
 import torch
 
+from kiln.kernels.common import PagedKV
 from kiln.kernels.paged_decode_attention import (
     choose_num_splits,
     paged_decode_attention_ref,
@@ -18,7 +19,7 @@ def compare(device, check, poisoned, paged_kv):
         k_cache, v_cache, tables = paged_kv(context_lens, block_size, num_kv_heads, head_dim, dtype)
         q = torch.randn(len(context_lens), num_heads, head_dim, dtype=dtype, device=device)
         lens = torch.tensor(context_lens, dtype=torch.int32, device=device)
-        args = (q, k_cache, v_cache, tables, lens, head_dim**-0.5)
+        args = (q, PagedKV(k_cache, v_cache, tables, lens), head_dim**-0.5)
         got = poisoned(paged_decode_attention_triton, *args, **kwargs)
         kwargs.pop("num_splits", None)
         check(got, paged_decode_attention_ref(*args, **kwargs))

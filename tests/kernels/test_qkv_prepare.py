@@ -5,13 +5,8 @@ import torch
 import triton
 import triton.language as tl
 
-from kiln.kernels.qkv_prepare import (
-    _sum_squares,
-    _torch_sum_plan,
-    qkv_prepare,
-    qkv_prepare_ref,
-    qkv_prepare_triton,
-)
+from kiln.kernels.common import HeadLayout, PagedKV, QKNormRope, sum_squares, torch_sum_plan
+from kiln.kernels.qkv_prepare import qkv_prepare, qkv_prepare_ref, qkv_prepare_triton
 from kiln.kernels.rmsnorm import rmsnorm_ref
 from kiln.kernels.rope import rope_ref
 from kiln.kernels.store_kvcache import store_kvcache_ref
@@ -48,8 +43,9 @@ def _run(fn, qkv, positions, cos_sin, q_w, k_w, shape, slots, num_heads, num_kv_
     # NaN everywhere first: a slot written by one and not the other shows up
     k_cache = torch.full(shape, float("nan"), dtype=qkv.dtype, device=qkv.device)
     v_cache = torch.full_like(k_cache, float("nan"))
-    q = fn(qkv, positions, cos_sin, q_w, k_w, EPS, k_cache, v_cache, slots,
-           num_heads, num_kv_heads)  # fmt: skip
+    heads = HeadLayout(num_heads, num_kv_heads, shape[-1])
+    kv = PagedKV(k_cache, v_cache, slot_mapping=slots)
+    q = fn(qkv, positions, heads, QKNormRope(q_w, k_w, EPS, cos_sin), kv)
     return q, k_cache, v_cache
 
 
@@ -113,7 +109,7 @@ def test_qkv_prepare_reference_is_the_unfused_sequence():
 
 
 def _sum_in_plan_order(s: torch.Tensor, vec: int, width: int) -> torch.Tensor:
-    """Row sums of s [R, D] float32 in the order _torch_sum_plan describes, op by op."""
+    """Row sums of s [R, D] float32 in the order torch_sum_plan describes, op by op."""
     rows, head_dim = s.shape
     if vec == 4:  # element 4 * (x + width * j) + i goes to lane x's i-th running sum
         parts = s.reshape(rows, head_dim // (4 * width), width, 4)
@@ -135,7 +131,7 @@ def _sum_squares_kernel(
     BLOCK_H: tl.constexpr,
 ):  # fmt: skip
     heads = tl.arange(0, BLOCK_H)[:, None]
-    sums = _sum_squares(x_ptr, num_heads, D, VEC, LOG_BW, BLOCK_H)
+    sums = sum_squares(x_ptr, num_heads, D, VEC, LOG_BW, BLOCK_H)
     tl.store(out_ptr + heads, sums, mask=heads < num_heads)
 
 
@@ -144,11 +140,11 @@ def _sum_squares_kernel(
     [(16, 5), (32, 5), (64, 5), (64, 16), (128, 5), (256, 8), (256, 16), (512, 2), (512, 8)],
 )
 def test_kernel_sums_in_plan_order(device, head_dim, rows):
-    """Float32 sums of squares, bit for bit in _torch_sum_plan's order (BW 32, 64, 128)."""
+    """Float32 sums of squares, bit for bit in torch_sum_plan's order (BW 32, 64, 128)."""
     num_heads = 3
     scale = torch.rand(num_heads, head_dim).pow(8)  # varied magnitudes: the order shows
     x = (torch.randn(num_heads, head_dim) * scale).to(device)
-    vec, width = _torch_sum_plan(rows, head_dim)
+    vec, width = torch_sum_plan(rows, head_dim)
     got = torch.empty(num_heads, device=device)
     _sum_squares_kernel[(1,)](
         x,
@@ -168,12 +164,12 @@ def test_kernel_sums_in_plan_order(device, head_dim, rows):
 @pytest.mark.parametrize("rows", [1, 2, 8, 16, 98384])
 def test_torch_sums_rows_in_plan_order(head_dim, rows):
     """Pins the assumption the kernel's bit-exactness rests on: torch's CUDA mean over the
-    last dim adds up in _torch_sum_plan's order (if this fails, torch changed its kernel)."""
+    last dim adds up in torch_sum_plan's order (if this fails, torch changed its kernel)."""
     x = torch.randn(rows, head_dim, dtype=torch.bfloat16, device="cuda")
     x = x * torch.rand(rows, 1, device="cuda").pow(8).to(torch.bfloat16)  # varied magnitudes
     s = x.float().pow(2)
     want = s.mean(-1)
-    got = _sum_in_plan_order(s, *_torch_sum_plan(rows, head_dim)) * (1.0 / head_dim)
+    got = _sum_in_plan_order(s, *torch_sum_plan(rows, head_dim)) * (1.0 / head_dim)
     assert torch.equal(got, want)
 
 

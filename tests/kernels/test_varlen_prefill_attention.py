@@ -3,6 +3,7 @@
 import pytest
 import torch
 
+from kiln.kernels.common import PagedKV
 from kiln.kernels.varlen_prefill_attention import (
     varlen_prefill_attention_ref,
     varlen_prefill_attention_triton,
@@ -21,7 +22,7 @@ def compare(device, check, poisoned, paged_kv):
         q = torch.randn(sum(q_lens), num_heads, head_dim, dtype=dtype, device=device)
         cu = torch.tensor([0, *torch.tensor(q_lens).cumsum(0).tolist()], dtype=torch.int32)
         lens = torch.tensor(context_lens, dtype=torch.int32, device=device)
-        args = (q, k_cache, v_cache, cu.to(device), lens, tables, head_dim**-0.5)
+        args = (q, PagedKV(k_cache, v_cache, tables, lens), cu.to(device), head_dim**-0.5)
         got = poisoned(varlen_prefill_attention_triton, *args, **kw)
         check(got, varlen_prefill_attention_ref(*args, **kw))
 
@@ -57,10 +58,10 @@ def test_prefill_padded_as_a_mixed_graph_stages_it(device, check, paged_kv, pad_
     cu = torch.tensor([0, *torch.tensor(q_lens).cumsum(0).tolist()] + [n] * pad_seqs)
     lens = torch.tensor(context_lens + [0] * pad_seqs, dtype=torch.int32, device=device)
     padded_tables = torch.cat([tables, torch.zeros_like(tables[:1]).expand(pad_seqs, -1)])
-    args = (k_cache, v_cache, cu.int().to(device), lens, padded_tables, 32**-0.5)
-    got = varlen_prefill_attention_triton(q, *args)[:n]
-    real = (cu[: len(q_lens) + 1].int().to(device), lens[: len(q_lens)], tables, 32**-0.5)
-    check(got, varlen_prefill_attention_ref(q[:n], k_cache, v_cache, *real))
+    padded = PagedKV(k_cache, v_cache, padded_tables, lens)
+    got = varlen_prefill_attention_triton(q, padded, cu.int().to(device), 32**-0.5)[:n]
+    real, real_cu = PagedKV(k_cache, v_cache, tables, lens[: len(q_lens)]), cu[: len(q_lens) + 1]
+    check(got, varlen_prefill_attention_ref(q[:n], real, real_cu.int().to(device), 32**-0.5))
 
 
 @pytest.mark.gpu

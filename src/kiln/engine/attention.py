@@ -20,6 +20,7 @@ import torch
 
 from kiln.engine.ops import Ops
 from kiln.engine.transfer import to_device
+from kiln.kernels.common import HeadLayout, PagedKV, QKNormRope
 
 
 @dataclass
@@ -92,49 +93,51 @@ class PagedBackend:
         return self._attend_cached(q, k_cache, v_cache, scale, sliding_window)
 
     def attend_qkv(
-        self, layer_idx, qkv, positions, num_heads, num_kv_heads, q_norm_weight, k_norm_weight,
-        eps, cos_sin, scale, sliding_window,
-    ):  # fmt: skip
+        self,
+        layer_idx: int,
+        qkv: torch.Tensor,
+        positions: torch.Tensor,
+        heads: HeadLayout,
+        qk: QKNormRope,
+        scale: float,
+        sliding_window: int | None,
+    ) -> torch.Tensor:
         """attend() straight from the fused qkv projection's output [N, (Hq + 2 Hkv) * D]:
-        per-head q/k RMSNorm (when given), RoPE (when cos_sin is given) and the K/V store in
-        one op (kiln.kernels.qkv_prepare), then attention; returns [N, Hq, D]. A step of
-        decodes only does it all in one op (kiln.kernels.decode_qkv)."""
+        per-head q/k RMSNorm and RoPE (those qk holds) and the K/V store in one op
+        (kiln.kernels.qkv_prepare), then attention; returns [N, Hq, D]. A step of decodes only
+        does it all in one op (kiln.kernels.decode_qkv)."""
         k_cache, v_cache = self.kv_cache.layer(layer_idx)
         md, ops = self.metadata, self.ops
         if ops.paged_decode_qkv is not None and self._decode_only(qkv.shape[0]):
-            return ops.paged_decode_qkv(
-                qkv, positions, cos_sin, q_norm_weight, k_norm_weight, eps, k_cache, v_cache,
-                md.slot_mapping, num_heads, num_kv_heads, self._views["block_tables"],
-                self._views["context_lens"], scale, sliding_window,
-            )  # fmt: skip
-        q = ops.qkv_prepare(
-            qkv, positions, cos_sin, q_norm_weight, k_norm_weight, eps, k_cache, v_cache,
-            md.slot_mapping, num_heads, num_kv_heads,
-        )  # fmt: skip
+            kv = self._decode_kv(k_cache, v_cache, md.slot_mapping)
+            return ops.paged_decode_qkv(qkv, positions, heads, qk, kv, scale, sliding_window)
+        kv = PagedKV(k_cache, v_cache, slot_mapping=md.slot_mapping)
+        q = ops.qkv_prepare(qkv, positions, heads, qk, kv)
         return self._attend_cached(q, k_cache, v_cache, scale, sliding_window)
 
     def _decode_only(self, num_tokens: int) -> bool:
         md = self.metadata
         return md.num_decodes == md.num_seqs and num_tokens == md.num_decodes
 
+    def _decode_kv(self, k_cache, v_cache, slot_mapping=None) -> PagedKV:
+        """The layer's cache as the step's decodes (its first num_decodes sequences) see it."""
+        views = self._views
+        return PagedKV(k_cache, v_cache, views["block_tables"], views["context_lens"], slot_mapping)
+
     def _attend_cached(self, q, k_cache, v_cache, scale, sliding_window):
         md, views, decode = self.metadata, self._views, self.ops.paged_decode_attention
         d = md.num_decodes
         if self._decode_only(q.shape[0]):
-            return decode(
-                q, k_cache, v_cache, views["block_tables"], views["context_lens"], scale,
-                sliding_window,
-            )  # fmt: skip
+            return decode(q, self._decode_kv(k_cache, v_cache), scale, sliding_window)
         out = torch.empty_like(q)
         if d:
-            out[:d] = decode(
-                q[:d], k_cache, v_cache, views["block_tables"], views["context_lens"], scale,
-                sliding_window,
-            )  # fmt: skip
+            out[:d] = decode(q[:d], self._decode_kv(k_cache, v_cache), scale, sliding_window)
+        prefill_kv = PagedKV(
+            k_cache, v_cache, views["prefill_block_tables"], views["prefill_context_lens"]
+        )
         out[d:] = self.ops.varlen_prefill_attention(
-            q[d:], k_cache, v_cache, views["prefill_cu_seqlens_q"],
-            views["prefill_context_lens"], views["prefill_block_tables"], scale, sliding_window,
-        )  # fmt: skip
+            q[d:], prefill_kv, views["prefill_cu_seqlens_q"], scale, sliding_window
+        )
         return out
 
     @torch.inference_mode()
@@ -166,25 +169,23 @@ class PagedBackend:
             q = zeros(2 * n, num_heads, head_dim)
             cu = torch.arange(0, 2 * n + 1, 2, dtype=torch.int32, device=dev)
             lens = torch.full((n,), 2, dtype=torch.int32, device=dev)
-            table = zeros(n, 1, dtype=torch.int32)
+            kv = PagedKV(k_cache, v_cache, zeros(n, 1, dtype=torch.int32), lens)
             for window in windows:
-                ops.varlen_prefill_attention(q, k_cache, v_cache, cu, lens, table, scale, window)
+                ops.varlen_prefill_attention(q, kv, cu, scale, window)
         q, lens = zeros(1, num_heads, head_dim), torch.ones(1, dtype=torch.int32, device=dev)
-        table = zeros(1, 1, dtype=torch.int32)
+        no_slot = torch.full((1,), -1, dtype=torch.int64, device=dev)  # nothing is stored
+        kv = PagedKV(k_cache, v_cache, zeros(1, 1, dtype=torch.int32), lens, no_slot)
         fused = fused_qkv is not None and ops.paged_decode_qkv is not None
-        if fused:  # one decode of a token whose slot is -1: nothing is stored
-            num_kv_heads = k_cache.shape[2]
-            qkv = zeros(1, (num_heads + 2 * num_kv_heads) * head_dim)
+        if fused:  # one decode of a token whose slot is -1
+            heads = HeadLayout(num_heads, k_cache.shape[2], head_dim)
+            qkv = zeros(1, heads.qkv_width)
             weight = zeros(head_dim) if fused_qkv[0] else None
             cos_sin = zeros(1, head_dim, dtype=torch.float32) if fused_qkv[1] else None
-            no_slot = torch.full((1,), -1, dtype=torch.int64, device=dev)
+            qk = QKNormRope(weight, weight, 1e-6, cos_sin)
         for splits in (1 << i for i in range(MAX_SPLITS.bit_length())):
             for window in windows:
-                ops.paged_decode_attention(q, k_cache, v_cache, table, lens, scale, window, splits)
+                ops.paged_decode_attention(q, kv, scale, window, splits)
                 if fused:
-                    ops.paged_decode_qkv(
-                        qkv, no_slot + 1, cos_sin, weight, weight, 1e-6, k_cache, v_cache,
-                        no_slot, num_heads, num_kv_heads, table, lens, scale, window, splits,
-                    )  # fmt: skip
+                    ops.paged_decode_qkv(qkv, no_slot + 1, heads, qk, kv, scale, window, splits)
         if dev.type == "cuda":
             torch.cuda.synchronize(dev)

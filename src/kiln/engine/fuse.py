@@ -17,6 +17,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from kiln.engine.ops import Ops
+from kiln.kernels.common import HeadLayout, QKNormRope
 from kiln.model.attention import Attention
 from kiln.model.layers import MLP, RMSNorm
 from kiln.model.transformer import Block, Transformer
@@ -45,43 +46,40 @@ class FusedAttention(nn.Module):
     def __init__(self, attn: Attention, ops: Ops):
         super().__init__()
         self.ops = ops
-        self.layer_idx, self.scale, self.sliding_window = (
-            attn.layer_idx, attn.scale, attn.sliding_window,
-        )  # fmt: skip
-        self.num_heads, self.num_kv_heads, self.head_dim = (
-            attn.num_heads, attn.num_kv_heads, attn.head_dim,
-        )  # fmt: skip
+        self.layer_idx, self.scale = attn.layer_idx, attn.scale
+        self.sliding_window = attn.sliding_window
+        self.heads = HeadLayout(attn.num_heads, attn.num_kv_heads, attn.head_dim)
         self.qkv_proj = _fused_linear([attn.q_proj, attn.k_proj, attn.v_proj])
         self.o_proj = attn.o_proj
         self.q_norm, self.k_norm = attn.q_norm, attn.k_norm
-        self.split = [self.num_heads * self.head_dim] + [self.num_kv_heads * self.head_dim] * 2
 
     def forward(self, x, positions, rotary, backend):
         return self.o_proj(self.attend_qkv(self.qkv_proj(x), positions, rotary, backend))
 
     def attend_qkv(self, qkv, positions, rotary, backend):
         """Attention from the qkv projection's output; [..., Hq * D] before o_proj."""
-        lead = qkv.shape[:-1]
+        lead, heads = qkv.shape[:-1], self.heads
         attend_qkv = getattr(backend, "attend_qkv", None)
         if attend_qkv is not None and qkv.dim() == 2:  # the paged backends: one fused op
-            norms = (None, None, 0.0)
-            if self.q_norm is not None:
-                norms = (self.q_norm.weight, self.k_norm.weight, self.q_norm.eps)
+            qk = self.qk_norm_rope(rotary)
             out = attend_qkv(
-                self.layer_idx, qkv, positions, self.num_heads, self.num_kv_heads, *norms,
-                rotary.cos_sin if rotary is not None else None, self.scale, self.sliding_window,
-            )  # fmt: skip
-            return out.reshape(*lead, self.num_heads * self.head_dim)
-        q, k, v = qkv.split(self.split, dim=-1)
-        q = q.reshape(*lead, self.num_heads, self.head_dim)
-        k = k.reshape(*lead, self.num_kv_heads, self.head_dim)
-        v = v.reshape(*lead, self.num_kv_heads, self.head_dim)
+                self.layer_idx, qkv, positions, heads, qk, self.scale, self.sliding_window
+            )
+            return out.reshape(*lead, heads.num_heads * heads.head_dim)
+        q, k, v = heads.split_qkv(qkv)
         if self.q_norm is not None:
             q, k = self.q_norm(q), self.k_norm(k)
         if rotary is not None:
             q, k = self.ops.rope(q, k, positions, rotary.cos_sin)
         out = backend.attend(self.layer_idx, q, k, v, self.scale, self.sliding_window)
-        return out.reshape(*lead, self.num_heads * self.head_dim)
+        return out.reshape(*lead, heads.num_heads * heads.head_dim)
+
+    def qk_norm_rope(self, rotary) -> QKNormRope:
+        """The q/k norm weights and RoPE table the fused op applies (rotary None: no RoPE)."""
+        cos_sin = rotary.cos_sin if rotary is not None else None
+        if self.q_norm is None:
+            return QKNormRope(cos_sin=cos_sin)
+        return QKNormRope(self.q_norm.weight, self.k_norm.weight, self.q_norm.eps, cos_sin)
 
 
 class FusedMLP(nn.Module):

@@ -53,7 +53,8 @@ def sample_seeded_ref(
 
 @dataclass(frozen=True)
 class Ops:
-    """One implementation of each op the engine calls; each field has its kernel's signature."""
+    """One implementation of each op the engine calls; each field has its kernel's signature
+    (the attention ops take their cache as a kiln.kernels.common.PagedKV)."""
 
     name: str  # "torch" | "triton"
     # the attention backend (kiln.engine.attention.PagedBackend)
@@ -76,20 +77,39 @@ class Ops:
     def torch(cls) -> Ops:
         """The plain-torch references (run anywhere; not capturable in CUDA graphs)."""
         return cls(
-            "torch", store_kvcache_ref, paged_decode_attention_ref, varlen_prefill_attention_ref,
-            qkv_prepare_ref, paged_decode_qkv_ref, rmsnorm_ref, rope_ref, silu_and_mul_ref,
-            gemv_ref, rmsnorm_gemv_ref, silu_mul_gemv_ref, sample_seeded_ref,
-        )  # fmt: skip
+            name="torch",
+            store_kvcache=store_kvcache_ref,
+            paged_decode_attention=paged_decode_attention_ref,
+            varlen_prefill_attention=varlen_prefill_attention_ref,
+            qkv_prepare=qkv_prepare_ref,
+            paged_decode_qkv=paged_decode_qkv_ref,
+            rmsnorm=rmsnorm_ref,
+            rope=rope_ref,
+            silu_and_mul=silu_and_mul_ref,
+            gemv=gemv_ref,
+            rmsnorm_gemv=rmsnorm_gemv_ref,
+            silu_mul_gemv=silu_mul_gemv_ref,
+            sample=sample_seeded_ref,
+        )
 
     @classmethod
     def triton(cls) -> Ops:
         """The Triton kernels (CUDA; CPU tensors only under TRITON_INTERPRET=1)."""
         return cls(
-            "triton", store_kvcache_triton, paged_decode_attention_triton,
-            varlen_prefill_attention_triton, qkv_prepare_triton, paged_decode_qkv_triton,
-            rmsnorm_triton, rope_triton, silu_and_mul_triton, gemv_triton, rmsnorm_gemv_triton,
-            silu_mul_gemv_triton, sample_triton,
-        )  # fmt: skip
+            name="triton",
+            store_kvcache=store_kvcache_triton,
+            paged_decode_attention=paged_decode_attention_triton,
+            varlen_prefill_attention=varlen_prefill_attention_triton,
+            qkv_prepare=qkv_prepare_triton,
+            paged_decode_qkv=paged_decode_qkv_triton,
+            rmsnorm=rmsnorm_triton,
+            rope=rope_triton,
+            silu_and_mul=silu_and_mul_triton,
+            gemv=gemv_triton,
+            rmsnorm_gemv=rmsnorm_gemv_triton,
+            silu_mul_gemv=silu_mul_gemv_triton,
+            sample=sample_triton,
+        )
 
 
 def choose_ops(attention_backend: str, device: torch.device) -> Ops:

@@ -4,8 +4,11 @@ Every kernel module holds `<name>_ref` (plain torch, runs anywhere), `<name>_tri
 kernel; on CPU only under TRITON_INTERPRET=1) and `<name>`, which picks Triton for CUDA
 tensors and the reference otherwise. KV cache layout, per layer:
 [num_blocks, block_size, num_kv_heads, head_dim]; slot = block_id * block_size + offset.
+The attention kernels take it as a PagedKV, with HeadLayout and QKNormRope beside it for the
+ones that start from the qkv projection (kiln.kernels.common).
 """
 
+from kiln.kernels.common import HeadLayout, PagedKV, QKNormRope
 from kiln.kernels.paged_decode_attention import paged_decode_attention
 from kiln.kernels.rmsnorm import rmsnorm
 from kiln.kernels.rope import rope
@@ -14,6 +17,9 @@ from kiln.kernels.store_kvcache import store_kvcache
 from kiln.kernels.varlen_prefill_attention import varlen_prefill_attention
 
 __all__ = [
+    "HeadLayout",
+    "PagedKV",
+    "QKNormRope",
     "paged_decode_attention",
     "rmsnorm",
     "rope",

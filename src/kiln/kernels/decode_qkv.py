@@ -9,8 +9,9 @@ _decode_reduce_kernel) the first two become one, which is what launch-bound batc
 wants (`benchmarks/profile_decode.py --variants`; numbers in notes/BENCHMARKS.md).
 
 Each program takes one (sequence, kv head, split), as paged_decode_attention's kernel does:
-- it recomputes the norm and RoPE of its GROUP q heads from the qkv row (with the helpers of
-  kiln.kernels.qkv_prepare, so q and the stored k are bit-identical to that kernel's);
+- it recomputes the norm and RoPE of its GROUP q heads from the qkv row (with the helpers
+  qkv_prepare's kernel uses, from kiln.kernels.common, so q and the stored k are
+  bit-identical to that kernel's);
 - the program whose split holds the new token (position context_len - 1: the last non-empty
   split) prepares its kv head's k and v, stores them at the sequence's slot, and waits at a
   CTA barrier, so that its attention loop reads the new token back from the cache. No other
@@ -29,8 +30,20 @@ from __future__ import annotations
 
 import torch
 
-from kiln.kernels._paged import LOG2E, check_paged_args, dot_options
 from kiln.kernels._triton import pdl_enter, pdl_options, tl, triton, use_pdl, use_triton
+from kiln.kernels.common import (
+    LOG2E,
+    HeadLayout,
+    PagedKV,
+    QKNormRope,
+    check_paged_args,
+    check_qkv_args,
+    dot_options,
+    norm_rope_heads,
+    rope_cos_sin,
+    store_token_kv,
+    torch_sum_plan,
+)
 from kiln.kernels.paged_decode_attention import (
     CUDA_CONFIG,
     INTERPRETER_CONFIG,
@@ -41,42 +54,22 @@ from kiln.kernels.paged_decode_attention import (
     split_range,
     write_split_output,
 )
-from kiln.kernels.qkv_prepare import (
-    _norm_rope_heads,
-    _rope_cos_sin,
-    _store_token_kv,
-    _torch_sum_plan,
-    check_qkv_args,
-    qkv_prepare_ref,
-)
+from kiln.kernels.qkv_prepare import qkv_prepare_ref
 
 
 def paged_decode_qkv_ref(
     qkv: torch.Tensor,
     positions: torch.Tensor,
-    cos_sin: torch.Tensor | None,
-    q_norm_weight: torch.Tensor | None,
-    k_norm_weight: torch.Tensor | None,
-    eps: float,
-    k_cache: torch.Tensor,
-    v_cache: torch.Tensor,
-    slot_mapping: torch.Tensor,
-    num_heads: int,
-    num_kv_heads: int,
-    block_tables: torch.Tensor,
-    context_lens: torch.Tensor,
+    heads: HeadLayout,
+    qk: QKNormRope,
+    kv: PagedKV,
     scale: float,
     sliding_window: int | None = None,
     num_splits: int | None = None,
 ) -> torch.Tensor:
     """Plain torch, the unfused sequence: qkv_prepare_ref, then paged_decode_attention_ref."""
-    q = qkv_prepare_ref(
-        qkv, positions, cos_sin, q_norm_weight, k_norm_weight, eps, k_cache, v_cache,
-        slot_mapping, num_heads, num_kv_heads,
-    )  # fmt: skip
-    return paged_decode_attention_ref(
-        q, k_cache, v_cache, block_tables, context_lens, scale, sliding_window
-    )
+    q = qkv_prepare_ref(qkv, positions, heads, qk, kv)
+    return paged_decode_attention_ref(q, kv, scale, sliding_window)
 
 
 # Per-step ints and metadata pointers are not value-specialized (see _decode_kernel).
@@ -107,8 +100,8 @@ def _decode_qkv_kernel(
     lo, hi = split_range(length, split, num_splits, sliding_window, USE_WINDOW, BLOCK_N)
 
     row = qkv_ptr + seq * stride_qkv
-    cos, sin = _rope_cos_sin(pos_ptr + seq, cos_sin_ptr, stride_cs, HAS_ROPE, HALF)
-    q1, q2 = _norm_rope_heads(
+    cos, sin = rope_cos_sin(pos_ptr + seq, cos_sin_ptr, stride_cs, HAS_ROPE, HALF)
+    q1, q2 = norm_rope_heads(
         row + kv_head * GROUP * D, GROUP, q_w_ptr, eps, cos, sin,
         HAS_NORM, HAS_ROPE, HALF, BLOCK_G, VEC, LOG_BW_Q,
     )  # fmt: skip
@@ -119,7 +112,7 @@ def _decode_qkv_kernel(
     holds_new = ((lo < hi) & (hi == length)) | ((length == 0) & (split == 0))
     slot = tl.load(slot_ptr + seq).to(tl.int64)
     if holds_new & (slot >= 0):  # else padding: nothing to store
-        _store_token_kv(
+        store_token_kv(
             row, slot, kv_head, 1, k_w_ptr, eps, cos, sin, k_cache_ptr, v_cache_ptr,
             stride_cache_block, stride_cache_off, stride_cache_head,
             stride_cache_block, stride_cache_off, stride_cache_head,
@@ -144,25 +137,17 @@ def _decode_qkv_kernel(
 def paged_decode_qkv_triton(
     qkv: torch.Tensor,
     positions: torch.Tensor,
-    cos_sin: torch.Tensor | None,
-    q_norm_weight: torch.Tensor | None,
-    k_norm_weight: torch.Tensor | None,
-    eps: float,
-    k_cache: torch.Tensor,
-    v_cache: torch.Tensor,
-    slot_mapping: torch.Tensor,
-    num_heads: int,
-    num_kv_heads: int,
-    block_tables: torch.Tensor,
-    context_lens: torch.Tensor,
+    heads: HeadLayout,
+    qk: QKNormRope,
+    kv: PagedKV,
     scale: float,
     sliding_window: int | None = None,
     num_splits: int | None = None,
     pdl: bool = True,
     last_reduces: bool = False,
 ) -> torch.Tensor:
-    """Triton; same contract as paged_decode_qkv_ref, for slot_mapping[b] either -1 or the
-    cache slot of sequence b's token context_lens[b] - 1.
+    """Triton; same contract as paged_decode_qkv_ref, for kv.slot_mapping[b] either -1 or the
+    cache slot of sequence b's token kv.context_lens[b] - 1.
 
     num_splits=None chooses as paged_decode_attention_triton does; with more than one split,
     a second kernel merges them, or (last_reduces) the last program of each (sequence, kv
@@ -171,38 +156,35 @@ def paged_decode_qkv_triton(
     where kiln.kernels._triton.use_pdl allows it (CUDA, compute capability 9.0 or newer, not
     switched off), else plainly.
     """
-    batch, head_dim = qkv.shape[0], k_cache.shape[-1]
-    has_norm, has_rope = check_qkv_args(
-        qkv, positions, cos_sin, q_norm_weight, k_norm_weight, k_cache, v_cache, slot_mapping,
-        num_heads, num_kv_heads,
-    )  # fmt: skip
-    q_view = qkv[:, : num_heads * head_dim].unflatten(1, (num_heads, head_dim))
-    check_paged_args(q_view, k_cache, v_cache, block_tables)
-    assert block_tables.shape[0] == batch and context_lens.shape == (batch,)
+    check_qkv_args(qkv, positions, heads, qk, kv)
+    num_heads, num_kv_heads, head_dim = heads.num_heads, heads.num_kv_heads, heads.head_dim
+    batch, q_view = qkv.shape[0], heads.split_qkv(qkv)[0]
+    check_paged_args(q_view, kv)
+    k_cache, v_cache, block_tables = kv.k_cache, kv.v_cache, kv.block_tables
+    assert block_tables.shape[0] == batch and kv.context_lens.shape == (batch,)
     pdl = pdl and use_pdl(qkv)
-    block_size = k_cache.shape[1]
-    group = num_heads // num_kv_heads
     out = torch.empty(batch, num_heads, head_dim, dtype=qkv.dtype, device=qkv.device)
     if batch == 0:
         return out
     num_splits, part_out, part_lse, counters = split_launch_buffers(
-        out, num_kv_heads, block_tables, block_size, num_splits, last_reduces
+        out, kv, num_splits, last_reduces
     )
     split = num_splits > 1
-    vec, bw_q = _torch_sum_plan(batch * num_heads, head_dim)  # as qkv_prepare_triton sums
-    _, bw_k = _torch_sum_plan(batch * num_kv_heads, head_dim)
+    vec, bw_q = torch_sum_plan(batch * num_heads, head_dim)  # as qkv_prepare_triton sums
+    _, bw_k = torch_sum_plan(batch * num_kv_heads, head_dim)
+    has_norm, has_rope = qk.has_norm, qk.has_rope
     dummy = qkv  # stands in for the pointers of the steps left out (never read)
     _decode_qkv_kernel[(batch, num_kv_heads, num_splits)](
-        qkv, positions if has_rope else dummy, cos_sin if has_rope else dummy,
-        q_norm_weight if has_norm else dummy, k_norm_weight if has_norm else dummy,
-        k_cache, v_cache, slot_mapping, block_tables, context_lens,
+        qkv, positions if has_rope else dummy, qk.cos_sin if has_rope else dummy,
+        qk.q_norm_weight if has_norm else dummy, qk.k_norm_weight if has_norm else dummy,
+        k_cache, v_cache, kv.slot_mapping, block_tables, kv.context_lens,
         out, part_out, part_lse, counters,
-        qkv.stride(0), cos_sin.stride(0) if has_rope else 0, out.stride(0), out.stride(1),
+        qkv.stride(0), qk.cos_sin.stride(0) if has_rope else 0, out.stride(0), out.stride(1),
         k_cache.stride(0), k_cache.stride(1), k_cache.stride(2), block_tables.stride(0),
-        eps, scale * LOG2E, sliding_window or 0, block_size, num_heads, num_kv_heads,
+        qk.eps, scale * LOG2E, sliding_window or 0, kv.block_size, num_heads, num_kv_heads,
         num_splits,
-        GROUP=group, BLOCK_G=max(16, triton.next_power_of_2(group)), HALF=head_dim // 2,
-        HAS_NORM=has_norm, HAS_ROPE=has_rope,
+        GROUP=heads.group, BLOCK_G=max(16, triton.next_power_of_2(heads.group)),
+        HALF=head_dim // 2, HAS_NORM=has_norm, HAS_ROPE=has_rope,
         VEC=vec, LOG_BW_Q=bw_q.bit_length() - 1, LOG_BW_K=bw_k.bit_length() - 1,
         USE_WINDOW=sliding_window is not None, SPLIT=split, LAST_REDUCES=last_reduces, PDL=pdl,
         enable_fp_fusion=False,  # no FMA: q and k round as qkv_prepare's do
@@ -217,17 +199,9 @@ def paged_decode_qkv_triton(
 def paged_decode_qkv(
     qkv: torch.Tensor,
     positions: torch.Tensor,
-    cos_sin: torch.Tensor | None,
-    q_norm_weight: torch.Tensor | None,
-    k_norm_weight: torch.Tensor | None,
-    eps: float,
-    k_cache: torch.Tensor,
-    v_cache: torch.Tensor,
-    slot_mapping: torch.Tensor,
-    num_heads: int,
-    num_kv_heads: int,
-    block_tables: torch.Tensor,
-    context_lens: torch.Tensor,
+    heads: HeadLayout,
+    qk: QKNormRope,
+    kv: PagedKV,
     scale: float,
     sliding_window: int | None = None,
     num_splits: int | None = None,
@@ -235,8 +209,4 @@ def paged_decode_qkv(
     """A decode step's attention from qkv [B, (Hq + 2 Hkv) * D] -> [B, Hq, D], storing the
     new k and v: Triton on CUDA, the reference elsewhere."""
     fn = paged_decode_qkv_triton if use_triton(qkv) else paged_decode_qkv_ref
-    return fn(
-        qkv, positions, cos_sin, q_norm_weight, k_norm_weight, eps, k_cache, v_cache,
-        slot_mapping, num_heads, num_kv_heads, block_tables, context_lens, scale,
-        sliding_window, num_splits,
-    )  # fmt: skip
+    return fn(qkv, positions, heads, qk, kv, scale, sliding_window, num_splits)

@@ -39,7 +39,6 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from kiln.kernels._paged import dot_options
 from kiln.kernels._triton import (
     gdc_launch_dependents,
     gdc_wait,
@@ -49,6 +48,7 @@ from kiln.kernels._triton import (
     use_pdl,
     use_triton,
 )
+from kiln.kernels.common import dot_options
 from kiln.kernels.rmsnorm import rmsnorm, rmsnorm_ref
 from kiln.kernels.silu_and_mul import silu_and_mul, silu_and_mul_ref
 

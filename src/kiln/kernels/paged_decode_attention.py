@@ -13,13 +13,6 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from kiln.kernels._paged import (
-    LOG2E,
-    check_paged_args,
-    dot_options,
-    kv_tile_offsets,
-    online_softmax_step,
-)
 from kiln.kernels._triton import (
     num_sms,
     pdl_enter,
@@ -28,6 +21,14 @@ from kiln.kernels._triton import (
     triton,
     use_pdl,
     use_triton,
+)
+from kiln.kernels.common import (
+    LOG2E,
+    PagedKV,
+    check_paged_args,
+    dot_options,
+    kv_tile_offsets,
+    online_softmax_step,
 )
 
 MIN_TOKENS_PER_SPLIT = 256
@@ -40,27 +41,24 @@ INTERPRETER_CONFIG = dict(BLOCK_N=16, num_warps=4, num_stages=1)
 
 def paged_decode_attention_ref(
     q: torch.Tensor,
-    k_cache: torch.Tensor,
-    v_cache: torch.Tensor,
-    block_tables: torch.Tensor,
-    context_lens: torch.Tensor,
+    kv: PagedKV,
     scale: float,
     sliding_window: int | None = None,
     num_splits: int | None = None,
 ) -> torch.Tensor:
-    """Plain torch: q [B, Hq, D] at position context_lens[b] - 1, in one masked SDPA over
+    """Plain torch: q [B, Hq, D] at position kv.context_lens[b] - 1, in one masked SDPA over
     every sequence's gathered (padded) pages. Context length 0 gives zeros.
 
     num_splits only shapes the Triton kernel's work; the reference ignores it.
     """
-    max_ctx = int(context_lens.max()) if q.shape[0] else 0
+    max_ctx = int(kv.context_lens.max()) if q.shape[0] else 0
     if max_ctx == 0:
         return torch.zeros_like(q)
-    tables = block_tables[:, : -(-max_ctx // k_cache.shape[1])].long()  # padding is masked
-    keys = k_cache[tables].flatten(1, 2)[:, :max_ctx]  # [B, max_ctx, Hkv, D]
-    values = v_cache[tables].flatten(1, 2)[:, :max_ctx]
+    tables = kv.block_tables[:, : -(-max_ctx // kv.block_size)].long()  # padding is masked
+    keys = kv.k_cache[tables].flatten(1, 2)[:, :max_ctx]  # [B, max_ctx, Hkv, D]
+    values = kv.v_cache[tables].flatten(1, 2)[:, :max_ctx]
     k_pos = torch.arange(max_ctx, device=q.device)[None, :]
-    q_pos = context_lens[:, None].long() - 1
+    q_pos = kv.context_lens[:, None].long() - 1
     mask = k_pos <= q_pos  # [B, max_ctx]
     if sliding_window is not None:
         mask &= q_pos - k_pos < sliding_window
@@ -70,7 +68,7 @@ def paged_decode_attention_ref(
         values.transpose(1, 2),
         attn_mask=mask[:, None, None, :],
         scale=scale,
-        enable_gqa=q.shape[1] != k_cache.shape[2],
+        enable_gqa=q.shape[1] != kv.k_cache.shape[2],
     )[:, :, 0]
     return out.masked_fill(q_pos[:, :, None] < 0, 0.0)
 
@@ -265,15 +263,15 @@ def choose_num_splits(batch: int, num_kv_heads: int, max_len: int, device: torch
 
 
 def split_launch_buffers(
-    out: torch.Tensor, num_kv_heads: int, block_tables: torch.Tensor, block_size: int,
-    num_splits: int | None, last_reduces: bool,
-):  # fmt: skip
-    """For a split-KV decode launch writing out [B, Hq, D]: (num_splits, part_out, part_lse,
-    counters), the split count chosen when None (see choose_num_splits) and `out` standing in
-    for the buffers a single split does not use."""
+    out: torch.Tensor, kv: PagedKV, num_splits: int | None, last_reduces: bool
+) -> tuple[int, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """For a split-KV decode launch over kv writing out [B, Hq, D]: (num_splits, part_out,
+    part_lse, counters), the split count chosen when None (see choose_num_splits) and `out`
+    standing in for the buffers a single split does not use."""
     batch, num_heads, head_dim = out.shape
+    num_kv_heads = kv.k_cache.shape[2]
     if num_splits is None:
-        max_len = block_tables.shape[1] * block_size
+        max_len = kv.block_tables.shape[1] * kv.block_size
         num_splits = choose_num_splits(batch, num_kv_heads, max_len, out.device)
     part_out = part_lse = counters = out
     if num_splits > 1:
@@ -297,10 +295,7 @@ def launch_split_merge(part_out, part_lse, out, num_splits: int, pdl: bool) -> N
 
 def paged_decode_attention_triton(
     q: torch.Tensor,
-    k_cache: torch.Tensor,
-    v_cache: torch.Tensor,
-    block_tables: torch.Tensor,
-    context_lens: torch.Tensor,
+    kv: PagedKV,
     scale: float,
     sliding_window: int | None = None,
     num_splits: int | None = None,
@@ -313,20 +308,21 @@ def paged_decode_attention_triton(
     be captured in a CUDA graph). A sequence of context length 0 gets zeros. last_reduces:
     merge the splits in the attention kernel (see split_counters) instead of a second one.
     """
-    check_paged_args(q, k_cache, v_cache, block_tables)
+    check_paged_args(q, kv)
     batch, num_heads, head_dim = q.shape
-    block_size, num_kv_heads = k_cache.shape[1], k_cache.shape[2]
+    k_cache, v_cache, block_tables = kv.k_cache, kv.v_cache, kv.block_tables
+    block_size, num_kv_heads = kv.block_size, k_cache.shape[2]
     group = num_heads // num_kv_heads
     out = torch.empty_like(q)
     if batch == 0:
         return out
     num_splits, part_out, part_lse, counters = split_launch_buffers(
-        out, num_kv_heads, block_tables, block_size, num_splits, last_reduces
+        out, kv, num_splits, last_reduces
     )
     split = num_splits > 1
     pdl = use_pdl(q)
     _decode_kernel[(batch, num_kv_heads, num_splits)](
-        q, k_cache, v_cache, block_tables, context_lens, out, part_out, part_lse, counters,
+        q, k_cache, v_cache, block_tables, kv.context_lens, out, part_out, part_lse, counters,
         q.stride(0), q.stride(1), out.stride(0), out.stride(1),
         k_cache.stride(0), k_cache.stride(1), k_cache.stride(2), block_tables.stride(0),
         scale * LOG2E, sliding_window or 0, block_size, num_heads, num_kv_heads, num_splits,
@@ -342,14 +338,11 @@ def paged_decode_attention_triton(
 
 def paged_decode_attention(
     q: torch.Tensor,
-    k_cache: torch.Tensor,
-    v_cache: torch.Tensor,
-    block_tables: torch.Tensor,
-    context_lens: torch.Tensor,
+    kv: PagedKV,
     scale: float,
     sliding_window: int | None = None,
     num_splits: int | None = None,
 ) -> torch.Tensor:
     """Decode attention over the paged cache, q [B, Hq, D] -> [B, Hq, D]: Triton on CUDA."""
     fn = paged_decode_attention_triton if use_triton(q) else paged_decode_attention_ref
-    return fn(q, k_cache, v_cache, block_tables, context_lens, scale, sliding_window, num_splits)
+    return fn(q, kv, scale, sliding_window, num_splits)

@@ -15,15 +15,16 @@ from __future__ import annotations
 
 import torch
 
-from kiln.kernels._paged import (
+from kiln.kernels._triton import tl, triton, use_triton
+from kiln.kernels.common import (
     LOG2E,
+    PagedKV,
     attend_paged_ref,
     check_paged_args,
     dot_options,
     kv_tile_offsets,
     online_softmax_step,
 )
-from kiln.kernels._triton import tl, triton, use_triton
 
 # Launch settings on CUDA by head_dim (benchmarks/bench_kernels.py sweeps them); the
 # interpreter uses 16x16 tiles so that tiny tests still cross tile boundaries.
@@ -38,18 +39,16 @@ MIN_BLOCK_B = 64  # the smallest sequence-offset tile (next_power_of_2(num_seqs)
 
 def varlen_prefill_attention_ref(
     q: torch.Tensor,
-    k_cache: torch.Tensor,
-    v_cache: torch.Tensor,
+    kv: PagedKV,
     cu_seqlens_q: torch.Tensor,
-    context_lens: torch.Tensor,
-    block_tables: torch.Tensor,
     scale: float,
     sliding_window: int | None = None,
 ) -> torch.Tensor:
     """Plain torch, one sequence at a time: q [Nq, Hq, D] -> [Nq, Hq, D], causal."""
     out = torch.empty_like(q)
+    k_cache, v_cache, block_tables = kv.k_cache, kv.v_cache, kv.block_tables
     bounds = cu_seqlens_q.tolist()
-    for b, length in enumerate(context_lens.tolist()):
+    for b, length in enumerate(kv.context_lens.tolist()):
         start, end = bounds[b], bounds[b + 1]
         if end > start:
             out[start:end] = attend_paged_ref(
@@ -139,18 +138,16 @@ def prefill_block_b(num_seqs: int) -> int:
 
 def varlen_prefill_attention_triton(
     q: torch.Tensor,
-    k_cache: torch.Tensor,
-    v_cache: torch.Tensor,
+    kv: PagedKV,
     cu_seqlens_q: torch.Tensor,
-    context_lens: torch.Tensor,
-    block_tables: torch.Tensor,
     scale: float,
     sliding_window: int | None = None,
 ) -> torch.Tensor:
     """Triton varlen flash attention over paged K/V; same contract as the reference."""
-    check_paged_args(q, k_cache, v_cache, block_tables)
+    check_paged_args(q, kv)
     num_tokens, num_heads, head_dim = q.shape
-    num_seqs = context_lens.shape[0]
+    k_cache, v_cache, block_tables = kv.k_cache, kv.v_cache, kv.block_tables
+    num_seqs = kv.context_lens.shape[0]
     assert cu_seqlens_q.shape == (num_seqs + 1,)
     out = torch.empty_like(q)
     if num_tokens == 0:
@@ -161,10 +158,10 @@ def varlen_prefill_attention_triton(
         config = INTERPRETER_CONFIG
     grid = (num_tokens // config["BLOCK_M"] + num_seqs, num_heads)
     _prefill_kernel[grid](
-        q, k_cache, v_cache, cu_seqlens_q, context_lens, block_tables, out,
+        q, k_cache, v_cache, cu_seqlens_q, kv.context_lens, block_tables, out,
         q.stride(0), q.stride(1), out.stride(0), out.stride(1),
         k_cache.stride(0), k_cache.stride(1), k_cache.stride(2), block_tables.stride(0),
-        scale * LOG2E, sliding_window or 0, k_cache.shape[1], num_seqs,
+        scale * LOG2E, sliding_window or 0, kv.block_size, num_seqs,
         GROUP=num_heads // k_cache.shape[2], D=head_dim,
         BLOCK_B=prefill_block_b(num_seqs), USE_WINDOW=sliding_window is not None,
         **dot_options(q), **config,
@@ -174,14 +171,11 @@ def varlen_prefill_attention_triton(
 
 def varlen_prefill_attention(
     q: torch.Tensor,
-    k_cache: torch.Tensor,
-    v_cache: torch.Tensor,
+    kv: PagedKV,
     cu_seqlens_q: torch.Tensor,
-    context_lens: torch.Tensor,
-    block_tables: torch.Tensor,
     scale: float,
     sliding_window: int | None = None,
 ) -> torch.Tensor:
     """Causal attention of packed prefill chunks over their paged K/V: Triton on CUDA."""
     fn = varlen_prefill_attention_triton if use_triton(q) else varlen_prefill_attention_ref
-    return fn(q, k_cache, v_cache, cu_seqlens_q, context_lens, block_tables, scale, sliding_window)
+    return fn(q, kv, cu_seqlens_q, scale, sliding_window)
