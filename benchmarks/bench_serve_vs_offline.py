@@ -43,13 +43,16 @@ warm = prompts(spec["warmup"])
 work = prompts(spec["num_prompts"])
 params = SamplingParams(temperature=0.0, max_tokens=spec["output_len"], ignore_eos=True)
 llm.generate(prompt_token_ids=warm, sampling_params=params)
-start = time.perf_counter()
-outs = llm.generate(prompt_token_ids=work, sampling_params=params)
-elapsed = time.perf_counter() - start
-tokens = sum(len(o.outputs[0].token_ids) for o in outs)
-print("RESULT " + json.dumps(dict(output_throughput=tokens / elapsed,
-      request_throughput=len(outs) / elapsed, duration_s=elapsed, tokens=tokens,
-      window=[start, start + elapsed])))
+runs = []
+for _ in range(spec["repeat"]):
+    start = time.perf_counter()
+    outs = llm.generate(prompt_token_ids=work, sampling_params=params)
+    elapsed = time.perf_counter() - start
+    tokens = sum(len(o.outputs[0].token_ids) for o in outs)
+    runs.append(dict(output_throughput=tokens / elapsed, request_throughput=len(outs) / elapsed,
+                     duration_s=elapsed, tokens=tokens, window=[start, start + elapsed]))
+median = sorted(runs, key=lambda r: r["output_throughput"])[len(runs) // 2]
+print("RESULT " + json.dumps({**median, "runs": [r["output_throughput"] for r in runs]}))
 """
 
 
@@ -83,7 +86,7 @@ def run_offline(src: Path, model: Path, args, engine_args: dict) -> dict:
     spec = dict(model=str(model), engine_args=engine_args, seed=args.seed,
                 max_token_id=args.max_token_id, input_len=args.input_len,
                 output_len=args.output_len, num_prompts=args.num_prompts,
-                warmup=args.warmup)  # fmt: skip
+                warmup=args.warmup, repeat=args.repeat)  # fmt: skip
     trace = args.out / "trace" / f"offline-{src.parent.name}" if args.trace else None
     out = subprocess.run([sys.executable, "-c", OFFLINE, json.dumps(spec)],
                          env=env_for(src, trace), capture_output=True, text=True,
@@ -207,6 +210,11 @@ def trace_table(report: dict, out: Path) -> str:
     return "\n".join(lines)
 
 
+def median_run(runs: list[dict]) -> dict:
+    """The run with the median output throughput (the upper one of an even count)."""
+    return sorted(runs, key=lambda s: s["output_throughput"])[len(runs) // 2]
+
+
 def sustained(s: dict, slack: float = 0.05, ttft_p99_ms: float = 1000.0) -> bool:
     """Steady-state request throughput (arrival ramp and drain tail left out) within `slack`
     of the offered rate, and TTFT p99 under the bound."""
@@ -258,6 +266,9 @@ def main() -> None:
                    help="client processes sending the load (then also one rate-inf run from "
                    "a single client, for comparison)")  # fmt: skip
     p.add_argument("--serve-arg", action="append", default=[], help="passed to kiln serve")
+    p.add_argument("--repeat", type=int, default=1,
+                   help="offline and rate-inf served runs each repeated this many times; the "
+                   "table quotes the median (runs on one GPU vary by several percent)")  # fmt: skip
     p.add_argument(
         "--trace",
         action="store_true",
@@ -284,7 +295,7 @@ def main() -> None:
         off = run_offline(tree, model, args, engine_args)
         print(f"  offline: {off['output_throughput']:.0f} tok/s, "
               f"{off['request_throughput']:.1f} req/s", flush=True)  # fmt: skip
-        rates = [math.inf] + (args.rates if name == "after" else [])
+        rates = [math.inf] * args.repeat + (args.rates if name == "after" else [])
         served = run_served(tree, model, args, serve_args, rates)
         report["trees"][name] = {"offline": off, "served": served}
     (args.out / "results.json").write_text(json.dumps(report, indent=2))
@@ -294,14 +305,18 @@ def main() -> None:
         "|---|---|---|---|---|---|---|",
     ]
     for name, r in report["trees"].items():
-        off, inf = r["offline"], r["served"][0]
+        off, inf = r["offline"], median_run(r["served"][: args.repeat])
         lines.append(f"| {name} | {off['output_throughput']:,.0f} | "
                      f"{inf['output_throughput']:,.0f} | "
                      f"{inf['output_throughput'] / off['output_throughput']:.1%} | "
                      f"{off['request_throughput']:.1f} | {inf['request_throughput']:.1f} | "
                      f"{inf['ttft_ms']['p50']:.0f} / {inf['ttft_ms']['p99']:.0f} |")  # fmt: skip
+        if args.repeat > 1:
+            every = ", ".join(f"{s['output_throughput']:,.0f}" for s in r["served"][: args.repeat])
+            offs = ", ".join(f"{x:,.0f}" for x in off["runs"])
+            lines.append(f"| ({name}: offline runs {offs}; served runs {every}) | | | | | | |")
     after = report["trees"]["after"]
-    sweep = [s for s in after["served"][1:] if s["clients"] == args.clients]
+    sweep = [s for s in after["served"][args.repeat :] if s["clients"] == args.clients]
     if sweep:
         offline_rps = after["offline"]["request_throughput"]
         lines += ["", "| offered req/s (sent) | served req/s (steady) | out tok/s | "
