@@ -109,6 +109,7 @@ class CudaGraphRunner:
         self.mixed_buffers: MixedBuffers | None = None
         self.sample_in_graph = True  # the graphs run the fused sampling op too
         self.top = 0
+        self._pool = None  # the memory pool every graph shares (the first one's)
 
     def batch_size(self, batch: int) -> int | None:
         """The graph that runs a decode step of `batch` rows (None: no graph is that large)."""
@@ -165,41 +166,39 @@ class CudaGraphRunner:
     def capture(self, sizes: list[int], token_sizes: list[int] = ()) -> None:
         """Capture one decode graph per batch size and one mixed graph per token count
         (largest first: the smaller ones share the first one's memory pool)."""
-        pool = None
+        self._pool = None
         if token_sizes:
             self.alloc_mixed_buffers(token_sizes[-1])
-            with torch.inference_mode():
-                for size in reversed(token_sizes):
-                    md = self.mixed_buffers.metadata(size, self.mixed_seqs(size))
-                    self.backend.set_metadata(md)
-                    run = functools.partial(self.body_mixed, size, md)
-                    run()  # compile and warm up outside the capture
-                    torch.cuda.synchronize()
-                    graph = torch.cuda.CUDAGraph()
-                    with torch.cuda.graph(graph, pool=pool):
-                        self.mixed_logits[size], self.mixed_sampled[size] = run()
-                    pool = graph.pool() if pool is None else pool
-                    self.mixed[size] = graph
+            for size in reversed(token_sizes):
+                md = self.mixed_buffers.metadata(size, self.mixed_seqs(size))
+                self.mixed[size], (self.mixed_logits[size], self.mixed_sampled[size]) = (
+                    self._capture_one(md, functools.partial(self.body_mixed, size, md))
+                )
             self.mixed = dict(sorted(self.mixed.items()))
             log.info("captured CUDA graphs for mixed steps of %s tokens", list(self.mixed))
-        if not sizes:
-            return
-        self.alloc_buffers(sizes[-1])
-        with torch.inference_mode():
+        if sizes:
+            self.alloc_buffers(sizes[-1])
             for size in reversed(sizes):
                 md = self.metadata(size)
-                self.backend.set_metadata(md)
-                run = functools.partial(self.body, size, md)
-                run()  # compile and warm up outside the capture
-                torch.cuda.synchronize()
-                graph = torch.cuda.CUDAGraph()
-                with torch.cuda.graph(graph, pool=pool):
-                    self.logits[size], self.sampled[size] = run()
-                pool = graph.pool() if pool is None else pool
-                self.graphs[size] = graph
-        self.graphs = dict(sorted(self.graphs.items()))
+                self.graphs[size], (self.logits[size], self.sampled[size]) = self._capture_one(
+                    md, functools.partial(self.body, size, md)
+                )
+            self.graphs = dict(sorted(self.graphs.items()))
+            log.info("captured CUDA graphs for decode batch sizes %s", list(self.graphs))
         torch.cuda.synchronize()
-        log.info("captured CUDA graphs for decode batch sizes %s", list(self.graphs))
+
+    @torch.inference_mode()
+    def _capture_one(self, md: AttentionMetadata, run):
+        """(graph, its outputs) of `run` over the metadata `md`, in the shared memory pool."""
+        self.backend.set_metadata(md)
+        run()  # compile and warm up outside the capture
+        torch.cuda.synchronize()
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph, pool=self._pool):
+            outputs = run()
+        if self._pool is None:
+            self._pool = graph.pool()
+        return graph, outputs
 
     def body(self, size: int, md: AttentionMetadata):
         """What a decode graph of `size` rows computes: every row's logits and, where the
