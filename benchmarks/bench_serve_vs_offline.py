@@ -232,7 +232,14 @@ def plot(sweep: list[dict], offline_rps: float, path: Path) -> None:
 
     rates = [s["request_rate"] for s in sweep]
     fig, ax = plt.subplots(1, 3, figsize=(15, 4.2))
-    ax[0].plot(rates, [s["request_throughput"] for s in sweep], "o-", label="served")
+    ax[0].plot(
+        rates,
+        [s["request_throughput"] for s in sweep],
+        "o-",
+        label="served (all, drain tail included)",
+    )
+    ax[0].plot(rates, [s["steady_request_throughput"] for s in sweep], "s-",
+               label="served, steady (middle 80% of completions)")  # fmt: skip
     ax[0].plot(rates, rates, ":", color="gray", label="offered")
     ax[0].axhline(offline_rps, ls="--", color="k", label="offline engine")
     ax[0].set(xlabel="offered rate (req/s)", ylabel="req/s", title="request throughput")
