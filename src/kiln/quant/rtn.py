@@ -17,7 +17,9 @@ def check_shape(name: str, in_features: int, out_features: int, bits: int, group
     if bits not in BITS:
         raise InputError(f"--bits {bits} is not supported; choose 4 or 8", param="bits")
     if group_size != -1 and group_size <= 0:
-        raise InputError(f"--group-size {group_size}: use a positive size or -1", param="group_size")
+        raise InputError(
+            f"--group-size {group_size}: use a positive size or -1", param="group_size"
+        )
     if group_size != -1 and in_features % group_size:
         raise InputError(
             f"{name}: in_features {in_features} is not divisible by --group-size {group_size}",
