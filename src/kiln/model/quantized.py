@@ -63,14 +63,14 @@ def read_quant_config(hf_config: dict) -> QuantSpec | None:
     qc = hf_config.get("quantization_config")
     if qc is None:
         return None
+    if not isinstance(qc, dict):
+        raise ConfigError("quantization_config must be an object")
 
     def field(name, default=None):
         if name not in qc and default is None:
             raise ConfigError(f"quantization_config lacks the field {name!r}")
         return qc.get(name, default)
 
-    if not isinstance(qc, dict):
-        raise ConfigError("quantization_config must be an object")
     method = field("quant_method")
     if method not in ("gptq", "awq"):
         raise ConfigError(
