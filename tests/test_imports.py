@@ -33,6 +33,14 @@ ALLOWED = {
         "kiln.model",
         "kiln.tokenizer",
     },
+    "kiln.quant": {
+        "kiln.errors",
+        "kiln.config",
+        "kiln.kernels",
+        "kiln.model",
+        "kiln.tokenizer",
+        "kiln.train",  # the bundled corpus is the default calibration text
+    },
     "kiln.serve": {"kiln.errors", "kiln.config", "kiln.engine", "kiln.tokenizer"},
     "kiln.eval": {"kiln.errors", "kiln.engine", "kiln.serve"},
 }

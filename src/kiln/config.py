@@ -171,6 +171,7 @@ class ModelConfig:
     def to_hf(self) -> dict[str, Any]:
         """A config.json dict that `transformers` loads as the same architecture."""
         out = dict(self.hf_config)  # keep fields kiln does not model (rope extras, etc.)
+        out.pop("quantization_config", None)  # kiln holds (and saves) dequantized weights
         common = {
             "model_type": self.model_type,
             "vocab_size": self.vocab_size,

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import os
+from collections.abc import Iterator
 from pathlib import Path
 
 import torch
@@ -21,6 +22,7 @@ from kiln.model.hf_format import (
     read_tensors,
     weight_files,
 )
+from kiln.model.quantized import dequantize_tensors, read_quant_config
 from kiln.model.transformer import Transformer
 
 DTYPES = {
@@ -68,14 +70,13 @@ def load_model(
         model = Transformer(config)
     expected = dict(model.named_parameters())
     loaded: set[str] = set()
-    for file in weight_files(path):
-        for hf_name, hf_tensor in read_tensors(file):
-            try:
-                for name, tensor in hf_to_kiln(config, hf_name, hf_tensor):
-                    _assign(model, expected, name, tensor, dtype, device)
-                    loaded.add(name)
-            except CheckpointError as e:
-                raise CheckpointError(f"{file}: {e}") from e
+    for where, hf_name, hf_tensor in _checkpoint_tensors(path, config):
+        try:
+            for name, tensor in hf_to_kiln(config, hf_name, hf_tensor):
+                _assign(model, expected, name, tensor, dtype, device)
+                loaded.add(name)
+        except CheckpointError as e:
+            raise CheckpointError(f"{where}: {e}") from e
     if config.tie_word_embeddings:
         model.lm_head.weight = model.embed_tokens.weight
         loaded.add("lm_head.weight")
@@ -92,6 +93,25 @@ def load_model(
 
         load_adapter(model, lora)
     return model
+
+
+def _checkpoint_tensors(
+    path: Path, config: ModelConfig
+) -> Iterator[tuple[Path, str, torch.Tensor]]:
+    """(where, HF name, tensor) of every weight; a GPTQ/AWQ checkpoint's quantized Linears come
+    last, dequantized to float32 as `<prefix>.weight` (the torch reference path)."""
+    spec = read_quant_config(config.hf_config)
+    quantized: list[tuple[str, torch.Tensor]] = []
+    for file in weight_files(path):
+        for name, t in read_tensors(file):
+            if spec is not None and name.rpartition(".")[2] in spec.parts:
+                quantized.append((name, t))
+            else:
+                yield file, name, t
+    if spec is not None:
+        conv1d = config.model_type == "gpt2"
+        for name, t in dequantize_tensors(spec, iter(quantized), conv1d):
+            yield path, name, t
 
 
 def _assign(model, expected, name, tensor, dtype, device) -> None:

@@ -1,0 +1,1 @@
+"""Weight quantization: round-to-nearest and GPTQ, written as GPTQ / AWQ checkpoints."""
