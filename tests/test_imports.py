@@ -42,7 +42,14 @@ ALLOWED = {
         "kiln.train",  # the bundled corpus is the default calibration text
     },
     "kiln.serve": {"kiln.errors", "kiln.config", "kiln.engine", "kiln.tokenizer"},
-    "kiln.eval": {"kiln.errors", "kiln.engine", "kiln.serve"},
+    "kiln.eval": {
+        "kiln.errors",
+        "kiln.config",
+        "kiln.model",  # perplexity loads the model itself (no engine: it needs every logit)
+        "kiln.tokenizer",
+        "kiln.engine",
+        "kiln.serve",
+    },
 }
 
 

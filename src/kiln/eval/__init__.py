@@ -1,1 +1,5 @@
-"""Evaluation: benchmarks (and, later, perplexity)."""
+"""Evaluation: benchmarks and perplexity."""
+
+from kiln import lazy_attributes
+
+__getattr__ = lazy_attributes("kiln.eval", {"perplexity": "kiln.eval.ppl"})
