@@ -72,5 +72,8 @@ def ddp_worker(rank: int, world_size: int, port: int, data, out_dir, fsdp: bool)
         cfg = train_config(out_dir, batch_size=4 // world_size, fsdp=fsdp)
         train(tiny_model(), cfg, windows(data, 4 // world_size), lm_loss,
               windows(data, 2 // world_size, seed=1))  # fmt: skip
+        # both ranks past their last collective before either tears gloo down (a rank that
+        # destroyed the group while the other still ran one aborted in gloo's destructor)
+        dist.barrier()
     finally:
         dist.destroy_process_group()
