@@ -155,3 +155,43 @@ def test_staged_mixed_steps_give_the_same_tokens(
     assert runs[1] == runs[0]
     if sample_in_graph:
         assert any(t.any() for t, _ in llm.engine.runner.graph_runner.mixed_sampled.values())
+
+
+class _FakeGraph:
+    """torch.cuda.CUDAGraph's surface, on the CPU: capture() runs the body once (eagerly)."""
+
+    def pool(self):
+        return "pool"
+
+    def replay(self):
+        pass
+
+
+def test_capture_builds_every_graph_over_the_shared_buffers(hf_model_dir, monkeypatch):
+    """CudaGraphRunner.capture on the CPU with torch's graph API stubbed: every decode and
+    mixed graph is built (largest first, one pool), their static outputs have the graph's
+    rows, and the backend's views point into the staged buffers (no stale copies)."""
+    import contextlib
+
+    path, _ = hf_model_dir("qwen3")
+    llm = LLM(str(path), device="cpu", max_num_seqs=8)
+    g = llm.engine.runner.graph_runner
+    pools = []
+
+    @contextlib.contextmanager
+    def fake_graph(graph, pool=None):
+        pools.append(pool)
+        yield
+
+    monkeypatch.setattr(torch.cuda, "CUDAGraph", _FakeGraph)
+    monkeypatch.setattr(torch.cuda, "graph", fake_graph)
+    monkeypatch.setattr(torch.cuda, "synchronize", lambda *a: None)
+    g.capture([1, 2, 4, 8], [16, 32])
+    assert list(g.graphs) == [1, 2, 4, 8] and list(g.mixed) == [16, 32]
+    assert pools[0] is None and set(pools[1:]) == {"pool"}  # the first graph's pool, shared
+    vocab = llm.engine.runner.model_config.vocab_size
+    assert g.logits[4].shape == (4, vocab) and g.sampled[4][0].shape == (4,)
+    assert g.mixed_logits[16].shape == (8, vocab)  # min(16 tokens, max_num_seqs 8) rows
+    g.backend.set_metadata(g.mixed_buffers.metadata(32, 8))
+    cu = g.backend._views["prefill_cu_seqlens_q"]
+    assert cu.data_ptr() == g.mixed_buffers.cu_seqlens.data_ptr()  # a view, not a copy
