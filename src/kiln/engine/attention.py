@@ -129,15 +129,17 @@ class PagedBackend:
         d = md.num_decodes
         if self._decode_only(q.shape[0]):
             return decode(q, self._decode_kv(k_cache, v_cache), scale, sliding_window)
-        out = torch.empty_like(q)
-        if d:
-            out[:d] = decode(q[:d], self._decode_kv(k_cache, v_cache), scale, sliding_window)
         prefill_kv = PagedKV(
             k_cache, v_cache, views["prefill_block_tables"], views["prefill_context_lens"]
         )
-        out[d:] = self.ops.varlen_prefill_attention(
+        prefill = self.ops.varlen_prefill_attention(
             q[d:], prefill_kv, views["prefill_cu_seqlens_q"], scale, sliding_window
         )
+        if not d:  # prefill chunks only (a mixed graph's steps): no copy into a joint output
+            return prefill
+        out = torch.empty_like(q)
+        out[:d] = decode(q[:d], self._decode_kv(k_cache, v_cache), scale, sliding_window)
+        out[d:] = prefill
         return out
 
     @torch.inference_mode()
