@@ -1,5 +1,6 @@
 """AWQ: the folded scales keep the model's function, the searched scale beats plain RTN on inputs
-with outlier channels, and `kiln quantize --method awq` writes an AWQ GEMM checkpoint kiln runs."""
+with outlier channels, so does the clipping search, and `kiln quantize
+--method awq` writes an AWQ GEMM checkpoint kiln runs."""
 
 import json
 import shutil
@@ -15,7 +16,7 @@ from kiln.model.hf_format import kiln_to_hf
 from kiln.model.layers import RMSNorm
 from kiln.model.loader import load_model
 from kiln.model.quantized import pack_awq, read_quant_config, unpack_awq
-from kiln.quant.awq import ScaleGroup, fold_scale, scale_groups, search_scale
+from kiln.quant.awq import ScaleGroup, fold_scale, scale_groups, search_clip, search_scale
 from kiln.quant.calibration import calibration_ids
 from kiln.quant.quantize import awq_model
 from kiln.quant.rtn import quantize_rtn
@@ -69,6 +70,17 @@ def test_awq_output_error_is_below_rtn_with_outlier_channels():
     awq = quantize_rtn(w * s, 4, n, sym=False).dequantize() / s
     rtn = quantize_rtn(w, 4, n, sym=False).dequantize()
     assert (x @ (w - awq).t()).norm() < 0.8 * (x @ (w - rtn).t()).norm()
+
+
+def test_clipping_search_lowers_the_output_error():
+    gen = torch.Generator().manual_seed(0)
+    x = torch.randn(1024, 128, generator=gen)
+    w = 0.05 * torch.randn(64, 128, generator=gen)  # a group's extremes stretch its grid
+    clipped = search_clip(w, x, bits=4, group_size=128, sym=False)
+    assert (clipped.abs() <= w.abs()).all() and not torch.equal(clipped, w)
+    rtn = quantize_rtn(w, 4, 128, sym=False).dequantize()
+    awq = quantize_rtn(clipped, 4, 128, sym=False).dequantize()
+    assert (x @ (w - awq).t()).norm() < 0.98 * (x @ (w - rtn).t()).norm()
 
 
 def test_cli_awq_checkpoint_runs_in_llm(model_dir, tmp_path, capsys):

@@ -2,7 +2,9 @@
 Linears that share an input by s = mean|x|^alpha (the salient channels, those with large
 activations, get finer steps), and fold 1/s into the op that feeds them (a norm's weight or a
 Linear's output rows) so the model's function is unchanged. alpha is grid-searched per group on
-calibration inputs, judged by the output of the module the group sits in.
+calibration inputs, judged by the output of the module the group sits in. Then, as AutoAWQ's
+clipping search does, each (output, group) of weights is clamped to the range whose rounding best
+keeps that group's share of the Linear's output.
 """
 
 from __future__ import annotations
@@ -16,7 +18,8 @@ from torch import nn
 from kiln.model.layers import MLP
 from kiln.quant.rtn import quantize_rtn
 
-N_GRID = 20  # alpha in {0, 1/20, ..., 19/20}, AutoAWQ's grid
+N_GRID = 20  # alpha in {0, 1/20, ..., 19/20}, AutoAWQ's grid (clipping: shrink by 1/20 steps)
+NO_CLIP = ("self_attn.q_proj", "self_attn.k_proj")  # AutoAWQ leaves q/k unclipped
 
 
 @dataclass
@@ -91,3 +94,38 @@ def fold_scale(group: ScaleGroup, s: torch.Tensor) -> None:
         prev.bias.div_(s)
     for lin in group.linears:
         lin.weight.mul_(s)
+
+
+@torch.no_grad()
+def search_clip(
+    w: torch.Tensor,
+    x: torch.Tensor,
+    bits: int,
+    group_size: int,
+    sym: bool,
+    max_shrink: float = 0.5,
+    n_tokens: int = 512,
+    rows: int = 256,
+) -> torch.Tensor:
+    """w [out, in] with each (output, group) clamped to the +-max, shrunk from |w|'s max by up
+    to max_shrink, whose RTN rounding best keeps that group's share of the output on inputs
+    x [..., in] (about n_tokens of them, AutoAWQ's sample); `rows` outputs at a time."""
+    out_f, in_f = w.shape
+    size = in_f if group_size == -1 else group_size
+    x = x.reshape(-1, in_f).float()
+    x = x[:: max(1, len(x) // n_tokens)].view(-1, in_f // size, size)  # [tokens, groups, size]
+    clipped = []
+    for wg in w.float().view(out_f, -1, size).split(rows):  # [rows, groups, size]
+        ref = torch.einsum("tgs,ogs->otg", x, wg)
+        org_max = wg.abs().amax(-1, keepdim=True)  # [rows, groups, 1]
+        best_max, best_err = org_max.clone(), torch.full_like(org_max, float("inf"))
+        for step in range(int(max_shrink * N_GRID)):
+            m = org_max * (1 - step / N_GRID)
+            cur = wg.clamp(-m, m).view(len(wg), in_f)
+            q = quantize_rtn(cur, bits, group_size, sym).dequantize().view_as(wg)
+            err = (torch.einsum("tgs,ogs->otg", x, q) - ref).pow(2).mean(1)[..., None]
+            better = err < best_err
+            best_err = torch.where(better, err, best_err)
+            best_max = torch.where(better, m, best_max)
+        clipped.append(wg.clamp(-best_max, best_max).view(len(wg), in_f))
+    return torch.cat(clipped).to(w.dtype)

@@ -22,7 +22,7 @@ from kiln.model.attention import DENSE_CAUSAL
 from kiln.model.loader import load_model
 from kiln.model.quantized import IntWeight, pack_awq, pack_gptq
 from kiln.model.transformer import Transformer
-from kiln.quant.awq import fold_scale, scale_groups, search_scale
+from kiln.quant.awq import NO_CLIP, fold_scale, scale_groups, search_clip, search_scale
 from kiln.quant.calibration import calibration_ids
 from kiln.quant.checkpoint import save_quantized
 from kiln.quant.gptq import Hessian, quantize_gptq
@@ -184,8 +184,8 @@ def awq_model(
     model: Transformer, ids: torch.Tensor, bits, group_size, sym, progress
 ) -> tuple[dict[str, IntWeight], list[str]]:
     """AWQ every decoder Linear on calibration ids [samples, len], block by block: search and
-    fold each scale group's input scale into the model, then round; also the Linears whose
-    scale search was skipped, with why."""
+    fold each scale group's input scale into the model, search each Linear's clipping, then
+    round; also the Linears whose scale search was skipped, with why."""
     x, run = block_runner(model, ids)
     out, skipped = {}, []
     for i, layer in enumerate(tqdm(model.layers, desc="awq", unit="layer", disable=not progress)):
@@ -196,7 +196,8 @@ def awq_model(
         groups, skip = scale_groups(layer, attention)
         skipped += [f"layers.{i}.{s}" for s in skip]
         named = dict(layer.named_modules())
-        feats: dict[str, list[torch.Tensor]] = {g.name: [] for g in groups}
+        captured = {g.name for g in groups} | ({"self_attn.o_proj", "mlp.down_proj"} & set(named))
+        feats: dict[str, list[torch.Tensor]] = {n: [] for n in captured}
         hooks = [
             named[n].register_forward_hook(lambda mod, inp, res, f=f: f.append(inp[0]))
             for n, f in feats.items()
@@ -206,10 +207,15 @@ def awq_model(
         finally:
             for h in hooks:
                 h.remove()
-        scales = [search_scale(g, torch.cat(feats[g.name]), bits, group_size, sym) for g in groups]
+        inputs = {named[n]: torch.cat(f) for n, f in feats.items()}  # Linear -> its input
+        scales = [search_scale(g, inputs[named[g.name]], bits, group_size, sym) for g in groups]
         for g, s in zip(groups, scales):
+            x_in = inputs[named[g.name]] / s  # what the Linears see once s is folded
             fold_scale(g, s)
+            inputs |= {lin: x_in for lin in g.linears}
         for name, lin in linears(layer).items():
+            if lin in inputs and name not in NO_CLIP:
+                lin.weight.copy_(search_clip(lin.weight, inputs[lin], bits, group_size, sym))
             out[f"layers.{i}.{name}"] = quantize_rtn(lin.weight.detach(), bits, group_size, sym)
         x = x_next
     return out, skipped
