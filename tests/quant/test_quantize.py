@@ -108,7 +108,8 @@ def test_llm_engine_runs_a_quantized_checkpoint(model_dir, tmp_path):
     [
         (["--bits", "3"], "--bits 3"),
         (["--group-size", "48"], "not divisible by --group-size 48"),
-        (["--method", "awq"], "--method awq is not implemented yet"),
+        (["--method", "smoothquant"], "--method smoothquant is not implemented yet"),
+        (["--method", "awq", "--bits", "8"], "AWQ GEMM checkpoints are 4-bit"),
         (
             [
                 "--method",
@@ -143,7 +144,7 @@ def test_interrupted_quantize_leaves_no_output_directory(model_dir, tmp_path, mo
     def fail(*args, **kwargs):
         raise error("interrupted")
 
-    monkeypatch.setattr(kiln.quant.checkpoint, "gptq_state", fail)
+    monkeypatch.setattr(kiln.quant.checkpoint, "quantized_state", fail)
     with pytest.raises(error):
         quantize(model_dir, tmp_path / "q", method="gptq", **CALIB)
     assert list(tmp_path.iterdir()) == []

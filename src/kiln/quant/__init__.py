@@ -1,1 +1,1 @@
-"""Weight quantization: round-to-nearest and GPTQ, written as GPTQ / AWQ checkpoints."""
+"""Weight quantization: round-to-nearest, GPTQ and AWQ, written as GPTQ / AWQ checkpoints."""

@@ -1,5 +1,5 @@
-"""Write a quantized model as a Hugging Face GPTQ directory, atomically: everything goes into a
-hidden folder beside the output, renamed into place only once complete."""
+"""Write a quantized model as a Hugging Face GPTQ or AWQ directory, atomically: everything goes
+into a hidden folder beside the output, renamed into place only once complete."""
 
 from __future__ import annotations
 
@@ -14,17 +14,20 @@ from safetensors.torch import save_file
 
 from kiln.model.hf_format import kiln_to_hf
 from kiln.model.loader import DTYPES
-from kiln.model.quantized import IntWeight, pack_gptq
+from kiln.model.quantized import IntWeight
 from kiln.model.transformer import Transformer
 
 SKIP_FILES = ("config.json", "model.safetensors.index.json")
 
 
-def gptq_state(
-    model: Transformer, weights: dict[str, IntWeight], dtype: torch.dtype
+Pack = Callable[[IntWeight], dict[str, torch.Tensor]]
+
+
+def quantized_state(
+    model: Transformer, weights: dict[str, IntWeight], dtype: torch.dtype, pack: Pack
 ) -> dict[str, torch.Tensor]:
-    """HF-named tensors: `<prefix>.qweight/qzeros/scales/g_idx` for each quantized Linear
-    (kiln name `prefix` in `weights`), every other tensor as is in `dtype`."""
+    """HF-named tensors: `<prefix>.<part>` for each part pack() gives a quantized Linear (kiln
+    name `prefix` in `weights`), every other tensor as is in `dtype`."""
     config = model.config
     plain = {
         k: v.detach().to(dtype).contiguous()
@@ -35,7 +38,7 @@ def gptq_state(
     for name, w in weights.items():
         (hf_name,) = kiln_to_hf(config, {f"{name}.weight": torch.empty(0)})
         prefix = hf_name.removesuffix(".weight")
-        out |= {f"{prefix}.{part}": t for part, t in pack_gptq(w).items()}
+        out |= {f"{prefix}.{part}": t for part, t in pack(w).items()}
     return out
 
 
@@ -60,9 +63,11 @@ def save_quantized(
     quantization_config: dict,
     src_dir: Path,
     out_dir: Path,
+    pack: Pack,
 ) -> Path:
     """Write config.json (with `quantization_config`), model.safetensors and the source
-    directory's other files (tokenizer, generation config) to out_dir, atomically."""
+    directory's other files (tokenizer, generation config) to out_dir, atomically; pack turns
+    each IntWeight into the format's tensors (pack_gptq, pack_awq)."""
     config = model.config
     dtype = DTYPES.get(config.dtype or "float32", torch.float32)
 
@@ -70,9 +75,8 @@ def save_quantized(
         for f in src_dir.iterdir():
             if f.is_file() and f.suffix != ".safetensors" and f.name not in SKIP_FILES:
                 shutil.copy2(f, tmp / f.name)
-        save_file(
-            gptq_state(model, weights, dtype), str(tmp / "model.safetensors"), {"format": "pt"}
-        )
+        state = quantized_state(model, weights, dtype, pack)
+        save_file(state, str(tmp / "model.safetensors"), {"format": "pt"})
         hf = config.to_hf() | {"quantization_config": quantization_config}
         (tmp / "config.json").write_text(json.dumps(hf, indent=2) + "\n")
 

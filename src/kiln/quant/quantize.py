@@ -1,13 +1,16 @@
-"""quantize(): load a model, quantize its decoder Linears (RTN or GPTQ), write a GPTQ checkpoint.
+"""quantize(): load a model, quantize its decoder Linears (RTN, GPTQ or AWQ), write a GPTQ
+checkpoint (AWQ: an AutoAWQ GEMM one).
 
 GPTQ runs block by block: the calibration activations enter block i as block i-1 (already
 quantized) left them, each Linear's Hessian is gathered from one pass through the block, its
-weights are quantized, and a second pass gives the next block's inputs.
+weights are quantized, and a second pass gives the next block's inputs. AWQ also runs block by
+block, but as AutoAWQ does, the next block's inputs are the full-precision block's outputs.
 """
 
 from __future__ import annotations
 
 import os
+import sys
 from pathlib import Path
 
 import torch
@@ -17,15 +20,16 @@ from tqdm import tqdm
 from kiln.errors import InputError
 from kiln.model.attention import DENSE_CAUSAL
 from kiln.model.loader import load_model
-from kiln.model.quantized import IntWeight
+from kiln.model.quantized import IntWeight, pack_awq, pack_gptq
 from kiln.model.transformer import Transformer
+from kiln.quant.awq import NO_CLIP, fold_scale, scale_groups, search_clip, search_scale
 from kiln.quant.calibration import calibration_ids
 from kiln.quant.checkpoint import save_quantized
 from kiln.quant.gptq import Hessian, quantize_gptq
 from kiln.quant.rtn import check_shape, quantize_rtn
 
-METHODS = ("rtn", "gptq")
-LATER = ("awq", "smoothquant", "fp8")
+METHODS = ("rtn", "gptq", "awq")
+LATER = ("smoothquant", "fp8")
 PERCDAMP = 0.01
 CALIB_BATCH = 8  # calibration samples per forward pass
 
@@ -36,18 +40,24 @@ def quantize(
     method: str = "rtn",
     bits: int = 4,
     group_size: int = 128,
-    sym: bool = True,
+    sym: bool | None = None,
     act_order: bool = False,
     calib: str | os.PathLike | None = None,
     calib_samples: int = 128,
     calib_len: int = 512,
     progress: bool = False,
 ) -> Path:
-    """Quantize the model in model_dir and write it to out_dir as a GPTQ (v1) checkpoint."""
+    """Quantize the model in model_dir and write it to out_dir as a GPTQ (v1) checkpoint, or
+    for method "awq" an AutoAWQ GEMM one; sym defaults to True, for AWQ to False (zero point)."""
     if method in LATER:
-        raise InputError(f"--method {method} is not implemented yet (rtn, gptq)", param="method")
+        raise InputError(
+            f"--method {method} is not implemented yet (rtn, gptq, awq)", param="method"
+        )
     if method not in METHODS:
-        raise InputError(f"--method {method!r} is unknown; choose rtn or gptq", param="method")
+        raise InputError(f"--method {method!r} is unknown; choose rtn, gptq or awq", param="method")
+    if method == "awq" and bits != 4:
+        raise InputError(f"--bits {bits}: AWQ GEMM checkpoints are 4-bit", param="bits")
+    sym = method != "awq" if sym is None else sym
     model_dir, out_dir = Path(model_dir), Path(out_dir)
     if out_dir.exists():
         raise InputError(f"--out {str(out_dir)!r} already exists", param="out")
@@ -57,7 +67,7 @@ def quantize(
     for i, layer in enumerate(model.layers):
         for name, lin in linears(layer).items():
             check_shape(f"layers.{i}.{name}", lin.in_features, lin.out_features, bits, group_size)
-    if method == "gptq":
+    if method in ("gptq", "awq"):
         from kiln.tokenizer.hf import load_tokenizer
 
         if calib_len > model.config.max_position_embeddings:
@@ -67,6 +77,20 @@ def quantize(
                 param="calib_len",
             )
         ids = calibration_ids(load_tokenizer(model_dir), calib, calib_samples, calib_len)
+    if method == "awq":
+        weights, skipped = awq_model(model, ids, bits, group_size, sym, progress)
+        if progress and skipped:
+            print(f"awq: no scale search for {', '.join(skipped)}", file=sys.stderr)
+        awq_config = {
+            "quant_method": "awq",
+            "version": "gemm",
+            "bits": bits,
+            "group_size": group_size,
+            "zero_point": True,
+            "modules_to_not_convert": None,
+        }
+        return save_quantized(model, weights, awq_config, model_dir, out_dir, pack_awq)
+    if method == "gptq":
         weights = gptq_model(model, ids, bits, group_size, sym, act_order, progress)
     else:
         weights = rtn_model(model, bits, group_size, sym, progress)
@@ -81,7 +105,7 @@ def quantize(
         "static_groups": False,
         "checkpoint_format": "gptq",
     }
-    return save_quantized(model, weights, quantization_config, model_dir, out_dir)
+    return save_quantized(model, weights, quantization_config, model_dir, out_dir, pack_gptq)
 
 
 def linears(layer: nn.Module) -> dict[str, nn.Linear]:
@@ -102,24 +126,27 @@ def rtn_model(model: Transformer, bits, group_size, sym, progress) -> dict[str, 
     return out
 
 
+def block_runner(model: Transformer, ids: torch.Tensor):
+    """The embedded calibration ids [samples, len, hidden] and run(fn, x): fn(chunk, positions)
+    over CALIB_BATCH samples at a time, concatenated."""
+    positions = torch.arange(ids.shape[1]).expand(CALIB_BATCH, -1)
+    x = model.embed_tokens(ids)  # [samples, len, hidden]
+    if model.embed_positions is not None:
+        x = x + model.embed_positions(positions[: len(ids)])
+
+    def run(fn, x):
+        return torch.cat([fn(c, positions[: len(c)]) for c in x.split(CALIB_BATCH)])
+
+    return x, run
+
+
 @torch.no_grad()
 def gptq_model(
     model: Transformer, ids: torch.Tensor, bits, group_size, sym, act_order, progress
 ) -> dict[str, IntWeight]:
     """GPTQ every decoder Linear on calibration ids [samples, len], block by block; the model's
     weights become the dequantized ones as it goes."""
-    positions = torch.arange(ids.shape[1]).expand(CALIB_BATCH, -1)
-    x = model.embed_tokens(ids)  # [samples, len, hidden]
-    if model.embed_positions is not None:
-        x = x + model.embed_positions(positions[: len(ids)])
-
-    def run(layer):
-        return torch.cat(
-            [
-                layer(c, positions[: len(c)], model.rotary, DENSE_CAUSAL)
-                for c in x.split(CALIB_BATCH)
-            ]
-        )
+    x, run = block_runner(model, ids)
 
     out = {}
     for i, layer in enumerate(tqdm(model.layers, desc="gptq", unit="layer", disable=not progress)):
@@ -130,7 +157,7 @@ def gptq_model(
             for n, m in targets.items()
         ]
         try:
-            run(layer)
+            run(block(model, layer), x)
         finally:
             for h in hooks:
                 h.remove()
@@ -143,5 +170,52 @@ def gptq_model(
                 q = quantize_rtn(w, bits, group_size, sym)
             lin.weight.copy_(q.dequantize())
             out[f"layers.{i}.{name}"] = q
-        x = run(layer)
+        x = run(block(model, layer), x)
     return out
+
+
+def block(model: Transformer, layer: nn.Module):
+    """layer's forward as fn(x, positions)."""
+    return lambda c, pos: layer(c, pos, model.rotary, DENSE_CAUSAL)
+
+
+@torch.no_grad()
+def awq_model(
+    model: Transformer, ids: torch.Tensor, bits, group_size, sym, progress
+) -> tuple[dict[str, IntWeight], list[str]]:
+    """AWQ every decoder Linear on calibration ids [samples, len], block by block: search and
+    fold each scale group's input scale into the model, search each Linear's clipping, then
+    round; also the Linears whose scale search was skipped, with why."""
+    x, run = block_runner(model, ids)
+    out, skipped = {}, []
+    for i, layer in enumerate(tqdm(model.layers, desc="awq", unit="layer", disable=not progress)):
+
+        def attention(h, layer=layer):
+            return run(lambda c, pos: layer.self_attn(c, pos, model.rotary, DENSE_CAUSAL), h)
+
+        groups, skip = scale_groups(layer, attention)
+        skipped += [f"layers.{i}.{s}" for s in skip]
+        named = dict(layer.named_modules())
+        captured = {g.name for g in groups} | ({"self_attn.o_proj", "mlp.down_proj"} & set(named))
+        feats: dict[str, list[torch.Tensor]] = {n: [] for n in captured}
+        hooks = [
+            named[n].register_forward_hook(lambda mod, inp, res, f=f: f.append(inp[0]))
+            for n, f in feats.items()
+        ]
+        try:
+            x_next = run(block(model, layer), x)
+        finally:
+            for h in hooks:
+                h.remove()
+        inputs = {named[n]: torch.cat(f) for n, f in feats.items()}  # Linear -> its input
+        scales = [search_scale(g, inputs[named[g.name]], bits, group_size, sym) for g in groups]
+        for g, s in zip(groups, scales):
+            x_in = inputs[named[g.name]] / s  # what the Linears see once s is folded
+            fold_scale(g, s)
+            inputs |= {lin: x_in for lin in g.linears}
+        for name, lin in linears(layer).items():
+            if lin in inputs and name not in NO_CLIP:
+                lin.weight.copy_(search_clip(lin.weight, inputs[lin], bits, group_size, sym))
+            out[f"layers.{i}.{name}"] = quantize_rtn(lin.weight.detach(), bits, group_size, sym)
+        x = x_next
+    return out, skipped
