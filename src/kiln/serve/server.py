@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import os
+import socket
 import time
 from typing import Any
 
@@ -177,25 +178,75 @@ def serve(
     loop: str = "auto",
     public_metrics: bool = False,
     stream_send_timeout: float = 60.0,
+    api_server_count: int = 1,
     **engine_args: Any,
 ) -> None:
     """Load `model`, serve it over HTTP until SIGTERM/SIGINT, then drain and return;
-    EngineDeadError (the CLI exits non-zero) if the engine core process dies."""
+    EngineDeadError (the CLI exits non-zero) if the engine core process dies. With
+    `api_server_count` > 1, that many API processes share the listener in front of one
+    engine core (kiln.serve.api_servers)."""
     logging.basicConfig(level=log_level.upper(), format="%(levelname)s %(name)s: %(message)s")
-    from kiln.engine.async_engine import EngineDeadError
-
-    engine = build_engine(model, **engine_args)
-    app = create_app(engine, served_model_name or str(model), api_key=api_key,
-                     max_queue=max_queue, public_metrics=public_metrics,
-                     stream_send_timeout=stream_send_timeout)  # fmt: skip
-    config = uvicorn.Config(
-        app, host=host, port=port, log_level=log_level, access_log=False,
-        http=http_protocol(http), loop=loop, limit_concurrency=max_connections,
-        backlog=backlog,
+    opts = dict(
+        api_key=api_key, served_model_name=served_model_name or str(model), max_queue=max_queue,
+        log_level=log_level, drain_timeout=drain_timeout, max_connections=max_connections,
+        http=http, loop=loop, public_metrics=public_metrics,
+        stream_send_timeout=stream_send_timeout,
     )  # fmt: skip
     warning = backlog_warning(backlog)
     if warning:
         log.warning(warning)
+    if api_server_count > 1:
+        from kiln.serve.api_servers import serve_api_servers
+
+        sock = bind_socket(host, port, backlog)
+        serve_api_servers(str(model), api_server_count, sock, opts, engine_args)
+        return
+    engine = build_engine(model, **engine_args)
+    run_server(engine, host=host, port=port, backlog=backlog, **opts)
+
+
+def bind_socket(host: str, port: int, backlog: int) -> socket.socket:
+    """A listening TCP socket on (host, port) that child processes can inherit."""
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    sock = socket.socket(family, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    try:
+        sock.bind((host, port))
+    except OSError as e:
+        sock.close()
+        raise InputError(f"cannot listen on {host}:{port}: {e.strerror}") from None
+    sock.listen(backlog)
+    sock.set_inheritable(True)
+    return sock
+
+
+def run_server(
+    engine: Any,
+    served_model_name: str,
+    api_key: str | None,
+    max_queue: int,
+    log_level: str,
+    drain_timeout: float,
+    max_connections: int,
+    http: str,
+    loop: str,
+    public_metrics: bool,
+    stream_send_timeout: float,
+    sockets: list[socket.socket] | None = None,
+    request_id_tag: str = "",
+    **listen: Any,
+) -> None:
+    """Serve `engine` with uvicorn (on `sockets`, else on listen's host, port and backlog)
+    until SIGTERM/SIGINT and a drain; EngineDeadError if the engine core process dies."""
+    from kiln.engine.async_engine import EngineDeadError
+
+    app = create_app(engine, served_model_name, api_key=api_key, max_queue=max_queue,
+                     public_metrics=public_metrics, stream_send_timeout=stream_send_timeout,
+                     request_id_tag=request_id_tag)  # fmt: skip
+    config = uvicorn.Config(
+        app, log_level=log_level, access_log=False, http=http_protocol(http), loop=loop,
+        limit_concurrency=max_connections, **listen,
+    )  # fmt: skip
     server = DrainingServer(config, app, drain_timeout)
     dead: list[int | None] = []
 
@@ -204,6 +255,6 @@ def serve(
         server.should_exit = True
 
     engine.on_dead.append(engine_died)
-    server.run()
+    server.run(sockets=sockets)
     if dead:
         raise EngineDeadError(f"the engine core process died (exit code {dead[0]}); stopped")
