@@ -24,6 +24,7 @@ import signal
 import socket
 import subprocess
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -36,10 +37,12 @@ STOP_GRACE_S = 10.0  # beyond the drain timeout, before a worker or the core is 
 
 
 def serve_api_servers(
-    model: str, count: int, sock: socket.socket, opts: dict[str, Any], engine_args: dict
-) -> None:
+    model: str, count: int, sock: socket.socket, opts: dict[str, Any], engine_args: dict,
+    worker: Callable,
+) -> None:  # fmt: skip
     """Serve `model` with `count` API processes on `sock` until a signal; KilnError when the
-    engine core or a worker died."""
+    engine core or a worker died. `worker(index, sock, model, addrs, core_pid, opts,
+    engine_args)` runs in each (kiln.serve.server.run_api_worker)."""
     from kiln.config import ModelConfig
     from kiln.engine.async_engine import eos_token_ids
     from kiln.engine.config import EngineConfig
@@ -55,7 +58,7 @@ def serve_api_servers(
     spawn = multiprocessing.get_context("spawn")
     workers = [
         spawn.Process(
-            target=run_api_worker,
+            target=worker,
             name=f"kiln-api-{i}",
             args=(i, sock, model, addrs[i], core.pid, worker_opts, engine_args),
         )  # fmt: skip
@@ -123,23 +126,3 @@ def stop_core(core: subprocess.Popen) -> None:
         except subprocess.TimeoutExpired:
             core.kill()
             core.wait(5)
-
-
-def run_api_worker(
-    index: int, sock: socket.socket, model: str, addrs: list[str], core_pid: int,
-    opts: dict[str, Any], engine_args: dict,
-) -> None:  # fmt: skip
-    """One API process: an AsyncLLM attached to the core, the app served on `sock`."""
-    from kiln.engine.async_engine import AsyncLLM, EngineDeadError
-    from kiln.serve.server import run_server
-
-    os.setpgrp()  # a terminal's Ctrl-C reaches the parent only, which forwards it once
-    level = opts["log_level"].upper()
-    logging.basicConfig(level=level, format=f"%(levelname)s %(name)s[w{index}]: %(message)s")
-    attach = dict(addrs=addrs, index=index, core_pid=core_pid)
-    try:
-        engine = AsyncLLM(model, attach=attach, **engine_args)
-        run_server(engine, sockets=[sock], request_id_tag=f"w{index}-", **opts)
-    except (EngineDeadError, KilnError) as e:
-        log.error("API process %d: %s", index, e)
-        raise SystemExit(1) from None

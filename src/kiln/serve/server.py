@@ -13,7 +13,7 @@ import uvicorn
 from fastapi import FastAPI
 from uvicorn.protocols.http.h11_impl import H11Protocol
 
-from kiln.errors import InputError
+from kiln.errors import InputError, KilnError
 from kiln.serve.api import DEFAULT_MAX_QUEUE, create_app
 
 log = logging.getLogger("kiln.serve")
@@ -199,7 +199,7 @@ def serve(
         from kiln.serve.api_servers import serve_api_servers
 
         sock = bind_socket(host, port, backlog)
-        serve_api_servers(str(model), api_server_count, sock, opts, engine_args)
+        serve_api_servers(str(model), api_server_count, sock, opts, engine_args, run_api_worker)
         return
     engine = build_engine(model, **engine_args)
     run_server(engine, host=host, port=port, backlog=backlog, **opts)
@@ -258,3 +258,22 @@ def run_server(
     server.run(sockets=sockets)
     if dead:
         raise EngineDeadError(f"the engine core process died (exit code {dead[0]}); stopped")
+
+
+def run_api_worker(
+    index: int, sock: socket.socket, model: str, addrs: list[str], core_pid: int,
+    opts: dict[str, Any], engine_args: dict,
+) -> None:  # fmt: skip
+    """One API process: an AsyncLLM attached to the core, the app served on `sock`."""
+    from kiln.engine.async_engine import AsyncLLM
+
+    os.setpgrp()  # a terminal's Ctrl-C reaches the parent only, which forwards it once
+    level = opts["log_level"].upper()
+    logging.basicConfig(level=level, format=f"%(levelname)s %(name)s[w{index}]: %(message)s")
+    attach = dict(addrs=addrs, index=index, core_pid=core_pid)
+    try:
+        engine = AsyncLLM(model, attach=attach, **engine_args)
+        run_server(engine, sockets=[sock], request_id_tag=f"w{index}-", **opts)
+    except KilnError as e:  # EngineDeadError among them
+        log.error("API process %d: %s", index, e)
+        raise SystemExit(1) from None
