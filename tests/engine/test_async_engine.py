@@ -126,7 +126,7 @@ def test_a_failing_model_fails_its_requests_and_the_core_keeps_serving(hf_model_
 
     path, _ = hf_model_dir("llama")
     core = EngineCore(str(path), device="cpu", max_model_len=64)
-    loop = EngineCoreLoop(core, inbox=None, outbox=None, parent_pid=os.getppid())
+    loop = EngineCoreLoop(core, inbox=None, outboxes=[], parent_pid=os.getppid())
     core.add_request("a", [5, 6, 7], SamplingParams(max_tokens=4))
     execute = core.runner.execute
 
@@ -144,3 +144,39 @@ def test_a_failing_model_fails_its_requests_and_the_core_keeps_serving(hf_model_
     while core.has_work():
         tokens += [t for d in loop.step() for t in d.new_token_ids]
     assert len(tokens) == 4
+
+
+class FakeOutbox:
+    def __init__(self):
+        import msgspec
+
+        from kiln.engine.core_client import CoreOutputs
+
+        self.decode = msgspec.msgpack.Decoder(CoreOutputs).decode
+        self.msgs = []
+
+    def send(self, data, copy=True):
+        self.msgs.append(self.decode(data))
+
+
+def test_core_loop_sends_each_clients_outputs_to_it_and_stats_to_all(hf_model_dir):
+    from kiln.engine.core import EngineCore
+    from kiln.engine.core_client import AddRequest, EngineCoreLoop
+
+    path, _ = hf_model_dir("llama")
+    core = EngineCore(str(path), device="cpu", max_model_len=64)
+    outboxes = [FakeOutbox(), FakeOutbox()]
+    loop = EngineCoreLoop(core, inbox=None, outboxes=outboxes, parent_pid=os.getppid())
+    params = SamplingParams(max_tokens=3, ignore_eos=True)
+    loop.handle(AddRequest("w0-a", [5, 6, 7], params, 0))
+    loop.handle(AddRequest("w1-b", [5, 6, 8], params, 1))
+    loop.handle(AddRequest("w1-bad", list(range(100)), params, 1))  # longer than the model
+    loop.send([], loop.errors, core.stats(), core.stats())
+    while core.has_work():
+        loop.send(loop.step(), [], core.stats(), None)
+    for i, box in enumerate(outboxes):
+        rids = {d.request_id for m in box.msgs for d in m.deltas}
+        assert rids == {f"w{i}-{'ab'[i]}"}
+        assert all(m.stats is not None for m in box.msgs)
+    assert [rid for m in outboxes[1].msgs for rid, _ in m.errors] == ["w1-bad"]
+    assert loop.owner == {}  # every request finished: nothing remembered

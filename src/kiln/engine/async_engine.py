@@ -113,22 +113,32 @@ def max_token_bytes(tokenizer) -> int:
     return max(len(t.encode()) for t in tokenizer.tokenizer.get_vocab(with_added_tokens=True))
 
 
-class AsyncLLM:
-    """AsyncLLM(model_path, **engine_args); `await start()`, `generate(...)`, `abort(id)`."""
+def eos_token_ids(path: Path, tokenizer, model_config: ModelConfig) -> frozenset[int]:
+    """The ids that end a sequence: the tokenizer's, else those the checkpoint names."""
+    if tokenizer is not None:
+        return frozenset(tokenizer.eos_token_ids)
+    return frozenset(eos_ids_from_dir(path, model_config))
 
-    def __init__(self, model: str, dtype=None, device=None, **engine_args):
+
+class AsyncLLM:
+    """AsyncLLM(model_path, **engine_args); `await start()`, `generate(...)`, `abort(id)`.
+    With `attach=dict(addrs=, index=, core_pid=)` it talks to an engine core another process
+    started (EngineCoreClient.attach) instead of starting its own; the engine arguments must be
+    the core's (they shape the checks made here)."""
+
+    def __init__(self, model: str, dtype=None, device=None, attach: dict | None = None,
+                 **engine_args):  # fmt: skip
         path = Path(model)
         self.config = EngineConfig.from_kwargs(engine_args)  # bad arguments fail here, fast
         self.model_config = ModelConfig.from_dir(path)
         self.tokenizer = load_engine_tokenizer(path)
-        self.eos_token_ids = frozenset(
-            self.tokenizer.eos_token_ids
-            if self.tokenizer is not None
-            else eos_ids_from_dir(path, self.model_config)
-        )
+        self.eos_token_ids = eos_token_ids(path, self.tokenizer, self.model_config)
         eos = sorted(self.eos_token_ids)
         kwargs = dict(engine_args, dtype=dtype, device=device, eos_token_ids=eos)
-        self.client = EngineCoreClient(str(model), **kwargs)  # starts the core, waits for it
+        if attach is None:
+            self.client = EngineCoreClient(str(model), **kwargs)  # starts the core, waits for it
+        else:
+            self.client = EngineCoreClient.attach(**attach)
         self.max_model_len: int = self.client.info["max_model_len"]
         self.processor = OutputProcessor(self.tokenizer)
         # no token is longer than this many UTF-8 bytes of its vocabulary entry: a text of more

@@ -4,6 +4,11 @@ Two ZeroMQ PUSH/PULL sockets over IPC carry msgpack (msgspec) messages: requests
 stops go in; one `CoreOutputs` per engine step comes out with every sequence's new tokens and
 the engine's stats. The core never waits on the API side (its send queue is unbounded); the
 API side reads on a thread of its own and hands each message to its asyncio loop.
+
+The core may serve several API processes (`kiln serve --api-server-count N`): its one inbox
+is connected to every client's endpoint (ZeroMQ fair-queues them), it has one outbox per
+client, each `AddRequest` names its client, and each step's deltas and errors go to the client
+that sent the request; stats go to all of them. Request ids must be unique across clients.
 """
 
 from __future__ import annotations
@@ -39,6 +44,7 @@ class AddRequest(msgspec.Struct, tag="add", array_like=True):
     request_id: str
     prompt_token_ids: list[int]
     params: SamplingParams
+    client: int = 0  # which API process sent it (its outputs go back there)
 
 
 class Abort(msgspec.Struct, tag="abort", array_like=True):
@@ -81,32 +87,42 @@ class EngineStopped(KilnError):
 
 
 def run_engine_core(
-    model: str, kwargs: dict[str, Any], in_addr: str, out_addr: str, parent_pid: int
+    model: str, kwargs: dict[str, Any], clients: list[list[str]], parent_pid: int
 ) -> None:
-    """The engine-core process: build the engine, then step it while there is work."""
+    """The engine-core process: build the engine, then step it while there is work.
+    `clients`: each API process's [in_addr, out_addr], in client-index order."""
     from kiln.engine.core import EngineCore
 
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is the API process's to handle
     _leave_a_core_for_the_api_process()
     ctx = zmq.Context()
     inbox = ctx.socket(zmq.PULL)
-    inbox.connect(in_addr)
-    outbox = ctx.socket(zmq.PUSH)
-    outbox.setsockopt(zmq.SNDHWM, 0)  # never block the GPU loop on a slow reader
-    outbox.connect(out_addr)
+    outboxes = []
+    for in_addr, out_addr in clients:
+        inbox.connect(in_addr)
+        outbox = ctx.socket(zmq.PUSH)
+        outbox.setsockopt(zmq.SNDHWM, 0)  # never block the GPU loop on a slow reader
+        outbox.connect(out_addr)
+        outboxes.append(outbox)
     encode = msgspec.msgpack.Encoder().encode
     try:
         core = EngineCore(model, **kwargs)
     except KilnError as e:
-        outbox.send(encode(CoreOutputs(fatal=f"{type(e).__name__}: {e}")))
-        outbox.close(linger=5000)
-        inbox.close(linger=0)
-        ctx.term()  # returns once the message is out
+        for outbox in outboxes:
+            outbox.send(encode(CoreOutputs(fatal=f"{type(e).__name__}: {e}")))
+        _close(ctx, inbox, outboxes)
         sys.exit(1)
     ready = dict(max_model_len=core.max_model_len, vocab_size=core.model_config.vocab_size)
-    outbox.send(encode(CoreOutputs(ready=ready, stats=core.stats())))
-    EngineCoreLoop(core, inbox, outbox, parent_pid).run()
-    outbox.close(linger=5000)
+    for outbox in outboxes:
+        outbox.send(encode(CoreOutputs(ready=ready, stats=core.stats())))
+    EngineCoreLoop(core, inbox, outboxes, parent_pid).run()
+    _close(ctx, inbox, outboxes)
+
+
+def _close(ctx: zmq.Context, inbox: zmq.Socket, outboxes: list[zmq.Socket]) -> None:
+    """Close the core's sockets; returns once what the outboxes hold is out (5 s at most)."""
+    for outbox in outboxes:
+        outbox.close(linger=5000)
     inbox.close(linger=0)
     ctx.term()
 
@@ -122,18 +138,20 @@ def _leave_a_core_for_the_api_process() -> None:
 
 
 class EngineCoreLoop:
-    """Inputs in, one step, outputs out; blocks on the inbox only while there is no work."""
+    """Inputs in, one step, outputs out; blocks on the inbox only while there is no work.
+    With several clients, each request's outputs go to the outbox of the client that sent it."""
 
-    def __init__(self, core, inbox: zmq.Socket, outbox: zmq.Socket, parent_pid: int):
+    def __init__(self, core, inbox: zmq.Socket, outboxes: list[zmq.Socket], parent_pid: int):
         self.core = core
         self.inbox = inbox
-        self.outbox = outbox
+        self.outboxes = outboxes
         self.parent_pid = parent_pid
         self.decode = msgspec.msgpack.Decoder(CoreInput).decode
         self.encode = msgspec.msgpack.Encoder().encode
         self.errors: list[tuple[str, str]] = []
         self.running = True
         self.last_stats: dict | None = None
+        self.owner: dict[str, int] = {}  # request_id -> client (only with several clients)
 
     def run(self) -> None:
         core = self.core
@@ -147,9 +165,28 @@ class EngineCoreLoop:
             deltas = self.step() if core.has_work() else []
             stats = core.stats()
             if deltas or self.errors or stats != self.last_stats:
-                msg = CoreOutputs(deltas=deltas, errors=self.errors, stats=stats)
-                self.outbox.send(self.encode(msg), copy=False)
+                changed = stats if stats != self.last_stats else None
+                self.send(deltas, self.errors, stats, changed)
                 self.errors, self.last_stats = [], stats
+
+    def send(self, deltas: list[SeqDelta], errors: list, stats: dict, changed: dict | None):
+        """One step's outputs: all to the one client, or each to its own (stats to all)."""
+        if len(self.outboxes) == 1:
+            msg = CoreOutputs(deltas=deltas, errors=errors, stats=stats)
+            self.outboxes[0].send(self.encode(msg), copy=False)
+            return
+        n = len(self.outboxes)
+        by_client: list[tuple[list, list]] = [([], []) for _ in range(n)]
+        for d in deltas:
+            by_client[self.owner.get(d.request_id, 0)][0].append(d)
+            if d.finish_reason is not None and d.request_id not in self.core.requests:
+                self.owner.pop(d.request_id, None)  # its last sequence finished
+        for rid, why in errors:
+            by_client[self.owner.pop(rid, 0)][1].append((rid, why))
+        for outbox, (ds, es) in zip(self.outboxes, by_client, strict=True):
+            if ds or es or changed is not None:
+                msg = CoreOutputs(deltas=ds, errors=es, stats=stats)
+                outbox.send(self.encode(msg), copy=False)
 
     def step(self) -> list[SeqDelta]:
         try:
@@ -163,6 +200,8 @@ class EngineCoreLoop:
     def handle(self, msg: CoreInput) -> None:
         core = self.core
         if isinstance(msg, AddRequest):
+            if len(self.outboxes) > 1:
+                self.owner[msg.request_id] = msg.client
             try:
                 core.add_request(msg.request_id, msg.prompt_token_ids, msg.params)
             except KilnError as e:
@@ -170,9 +209,12 @@ class EngineCoreLoop:
         elif isinstance(msg, Abort):
             for rid in msg.request_ids:
                 core.abort(rid)
+                self.owner.pop(rid, None)
         elif isinstance(msg, FinishSeqs):
             for rid, index, stop in msg.stops:
                 core.finish_seq(rid, index, "stop", stop)
+                if rid not in core.requests:
+                    self.owner.pop(rid, None)
         else:
             self.running = False
 
@@ -180,15 +222,65 @@ class EngineCoreLoop:
 # ---------------------------------------------------------------------- the API side
 
 
+def core_addresses(num_clients: int) -> list[list[str]]:
+    """Fresh IPC endpoints, [in_addr, out_addr] for each client of one engine core."""
+    base = os.path.join(tempfile.gettempdir(), f"kiln-{uuid.uuid4().hex[:12]}")
+    return [[f"ipc://{base}-{i}-in", f"ipc://{base}-{i}-out"] for i in range(num_clients)]
+
+
+def start_core(model: str, engine_kwargs: dict[str, Any], clients: list[list[str]]):
+    """Start the engine-core process for `clients` (core_addresses); its Popen.
+    A fresh interpreter (not multiprocessing): no re-import of the caller's __main__, no CUDA
+    state inherited from a fork. The core exits when the calling process does."""
+    spec = json.dumps(dict(model=model, kwargs=_plain(engine_kwargs), clients=clients,
+                           parent_pid=os.getpid()))  # fmt: skip
+    return subprocess.Popen([sys.executable, "-m", "kiln.engine.core_client", spec])
+
+
+def pid_alive(pid: int) -> bool:
+    """Whether process `pid` runs (a zombie, dead but not yet reaped by its parent, does not)."""
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rpartition(")")[2].split()[0] != "Z"
+    except OSError:
+        return not os.path.isdir("/proc/self")  # gone since kill(0), or no procfs to ask
+
+
 class EngineCoreClient:
     """Starts the engine-core process and talks to it; `on_message(CoreOutputs)` and
-    `on_dead(exitcode)` are called on the reader thread."""
+    `on_dead(exitcode)` are called on the reader thread. `attach` talks to a core another
+    process started (one API process of several): it only watches that core's pid."""
 
     def __init__(self, model: str, startup_timeout: float = 1800.0, **engine_kwargs: Any):
+        addrs = core_addresses(1)
+        self._bind(addrs[0], 0)
+        self.proc: subprocess.Popen | None = start_core(model, engine_kwargs, addrs)
+        self.core_pid = self.proc.pid
+        self._start(startup_timeout)
+
+    @classmethod
+    def attach(
+        cls, addrs: list[str], index: int, core_pid: int, startup_timeout: float = 1800.0
+    ) -> EngineCoreClient:
+        """The client `index` of a running core (started with core_addresses' `addrs`)."""
+        self = cls.__new__(cls)
+        self._bind(addrs, index)
+        self.proc = None
+        self.core_pid = core_pid
+        self._start(startup_timeout)
+        return self
+
+    def _bind(self, addrs: list[str], index: int) -> None:
+        in_addr, out_addr = addrs
+        self.index = index
         self.ctx = zmq.Context()
-        base = os.path.join(tempfile.gettempdir(), f"kiln-{uuid.uuid4().hex[:12]}")
-        in_addr, out_addr = f"ipc://{base}-in", f"ipc://{base}-out"
-        self._paths = [f"{base}-in", f"{base}-out"]
+        self._paths = [a.removeprefix("ipc://") for a in addrs]
         self.inbox = self.ctx.socket(zmq.PUSH)  # our sends: the core's inbox
         self.inbox.setsockopt(zmq.SNDHWM, 0)
         self.inbox.bind(in_addr)
@@ -197,11 +289,8 @@ class EngineCoreClient:
         self.outbox.bind(out_addr)
         self.encode = msgspec.msgpack.Encoder().encode
         self.decode = msgspec.msgpack.Decoder(CoreOutputs).decode
-        # A fresh interpreter (not multiprocessing): no re-import of the caller's __main__,
-        # no CUDA state inherited from a fork.
-        spec = json.dumps(dict(model=model, kwargs=_plain(engine_kwargs), in_addr=in_addr,
-                               out_addr=out_addr, parent_pid=os.getpid()))  # fmt: skip
-        self.proc = subprocess.Popen([sys.executable, "-m", "kiln.engine.core_client", spec])
+
+    def _start(self, startup_timeout: float) -> None:
         self.dead = False
         self._reader: threading.Thread | None = None
         self._closing = False
@@ -209,20 +298,28 @@ class EngineCoreClient:
         self.info: dict[str, Any] = first.ready
         self.stats: dict[str, float] = first.stats or {}
 
+    def core_alive(self) -> bool:
+        if self.proc is not None:
+            return self.proc.poll() is None
+        return pid_alive(self.core_pid)
+
+    def exitcode(self) -> int | None:
+        """The core's exit code once it is gone (None when another process started it)."""
+        return None if self.proc is None else self.proc.returncode
+
     def _wait_ready(self, timeout: float) -> CoreOutputs:
         deadline = time.monotonic() + timeout
         while not self.outbox.poll(POLL_MS):
-            if self.proc.poll() is not None and not self.outbox.poll(POLL_MS):
+            if not self.core_alive() and not self.outbox.poll(POLL_MS):
                 self.close()
-                raise KilnError(
-                    f"the engine core exited while starting (code {self.proc.returncode})"
-                )
+                raise KilnError(f"the engine core exited while starting (code {self.exitcode()})")
             if time.monotonic() > deadline:
                 self.close()
                 raise KilnError(f"the engine core did not start in {timeout:.0f} s")
         msg = self.decode(self.outbox.recv())
         if msg.fatal is not None:
-            self.proc.wait(timeout=10)
+            if self.proc is not None:
+                self.proc.wait(timeout=10)
             self.close()
             name, _, text = msg.fatal.partition(": ")
             raise getattr(errors, name, KilnError)(text)  # the core's error type, by name
@@ -241,12 +338,12 @@ class EngineCoreClient:
                 if msg.stats is not None:
                     self.stats = msg.stats
                 on_message(msg)
-            elif self.proc.poll() is not None:
+            elif not self.core_alive():
                 while self.outbox.poll(0):  # what it said before it died still counts
                     on_message(self.decode(self.outbox.recv()))
                 if not self._closing:
                     self.dead = True
-                    on_dead(self.proc.returncode)
+                    on_dead(self.exitcode())
                 return
 
     def _send(self, msg: CoreInput) -> None:
@@ -254,7 +351,7 @@ class EngineCoreClient:
             self.inbox.send(self.encode(msg), flags=zmq.NOBLOCK)
 
     def add_request(self, request_id: str, ids: list[int], params: SamplingParams) -> None:
-        self._send(AddRequest(request_id, ids, params))
+        self._send(AddRequest(request_id, ids, params, self.index))
 
     def abort(self, request_ids: list[str]) -> None:
         if request_ids:
@@ -265,15 +362,18 @@ class EngineCoreClient:
             self._send(FinishSeqs(stops))
 
     def shutdown(self, timeout: float = 30.0) -> None:
-        """Ask the core to stop, wait for it, then kill it if it hangs."""
-        self._send(Shutdown())
+        """Ask the core to stop, wait for it, then kill it if it hangs. An attached client
+        only leaves: the core is its starter's to stop (other clients may still use it)."""
+        if self.proc is not None:
+            self._send(Shutdown())
         self._closing = True
         if self._reader is not None:
             self._reader.join(timeout=5)
-        try:
-            self.proc.wait(timeout=timeout)
-        except subprocess.TimeoutExpired:
-            pass
+        if self.proc is not None:
+            try:
+                self.proc.wait(timeout=timeout)
+            except subprocess.TimeoutExpired:
+                pass
         self.close()
 
     def close(self) -> None:
@@ -281,7 +381,7 @@ class EngineCoreClient:
         self._closing = True
         if self.ctx.closed:
             return
-        if self.proc.poll() is None:
+        if self.proc is not None and self.proc.poll() is None:
             self.proc.kill()
             self.proc.wait(timeout=10)
         self.inbox.close(linger=0)

@@ -57,9 +57,12 @@ def create_app(
     max_body_bytes: int = DEFAULT_MAX_BODY_BYTES,
     public_metrics: bool = False,
     stream_send_timeout: float = DEFAULT_STREAM_SEND_TIMEOUT,
+    request_id_tag: str = "",
 ) -> FastAPI:
     """An OpenAI-compatible app over `engine` (an AsyncLLM, started and drained by the app).
-    With an `api_key` every route but /health needs it (/metrics too, unless public_metrics)."""
+    With an `api_key` every route but /health needs it (/metrics too, unless public_metrics).
+    `request_id_tag` starts every request id after its kind's prefix ("cmpl-w1-..."): which of
+    several API processes served it."""
     max_running = engine.config.max_num_seqs
     ctx = ServingContext(
         engine=engine,
@@ -67,6 +70,7 @@ def create_app(
         metrics=ServerMetrics(engine.stats),
         gate=AdmissionGate(max_running, max_queue),
         stream_send_timeout=stream_send_timeout,
+        request_id_tag=request_id_tag,
     )
 
     @asynccontextmanager

@@ -61,6 +61,14 @@ def register(subparsers) -> None:
     p.add_argument("--backlog", type=int, default=4096,
                    help="connections the kernel queues before they are accepted (capped at "
                    "net.core.somaxconn)")  # fmt: skip
+    p.add_argument(
+        "--api-server-count", type=int, default=1,
+        help="API processes in front of the one engine core, sharing the listener (a burst "
+        "of requests is admitted by several CPUs). Per process: --max-queue is split among "
+        "them (rounded up), --max-connections applies to each, and /metrics shows the "
+        "request counters and latency histograms of the process that answers the scrape "
+        "(the engine's gauges are the same in all)",
+    )  # fmt: skip
     p.add_argument("--dtype", default=None, help="bfloat16, float16 or float32")
     p.add_argument("--device", default=None)
     p.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
@@ -82,6 +90,8 @@ def run(args: argparse.Namespace) -> int:
         raise InputError(f"--max-connections must be >= 1, got {args.max_connections}")
     if args.backlog < 1:
         raise InputError(f"--backlog must be >= 1, got {args.backlog}")
+    if args.api_server_count < 1:
+        raise InputError(f"--api-server-count must be >= 1, got {args.api_server_count}")
     if args.max_queue is not None and args.max_queue < 0:
         raise InputError(f"--max-queue must be >= 0, got {args.max_queue}")
     engine_args = EngineConfig.args_from(args)
@@ -104,6 +114,7 @@ def run(args: argparse.Namespace) -> int:
         loop=args.loop,
         public_metrics=args.public_metrics,
         stream_send_timeout=args.stream_send_timeout,
+        api_server_count=args.api_server_count,
         **queue,
         **engine_args,
     )

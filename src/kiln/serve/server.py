@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import os
+import socket
 import time
 from typing import Any
 
@@ -12,7 +13,7 @@ import uvicorn
 from fastapi import FastAPI
 from uvicorn.protocols.http.h11_impl import H11Protocol
 
-from kiln.errors import InputError
+from kiln.errors import InputError, KilnError
 from kiln.serve.api import DEFAULT_MAX_QUEUE, create_app
 
 log = logging.getLogger("kiln.serve")
@@ -177,25 +178,75 @@ def serve(
     loop: str = "auto",
     public_metrics: bool = False,
     stream_send_timeout: float = 60.0,
+    api_server_count: int = 1,
     **engine_args: Any,
 ) -> None:
     """Load `model`, serve it over HTTP until SIGTERM/SIGINT, then drain and return;
-    EngineDeadError (the CLI exits non-zero) if the engine core process dies."""
+    EngineDeadError (the CLI exits non-zero) if the engine core process dies. With
+    `api_server_count` > 1, that many API processes share the listener in front of one
+    engine core (kiln.serve.api_servers)."""
     logging.basicConfig(level=log_level.upper(), format="%(levelname)s %(name)s: %(message)s")
-    from kiln.engine.async_engine import EngineDeadError
-
-    engine = build_engine(model, **engine_args)
-    app = create_app(engine, served_model_name or str(model), api_key=api_key,
-                     max_queue=max_queue, public_metrics=public_metrics,
-                     stream_send_timeout=stream_send_timeout)  # fmt: skip
-    config = uvicorn.Config(
-        app, host=host, port=port, log_level=log_level, access_log=False,
-        http=http_protocol(http), loop=loop, limit_concurrency=max_connections,
-        backlog=backlog,
+    opts = dict(
+        api_key=api_key, served_model_name=served_model_name or str(model), max_queue=max_queue,
+        log_level=log_level, drain_timeout=drain_timeout, max_connections=max_connections,
+        http=http, loop=loop, public_metrics=public_metrics,
+        stream_send_timeout=stream_send_timeout,
     )  # fmt: skip
     warning = backlog_warning(backlog)
     if warning:
         log.warning(warning)
+    if api_server_count > 1:
+        from kiln.serve.api_servers import serve_api_servers
+
+        sock = bind_socket(host, port, backlog)
+        serve_api_servers(str(model), api_server_count, sock, opts, engine_args, run_api_worker)
+        return
+    engine = build_engine(model, **engine_args)
+    run_server(engine, host=host, port=port, backlog=backlog, **opts)
+
+
+def bind_socket(host: str, port: int, backlog: int) -> socket.socket:
+    """A listening TCP socket on (host, port) that child processes can inherit."""
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    sock = socket.socket(family, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    try:
+        sock.bind((host, port))
+    except OSError as e:
+        sock.close()
+        raise InputError(f"cannot listen on {host}:{port}: {e.strerror}") from None
+    sock.listen(backlog)
+    sock.set_inheritable(True)
+    return sock
+
+
+def run_server(
+    engine: Any,
+    served_model_name: str,
+    api_key: str | None,
+    max_queue: int,
+    log_level: str,
+    drain_timeout: float,
+    max_connections: int,
+    http: str,
+    loop: str,
+    public_metrics: bool,
+    stream_send_timeout: float,
+    sockets: list[socket.socket] | None = None,
+    request_id_tag: str = "",
+    **listen: Any,
+) -> None:
+    """Serve `engine` with uvicorn (on `sockets`, else on listen's host, port and backlog)
+    until SIGTERM/SIGINT and a drain; EngineDeadError if the engine core process dies."""
+    from kiln.engine.async_engine import EngineDeadError
+
+    app = create_app(engine, served_model_name, api_key=api_key, max_queue=max_queue,
+                     public_metrics=public_metrics, stream_send_timeout=stream_send_timeout,
+                     request_id_tag=request_id_tag)  # fmt: skip
+    config = uvicorn.Config(
+        app, log_level=log_level, access_log=False, http=http_protocol(http), loop=loop,
+        limit_concurrency=max_connections, **listen,
+    )  # fmt: skip
     server = DrainingServer(config, app, drain_timeout)
     dead: list[int | None] = []
 
@@ -204,6 +255,25 @@ def serve(
         server.should_exit = True
 
     engine.on_dead.append(engine_died)
-    server.run()
+    server.run(sockets=sockets)
     if dead:
         raise EngineDeadError(f"the engine core process died (exit code {dead[0]}); stopped")
+
+
+def run_api_worker(
+    index: int, sock: socket.socket, model: str, addrs: list[str], core_pid: int,
+    opts: dict[str, Any], engine_args: dict,
+) -> None:  # fmt: skip
+    """One API process: an AsyncLLM attached to the core, the app served on `sock`."""
+    from kiln.engine.async_engine import AsyncLLM
+
+    os.setpgrp()  # a terminal's Ctrl-C reaches the parent only, which forwards it once
+    level = opts["log_level"].upper()
+    logging.basicConfig(level=level, format=f"%(levelname)s %(name)s[w{index}]: %(message)s")
+    attach = dict(addrs=addrs, index=index, core_pid=core_pid)
+    try:
+        engine = AsyncLLM(model, attach=attach, **engine_args)
+        run_server(engine, sockets=[sock], request_id_tag=f"w{index}-", **opts)
+    except KilnError as e:  # EngineDeadError among them
+        log.error("API process %d: %s", index, e)
+        raise SystemExit(1) from None

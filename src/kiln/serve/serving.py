@@ -52,6 +52,7 @@ class ServingContext:
     metrics: ServerMetrics
     gate: AdmissionGate
     stream_send_timeout: float = 60.0
+    request_id_tag: str = ""  # "w1-": which of several API processes made the id
 
     @property
     def tokenizer(self):
@@ -144,8 +145,8 @@ def sampling_params(ctx: ServingContext, kwargs: dict[str, Any], stream: bool):
 # ---- engine streams -----------------------------------------------------------------------
 
 
-def new_id(prefix: str) -> str:
-    return f"{prefix}-{uuid.uuid4().hex}"
+def new_id(prefix: str, tag: str = "") -> str:
+    return f"{prefix}-{tag}{uuid.uuid4().hex}"
 
 
 async def run_request(
@@ -274,7 +275,7 @@ def start_job(
     ctx: ServingContext, prefix: str, prompts: list[list[int]], params: list, arrival: float
 ) -> Job:
     """Engine streams for each prompt and its params (nothing runs until they are iterated)."""
-    request_id = new_id(prefix)
+    request_id = new_id(prefix, ctx.request_id_tag)
     job = Job(request_id, [], DeltaTracker(params[0].n, [len(p) for p in prompts]),
               params[0].logprobs, [p.n for p in params])  # fmt: skip
     job.streams = [
