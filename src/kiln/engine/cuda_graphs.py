@@ -52,6 +52,17 @@ def mixed_token_sizes(top: int) -> list[int]:
     return sorted({s for s in sizes if s < top} | {top})
 
 
+def _smallest_at_least(graphs: dict[int, object], n: int) -> int | None:
+    """The smallest key of `graphs` (ascending) that is at least n; None if none is."""
+    return next((size for size in graphs if size >= n), None)
+
+
+def _write_rows(dst: np.ndarray, tables: list[list[int]]) -> None:
+    """Block tables into the rows of a zeroed host array."""
+    for r, t in enumerate(tables):
+        dst[r, : len(t)] = t
+
+
 class MixedBuffers:
     """The mixed graphs' inputs, in two flat buffers (one host->device copy each): int64
     [ids | positions | slots (T each) | logits rows | noise seeds (S each)], int32 [cu_seqlens
@@ -113,18 +124,13 @@ class CudaGraphRunner:
 
     def batch_size(self, batch: int) -> int | None:
         """The graph that runs a decode step of `batch` rows (None: no graph is that large)."""
-        for size in self.graphs:
-            if size >= batch:
-                return size
-        return None
+        return _smallest_at_least(self.graphs, batch)
 
     def mixed_size(self, tokens: int, seqs: int) -> int | None:
         """The mixed graph that runs a step of `tokens` tokens over `seqs` sequences (None:
         none is that large)."""
-        for size in self.mixed:
-            if size >= tokens:
-                return size if seqs <= self.mixed_seqs(size) else None
-        return None
+        size = _smallest_at_least(self.mixed, tokens)
+        return size if size is not None and seqs <= self.mixed_seqs(size) else None
 
     def mixed_seqs(self, tokens: int) -> int:
         """The sequences a mixed graph of `tokens` tokens has room for."""
@@ -257,20 +263,22 @@ class CudaGraphRunner:
             t0 = 2 * top_seqs + 1
             host32[t0 : t0 + k] = np.asarray(temps, dtype=np.float32).view(np.int32)
         if full_rows:
-            rows = host32[3 * top_seqs + 1 :].reshape(seqs, blocks)
-            for r, t in enumerate(tables):
-                rows[r, : len(t)] = t
+            _write_rows(host32[3 * top_seqs + 1 :].reshape(seqs, blocks), tables)
         copy_to_device(buf.i32[:n32], host32)
         if not full_rows:
-            padded = np.zeros((seqs, width), dtype=np.int32)
-            for r, t in enumerate(tables):
-                padded[r, : len(t)] = t
-            buf.block_tables[:seqs, :width] = to_device(padded, torch.int32, self.device)
+            self._stage_own_columns(buf.block_tables, tables, seqs, width)
         ids = buf.ids[:n]
         self._gather_pending(ids, prev, host.pend_dst, host.pend_src)
         md = buf.metadata(n, b, width)
         md.query_lens = host.query_lens
         return ids, md
+
+    def _stage_own_columns(self, block_tables, tables, rows: int, width: int) -> None:
+        """Copy the first `rows` table rows, `width` columns only (tables too wide to copy at
+        full width; their columns past the width are never read)."""
+        padded = np.zeros((rows, width), dtype=np.int32)
+        _write_rows(padded, tables)
+        block_tables[:rows, :width] = to_device(padded, torch.int32, self.device)
 
     def _gather_pending(self, ids, prev, pend_dst, pend_src) -> None:
         """Input ids still in flight (async scheduling): from the previous step's samples."""
@@ -311,15 +319,10 @@ class CudaGraphRunner:
         if temps is not None:
             host32[top : top + b] = np.asarray(temps, dtype=np.float32).view(np.int32)
         if full_rows:
-            rows = host32[2 * top :].reshape(size, blocks)
-            for r, t in enumerate(tables):
-                rows[r, : len(t)] = t
+            _write_rows(host32[2 * top :].reshape(size, blocks), tables)
         copy_to_device(self.i32[top + 1 : top + 1 + n32], host32)
         if not full_rows:
-            padded = np.zeros((size, width), dtype=np.int32)
-            for r, t in enumerate(tables):
-                padded[r, : len(t)] = t
-            self.block_tables[:size, :width] = to_device(padded, torch.int32, self.device)
+            self._stage_own_columns(self.block_tables, tables, size, width)
         ids = self.ids[:b]
         self._gather_pending(ids, prev, pend_dst, pend_src)
         return ids, self.metadata(b, width)

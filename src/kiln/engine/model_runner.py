@@ -249,10 +249,10 @@ class ModelRunner:
         seqs, b = host.sample_seqs, len(host.tables)
         graphs = self.graph_runner
         graph = None
-        if host.num_decodes == b and graphs.batch_size(b) is not None:
-            graph = ("decode", graphs.batch_size(b))
-        elif graphs.mixed_size(len(host.input_ids), b) is not None:
-            graph = ("mixed", graphs.mixed_size(len(host.input_ids), b))
+        if host.num_decodes == b and (size := graphs.batch_size(b)) is not None:
+            graph = ("decode", size)
+        elif (size := graphs.mixed_size(len(host.input_ids), b)) is not None:
+            graph = ("mixed", size)
         fast = sampler.fast_path_ok(seqs)
         every_row = len(seqs) == b or (graph is not None and graph[0] == "mixed")
         if any(s.pending_forks for s in seqs):
