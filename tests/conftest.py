@@ -34,3 +34,25 @@ def hf_model_dir(tmp_path_factory):
         return cache[name]
 
     return get
+
+
+@pytest.fixture(scope="session")
+def tokenized_model_dir(hf_model_dir, tmp_path_factory):
+    """tokenized_model_dir(name) -> a copy of the tiny checkpoint plus a chat tokenizer (what
+    the CLIs load); built once per session, so tests must not write into it."""
+    import shutil
+
+    from tiny_models import save_chat_tokenizer
+
+    cache = {}
+
+    def get(name: str):
+        if name not in cache:
+            src, _ = hf_model_dir(name)
+            out = tmp_path_factory.mktemp(f"{name}_tok")
+            shutil.copytree(src, out, dirs_exist_ok=True)
+            save_chat_tokenizer(out)
+            cache[name] = out
+        return cache[name]
+
+    return get

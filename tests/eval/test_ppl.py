@@ -2,11 +2,10 @@
 Hugging Face model itself, and `kiln eval ppl` end to end."""
 
 import json
-import shutil
 
 import pytest
 import torch
-from tiny_models import VOCAB, save_chat_tokenizer
+from tiny_models import VOCAB
 
 import kiln
 from kiln.cli import main
@@ -66,12 +65,8 @@ def test_perplexity_rejects_bad_windows(llama):
 
 
 @pytest.fixture(scope="module")
-def model_dir(hf_model_dir, tmp_path_factory):
-    src, _ = hf_model_dir("llama")
-    out = tmp_path_factory.mktemp("ppl_with_tok")
-    shutil.copytree(src, out, dirs_exist_ok=True)
-    save_chat_tokenizer(out)
-    return out
+def model_dir(tokenized_model_dir):
+    return tokenized_model_dir("llama")
 
 
 def test_eval_ppl_cli_writes_json(model_dir, tmp_path, capsys):

@@ -1,20 +1,13 @@
 """`kiln generate` end to end on a tiny model directory with a tokenizer."""
 
-import shutil
-
 import pytest
-from tiny_models import save_chat_tokenizer
 
 from kiln.cli import main
 
 
 @pytest.fixture(scope="module")
-def model_dir(hf_model_dir, tmp_path_factory):
-    src, _ = hf_model_dir("qwen3")
-    out = tmp_path_factory.mktemp("with_tok")
-    shutil.copytree(src, out, dirs_exist_ok=True)
-    save_chat_tokenizer(out)
-    return out
+def model_dir(tokenized_model_dir):
+    return tokenized_model_dir("qwen3")
 
 
 def test_generate_prints_prompt_and_continuation(model_dir, capsys):

@@ -3,12 +3,10 @@ with outlier channels, so does the clipping search, and `kiln quantize
 --method awq` writes an AWQ GEMM checkpoint kiln runs."""
 
 import json
-import shutil
 
 import pytest
 import torch
 from safetensors.torch import load_file
-from tiny_models import save_chat_tokenizer
 
 import kiln
 from kiln.cli import main
@@ -24,12 +22,8 @@ from kiln.tokenizer.hf import load_tokenizer
 
 
 @pytest.fixture(scope="module", params=["llama", "llama_mha_tied"])
-def model_dir(request, hf_model_dir, tmp_path_factory):
-    src, _ = hf_model_dir(request.param)
-    out = tmp_path_factory.mktemp(f"{request.param}_tok")
-    shutil.copytree(src, out, dirs_exist_ok=True)
-    save_chat_tokenizer(out)
-    return out
+def model_dir(request, tokenized_model_dir):
+    return tokenized_model_dir(request.param)
 
 
 def test_folded_scales_leave_the_fp_logits_unchanged(model_dir):

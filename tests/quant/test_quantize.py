@@ -1,10 +1,7 @@
 """kiln quantize: RTN and GPTQ on a tiny llama, written as a GPTQ checkpoint kiln loads back."""
 
-import shutil
-
 import pytest
 import torch
-from tiny_models import save_chat_tokenizer
 
 import kiln.config
 import kiln.quant.checkpoint
@@ -19,12 +16,8 @@ CALIB = dict(group_size=32, calib_samples=4, calib_len=64)
 
 
 @pytest.fixture(scope="module")
-def model_dir(hf_model_dir, tmp_path_factory):
-    src, _ = hf_model_dir("llama")
-    out = tmp_path_factory.mktemp("llama_tok")
-    shutil.copytree(src, out, dirs_exist_ok=True)
-    save_chat_tokenizer(out)
-    return out
+def model_dir(tokenized_model_dir):
+    return tokenized_model_dir("llama")
 
 
 def correlated(n_rows: int, n: int, seed: int = 0) -> torch.Tensor:
