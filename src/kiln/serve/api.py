@@ -11,6 +11,7 @@ from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
 from typing import Any, TypeVar
 
+import anyio
 from fastapi import APIRouter, Depends, FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response, StreamingResponse
@@ -76,6 +77,10 @@ def create_app(
     @asynccontextmanager
     async def lifespan(app: FastAPI):
         await engine.start()
+        # anyio imports its asyncio backend lazily, at the first streamed response: ~0.1 s of
+        # a blocked event loop under the first burst of requests. Import it now.
+        async with anyio.create_task_group():
+            pass
         yield
         ctx.gate.draining = True
         await engine.shutdown(drain=True, timeout=10)  # uvicorn has drained; a backstop
