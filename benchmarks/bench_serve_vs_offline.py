@@ -4,13 +4,16 @@ One run: `kiln.LLM` offline on N random-token prompts (input/output lengths fixe
 ignore_eos), then `kiln serve` on the same model measured by `kiln bench serve` at rate inf on
 the same prompts, then (optionally) at each --rates value. Each engine runs in a process of
 its own, one after the other. With --baseline-src, the offline and served runs are repeated
-with another source tree (e.g. a worktree of an older commit) for a before/after table.
+with another source tree (e.g. a worktree of an older commit) for a before/after table; with
+--variant, the served runs are repeated with other `kiln serve` arguments (one offline run).
 Writes results.json, a markdown table and sweep.png (throughput and TTFT/TPOT p50/p99 against
 the offered rate) under --out.
 
     # GPU: the Qwen3-0.6B-shaped random bf16 model
     PYTHONPATH=src python3 benchmarks/bench_serve_vs_offline.py --random-qwen3 /tmp/q3 \
         --num-prompts 1000 --rates 100 150 200 250 --out /tmp/sweep
+    # one vs two API processes in front of the engine core, same offline run
+    ... --variant 'api1=' --variant 'api2=--api-server-count 2'
     # CPU: a tiny random model, before (an older tree) and after
     PYTHONPATH=src python3 benchmarks/bench_serve_vs_offline.py --tiny /tmp/tiny \
         --num-prompts 200 --input-len 32 --output-len 64 --baseline-src /tmp/old/src
@@ -22,6 +25,7 @@ import argparse
 import json
 import math
 import os
+import shlex
 import subprocess
 import sys
 import time
@@ -82,12 +86,12 @@ def env_for(src: Path, trace: Path | None = None) -> dict[str, str]:
     return env
 
 
-def run_offline(src: Path, model: Path, args, engine_args: dict) -> dict:
+def run_offline(src: Path, model: Path, args, engine_args: dict, label: str) -> dict:
     spec = dict(model=str(model), engine_args=engine_args, seed=args.seed,
                 max_token_id=args.max_token_id, input_len=args.input_len,
                 output_len=args.output_len, num_prompts=args.num_prompts,
                 warmup=args.warmup, repeat=args.repeat)  # fmt: skip
-    trace = args.out / "trace" / f"offline-{src.parent.name}" if args.trace else None
+    trace = args.out / "trace" / label if args.trace else None
     out = subprocess.run([sys.executable, "-c", OFFLINE, json.dumps(spec)],
                          env=env_for(src, trace), capture_output=True, text=True,
                          check=False)  # fmt: skip
@@ -137,7 +141,24 @@ def _children(pid: int) -> list[int]:
     return [int(c) for c in Path(f"/proc/{pid}/task/{pid}/children").read_text().split()]
 
 
-def run_served(src: Path, model: Path, args, serve_args: list[str], rates: list[float]) -> list:
+def server_pids(pid: int) -> dict[str, int]:
+    """The server's processes by role: the API process (or the supervisor of several, then
+    each API worker too) and the engine core."""
+    pids = {"api": pid}
+    workers = 0
+    for kid in _children(pid):
+        cmdline = Path(f"/proc/{kid}/cmdline").read_bytes()
+        if b"core_client" in cmdline:
+            pids["core"] = kid
+        elif b"spawn_main" in cmdline:  # an API worker (not the resource tracker)
+            workers += 1
+            pids[f"api{workers}"] = kid
+    return pids
+
+
+def run_served(
+    src: Path, model: Path, args, serve_args: list[str], rates: list[float], label: str
+) -> list:
     """Start kiln serve from `src`; kiln bench serve (this tree's client) at each rate."""
     from bench_serve import free_port, stop_server, wait_healthy
 
@@ -148,8 +169,8 @@ def run_served(src: Path, model: Path, args, serve_args: list[str], rates: list[
     cmd = [sys.executable, "-m", "kiln.cli", "serve", "--model", str(model), "--port", str(port),
            "--max-queue", str(args.num_prompts + args.warmup), "--log-level", "warning",
            *serve_args]  # fmt: skip
-    log = open(args.out / f"serve_{src.parent.name}.log", "w")
-    trace = args.out / "trace" / f"served-{src.parent.name}" if args.trace else None
+    log = open(args.out / f"serve_{label}.log", "w")
+    trace = args.out / "trace" / f"served-{label}" if args.trace else None
     proc = subprocess.Popen(cmd, env=env_for(src, trace), stdout=log, stderr=subprocess.STDOUT)
     results = []
     try:
@@ -160,8 +181,7 @@ def run_served(src: Path, model: Path, args, serve_args: list[str], rates: list[
                                    output_len=args.output_len, max_token_id=args.max_token_id,
                                    warmup_requests=args.warmup, max_concurrency=None,
                                    num_clients=1)  # fmt: skip
-        kids = _children(proc.pid)  # the engine core, if it runs in a process of its own
-        pids = {"api": proc.pid, **({"core": kids[0]} if kids else {})}
+        pids = server_pids(proc.pid)
         runs = [(rate, args.clients) for rate in rates]
         if args.clients > 1:  # what one client process alone measures, for comparison
             runs.append((math.inf, 1))
@@ -201,9 +221,9 @@ def trace_table(report: dict, out: Path) -> str:
 
     lines = [HEADER]
     for name, r in report["trees"].items():
-        steps = load(out / "trace" / f"offline-{Path(report['srcs'][name]).parent.name}")
+        steps = load(out / "trace" / f"offline-{report['srcs'][name]}")
         lines.append(format_row(f"{name} offline", summarize(steps, *r["offline"]["window"])))
-        steps = load(out / "trace" / f"served-{Path(report['srcs'][name]).parent.name}")
+        steps = load(out / "trace" / f"served-{name.replace(' ', '-')}")
         for s in r["served"]:
             label = f"{name} served rate {s['request_rate']} x{s['clients']}"
             lines.append(format_row(label, summarize(steps, *s["window"])))
@@ -281,6 +301,14 @@ def main() -> None:
         action="store_true",
         help="record engine step traces and print where each run spent its steps",
     )
+    p.add_argument(
+        "--variant",
+        action="append",
+        default=[],
+        metavar="NAME=ARGS",
+        help="serve this tree again with these extra kiln serve arguments (repeatable; the "
+        "offline run is shared), e.g. --variant 'api2=--api-server-count 2'",
+    )
     p.add_argument("--out", type=Path, default=Path("out/serve_vs_offline"))
     args = p.parse_args()
     args.out.mkdir(parents=True, exist_ok=True)
@@ -295,16 +323,22 @@ def main() -> None:
     if args.tiny:
         engine_args["device"] = "cpu"
     trees = [("after", SRC)] + ([("before", args.baseline_src)] if args.baseline_src else [])
+    variants = [v.partition("=")[::2] for v in args.variant] or [("", "")]
     report: dict = {"args": {k: str(v) for k, v in vars(args).items()}, "trees": {},
-                    "srcs": {name: str(tree) for name, tree in trees}}  # fmt: skip
+                    "srcs": {}}  # fmt: skip
     for name, tree in trees:
         print(f"== {name} ({tree})", flush=True)
-        off = run_offline(tree, model, args, engine_args)
+        off = run_offline(tree, model, args, engine_args, f"offline-{name}")
         print(f"  offline: {off['output_throughput']:.0f} tok/s, "
               f"{off['request_throughput']:.1f} req/s", flush=True)  # fmt: skip
-        rates = [math.inf] * args.repeat + (args.rates if name == "after" else [])
-        served = run_served(tree, model, args, serve_args, rates)
-        report["trees"][name] = {"offline": off, "served": served}
+        for vname, vargs in variants:
+            label = f"{name} {vname}".strip()
+            print(f"== served: {label} {vargs}", flush=True)
+            rates = [math.inf] * args.repeat + (args.rates if name == "after" else [])
+            served = run_served(tree, model, args, serve_args + shlex.split(vargs), rates,
+                                label.replace(" ", "-"))  # fmt: skip
+            report["trees"][label] = {"offline": off, "served": served}
+            report["srcs"][label] = name
     (args.out / "results.json").write_text(json.dumps(report, indent=2))
     lines = [
         "| tree | offline tok/s | served tok/s (rate inf) | served / offline | "
@@ -322,7 +356,8 @@ def main() -> None:
             every = ", ".join(f"{s['output_throughput']:,.0f}" for s in r["served"][: args.repeat])
             offs = ", ".join(f"{x:,.0f}" for x in off["runs"])
             lines.append(f"| ({name}: offline runs {offs}; served runs {every}) | | | | | | |")
-    after = report["trees"]["after"]
+    first = next(iter(report["trees"]))
+    after = report["trees"][first]
     sweep = [s for s in after["served"][args.repeat :] if s["clients"] == args.clients]
     if sweep:
         offline_rps = after["offline"]["request_throughput"]

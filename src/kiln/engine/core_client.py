@@ -94,6 +94,8 @@ def run_engine_core(
     from kiln.engine.core import EngineCore
 
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is the API process's to handle
+    # SIGTERM (a supervisor stopping it) exits through SystemExit: atexit handlers still run
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))
     _leave_a_core_for_the_api_process()
     ctx = zmq.Context()
     inbox = ctx.socket(zmq.PULL)
