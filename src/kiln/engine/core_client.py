@@ -69,7 +69,7 @@ class CoreOutputs(msgspec.Struct, array_like=True, omit_defaults=True):
 
     deltas: list[SeqDelta] = []
     errors: list[tuple[str, str]] = []  # (request_id, why): the core failed these requests
-    stats: dict[str, float] | None = None
+    stats: dict[str, Any] | None = None  # numbers, and lists of them (per-position counts)
     ready: dict[str, Any] | None = None  # first message after start-up: the engine's facts
     fatal: str | None = None  # the core could not start (the error's one line)
 
