@@ -130,7 +130,9 @@ class EngineCore:
         self.spec: SpecDecoder | None = None
         if spec is not None:
             if draft is not None:
-                proposer = DraftModelProposer(draft, cfg, self.max_model_len, self.runner.num_blocks)
+                proposer = DraftModelProposer(
+                    draft, cfg, self.max_model_len, self.runner.num_blocks
+                )
             else:
                 proposer = NgramProposer(
                     spec.num_speculative_tokens, spec.prompt_lookup_min, spec.prompt_lookup_max

@@ -126,7 +126,9 @@ class Sampler:
             tokens[rows] = self.draw(self.probs(logits[rows], chosen), chosen)
         return self.pending(tokens, raw, log_z, seqs)
 
-    def process(self, logits: torch.Tensor, seqs) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    def process(
+        self, logits: torch.Tensor, seqs
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """(logits after penalties and the min_tokens mask [B, V] float32, the raw logits
         the logprobs are read from, their log-normalizer [B])."""
         logits = logits.float()

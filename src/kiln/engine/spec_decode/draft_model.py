@@ -66,9 +66,7 @@ def _vocab(tokenizer_json: Path) -> dict:
 def kv_bytes_per_block(model: Transformer, block_size: int) -> int:
     """What a block of the draft's KV pool takes (the target's pool is sized for both)."""
     mc, dtype = model.config, next(model.parameters()).dtype
-    return KVCache.bytes_per_block(
-        mc.num_layers, block_size, mc.num_kv_heads, mc.head_dim, dtype
-    )
+    return KVCache.bytes_per_block(mc.num_layers, block_size, mc.num_kv_heads, mc.head_dim, dtype)
 
 
 class DraftModelProposer:
