@@ -28,12 +28,7 @@ from kiln.engine.sampling_params import SamplingParams
 from kiln.engine.scheduler import Scheduler
 from kiln.engine.sequence import Sequence
 from kiln.engine.spec_decode.decoder import SpecDecoder
-from kiln.engine.spec_decode.draft_model import (
-    DraftModelProposer,
-    kv_bytes_per_block,
-    load_draft_model,
-)
-from kiln.engine.spec_decode.ngram import NgramProposer
+from kiln.engine.spec_decode.draft_model import kv_bytes_per_block, load_draft_model
 from kiln.errors import ConfigError, ContextLengthError, InputError
 
 
@@ -100,13 +95,7 @@ class EngineCore:
             eos_token_ids = eos_ids_from_dir(path, self.model_config)
         self.eos_token_ids = frozenset(eos_token_ids)
         net = load_model(path, dtype=dtype, device=device)
-        draft = None
-        spec = cfg.speculative
-        if spec is not None and spec.method == "draft_model":
-            draft = load_draft_model(
-                spec.model, self.model_config, path, self.max_model_len,
-                next(net.parameters()).dtype, next(net.parameters()).device,
-            )  # fmt: skip
+        draft = load_draft_model(cfg.speculative, self.model_config, path, self.max_model_len, net)
         extra = kv_bytes_per_block(draft, cfg.block_size) if draft is not None else 0
         self.runner = ModelRunner(net, cfg, self.max_model_len, extra_kv_bytes_per_block=extra)
         self.device = self.runner.device
@@ -127,17 +116,7 @@ class EngineCore:
         )
         self._inflight: InFlight | None = None
         self._sync_only: set[str] = set()  # live requests that need lockstep steps
-        self.spec: SpecDecoder | None = None
-        if spec is not None:
-            if draft is not None:
-                proposer = DraftModelProposer(
-                    draft, cfg, self.max_model_len, self.runner.num_blocks
-                )
-            else:
-                proposer = NgramProposer(
-                    spec.num_speculative_tokens, spec.prompt_lookup_min, spec.prompt_lookup_max
-                )
-            self.spec = SpecDecoder(spec, proposer)
+        self.spec = SpecDecoder.build(cfg, draft, self.max_model_len, self.runner.num_blocks)
         self.trace = StepTrace.from_env()
 
     # ------------------------------------------------------------------ requests

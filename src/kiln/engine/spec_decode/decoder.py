@@ -17,11 +17,15 @@ from dataclasses import dataclass, field
 
 import torch
 
+from kiln.engine.config import EngineConfig
 from kiln.engine.sampler import Sampler, SampleResult
 from kiln.engine.scheduler import Scheduler, SchedulerOutput
 from kiln.engine.sequence import Sequence
 from kiln.engine.spec_decode.config import SpeculativeConfig
+from kiln.engine.spec_decode.draft_model import DraftModelProposer
+from kiln.engine.spec_decode.ngram import NgramProposer
 from kiln.engine.spec_decode.rejection_sampler import verify
+from kiln.model.transformer import Transformer
 
 
 @dataclass
@@ -72,6 +76,20 @@ class SpecDecoder:
         self.config = config
         self.proposer = proposer
         self.stats = SpecDecodeStats(config.num_speculative_tokens)
+
+    @classmethod
+    def build(
+        cls, config: EngineConfig, draft: Transformer | None, max_model_len: int, num_blocks: int
+    ) -> SpecDecoder | None:
+        """The engine's decoder (None when config.speculative_config is not given); `draft`:
+        the loaded draft model of method "draft_model", whose pool gets `num_blocks` blocks."""
+        spec = config.speculative
+        if spec is None:
+            return None
+        if spec.method == "draft_model":
+            return cls(spec, DraftModelProposer(draft, config, max_model_len, num_blocks))
+        k, lo, hi = spec.num_speculative_tokens, spec.prompt_lookup_min, spec.prompt_lookup_max
+        return cls(spec, NgramProposer(k, lo, hi))
 
     @property
     def num_spec_tokens(self) -> int:

@@ -25,18 +25,27 @@ from kiln.engine.model_runner import ModelRunner, PreviousTokens
 from kiln.engine.sampler import Sampler
 from kiln.engine.scheduler import SchedulerOutput
 from kiln.engine.sequence import Sequence
+from kiln.engine.spec_decode.config import SpeculativeConfig
 from kiln.engine.transfer import to_device, to_host
 from kiln.errors import ConfigError
 from kiln.model.transformer import Transformer
 
 
 def load_draft_model(
-    path: str, target: ModelConfig, target_dir: Path, max_model_len: int, dtype, device
-) -> Transformer:
-    """The draft checkpoint, once it is known to share the target's vocabulary (size, and
+    spec: SpeculativeConfig | None,
+    target: ModelConfig,
+    target_dir: Path,
+    max_model_len: int,
+    net: Transformer,
+) -> Transformer | None:
+    """The draft checkpoint of method "draft_model" (None for other configs), in the target
+    `net`'s dtype and device, once it is known to share the target's vocabulary (size, and
     the tokens themselves where both have a tokenizer.json) and to cover max_model_len."""
     from kiln.model.loader import load_model
 
+    if spec is None or spec.method != "draft_model":
+        return None
+    path = spec.model
     draft = ModelConfig.from_dir(path)
     if draft.vocab_size != target.vocab_size:
         raise ConfigError(
@@ -54,7 +63,8 @@ def load_draft_model(
             f"draft model {path!r} has a context of {draft.max_position_embeddings} tokens, "
             f"shorter than max_model_len={max_model_len}: lower max_model_len"
         )
-    return load_model(path, dtype=dtype, device=device)
+    param = next(net.parameters())
+    return load_model(path, dtype=param.dtype, device=param.device)
 
 
 def _vocab(tokenizer_json: Path) -> dict:
