@@ -467,3 +467,58 @@ def test_sampled_tokens_are_distributed_as_the_targets(
     else:  # sampling noise alone: about 0.4 * sum(sqrt(p)) / sqrt(n) <= 0.08
         assert 0.05 < _stats(llm)["spec_decode_acceptance_rate"] < 0.95
         assert tv < 0.15, tv
+
+
+def test_metrics_show_acceptance_in_vllm_names(hf_model_dir, random_prompts):
+    from kiln.serve.metrics import ServerMetrics
+
+    path, _ = hf_model_dir("llama")
+    llm, _ = _generate(path, _prompts(random_prompts), speculative_config=NGRAM)
+    s = _stats(llm)
+    text = ServerMetrics(lambda: s).render().decode()
+    drafts = s["spec_decode_num_drafts"]
+    assert f"kiln:spec_decode_num_drafts_total {float(drafts)}" in text
+    accepted = float(s["spec_decode_num_accepted_tokens"])
+    assert f"kiln:spec_decode_num_accepted_tokens_total {accepted}" in text
+    first = float(s["spec_decode_num_accepted_tokens_per_pos"][0])
+    assert f'kiln:spec_decode_num_accepted_tokens_per_pos_total{{position="0"}} {first}' in text
+    assert "kiln:spec_decode_mean_acceptance_length" in text
+    assert s["spec_decode_mean_acceptance_length"] == 1 + accepted / drafts
+    assert (
+        "spec_decode"
+        not in ServerMetrics(lambda: _stats(LLM(str(path), device="cpu"))).render().decode()
+    )
+
+
+def test_async_engine_streams_speculative_tokens_and_stats(hf_model_dir, random_prompts):
+    """The engine-core process with speculation on: DELTA streams several tokens a step,
+    the per-position counts come back in stats, async scheduling resumes when it is off."""
+    import asyncio
+
+    from kiln.engine.async_engine import AsyncLLM
+    from kiln.engine.sampling_params import RequestOutputKind
+
+    path, _ = hf_model_dir("llama")
+    prompts = _prompts(random_prompts)
+    _, ref = _generate(path, prompts)
+    spec = dict(model=str(path), num_speculative_tokens=4)
+    llm = AsyncLLM(str(path), device="cpu", async_scheduling=True, speculative_config=spec)
+    params = SamplingParams(
+        temperature=0, max_tokens=24, ignore_eos=True, output_kind=RequestOutputKind.DELTA
+    )
+
+    async def one(i):
+        return [o.outputs[0].token_ids async for o in llm.generate(prompts[i], params, str(i))]
+
+    async def main():
+        await llm.start()
+        deltas = await asyncio.gather(*(one(i) for i in range(4)))
+        await asyncio.sleep(0.1)
+        stats = llm.stats()
+        await llm.shutdown()
+        return deltas, stats
+
+    deltas, stats = asyncio.run(main())
+    assert [sum(d, []) for d in deltas] == _tokens(ref)
+    assert max(len(t) for d in deltas for t in d) > 1  # several tokens in one step
+    assert stats["spec_decode_num_accepted_tokens_per_pos"][3] > 0

@@ -394,7 +394,7 @@ class EngineCoreClient:
 
 def _plain(kwargs: dict[str, Any]) -> dict[str, Any]:
     """Engine arguments as JSON values (a torch dtype or device by its name)."""
-    return {k: v if v is None or isinstance(v, bool | int | float | str | list) else
+    return {k: v if v is None or isinstance(v, bool | int | float | str | list | dict) else
             str(v).removeprefix("torch.") for k, v in kwargs.items()}  # fmt: skip
 
 
