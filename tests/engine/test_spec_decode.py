@@ -522,3 +522,31 @@ def test_async_engine_streams_speculative_tokens_and_stats(hf_model_dir, random_
     assert [sum(d, []) for d in deltas] == _tokens(ref)
     assert max(len(t) for d in deltas for t in d) > 1  # several tokens in one step
     assert stats["spec_decode_num_accepted_tokens_per_pos"][3] > 0
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("name", ["llama", "qwen3", "gpt2"])
+def test_speculation_on_gpu_with_graphs_matches_plain_torch_backend(
+    hf_model_dir, random_prompts, name
+):
+    """Triton kernels, CUDA graphs (verify steps in the mixed graphs, the draft's decodes in
+    its own) and async scheduling between speculative steps: the plain torch backend's
+    greedy tokens (float32: exact)."""
+    path, _ = hf_model_dir(name)
+    prompts = _prompts(random_prompts)
+
+    def run(**engine_args):
+        llm = LLM(str(path), dtype="float32", device="cuda", kv_cache_memory_bytes=2**26,
+                  **engine_args)  # fmt: skip
+        out = llm.generate(prompt_token_ids=prompts, sampling_params=GREEDY)
+        llm.engine.block_manager.check_all_free()
+        return llm, _tokens(out)
+
+    _, ref = run(attention_backend="torch", use_cuda_graph=False, fuse_weights=False)
+    for spec in (NGRAM, dict(model=str(path), num_speculative_tokens=4)):
+        llm, out = run(speculative_config=spec)
+        assert llm.engine.runner.graph_runner.mixed
+        assert out == ref
+        assert _stats(llm)["spec_decode_num_accepted_tokens"] > 0
+        _, out = run(speculative_config=dict(spec, disable_by_batch_size=2))  # mixed on/off
+        assert out == ref

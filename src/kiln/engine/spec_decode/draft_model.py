@@ -86,7 +86,13 @@ class DraftModelProposer:
     def __init__(
         self, model: Transformer, config: EngineConfig, max_model_len: int, num_blocks: int
     ):
-        config = dataclasses.replace(config, num_kv_blocks=num_blocks, speculative_config=None)
+        # It runs only while at most disable_by_batch_size sequences are live: no CUDA graph
+        # for larger batches.
+        most = config.speculative.disable_by_batch_size
+        config = dataclasses.replace(
+            config, num_kv_blocks=num_blocks, speculative_config=None,
+            max_cuda_graph_batch_size=min(config.max_cuda_graph_batch_size, most),
+        )  # fmt: skip
         self.runner = ModelRunner(model, config, max_model_len)
 
     def copy_blocks(self, copies: list[tuple[int, int]]) -> None:
