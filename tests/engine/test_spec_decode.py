@@ -290,6 +290,22 @@ def test_speculation_switches_off_above_disable_by_batch_size(hf_model_dir, rand
     assert _stats(llm)["spec_decode_num_drafts"] > 0
 
 
+def test_async_scheduling_resumes_between_speculative_steps(
+    hf_model_dir, random_prompts, near_draft_dir
+):
+    """Four sequences of different lengths, speculation only once two or fewer are live:
+    async steps (outputs one step behind) and speculative ones (lockstep) alternate."""
+    path, _ = hf_model_dir("llama")
+    prompts = _prompts(random_prompts)
+    params = [SamplingParams(temperature=0, max_tokens=n, ignore_eos=True) for n in (8, 30, 14, 40)]
+    _, ref = _generate(path, prompts, params)
+    for method in ("ngram", "draft_model"):
+        spec = dict(_methods(path, near_draft_dir=near_draft_dir)[method], disable_by_batch_size=2)
+        llm, out = _generate(path, prompts, params, async_scheduling=True, speculative_config=spec)
+        assert _tokens(out) == _tokens(ref)
+        assert _stats(llm)["spec_decode_num_accepted_tokens"] > 0
+
+
 @pytest.mark.parametrize("method", ["ngram", "draft_model"])
 def test_seeded_sampling_is_reproducible_in_any_batch(
     hf_model_dir, random_prompts, near_draft_dir, method
