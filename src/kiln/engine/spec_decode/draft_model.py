@@ -26,7 +26,7 @@ from kiln.engine.sampler import Sampler
 from kiln.engine.scheduler import SchedulerOutput
 from kiln.engine.sequence import Sequence
 from kiln.engine.spec_decode.config import SpeculativeConfig
-from kiln.engine.transfer import to_device, to_host
+from kiln.engine.transfer import to_device
 from kiln.errors import ConfigError
 from kiln.model.transformer import Transformer
 
@@ -117,7 +117,7 @@ class DraftModelProposer:
             where = {v.seq_id: r for r, v in enumerate(rows)}
             prev = PreviousTokens(tokens, where)
             steps.append((tokens, where, q))
-        host = to_host(torch.cat([t for t, _, _ in steps])).tolist()
+        host = torch.cat([t for t, _, _ in steps]).tolist()  # waits for the draft
         offsets = [0]
         for tokens, _, _ in steps:
             offsets.append(offsets[-1] + tokens.shape[0])
