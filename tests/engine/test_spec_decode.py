@@ -91,11 +91,12 @@ def _methods(path, draft_dir=None, near_draft_dir=None):
 # ---------------------------------------------------------------------- configuration
 
 
-def test_ngram_proposal_takes_the_longest_suffix_and_its_newest_match():
+def test_ngram_proposal_takes_the_longest_suffix_and_its_newest_full_match():
     tokens = [1, 2, 3, 9, 1, 2, 3, 7, 5, 2, 3]
     assert ngram_proposal(tokens, 2, 1, 3) == [7, 5]  # "2 3" (no earlier "5 2 3"), newest
+    assert ngram_proposal(tokens, 5, 1, 3) == [9, 1, 2, 3, 7]  # the newest with 5 after
     assert ngram_proposal(tokens, 5, 3, 3) == []  # "5 2 3" never came before
-    assert ngram_proposal([4, 4], 3, 1, 2) == [4]
+    assert ngram_proposal([4, 4, 4, 4], 3, 1, 2) == [4, 4]  # the oldest: most tokens after
     assert ngram_proposal([4], 3, 1, 2) == []
 
 

@@ -2,8 +2,8 @@
 
 The last n tokens of the sequence (n from prompt_lookup_max down to prompt_lookup_min) are
 looked up earlier in the prompt and output; the tokens that followed their newest earlier
-occurrence are the proposal. Copying work (editing, summarizing, code rewriting) repeats long
-spans of the prompt, which is where this wins.
+occurrence (with k tokens after it) are the proposal. Copying work (editing, summarizing,
+code rewriting) repeats long spans of the prompt, which is where this wins.
 """
 
 from __future__ import annotations
@@ -15,15 +15,18 @@ from kiln.engine.sequence import Sequence
 
 
 def ngram_proposal(token_ids: list[int], k: int, min_n: int, max_n: int) -> list[int]:
-    """Up to k tokens that followed the newest earlier occurrence of the longest suffix of
-    token_ids (between min_n and max_n tokens long) that occurs earlier; [] if none does."""
+    """Up to k tokens that followed an earlier occurrence of the longest suffix of token_ids
+    (between min_n and max_n tokens long) that occurs earlier; [] if none does."""
     tokens = np.asarray(token_ids)
     for n in range(min(max_n, len(tokens) - 1), min_n - 1, -1):
         # windows of n tokens that end before the last token, so that a token follows each
         windows = sliding_window_view(tokens[:-1], n)
         hits = np.flatnonzero((windows == tokens[-n:]).all(axis=1))
         if hits.size:
-            start = hits[-1] + n
+            # the newest match with k tokens after it; else the oldest (the most tokens after
+            # it: in a run of repeats the newest match is followed by the run's end)
+            full = hits[hits + n + k <= len(tokens)]
+            start = (full[-1] if full.size else hits[0]) + n
             return tokens[start : start + k].tolist()
     return []
 
