@@ -567,3 +567,22 @@ def test_speculation_on_gpu_with_graphs_matches_plain_torch_backend(
         assert _stats(llm)["spec_decode_num_accepted_tokens"] > 0
         _, out = run(speculative_config=dict(spec, disable_by_batch_size=2))  # mixed on/off
         assert out == ref
+
+
+def test_n_siblings_fork_then_speculate_each(hf_model_dir, random_prompts, near_draft_dir):
+    """n=3 sampled siblings share the prompt's step (it does not speculate: they fork off
+    its logits), then each verifies its own proposals; greedy siblings stay equal."""
+    path, _ = hf_model_dir("llama")
+    prompt = _prompts(random_prompts)[1]
+    greedy = SamplingParams(n=2, temperature=0, max_tokens=20, ignore_eos=True)
+    _, ref = _generate(path, [prompt], greedy)
+    spec = _methods(path, near_draft_dir=near_draft_dir)["draft_model"]
+    llm, out = _generate(path, [prompt], greedy, speculative_config=spec)
+    assert [c.token_ids for c in out[0].outputs] == [c.token_ids for c in ref[0].outputs]
+    sampled = SamplingParams(n=3, temperature=0.7, seed=5, max_tokens=20, ignore_eos=True)
+    first = llm.generate(prompt_token_ids=[prompt], sampling_params=sampled)
+    again = llm.generate(prompt_token_ids=[prompt], sampling_params=sampled)
+    assert [c.token_ids for c in first[0].outputs] == [c.token_ids for c in again[0].outputs]
+    assert len({tuple(c.token_ids) for c in first[0].outputs}) == 3
+    assert _stats(llm)["spec_decode_num_accepted_tokens"] > 0
+    llm.engine.block_manager.check_all_free()
