@@ -270,9 +270,17 @@ def test_abort_mid_speculation_leaks_no_block(hf_model_dir, random_prompts, near
     engine = LLMEngine(str(path), device="cpu", speculative_config=spec)
     for i, p in enumerate(_prompts(random_prompts)):
         engine.add_request(str(i), None, SamplingParams(max_tokens=50, ignore_eos=True), p)
+    bs = engine.config.block_size
     for _ in range(4):
-        engine.step()
+        engine.step()  # rejected proposals' slots went back: blocks for computed tokens only
+        for seq in engine.scheduler.running:
+            assert len(seq.block_table) == -(-seq.num_computed_tokens // bs)
+            assert seq.num_draft_computed <= seq.num_computed_tokens
     assert engine.stats()["spec_decode_num_drafts"] > 0
+    assert (
+        engine.stats()["spec_decode_num_accepted_tokens"]
+        < engine.stats()["spec_decode_num_draft_tokens"]
+    )
     for i in range(4):
         engine.abort(str(i))
     assert not engine.has_unfinished()
