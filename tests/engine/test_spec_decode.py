@@ -594,3 +594,42 @@ def test_n_siblings_fork_then_speculate_each(hf_model_dir, random_prompts, near_
     assert len({tuple(c.token_ids) for c in first[0].outputs}) == 3
     assert _stats(llm)["spec_decode_num_accepted_tokens"] > 0
     llm.engine.block_manager.check_all_free()
+
+
+@pytest.mark.parametrize("method", ["ngram", "same_model"])
+def test_verify_and_draft_steps_staged_in_graph_buffers_give_the_same_tokens(
+    hf_model_dir, random_prompts, monkeypatch, method
+):
+    """Verify steps through the mixed graphs' buffers (a logits row for every proposal) and
+    the draft's steps through its own decode and mixed graphs (CUDA graphs need a GPU: here
+    each "graph" runs the eager forward over exactly the staged buffers, as in
+    test_graph_inputs)."""
+    from engine.test_graph_inputs import _fake_graphs, _fake_mixed_graphs
+
+    path, _ = hf_model_dir("qwen3")
+    prompts = _prompts(random_prompts)
+    _, ref = _generate(path, prompts)
+    spec = _methods(path)[method]
+    llm = LLM(str(path), device="cpu", max_num_seqs=64, speculative_config=spec)
+    runners = [llm.engine.runner]
+    if method == "same_model":
+        runners.append(llm.engine.core.spec.proposer.runner)
+    replays = Counter()
+    for i, runner in enumerate(runners):
+        fake = type("FakeLLM", (), {"engine": type("E", (), {"runner": runner})})
+        _fake_graphs(fake, sample_in_graph=True)
+        _fake_mixed_graphs(fake, sample_in_graph=True, sizes=(16, 32, 64))
+        g = runner.graph_runner
+        for kind, graphs in (("decode", g.graphs), ("mixed", g.mixed)):
+            for graph in graphs.values():
+                replay = graph.replay
+                monkeypatch.setattr(
+                    graph, "replay", lambda r=replay, k=(i, kind): (replays.update([k]), r())
+                )
+    out = llm.generate(prompt_token_ids=prompts, sampling_params=GREEDY)
+    llm.engine.block_manager.check_all_free()
+    assert _tokens(out) == _tokens(ref)
+    assert _stats(llm)["spec_decode_num_accepted_tokens"] > 0
+    assert replays[(0, "mixed")] >= 5  # the verify steps (and the prompts') went through them
+    if method == "same_model":
+        assert replays[(1, "decode")] >= 5 and replays[(1, "mixed")] >= 3, replays
