@@ -633,3 +633,18 @@ def test_verify_and_draft_steps_staged_in_graph_buffers_give_the_same_tokens(
     assert replays[(0, "mixed")] >= 5  # the verify steps (and the prompts') went through them
     if method == "same_model":
         assert replays[(1, "decode")] >= 5 and replays[(1, "mixed")] >= 3, replays
+
+
+def test_small_budget_and_the_context_end_cut_the_proposals(hf_model_dir, random_prompts):
+    """A token budget of 6 (chunked prompts beside verify steps; k cut to what is left) and a
+    context that ends mid-output (k cut to the room left): the plain engine's tokens."""
+    path, _ = hf_model_dir("llama")
+    prompts = _prompts(random_prompts)
+    args = dict(max_num_batched_tokens=6, max_model_len=52)
+    _, ref = _generate(path, prompts, **args)
+    assert {o.outputs[0].finish_reason for o in ref} == {"length"}
+    same = dict(model=str(path), num_speculative_tokens=4)
+    llm, out = _generate(path, prompts, speculative_config=same, **args)
+    assert _tokens(out) == _tokens(ref)
+    assert len(_tokens(out)[2]) == 52 - 40  # the 40-token prompt stopped at the context
+    assert _stats(llm)["spec_decode_num_accepted_tokens"] > 0
