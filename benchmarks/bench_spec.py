@@ -1,6 +1,6 @@
 """Speculative decoding against plain decoding: tokens/s and acceptance, one table.
 
-Workloads (greedy, ignore_eos, the same new-token count everywhere):
+Workloads (greedy unless --temperature, ignore_eos, the same new-token count everywhere):
 - heldout: batch 1, passages of the held-out corpus text as prompts (text the models were
   not trained on), one request at a time;
 - rewrite: batch 1, a repetitive workload in the spirit of "rewrite this passage with small
@@ -112,6 +112,7 @@ def main() -> None:
     ap.add_argument("--prompt-len", type=int, default=256)
     ap.add_argument("--new-tokens", type=int, default=128)
     ap.add_argument("--batch", type=int, default=64)
+    ap.add_argument("--temperature", type=float, default=0.0, help="0: greedy")
     ap.add_argument("--sweep", type=int, nargs="*", default=[], help="batch sizes to sweep")
     ap.add_argument("--json", help="write the rows here too")
     args = ap.parse_args()
@@ -128,7 +129,9 @@ def main() -> None:
     if args.draft:
         methods["draft_model"] = dict(model=args.draft, num_speculative_tokens=args.k)
 
-    params = SamplingParams(temperature=0, max_tokens=args.new_tokens, ignore_eos=True)
+    params = SamplingParams(
+        temperature=args.temperature, max_tokens=args.new_tokens, ignore_eos=True
+    )
     rows = []
     heldout = rewrite = wide = None
     for name, spec in methods.items():
@@ -172,7 +175,7 @@ def print_table(rows, args) -> None:
     plain = {w: r for w, m, r, *_ in rows if m == "plain"}
     device = torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu"
     print(f"\nspeculative decoding, {args.model} (draft {args.draft}), k={args.k}, "
-          f"{args.new_tokens} new tokens, greedy, {device}")  # fmt: skip
+          f"{args.new_tokens} new tokens, temperature {args.temperature}, {device}")  # fmt: skip
     print("| workload | method | tok/s | vs plain | mean acceptance length | acceptance rate |")
     print("|---|---|---|---|---|---|")
     for workload, method, rate, length, acc in rows:
