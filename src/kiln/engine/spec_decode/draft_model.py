@@ -86,12 +86,14 @@ class DraftModelProposer:
     def __init__(
         self, model: Transformer, config: EngineConfig, max_model_len: int, num_blocks: int
     ):
-        # It runs only while at most disable_by_batch_size sequences are live: no CUDA graph
-        # for larger batches.
+        # It runs only while at most disable_by_batch_size sequences are live, and its steps
+        # with more than one token per sequence are mostly catch-ups of one or two: no CUDA
+        # graphs for larger batches, nor for steps of more than 256 tokens (prompts).
         most = config.speculative.disable_by_batch_size
         config = dataclasses.replace(
             config, num_kv_blocks=num_blocks, speculative_config=None,
             max_cuda_graph_batch_size=min(config.max_cuda_graph_batch_size, most),
+            max_cuda_graph_tokens=min(config.max_cuda_graph_tokens, 256),
         )  # fmt: skip
         self.runner = ModelRunner(model, config, max_model_len)
 
