@@ -648,3 +648,38 @@ def test_small_budget_and_the_context_end_cut_the_proposals(hf_model_dir, random
     assert _tokens(out) == _tokens(ref)
     assert len(_tokens(out)[2]) == 52 - 40  # the 40-token prompt stopped at the context
     assert _stats(llm)["spec_decode_num_accepted_tokens"] > 0
+
+
+@pytest.mark.parametrize("seed", range(3))
+def test_random_batches_and_engine_settings_keep_greedy_tokens(hf_model_dir, near_draft_dir, seed):
+    """Random prompts (repetitive or not), lengths, penalties, stop ids, token budgets, pool
+    sizes, prefix caching and async scheduling: both methods give the plain engine's tokens
+    and finish reasons, and return every block."""
+    path, _ = hf_model_dir("llama")
+    rng = random.Random(seed)
+    engine_args = dict(
+        max_num_batched_tokens=rng.choice([8, 64, 8192]), max_model_len=64, num_kv_blocks=6,
+        enable_prefix_caching=rng.random() < 0.7, async_scheduling=rng.random() < 0.5,
+    )  # fmt: skip
+    prompts, params = [], []
+    for _ in range(rng.randint(3, 7)):
+        base = [rng.randrange(3, VOCAB) for _ in range(rng.randint(1, 12))]
+        prompts.append((base * 5)[: rng.randint(1, 50)])
+        params.append(
+            SamplingParams(
+                temperature=0, max_tokens=rng.randint(1, 40), ignore_eos=True,
+                repetition_penalty=rng.choice([1.0, 1.2]),
+                stop_token_ids=[rng.randrange(3, VOCAB)] if rng.random() < 0.3 else [],
+            )
+        )  # fmt: skip
+    _, ref = _generate(path, prompts, params, **engine_args)
+    k = rng.randint(1, 5)
+    for spec in (
+        dict(NGRAM, num_speculative_tokens=k),
+        dict(model=str(near_draft_dir), num_speculative_tokens=k, disable_by_batch_size=3),
+    ):
+        _, out = _generate(path, prompts, params, speculative_config=spec, **engine_args)
+        assert _tokens(out) == _tokens(ref)
+        assert [o.outputs[0].finish_reason for o in out] == [
+            o.outputs[0].finish_reason for o in ref
+        ]
