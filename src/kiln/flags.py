@@ -11,9 +11,21 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import json
 from typing import Any
 
-TYPES = {"int": int, "float": float, "str": str}
+
+def _json_object(text: str) -> dict:
+    try:
+        value = json.loads(text)
+    except ValueError as e:
+        raise argparse.ArgumentTypeError(f"not JSON: {e}") from None
+    if not isinstance(value, dict):
+        raise argparse.ArgumentTypeError(f"expected a JSON object, got {text!r}")
+    return value
+
+
+TYPES = {"int": int, "float": float, "str": str, "dict": _json_object}
 
 
 def add_flags(
@@ -48,8 +60,9 @@ def add_flags(
         else:
             choices = f.metadata.get("choices")
             short = config_keys and not choices  # one word after each of the two spellings
+            metavar = "JSON" if kind == "dict" else kind.upper() if short else None
             group.add_argument(*names, type=TYPES[kind], default=None, choices=choices,
-                               metavar=kind.upper() if short else None, help=help_)  # fmt: skip
+                               metavar=metavar, help=help_)  # fmt: skip
 
 
 def flags_given(cls: type, args: argparse.Namespace) -> dict[str, Any]:

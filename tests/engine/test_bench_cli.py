@@ -1,5 +1,7 @@
 """`kiln bench offline` on a tiny model: both scheduling modes run and print a throughput."""
 
+import json
+
 import pytest
 
 from kiln.cli import main
@@ -51,3 +53,14 @@ def test_fit_lengths_keeps_the_longest_request_within_the_context():
     for context in range(2, 300):
         (_, in_hi), (_, out_hi) = fit_lengths((16, 200), (4, 16), context)
         assert in_hi + out_hi <= context, context
+
+
+def test_bench_offline_prints_speculative_acceptance(hf_model_dir, capsys):
+    path, _ = hf_model_dir("qwen3")
+    spec = json.dumps({"model": str(path), "num_speculative_tokens": 3})  # drafts for itself
+    args = ["bench", "offline", "--model", str(path), "--device", "cpu", "--num-prompts", "3"]
+    args += ["--input-len", "4", "20", "--output-len", "8", "12", "--speculative-config", spec]
+    assert main([*args, "--temperature", "0"]) == 0
+    out = capsys.readouterr().out
+    assert "speculative decoding:" in out
+    assert "acceptance rate 1.000, mean acceptance length" in out and "by position [1.00," in out

@@ -26,6 +26,9 @@ def test_every_engine_option_is_a_serve_flag_and_unset_flags_keep_the_defaults()
         elif f.name == "attention_backend":
             argv += [_flag(f.name), "torch"]
             expected[f.name] = "torch"
+        elif "dict" in str(f.type):
+            argv += [_flag(f.name), '{"a": [1]}']
+            expected[f.name] = {"a": [1]}
         else:
             value = 0.5 if "float" in str(f.type) else 7
             argv += [_flag(f.name), str(value)]

@@ -148,6 +148,15 @@ class BlockManager:
         seq.block_table = []
         seq.num_computed_tokens = 0
         seq.num_registered_blocks = 0
+        seq.num_draft_computed = 0
+
+    def trim(self, seq: Sequence, num_tokens: int) -> None:
+        """Return seq's blocks past its first `num_tokens` slots (speculative tokens that were
+        not proposed or not accepted); they hold nothing registered."""
+        keep = -(-num_tokens // self.block_size)
+        assert keep >= seq.num_registered_blocks
+        while len(seq.block_table) > keep:
+            self._release(seq.block_table.pop())
 
     def register_full_blocks(self, seq: Sequence) -> None:
         """Enter seq's newly computed full blocks in the prefix cache (a block whose tokens

@@ -5,6 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field, fields
 from typing import Any
 
+from kiln.engine.spec_decode.config import SpeculativeConfig
 from kiln.errors import InputError
 from kiln.flags import add_flags, flags_given
 
@@ -52,6 +53,12 @@ class EngineConfig:
     # Queue step N+1 before reading step N's tokens (hides the host's work behind the GPU's);
     # None: on for CUDA. Requests with penalties or n > 1 / best_of run lockstep.
     async_scheduling: bool | None = None
+    # Speculative decoding (kiln.engine.spec_decode), vLLM's keys: {"method": "ngram" |
+    # "draft_model", "model", "num_speculative_tokens", "prompt_lookup_min",
+    # "prompt_lookup_max", "disable_by_batch_size"}; None: off.
+    speculative_config: dict | None = field(
+        default=None, metadata={"help": "speculative decoding, a JSON object (vLLM's keys)"}
+    )
 
     def __post_init__(self) -> None:
         if self.block_size < 1:
@@ -77,6 +84,9 @@ class EngineConfig:
                 f"attention_backend must be 'auto', 'torch' or 'triton', "
                 f"got {self.attention_backend!r}"
             )
+        self.speculative: SpeculativeConfig | None = None
+        if self.speculative_config is not None:
+            self.speculative = SpeculativeConfig.from_dict(self.speculative_config)
 
     @classmethod
     def add_arguments(cls, parser, skip: tuple[str, ...] = ()) -> None:

@@ -27,6 +27,8 @@ from kiln.engine.sampler import PendingSample, Sampler, make_generator
 from kiln.engine.sampling_params import SamplingParams
 from kiln.engine.scheduler import Scheduler
 from kiln.engine.sequence import Sequence
+from kiln.engine.spec_decode.decoder import SpecDecoder
+from kiln.engine.spec_decode.draft_model import kv_bytes_per_block, load_draft_model
 from kiln.errors import ConfigError, ContextLengthError, InputError
 
 
@@ -93,7 +95,9 @@ class EngineCore:
             eos_token_ids = eos_ids_from_dir(path, self.model_config)
         self.eos_token_ids = frozenset(eos_token_ids)
         net = load_model(path, dtype=dtype, device=device)
-        self.runner = ModelRunner(net, cfg, self.max_model_len)
+        draft = load_draft_model(cfg.speculative, self.model_config, path, self.max_model_len, net)
+        extra = kv_bytes_per_block(draft, cfg.block_size) if draft is not None else 0
+        self.runner = ModelRunner(net, cfg, self.max_model_len, extra_kv_bytes_per_block=extra)
         self.device = self.runner.device
         self.block_manager = BlockManager(
             self.runner.num_blocks, cfg.block_size, cfg.enable_prefix_caching
@@ -112,6 +116,7 @@ class EngineCore:
         )
         self._inflight: InFlight | None = None
         self._sync_only: set[str] = set()  # live requests that need lockstep steps
+        self.spec = SpecDecoder.build(cfg, draft, self.max_model_len, self.runner.num_blocks)
         self.trace = StepTrace.from_env()
 
     # ------------------------------------------------------------------ requests
@@ -198,16 +203,35 @@ class EngineCore:
             return self.trace.record(self, self._step)
         return self._step()
 
+    def _speculating(self) -> bool:
+        """Whether this step verifies proposals: few enough live sequences, and none about to
+        fork n / best_of siblings off its first token (a plain step does that)."""
+        sched = self.scheduler
+        if self.spec is None or not self.spec.active(len(sched.running) + len(sched.waiting)):
+            return False
+        return not any(s.pending_forks for s in itertools.chain(sched.running, sched.waiting))
+
+    def _schedule(self, num_spec_tokens: int = 0):
+        out = self.scheduler.schedule(num_spec_tokens)
+        if self.spec is not None:  # the draft's KV pool shares the target's blocks
+            self.spec.copy_blocks(out.block_copies)
+        return out
+
     def _step(self) -> list[SeqDelta]:
-        if self.async_scheduling and not self._sync_only:
+        speculate = self._speculating()
+        if self.async_scheduling and not self._sync_only and not speculate:
             return self._step_async()
         if self._inflight is not None:  # a request that needs lockstep arrived: drain first
             prev, self._inflight = self._inflight, None
             return self._process(prev.seqs, prev.sample.result())
-        out = self.scheduler.schedule()
+        out = self._schedule(self.spec.num_spec_tokens if speculate else 0)
         if not out.seqs:
             return []
+        if speculate:
+            self.spec.propose(out, self.scheduler, self.sampler)
         seqs, sample, logits = self.runner.execute(out, None, self.sampler)
+        if any(out.num_spec_tokens):
+            return self._verify(out, seqs, logits)
         self.scheduler.update(out)
         if not seqs:
             return []
@@ -217,7 +241,7 @@ class EngineCore:
         return self._process(seqs, sample.result())
 
     def _step_async(self) -> list[SeqDelta]:
-        out = self.scheduler.schedule()
+        out = self._schedule()
         launched = None
         if out.seqs:
             prev = self._inflight.tokens if self._inflight is not None else None
@@ -258,10 +282,39 @@ class EngineCore:
             )
             if seq.is_finished:
                 done.append(self.requests[seq.request_id])
+        self._finish_requests(done)
+        return deltas
+
+    def _finish_requests(self, done: list[CoreRequest]) -> None:
         for req in done:
             if not req.finished and all(s.is_finished for s in req.seqs):
                 req.finished = True
                 self._remove(req.request_id)
+
+    def _verify(self, out, seqs: list[Sequence], logits) -> list[SeqDelta]:
+        """Accept or reject each sequence's proposals; keep the accepted tokens' K/V, append
+        them and the token after them (stopping at the first that ends the sequence)."""
+        result, kept = self.spec.accept(self.sampler, logits, seqs)
+        num_accepted = {seq.seq_id: rows.stop - rows.start - 1 for seq, rows in zip(seqs, kept)}
+        self.scheduler.update(out, [num_accepted.get(s.seq_id, 0) for s in out.seqs])
+        deltas, done = [], []
+        for seq, rows in zip(seqs, kept):
+            tokens, tops = [], []
+            for r in range(rows.start, rows.stop):
+                tokens.append(result.token_ids[r])
+                tops.append(result.top_logprobs[r])
+                self._append(seq, result.token_ids[r], result.logprobs[r])
+                if seq.is_finished:
+                    break
+            deltas.append(
+                SeqDelta(
+                    seq.request_id, seq.index, tokens, None if tops[0] is None else tops,
+                    seq.cumulative_logprob, seq.finish_reason, seq.stop_reason,
+                )
+            )  # fmt: skip
+            if seq.is_finished:
+                done.append(self.requests[seq.request_id])
+        self._finish_requests(done)
         return deltas
 
     def _fork(self, seqs: list[Sequence]):
@@ -305,6 +358,7 @@ class EngineCore:
             "prefix_cache_queries": bm.prefix_cache_queries,
             "prompt_tokens_total": self.prompt_tokens_total,
             "generation_tokens_total": self.generation_tokens_total,
+            **(self.spec.stats.as_dict() if self.spec is not None else {}),
         }
 
 

@@ -69,7 +69,7 @@ class CoreOutputs(msgspec.Struct, array_like=True, omit_defaults=True):
 
     deltas: list[SeqDelta] = []
     errors: list[tuple[str, str]] = []  # (request_id, why): the core failed these requests
-    stats: dict[str, float] | None = None
+    stats: dict[str, Any] | None = None  # numbers, and lists of them (per-position counts)
     ready: dict[str, Any] | None = None  # first message after start-up: the engine's facts
     fatal: str | None = None  # the core could not start (the error's one line)
 
@@ -396,7 +396,7 @@ class EngineCoreClient:
 
 def _plain(kwargs: dict[str, Any]) -> dict[str, Any]:
     """Engine arguments as JSON values (a torch dtype or device by its name)."""
-    return {k: v if v is None or isinstance(v, bool | int | float | str | list) else
+    return {k: v if v is None or isinstance(v, bool | int | float | str | list | dict) else
             str(v).removeprefix("torch.") for k, v in kwargs.items()}  # fmt: skip
 
 

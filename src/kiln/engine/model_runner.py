@@ -82,7 +82,10 @@ class StepPlan:
     - "fast": the fused op samples the logits after the forward;
     - "full": the sampler's torch path (top-k/p, min-p, penalties, min_tokens, seeds, logprobs);
     - "fork": not here: the rows fork n / best_of siblings, which share their logits; the
-      engine forks them, then samples.
+      engine forks them, then samples;
+    - "logits": not here either: the logits come back, for a verify step (a sequence with
+      speculative tokens has a row for each of them and one past them) or a draft model's
+      step (kiln.engine.spec_decode).
     """
 
     seqs: list[Sequence]  # [S] the sequences that sample, by row
@@ -92,7 +95,8 @@ class StepPlan:
     # The CUDA graph that runs the step, its inputs staged: ("decode", rows) or ("mixed",
     # tokens) (kiln.engine.cuda_graphs); None: eager.
     graph: tuple[str, int] | None
-    sampling: str  # "graph" | "fast" | "full" | "fork"
+    sampling: str  # "graph" | "fast" | "full" | "fork" | "logits"
+    num_logits: int = 0  # rows of logits the step computes (a mixed graph's are these)
 
 
 class StepOutput(NamedTuple):
@@ -100,11 +104,17 @@ class StepOutput(NamedTuple):
 
     seqs: list[Sequence]
     sample: PendingSample | None  # None: no row samples, or they fork (see logits)
-    logits: torch.Tensor | None = None  # [S, vocab] when the rows fork (plan "fork")
+    logits: torch.Tensor | None = None  # [S', vocab] when the plan is "fork" or "logits"
 
 
 class ModelRunner:
-    def __init__(self, model: Transformer, config: EngineConfig, max_model_len: int):
+    def __init__(
+        self,
+        model: Transformer,
+        config: EngineConfig,
+        max_model_len: int,
+        extra_kv_bytes_per_block: int = 0,
+    ):
         self.config = config
         self.model_config = model.config
         self.max_model_len = max_model_len
@@ -116,7 +126,8 @@ class ModelRunner:
         if config.fuse_weights:
             model = fuse_model(model, self.ops, config.gemv_max_batch)
         self.model = model
-        self.num_blocks = self._num_kv_blocks()
+        # a draft model's pool of as many blocks as this one's is paid from the same budget
+        self.num_blocks = self._num_kv_blocks(extra_kv_bytes_per_block)
         self.last_plan: StepPlan | None = None  # the newest step's plan (for StepTrace)
         mc = self.model_config
         self.kv_cache = KVCache(
@@ -150,9 +161,9 @@ class ModelRunner:
 
     # ------------------------------------------------------------------ KV pool size
 
-    def _num_kv_blocks(self) -> int:
+    def _num_kv_blocks(self, extra_bytes_per_block: int = 0) -> int:
         mc, cfg = self.model_config, self.config
-        per_block = KVCache.bytes_per_block(
+        per_block = extra_bytes_per_block + KVCache.bytes_per_block(
             mc.num_layers, self.block_size, mc.num_kv_heads, mc.head_dim, self.dtype
         )
         if cfg.num_kv_blocks is not None:
@@ -204,21 +215,27 @@ class ModelRunner:
 
     @torch.inference_mode()
     def execute(
-        self, out: SchedulerOutput, prev: PreviousTokens | None, sampler: Sampler
+        self,
+        out: SchedulerOutput,
+        prev: PreviousTokens | None,
+        sampler: Sampler,
+        logits_only: bool = False,
     ) -> StepOutput:
         """Queue the step on the device, and the sampling of the next token of each sequence
         that reaches its last one, as prepare() plans it (nothing here waits for the GPU).
 
         A decode whose input token is still in flight (async scheduling) reads it from `prev`,
-        the previous step's sampled tokens on the device."""
+        the previous step's sampled tokens on the device. A verify step (sequences with
+        speculative tokens) or `logits_only` returns the logits instead of sampling: a row per
+        sequence, and one per speculative token before it."""
         self.kv_cache.copy_blocks(out.block_copies)
-        plan = self.last_plan = self.prepare(out, prev, sampler)
+        plan = self.last_plan = self.prepare(out, prev, sampler, logits_only)
         logits, sampled = self._forward(plan)
         if not plan.seqs:
             return StepOutput([], None)
         if plan.sampling == "graph":
             return StepOutput(plan.seqs, PendingSample(*sampled))
-        if plan.sampling == "fork":
+        if plan.sampling in ("fork", "logits"):
             return StepOutput(plan.seqs, None, logits)
         return StepOutput(plan.seqs, sampler.sample(logits, plan.seqs, plan.sampling == "fast"))
 
@@ -226,7 +243,7 @@ class ModelRunner:
         """Run the model over the step: the sampling rows' logits [S, vocab] (None if no row
         samples in an eager step) and, where the graph samples them, (tokens, logprobs)."""
         if plan.graph is not None:  # the inputs are staged in the graph's buffers already
-            rows = len(plan.seqs) if plan.graph[0] == "mixed" else plan.metadata.num_seqs
+            rows = plan.num_logits if plan.graph[0] == "mixed" else plan.metadata.num_seqs
             logits, sampled = self.graph_runner.replay(plan.graph, rows)
             if plan.logits_rows is not None:
                 logits = logits[plan.logits_rows]
@@ -240,22 +257,29 @@ class ModelRunner:
         return self.model.compute_logits(hidden), None
 
     def prepare(
-        self, out: SchedulerOutput, prev: PreviousTokens | None, sampler: Sampler
+        self,
+        out: SchedulerOutput,
+        prev: PreviousTokens | None,
+        sampler: Sampler,
+        logits_only: bool = False,
     ) -> StepPlan:
         """The step's plan: its inputs staged on the device (a step that fits a CUDA graph: in
         the graph's buffers), the rows that sample, and how they sample (the sampler's fast
         path, asked once here; in the graph when every row takes it)."""
         host = self._flatten(out, prev)
         seqs, b = host.sample_seqs, len(host.tables)
+        num_logits = len(host.logits_indices)
         graphs = self.graph_runner
         graph = None
         if host.num_decodes == b and (size := graphs.batch_size(b)) is not None:
             graph = ("decode", size)
-        elif (size := graphs.mixed_size(len(host.input_ids), b)) is not None:
+        elif (size := graphs.mixed_size(len(host.input_ids), max(b, num_logits))) is not None:
             graph = ("mixed", size)
         fast = sampler.fast_path_ok(seqs)
         every_row = len(seqs) == b or (graph is not None and graph[0] == "mixed")
-        if any(s.pending_forks for s in seqs):
+        if logits_only or any(out.num_spec_tokens):
+            sampling = "logits"
+        elif any(s.pending_forks for s in seqs):
             sampling = "fork"
         elif graph is not None and fast and graphs.sample_in_graph and every_row:
             sampling = "graph"
@@ -263,24 +287,25 @@ class ModelRunner:
             sampling = "fast" if fast else "full"
         if graph is None:
             ids, md, rows = self._stage_eager(host, prev)
-            return StepPlan(seqs, ids, md, rows, None, sampling)
+            return StepPlan(seqs, ids, md, rows, None, sampling, num_logits)
         temps = seeds = None
         if sampling == "graph":
             temps, seeds = sampler.fast_path_inputs(seqs)
         if graph[0] == "mixed":  # the graph computes the sampling rows' logits only
             ids, md = graphs.stage_mixed(graph[1], prev, host, temps, seeds)
-            return StepPlan(seqs, ids, md, None, graph, sampling)
+            return StepPlan(seqs, ids, md, None, graph, sampling, num_logits)
         ids, md = graphs.stage(
             graph[1], prev, host.input_ids, host.positions, host.slots, host.context_lens,
             host.tables, host.pend_dst, host.pend_src, temps, seeds,
         )  # fmt: skip
         rows = None
-        if len(host.logits_indices) < b:
+        if num_logits < b:
             rows = to_device(host.logits_indices, torch.int64, self.device)
-        return StepPlan(seqs, ids, md, rows, graph, sampling)
+        return StepPlan(seqs, ids, md, rows, graph, sampling, num_logits)
 
     def _flatten(self, out: SchedulerOutput, prev: PreviousTokens | None) -> HostInputs:
-        """The scheduled tokens as flat host lists, one-token rows first."""
+        """The scheduled tokens as flat host lists, one-token rows first. A sequence with
+        speculative tokens feeds its last known token and them, and has logits at each."""
         bs = self.block_size
         order = sorted(range(len(out)), key=lambda i: out.num_new_tokens[i] != 1)
         host = HostInputs()
@@ -300,14 +325,18 @@ class ModelRunner:
                 slots.append(table[start // bs] * bs + start % bs)
             else:
                 input_ids.extend(seq.token_ids[start:end])
+                input_ids.extend(spec := seq.spec_token_ids)
                 pos = np.arange(start, end)
                 positions.extend(pos.tolist())
                 slots.extend((np.asarray(table)[pos // bs] * bs + pos % bs).tolist())
             host.query_lens.append(n)
             host.context_lens.append(end)
             host.tables.append(table)
-            if end == len(seq):
-                host.logits_indices.append(len(input_ids) - 1)
+            if end == len(seq) + len(spec := seq.spec_token_ids):
+                if spec:
+                    host.logits_indices.extend(range(len(input_ids) - n, len(input_ids)))
+                else:
+                    host.logits_indices.append(len(input_ids) - 1)
                 host.sample_seqs.append(seq)
         return host
 

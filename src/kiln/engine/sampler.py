@@ -117,17 +117,30 @@ class Sampler:
             temps_d = packed[b:].view(torch.float32)[:b]
             tokens, token_lp = self.ops.sample(logits, temps_d, packed[:b])
             return PendingSample(tokens, token_lp)
+        logits, raw, log_z = self.process(logits, seqs)
+        tokens = logits.argmax(dim=-1)
+        sampled_rows = [i for i, s in enumerate(seqs) if not s.params.greedy]
+        if sampled_rows:
+            rows = to_device(sampled_rows, torch.long, dev)
+            chosen = [seqs[i] for i in sampled_rows]
+            tokens[rows] = self.draw(self.probs(logits[rows], chosen), chosen)
+        return self.pending(tokens, raw, log_z, seqs)
+
+    def process(
+        self, logits: torch.Tensor, seqs
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """(logits after penalties and the min_tokens mask [B, V] float32, the raw logits
+        the logprobs are read from, their log-normalizer [B])."""
         logits = logits.float()
         raw = logits.clone() if self._needs_raw(seqs) else logits
         log_z = torch.logsumexp(raw, dim=-1)  # [B]
         if any(s.params.has_penalties for s in seqs):
             logits = self._apply_penalties(logits, seqs)
         self._mask_early_stop(logits, seqs)
-        tokens = logits.argmax(dim=-1)
-        sampled_rows = [i for i, s in enumerate(seqs) if not s.params.greedy]
-        if sampled_rows:
-            rows = to_device(sampled_rows, torch.long, dev)
-            tokens[rows] = self._sample(logits[rows], [seqs[i] for i in sampled_rows])
+        return logits, raw, log_z
+
+    def pending(self, tokens, raw, log_z, seqs) -> PendingSample:
+        """The chosen tokens with their logprobs (and top-N where asked) from the raw logits."""
         token_lp = raw.gather(1, tokens[:, None]).squeeze(1) - log_z
         return PendingSample(tokens, token_lp, self._top_logprobs(raw, log_z, tokens, seqs))
 
@@ -192,7 +205,10 @@ class Sampler:
             index = to_device([rows, cols], torch.long, logits.device)
             logits[index[0], index[1]] = float("-inf")
 
-    def _sample(self, logits: torch.Tensor, seqs: list[Sequence]) -> torch.Tensor:
+    @staticmethod
+    def probs(logits: torch.Tensor, seqs) -> torch.Tensor:
+        """The distribution each (non-greedy) row samples from: softmax of logits / temperature
+        inside its top_k / top_p / min_p; [B, V] float32."""
         dev = logits.device
         temp = to_device([s.params.temperature for s in seqs], torch.float32, dev)[:, None]
         logits = logits / temp
@@ -207,13 +223,20 @@ class Sampler:
                 to_device(min_p, torch.float32, dev)[:, None] * probs.max(-1, keepdim=True).values
             )
             probs = probs.masked_fill(probs < floor, 0.0)
+            probs /= probs.sum(-1, keepdim=True)
+        return probs
+
+    @staticmethod
+    def draw(weights: torch.Tensor, seqs) -> torch.Tensor:
+        """One token per row in proportion to its (not necessarily normalized) weights [B, V],
+        as argmax(w / q), q ~ Exp(1); consumes weights."""
         # Exp(1) noise as -log(U): one draw for every unseeded row (5x faster than
         # exponential_() on CPU, the same on GPU).
-        noise = torch.rand_like(probs).log_().neg_()
+        noise = torch.rand_like(weights).log_().neg_()
         for i, s in enumerate(seqs):
             if s.generator is not None:  # seeded rows redraw from their own generator
                 noise[i].exponential_(generator=s.generator)
-        return probs.div_(noise).argmax(dim=-1)
+        return weights.div_(noise).argmax(dim=-1)
 
     @staticmethod
     def _top_logprobs(raw: torch.Tensor, log_z: torch.Tensor, tokens: torch.Tensor, seqs):

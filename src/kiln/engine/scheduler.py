@@ -6,6 +6,11 @@ one uncomputed token), then waiting ones in arrival order, all under one per-ste
 a prompt longer than what is left of the budget is cut into chunks (chunked prefill). When the
 pool runs out, the most recently admitted running sequence is preempted: its blocks are freed
 and it goes back to the head of the queue, to be recomputed later (prefix hits make that cheap).
+
+With speculative decoding a decode may also verify up to k proposed tokens: it takes 1 + k
+tokens of the budget and slots for them, k cut down to what the budget, the pool (speculation
+never preempts) and the sequence's own limits leave; the slots of tokens not proposed or not
+accepted go back (`set_spec`, `update`).
 """
 
 from __future__ import annotations
@@ -25,6 +30,9 @@ class SchedulerOutput:
     seqs: list[Sequence] = field(default_factory=list)
     num_new_tokens: list[int] = field(default_factory=list)
     block_copies: list[tuple[int, int]] = field(default_factory=list)  # copy-on-write (src, dst)
+    # Speculative tokens seqs[i] may verify this step (num_new_tokens[i] = 1 + that): slots
+    # reserved by schedule(), the count cut to what was proposed by set_spec().
+    num_spec_tokens: list[int] = field(default_factory=list)
     num_preempted: int = 0
 
     def __len__(self) -> int:
@@ -45,7 +53,8 @@ class Scheduler:
     def add(self, seq: Sequence) -> None:
         self.waiting.append(seq)
 
-    def schedule(self) -> SchedulerOutput:
+    def schedule(self, num_spec_tokens: int = 0) -> SchedulerOutput:
+        """The step's work; decodes reserve up to `num_spec_tokens` speculative tokens."""
         out = SchedulerOutput()
         budget = self.config.max_num_batched_tokens
         bm = self.block_manager
@@ -54,6 +63,13 @@ class Scheduler:
             seq = self.running[i]
             if seq.num_pending and seq.reaches_limit(self.max_model_len):
                 i += 1  # finishes when its token in flight arrives
+                continue
+            if num_spec_tokens and (k := self._spec_room(seq, num_spec_tokens, budget)):
+                out.seqs.append(seq)
+                out.num_new_tokens.append(1 + k)
+                out.num_spec_tokens.append(k)
+                budget -= 1 + k
+                i += 1
                 continue
             num_new = min(seq.num_uncomputed_tokens, budget)
             while not bm.allocate(seq, num_new):
@@ -65,12 +81,34 @@ class Scheduler:
             else:
                 out.seqs.append(seq)
                 out.num_new_tokens.append(num_new)
+                out.num_spec_tokens.append(0)
                 budget -= num_new
                 i += 1
         if not out.num_preempted:
             self._admit_waiting(out, budget)
         out.block_copies = bm.take_copies()
         return out
+
+    def _spec_room(self, seq: Sequence, k: int, budget: int) -> int:
+        """How many speculative tokens a decode may verify (its slots allocated), or 0."""
+        if seq.num_uncomputed_tokens != 1 or seq.num_pending:
+            return 0
+        room = self.max_model_len - len(seq)  # tokens the sequence may still gain
+        if seq.params.max_tokens is not None:
+            room = min(room, seq.params.max_tokens - seq.num_output_tokens)
+        k = min(k, room - 1, budget - 1)
+        if k < 1 or not self.block_manager.allocate(seq, 1 + k):
+            return 0
+        return k
+
+    def set_spec(self, out: SchedulerOutput, i: int, token_ids: list[int]) -> None:
+        """seqs[i] verifies `token_ids` (at most the reserved count); spare slots go back."""
+        seq = out.seqs[i]
+        assert len(token_ids) <= out.num_spec_tokens[i]
+        seq.spec_token_ids = token_ids
+        out.num_spec_tokens[i] = len(token_ids)
+        out.num_new_tokens[i] = 1 + len(token_ids)
+        self.block_manager.trim(seq, seq.num_computed_tokens + 1 + len(token_ids))
 
     def _admit_waiting(self, out: SchedulerOutput, budget: int) -> None:
         bm = self.block_manager
@@ -95,20 +133,31 @@ class Scheduler:
             self.running.append(seq)
             out.seqs.append(seq)
             out.num_new_tokens.append(num_new)
+            out.num_spec_tokens.append(0)
             budget -= num_new
             num_seqs += 1 + seq.pending_forks
 
     def _preempt(self, seq: Sequence) -> None:
         self.num_preemptions += 1
         self.block_manager.free(seq)
+        seq.spec_token_ids, seq.spec_probs = [], None
         seq.num_cached_tokens = 0
         seq.status = SequenceStatus.WAITING
         self.waiting.appendleft(seq)
 
-    def update(self, out: SchedulerOutput) -> None:
-        """Advance the computed counts after the model ran; register newly full blocks."""
-        for seq, num_new in zip(out.seqs, out.num_new_tokens):
-            seq.num_computed_tokens += num_new
+    def update(self, out: SchedulerOutput, num_accepted: list[int] | None = None) -> None:
+        """Advance the computed counts after the model ran; register newly full blocks. A
+        verify step keeps the K/V of its input token and of the `num_accepted[i]` accepted
+        speculative tokens; the slots of the rejected ones go back."""
+        for i, (seq, num_new) in enumerate(zip(out.seqs, out.num_new_tokens)):
+            if num_accepted is not None and seq.spec_token_ids:
+                num_new = 1 + num_accepted[i]
+                seq.spec_token_ids, seq.spec_probs = [], None
+                seq.num_computed_tokens += num_new
+                seq.num_draft_computed = min(seq.num_draft_computed, seq.num_computed_tokens)
+                self.block_manager.trim(seq, seq.num_computed_tokens)
+            else:
+                seq.num_computed_tokens += num_new
             self.block_manager.register_full_blocks(seq)
 
     def add_running(self, seq: Sequence) -> None:

@@ -48,6 +48,12 @@ class Sequence:
         self.cumulative_logprob = 0.0
         self.generator: torch.Generator | None = None  # per-request seeded sampling
         self.pending_forks = 0  # siblings to fork off when the first token is sampled
+        # Speculative decoding (kiln.engine.spec_decode): this step's proposed tokens, the
+        # draft's distribution they were drawn from ([k, vocab] on the device; None: point
+        # masses), and how many tokens' K/V the draft model holds (its own pool, same blocks).
+        self.spec_token_ids: list[int] = []
+        self.spec_probs: torch.Tensor | None = None
+        self.num_draft_computed = 0
 
     def __len__(self) -> int:
         """Tokens the sequence has, including any still in flight from the GPU."""

@@ -120,8 +120,33 @@ def _offline_cli(args: argparse.Namespace) -> None:
     # Warm up on mixed prefill/decode steps of several shapes.
     warmup = offline_workload(16, *fit_lengths((16, 200), (4, 16), context), vocab, args.seed + 1)
     run_offline(llm, warmup)
+    before = llm.engine.stats()
     r = run_offline(llm, workload, args.temperature)
     print(
         f"{r['requests']} requests, {r['input_tokens']} input / {r['output_tokens']} output "
         f"tokens in {r['seconds']:.2f} s: {r['output_tok_s']:.0f} output tokens/s"
+    )
+    after = llm.engine.stats()
+    if "spec_decode_num_drafts" in after:
+        print(spec_decode_summary(after, before))
+
+
+def spec_decode_summary(after: dict, before: dict | None = None) -> str:
+    """One line on speculative decoding's acceptance between two of an engine's stats()."""
+
+    def grown(key: str):
+        a, b = after[key], (before or {}).get(key)
+        if isinstance(a, list):
+            return [x - y for x, y in zip(a, b or [0] * len(a))]
+        return a - (b or 0)
+
+    drafts, proposed = grown("spec_decode_num_drafts"), grown("spec_decode_num_draft_tokens")
+    accepted = grown("spec_decode_num_accepted_tokens")
+    rates = ", ".join(
+        f"{n / max(drafts, 1):.2f}" for n in grown("spec_decode_num_accepted_tokens_per_pos")
+    )
+    return (
+        f"speculative decoding: {drafts} drafts, acceptance rate "
+        f"{accepted / max(proposed, 1):.3f}, mean acceptance length "
+        f"{1 + accepted / max(drafts, 1):.2f}, acceptance by position [{rates}]"
     )

@@ -53,6 +53,34 @@ class EngineCollector(Collector):
         ]
         for name, doc, value in counters:
             yield CounterMetricFamily(f"kiln:{name}", doc, value=value)
+        if "spec_decode_num_drafts" in s:
+            yield from spec_decode_metrics(s)
+
+
+def spec_decode_metrics(s: dict[str, Any]) -> Iterator[Metric]:
+    """Speculative decoding's acceptance (vLLM's spec_decode_* names)."""
+    counters = [
+        ("num_drafts", "Verify steps of a sequence that carried proposed tokens."),
+        ("num_draft_tokens", "Proposed tokens verified."),
+        ("num_accepted_tokens", "Proposed tokens accepted."),
+    ]
+    for name, doc in counters:
+        yield CounterMetricFamily(f"kiln:spec_decode_{name}", doc, value=s[f"spec_decode_{name}"])
+    per_pos = CounterMetricFamily(
+        "kiln:spec_decode_num_accepted_tokens_per_pos",
+        "Proposed tokens accepted, by their position in the proposal.", labels=["position"],
+    )  # fmt: skip
+    for pos, value in enumerate(s["spec_decode_num_accepted_tokens_per_pos"]):
+        per_pos.add_metric([str(pos)], value)
+    yield per_pos
+    gauges = [
+        ("draft_acceptance_rate", "Accepted over proposed tokens since start.",
+         s["spec_decode_acceptance_rate"]),
+        ("mean_acceptance_length", "Tokens per verify step of a sequence (1 + accepted).",
+         s["spec_decode_mean_acceptance_length"]),
+    ]  # fmt: skip
+    for name, doc, value in gauges:
+        yield GaugeMetricFamily(f"kiln:spec_decode_{name}", doc, value=value)
 
 
 class ServerMetrics:
