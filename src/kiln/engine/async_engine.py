@@ -93,6 +93,8 @@ def merge_delta(into: RequestOutput, new: RequestOutput) -> None:
     if len(into.outputs) > 1:
         into.outputs.sort(key=lambda c: c.index)
     into.finished = new.finished
+    if into.prompt_logprobs is None:
+        into.prompt_logprobs = new.prompt_logprobs
 
 
 async def gather_or_cancel(steps: list[Awaitable]) -> list:

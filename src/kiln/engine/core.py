@@ -135,8 +135,10 @@ class EngineCore:
             seq.generator = make_generator(params.seed, 0, self.device)
         req.seqs.append(seq)
         self.requests[request_id] = req
-        if params.has_penalties or params.best_of > 1:
-            self._sync_only.add(request_id)  # penalties read the newest tokens; forks share them
+        if params.has_penalties or params.best_of > 1 or params.prompt_logprobs is not None:
+            # penalties read the newest tokens; forks share them; prompt logprobs are read
+            # back with the step that computes them
+            self._sync_only.add(request_id)
         self.scheduler.add(seq)
         self.prompt_tokens_total += len(ids)
 
@@ -207,8 +209,10 @@ class EngineCore:
         out = self.scheduler.schedule()
         if not out.seqs:
             return []
-        seqs, sample, logits = self.runner.execute(out, None, self.sampler)
+        seqs, sample, logits, prompt_logprobs = self.runner.execute(out, None, self.sampler)
         self.scheduler.update(out)
+        for seq, lps in prompt_logprobs:
+            seq.prompt_logprobs.extend(lps)
         if not seqs:
             return []
         if sample is None:  # first tokens of n / best_of siblings: fork them, then sample
@@ -221,7 +225,7 @@ class EngineCore:
         launched = None
         if out.seqs:
             prev = self._inflight.tokens if self._inflight is not None else None
-            seqs, sample, _ = self.runner.execute(out, prev, self.sampler)
+            seqs, sample, *_ = self.runner.execute(out, prev, self.sampler)
             self.scheduler.update(out)
             if seqs:
                 assert sample is not None, "forks run lockstep"
@@ -245,6 +249,9 @@ class EngineCore:
                 continue
             token, top = result.token_ids[i], result.top_logprobs[i]
             self._append(seq, token, result.logprobs[i])
+            prompt_logprobs = None
+            if seq.prompt_logprobs is not None and not seq.prompt_logprobs_sent:
+                prompt_logprobs, seq.prompt_logprobs_sent = seq.prompt_logprobs, True
             deltas.append(
                 SeqDelta(
                     seq.request_id,
@@ -254,6 +261,7 @@ class EngineCore:
                     seq.cumulative_logprob,
                     seq.finish_reason,
                     seq.stop_reason,
+                    prompt_logprobs,
                 )
             )
             if seq.is_finished:

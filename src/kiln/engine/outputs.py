@@ -44,6 +44,8 @@ class RequestOutput:
     outputs: list[CompletionOutput] = field(default_factory=list)
     finished: bool = False
     metrics: RequestMetrics | None = None
+    # vLLM's: per prompt token its logprob and the top prompt_logprobs (None for the first)
+    prompt_logprobs: list[dict[int, float] | None] | None = None
 
 
 class SeqDelta(msgspec.Struct, array_like=True, omit_defaults=True):
@@ -56,3 +58,4 @@ class SeqDelta(msgspec.Struct, array_like=True, omit_defaults=True):
     cumulative_logprob: float = 0.0
     finish_reason: str | None = None
     stop_reason: int | str | None = None
+    prompt_logprobs: list[dict[int, float] | None] | None = None  # with the first token

@@ -38,6 +38,7 @@ class SamplingParams:
     stop_token_ids: list[int] | None = field(default_factory=list)
     ignore_eos: bool = False
     logprobs: int | None = None
+    prompt_logprobs: int | None = None  # top-N logprobs of each prompt token (vLLM's)
     use_beam_search: bool = False
     length_penalty: float = 1.0
     skip_special_tokens: bool = True
@@ -82,6 +83,11 @@ class SamplingParams:
         if self.logprobs is not None:
             _check(0 <= self.logprobs <= MAX_LOGPROBS, "logprobs", self.logprobs,
                    f"in [0, {MAX_LOGPROBS}]")  # fmt: skip
+        if self.prompt_logprobs is not None:
+            _check(0 <= self.prompt_logprobs <= MAX_LOGPROBS, "prompt_logprobs",
+                   self.prompt_logprobs, f"in [0, {MAX_LOGPROBS}]")  # fmt: skip
+            _check(not self.use_beam_search, "prompt_logprobs", self.prompt_logprobs,
+                   "None with use_beam_search")  # fmt: skip
         _check(
             self.length_penalty > 0 or not self.use_beam_search,
             "length_penalty",

@@ -155,19 +155,35 @@ class CompletionRequest(SamplingFields):
     """POST /v1/completions."""
 
     prompt: str | TokenIds | list[str] | list[TokenIds]
-    max_tokens: int | None = Field(16, ge=1)
+    max_tokens: int | None = Field(16, ge=0)  # 0: only with echo (score the prompt)
     logprobs: int | None = Field(None, ge=0, le=MAX_LOGPROBS)
     echo: bool = False
+    prompt_logprobs: int | None = Field(None, ge=0, le=MAX_LOGPROBS)  # vLLM's
     best_of: int | None = Field(None, ge=1, le=MAX_N)
     suffix: str | None = None
     logit_bias: dict[str, float] | None = None
 
     def check_supported(self) -> None:
-        _unsupported(self.echo, "echo")
         _unsupported(self.suffix, "suffix")
+        if self.max_tokens == 0 and not self.echo:
+            raise APIError(400, "max_tokens: 0 needs echo: true (it scores the prompt only)",
+                           param="max_tokens")  # fmt: skip
+        if self.echo and self.use_beam_search:
+            raise APIError(400, "echo is not supported with use_beam_search", param="echo")
         _unsupported(self.logit_bias, "logit_bias")
         if self.best_of is not None and self.best_of != self.n:
             raise APIError(400, "best_of must equal n (or be omitted)", param="best_of")
+
+    @property
+    def echo_only(self) -> bool:
+        """echo with max_tokens 0: the engine generates one token, which is dropped."""
+        return self.echo and self.max_tokens == 0
+
+    @property
+    def num_prompt_logprobs(self) -> int | None:
+        """Top-N prompt logprobs the engine must compute (echo's logprobs, vLLM's field)."""
+        wanted = [self.prompt_logprobs, self.logprobs if self.echo else None]
+        return max((w for w in wanted if w is not None), default=None)
 
     def prompts(self) -> list[str | list[int]]:
         """The batch of prompts: one string or token list each."""
@@ -231,6 +247,39 @@ class ChatCompletionRequest(SamplingFields):
         return (self.top_logprobs or 0) if self.logprobs else None
 
 
+class TokenizeRequest(_Request):
+    """POST /tokenize (vLLM's): a prompt, or messages rendered by the chat template."""
+
+    model: str | None = None
+    prompt: str | None = None
+    messages: list[ChatMessage] | None = Field(None, min_length=1)
+    add_special_tokens: bool = True  # a prompt's (BOS, ...); the chat template writes its own
+    add_generation_prompt: bool = True
+    return_token_strs: bool = False
+
+    def check_supported(self) -> None:
+        if (self.prompt is None) == (self.messages is None):
+            raise APIError(400, "give exactly one of prompt and messages", param="prompt")
+
+
+class TokenizeResponse(BaseModel):
+    count: int
+    max_model_len: int
+    tokens: list[int]
+    token_strs: list[str] | None = None
+
+
+class DetokenizeRequest(_Request):
+    """POST /detokenize (vLLM's)."""
+
+    model: str | None = None
+    tokens: list[Annotated[int, Field(ge=0)]]
+
+
+class DetokenizeResponse(BaseModel):
+    prompt: str
+
+
 def _unsupported(value: Any, name: str) -> None:
     if value:
         raise APIError(400, f"{name} is not supported by this server", param=name)
@@ -278,6 +327,7 @@ class CompletionChoice(BaseModel):
     logprobs: CompletionLogprobs | None = None
     finish_reason: str | None = None
     stop_reason: int | str | None = None
+    prompt_logprobs: list[dict[str, dict[str, Any]] | None] | None = None  # vLLM's
 
 
 class CompletionResponse(BaseModel):

@@ -19,7 +19,15 @@ from pydantic import BaseModel
 from kiln.engine.async_engine import EngineDeadError, EngineError
 from kiln.errors import InputError, TokenizerError
 from kiln.serve.admission import AdmissionGate
-from kiln.serve.deltas import Delta, DeltaTracker, chat_logprobs, completion_logprobs, token_decoder
+from kiln.serve.deltas import (
+    Delta,
+    DeltaTracker,
+    Echo,
+    chat_logprobs,
+    completion_logprobs,
+    token_decoder,
+    vllm_prompt_logprobs,
+)
 from kiln.serve.metrics import ServerMetrics
 from kiln.serve.protocol import (
     APIError,
@@ -88,9 +96,32 @@ async def completion_prompts(ctx: ServingContext, req: CompletionRequest) -> lis
     return await asyncio.to_thread(encode)
 
 
+async def echo_prompts(
+    ctx: ServingContext, req: CompletionRequest, prompts: list[list[int]]
+) -> Echo:
+    """What `echo` puts in front of each choice: the prompt as given (token-id prompts
+    decoded), and its ids."""
+
+    def texts() -> list[str]:
+        return [p if isinstance(p, str) else ctx.tokenizer.decode(ids, skip_special_tokens=False)
+                for p, ids in zip(req.prompts(), prompts)]  # fmt: skip
+
+    if ctx.tokenizer is None:
+        raise APIError(400, "echo needs a tokenizer; this model has none", param="echo")
+    return Echo(await asyncio.to_thread(texts), prompts, generate=not req.echo_only)
+
+
 async def chat_prompt(ctx: ServingContext, req: ChatCompletionRequest) -> list[int]:
     """The conversation rendered by the model's chat template, as token ids."""
-    messages = [m.to_template() for m in req.messages]
+    return await render_chat(ctx, req.messages, req.add_generation_prompt)
+
+
+async def render_chat(
+    ctx: ServingContext, chat: list, add_generation_prompt: bool, **kwargs: Any
+) -> list[int]:
+    """Messages (ChatMessage) rendered by the model's chat template, as token ids; template
+    keyword arguments (tools) passed on."""
+    messages = [m.to_template() for m in chat]
     tok = ctx.tokenizer
     if tok is None or tok.chat_template is None:
         raise APIError(400, "this model has no chat template: use /v1/completions",
@@ -98,7 +129,7 @@ async def chat_prompt(ctx: ServingContext, req: ChatCompletionRequest) -> list[i
 
     def render() -> list[int]:
         return tok.apply_chat_template(
-            messages, add_generation_prompt=req.add_generation_prompt, tokenize=True
+            messages, add_generation_prompt=add_generation_prompt, tokenize=True, **kwargs
         )
 
     try:
@@ -257,6 +288,8 @@ class Job:
     tracker: DeltaTracker
     num_logprobs: int | None
     held: list[int]  # admitted sequences per stream, until it ends
+    prompts: list[list[int]] = field(default_factory=list)
+    num_prompt_logprobs: int | None = None  # vLLM's prompt_logprobs field, when asked
     gate: AdmissionGate | None = None
     created: int = field(default_factory=lambda: int(time.time()))
 
@@ -277,7 +310,7 @@ def start_job(
     """Engine streams for each prompt and its params (nothing runs until they are iterated)."""
     request_id = new_id(prefix, ctx.request_id_tag)
     job = Job(request_id, [], DeltaTracker(params[0].n, [len(p) for p in prompts]),
-              params[0].logprobs, [p.n for p in params])  # fmt: skip
+              params[0].logprobs, [p.n for p in params], prompts)  # fmt: skip
     job.streams = [
         run_request(ctx, p, sp, f"{request_id}-{i}", arrival, lambda i=i: job.release(i))
         for i, (p, sp) in enumerate(zip(prompts, params))
@@ -286,15 +319,19 @@ def start_job(
 
 
 def _completion_choice(decode, job: Job, d: Delta, offset: int = 0) -> CompletionChoice:
-    logprobs = None
+    logprobs = plp = None
     if job.num_logprobs is not None:
         logprobs = completion_logprobs(decode, d, job.num_logprobs, offset)
+    if job.num_prompt_logprobs is not None and d.prompt_logprobs is not None:
+        ids = job.prompts[d.index // job.tracker.n]
+        plp = vllm_prompt_logprobs(decode, ids, d.prompt_logprobs, job.num_prompt_logprobs)
     return CompletionChoice(
         index=d.index,
         text=d.text,
         logprobs=logprobs,
         finish_reason=d.finish_reason,
         stop_reason=d.stop_reason,
+        prompt_logprobs=plp,
     )
 
 
