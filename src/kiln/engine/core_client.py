@@ -190,7 +190,9 @@ class EngineCoreLoop:
 
     def step(self) -> list[SeqDelta]:
         try:
-            return self.core.step()
+            deltas = self.core.step()
+            self.errors += self.core.take_errors()
+            return deltas
         except Exception as e:  # the model failed: fail every request, keep serving
             traceback.print_exc()
             why = f"the engine failed: {type(e).__name__}: {e}"

@@ -15,6 +15,7 @@ waits for the tokens before scheduling the next step.
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import NamedTuple
 
@@ -212,13 +213,16 @@ class ModelRunner:
 
     @torch.inference_mode()
     def execute(
-        self, out: SchedulerOutput, prev: PreviousTokens | None, sampler: Sampler
-    ) -> StepOutput:
+        self, out: SchedulerOutput, prev: PreviousTokens | None, sampler: Sampler,
+        before_sample: Callable[[list[Sequence]], None] | None = None,
+    ) -> StepOutput:  # fmt: skip
         """Queue the step on the device, and the sampling of the next token of each sequence
         that reaches its last one, as prepare() plans it (nothing here waits for the GPU).
 
         A decode whose input token is still in flight (async scheduling) reads it from `prev`,
-        the previous step's sampled tokens on the device."""
+        the previous step's sampled tokens on the device. `before_sample(seqs)` runs on the
+        host once the forward is queued and before the sampling is (the engine brings the
+        sequences' grammars up to date there, while the GPU runs the forward)."""
         self.kv_cache.copy_blocks(out.block_copies)
         plan = self.last_plan = self.prepare(out, prev, sampler)
         logits, sampled, prompt = self._forward(plan)
@@ -228,6 +232,8 @@ class ModelRunner:
             return StepOutput(plan.seqs, PendingSample(*sampled))
         if plan.sampling == "fork":
             return StepOutput(plan.seqs, None, logits, prompt)
+        if before_sample is not None:
+            before_sample(plan.seqs)
         sample = sampler.sample(logits, plan.seqs, plan.sampling == "fast")
         return StepOutput(plan.seqs, sample, prompt_logprobs=prompt)
 
@@ -291,7 +297,13 @@ class ModelRunner:
         every_row = len(seqs) == b or (graph is not None and graph[0] == "mixed")
         if any(s.pending_forks for s in seqs):
             sampling = "fork"
-        elif graph is not None and fast and graphs.sample_in_graph and every_row:
+        elif (
+            graph is not None
+            and fast
+            and graphs.sample_in_graph
+            and every_row
+            and not any(s.grammar is not None for s in seqs)
+        ):  # (a grammar's mask acts on the logits between the graph and the sampler)
             sampling = "graph"
         else:
             sampling = "fast" if fast else "full"

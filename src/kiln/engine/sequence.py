@@ -7,6 +7,7 @@ import enum
 import torch
 
 from kiln.engine.sampling_params import SamplingParams
+from kiln.engine.structured import GrammarState
 
 
 class SequenceStatus(enum.Enum):
@@ -54,6 +55,7 @@ class Sequence:
         if params.prompt_logprobs is not None:
             self.prompt_logprobs = [None]
         self.prompt_logprobs_sent = False
+        self.grammar: GrammarState | None = None  # structured outputs: the allowed tokens
 
     def __len__(self) -> int:
         """Tokens the sequence has, including any still in flight from the GPU."""
@@ -107,6 +109,7 @@ class Sequence:
         child.block_hashes = list(self.block_hashes)
         child.num_registered_blocks = self.num_registered_blocks
         child.prompt_logprobs = None  # the first completion carries the prompt's
+        child.grammar = self.grammar.fork() if self.grammar is not None else None
         return child
 
     def finish(self, reason: str, stop_reason: int | str | None = None) -> None:

@@ -142,16 +142,13 @@ def _v1_routes(ctx: ServingContext, max_body_bytes: int) -> APIRouter:
         _check_model(ctx, req.model)
         req.check_supported()
         prompts = await serving.completion_prompts(ctx, req)
+        structured = await serving.structured_outputs(req)
         wanted = 1 if req.echo_only else req.max_tokens
         max_tokens = [serving.resolve_max_tokens(ctx, p, wanted, "prompt") for p in prompts]
+        extra = dict(prompt_logprobs=req.num_prompt_logprobs, structured_outputs=structured)
         params = [  # each prompt its own room when max_tokens is not given
             serving.sampling_params(
-                ctx,
-                {
-                    **req.sampling_kwargs(m, req.logprobs),
-                    "prompt_logprobs": req.num_prompt_logprobs,
-                },
-                req.stream,
+                ctx, {**req.sampling_kwargs(m, req.logprobs), **extra}, req.stream
             )
             for m in max_tokens
         ]
@@ -176,9 +173,11 @@ def _v1_routes(ctx: ServingContext, max_body_bytes: int) -> APIRouter:
         _check_model(ctx, req.model)
         req.check_supported()
         prompt = await serving.chat_prompt(ctx, req)
+        structured = await serving.structured_outputs(req)
         max_tokens = serving.resolve_max_tokens(ctx, prompt, req.requested_max_tokens, "messages")
+        kwargs = req.sampling_kwargs(max_tokens, req.num_logprobs)
         params = serving.sampling_params(
-            ctx, req.sampling_kwargs(max_tokens, req.num_logprobs), req.stream
+            ctx, {**kwargs, "structured_outputs": structured}, req.stream
         )
         return await _respond(
             ctx,

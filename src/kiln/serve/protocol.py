@@ -88,6 +88,31 @@ class StreamOptions(_Request):
 Stop = Annotated[str, Field(min_length=1)]
 
 
+class JsonSchemaFormat(_Request):
+    name: str = Field(min_length=1, max_length=64)
+    description: str | None = None
+    schema_: dict[str, Any] | None = Field(None, alias="schema")
+    strict: bool | None = None
+
+
+class ResponseFormat(_Request):
+    """OpenAI's response_format: text, any JSON object, or JSON matching a schema."""
+
+    type: Literal["text", "json_object", "json_schema"]
+    json_schema: JsonSchemaFormat | None = None
+
+
+class StructuredOutputs(_Request):
+    """vLLM's structured_outputs: exactly one of json, regex, choice, grammar, json_object."""
+
+    json_: str | dict[str, Any] | None = Field(None, alias="json")
+    regex: str | None = None
+    choice: list[str] | None = None
+    grammar: str | None = None
+    json_object: bool | None = None
+    disable_any_whitespace: bool = False
+
+
 class SamplingFields(_Request):
     """The sampling fields both endpoints share."""
 
@@ -113,6 +138,46 @@ class SamplingFields(_Request):
     stream: bool = False
     stream_options: StreamOptions | None = None
     user: str | None = None
+    # structured outputs: OpenAI's response_format, vLLM's structured_outputs and its older
+    # guided_* fields (one source per request)
+    response_format: ResponseFormat | None = None
+    structured_outputs: StructuredOutputs | None = None
+    guided_json: str | dict[str, Any] | None = None
+    guided_regex: str | None = None
+    guided_choice: list[str] | None = None
+    guided_grammar: str | None = None
+
+    def structured(self) -> tuple[dict[str, Any], str] | None:
+        """The request's grammar as StructuredOutputsParams keyword arguments, and the
+        field it came from (named by a 400 when it does not compile)."""
+        found: list[tuple[dict[str, Any], str]] = []
+        rf = self.response_format
+        if rf is not None and rf.type == "json_object":
+            found.append(({"json_object": True}, "response_format"))
+        elif rf is not None and rf.type == "json_schema":
+            if rf.json_schema is None or rf.json_schema.schema_ is None:
+                raise APIError(400, "response_format: json_schema needs a schema",
+                               param="response_format.json_schema.schema")  # fmt: skip
+            found.append(({"json": rf.json_schema.schema_}, "response_format.json_schema.schema"))
+        so = self.structured_outputs
+        if so is not None:
+            given = dict(json=so.json_, regex=so.regex, choice=so.choice, grammar=so.grammar,
+                         json_object=so.json_object)  # fmt: skip
+            kw = {k: v for k, v in given.items() if v is not None}
+            if len(kw) != 1:
+                raise APIError(400, "structured_outputs: give exactly one of json, regex, choice,"
+                               " grammar, json_object", param="structured_outputs")  # fmt: skip
+            key = next(iter(kw))
+            kw["disable_any_whitespace"] = so.disable_any_whitespace
+            found.append((kw, f"structured_outputs.{key}"))
+        for name in ("json", "regex", "choice", "grammar"):
+            value = getattr(self, f"guided_{name}")
+            if value is not None:
+                found.append(({name: value}, f"guided_{name}"))
+        if len(found) > 1:
+            raise APIError(400, f"{found[1][1]}: only one structured output per request (also "
+                           f"given: {found[0][1]})", param=found[1][1])  # fmt: skip
+        return found[0] if found else None
 
     def sampling_kwargs(self, max_tokens: int, logprobs: int | None) -> dict[str, Any]:
         """SamplingParams keyword arguments; unset fields keep the engine's defaults."""

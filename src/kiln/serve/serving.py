@@ -159,6 +159,23 @@ def resolve_max_tokens(
     return max_tokens
 
 
+async def structured_outputs(req: Any):
+    """The request's StructuredOutputsParams (None: free text), checked off the event loop;
+    a spec that does not compile is a 400 naming the field it came in."""
+    from kiln.engine.structured import StructuredOutputsParams, check_structured_outputs
+
+    found = req.structured()
+    if found is None:
+        return None
+    kwargs, param = found
+    try:
+        params = StructuredOutputsParams(**kwargs)
+        await asyncio.to_thread(check_structured_outputs, params)
+    except InputError as e:
+        raise APIError(400, f"{param}: {e}", param=param) from None
+    return params
+
+
 def sampling_params(ctx: ServingContext, kwargs: dict[str, Any], stream: bool):
     """kiln's SamplingParams (delta outputs when streamed, one final output otherwise); its
     range checks become 400s."""
