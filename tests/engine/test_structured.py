@@ -142,3 +142,23 @@ def test_a_slow_compile_does_not_stall_other_requests(model_dir, monkeypatch):
         for d in core.step():
             got[d.request_id] += d.new_token_ids
     assert got["json"] and core.block_manager.num_free_blocks == core.block_manager.num_blocks
+
+
+@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=pytest.mark.gpu)])
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+def test_bitmask_kernel_matches_reference(device, dtype):
+    import torch
+
+    from kiln.engine.structured import apply_bitmask, apply_bitmask_ref
+
+    g = torch.Generator().manual_seed(0)
+    logits = torch.randn(7, 1000, generator=g).to(getattr(torch, dtype)).to(device)
+    bitmask = torch.randint(-(2**31), 2**31 - 1, (7, 32), dtype=torch.int32, generator=g)
+    bitmask[3] = -1  # a row that allows everything
+    want, got = logits.clone(), logits.clone()
+    apply_bitmask_ref(want, bitmask.to(device))
+    apply_bitmask(got, bitmask.to(device))
+    assert torch.equal(want, got)
+    allowed = (bitmask[0, :, None] >> torch.arange(32) & 1).flatten()[:1000]  # bit v: token v
+    assert torch.equal(torch.isinf(want[0]).cpu(), allowed == 0)
+    assert torch.equal(want[3], logits[3])

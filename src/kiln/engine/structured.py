@@ -222,7 +222,18 @@ def fill_bitmask(
 
 
 def apply_bitmask(logits: torch.Tensor, bitmask: torch.Tensor) -> None:
-    """Set logits [B, V] of tokens whose bit is clear in bitmask [B, ceil(V / 32)] to -inf."""
+    """Set logits [B, V] of tokens whose bit is clear in bitmask [B, ceil(V / 32)] to -inf:
+    on a GPU xgrammar's kernel (one pass, no unpacked mask), else `apply_bitmask_ref`."""
+    if logits.is_cuda:
+        import xgrammar as xgr
+
+        xgr.apply_token_bitmask_inplace(logits, bitmask)
+    else:
+        apply_bitmask_ref(logits, bitmask)
+
+
+def apply_bitmask_ref(logits: torch.Tensor, bitmask: torch.Tensor) -> None:
+    """apply_bitmask in plain torch (the reference)."""
     b, v = logits.shape
     shifts = torch.arange(32, dtype=torch.int32, device=bitmask.device)
     bits = (bitmask[:, :, None] >> shifts) & 1  # [B, W, 32]: bit j of word w is token 32w + j
