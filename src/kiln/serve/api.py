@@ -39,6 +39,7 @@ from kiln.serve.protocol import (
     parse_request,
 )
 from kiln.serve.serving import ServingContext
+from kiln.serve.tools import TOOL_PARSERS
 
 log = logging.getLogger("kiln.serve")
 
@@ -62,6 +63,7 @@ def create_app(
     public_metrics: bool = False,
     stream_send_timeout: float = DEFAULT_STREAM_SEND_TIMEOUT,
     request_id_tag: str = "",
+    tool_call_parser: str | None = None,
 ) -> FastAPI:
     """An OpenAI-compatible app over `engine` (an AsyncLLM, started and drained by the app).
     With an `api_key` every route but /health needs it (/metrics too, unless public_metrics).
@@ -75,6 +77,7 @@ def create_app(
         gate=AdmissionGate(max_running, max_queue),
         stream_send_timeout=stream_send_timeout,
         request_id_tag=request_id_tag,
+        tool_parser=TOOL_PARSERS[tool_call_parser]() if tool_call_parser else None,
     )
 
     @asynccontextmanager
@@ -173,17 +176,21 @@ def _v1_routes(ctx: ServingContext, max_body_bytes: int) -> APIRouter:
         _check_model(ctx, req.model)
         req.check_supported()
         prompt = await serving.chat_prompt(ctx, req)
-        structured = await serving.structured_outputs(req)
+        structured, tool_stream = await serving.tool_calls(ctx, req)
+        if structured is None:
+            structured = await serving.structured_outputs(req)
         max_tokens = serving.resolve_max_tokens(ctx, prompt, req.requested_max_tokens, "messages")
         kwargs = req.sampling_kwargs(max_tokens, req.num_logprobs)
         params = serving.sampling_params(
             ctx, {**kwargs, "structured_outputs": structured}, req.stream
         )
+        job = serving.start_job(ctx, "chatcmpl", [prompt], [params], arrival)
+        job.tool_stream = tool_stream
         return await _respond(
             ctx,
             request,
             num_seqs=req.n,
-            job=serving.start_job(ctx, "chatcmpl", [prompt], [params], arrival),
+            job=job,
             stream=req.stream,
             events=lambda job: serving.chat_events(ctx, job, req.include_usage),
             whole=lambda job: serving.chat_response(ctx, job),
@@ -210,7 +217,10 @@ def _tokenizer_routes(ctx: ServingContext, max_body_bytes: int) -> APIRouter:
         tok = tokenizer()
         if req.messages is not None:
             # (the template writes its own special tokens: add_special_tokens is a prompt's)
-            ids = await serving.render_chat(ctx, req.messages, req.add_generation_prompt)
+            tools = [t.model_dump(exclude_none=True) for t in req.tools or []] or None
+            ids = await serving.render_chat(
+                ctx, req.messages, req.add_generation_prompt, tools=tools
+            )
         else:
             ids = await asyncio.to_thread(
                 tok.encode, req.prompt, add_special_tokens=req.add_special_tokens

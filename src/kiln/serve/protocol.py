@@ -6,6 +6,7 @@ repetition_penalty, ignore_eos, ...) take vLLM's names. Unknown fields are ignor
 
 from __future__ import annotations
 
+import json
 import time
 from typing import Annotated, Any, Literal
 
@@ -265,20 +266,71 @@ class TextPart(_Request):
     text: str
 
 
+class ToolCallFunction(_Request):
+    name: str
+    arguments: str  # JSON text
+
+
+class MessageToolCall(_Request):
+    id: str
+    type: Literal["function"] = "function"
+    function: ToolCallFunction
+
+
 class ChatMessage(_Request):
     role: Literal["system", "developer", "user", "assistant", "tool"]
     content: str | list[TextPart] | None = None
     name: str | None = None
+    tool_calls: list[MessageToolCall] | None = None  # an assistant's earlier calls
+    tool_call_id: str | None = None  # a tool's answer: to which call
 
     def to_template(self) -> dict[str, Any]:
-        """The message as chat templates expect it: content flattened to one string."""
+        """The message as chat templates expect it: content flattened to one string, tool
+        calls' arguments as objects (what Hugging Face templates render)."""
         content = self.content
         if isinstance(content, list):
             content = "".join(part.text for part in content)
         msg: dict[str, Any] = {"role": self.role, "content": content or ""}
         if self.name is not None:
             msg["name"] = self.name
+        if self.tool_calls:
+            msg["tool_calls"] = [
+                {"id": c.id, "type": c.type,
+                 "function": {"name": c.function.name, "arguments": _arguments(c.function)}}
+                for c in self.tool_calls
+            ]  # fmt: skip
+        if self.tool_call_id is not None:
+            msg["tool_call_id"] = self.tool_call_id
         return msg
+
+
+def _arguments(f: ToolCallFunction) -> Any:
+    try:
+        return json.loads(f.arguments)
+    except ValueError:
+        raise APIError(400, f"messages: the arguments of tool call {f.name!r} are not JSON",
+                       param="messages") from None  # fmt: skip
+
+
+class FunctionDefinition(_Request):
+    name: str = Field(pattern=r"^[a-zA-Z0-9_-]{1,64}$")
+    description: str | None = None
+    parameters: dict[str, Any] | None = None
+    strict: bool | None = None
+
+
+class Tool(_Request):
+    type: Literal["function"]
+    function: FunctionDefinition
+
+
+class FunctionName(_Request):
+    name: str
+
+
+class NamedToolChoice(_Request):
+    type: Literal["function"]
+    function: FunctionName
 
 
 class ChatCompletionRequest(SamplingFields):
@@ -291,13 +343,36 @@ class ChatCompletionRequest(SamplingFields):
     top_logprobs: int | None = Field(None, ge=0, le=MAX_LOGPROBS)
     add_generation_prompt: bool = True
     logit_bias: dict[str, float] | None = None
-    tools: list[Any] | None = None
+    tools: list[Tool] | None = None
+    tool_choice: Literal["none", "auto", "required"] | NamedToolChoice | None = None
+    parallel_tool_calls: bool = True
 
     def check_supported(self) -> None:
         _unsupported(self.logit_bias, "logit_bias")
-        _unsupported(self.tools, "tools")
         if self.top_logprobs is not None and not self.logprobs:
             raise APIError(400, "top_logprobs needs logprobs: true", param="top_logprobs")
+        if self.tool_choice not in (None, "none") and not self.tools:
+            raise APIError(400, "tool_choice needs tools", param="tool_choice")
+        names = [t.function.name for t in self.tools or []]
+        if len(set(names)) < len(names):
+            raise APIError(400, "tools: function names must be unique", param="tools")
+        choice = self.tool_choice
+        if isinstance(choice, NamedToolChoice) and choice.function.name not in names:
+            raise APIError(400, f"tool_choice: no function {choice.function.name!r} in tools",
+                           param="tool_choice.function.name")  # fmt: skip
+
+    @property
+    def tool_mode(self) -> str:
+        """ "none", "auto", "required" or "named" (no tools: "none"; tools: "auto" unless
+        told otherwise)."""
+        if not self.tools or self.tool_choice == "none":
+            return "none"
+        if isinstance(self.tool_choice, NamedToolChoice):
+            return "named"
+        return self.tool_choice or "auto"
+
+    def tool_functions(self) -> list[dict[str, Any]]:
+        return [t.function.model_dump(exclude_none=True) for t in self.tools or []]
 
     @property
     def requested_max_tokens(self) -> int | None:
@@ -320,6 +395,7 @@ class TokenizeRequest(_Request):
     messages: list[ChatMessage] | None = Field(None, min_length=1)
     add_special_tokens: bool = True  # a prompt's (BOS, ...); the chat template writes its own
     add_generation_prompt: bool = True
+    tools: list[Tool] | None = None  # rendered by the chat template with the messages
     return_token_strs: bool = False
 
     def check_supported(self) -> None:
@@ -421,6 +497,7 @@ class ChatLogprobs(BaseModel):
 class AssistantMessage(BaseModel):
     role: str = "assistant"
     content: str | None = None
+    tool_calls: list[dict[str, Any]] = []  # [{id, type: "function", function: {name, arguments}}]
 
 
 class ChatChoice(BaseModel):
@@ -443,6 +520,7 @@ class ChatCompletionResponse(BaseModel):
 class DeltaMessage(BaseModel):
     role: str | None = None
     content: str | None = None
+    tool_calls: list[dict[str, Any]] | None = None  # fragments: {index, [id, type,] function}
 
     @model_serializer(mode="wrap")
     def _drop_unset(self, handler):  # a delta carries only what changed

@@ -47,6 +47,13 @@ from kiln.serve.protocol import (
     error_body,
     input_error,
 )
+from kiln.serve.tools import (
+    NamedStream,
+    RequiredStream,
+    ToolParser,
+    merge_fragments,
+    required_schema,
+)
 
 log = logging.getLogger("kiln.serve")
 
@@ -61,6 +68,7 @@ class ServingContext:
     gate: AdmissionGate
     stream_send_timeout: float = 60.0
     request_id_tag: str = ""  # "w1-": which of several API processes made the id
+    tool_parser: ToolParser | None = None  # --tool-call-parser: finds calls in free text
 
     @property
     def tokenizer(self):
@@ -112,8 +120,43 @@ async def echo_prompts(
 
 
 async def chat_prompt(ctx: ServingContext, req: ChatCompletionRequest) -> list[int]:
-    """The conversation rendered by the model's chat template, as token ids."""
-    return await render_chat(ctx, req.messages, req.add_generation_prompt)
+    """The conversation rendered by the model's chat template (with the request's tools), as
+    token ids."""
+    tools = [{"type": "function", "function": f} for f in req.tool_functions()] or None
+    return await render_chat(ctx, req.messages, req.add_generation_prompt, tools=tools)
+
+
+async def tool_calls(ctx: ServingContext, req: ChatCompletionRequest):
+    """How the request's tools are used: (the structured outputs that force a call or None,
+    a factory of per-choice streams that find the calls or None)."""
+    from kiln.engine.structured import StructuredOutputsParams, check_structured_outputs
+
+    mode = req.tool_mode
+    if mode == "none":
+        return None, None
+    if mode == "auto":
+        if ctx.tool_parser is None:
+            raise APIError(400, "tool_choice auto needs the server started with "
+                           "--tool-call-parser", param="tool_choice")  # fmt: skip
+        return None, ctx.tool_parser.stream
+    if req.structured() is not None:
+        raise APIError(400, f"tool_choice {mode!r} constrains the output itself: no "
+                       "response_format or structured outputs beside it",
+                       param="tool_choice")  # fmt: skip
+    functions = req.tool_functions()
+    if mode == "required":
+        schema, make = required_schema(functions, req.parallel_tool_calls), RequiredStream
+    else:
+        name = req.tool_choice.function.name
+        (f,) = [f for f in functions if f["name"] == name]
+        schema = f.get("parameters") or {"type": "object"}
+        make = lambda: NamedStream(name)  # noqa: E731
+    try:
+        params = StructuredOutputsParams(json=schema)
+        await asyncio.to_thread(check_structured_outputs, params)
+    except InputError as e:
+        raise APIError(400, f"tools: a function's parameters: {e}", param="tools") from None
+    return params, make
 
 
 async def render_chat(
@@ -307,6 +350,7 @@ class Job:
     held: list[int]  # admitted sequences per stream, until it ends
     prompts: list[list[int]] = field(default_factory=list)
     num_prompt_logprobs: int | None = None  # vLLM's prompt_logprobs field, when asked
+    tool_stream: Callable[[], Any] | None = None  # chat with tools: a call finder per choice
     gate: AdmissionGate | None = None
     created: int = field(default_factory=lambda: int(time.time()))
 
@@ -408,8 +452,11 @@ async def completion_response(ctx: ServingContext, job: Job) -> CompletionRespon
 
 
 async def chat_events(ctx: ServingContext, job: Job, include_usage: bool):
-    """SSE events of a streamed chat completion: each choice's role, then content deltas."""
+    """SSE events of a streamed chat completion: each choice's role, then content deltas
+    (with tools: the calls found, as delta.tool_calls fragments)."""
     decode = token_decoder(ctx.tokenizer)
+    finders: dict[int, Any] = {}
+    called: set[int] = set()
 
     def chunk(choices: list[ChatChunkChoice], usage: UsageInfo | None = None) -> str:
         return sse(
@@ -427,11 +474,17 @@ async def chat_events(ctx: ServingContext, job: Job, include_usage: bool):
     async with aclosing(merge(job.streams)) as outputs:
         async for i, out in outputs:
             for d in job.tracker.deltas(i, out):
+                delta = DeltaMessage(content=d.text)
+                if job.tool_stream is not None:
+                    finder = finders.setdefault(d.index, job.tool_stream())
+                    content, frags = finder.feed(d.text, final=d.finish_reason is not None)
+                    delta = DeltaMessage(content=content or None, tool_calls=frags or None)
+                    called.update([d.index] if frags else [])
                 choice = ChatChunkChoice(
                     index=d.index,
-                    delta=DeltaMessage(content=d.text),
+                    delta=delta,
                     logprobs=_chat_logprobs(decode, job, d),
-                    finish_reason=d.finish_reason,
+                    finish_reason=_finish(d.finish_reason, d.index in called),
                     stop_reason=d.stop_reason,
                 )
                 yield chunk([choice])
@@ -439,19 +492,39 @@ async def chat_events(ctx: ServingContext, job: Job, include_usage: bool):
         yield chunk([], job.tracker.usage())
 
 
+def _finish(reason: str | None, called: bool) -> str | None:
+    """OpenAI's finish_reason: "tool_calls" when a choice that called tools ended by itself."""
+    return "tool_calls" if called and reason == "stop" else reason
+
+
+def _message(job: Job, d: Delta) -> tuple[AssistantMessage, str | None]:
+    """A whole choice's message (tool calls pulled out of the text) and finish_reason."""
+    if job.tool_stream is None:
+        return AssistantMessage(content=d.text), d.finish_reason
+    finder = job.tool_stream()
+    content, frags = finder.feed(d.text)
+    rest, more = finder.feed("", final=True)
+    calls = merge_fragments(frags + more)
+    content += rest
+    message = AssistantMessage(content=content or None if calls else content, tool_calls=calls)
+    return message, _finish(d.finish_reason, bool(calls))
+
+
 async def chat_response(ctx: ServingContext, job: Job) -> ChatCompletionResponse:
     """The whole chat completion, once every choice has finished."""
     decode = token_decoder(ctx.tokenizer)
-    choices = [
-        ChatChoice(
-            index=d.index,
-            message=AssistantMessage(content=d.text),
-            logprobs=_chat_logprobs(decode, job, d),
-            finish_reason=d.finish_reason,
-            stop_reason=d.stop_reason,
+    choices = []
+    for d in await _final_deltas(job):
+        message, finish = _message(job, d)
+        choices.append(
+            ChatChoice(
+                index=d.index,
+                message=message,
+                logprobs=_chat_logprobs(decode, job, d),
+                finish_reason=finish,
+                stop_reason=d.stop_reason,
+            )
         )
-        for d in await _final_deltas(job)
-    ]
     return ChatCompletionResponse(
         id=job.request_id,
         created=job.created,
