@@ -52,6 +52,13 @@ class EngineConfig:
     # Queue step N+1 before reading step N's tokens (hides the host's work behind the GPU's);
     # None: on for CUDA. Requests with penalties or n > 1 / best_of run lockstep.
     async_scheduling: bool | None = None
+    # Embeddings (/v1/embeddings, kiln.LLM.embed): how a prompt's hidden states become one
+    # vector.
+    pooling: str = field(
+        default="mean",
+        metadata={"choices": ["mean", "last"], "help": "embeddings: mean of the final hidden "
+                  "states, or the last token's"},
+    )  # fmt: skip
 
     def __post_init__(self) -> None:
         if self.block_size < 1:

@@ -24,6 +24,7 @@ from kiln.engine.block_manager import BlockManager
 from kiln.engine.config import EngineConfig
 from kiln.engine.model_runner import ModelRunner, PreviousTokens
 from kiln.engine.outputs import SeqDelta
+from kiln.engine.pooling import POOLING, embed_ids
 from kiln.engine.sampler import PendingSample, Sampler, make_generator
 from kiln.engine.sampling_params import SamplingParams
 from kiln.engine.scheduler import Scheduler
@@ -150,6 +151,15 @@ class EngineCore:
         else:
             self.scheduler.add(seq)
         self.prompt_tokens_total += len(ids)
+
+    def embed(self, prompts: list[list[int]], pooling: str | None = None) -> list[list[float]]:
+        """Each prompt's pooled final hidden state (not normalized; kiln.engine.pooling)."""
+        pooling = pooling or self.config.pooling
+        if pooling not in POOLING:
+            raise InputError(f"pooling must be one of {', '.join(POOLING)}, got {pooling!r}",
+                             "pooling")  # fmt: skip
+        return [embed_ids(self.runner.model, self.check_prompt(ids), pooling, self.device)
+                for ids in prompts]  # fmt: skip
 
     def _grammars(self) -> GrammarCompiler:
         if self._grammar_compiler is None:  # the tokenizer is read on the first use only

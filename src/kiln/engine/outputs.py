@@ -48,6 +48,21 @@ class RequestOutput:
     prompt_logprobs: list[dict[int, float] | None] | None = None
 
 
+@dataclass
+class EmbeddingOutput:
+    embedding: list[float]
+
+
+@dataclass
+class EmbeddingRequestOutput:
+    """vLLM's: one prompt's embedding (kiln.LLM.embed)."""
+
+    request_id: str
+    prompt_token_ids: list[int]
+    outputs: EmbeddingOutput
+    finished: bool = True
+
+
 class SeqDelta(msgspec.Struct, array_like=True, omit_defaults=True):
     """What one sequence gained in a step (vLLM's EngineCoreOutput)."""
 

@@ -29,6 +29,7 @@ from kiln.serve.protocol import (
     CompletionRequest,
     DetokenizeRequest,
     DetokenizeResponse,
+    EmbeddingRequest,
     ModelCard,
     ModelList,
     TokenizeRequest,
@@ -168,6 +169,13 @@ def _v1_routes(ctx: ServingContext, max_body_bytes: int) -> APIRouter:
             events=lambda job: serving.completion_events(ctx, job, req.include_usage),
             whole=lambda job: serving.completion_response(ctx, job),
         )
+
+    @router.post("/embeddings")
+    async def embeddings(request: Request) -> Response:
+        req = parse_request(EmbeddingRequest, await _read_body(request, max_body_bytes))
+        _check_model(ctx, req.model)
+        result = await _unless_disconnected(request, serving.embeddings(ctx, req))
+        return JSONResponse(result.model_dump())
 
     @router.post("/chat/completions")
     async def chat_completions(request: Request) -> Response:

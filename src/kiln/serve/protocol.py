@@ -387,6 +387,37 @@ class ChatCompletionRequest(SamplingFields):
         return (self.top_logprobs or 0) if self.logprobs else None
 
 
+class EmbeddingRequest(_Request):
+    """POST /v1/embeddings."""
+
+    model: str | None = None
+    input: str | TokenIds | Annotated[list[str], Field(min_length=1)] | list[TokenIds]
+    encoding_format: Literal["float", "base64"] = "float"
+    dimensions: int | None = Field(None, ge=1)
+    user: str | None = None
+
+    def inputs(self) -> list[str | list[int]]:
+        p = self.input
+        if isinstance(p, str) or (p and isinstance(p[0], int)):
+            return [p]
+        if not p:
+            raise APIError(400, "input: the list of inputs is empty", param="input")
+        return list(p)
+
+
+class EmbeddingData(BaseModel):
+    object: str = "embedding"
+    embedding: list[float] | str  # base64: little-endian float32 bytes
+    index: int
+
+
+class EmbeddingResponse(BaseModel):
+    object: str = "list"
+    data: list[EmbeddingData]
+    model: str
+    usage: UsageInfo
+
+
 class TokenizeRequest(_Request):
     """POST /tokenize (vLLM's): a prompt, or messages rendered by the chat template."""
 

@@ -5,6 +5,7 @@ whole or as server-sent events."""
 from __future__ import annotations
 
 import asyncio
+import base64
 import json
 import logging
 import time
@@ -14,6 +15,7 @@ from contextlib import aclosing
 from dataclasses import dataclass, field
 from typing import Any
 
+import numpy as np
 from pydantic import BaseModel
 
 from kiln.engine.async_engine import EngineDeadError, EngineError
@@ -42,6 +44,9 @@ from kiln.serve.protocol import (
     CompletionRequest,
     CompletionResponse,
     DeltaMessage,
+    EmbeddingData,
+    EmbeddingRequest,
+    EmbeddingResponse,
     UsageInfo,
     engine_error,
     error_body,
@@ -333,6 +338,39 @@ async def guarded_events(events: AsyncIterator[str]) -> AsyncIterator[str]:
         log.exception("streaming request failed")
         yield sse(error_body("internal server error", "server_error", code="internal_error"))
     yield SSE_DONE
+
+
+# ---- /v1/embeddings ------------------------------------------------------------------------
+
+
+async def embeddings(ctx: ServingContext, req: EmbeddingRequest) -> EmbeddingResponse:
+    """OpenAI's embeddings: each input's pooled hidden state, normalized (after keeping the
+    first `dimensions`), as floats or base64 float32."""
+    from kiln.engine.pooling import normalize
+
+    hidden = ctx.engine.model_config.hidden_size
+    if req.dimensions is not None and req.dimensions > hidden:
+        raise APIError(400, f"dimensions: at most {hidden} (the model's hidden size), got "
+                       f"{req.dimensions}", param="dimensions")  # fmt: skip
+    inputs = req.inputs()
+    tok = ctx.tokenizer
+    if any(isinstance(p, str) for p in inputs) and tok is None:
+        raise APIError(400, "this model has no tokenizer: give the input as token ids",
+                       param="input")  # fmt: skip
+    ids = await asyncio.to_thread(lambda: [tok.encode(p) if isinstance(p, str) else list(p)
+                                           for p in inputs])  # fmt: skip
+    for p in ids:
+        ctx.engine.check_prompt(p, "input")
+    vecs = await ctx.engine.embed(ids, request_id=new_id("embd", ctx.request_id_tag))
+    data = []
+    for i, v in enumerate(vecs):
+        v = normalize(v, req.dimensions)
+        if req.encoding_format == "base64":
+            v = base64.b64encode(np.asarray(v, dtype="<f4").tobytes()).decode()
+        data.append(EmbeddingData(embedding=v, index=i))
+    n = sum(len(p) for p in ids)
+    return EmbeddingResponse(data=data, model=ctx.model_name,
+                             usage=UsageInfo(prompt_tokens=n, total_tokens=n))  # fmt: skip
 
 
 # ---- /v1/completions ----------------------------------------------------------------------
