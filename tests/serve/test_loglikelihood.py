@@ -72,6 +72,21 @@ def test_streamed_echo_starts_with_the_prompt(client):
     assert "".join(c.choices[0].text for c in chunks if c.choices) == whole.choices[0].text
 
 
+def test_streamed_echo_of_max_tokens_zero_is_the_prompt_alone(client, hf_logprobs):
+    ids, _ = hf_logprobs
+    chunks = list(
+        client.completions.create(
+            model="tiny", prompt=ids, max_tokens=0, echo=True, logprobs=1, stream=True,
+            stream_options={"include_usage": True},
+        )
+    )  # fmt: skip
+    choices = [c.choices[0] for c in chunks if c.choices]
+    assert "".join(c.text for c in choices) == PROMPT
+    assert choices[-1].finish_reason == "length"
+    assert sum(len(c.logprobs.token_logprobs) for c in choices) == len(ids)
+    assert chunks[-1].usage.completion_tokens == 0
+
+
 def test_vllm_prompt_logprobs_field(http, hf_logprobs):
     ids, ref = hf_logprobs
     body = dict(model="tiny", prompt=ids, max_tokens=2, temperature=0, prompt_logprobs=2)
