@@ -100,10 +100,14 @@ def test_vllm_prompt_logprobs_field(http, hf_logprobs):
     assert c["logprobs"] is None and not c["text"].startswith(PROMPT)
 
 
-def test_prompt_logprobs_survive_chunked_prefill_and_batching(chat_model_dir, hf_logprobs):
+def test_prompt_logprobs_survive_chunked_prefill_and_batching(
+    chat_model_dir, hf_logprobs, monkeypatch
+):
+    from kiln.engine import model_runner
     from kiln.engine.llm import LLM
     from kiln.engine.sampling_params import SamplingParams
 
+    monkeypatch.setattr(model_runner, "PROMPT_LOGPROBS_ROWS", 3)  # the LM head in pieces too
     ids, ref = hf_logprobs
     llm = LLM(str(chat_model_dir), max_num_batched_tokens=8)  # the prompt in 8-token chunks
     params = SamplingParams(max_tokens=2, temperature=0, prompt_logprobs=0)

@@ -37,6 +37,8 @@ from kiln.model.transformer import Transformer
 
 log = logging.getLogger("kiln.engine")
 
+PROMPT_LOGPROBS_ROWS = 256  # prompt rows scored per LM-head call (prompt_logprobs)
+
 
 class ProfileBackend:
     """Attention over the flat token list as one causal sequence (for the profiling forward)."""
@@ -258,13 +260,21 @@ class ModelRunner:
 
     def _prompt_logprobs(self, hidden: torch.Tensor, host: HostInputs):
         """Each asking sequence's logprobs of the prompt tokens this step scores: the
-        token's own and the top prompt_logprobs of the model's distribution there."""
+        token's own and the top prompt_logprobs of the model's distribution there. Rows go
+        through the LM head PROMPT_LOGPROBS_ROWS at a time (a whole prefill's [N, vocab]
+        float32 logits would not fit next to the KV pool)."""
         rows, targets = (to_device(x, torch.long, self.device)
                          for x in (host.prompt_rows, host.prompt_targets))  # fmt: skip
-        logprobs = self.model.compute_logits(hidden[rows]).float().log_softmax(-1)  # [P, V]
-        chosen = logprobs.gather(1, targets[:, None])[:, 0].tolist()
         k = max(seq.params.prompt_logprobs for seq, _ in host.prompt_seqs)
-        vals, ids = (t.tolist() for t in logprobs.topk(k, dim=-1)) if k else ([], [])
+        chosen, vals, ids = [], [], []
+        for at in range(0, len(rows), PROMPT_LOGPROBS_ROWS):
+            part = slice(at, at + PROMPT_LOGPROBS_ROWS)
+            logprobs = self.model.compute_logits(hidden[rows[part]]).float().log_softmax(-1)
+            chosen += logprobs.gather(1, targets[part, None])[:, 0].tolist()
+            if k:
+                top = logprobs.topk(k, dim=-1)
+                vals += top.values.tolist()
+                ids += top.indices.tolist()
         out, at = [], 0
         for seq, n in host.prompt_seqs:
             want = seq.params.prompt_logprobs
