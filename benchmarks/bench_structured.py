@@ -3,10 +3,11 @@ request's grammar compile time.
 
 A random Qwen3-0.6B-shaped model (bfloat16, GPU) with a byte-level BPE trained here on the
 bundled corpus (up to the model's 151,936-token vocabulary; no hub). Each batch of B requests
-decodes up to --tokens tokens at temperature 1; the constrained ones must write
-{"text": "<string>"} (so nearly every token is a string character the mask must allow, and the
-matcher advances). TPOT = (last token - first token) / (tokens - 1) per request, median over
-requests and --repeat runs. `--tiny` runs a tiny model on the CPU (checks the script).
+decodes --tokens tokens at temperature 1; the constrained ones must write
+{"text": "<string>"} with a string too long to close within them (minLength: every request
+runs all its tokens, the batch stays full, and each token is a string character the mask must
+allow and the matcher accept). TPOT = (last token - first token) / (tokens - 1) per request,
+median over requests and --repeat runs. `--tiny` runs a tiny model on the CPU (checks the script).
 
     PYTHONPATH=src python benchmarks/bench_structured.py            # H100: about 3 minutes
     PYTHONPATH=src python benchmarks/bench_structured.py --tiny     # CPU
@@ -28,8 +29,14 @@ from kiln.engine import LLM, SamplingParams
 from kiln.engine.structured import GrammarCompiler, StructuredOutputsParams, tokenizer_info
 
 ROOT = Path(__file__).resolve().parents[1]
-SCHEMA = {"type": "object", "properties": {"text": {"type": "string"}}, "required": ["text"],
-          "additionalProperties": False}  # fmt: skip
+
+
+def schema(tokens: int) -> dict:
+    text = {"type": "string", "minLength": 64 * tokens}  # no token is 64 characters long
+    return {"type": "object", "properties": {"text": text}, "required": ["text"],
+            "additionalProperties": False}  # fmt: skip
+
+
 TINY = dict(vocab_size=2048, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
             num_attention_heads=4, num_key_value_heads=2, head_dim=16, tie_word_embeddings=True,
             max_position_embeddings=512)  # fmt: skip
@@ -65,8 +72,8 @@ def build(out: Path, shape: dict, device: str) -> None:
 
 def tpot(llm: LLM, batch: int, tokens: int, structured: bool, seed: int) -> tuple[float, float]:
     """(median TPOT in ms, mean tokens per request) of one batch."""
-    spec = StructuredOutputsParams(json=SCHEMA) if structured else None
-    params = [SamplingParams(max_tokens=tokens, temperature=1.0, seed=None, ignore_eos=not spec,
+    spec = StructuredOutputsParams(json=schema(tokens)) if structured else None
+    params = [SamplingParams(max_tokens=tokens, temperature=1.0, ignore_eos=True,
                              structured_outputs=spec) for _ in range(batch)]  # fmt: skip
     torch.manual_seed(seed)
     outs = llm.generate(["Write it down:"] * batch, params, use_tqdm=False)
@@ -103,13 +110,13 @@ def main() -> None:
         t0 = time.perf_counter()
         info = tokenizer_info(tmp, shape["vocab_size"], {1})
         t1 = time.perf_counter()
-        GrammarCompiler(info).submit(StructuredOutputsParams(json=SCHEMA)).result()
+        GrammarCompiler(info).submit(StructuredOutputsParams(json=schema(tokens))).result()
         t2 = time.perf_counter()
         llm = LLM(tmp, max_num_seqs=max(args.batches))
         tpot(llm, max(args.batches), 8, False, 0)  # warm-up
         cold_plain = ttft(llm, None)
-        first = ttft(llm, StructuredOutputsParams(json=SCHEMA))
-        cached = ttft(llm, StructuredOutputsParams(json=SCHEMA))
+        first = ttft(llm, StructuredOutputsParams(json=schema(tokens)))
+        cached = ttft(llm, StructuredOutputsParams(json=schema(tokens)))
         rows = []
         for b in args.batches:
             cells = {}
