@@ -99,11 +99,12 @@ def save_hf_model(name: str, out: Path, max_shard_size: str | None = None, seed:
 SPECIALS = ["<pad>", "<s>", "</s>", "<|im_start|>", "<|im_end|>"]
 
 
-def save_chat_tokenizer(out: Path, vocab_size: int = VOCAB) -> None:
+def save_chat_tokenizer(out: Path, vocab_size: int = VOCAB, all_bytes: bool = False) -> None:
     """A byte-level BPE of exactly `vocab_size` tokens with a ChatML template, saved to `out`.
 
     Every id the tiny model can sample decodes to text (which text comparisons need);
-    characters the BPE never saw are dropped when encoding."""
+    characters the BPE never saw are dropped when encoding, unless `all_bytes` (every byte a
+    token: what grammars need to spell digits, braces, ...)."""
     from chat_tokenizer import CHATML
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
     from transformers import PreTrainedTokenizerFast
@@ -112,9 +113,11 @@ def save_chat_tokenizer(out: Path, vocab_size: int = VOCAB) -> None:
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tok.decoder = decoders.ByteLevel()
     text = (Path(__file__).resolve().parents[1] / "data/shakespeare/hamlet_gut.txt").read_text()
+    alphabet = pre_tokenizers.ByteLevel.alphabet() if all_bytes else []
     trainer = trainers.BpeTrainer(
-        vocab_size=vocab_size, special_tokens=SPECIALS, show_progress=False
-    )
+        vocab_size=vocab_size, special_tokens=SPECIALS, show_progress=False,
+        initial_alphabet=alphabet,
+    )  # fmt: skip
     tok.train_from_iterator([text[:8000]], trainer)
     assert tok.get_vocab_size() == vocab_size
     PreTrainedTokenizerFast(

@@ -23,9 +23,10 @@ def test_every_engine_option_is_a_serve_flag_and_unset_flags_keep_the_defaults()
         if "bool" in str(f.type):
             argv.append("--no-" + _flag(f.name)[2:])
             expected[f.name] = False
-        elif f.name == "attention_backend":
-            argv += [_flag(f.name), "torch"]
-            expected[f.name] = "torch"
+        elif f.metadata.get("choices"):  # (attention_backend, pooling)
+            choice = f.metadata["choices"][1]
+            argv += [_flag(f.name), choice]
+            expected[f.name] = choice
         elif "dict" in str(f.type):
             argv += [_flag(f.name), '{"a": [1]}']
             expected[f.name] = {"a": [1]}

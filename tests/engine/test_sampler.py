@@ -15,6 +15,7 @@ def _seq(params: SamplingParams, generator=None):
         num_output_tokens=1,
         num_pending=0,
         eos_token_ids=frozenset(),
+        grammar=None,
     )
 
 

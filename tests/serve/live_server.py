@@ -43,7 +43,7 @@ class ServerThread:
 
 def start_server(
     model_dir, api_key=None, max_queue=256, public_metrics=False, stream_send_timeout=60.0,
-    **engine_args,
+    tool_call_parser=None, **engine_args,
 ) -> ServerThread:  # fmt: skip
     from kiln.engine.async_engine import AsyncLLM
     from kiln.serve.api import create_app
@@ -51,7 +51,7 @@ def start_server(
     engine = AsyncLLM(str(model_dir), **engine_args)
     app = create_app(
         engine, "tiny", api_key=api_key, max_queue=max_queue, public_metrics=public_metrics,
-        stream_send_timeout=stream_send_timeout,
+        stream_send_timeout=stream_send_timeout, tool_call_parser=tool_call_parser,
     )  # fmt: skip
     return ServerThread(app)
 

@@ -107,6 +107,20 @@ def test_concurrent_requests_are_served_by_both_workers(serve2):
     assert workers == {"w0", "w1"}
 
 
+def test_embeddings_come_back_to_the_worker_that_asked(serve2):
+    body = {"input": [[5, 6, 7], [8, 9]], "encoding_format": "float"}
+
+    def one(_):
+        with httpx.Client(timeout=60) as c:
+            r = c.post(f"{serve2.url}/v1/embeddings", json=body)
+        assert r.status_code == 200, r.text
+        return [d["embedding"] for d in r.json()["data"]]
+
+    with ThreadPoolExecutor(8) as pool:
+        results = list(pool.map(one, range(16)))
+    assert all(r == results[0] for r in results) and len(results[0]) == 2
+
+
 def test_engine_core_death_fails_in_flight_and_exits_nonzero(chat_model_dir, tmp_path):
     with Serve(chat_model_dir, tmp_path / "serve.log") as s:
         (core,) = s.children("kiln.engine.core_client")

@@ -48,7 +48,8 @@ def test_malformed_json_is_400(http):
         ({"prompt": [1, -1]}, "prompt.1"),
         ({"prompt": 5}, "prompt"),
         ({"stream": "yes"}, "stream"),
-        ({"echo": True}, "echo"),
+        ({"echo": True, "use_beam_search": True, "n": 2}, "echo"),
+        ({"prompt_logprobs": -1}, "prompt_logprobs"),
         ({"min_tokens": 5, "max_tokens": 2}, "min_tokens"),
     ],
 )

@@ -35,7 +35,7 @@ from kiln.engine.llm_engine import check_params, encode_prompt, load_engine_toke
 from kiln.engine.output_processor import OutputProcessor
 from kiln.engine.outputs import RequestOutput
 from kiln.engine.sampling_params import RequestOutputKind, SamplingParams
-from kiln.errors import KilnError
+from kiln.errors import InputError, KilnError
 
 __all__ = ["AsyncLLM", "EngineDeadError", "EngineStopped"]
 
@@ -93,6 +93,8 @@ def merge_delta(into: RequestOutput, new: RequestOutput) -> None:
     if len(into.outputs) > 1:
         into.outputs.sort(key=lambda c: c.index)
     into.finished = new.finished
+    if into.prompt_logprobs is None:
+        into.prompt_logprobs = new.prompt_logprobs
 
 
 async def gather_or_cancel(steps: list[Awaitable]) -> list:
@@ -146,6 +148,7 @@ class AsyncLLM:
         self.max_token_bytes = max_token_bytes(self.tokenizer) if self.tokenizer else 0
         self._collectors: dict[str, OutputCollector] = {}
         self._searches: set[str] = set()  # request ids of the running beam searches
+        self._embeds: dict[str, asyncio.Future] = {}  # embedding requests awaiting the core
         self._loop: asyncio.AbstractEventLoop | None = None
         self._stopping = False
         self._idle = asyncio.Event()
@@ -255,6 +258,27 @@ class AsyncLLM:
             (out,) = [o async for o in outputs]
         return out
 
+    async def embed(
+        self, prompts: list[list[int]], pooling: str | None = None, request_id: str | None = None
+    ) -> list[list[float]]:
+        """Each prompt's pooled final hidden state (not normalized: kiln.engine.pooling),
+        computed by the core between its steps."""
+        if self._loop is None:
+            await self.start()
+        if self.client.dead:
+            raise EngineDeadError("the engine core is not running")
+        if self._stopping:
+            raise EngineStopped("the engine is shutting down")
+        for ids in prompts:
+            self.check_prompt(ids)
+        request_id = request_id or uuid.uuid4().hex
+        fut = self._embeds[request_id] = self._loop.create_future()
+        self.client.embed(request_id, prompts, pooling)
+        try:
+            return await fut
+        finally:
+            self._embeds.pop(request_id, None)
+
     def check_prompt(self, ids: list[int], param: str = "prompt") -> list[int]:
         """`ids` if they fit the context and the vocabulary, else InputError naming `param`."""
         return check_prompt_ids(ids, self.max_model_len, self.model_config.vocab_size, param)
@@ -295,7 +319,14 @@ class AsyncLLM:
                 if collector is not None:
                     collector.put(out)
             self.client.finish_seqs([(s.request_id, s.index, s.stop) for s in stops])
+        for rid, vecs in msg.embeddings:
+            fut = self._embeds.get(rid)
+            if fut is not None and not fut.done():
+                fut.set_result(vecs)
         for rid, why in msg.errors:
+            fut = self._embeds.get(rid)
+            if fut is not None and not fut.done():
+                fut.set_exception(InputError(why))
             self.processor.abort(rid)
             collector = self._collectors.get(rid)
             if collector is not None:
@@ -303,6 +334,9 @@ class AsyncLLM:
 
     def _on_dead(self, exitcode: int | None) -> None:
         error = EngineDeadError(f"the engine core process exited (code {exitcode})")
+        for fut in self._embeds.values():
+            if not fut.done():
+                fut.set_exception(error)
         for rid, collector in list(self._collectors.items()):
             self.processor.abort(rid)
             collector.fail(error)

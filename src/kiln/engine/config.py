@@ -59,6 +59,13 @@ class EngineConfig:
     speculative_config: dict | None = field(
         default=None, metadata={"help": "speculative decoding, a JSON object (vLLM's keys)"}
     )
+    # Embeddings (/v1/embeddings, kiln.LLM.embed): how a prompt's hidden states become one
+    # vector.
+    pooling: str = field(
+        default="mean",
+        metadata={"choices": ["mean", "last"], "help": "embeddings: mean of the final hidden "
+                  "states, or the last token's"},
+    )  # fmt: skip
 
     def __post_init__(self) -> None:
         if self.block_size < 1:

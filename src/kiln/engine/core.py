@@ -11,6 +11,7 @@ core checks what is decided on token ids alone: EOS, stop token ids, max_tokens,
 from __future__ import annotations
 
 import atexit
+import concurrent.futures
 import itertools
 import json
 import os
@@ -23,12 +24,14 @@ from kiln.engine.block_manager import BlockManager
 from kiln.engine.config import EngineConfig
 from kiln.engine.model_runner import ModelRunner, PreviousTokens
 from kiln.engine.outputs import SeqDelta
+from kiln.engine.pooling import POOLING, embed_ids
 from kiln.engine.sampler import PendingSample, Sampler, make_generator
 from kiln.engine.sampling_params import SamplingParams
 from kiln.engine.scheduler import Scheduler
 from kiln.engine.sequence import Sequence
 from kiln.engine.spec_decode.decoder import SpecDecoder
 from kiln.engine.spec_decode.draft_model import kv_bytes_per_block, load_draft_model
+from kiln.engine.structured import GrammarCompiler, GrammarState, tokenizer_info
 from kiln.errors import ConfigError, ContextLengthError, InputError
 
 
@@ -88,7 +91,7 @@ class EngineCore:
         from kiln.model.loader import load_model
 
         self.config = cfg = EngineConfig.from_kwargs(engine_args)
-        path = Path(model)
+        self.model_path = path = Path(model)
         self.model_config = ModelConfig.from_dir(path)
         self.max_model_len = resolve_max_model_len(cfg, self.model_config)
         if eos_token_ids is None:
@@ -117,6 +120,10 @@ class EngineCore:
         self._inflight: InFlight | None = None
         self._sync_only: set[str] = set()  # live requests that need lockstep steps
         self.spec = SpecDecoder.build(cfg, draft, self.max_model_len, self.runner.num_blocks)
+        # structured outputs: requests whose grammar compiles (they wait; the rest run)
+        self._grammar_compiler: GrammarCompiler | None = None
+        self._compiling: dict[str, concurrent.futures.Future] = {}
+        self._errors: list[tuple[str, str]] = []  # (request_id, why) failed outside a call
         self.trace = StepTrace.from_env()
 
     # ------------------------------------------------------------------ requests
@@ -140,10 +147,54 @@ class EngineCore:
             seq.generator = make_generator(params.seed, 0, self.device)
         req.seqs.append(seq)
         self.requests[request_id] = req
-        if params.has_penalties or params.best_of > 1:
-            self._sync_only.add(request_id)  # penalties read the newest tokens; forks share them
-        self.scheduler.add(seq)
+        if params.has_penalties or params.best_of > 1 or params.prompt_logprobs is not None:
+            # penalties read the newest tokens; forks share them; prompt logprobs are read
+            # back with the step that computes them
+            self._sync_only.add(request_id)
+        if params.structured_outputs is not None:  # scheduled once its grammar compiled
+            self._compiling[request_id] = self._grammars().submit(params.structured_outputs)
+        else:
+            self.scheduler.add(seq)
         self.prompt_tokens_total += len(ids)
+
+    def embed(self, prompts: list[list[int]], pooling: str | None = None) -> list[list[float]]:
+        """Each prompt's pooled final hidden state (not normalized; kiln.engine.pooling)."""
+        pooling = pooling or self.config.pooling
+        if pooling not in POOLING:
+            raise InputError(f"pooling must be one of {', '.join(POOLING)}, got {pooling!r}",
+                             "pooling")  # fmt: skip
+        return [embed_ids(self.runner.model, self.check_prompt(ids), pooling, self.device)
+                for ids in prompts]  # fmt: skip
+
+    def _grammars(self) -> GrammarCompiler:
+        if self._grammar_compiler is None:  # the tokenizer is read on the first use only
+            info = tokenizer_info(self.model_path, self.model_config.vocab_size, self.eos_token_ids)
+            self._grammar_compiler = GrammarCompiler(info)
+        return self._grammar_compiler
+
+    def _admit_compiled(self, wait: float = 0.0) -> None:
+        """Schedule the requests whose grammar is ready (waiting up to `wait` s for one);
+        fail those whose grammar did not compile."""
+        if wait:
+            concurrent.futures.wait(list(self._compiling.values()), wait,
+                                    concurrent.futures.FIRST_COMPLETED)  # fmt: skip
+        for rid, fut in list(self._compiling.items()):
+            if not fut.done():
+                continue
+            del self._compiling[rid]
+            if fut.exception() is not None:
+                self._errors.append((rid, str(fut.exception())))
+                self.abort(rid)
+                continue
+            (seq,) = self.requests[rid].seqs
+            seq.grammar = GrammarState(fut.result())
+            self.scheduler.add(seq)
+
+    def take_errors(self) -> list[tuple[str, str]]:
+        """Requests that failed inside the core since the last call (a grammar that did
+        not compile), with why; they are aborted."""
+        errors, self._errors = self._errors, []
+        return errors
 
     def abort(self, request_id: str) -> bool:
         """Stop a request now and free its blocks; whether it was live."""
@@ -173,6 +224,7 @@ class EngineCore:
     def _remove(self, request_id: str) -> None:
         del self.requests[request_id]
         self._sync_only.discard(request_id)
+        self._compiling.pop(request_id, None)
 
     def has_unfinished(self) -> bool:
         return bool(self.requests)
@@ -204,12 +256,16 @@ class EngineCore:
         return self._step()
 
     def _speculating(self) -> bool:
-        """Whether this step verifies proposals: few enough live sequences, and none about to
-        fork n / best_of siblings off its first token (a plain step does that)."""
+        """Whether this step verifies proposals: few enough live sequences, none about to fork
+        n / best_of siblings off its first token (a plain step does that) and none held to a
+        grammar (verification does not apply its mask)."""
         sched = self.scheduler
         if self.spec is None or not self.spec.active(len(sched.running) + len(sched.waiting)):
             return False
-        return not any(s.pending_forks for s in itertools.chain(sched.running, sched.waiting))
+        return not any(
+            s.pending_forks or s.params.structured_outputs is not None
+            for s in itertools.chain(sched.running, sched.waiting)
+        )
 
     def _schedule(self, num_spec_tokens: int = 0):
         out = self.scheduler.schedule(num_spec_tokens)
@@ -218,6 +274,9 @@ class EngineCore:
         return out
 
     def _step(self) -> list[SeqDelta]:
+        if self._compiling:  # nothing else to do: wait a little for a grammar
+            idle = not self.scheduler.running and not self.scheduler.waiting
+            self._admit_compiled(0.01 if idle and self._inflight is None else 0.0)
         speculate = self._speculating()
         if self.async_scheduling and not self._sync_only and not speculate:
             return self._step_async()
@@ -229,14 +288,21 @@ class EngineCore:
             return []
         if speculate:
             self.spec.propose(out, self.scheduler, self.sampler)
-        seqs, sample, logits = self.runner.execute(out, None, self.sampler)
+        seqs, sample, logits, prompt_logprobs = self.runner.execute(
+            out, None, self.sampler, before_sample=self._update_grammars
+        )
+        for seq, lps in prompt_logprobs:
+            seq.prompt_logprobs.extend(lps)
         if any(out.num_spec_tokens):
             return self._verify(out, seqs, logits)
         self.scheduler.update(out)
+        for seq, lps in prompt_logprobs:
+            seq.prompt_logprobs.extend(lps)
         if not seqs:
             return []
         if sample is None:  # first tokens of n / best_of siblings: fork them, then sample
             seqs, rows = self._fork(seqs)
+            self._update_grammars(seqs)
             sample = self.sampler.sample(logits[rows], seqs)
         return self._process(seqs, sample.result())
 
@@ -245,7 +311,9 @@ class EngineCore:
         launched = None
         if out.seqs:
             prev = self._inflight.tokens if self._inflight is not None else None
-            seqs, sample, _ = self.runner.execute(out, prev, self.sampler)
+            seqs, sample, *_ = self.runner.execute(
+                out, prev, self.sampler, before_sample=self._update_grammars
+            )
             self.scheduler.update(out)
             if seqs:
                 assert sample is not None, "forks run lockstep"
@@ -258,6 +326,24 @@ class EngineCore:
             return []
         return self._process(prev.seqs, prev.sample.result())
 
+    def _update_grammars(self, seqs: list[Sequence]) -> None:
+        """Before sampling: every grammar of `seqs` has accepted all of its sequence's
+        tokens, the one still in flight from the previous step too (async scheduling: it is
+        read here, done on the GPU by now, while this step's forward runs)."""
+        if not any(s.grammar is not None for s in seqs):
+            return
+        pending: dict[int, int] = {}
+        if self._inflight is not None:
+            result = self._inflight.sample.result()
+            pending = {s.seq_id: t for s, t in zip(self._inflight.seqs, result.token_ids)}
+        for seq in seqs:
+            g = seq.grammar
+            if g is None:
+                continue
+            g.catch_up(seq.output_token_ids)
+            if seq.num_pending and g.num_accepted == seq.num_output_tokens:
+                g.accept(pending[seq.seq_id])
+
     def _process(self, seqs: list[Sequence], result) -> list[SeqDelta]:
         """Append the sampled tokens, check token-level stops; the deltas for the caller."""
         deltas = []
@@ -269,6 +355,9 @@ class EngineCore:
                 continue
             token, top = result.token_ids[i], result.top_logprobs[i]
             self._append(seq, token, result.logprobs[i])
+            prompt_logprobs = None
+            if seq.prompt_logprobs is not None and not seq.prompt_logprobs_sent:
+                prompt_logprobs, seq.prompt_logprobs_sent = seq.prompt_logprobs, True
             deltas.append(
                 SeqDelta(
                     seq.request_id,
@@ -278,6 +367,7 @@ class EngineCore:
                     seq.cumulative_logprob,
                     seq.finish_reason,
                     seq.stop_reason,
+                    prompt_logprobs,
                 )
             )
             if seq.is_finished:

@@ -61,7 +61,16 @@ class Shutdown(msgspec.Struct, tag="shutdown", array_like=True):
     pass
 
 
-CoreInput = AddRequest | Abort | FinishSeqs | Shutdown
+class Embed(msgspec.Struct, tag="embed", array_like=True):
+    """Pool each prompt's hidden states (answered in CoreOutputs.embeddings)."""
+
+    request_id: str
+    prompts: list[list[int]]
+    pooling: str | None = None
+    client: int = 0
+
+
+CoreInput = AddRequest | Abort | FinishSeqs | Shutdown | Embed
 
 
 class CoreOutputs(msgspec.Struct, array_like=True, omit_defaults=True):
@@ -70,6 +79,7 @@ class CoreOutputs(msgspec.Struct, array_like=True, omit_defaults=True):
     deltas: list[SeqDelta] = []
     errors: list[tuple[str, str]] = []  # (request_id, why): the core failed these requests
     stats: dict[str, Any] | None = None  # numbers, and lists of them (per-position counts)
+    embeddings: list[tuple[str, list[list[float]]]] = []  # (request_id, a vector per prompt)
     ready: dict[str, Any] | None = None  # first message after start-up: the engine's facts
     fatal: str | None = None  # the core could not start (the error's one line)
 
@@ -151,6 +161,7 @@ class EngineCoreLoop:
         self.decode = msgspec.msgpack.Decoder(CoreInput).decode
         self.encode = msgspec.msgpack.Encoder().encode
         self.errors: list[tuple[str, str]] = []
+        self.embeddings: list[tuple[str, list[list[float]]]] = []
         self.running = True
         self.last_stats: dict | None = None
         self.owner: dict[str, int] = {}  # request_id -> client (only with several clients)
@@ -166,33 +177,37 @@ class EngineCoreLoop:
                 self.handle(self.decode(self.inbox.recv()))
             deltas = self.step() if core.has_work() else []
             stats = core.stats()
-            if deltas or self.errors or stats != self.last_stats:
+            if deltas or self.errors or self.embeddings or stats != self.last_stats:
                 changed = stats if stats != self.last_stats else None
                 self.send(deltas, self.errors, stats, changed)
-                self.errors, self.last_stats = [], stats
+                self.errors, self.embeddings, self.last_stats = [], [], stats
 
     def send(self, deltas: list[SeqDelta], errors: list, stats: dict, changed: dict | None):
         """One step's outputs: all to the one client, or each to its own (stats to all)."""
         if len(self.outboxes) == 1:
-            msg = CoreOutputs(deltas=deltas, errors=errors, stats=stats)
+            msg = CoreOutputs(deltas=deltas, errors=errors, stats=stats, embeddings=self.embeddings)
             self.outboxes[0].send(self.encode(msg), copy=False)
             return
         n = len(self.outboxes)
-        by_client: list[tuple[list, list]] = [([], []) for _ in range(n)]
+        by_client: list[tuple[list, list, list]] = [([], [], []) for _ in range(n)]
+        for rid, vecs in self.embeddings:
+            by_client[self.owner.pop(rid, 0)][2].append((rid, vecs))
         for d in deltas:
             by_client[self.owner.get(d.request_id, 0)][0].append(d)
             if d.finish_reason is not None and d.request_id not in self.core.requests:
                 self.owner.pop(d.request_id, None)  # its last sequence finished
         for rid, why in errors:
             by_client[self.owner.pop(rid, 0)][1].append((rid, why))
-        for outbox, (ds, es) in zip(self.outboxes, by_client, strict=True):
-            if ds or es or changed is not None:
-                msg = CoreOutputs(deltas=ds, errors=es, stats=stats)
+        for outbox, (ds, es, vs) in zip(self.outboxes, by_client, strict=True):
+            if ds or es or vs or changed is not None:
+                msg = CoreOutputs(deltas=ds, errors=es, stats=stats, embeddings=vs)
                 outbox.send(self.encode(msg), copy=False)
 
     def step(self) -> list[SeqDelta]:
         try:
-            return self.core.step()
+            deltas = self.core.step()
+            self.errors += self.core.take_errors()
+            return deltas
         except Exception as e:  # the model failed: fail every request, keep serving
             traceback.print_exc()
             why = f"the engine failed: {type(e).__name__}: {e}"
@@ -212,6 +227,13 @@ class EngineCoreLoop:
             for rid in msg.request_ids:
                 core.abort(rid)
                 self.owner.pop(rid, None)
+        elif isinstance(msg, Embed):  # between steps: a prefill's worth of work
+            if len(self.outboxes) > 1:
+                self.owner[msg.request_id] = msg.client
+            try:
+                self.embeddings.append((msg.request_id, core.embed(msg.prompts, msg.pooling)))
+            except KilnError as e:
+                self.errors.append((msg.request_id, str(e)))
         elif isinstance(msg, FinishSeqs):
             for rid, index, stop in msg.stops:
                 core.finish_seq(rid, index, "stop", stop)
@@ -354,6 +376,9 @@ class EngineCoreClient:
 
     def add_request(self, request_id: str, ids: list[int], params: SamplingParams) -> None:
         self._send(AddRequest(request_id, ids, params, self.index))
+
+    def embed(self, request_id: str, prompts: list[list[int]], pooling: str | None) -> None:
+        self._send(Embed(request_id, prompts, pooling, self.index))
 
     def abort(self, request_ids: list[str]) -> None:
         if request_ids:

@@ -72,9 +72,9 @@ class SeqText:
         return new
 
     def _open_stream(self, tokenizer) -> Any:
-        """A DecodeStream primed with the shortest prompt suffix (5 tokens or more, as the window) that
-        decodes without a broken character; False (use the window) when the tokenizer has no
-        DecodeStream or the prompt's end has no clean suffix."""
+        """A DecodeStream primed with the shortest prompt suffix (5 tokens or more, as the
+        window) that decodes without a broken character; False (use the window) when the
+        tokenizer has no DecodeStream or the prompt's end has no clean suffix."""
         if DecodeStream is None or not isinstance(
             getattr(tokenizer, "tokenizer", None), HFTokenizer
         ):

@@ -10,9 +10,10 @@ import itertools
 from collections.abc import Sequence as Seq
 from dataclasses import replace
 
+from kiln.engine import pooling as pooling_
 from kiln.engine.beam_search import BeamSearch
 from kiln.engine.llm_engine import LLMEngine, check_params
-from kiln.engine.outputs import RequestOutput
+from kiln.engine.outputs import EmbeddingOutput, EmbeddingRequestOutput, RequestOutput
 from kiln.engine.sampling_params import RequestOutputKind, SamplingParams
 from kiln.errors import InputError
 
@@ -69,6 +70,38 @@ class LLM:
             p = replace(p, output_kind=RequestOutputKind.FINAL_ONLY)
             self.engine.add_request(rid, text, p, tok_ids)
         return self._run(order, searches, use_tqdm)
+
+    def embed(
+        self,
+        prompts: str | list[str] | None = None,
+        prompt_token_ids: list[int] | list[list[int]] | None = None,
+        pooling: str | None = None,
+        normalize: bool = True,
+        dimensions: int | None = None,
+    ) -> list[EmbeddingRequestOutput]:
+        """One embedding per prompt: its final hidden states pooled (`pooling` "mean" or
+        "last"; the engine's `pooling` when None), L2-normalized, optionally cut to the first
+        `dimensions`."""
+        if (prompts is None) == (prompt_token_ids is None):
+            raise InputError("give prompts or prompt_token_ids")
+        if prompts is not None:
+            items = [prompts] if isinstance(prompts, str) else list(prompts)
+            ids = [self.engine.validate_prompt(p, None) for p in items]
+        else:
+            if prompt_token_ids and isinstance(prompt_token_ids[0], int):
+                prompt_token_ids = [prompt_token_ids]
+            ids = [self.engine.validate_prompt(None, list(p)) for p in prompt_token_ids]
+        hidden = self.engine.model_config.hidden_size
+        if dimensions is not None and not 1 <= dimensions <= hidden:
+            raise InputError(f"dimensions must be in [1, {hidden}], got {dimensions}",
+                             "dimensions")  # fmt: skip
+        vecs = self.engine.core.embed(ids, pooling)
+        if normalize:
+            vecs = [pooling_.normalize(v, dimensions) for v in vecs]
+        elif dimensions is not None:
+            vecs = [v[:dimensions] for v in vecs]
+        return [EmbeddingRequestOutput(str(next(self._ids)), i, EmbeddingOutput(v))
+                for i, v in zip(ids, vecs)]  # fmt: skip
 
     def chat(self, messages, sampling_params: SamplingParams | None = None, **kwargs):
         """Generate a reply to one conversation (list of messages) or to several."""

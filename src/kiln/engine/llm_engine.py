@@ -14,6 +14,7 @@ from kiln.engine.core import EngineCore, check_fits_batch, check_prompt_ids
 from kiln.engine.output_processor import OutputProcessor, StopRequest
 from kiln.engine.outputs import RequestOutput
 from kiln.engine.sampling_params import SamplingParams
+from kiln.engine.structured import check_structured_outputs
 from kiln.errors import InputError, MissingTokenizerError
 
 
@@ -48,6 +49,11 @@ def check_params(tokenizer, params: SamplingParams, max_num_seqs: int) -> None:
     runs each beam as a request of its own)."""
     if params.stop and tokenizer is None:
         raise InputError("stop strings need a tokenizer; this model has none", "stop")
+    if params.structured_outputs is not None:
+        if tokenizer is None:
+            raise InputError("structured outputs need a tokenizer; this model has none",
+                             "structured_outputs")  # fmt: skip
+        check_structured_outputs(params.structured_outputs)
     if not params.use_beam_search:
         check_fits_batch(params, max_num_seqs)
 
@@ -117,6 +123,9 @@ class LLMEngine:
         """Run one core step; the outputs it produced (only finished ones unless `stream`)."""
         outputs, stops = self.processor.process(self.core.step())
         self.apply_stops(stops)
+        for rid, why in self.core.take_errors():
+            self.processor.abort(rid)
+            raise InputError(why, "structured_outputs")
         return outputs if stream else [o for o in outputs if o.finished]
 
     def apply_stops(self, stops: list[StopRequest]) -> None:

@@ -15,6 +15,7 @@ waits for the tokens before scheduling the next step.
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import NamedTuple
 
@@ -35,6 +36,8 @@ from kiln.kernels.causal_attention import causal_attention
 from kiln.model.transformer import Transformer
 
 log = logging.getLogger("kiln.engine")
+
+PROMPT_LOGPROBS_ROWS = 256  # prompt rows scored per LM-head call (prompt_logprobs)
 
 
 class ProfileBackend:
@@ -66,6 +69,11 @@ class HostInputs:
     sample_seqs: list[Sequence] = field(default_factory=list)  # [S] their sequences
     pend_dst: list[int] = field(default_factory=list)  # rows whose token is in flight ...
     pend_src: list[int] = field(default_factory=list)  # ... their rows in prev.tokens
+    # prompt logprobs: the N rows whose logits score a prompt token, that token, and
+    # (sequence, how many of the rows are its), in row order
+    prompt_rows: list[int] = field(default_factory=list)
+    prompt_targets: list[int] = field(default_factory=list)
+    prompt_seqs: list[tuple[Sequence, int]] = field(default_factory=list)
 
     @property
     def num_decodes(self) -> int:
@@ -97,6 +105,7 @@ class StepPlan:
     graph: tuple[str, int] | None
     sampling: str  # "graph" | "fast" | "full" | "fork" | "logits"
     num_logits: int = 0  # rows of logits the step computes (a mixed graph's are these)
+    prompt: HostInputs | None = None  # rows that score prompt tokens (eager steps only)
 
 
 class StepOutput(NamedTuple):
@@ -105,6 +114,8 @@ class StepOutput(NamedTuple):
     seqs: list[Sequence]
     sample: PendingSample | None  # None: no row samples, or they fork (see logits)
     logits: torch.Tensor | None = None  # [S', vocab] when the plan is "fork" or "logits"
+    # (sequence, logprobs of its next prompt tokens) where prompt_logprobs were asked for
+    prompt_logprobs: list[tuple[Sequence, list[dict[int, float]]]] | tuple = ()
 
 
 class ModelRunner:
@@ -220,6 +231,7 @@ class ModelRunner:
         prev: PreviousTokens | None,
         sampler: Sampler,
         logits_only: bool = False,
+        before_sample: Callable[[list[Sequence]], None] | None = None,
     ) -> StepOutput:
         """Queue the step on the device, and the sampling of the next token of each sequence
         that reaches its last one, as prepare() plans it (nothing here waits for the GPU).
@@ -227,34 +239,70 @@ class ModelRunner:
         A decode whose input token is still in flight (async scheduling) reads it from `prev`,
         the previous step's sampled tokens on the device. A verify step (sequences with
         speculative tokens) or `logits_only` returns the logits instead of sampling: a row per
-        sequence, and one per speculative token before it."""
+        sequence, and one per speculative token before it. `before_sample(seqs)` runs on the
+        host once the forward is queued and before the sampling is (the engine brings the
+        sequences' grammars up to date there, while the GPU runs the forward)."""
         self.kv_cache.copy_blocks(out.block_copies)
         plan = self.last_plan = self.prepare(out, prev, sampler, logits_only)
-        logits, sampled = self._forward(plan)
+        logits, sampled, prompt = self._forward(plan)
         if not plan.seqs:
-            return StepOutput([], None)
+            return StepOutput([], None, prompt_logprobs=prompt)
         if plan.sampling == "graph":
             return StepOutput(plan.seqs, PendingSample(*sampled))
         if plan.sampling in ("fork", "logits"):
-            return StepOutput(plan.seqs, None, logits)
-        return StepOutput(plan.seqs, sampler.sample(logits, plan.seqs, plan.sampling == "fast"))
+            return StepOutput(plan.seqs, None, logits, prompt)
+        if before_sample is not None:
+            before_sample(plan.seqs)
+        sample = sampler.sample(logits, plan.seqs, plan.sampling == "fast")
+        return StepOutput(plan.seqs, sample, prompt_logprobs=prompt)
 
     def _forward(self, plan: StepPlan):
         """Run the model over the step: the sampling rows' logits [S, vocab] (None if no row
-        samples in an eager step) and, where the graph samples them, (tokens, logprobs)."""
+        samples in an eager step), where the graph samples them (tokens, logprobs), and the
+        prompt logprobs asked for (read back to the host: such requests run lockstep)."""
         if plan.graph is not None:  # the inputs are staged in the graph's buffers already
             rows = plan.num_logits if plan.graph[0] == "mixed" else plan.metadata.num_seqs
             logits, sampled = self.graph_runner.replay(plan.graph, rows)
             if plan.logits_rows is not None:
                 logits = logits[plan.logits_rows]
-            return logits, sampled
+            return logits, sampled, []
         self.backend.set_metadata(plan.metadata)
         hidden = self.model.hidden_states(plan.input_ids, plan.metadata.positions, self.backend)
+        prompt = self._prompt_logprobs(hidden, plan.prompt) if plan.prompt is not None else []
         if not plan.seqs:
-            return None, None
+            return None, None, prompt
         if plan.logits_rows is not None:
             hidden = hidden[plan.logits_rows]
-        return self.model.compute_logits(hidden), None
+        return self.model.compute_logits(hidden), None, prompt
+
+    def _prompt_logprobs(self, hidden: torch.Tensor, host: HostInputs):
+        """Each asking sequence's logprobs of the prompt tokens this step scores: the
+        token's own and the top prompt_logprobs of the model's distribution there. Rows go
+        through the LM head PROMPT_LOGPROBS_ROWS at a time (a whole prefill's [N, vocab]
+        float32 logits would not fit next to the KV pool)."""
+        rows, targets = (to_device(x, torch.long, self.device)
+                         for x in (host.prompt_rows, host.prompt_targets))  # fmt: skip
+        k = max(seq.params.prompt_logprobs for seq, _ in host.prompt_seqs)
+        chosen, vals, ids = [], [], []
+        for at in range(0, len(rows), PROMPT_LOGPROBS_ROWS):
+            part = slice(at, at + PROMPT_LOGPROBS_ROWS)
+            logprobs = self.model.compute_logits(hidden[rows[part]]).float().log_softmax(-1)
+            chosen += logprobs.gather(1, targets[part, None])[:, 0].tolist()
+            if k:
+                top = logprobs.topk(k, dim=-1)
+                vals += top.values.tolist()
+                ids += top.indices.tolist()
+        out, at = [], 0
+        for seq, n in host.prompt_seqs:
+            want = seq.params.prompt_logprobs
+            lps = []
+            for j in range(at, at + n):
+                d = dict(zip(ids[j][:want], vals[j][:want])) if want else {}
+                d[host.prompt_targets[j]] = chosen[j]
+                lps.append(d)
+            out.append((seq, lps))
+            at += n
+        return out
 
     def prepare(
         self,
@@ -275,19 +323,28 @@ class ModelRunner:
             graph = ("decode", size)
         elif (size := graphs.mixed_size(len(host.input_ids), max(b, num_logits))) is not None:
             graph = ("mixed", size)
+        if host.prompt_rows:  # prompt logprobs read every row's hidden state: eager
+            graph = None
         fast = sampler.fast_path_ok(seqs)
         every_row = len(seqs) == b or (graph is not None and graph[0] == "mixed")
         if logits_only or any(out.num_spec_tokens):
             sampling = "logits"
         elif any(s.pending_forks for s in seqs):
             sampling = "fork"
-        elif graph is not None and fast and graphs.sample_in_graph and every_row:
+        elif (
+            graph is not None
+            and fast
+            and graphs.sample_in_graph
+            and every_row
+            and not any(s.grammar is not None for s in seqs)
+        ):  # (a grammar's mask acts on the logits between the graph and the sampler)
             sampling = "graph"
         else:
             sampling = "fast" if fast else "full"
         if graph is None:
             ids, md, rows = self._stage_eager(host, prev)
-            return StepPlan(seqs, ids, md, rows, None, sampling, num_logits)
+            prompt = host if host.prompt_rows else None
+            return StepPlan(seqs, ids, md, rows, None, sampling, num_logits, prompt)
         temps = seeds = None
         if sampling == "graph":
             temps, seeds = sampler.fast_path_inputs(seqs)
@@ -314,6 +371,11 @@ class ModelRunner:
             seq, n = out.seqs[i], out.num_new_tokens[i]
             start, end = seq.num_computed_tokens, seq.num_computed_tokens + n
             table = seq.block_table
+            scored = seq.needs_prompt_logprobs(start, end)
+            if scored:
+                host.prompt_rows.extend(len(input_ids) + p - start for p in scored)
+                host.prompt_targets.extend(seq.token_ids[p + 1] for p in scored)
+                host.prompt_seqs.append((seq, len(scored)))
             if n == 1:  # decode: plain ints beat numpy on one element
                 if start < len(seq.token_ids):
                     input_ids.append(seq.token_ids[start])

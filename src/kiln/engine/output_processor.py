@@ -52,6 +52,8 @@ class RequestState:
             kind = RequestOutputKind.FINAL_ONLY  # which n survive is known only at the end
         self.kind = kind
         self.changed: set[int] = set()  # delta mode: indexes with something new
+        self.prompt_logprobs: list[dict[int, float] | None] | None = None
+        self.prompt_logprobs_sent = False  # delta mode: handed out once
 
     def seq(self, index: int) -> SeqState:
         s = self.seqs.get(index)
@@ -107,6 +109,8 @@ class OutputProcessor:
             if req is None:  # aborted here while the core was still running it
                 continue
             s = req.seq(d.index)
+            if d.prompt_logprobs is not None:
+                req.prompt_logprobs = d.prompt_logprobs
             if s.finish_reason is not None:  # stopped here; the core has not heard yet
                 continue
             stop = self._append(req, s, d)
@@ -174,9 +178,13 @@ class OutputProcessor:
                 for _, s in sorted(req.seqs.items())
             ]
         req.changed = set()
-        return RequestOutput(
-            req.request_id, req.prompt, req.prompt_token_ids, outs, req.finished, req.metrics
-        )
+        prompt_logprobs = req.prompt_logprobs
+        if req.kind == RequestOutputKind.DELTA:
+            if req.prompt_logprobs_sent:
+                prompt_logprobs = None
+            req.prompt_logprobs_sent |= prompt_logprobs is not None
+        return RequestOutput(req.request_id, req.prompt, req.prompt_token_ids, outs,
+                             req.finished, req.metrics, prompt_logprobs)  # fmt: skip
 
     @staticmethod
     def _delta(s: SeqState, stops: list[str], finished: bool) -> CompletionOutput:

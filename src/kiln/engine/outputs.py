@@ -44,6 +44,23 @@ class RequestOutput:
     outputs: list[CompletionOutput] = field(default_factory=list)
     finished: bool = False
     metrics: RequestMetrics | None = None
+    # vLLM's: per prompt token its logprob and the top prompt_logprobs (None for the first)
+    prompt_logprobs: list[dict[int, float] | None] | None = None
+
+
+@dataclass
+class EmbeddingOutput:
+    embedding: list[float]
+
+
+@dataclass
+class EmbeddingRequestOutput:
+    """vLLM's: one prompt's embedding (kiln.LLM.embed)."""
+
+    request_id: str
+    prompt_token_ids: list[int]
+    outputs: EmbeddingOutput
+    finished: bool = True
 
 
 class SeqDelta(msgspec.Struct, array_like=True, omit_defaults=True):
@@ -56,3 +73,4 @@ class SeqDelta(msgspec.Struct, array_like=True, omit_defaults=True):
     cumulative_logprob: float = 0.0
     finish_reason: str | None = None
     stop_reason: int | str | None = None
+    prompt_logprobs: list[dict[int, float] | None] | None = None  # with the first token

@@ -26,6 +26,7 @@ import torch
 
 from kiln.engine.ops import Ops
 from kiln.engine.sequence import Sequence
+from kiln.engine.structured import apply_bitmask, fill_bitmask
 from kiln.engine.transfer import to_device, to_host
 
 
@@ -107,6 +108,8 @@ class Sampler:
         dev = logits.device
         if fast is None:
             fast = self.fast_path_ok(seqs)
+        if any(s.grammar is not None for s in seqs):  # structured outputs: before anything
+            apply_bitmask(logits, fill_bitmask([s.grammar for s in seqs], self.vocab_size, dev))
         if fast:
             temps, seeds = self.fast_path_inputs(seqs)
             b = len(seqs)

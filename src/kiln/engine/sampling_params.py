@@ -5,6 +5,7 @@ from __future__ import annotations
 import enum
 from dataclasses import dataclass, field
 
+from kiln.engine.structured import StructuredOutputsParams
 from kiln.errors import InputError
 
 MAX_LOGPROBS = 20  # top-N logprobs a request may ask for (the server's limit too)
@@ -38,9 +39,11 @@ class SamplingParams:
     stop_token_ids: list[int] | None = field(default_factory=list)
     ignore_eos: bool = False
     logprobs: int | None = None
+    prompt_logprobs: int | None = None  # top-N logprobs of each prompt token (vLLM's)
     use_beam_search: bool = False
     length_penalty: float = 1.0
     skip_special_tokens: bool = True
+    structured_outputs: StructuredOutputsParams | None = None  # a grammar the output matches
     output_kind: RequestOutputKind = RequestOutputKind.CUMULATIVE
 
     def __post_init__(self) -> None:
@@ -49,6 +52,8 @@ class SamplingParams:
         self.stop = list(self.stop or [])
         self.stop_token_ids = list(self.stop_token_ids or [])
         self.output_kind = RequestOutputKind(self.output_kind)
+        if isinstance(self.structured_outputs, dict):
+            self.structured_outputs = StructuredOutputsParams(**self.structured_outputs)
         if self.top_k == -1:
             self.top_k = 0
         if self.best_of is None:
@@ -82,6 +87,13 @@ class SamplingParams:
         if self.logprobs is not None:
             _check(0 <= self.logprobs <= MAX_LOGPROBS, "logprobs", self.logprobs,
                    f"in [0, {MAX_LOGPROBS}]")  # fmt: skip
+        if self.prompt_logprobs is not None:
+            _check(0 <= self.prompt_logprobs <= MAX_LOGPROBS, "prompt_logprobs",
+                   self.prompt_logprobs, f"in [0, {MAX_LOGPROBS}]")  # fmt: skip
+            _check(not self.use_beam_search, "prompt_logprobs", self.prompt_logprobs,
+                   "None with use_beam_search")  # fmt: skip
+        _check(self.structured_outputs is None or not self.use_beam_search,
+               "structured_outputs", "...", "None with use_beam_search")  # fmt: skip
         _check(
             self.length_penalty > 0 or not self.use_beam_search,
             "length_penalty",

@@ -117,8 +117,8 @@ class Scheduler:
             seq = self.waiting[0]
             if num_seqs + 1 + seq.pending_forks > self.config.max_num_seqs:
                 break
-            if not seq.block_table:
-                bm.match_prefix(seq)
+            if not seq.block_table and seq.params.prompt_logprobs is None:
+                bm.match_prefix(seq)  # (prompt logprobs need every prompt token computed)
             num_new = seq.num_uncomputed_tokens
             if num_new > budget:
                 if not self.config.enable_chunked_prefill:

@@ -7,6 +7,7 @@ import enum
 import torch
 
 from kiln.engine.sampling_params import SamplingParams
+from kiln.engine.structured import GrammarState
 
 
 class SequenceStatus(enum.Enum):
@@ -54,6 +55,13 @@ class Sequence:
         self.spec_token_ids: list[int] = []
         self.spec_probs: torch.Tensor | None = None
         self.num_draft_computed = 0
+        # Logprobs of prompt tokens 1.. (token 0 has none: None), as the prefill computes
+        # them; handed out with the first sampled token (then prompt_logprobs_sent).
+        self.prompt_logprobs: list[dict[int, float] | None] | None = None
+        if params.prompt_logprobs is not None:
+            self.prompt_logprobs = [None]
+        self.prompt_logprobs_sent = False
+        self.grammar: GrammarState | None = None  # structured outputs: the allowed tokens
 
     def __len__(self) -> int:
         """Tokens the sequence has, including any still in flight from the GPU."""
@@ -85,6 +93,15 @@ class Sequence:
     def num_uncomputed_tokens(self) -> int:
         return len(self) - self.num_computed_tokens
 
+    def needs_prompt_logprobs(self, start: int, end: int) -> range:
+        """The positions in [start, end) whose logits give a prompt token's logprob that
+        is not known yet (position p predicts prompt token p + 1)."""
+        if self.prompt_logprobs is None or self.prompt_logprobs_sent:
+            return range(0)
+        return range(
+            max(start, len(self.prompt_logprobs) - 1), min(end, self.num_prompt_tokens - 1)
+        )
+
     def fork(self, seq_id: int, index: int) -> Sequence:
         """A sibling with the same tokens and KV blocks (the caller bumps the ref counts)."""
         child = Sequence(
@@ -97,6 +114,8 @@ class Sequence:
         child.block_table = list(self.block_table)
         child.block_hashes = list(self.block_hashes)
         child.num_registered_blocks = self.num_registered_blocks
+        child.prompt_logprobs = None  # the first completion carries the prompt's
+        child.grammar = self.grammar.fork() if self.grammar is not None else None
         return child
 
     def finish(self, reason: str, stop_reason: int | str | None = None) -> None:

@@ -28,14 +28,20 @@ from kiln.serve.protocol import (
     APIError,
     ChatCompletionRequest,
     CompletionRequest,
+    DetokenizeRequest,
+    DetokenizeResponse,
+    EmbeddingRequest,
     ModelCard,
     ModelList,
+    TokenizeRequest,
+    TokenizeResponse,
     engine_error,
     error_body,
     input_error,
     parse_request,
 )
 from kiln.serve.serving import ServingContext
+from kiln.serve.tools import TOOL_PARSERS
 
 log = logging.getLogger("kiln.serve")
 
@@ -59,6 +65,7 @@ def create_app(
     public_metrics: bool = False,
     stream_send_timeout: float = DEFAULT_STREAM_SEND_TIMEOUT,
     request_id_tag: str = "",
+    tool_call_parser: str | None = None,
 ) -> FastAPI:
     """An OpenAI-compatible app over `engine` (an AsyncLLM, started and drained by the app).
     With an `api_key` every route but /health needs it (/metrics too, unless public_metrics).
@@ -72,6 +79,7 @@ def create_app(
         gate=AdmissionGate(max_running, max_queue),
         stream_send_timeout=stream_send_timeout,
         request_id_tag=request_id_tag,
+        tool_parser=TOOL_PARSERS[tool_call_parser]() if tool_call_parser else None,
     )
 
     @asynccontextmanager
@@ -93,6 +101,7 @@ def create_app(
     app.include_router(_metrics_route(ctx), dependencies=[] if public_metrics else auth)
     app.include_router(_openapi_route(app), dependencies=auth)
     app.include_router(_v1_routes(ctx, max_body_bytes), dependencies=auth)
+    app.include_router(_tokenizer_routes(ctx, max_body_bytes), dependencies=auth)
     return app
 
 
@@ -142,20 +151,36 @@ def _v1_routes(ctx: ServingContext, max_body_bytes: int) -> APIRouter:
         _check_model(ctx, req.model)
         req.check_supported()
         prompts = await serving.completion_prompts(ctx, req)
-        max_tokens = [serving.resolve_max_tokens(ctx, p, req.max_tokens, "prompt") for p in prompts]
+        structured = await serving.structured_outputs(req)
+        wanted = 1 if req.echo_only else req.max_tokens
+        max_tokens = [serving.resolve_max_tokens(ctx, p, wanted, "prompt") for p in prompts]
+        extra = dict(prompt_logprobs=req.num_prompt_logprobs, structured_outputs=structured)
         params = [  # each prompt its own room when max_tokens is not given
-            serving.sampling_params(ctx, req.sampling_kwargs(m, req.logprobs), req.stream)
+            serving.sampling_params(
+                ctx, {**req.sampling_kwargs(m, req.logprobs), **extra}, req.stream
+            )
             for m in max_tokens
         ]
+        job = serving.start_job(ctx, "cmpl", prompts, params, arrival)
+        job.num_prompt_logprobs = req.prompt_logprobs
+        if req.echo:
+            job.tracker.echo = await serving.echo_prompts(ctx, req, prompts)
         return await _respond(
             ctx,
             request,
             num_seqs=len(prompts) * req.n,
-            job=serving.start_job(ctx, "cmpl", prompts, params, arrival),
+            job=job,
             stream=req.stream,
             events=lambda job: serving.completion_events(ctx, job, req.include_usage),
             whole=lambda job: serving.completion_response(ctx, job),
         )
+
+    @router.post("/embeddings")
+    async def embeddings(request: Request) -> Response:
+        req = parse_request(EmbeddingRequest, await _read_body(request, max_body_bytes))
+        _check_model(ctx, req.model)
+        result = await _unless_disconnected(request, serving.embeddings(ctx, req))
+        return JSONResponse(result.model_dump())
 
     @router.post("/chat/completions")
     async def chat_completions(request: Request) -> Response:
@@ -164,19 +189,80 @@ def _v1_routes(ctx: ServingContext, max_body_bytes: int) -> APIRouter:
         _check_model(ctx, req.model)
         req.check_supported()
         prompt = await serving.chat_prompt(ctx, req)
+        structured, tool_stream = await serving.tool_calls(ctx, req)
+        if structured is None:
+            structured = await serving.structured_outputs(req)
         max_tokens = serving.resolve_max_tokens(ctx, prompt, req.requested_max_tokens, "messages")
+        kwargs = req.sampling_kwargs(max_tokens, req.num_logprobs)
         params = serving.sampling_params(
-            ctx, req.sampling_kwargs(max_tokens, req.num_logprobs), req.stream
+            ctx, {**kwargs, "structured_outputs": structured}, req.stream
         )
+        job = serving.start_job(ctx, "chatcmpl", [prompt], [params], arrival)
+        job.tool_stream = tool_stream
         return await _respond(
             ctx,
             request,
             num_seqs=req.n,
-            job=serving.start_job(ctx, "chatcmpl", [prompt], [params], arrival),
+            job=job,
             stream=req.stream,
             events=lambda job: serving.chat_events(ctx, job, req.include_usage),
             whole=lambda job: serving.chat_response(ctx, job),
         )
+
+    return router
+
+
+def _tokenizer_routes(ctx: ServingContext, max_body_bytes: int) -> APIRouter:
+    """vLLM's /tokenize, /detokenize and /tokenizer_info (which lm-evaluation-harness
+    reads to use the server's tokenizer)."""
+    router = APIRouter()
+
+    def tokenizer():
+        if ctx.tokenizer is None:
+            raise APIError(400, "this model has no tokenizer", param="model")
+        return ctx.tokenizer
+
+    @router.post("/tokenize")
+    async def tokenize(request: Request) -> TokenizeResponse:
+        req = parse_request(TokenizeRequest, await _read_body(request, max_body_bytes))
+        _check_model(ctx, req.model)
+        req.check_supported()
+        tok = tokenizer()
+        if req.messages is not None:
+            # (the template writes its own special tokens: add_special_tokens is a prompt's)
+            tools = [t.model_dump(exclude_none=True) for t in req.tools or []] or None
+            ids = await serving.render_chat(
+                ctx, req.messages, req.add_generation_prompt, tools=tools
+            )
+        else:
+            ids = await asyncio.to_thread(
+                tok.encode, req.prompt, add_special_tokens=req.add_special_tokens
+            )
+        strs = [tok.id_to_token(t) for t in ids] if req.return_token_strs else None
+        return TokenizeResponse(
+            count=len(ids), max_model_len=ctx.max_model_len, tokens=ids, token_strs=strs
+        )
+
+    @router.post("/detokenize")
+    async def detokenize(request: Request) -> DetokenizeResponse:
+        req = parse_request(DetokenizeRequest, await _read_body(request, max_body_bytes))
+        _check_model(ctx, req.model)
+        tok = tokenizer()
+        bad = next((t for t in req.tokens if t >= tok.vocab_size), None)
+        if bad is not None:
+            raise APIError(400, f"tokens: id {bad} is outside the vocabulary [0, "
+                           f"{tok.vocab_size})", param="tokens")  # fmt: skip
+        return DetokenizeResponse(prompt=tok.decode(req.tokens, skip_special_tokens=False))
+
+    @router.get("/tokenizer_info")
+    async def tokenizer_info() -> dict:
+        tok = tokenizer()
+        return {
+            **tok.special_tokens,
+            "chat_template": tok.chat_template,
+            "model_max_length": ctx.max_model_len,
+            "vocab_size": tok.vocab_size,
+        }
 
     return router
 

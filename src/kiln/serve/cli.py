@@ -69,6 +69,11 @@ def register(subparsers) -> None:
         "request counters and latency histograms of the process that answers the scrape "
         "(the engine's gauges are the same in all)",
     )  # fmt: skip
+    p.add_argument(
+        "--tool-call-parser", default=None, choices=["hermes", "llama3_json"],
+        help="how tool calls are found in a model's answer when tool_choice is auto: "
+        "hermes (<tool_call> JSON blocks: Qwen, Hermes) or llama3_json (a JSON object)",
+    )  # fmt: skip
     p.add_argument("--dtype", default=None, help="bfloat16, float16 or float32")
     p.add_argument("--device", default=None)
     p.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
@@ -115,6 +120,7 @@ def run(args: argparse.Namespace) -> int:
         public_metrics=args.public_metrics,
         stream_send_timeout=args.stream_send_timeout,
         api_server_count=args.api_server_count,
+        tool_call_parser=args.tool_call_parser,
         **queue,
         **engine_args,
     )

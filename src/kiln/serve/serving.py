@@ -5,6 +5,7 @@ whole or as server-sent events."""
 from __future__ import annotations
 
 import asyncio
+import base64
 import json
 import logging
 import time
@@ -14,12 +15,21 @@ from contextlib import aclosing
 from dataclasses import dataclass, field
 from typing import Any
 
+import numpy as np
 from pydantic import BaseModel
 
 from kiln.engine.async_engine import EngineDeadError, EngineError
 from kiln.errors import InputError, TokenizerError
 from kiln.serve.admission import AdmissionGate
-from kiln.serve.deltas import Delta, DeltaTracker, chat_logprobs, completion_logprobs, token_decoder
+from kiln.serve.deltas import (
+    Delta,
+    DeltaTracker,
+    Echo,
+    chat_logprobs,
+    completion_logprobs,
+    token_decoder,
+    vllm_prompt_logprobs,
+)
 from kiln.serve.metrics import ServerMetrics
 from kiln.serve.protocol import (
     APIError,
@@ -34,10 +44,20 @@ from kiln.serve.protocol import (
     CompletionRequest,
     CompletionResponse,
     DeltaMessage,
+    EmbeddingData,
+    EmbeddingRequest,
+    EmbeddingResponse,
     UsageInfo,
     engine_error,
     error_body,
     input_error,
+)
+from kiln.serve.tools import (
+    NamedStream,
+    RequiredStream,
+    ToolParser,
+    merge_fragments,
+    required_schema,
 )
 
 log = logging.getLogger("kiln.serve")
@@ -53,6 +73,7 @@ class ServingContext:
     gate: AdmissionGate
     stream_send_timeout: float = 60.0
     request_id_tag: str = ""  # "w1-": which of several API processes made the id
+    tool_parser: ToolParser | None = None  # --tool-call-parser: finds calls in free text
 
     @property
     def tokenizer(self):
@@ -88,9 +109,67 @@ async def completion_prompts(ctx: ServingContext, req: CompletionRequest) -> lis
     return await asyncio.to_thread(encode)
 
 
+async def echo_prompts(
+    ctx: ServingContext, req: CompletionRequest, prompts: list[list[int]]
+) -> Echo:
+    """What `echo` puts in front of each choice: the prompt as given (token-id prompts
+    decoded), and its ids."""
+
+    def texts() -> list[str]:
+        return [p if isinstance(p, str) else ctx.tokenizer.decode(ids, skip_special_tokens=False)
+                for p, ids in zip(req.prompts(), prompts)]  # fmt: skip
+
+    if ctx.tokenizer is None:
+        raise APIError(400, "echo needs a tokenizer; this model has none", param="echo")
+    return Echo(await asyncio.to_thread(texts), prompts, generate=not req.echo_only)
+
+
 async def chat_prompt(ctx: ServingContext, req: ChatCompletionRequest) -> list[int]:
-    """The conversation rendered by the model's chat template, as token ids."""
-    messages = [m.to_template() for m in req.messages]
+    """The conversation rendered by the model's chat template (with the request's tools), as
+    token ids."""
+    tools = [{"type": "function", "function": f} for f in req.tool_functions()] or None
+    return await render_chat(ctx, req.messages, req.add_generation_prompt, tools=tools)
+
+
+async def tool_calls(ctx: ServingContext, req: ChatCompletionRequest):
+    """How the request's tools are used: (the structured outputs that force a call or None,
+    a factory of per-choice streams that find the calls or None)."""
+    from kiln.engine.structured import StructuredOutputsParams, check_structured_outputs
+
+    mode = req.tool_mode
+    if mode == "none":
+        return None, None
+    if mode == "auto":
+        if ctx.tool_parser is None:
+            raise APIError(400, "tool_choice auto needs the server started with "
+                           "--tool-call-parser", param="tool_choice")  # fmt: skip
+        return None, ctx.tool_parser.stream
+    if req.structured() is not None:
+        raise APIError(400, f"tool_choice {mode!r} constrains the output itself: no "
+                       "response_format or structured outputs beside it",
+                       param="tool_choice")  # fmt: skip
+    functions = req.tool_functions()
+    if mode == "required":
+        schema, make = required_schema(functions, req.parallel_tool_calls), RequiredStream
+    else:
+        name = req.tool_choice.function.name
+        (f,) = [f for f in functions if f["name"] == name]
+        schema = f.get("parameters") or {"type": "object"}
+        make = lambda: NamedStream(name)  # noqa: E731
+    try:
+        params = StructuredOutputsParams(json=schema)
+        await asyncio.to_thread(check_structured_outputs, params)
+    except InputError as e:
+        raise APIError(400, f"tools: a function's parameters: {e}", param="tools") from None
+    return params, make
+
+
+async def render_chat(
+    ctx: ServingContext, chat: list, add_generation_prompt: bool, **kwargs: Any
+) -> list[int]:
+    """Messages (ChatMessage) rendered by the model's chat template, as token ids; template
+    keyword arguments (tools) passed on."""
+    messages = [m.to_template() for m in chat]
     tok = ctx.tokenizer
     if tok is None or tok.chat_template is None:
         raise APIError(400, "this model has no chat template: use /v1/completions",
@@ -98,7 +177,7 @@ async def chat_prompt(ctx: ServingContext, req: ChatCompletionRequest) -> list[i
 
     def render() -> list[int]:
         return tok.apply_chat_template(
-            messages, add_generation_prompt=req.add_generation_prompt, tokenize=True
+            messages, add_generation_prompt=add_generation_prompt, tokenize=True, **kwargs
         )
 
     try:
@@ -126,6 +205,23 @@ def resolve_max_tokens(
             code="context_length_exceeded",
         )
     return max_tokens
+
+
+async def structured_outputs(req: Any):
+    """The request's StructuredOutputsParams (None: free text), checked off the event loop;
+    a spec that does not compile is a 400 naming the field it came in."""
+    from kiln.engine.structured import StructuredOutputsParams, check_structured_outputs
+
+    found = req.structured()
+    if found is None:
+        return None
+    kwargs, param = found
+    try:
+        params = StructuredOutputsParams(**kwargs)
+        await asyncio.to_thread(check_structured_outputs, params)
+    except InputError as e:
+        raise APIError(400, f"{param}: {e}", param=param) from None
+    return params
 
 
 def sampling_params(ctx: ServingContext, kwargs: dict[str, Any], stream: bool):
@@ -244,6 +340,39 @@ async def guarded_events(events: AsyncIterator[str]) -> AsyncIterator[str]:
     yield SSE_DONE
 
 
+# ---- /v1/embeddings ------------------------------------------------------------------------
+
+
+async def embeddings(ctx: ServingContext, req: EmbeddingRequest) -> EmbeddingResponse:
+    """OpenAI's embeddings: each input's pooled hidden state, normalized (after keeping the
+    first `dimensions`), as floats or base64 float32."""
+    from kiln.engine.pooling import normalize
+
+    hidden = ctx.engine.model_config.hidden_size
+    if req.dimensions is not None and req.dimensions > hidden:
+        raise APIError(400, f"dimensions: at most {hidden} (the model's hidden size), got "
+                       f"{req.dimensions}", param="dimensions")  # fmt: skip
+    inputs = req.inputs()
+    tok = ctx.tokenizer
+    if any(isinstance(p, str) for p in inputs) and tok is None:
+        raise APIError(400, "this model has no tokenizer: give the input as token ids",
+                       param="input")  # fmt: skip
+    ids = await asyncio.to_thread(lambda: [tok.encode(p) if isinstance(p, str) else list(p)
+                                           for p in inputs])  # fmt: skip
+    for p in ids:
+        ctx.engine.check_prompt(p, "input")
+    vecs = await ctx.engine.embed(ids, request_id=new_id("embd", ctx.request_id_tag))
+    data = []
+    for i, v in enumerate(vecs):
+        v = normalize(v, req.dimensions)
+        if req.encoding_format == "base64":
+            v = base64.b64encode(np.asarray(v, dtype="<f4").tobytes()).decode()
+        data.append(EmbeddingData(embedding=v, index=i))
+    n = sum(len(p) for p in ids)
+    return EmbeddingResponse(data=data, model=ctx.model_name,
+                             usage=UsageInfo(prompt_tokens=n, total_tokens=n))  # fmt: skip
+
+
 # ---- /v1/completions ----------------------------------------------------------------------
 
 
@@ -257,6 +386,9 @@ class Job:
     tracker: DeltaTracker
     num_logprobs: int | None
     held: list[int]  # admitted sequences per stream, until it ends
+    prompts: list[list[int]] = field(default_factory=list)
+    num_prompt_logprobs: int | None = None  # vLLM's prompt_logprobs field, when asked
+    tool_stream: Callable[[], Any] | None = None  # chat with tools: a call finder per choice
     gate: AdmissionGate | None = None
     created: int = field(default_factory=lambda: int(time.time()))
 
@@ -277,7 +409,7 @@ def start_job(
     """Engine streams for each prompt and its params (nothing runs until they are iterated)."""
     request_id = new_id(prefix, ctx.request_id_tag)
     job = Job(request_id, [], DeltaTracker(params[0].n, [len(p) for p in prompts]),
-              params[0].logprobs, [p.n for p in params])  # fmt: skip
+              params[0].logprobs, [p.n for p in params], prompts)  # fmt: skip
     job.streams = [
         run_request(ctx, p, sp, f"{request_id}-{i}", arrival, lambda i=i: job.release(i))
         for i, (p, sp) in enumerate(zip(prompts, params))
@@ -286,15 +418,19 @@ def start_job(
 
 
 def _completion_choice(decode, job: Job, d: Delta, offset: int = 0) -> CompletionChoice:
-    logprobs = None
+    logprobs = plp = None
     if job.num_logprobs is not None:
         logprobs = completion_logprobs(decode, d, job.num_logprobs, offset)
+    if job.num_prompt_logprobs is not None and d.prompt_logprobs is not None:
+        ids = job.prompts[d.index // job.tracker.n]
+        plp = vllm_prompt_logprobs(decode, ids, d.prompt_logprobs, job.num_prompt_logprobs)
     return CompletionChoice(
         index=d.index,
         text=d.text,
         logprobs=logprobs,
         finish_reason=d.finish_reason,
         stop_reason=d.stop_reason,
+        prompt_logprobs=plp,
     )
 
 
@@ -354,8 +490,11 @@ async def completion_response(ctx: ServingContext, job: Job) -> CompletionRespon
 
 
 async def chat_events(ctx: ServingContext, job: Job, include_usage: bool):
-    """SSE events of a streamed chat completion: each choice's role, then content deltas."""
+    """SSE events of a streamed chat completion: each choice's role, then content deltas
+    (with tools: the calls found, as delta.tool_calls fragments)."""
     decode = token_decoder(ctx.tokenizer)
+    finders: dict[int, Any] = {}
+    called: set[int] = set()
 
     def chunk(choices: list[ChatChunkChoice], usage: UsageInfo | None = None) -> str:
         return sse(
@@ -373,11 +512,17 @@ async def chat_events(ctx: ServingContext, job: Job, include_usage: bool):
     async with aclosing(merge(job.streams)) as outputs:
         async for i, out in outputs:
             for d in job.tracker.deltas(i, out):
+                delta = DeltaMessage(content=d.text)
+                if job.tool_stream is not None:
+                    finder = finders.setdefault(d.index, job.tool_stream())
+                    content, frags = finder.feed(d.text, final=d.finish_reason is not None)
+                    delta = DeltaMessage(content=content or None, tool_calls=frags or None)
+                    called.update([d.index] if frags else [])
                 choice = ChatChunkChoice(
                     index=d.index,
-                    delta=DeltaMessage(content=d.text),
+                    delta=delta,
                     logprobs=_chat_logprobs(decode, job, d),
-                    finish_reason=d.finish_reason,
+                    finish_reason=_finish(d.finish_reason, d.index in called),
                     stop_reason=d.stop_reason,
                 )
                 yield chunk([choice])
@@ -385,19 +530,39 @@ async def chat_events(ctx: ServingContext, job: Job, include_usage: bool):
         yield chunk([], job.tracker.usage())
 
 
+def _finish(reason: str | None, called: bool) -> str | None:
+    """OpenAI's finish_reason: "tool_calls" when a choice that called tools ended by itself."""
+    return "tool_calls" if called and reason == "stop" else reason
+
+
+def _message(job: Job, d: Delta) -> tuple[AssistantMessage, str | None]:
+    """A whole choice's message (tool calls pulled out of the text) and finish_reason."""
+    if job.tool_stream is None:
+        return AssistantMessage(content=d.text), d.finish_reason
+    finder = job.tool_stream()
+    content, frags = finder.feed(d.text)
+    rest, more = finder.feed("", final=True)
+    calls = merge_fragments(frags + more)
+    content += rest
+    message = AssistantMessage(content=content or None if calls else content, tool_calls=calls)
+    return message, _finish(d.finish_reason, bool(calls))
+
+
 async def chat_response(ctx: ServingContext, job: Job) -> ChatCompletionResponse:
     """The whole chat completion, once every choice has finished."""
     decode = token_decoder(ctx.tokenizer)
-    choices = [
-        ChatChoice(
-            index=d.index,
-            message=AssistantMessage(content=d.text),
-            logprobs=_chat_logprobs(decode, job, d),
-            finish_reason=d.finish_reason,
-            stop_reason=d.stop_reason,
+    choices = []
+    for d in await _final_deltas(job):
+        message, finish = _message(job, d)
+        choices.append(
+            ChatChoice(
+                index=d.index,
+                message=message,
+                logprobs=_chat_logprobs(decode, job, d),
+                finish_reason=finish,
+                stop_reason=d.stop_reason,
+            )
         )
-        for d in await _final_deltas(job)
-    ]
     return ChatCompletionResponse(
         id=job.request_id,
         created=job.created,

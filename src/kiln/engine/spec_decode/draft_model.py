@@ -111,7 +111,8 @@ class DraftModelProposer:
             active = [v for v, k in zip(views, ks) if k > j]
             num_new = [len(v) - v.num_computed_tokens for v in active]
             out = SchedulerOutput(active, num_new, num_spec_tokens=[0] * len(active))
-            rows, _, logits = self.runner.execute(out, prev, sampler, logits_only=True)
+            step = self.runner.execute(out, prev, sampler, logits_only=True)
+            rows, logits = step.seqs, step.logits
             tokens, q = _sample(sampler, logits, rows)
             for v, n in zip(active, num_new):
                 v.num_computed_tokens += n

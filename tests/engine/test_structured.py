@@ -1,0 +1,183 @@
+"""Structured outputs in the engine: grammars compiled off the step loop, token masks in the
+sampler, under lockstep and async scheduling alike."""
+
+from __future__ import annotations
+
+import json
+import re
+import threading
+
+import pytest
+
+from kiln.engine.sampling_params import SamplingParams
+from kiln.engine.structured import StructuredOutputsParams as S
+
+SCHEMA = {
+    "type": "object",
+    "properties": {
+        # (a pattern, not maxLength: xgrammar 0.2.9's maxLength strings admit raw control
+        # characters, which strict JSON parsers refuse)
+        "name": {"type": "string", "pattern": "^[A-Za-z ]{1,8}$"},
+        "age": {"type": "integer", "minimum": 0, "maximum": 120},
+        "role": {"enum": ["admin", "user"]},
+    },
+    "required": ["name", "age", "role"],
+    "additionalProperties": False,
+}
+
+
+@pytest.fixture(scope="module")
+def model_dir(hf_model_dir, tmp_path_factory):
+    """The tiny llama with a BPE that has every byte (grammars must spell digits, braces)."""
+    import shutil
+
+    from tiny_models import save_chat_tokenizer
+
+    src, _ = hf_model_dir("llama")
+    out = tmp_path_factory.mktemp("llama_bytes")
+    shutil.copytree(src, out, dirs_exist_ok=True)
+    save_chat_tokenizer(out, all_bytes=True)
+    return out
+
+
+@pytest.fixture(scope="module")
+def llm(model_dir):
+    from kiln.engine.llm import LLM
+
+    return LLM(str(model_dir))
+
+
+def params(spec: S, **kw) -> SamplingParams:
+    return SamplingParams(max_tokens=kw.pop("max_tokens", 200), structured_outputs=spec, **kw)
+
+
+def test_outputs_match_their_grammars(llm):
+    import jsonschema
+
+    specs = [S(json=SCHEMA), S(regex=r"[0-9]{3}-[a-z]{2}"), S(choice=["yes", "no", "maybe so"]),
+             S(grammar='root ::= "a" ("b" | "c")* "d"'),
+             S(json=SCHEMA, disable_any_whitespace=True)]  # fmt: skip
+    ps = [params(s, temperature=1.0, seed=i) for i, s in enumerate(specs)]
+    outs = [o.outputs[0] for o in llm.generate(["Once"] * len(ps), ps, use_tqdm=False)]
+    assert all(o.finish_reason == "stop" for o in outs), [o.finish_reason for o in outs]
+    jsonschema.validate(json.loads(outs[0].text), SCHEMA)
+    assert re.fullmatch(r"[0-9]{3}-[a-z]{2}", outs[1].text)
+    assert outs[2].text in ("yes", "no", "maybe so")
+    assert re.fullmatch(r"a[bc]*d", outs[3].text)
+    compact = json.loads(outs[4].text)
+    assert outs[4].text == json.dumps(compact)  # json.dumps's separators and nothing else
+
+
+def test_unconstrained_requests_are_unchanged_beside_constrained_ones(llm):
+    greedy = SamplingParams(max_tokens=12, temperature=0, ignore_eos=True)
+    alone = llm.generate(["Once"], greedy, use_tqdm=False)[0].outputs[0].token_ids
+    mixed = llm.generate(["Once", "Once"], [greedy, params(S(json=SCHEMA), temperature=0)],
+                         use_tqdm=False)  # fmt: skip
+    assert mixed[0].outputs[0].token_ids == alone
+    json.loads(mixed[1].outputs[0].text)
+
+
+@pytest.mark.parametrize("async_scheduling", [False, True])
+def test_greedy_structured_output_is_the_same_under_async_scheduling(model_dir, async_scheduling):
+    from kiln.engine.llm import LLM
+
+    ref = LLM(str(model_dir), async_scheduling=False)
+    llm = LLM(str(model_dir), async_scheduling=async_scheduling)
+    ps = [params(S(json=SCHEMA), temperature=0), params(S(regex="[a-z]{4,9}"), temperature=0),
+          SamplingParams(max_tokens=10, temperature=0, ignore_eos=True),
+          params(S(choice=["one", "two"]), temperature=0, n=2, seed=1)]  # fmt: skip
+    want = [[c.text for c in o.outputs] for o in ref.generate(["Hi"] * 4, ps, use_tqdm=False)]
+    got = [[c.text for c in o.outputs] for o in llm.generate(["Hi"] * 4, ps, use_tqdm=False)]
+    assert got == want
+    json.loads(got[0][0])
+
+
+def test_a_grammar_that_cannot_finish_ends_by_length(llm):
+    out = llm.generate(["Once"], params(S(regex="[a-z]{40}"), max_tokens=5), use_tqdm=False)[0]
+    assert out.outputs[0].finish_reason == "length"
+    assert re.fullmatch("[a-z]+", out.outputs[0].text)
+
+
+@pytest.mark.parametrize(
+    "spec, param",
+    [
+        (dict(json='{"type": "object", '), "structured_outputs.json"),
+        (dict(json={"type": "nonsense"}), "structured_outputs.json"),
+        (dict(regex="([a-z"), "structured_outputs.regex"),
+        (dict(grammar="root ::= undefined_rule"), "structured_outputs.grammar"),
+        (dict(choice=[]), "structured_outputs.choice"),
+        (dict(json=SCHEMA, regex="a"), "structured_outputs"),
+    ],
+)
+def test_bad_specs_are_input_errors_naming_the_field(llm, spec, param):
+    from kiln.errors import InputError
+
+    with pytest.raises(InputError) as e:
+        llm.generate(["Once"], params(S(**spec)), use_tqdm=False)
+    assert e.value.param == param
+
+
+def test_a_slow_compile_does_not_stall_other_requests(model_dir, monkeypatch):
+    from kiln.engine.core import EngineCore
+    from kiln.engine.structured import GrammarCompiler
+
+    release = threading.Event()
+    compile_ = GrammarCompiler._compile
+
+    def slow(self, p):
+        release.wait(30)
+        return compile_(self, p)
+
+    monkeypatch.setattr(GrammarCompiler, "_compile", slow)
+    core = EngineCore(str(model_dir))
+    core.add_request("json", [5, 6, 7], params(S(json=SCHEMA), temperature=0))
+    core.add_request("free", [5, 6, 7], SamplingParams(max_tokens=8, ignore_eos=True))
+    got: dict[str, list[int]] = {"json": [], "free": []}
+    while "free" in core.requests:
+        for d in core.step():
+            got[d.request_id] += d.new_token_ids
+    assert len(got["free"]) == 8 and got["json"] == []  # ran while the grammar compiled
+    release.set()
+    while core.has_work():
+        for d in core.step():
+            got[d.request_id] += d.new_token_ids
+    assert got["json"] and core.block_manager.num_free_blocks == core.block_manager.num_blocks
+
+
+@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=pytest.mark.gpu)])
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+def test_bitmask_kernel_matches_reference(device, dtype):
+    import torch
+
+    from kiln.engine.structured import apply_bitmask, apply_bitmask_ref
+
+    g = torch.Generator().manual_seed(0)
+    logits = torch.randn(7, 1000, generator=g).to(getattr(torch, dtype)).to(device)
+    bitmask = torch.randint(-(2**31), 2**31 - 1, (7, 32), dtype=torch.int32, generator=g)
+    bitmask[3] = -1  # a row that allows everything
+    want, got = logits.clone(), logits.clone()
+    apply_bitmask_ref(want, bitmask.to(device))
+    apply_bitmask(got, bitmask.to(device))
+    assert torch.equal(want, got)
+    allowed = (bitmask[0, :, None] >> torch.arange(32) & 1).flatten()[:1000]  # bit v: token v
+    assert torch.equal(torch.isinf(want[0]).cpu(), allowed == 0)
+    assert torch.equal(want[3], logits[3])
+
+
+@pytest.mark.gpu
+def test_structured_outputs_under_cuda_graphs_and_async_scheduling(model_dir):
+    """On a GPU (Triton ops, CUDA graphs, async scheduling) the masks act outside the graphs:
+    greedy outputs equal the eager, lockstep, torch-ops engine's, and they parse."""
+    from kiln.engine.llm import LLM
+
+    ps = [params(S(json=SCHEMA), temperature=0), params(S(regex="[a-z]{4,9}"), temperature=0),
+          SamplingParams(max_tokens=10, temperature=0, ignore_eos=True),
+          params(S(choice=["one", "two"]), temperature=0)] * 8  # fmt: skip
+    ref = LLM(str(model_dir), device="cuda", use_cuda_graph=False, async_scheduling=False,
+              attention_backend="torch")  # fmt: skip
+    fast = LLM(str(model_dir), device="cuda")
+    assert fast.engine.core.async_scheduling and fast.engine.runner.graph_runner.graphs
+    want = [o.outputs[0].text for o in ref.generate(["Hi"] * len(ps), ps)]
+    got = [o.outputs[0].text for o in fast.generate(["Hi"] * len(ps), ps)]
+    assert got == want
+    json.loads(got[0])
