@@ -58,9 +58,9 @@ def test_lockstep_and_async_run_the_same_runner_entry(hf_model_dir, random_promp
         llm = LLM(str(path), device="cpu", async_scheduling=async_scheduling)
         execute, n = llm.engine.runner.execute, []
 
-        def counted(*args, execute=execute, n=n):
+        def counted(*args, execute=execute, n=n, **kwargs):
             n.append(1)
-            return execute(*args)
+            return execute(*args, **kwargs)
 
         llm.engine.runner.execute = counted
         out = llm.generate(prompt_token_ids=prompts, sampling_params=GREEDY)
