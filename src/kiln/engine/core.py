@@ -296,8 +296,6 @@ class EngineCore:
         if any(out.num_spec_tokens):
             return self._verify(out, seqs, logits)
         self.scheduler.update(out)
-        for seq, lps in prompt_logprobs:
-            seq.prompt_logprobs.extend(lps)
         if not seqs:
             return []
         if sample is None:  # first tokens of n / best_of siblings: fork them, then sample
