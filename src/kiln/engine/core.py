@@ -92,7 +92,7 @@ class EngineCore:
         if eos_token_ids is None:
             eos_token_ids = eos_ids_from_dir(path, self.model_config)
         self.eos_token_ids = frozenset(eos_token_ids)
-        net = load_model(path, dtype=dtype, device=device)
+        net = load_model(path, dtype=dtype, device=device, quantization=cfg.quantization)
         self.runner = ModelRunner(net, cfg, self.max_model_len)
         self.device = self.runner.device
         self.block_manager = BlockManager(

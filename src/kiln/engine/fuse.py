@@ -20,10 +20,13 @@ from kiln.engine.ops import Ops
 from kiln.kernels.common import HeadLayout, QKNormRope
 from kiln.model.attention import Attention
 from kiln.model.layers import MLP, RMSNorm
+from kiln.model.quant_layers import QuantLinear, concat_quantized
 from kiln.model.transformer import Block, Transformer
 
 
-def _fused_linear(parts: list[nn.Linear]) -> nn.Linear:
+def _fused_linear(parts: list[nn.Module]) -> nn.Module:
+    if not all(isinstance(p, nn.Linear) for p in parts):  # packed quantized weights
+        return concat_quantized(parts)
     w = parts[0].weight
     out = nn.Linear(
         w.shape[1],
@@ -131,7 +134,12 @@ class ResidualBlock(nn.Module):
         self.self_attn = block.self_attn
         self.post_attention_layernorm = FusedRMSNorm(block.post_attention_layernorm, ops)
         self.mlp = block.mlp
-        self.gemv_max_batch = gemv_max_batch if isinstance(self.mlp, FusedMLP) else 0
+        plain = isinstance(self.mlp, FusedMLP) and all(
+            isinstance(p, nn.Linear)
+            for p in (self.self_attn.qkv_proj, self.self_attn.o_proj,
+                      self.mlp.gate_up_proj, self.mlp.down_proj)
+        )  # fmt: skip
+        self.gemv_max_batch = gemv_max_batch if plain else 0
 
     def forward(self, x, positions, rotary, backend):
         h, residual = x if isinstance(x, tuple) else (x, None)
@@ -175,6 +183,13 @@ class GemvLinear(nn.Module):
         if 0 < rows <= self.gemv_max_batch and self.weight.is_contiguous():
             return self.ops.gemv(x, self.weight, self.bias)
         return F.linear(x, self.weight, self.bias)
+
+
+def bind_quant_ops(model: nn.Module, ops: Ops) -> None:
+    """Make every packed quantized Linear multiply through the ops' kernel (or reference)."""
+    for m in model.modules():
+        if isinstance(m, QuantLinear):
+            m.matmul = ops.quant_matmul
 
 
 def fuse_model(model: Transformer, ops: Ops, gemv_max_batch: int = 0) -> Transformer:

@@ -29,6 +29,7 @@ from kiln.kernels.paged_decode_attention import (
     paged_decode_attention_ref,
     paged_decode_attention_triton,
 )
+from kiln.kernels.quant_linear import quant_matmul_ref, quant_matmul_triton
 from kiln.kernels.qkv_prepare import qkv_prepare_ref, qkv_prepare_triton
 from kiln.kernels.rmsnorm import rmsnorm_ref, rmsnorm_triton
 from kiln.kernels.rope import rope_ref, rope_triton
@@ -70,6 +71,8 @@ class Ops:
     gemv: Callable
     rmsnorm_gemv: Callable
     silu_mul_gemv: Callable
+    # packed weight-only quantized Linears (kiln.model.quant_layers.QuantLinear)
+    quant_matmul: Callable
     # the sampler's one-pass temperature-only sampling (logits, temperatures, seeds)
     sample: Callable
 
@@ -89,6 +92,7 @@ class Ops:
             gemv=gemv_ref,
             rmsnorm_gemv=rmsnorm_gemv_ref,
             silu_mul_gemv=silu_mul_gemv_ref,
+            quant_matmul=quant_matmul_ref,
             sample=sample_seeded_ref,
         )
 
@@ -108,6 +112,7 @@ class Ops:
             gemv=gemv_triton,
             rmsnorm_gemv=rmsnorm_gemv_triton,
             silu_mul_gemv=silu_mul_gemv_triton,
+            quant_matmul=quant_matmul_triton,
             sample=sample_triton,
         )
 

@@ -1,0 +1,364 @@
+"""Weight-only quantized Linear (W4A16 / W8A16): x [.., K] @ dequantize(packed)^T, int weights
+read packed, float32 accumulation. Entry points: `quant_matmul_ref` (dequantize, then
+F.linear), `quant_matmul_triton` and the dispatcher `quant_matmul`; `pack` builds the layout
+from integer weights (kiln.model.quantized.IntWeight) and `dequantize_ref` undoes it.
+
+The packed layout (PackedWeight), read by every kernel here:
+- qweight int32 [N, Kp / PACK], output-major like nn.Linear.weight (PACK = 32 / bits values a
+  word), the inputs cut into chunks of CHUNK = PACK * W inputs (W words a row): word j of chunk c
+  holds, in bit field i (bits [bits*i, bits*(i+1))), the input k = c * CHUNK + i * W + j. So the
+  i-th fields of a run of words are W *consecutive* inputs: a kernel multiplies them by one
+  contiguous slice of x, and a chunk never straddles a quantization group;
+- scales [N, chunks] and zeros [N, chunks] (float16, one per chunk: a group spanning several
+  chunks repeats its values), or zeros None when every zero is 2^(bits-1) (symmetric);
+- perm int64 [K] or None: with act-order (GPTQ desc_act) the inputs are sorted by group once at
+  load, so that groups are contiguous; the kernels multiply x[..., perm].
+Dequantized: W[n, k] = scales[n, c(k)] * (q[n, k] - zeros[n, c(k)]) in float32, like
+IntWeight.dequantize (bit for bit, before the cast to the activations' dtype).
+
+Three kernels, by the number of rows M (pick_config):
+- M <= 4 (decode): broadcast-multiply-and-sum, many small output tiles (BLOCK_N = 4 rows of the
+  weight a program, no split over K: N >= 1024 already gives ~8 programs an SM), each field
+  turned into 1 + q/2^bits by placing its bits in a float32 mantissa (no int-to-float
+  conversion, whose throughput is a quarter of an FMA's), accumulated as sum x*(1 + q/2^bits) per
+  word and scaled once a word: sum s*(q - z)*x = s * (2^bits * t - (2^bits + z) * sum x);
+- 4 < M < DEQUANT_MIN_M: a tiled GEMM that dequantizes each [BLOCK_N, BLOCK_W] tile field by
+  field to the activations' dtype and multiplies it with tl.dot (fp32 accumulator);
+- M >= DEQUANT_MIN_M (long prefill): the whole weight dequantized by one kernel, then cuBLAS
+  (its cost is a small share of the GEMM's at these sizes).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+from kiln.kernels._triton import (
+    gdc_launch_dependents,
+    gdc_wait,
+    pdl_options,
+    tl,
+    triton,
+    use_pdl,
+    use_triton,
+)
+from kiln.kernels.common import dot_options
+
+MAX_WORDS = 32  # words of a row in one chunk, at most (128 bytes)
+BROADCAST_MAX_M = 4
+DEQUANT_MIN_M = 1024
+# The interpreter (CPU tests) uses small tiles, so that tiny shapes cross tile boundaries.
+INTERPRETER_CONFIG = dict(BLOCK_N=16, BLOCK_W=16, num_warps=4, num_stages=1)
+
+
+@dataclass
+class PackedWeight:
+    """A quantized Linear weight in the kernels' layout (see the module doc)."""
+
+    qweight: torch.Tensor  # int32 [N, Kp / PACK]
+    scales: torch.Tensor  # float16 [N, Kp / CHUNK]
+    zeros: torch.Tensor | None  # float16 [N, Kp / CHUNK]; None: 2^(bits-1) everywhere
+    perm: torch.Tensor | None  # int64 [K]: the kernels multiply x[..., perm]
+    bits: int
+    chunk: int  # CHUNK: inputs a chunk
+    in_features: int  # K
+
+    @property
+    def out_features(self) -> int:
+        return self.qweight.shape[0]
+
+    @property
+    def words(self) -> int:
+        """W: words of a row in one chunk."""
+        return self.chunk * self.bits // 32
+
+    def tensors(self) -> dict[str, torch.Tensor]:
+        """The device tensors by name (what a module registers as buffers)."""
+        named = dict(qweight=self.qweight, scales=self.scales, zeros=self.zeros, perm=self.perm)
+        return {k: v for k, v in named.items() if v is not None}
+
+
+def chunk_size(bits: int, group_size: int, in_features: int) -> int:
+    """CHUNK for a group size (-1: per channel): the group, capped at MAX_WORDS words a row."""
+    group = in_features if group_size == -1 else group_size
+    pack = 32 // bits
+    chunk = min(group, pack * MAX_WORDS)
+    if chunk % pack or group % chunk:
+        raise ValueError(f"group size {group} does not split into chunks of {pack}-input words")
+    return chunk
+
+
+def pack(
+    q: torch.Tensor,
+    scales: torch.Tensor,
+    zeros: torch.Tensor,
+    g_idx: torch.Tensor,
+    bits: int,
+    group_size: int,
+) -> PackedWeight:
+    """The kernels' layout of integer weights q [K, N] (in [0, 2^bits)), scales / zeros
+    [groups, N] and g_idx [K] (IntWeight's fields). Groups must hold group_size inputs each
+    (in any order: act-order is sorted out here); ValueError otherwise."""
+    k, n = q.shape
+    device = q.device
+    g_idx = g_idx.to(device=device, dtype=torch.int64)
+    perm = None
+    size = k if group_size == -1 else group_size
+    if not torch.equal(g_idx, torch.arange(k, device=device) // size):
+        perm = torch.sort(g_idx, stable=True).indices
+        if not torch.equal(g_idx[perm], torch.arange(k, device=device) // size):
+            raise ValueError(f"g_idx does not give every group {size} inputs")
+        q, g_idx = q[perm], g_idx[perm]
+    chunk = chunk_size(bits, group_size, k)
+    pack_n, words = 32 // bits, chunk * bits // 32
+    kp = -(-k // chunk) * chunk
+    q = F.pad(q.to(torch.int64), (0, 0, 0, kp - k))  # [Kp, N], padded inputs hold 0
+    # [chunks, fields, W, N] -> fields within each word
+    q = q.reshape(kp // chunk, pack_n, words, n)
+    shifts = (bits * torch.arange(pack_n, device=device)).view(1, pack_n, 1, 1)
+    packed = (q << shifts).sum(1)  # [chunks, W, N], the fields never overlap
+    packed = torch.where(packed >= 2**31, packed - 2**32, packed).to(torch.int32)
+    qweight = packed.reshape(kp // pack_n, n).t().contiguous()
+    group = g_idx[torch.arange(0, kp, chunk, device=device)]  # [chunks]: each chunk's group
+    s = scales.to(device)[group].t().to(torch.float16).contiguous()  # [N, chunks]
+    z = zeros.to(device)[group].t().contiguous()
+    sym = bool((z == 2 ** (bits - 1)).all())
+    z = None if sym else z.to(torch.float16)
+    return PackedWeight(qweight, s, z, perm, bits, chunk, k)
+
+
+def dequantize_ref(w: PackedWeight) -> torch.Tensor:
+    """The float32 weight [N, K] in the permuted input order (x[..., perm] multiplies it)."""
+    n, kw = w.qweight.shape
+    pack_n, words = 32 // w.bits, w.words
+    mask = (1 << w.bits) - 1
+    words_ = w.qweight.to(torch.int64).view(n, kw // words, 1, words)
+    shifts = (w.bits * torch.arange(pack_n, device=w.qweight.device)).view(1, 1, pack_n, 1)
+    q = ((words_ >> shifts) & mask).float()  # [N, chunks, fields, W]
+    s = w.scales.float()[:, :, None, None]
+    z = w.zeros.float()[:, :, None, None] if w.zeros is not None else 2.0 ** (w.bits - 1)
+    return ((q - z) * s).reshape(n, -1)[:, : w.in_features]
+
+
+def quant_matmul_ref(
+    x: torch.Tensor, w: PackedWeight, bias: torch.Tensor | None = None
+) -> torch.Tensor:
+    """Plain torch: F.linear(x[..., perm], dequantize_ref(w) in x's dtype, bias)."""
+    if w.perm is not None:
+        x = x.index_select(-1, w.perm)
+    return F.linear(x, dequantize_ref(w).to(x.dtype), bias)
+
+
+# ---------------------------------------------------------------- kernels
+
+
+@triton.jit
+def _field(words, I: tl.constexpr, BITS: tl.constexpr):
+    """1 + q / 2^BITS as float32 for bit field I of each word: the field moved to the top of a
+    float32 mantissa under exponent 0 (exact, and cheaper than an int-to-float conversion)."""
+    SHIFT: tl.constexpr = 23 - BITS * (I + 1)
+    if SHIFT >= 0:
+        v = words << SHIFT
+    else:
+        v = words >> (-SHIFT)
+    v = (v & (((1 << BITS) - 1) << (23 - BITS))) | 0x3F800000
+    return v.to(tl.float32, bitcast=True)
+
+
+@triton.jit(do_not_specialize=["M", "stride_xm", "stride_om"])
+def _quant_matmul_kernel(
+    x_ptr, w_ptr, s_ptr, z_ptr, b_ptr, out_ptr,
+    M, N, K, KW, NC, stride_xm, stride_om,
+    BITS: tl.constexpr, W: tl.constexpr, HAS_ZEROS: tl.constexpr, HAS_BIAS: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_W: tl.constexpr, DOT: tl.constexpr,
+    PDL: tl.constexpr, DOT_PRECISION: tl.constexpr, DOT_UPCAST: tl.constexpr,
+):  # fmt: skip
+    """out[M, N] = x[M, K] @ W^T (+ bias), one [BLOCK_M, BLOCK_N] tile a program, looping over
+    the K / PACK words of its rows BLOCK_W at a time."""
+    if PDL:
+        gdc_launch_dependents()
+    PACK: tl.constexpr = 32 // BITS
+    CHUNK: tl.constexpr = PACK * W
+    ONE: tl.constexpr = 1 << BITS  # the fields come as 1 + q / ONE
+    pid_n, pid_m = tl.program_id(0), tl.program_id(1)
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    offs_w = tl.arange(0, BLOCK_W)
+    m_ok, n_ok = offs_m < M, offs_n < N
+    x_rows = x_ptr + offs_m[:, None].to(tl.int64) * stride_xm  # [BLOCK_M, 1]
+    w_rows = w_ptr + offs_n[:, None].to(tl.int64) * KW  # [BLOCK_N, 1]
+    s_rows = s_ptr + offs_n[:, None].to(tl.int64) * NC
+    z_rows = z_ptr + offs_n[:, None].to(tl.int64) * NC
+    if DOT:
+        acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
+    else:
+        acc3 = tl.zeros([BLOCK_M, BLOCK_N, BLOCK_W], dtype=tl.float32)
+    if PDL:
+        gdc_wait()
+    for w0 in range(0, KW, BLOCK_W):
+        cols = w0 + offs_w  # [BLOCK_W] word columns
+        chunk = cols // W
+        k_first = chunk * CHUNK + cols % W  # the input of each word's field 0
+        w_mask = n_ok[:, None] & (cols[None, :] < KW)
+        words = tl.load(w_rows + cols[None, :], mask=w_mask, other=0,
+                        eviction_policy="evict_first")  # fmt: skip
+        s = tl.load(s_rows + chunk[None, :], mask=w_mask, other=0.0).to(tl.float32)
+        if HAS_ZEROS:
+            z = tl.load(z_rows + chunk[None, :], mask=w_mask, other=0.0).to(tl.float32)
+        else:
+            z = tl.full([BLOCK_N, BLOCK_W], 1 << (BITS - 1), dtype=tl.float32)
+        if DOT:
+            for i in tl.static_range(PACK):
+                ks = k_first + i * W
+                xi = tl.load(x_rows + ks[None, :], mask=m_ok[:, None] & (ks[None, :] < K),
+                             other=0.0)  # fmt: skip
+                q1 = _field(words, i, BITS) * ONE  # ONE + q, exact
+                wi = ((q1 - (ONE + z)) * s).to(xi.dtype)  # [BLOCK_N, BLOCK_W]
+                if DOT_UPCAST:  # the interpreter multiplies bfloat16 tiles wrongly
+                    acc = tl.dot(xi.to(tl.float32), tl.trans(wi.to(tl.float32)), acc,
+                                 input_precision=DOT_PRECISION)  # fmt: skip
+                else:
+                    acc = tl.dot(xi, tl.trans(wi), acc, input_precision=DOT_PRECISION)
+        else:
+            t = tl.zeros([BLOCK_M, BLOCK_N, BLOCK_W], dtype=tl.float32)
+            xs = tl.zeros([BLOCK_M, 1, BLOCK_W], dtype=tl.float32)
+            for i in tl.static_range(PACK):
+                ks = k_first + i * W
+                xi = tl.load(x_rows + ks[None, :], mask=m_ok[:, None] & (ks[None, :] < K),
+                             other=0.0).to(tl.float32)  # fmt: skip
+                xi = xi[:, None, :]  # [BLOCK_M, 1, BLOCK_W]
+                t += _field(words, i, BITS)[None, :, :] * xi
+                xs += xi
+            # sum over the word's fields of s * (q - z) * x
+            acc3 += s[None, :, :] * (t * ONE - (ONE + z)[None, :, :] * xs)
+    if not DOT:
+        acc = tl.sum(acc3, axis=2)
+    if HAS_BIAS:
+        acc += tl.load(b_ptr + offs_n, mask=n_ok, other=0.0).to(tl.float32)[None, :]
+    out_ptrs = out_ptr + offs_m[:, None].to(tl.int64) * stride_om + offs_n[None, :]
+    tl.store(out_ptrs, acc.to(out_ptr.dtype.element_ty), mask=m_ok[:, None] & n_ok[None, :])
+
+
+@triton.jit
+def _dequantize_kernel(
+    w_ptr, s_ptr, z_ptr, out_ptr, N, K, KW, NC,
+    BITS: tl.constexpr, W: tl.constexpr, HAS_ZEROS: tl.constexpr,
+    BLOCK_N: tl.constexpr, BLOCK_W: tl.constexpr,
+):  # fmt: skip
+    """out[N, K] = the dequantized weight in out's dtype, one [BLOCK_N, BLOCK_W] word tile a
+    program."""
+    PACK: tl.constexpr = 32 // BITS
+    ONE: tl.constexpr = 1 << BITS
+    offs_n = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
+    cols = tl.program_id(1) * BLOCK_W + tl.arange(0, BLOCK_W)
+    chunk = cols // W
+    k_first = chunk * (PACK * W) + cols % W
+    mask = (offs_n[:, None] < N) & (cols[None, :] < KW)
+    rows = offs_n[:, None].to(tl.int64)
+    words = tl.load(w_ptr + rows * KW + cols[None, :], mask=mask, other=0)
+    s = tl.load(s_ptr + rows * NC + chunk[None, :], mask=mask, other=0.0).to(tl.float32)
+    if HAS_ZEROS:
+        z = tl.load(z_ptr + rows * NC + chunk[None, :], mask=mask, other=0.0).to(tl.float32)
+    else:
+        z = tl.full([BLOCK_N, BLOCK_W], 1 << (BITS - 1), dtype=tl.float32)
+    for i in tl.static_range(PACK):
+        ks = k_first + i * W
+        wi = (_field(words, i, BITS) * ONE - (ONE + z)) * s
+        tl.store(out_ptr + rows * K + ks[None, :], wi.to(out_ptr.dtype.element_ty),
+                 mask=mask & (ks[None, :] < K))  # fmt: skip
+
+
+def pick_config(m: int, n: int, is_cuda: bool) -> dict:
+    """Launch settings by row count (a guess from the shapes' arithmetic, to be swept on an
+    H100 with benchmarks/bench_quant.py --sweep): see the module doc."""
+    if not is_cuda:
+        block_m = triton.next_power_of_2(m) if m <= BROADCAST_MAX_M else 16
+        return dict(INTERPRETER_CONFIG, BLOCK_M=block_m, DOT=m > BROADCAST_MAX_M)
+    if m <= BROADCAST_MAX_M:
+        block_w = 128 if m == 1 else 64
+        return dict(BLOCK_M=triton.next_power_of_2(m), BLOCK_N=4, BLOCK_W=block_w, DOT=False,
+                    num_warps=4, num_stages=3)  # fmt: skip
+    if m <= 16:
+        return dict(BLOCK_M=16, BLOCK_N=32, BLOCK_W=32, DOT=True, num_warps=4, num_stages=3)
+    if m <= 64:
+        return dict(BLOCK_M=32, BLOCK_N=64, BLOCK_W=32, DOT=True, num_warps=4, num_stages=3)
+    return dict(BLOCK_M=64, BLOCK_N=128, BLOCK_W=32, DOT=True, num_warps=4, num_stages=3)
+
+
+def sweep_configs(m: int) -> list[dict]:
+    """Candidate launch settings for M rows (benchmarks/bench_quant.py --sweep)."""
+    if m <= BROADCAST_MAX_M:
+        bm = triton.next_power_of_2(m)
+        return [
+            dict(BLOCK_M=bm, BLOCK_N=bn, BLOCK_W=bw, DOT=False, num_warps=nw, num_stages=ns)
+            for bn, bw, nw, ns in [(4, 128, 4, 3), (4, 64, 4, 3), (8, 64, 4, 3), (2, 128, 4, 4),
+                                   (8, 128, 8, 2), (16, 32, 4, 4), (4, 256, 8, 2)]
+        ]  # fmt: skip
+    return [
+        dict(BLOCK_M=bm, BLOCK_N=bn, BLOCK_W=bw, DOT=True, num_warps=nw, num_stages=ns)
+        for bm, bn, bw, nw, ns in [(16, 32, 32, 4, 3), (16, 64, 32, 4, 3), (32, 64, 32, 4, 3),
+                                   (64, 64, 32, 4, 3), (64, 128, 32, 4, 3), (128, 128, 32, 8, 3),
+                                   (64, 128, 16, 4, 4), (128, 64, 32, 4, 3)]
+        if bm <= max(16, triton.next_power_of_2(m))
+    ]  # fmt: skip
+
+
+def dequantize_triton(w: PackedWeight, dtype: torch.dtype) -> torch.Tensor:
+    """The weight [N, K] in `dtype` (permuted input order), by one Triton kernel."""
+    n, kw = w.qweight.shape
+    out = torch.empty(n, w.in_features, dtype=dtype, device=w.qweight.device)
+    block_n, block_w = 32, 32
+    _dequantize_kernel[(triton.cdiv(n, block_n), triton.cdiv(kw, block_w))](
+        w.qweight, w.scales, w.zeros if w.zeros is not None else w.scales, out,
+        n, w.in_features, kw, w.scales.shape[1],
+        BITS=w.bits, W=w.words, HAS_ZEROS=w.zeros is not None, BLOCK_N=block_n, BLOCK_W=block_w,
+    )  # fmt: skip
+    return out
+
+
+def quant_matmul_triton(
+    x: torch.Tensor,
+    w: PackedWeight,
+    bias: torch.Tensor | None = None,
+    *,
+    config: dict | None = None,
+) -> torch.Tensor:
+    """Triton x [..., K] @ dequantize(w)^T (+ bias [N]) -> [..., N] in x's dtype."""
+    n, kw = w.qweight.shape
+    assert x.shape[-1] == w.in_features, f"x has {x.shape[-1]} features, weight {w.in_features}"
+    if w.perm is not None:
+        x = x.index_select(-1, w.perm)
+    x2 = x.reshape(-1, x.shape[-1])
+    if x2.stride(-1) != 1:
+        x2 = x2.contiguous()
+    m = x2.shape[0]
+    if config is None and m >= DEQUANT_MIN_M and x2.is_cuda:
+        out = F.linear(x2, dequantize_triton(w, x2.dtype), bias)
+        return out.view(*x.shape[:-1], n)
+    out = torch.empty(m, n, dtype=x2.dtype, device=x2.device)
+    if m == 0:
+        return out.view(*x.shape[:-1], n)
+    config = dict(config or pick_config(m, n, x2.is_cuda))
+    block_m, block_n = config.pop("BLOCK_M"), config.pop("BLOCK_N")
+    pdl = use_pdl(x2) and not config["DOT"]
+    config.update(pdl_options(pdl))
+    grid = (triton.cdiv(n, block_n), triton.cdiv(m, block_m))
+    _quant_matmul_kernel[grid](
+        x2, w.qweight, w.scales, w.zeros if w.zeros is not None else w.scales,
+        bias if bias is not None else w.scales, out,
+        m, n, w.in_features, kw, w.scales.shape[1], x2.stride(0), out.stride(0),
+        BITS=w.bits, W=w.words, HAS_ZEROS=w.zeros is not None, HAS_BIAS=bias is not None,
+        BLOCK_M=block_m, BLOCK_N=block_n, PDL=pdl, **dot_options(x2), **config,
+    )  # fmt: skip
+    return out.view(*x.shape[:-1], n)
+
+
+def quant_matmul(
+    x: torch.Tensor, w: PackedWeight, bias: torch.Tensor | None = None
+) -> torch.Tensor:
+    """x @ dequantize(w)^T (+ bias): the Triton kernels on CUDA, the reference elsewhere."""
+    if use_triton(x):
+        return quant_matmul_triton(x, w, bias)
+    return quant_matmul_ref(x, w, bias)
