@@ -29,8 +29,8 @@ from kiln.kernels.paged_decode_attention import (
     paged_decode_attention_ref,
     paged_decode_attention_triton,
 )
-from kiln.kernels.quant_linear import quant_matmul_ref, quant_matmul_triton
 from kiln.kernels.qkv_prepare import qkv_prepare_ref, qkv_prepare_triton
+from kiln.kernels.quant_linear import quant_matmul_ref, quant_matmul_triton
 from kiln.kernels.rmsnorm import rmsnorm_ref, rmsnorm_triton
 from kiln.kernels.rope import rope_ref, rope_triton
 from kiln.kernels.sample import sample_ref, sample_triton
