@@ -11,7 +11,7 @@ The packed layout (PackedWeight), read by every kernel here:
   contiguous slice of x, and a chunk never straddles a quantization group;
 - scales [N, chunks] and zeros [N, chunks] (float16, one per chunk: a group spanning several
   chunks repeats its values), or zeros None when every zero is 2^(bits-1) (symmetric);
-- perm int64 [K] or None: with act-order (GPTQ desc_act) the inputs are sorted by group once at
+- perm int32 [K] or None: with act-order (GPTQ desc_act) the inputs are sorted by group once at
   load, so that groups are contiguous; the kernels multiply x[..., perm].
 Dequantized: W[n, k] = scales[n, c(k)] * (q[n, k] - zeros[n, c(k)]) in float32, like
 IntWeight.dequantize (bit for bit, before the cast to the activations' dtype).
@@ -45,12 +45,16 @@ from kiln.kernels._triton import (
     use_triton,
 )
 from kiln.kernels.common import dot_options
+from kiln.kernels.gemv import activation_chunk, row_rstd
+from kiln.kernels.rmsnorm import rmsnorm_ref
+from kiln.kernels.silu_and_mul import silu_and_mul_ref
 
 MAX_WORDS = 32  # words of a row in one chunk, at most (128 bytes)
 BROADCAST_MAX_M = 4
 DEQUANT_MIN_M = 1024
 # The interpreter (CPU tests) uses small tiles, so that tiny shapes cross tile boundaries.
 INTERPRETER_CONFIG = dict(BLOCK_N=16, BLOCK_W=16, num_warps=4, num_stages=1)
+_PLAIN, _RMSNORM, _SILU_MUL = 0, 1, 2  # prologues (kiln.kernels.gemv's)
 
 
 @dataclass
@@ -60,7 +64,7 @@ class PackedWeight:
     qweight: torch.Tensor  # int32 [N, Kp / PACK]
     scales: torch.Tensor  # float16 [N, Kp / CHUNK]
     zeros: torch.Tensor | None  # float16 [N, Kp / CHUNK]; None: 2^(bits-1) everywhere
-    perm: torch.Tensor | None  # int64 [K]: the kernels multiply x[..., perm]
+    perm: torch.Tensor | None  # int32 [K]: the kernels multiply x[..., perm]
     bits: int
     chunk: int  # CHUNK: inputs a chunk
     in_features: int  # K
@@ -110,7 +114,7 @@ def pack(
         perm = torch.sort(g_idx, stable=True).indices
         if not torch.equal(g_idx[perm], torch.arange(k, device=device) // size):
             raise ValueError(f"g_idx does not give every group {size} inputs")
-        q, g_idx = q[perm], g_idx[perm]
+        q, g_idx, perm = q[perm], g_idx[perm], perm.to(torch.int32)
     chunk = chunk_size(bits, group_size, k)
     pack_n, words = 32 // bits, chunk * bits // 32
     kp = -(-k // chunk) * chunk
@@ -151,6 +155,30 @@ def quant_matmul_ref(
     return F.linear(x, dequantize_ref(w).to(x.dtype), bias)
 
 
+def quant_rmsnorm_matmul_ref(
+    x: torch.Tensor,
+    residual: torch.Tensor | None,
+    norm_weight: torch.Tensor,
+    eps: float,
+    w: PackedWeight,
+    bias: torch.Tensor | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Plain torch: (quant_matmul_ref(rmsnorm(x + residual)), x + residual); without a
+    residual, (quant_matmul_ref(rmsnorm(x)), x)."""
+    if residual is None:
+        normed, h = rmsnorm_ref(x, norm_weight, eps), x
+    else:
+        normed, h = rmsnorm_ref(x, norm_weight, eps, residual)
+    return quant_matmul_ref(normed, w, bias), h
+
+
+def quant_silu_mul_matmul_ref(
+    gate_up: torch.Tensor, w: PackedWeight, bias: torch.Tensor | None = None
+) -> torch.Tensor:
+    """Plain torch: quant_matmul_ref(silu(gate_up[..., :I]) * gate_up[..., I:])."""
+    return quant_matmul_ref(silu_and_mul_ref(gate_up), w, bias)
+
+
 # ---------------------------------------------------------------- kernels
 
 
@@ -167,16 +195,19 @@ def _field(words, I: tl.constexpr, BITS: tl.constexpr):
     return v.to(tl.float32, bitcast=True)
 
 
-@triton.jit(do_not_specialize=["M", "stride_xm", "stride_om"])
+@triton.jit(do_not_specialize=["M", "stride_xm", "stride_rm", "stride_om"])
 def _quant_matmul_kernel(
-    x_ptr, w_ptr, s_ptr, z_ptr, b_ptr, out_ptr,
-    M, N, K, KW, NC, stride_xm, stride_om,
+    x_ptr, res_ptr, nw_ptr, h_ptr, perm_ptr, w_ptr, s_ptr, z_ptr, b_ptr, out_ptr,
+    M, N, K, KW, NC, stride_xm, stride_rm, stride_om, eps,
     BITS: tl.constexpr, W: tl.constexpr, HAS_ZEROS: tl.constexpr, HAS_BIAS: tl.constexpr,
+    HAS_PERM: tl.constexpr, PROLOGUE: tl.constexpr, HAS_RESIDUAL: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_W: tl.constexpr, DOT: tl.constexpr,
     PDL: tl.constexpr, DOT_PRECISION: tl.constexpr, DOT_UPCAST: tl.constexpr,
 ):  # fmt: skip
-    """out[M, N] = x[M, K] @ W^T (+ bias), one [BLOCK_M, BLOCK_N] tile a program, looping over
-    the K / PACK words of its rows BLOCK_W at a time."""
+    """out[M, N] = a[M, K] @ W^T (+ bias), one [BLOCK_M, BLOCK_N] tile a program, looping over
+    the K / PACK words of its rows BLOCK_W at a time. a is x (PROLOGUE 0), rmsnorm(x +
+    residual) (1: h = x + residual stored by the programs of column tile 0) or
+    silu(x[:, :K]) * x[:, K:] (2), gathered at perm (act-order) when HAS_PERM."""
     if PDL:
         gdc_launch_dependents()
     PACK: tl.constexpr = 32 // BITS
@@ -188,6 +219,7 @@ def _quant_matmul_kernel(
     offs_w = tl.arange(0, BLOCK_W)
     m_ok, n_ok = offs_m < M, offs_n < N
     x_rows = x_ptr + offs_m[:, None].to(tl.int64) * stride_xm  # [BLOCK_M, 1]
+    r_rows = res_ptr + offs_m[:, None].to(tl.int64) * stride_rm
     w_rows = w_ptr + offs_n[:, None].to(tl.int64) * KW  # [BLOCK_N, 1]
     s_rows = s_ptr + offs_n[:, None].to(tl.int64) * NC
     z_rows = z_ptr + offs_n[:, None].to(tl.int64) * NC
@@ -197,6 +229,10 @@ def _quant_matmul_kernel(
         acc3 = tl.zeros([BLOCK_M, BLOCK_N, BLOCK_W], dtype=tl.float32)
     if PDL:
         gdc_wait()
+    rstd = tl.zeros([BLOCK_M], dtype=tl.float32)
+    if PROLOGUE == 1:
+        rstd = row_rstd(x_rows, r_rows, h_ptr, offs_m, m_ok, tl.where(pid_n == 0, M, 0), K,
+                        eps, HAS_RESIDUAL, BLOCK_M, PACK * BLOCK_W)  # fmt: skip
     for w0 in range(0, KW, BLOCK_W):
         cols = w0 + offs_w  # [BLOCK_W] word columns
         chunk = cols // W
@@ -209,11 +245,17 @@ def _quant_matmul_kernel(
             z = tl.load(z_rows + chunk[None, :], mask=w_mask, other=0.0).to(tl.float32)
         else:
             z = tl.full([BLOCK_N, BLOCK_W], 1 << (BITS - 1), dtype=tl.float32)
-        if DOT:
-            for i in tl.static_range(PACK):
-                ks = k_first + i * W
-                xi = tl.load(x_rows + ks[None, :], mask=m_ok[:, None] & (ks[None, :] < K),
-                             other=0.0)  # fmt: skip
+        if not DOT:
+            t = tl.zeros([BLOCK_M, BLOCK_N, BLOCK_W], dtype=tl.float32)
+            xs = tl.zeros([BLOCK_M, 1, BLOCK_W], dtype=tl.float32)
+        for i in tl.static_range(PACK):
+            ks = k_first + i * W
+            k_ok = ks < K
+            if HAS_PERM:
+                ks = tl.load(perm_ptr + ks, mask=k_ok, other=0)
+            xi = activation_chunk(x_rows, r_rows, nw_ptr, rstd, ks, m_ok[:, None] & k_ok[None, :],
+                                  K, PROLOGUE, HAS_RESIDUAL)  # fmt: skip
+            if DOT:
                 q1 = _field(words, i, BITS) * ONE  # ONE + q, exact
                 wi = ((q1 - (ONE + z)) * s).to(xi.dtype)  # [BLOCK_N, BLOCK_W]
                 if DOT_UPCAST:  # the interpreter multiplies bfloat16 tiles wrongly
@@ -221,17 +263,11 @@ def _quant_matmul_kernel(
                                  input_precision=DOT_PRECISION)  # fmt: skip
                 else:
                     acc = tl.dot(xi, tl.trans(wi), acc, input_precision=DOT_PRECISION)
-        else:
-            t = tl.zeros([BLOCK_M, BLOCK_N, BLOCK_W], dtype=tl.float32)
-            xs = tl.zeros([BLOCK_M, 1, BLOCK_W], dtype=tl.float32)
-            for i in tl.static_range(PACK):
-                ks = k_first + i * W
-                xi = tl.load(x_rows + ks[None, :], mask=m_ok[:, None] & (ks[None, :] < K),
-                             other=0.0).to(tl.float32)  # fmt: skip
-                xi = xi[:, None, :]  # [BLOCK_M, 1, BLOCK_W]
-                t += _field(words, i, BITS)[None, :, :] * xi
-                xs += xi
-            # sum over the word's fields of s * (q - z) * x
+            else:
+                xf = xi.to(tl.float32)[:, None, :]  # [BLOCK_M, 1, BLOCK_W]
+                t += _field(words, i, BITS)[None, :, :] * xf
+                xs += xf
+        if not DOT:  # sum over the word's fields of s * (q - z) * x
             acc3 += s[None, :, :] * (t * ONE - (ONE + z)[None, :, :] * xs)
     if not DOT:
         acc = tl.sum(acc3, axis=2)
@@ -318,6 +354,41 @@ def dequantize_triton(w: PackedWeight, dtype: torch.dtype) -> torch.Tensor:
     return out
 
 
+def _launch(
+    prologue: int,
+    x2: torch.Tensor,  # [M, K] (or [M, 2K] gate_up), unit stride along the row
+    res2: torch.Tensor | None,
+    norm_weight: torch.Tensor | None,
+    eps: float,
+    w: PackedWeight,
+    bias: torch.Tensor | None,
+    h2: torch.Tensor | None,
+    config: dict | None,
+) -> torch.Tensor:
+    m, (n, kw) = x2.shape[0], w.qweight.shape
+    assert x2.stride(-1) == 1
+    out = torch.empty(m, n, dtype=x2.dtype, device=x2.device)
+    if m == 0:
+        return out
+    config = dict(config or pick_config(m, n, x2.is_cuda))
+    block_m, block_n = config.pop("BLOCK_M"), config.pop("BLOCK_N")
+    pdl = use_pdl(x2) and not config["DOT"]
+    config.update(pdl_options(pdl))
+    grid = (triton.cdiv(n, block_n), triton.cdiv(m, block_m))
+    _quant_matmul_kernel[grid](
+        x2, res2 if res2 is not None else x2, norm_weight if norm_weight is not None else x2,
+        h2 if h2 is not None else out, w.perm if w.perm is not None else w.qweight,
+        w.qweight, w.scales, w.zeros if w.zeros is not None else w.scales,
+        bias if bias is not None else w.scales, out,
+        m, n, w.in_features, kw, w.scales.shape[1], x2.stride(0),
+        res2.stride(0) if res2 is not None else 0, out.stride(0), eps,
+        BITS=w.bits, W=w.words, HAS_ZEROS=w.zeros is not None, HAS_BIAS=bias is not None,
+        HAS_PERM=w.perm is not None, PROLOGUE=prologue, HAS_RESIDUAL=res2 is not None,
+        BLOCK_M=block_m, BLOCK_N=block_n, PDL=pdl, **dot_options(x2), **config,
+    )  # fmt: skip
+    return out
+
+
 def quant_matmul_triton(
     x: torch.Tensor,
     w: PackedWeight,
@@ -326,33 +397,57 @@ def quant_matmul_triton(
     config: dict | None = None,
 ) -> torch.Tensor:
     """Triton x [..., K] @ dequantize(w)^T (+ bias [N]) -> [..., N] in x's dtype."""
-    n, kw = w.qweight.shape
     assert x.shape[-1] == w.in_features, f"x has {x.shape[-1]} features, weight {w.in_features}"
-    if w.perm is not None:
-        x = x.index_select(-1, w.perm)
     x2 = x.reshape(-1, x.shape[-1])
-    if x2.stride(-1) != 1:
-        x2 = x2.contiguous()
-    m = x2.shape[0]
-    if config is None and m >= DEQUANT_MIN_M and x2.is_cuda:
+    if config is None and x2.shape[0] >= DEQUANT_MIN_M and x2.is_cuda:
+        if w.perm is not None:
+            x2 = x2.index_select(-1, w.perm)
         out = F.linear(x2, dequantize_triton(w, x2.dtype), bias)
-        return out.view(*x.shape[:-1], n)
-    out = torch.empty(m, n, dtype=x2.dtype, device=x2.device)
-    if m == 0:
-        return out.view(*x.shape[:-1], n)
-    config = dict(config or pick_config(m, n, x2.is_cuda))
-    block_m, block_n = config.pop("BLOCK_M"), config.pop("BLOCK_N")
-    pdl = use_pdl(x2) and not config["DOT"]
-    config.update(pdl_options(pdl))
-    grid = (triton.cdiv(n, block_n), triton.cdiv(m, block_m))
-    _quant_matmul_kernel[grid](
-        x2, w.qweight, w.scales, w.zeros if w.zeros is not None else w.scales,
-        bias if bias is not None else w.scales, out,
-        m, n, w.in_features, kw, w.scales.shape[1], x2.stride(0), out.stride(0),
-        BITS=w.bits, W=w.words, HAS_ZEROS=w.zeros is not None, HAS_BIAS=bias is not None,
-        BLOCK_M=block_m, BLOCK_N=block_n, PDL=pdl, **dot_options(x2), **config,
-    )  # fmt: skip
-    return out.view(*x.shape[:-1], n)
+    else:
+        x2 = x2 if x2.stride(-1) == 1 else x2.contiguous()
+        out = _launch(_PLAIN, x2, None, None, 0.0, w, bias, None, config)
+    return out.view(*x.shape[:-1], w.out_features)
+
+
+def quant_rmsnorm_matmul_triton(
+    x: torch.Tensor,
+    residual: torch.Tensor | None,
+    norm_weight: torch.Tensor,
+    eps: float,
+    w: PackedWeight,
+    bias: torch.Tensor | None = None,
+    *,
+    config: dict | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Triton RMSNorm (after the residual add, if any) then the quantized Linear, in one
+    launch (small M: every program reads the whole rows); same contract as
+    quant_rmsnorm_matmul_ref."""
+    hidden = x.shape[-1]
+    assert hidden == w.in_features and norm_weight.shape == (hidden,)
+    x2 = x.reshape(-1, hidden)
+    res2 = h2 = None
+    h = x
+    if residual is not None:
+        res2 = residual.reshape(-1, hidden)
+        h = torch.empty_like(x, memory_format=torch.contiguous_format)
+        h2 = h.view(-1, hidden)
+    out = _launch(_RMSNORM, x2, res2, norm_weight, eps, w, bias, h2, config)
+    return out.view(*x.shape[:-1], w.out_features), h
+
+
+def quant_silu_mul_matmul_triton(
+    gate_up: torch.Tensor,
+    w: PackedWeight,
+    bias: torch.Tensor | None = None,
+    *,
+    config: dict | None = None,
+) -> torch.Tensor:
+    """Triton silu_and_mul then the quantized Linear, in one launch; same contract as
+    quant_silu_mul_matmul_ref."""
+    assert gate_up.shape[-1] == 2 * w.in_features
+    x2 = gate_up.reshape(-1, gate_up.shape[-1])
+    out = _launch(_SILU_MUL, x2, None, None, 0.0, w, bias, None, config)
+    return out.view(*gate_up.shape[:-1], w.out_features)
 
 
 def quant_matmul(
