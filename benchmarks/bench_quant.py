@@ -270,17 +270,22 @@ def weight_bytes(model) -> int:
 def bench_decode(dirs: dict[str, Path], cuda: bool, new_tokens: int) -> list[str]:
     from kiln.engine import LLM
 
-    lines = ["| model | decode tok/s | x bf16 | weights read / token (GB) | GB/s |",
+    lines = ["| model | decode tok/s | x bf16 | weights read / token (MB) | GB/s |",
              "|---|---|---|---|---|"]  # fmt: skip
+    print("\n".join(lines), flush=True)
     base = None
-    for name, path in dirs.items():
+    runs = [(name, path, {}) for name, path in dirs.items()]
+    # the quantized GEMVs without the norm / SiLU-mul prologues (separate kernels)
+    runs += [(f"{n} unfused", p, {"gemv_max_batch": 0}) for n, p in dirs.items() if n != "bf16"]
+    for name, path, extra in runs:
         kw = dict(max_num_seqs=4, max_cuda_graph_tokens=256, kv_cache_memory_bytes=2**30)
-        llm = LLM(str(path), **kw) if cuda else LLM(str(path), device="cpu", max_num_seqs=4)
+        kw = kw if cuda else dict(device="cpu", max_num_seqs=4)
+        llm = LLM(str(path), **kw, **extra)
         rate = decode_rate(llm, 128 if cuda else 16, new_tokens)
         nbytes = weight_bytes(llm.engine.runner.model)
         base = base or rate
         lines.append(
-            f"| {name} | {rate:.1f} | {rate / base:.2f} | {nbytes / 1e9:.2f} | "
+            f"| {name} | {rate:.1f} | {rate / base:.2f} | {nbytes / 1e6:.1f} | "
             f"{rate * nbytes / 1e9:.0f} |"
         )
         print(lines[-1], flush=True)
@@ -294,6 +299,7 @@ def bench_offline(dirs: dict[str, Path], cuda: bool, num_prompts: int, vocab: in
     lens = ((100, 1024), (100, 1024)) if cuda else ((8, 32), (8, 32))
     work = offline_workload(num_prompts, *lens, vocab_size=vocab, seed=0)
     lines = ["| model | output tok/s | x bf16 | seconds | output tokens |", "|---|---|---|---|---|"]
+    print("\n".join(lines), flush=True)
     base = None
     for name, path in dirs.items():
         llm = LLM(str(path)) if cuda else LLM(str(path), device="cpu")

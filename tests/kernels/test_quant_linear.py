@@ -113,14 +113,14 @@ def test_dequantize_triton_matches_reference(bits, group_size, sym, device):
     assert torch.equal(dequantize_triton(p, torch.float32), dequantize_ref(p))
 
 
-@pytest.mark.parametrize("m", [1, 3, 16, 64, 256])
+@pytest.mark.parametrize("m", [1, 3, 64])
 def test_every_sweep_config_computes_the_same_product(m, device):
     """Each candidate of the GPU sweep (and the default) is a valid launch here too."""
     w = int_weight(128, 32, 4, 64, False, False, device)
     p = packed_of(w, 64)
     x = torch.randn(m, 128, device=device)
     ref = quant_matmul_ref(x, p)
-    for config in [pick_config(m, 32, True)] + sweep_configs(m)[:3]:
+    for config in [pick_config(m, 32, True)] + sweep_configs(m):
         out = quant_matmul_triton(x, p, config=config)
         assert (out - ref).abs().max() < 1e-4 * ref.abs().max(), config
 

@@ -307,38 +307,47 @@ def _dequantize_kernel(
 
 
 def pick_config(m: int, n: int, is_cuda: bool) -> dict:
-    """Launch settings by row count (a guess from the shapes' arithmetic, to be swept on an
-    H100 with benchmarks/bench_quant.py --sweep): see the module doc."""
+    """Launch settings by row count: a guess from the arithmetic below, not yet measured (sweep
+    on an H100: benchmarks/bench_quant.py --sweep).
+
+    M <= 4: 16 weight rows a program (4 warps of 4 rows each: every thread reuses its x values
+    and their prologue over its 4 rows), 64 words (512 int4 inputs) a row per step, 4 stages in
+    flight; N = 4096 gives 256 programs. Larger M, tl.dot tiles growing with M, 64 columns wide
+    so that N = 4096 still fills the GPU at M = 256 (256 programs).
+    """
     if not is_cuda:
         block_m = triton.next_power_of_2(m) if m <= BROADCAST_MAX_M else 16
         return dict(INTERPRETER_CONFIG, BLOCK_M=block_m, DOT=m > BROADCAST_MAX_M)
     if m <= BROADCAST_MAX_M:
-        block_w = 128 if m == 1 else 64
-        return dict(BLOCK_M=triton.next_power_of_2(m), BLOCK_N=4, BLOCK_W=block_w, DOT=False,
-                    num_warps=4, num_stages=3)  # fmt: skip
+        block_w = 64 if m == 1 else 32
+        return dict(BLOCK_M=triton.next_power_of_2(m), BLOCK_N=16, BLOCK_W=block_w, DOT=False,
+                    num_warps=4, num_stages=4)  # fmt: skip
     if m <= 16:
         return dict(BLOCK_M=16, BLOCK_N=32, BLOCK_W=32, DOT=True, num_warps=4, num_stages=3)
     if m <= 64:
         return dict(BLOCK_M=32, BLOCK_N=64, BLOCK_W=32, DOT=True, num_warps=4, num_stages=3)
-    return dict(BLOCK_M=64, BLOCK_N=128, BLOCK_W=32, DOT=True, num_warps=4, num_stages=3)
+    return dict(BLOCK_M=64, BLOCK_N=64, BLOCK_W=32, DOT=True, num_warps=4, num_stages=3)
 
 
 def sweep_configs(m: int) -> list[dict]:
-    """Candidate launch settings for M rows (benchmarks/bench_quant.py --sweep)."""
-    if m <= BROADCAST_MAX_M:
-        bm = triton.next_power_of_2(m)
-        return [
-            dict(BLOCK_M=bm, BLOCK_N=bn, BLOCK_W=bw, DOT=False, num_warps=nw, num_stages=ns)
-            for bn, bw, nw, ns in [(4, 128, 4, 3), (4, 64, 4, 3), (8, 64, 4, 3), (2, 128, 4, 4),
-                                   (8, 128, 8, 2), (16, 32, 4, 4), (4, 256, 8, 2)]
-        ]  # fmt: skip
-    return [
-        dict(BLOCK_M=bm, BLOCK_N=bn, BLOCK_W=bw, DOT=True, num_warps=nw, num_stages=ns)
-        for bm, bn, bw, nw, ns in [(16, 32, 32, 4, 3), (16, 64, 32, 4, 3), (32, 64, 32, 4, 3),
-                                   (64, 64, 32, 4, 3), (64, 128, 32, 4, 3), (128, 128, 32, 8, 3),
-                                   (64, 128, 16, 4, 4), (128, 64, 32, 4, 3)]
-        if bm <= max(16, triton.next_power_of_2(m))
+    """Candidate launch settings for M rows (benchmarks/bench_quant.py --sweep); for M <= 4
+    also tensor-core tiles (M padded to 16)."""
+    bm = triton.next_power_of_2(m)
+    broadcast = [
+        dict(BLOCK_M=bm, BLOCK_N=bn, BLOCK_W=bw, DOT=False, num_warps=nw, num_stages=ns)
+        for bn, bw, nw, ns in [(4, 128, 4, 3), (8, 64, 4, 4), (16, 64, 4, 4), (16, 32, 4, 4),
+                               (32, 32, 4, 3), (32, 64, 8, 3), (16, 128, 8, 3), (64, 16, 4, 4)]
     ]  # fmt: skip
+    dots = [
+        dict(BLOCK_M=bm, BLOCK_N=bn, BLOCK_W=bw, DOT=True, num_warps=nw, num_stages=ns)
+        for bm, bn, bw, nw, ns in [(16, 16, 64, 4, 4), (16, 32, 32, 4, 3), (16, 64, 32, 4, 3),
+                                   (32, 64, 32, 4, 3), (64, 64, 32, 4, 3), (64, 128, 32, 4, 3),
+                                   (128, 128, 32, 8, 3), (64, 128, 16, 4, 4), (128, 64, 32, 4, 3),
+                                   (64, 64, 64, 4, 3)]
+    ]  # fmt: skip
+    if m <= BROADCAST_MAX_M:
+        return broadcast + dots[:3]
+    return [c for c in dots if c["BLOCK_M"] <= max(16, triton.next_power_of_2(m))]
 
 
 def dequantize_triton(w: PackedWeight, dtype: torch.dtype) -> torch.Tensor:
