@@ -108,3 +108,21 @@ def test_parts_with_different_act_orders_run_side_by_side(quantized_dir):
     same = concat_quantized([attn.q_proj, attn.v_proj])
     assert isinstance(same, QuantLinear)
     assert torch.allclose(same(x), torch.cat([attn.q_proj(x), attn.v_proj(x)], -1), atol=1e-5)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("name", ["rtn4-g32-asym", "gptq4-g32-act", "rtn8-channel"])
+def test_triton_kernels_and_graphs_on_gpu_give_the_dequantized_tokens(
+    quantized_dir, random_prompts, name
+):
+    """float32 on CUDA: the quantized kernels (GEMV with prologues, GEMM, dequantize +
+    cuBLAS) under CUDA graphs give the dequantize-at-load torch path's greedy tokens."""
+    path = quantized_dir(name)
+    prompts = random_prompts((3, 40, 17, 90, 1), seed=30)
+    kw = dict(dtype="float32", device="cuda", kv_cache_memory_bytes=2**26)
+    ref = LLM(str(path), quantization="none", attention_backend="torch", use_cuda_graph=False, **kw)
+    for gemv_max_batch in (1, 0):
+        llm = LLM(str(path), attention_backend="triton", gemv_max_batch=gemv_max_batch, **kw)
+        assert llm.engine.runner.graph_runner.graphs
+        assert _tokens(llm, prompts) == _tokens(ref, prompts)
+        assert _tokens(llm, prompts[:1]) == _tokens(ref, prompts[:1])  # batch-1 decode
