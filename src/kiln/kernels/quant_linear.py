@@ -245,7 +245,9 @@ def _quant_matmul_kernel(
             z = tl.load(z_rows + chunk[None, :], mask=w_mask, other=0.0).to(tl.float32)
         else:
             z = tl.full([BLOCK_N, BLOCK_W], 1 << (BITS - 1), dtype=tl.float32)
-        if not DOT:
+        if DOT:  # s * (q - z) = (1 + q/ONE) * (ONE * s) - (ONE + z) * s: one FMA a field, exact
+            a, b = s * ONE, -(ONE + z) * s  # (both products are exact in float32)
+        else:
             t = tl.zeros([BLOCK_M, BLOCK_N, BLOCK_W], dtype=tl.float32)
             xs = tl.zeros([BLOCK_M, 1, BLOCK_W], dtype=tl.float32)
         for i in tl.static_range(PACK):
@@ -256,8 +258,7 @@ def _quant_matmul_kernel(
             xi = activation_chunk(x_rows, r_rows, nw_ptr, rstd, ks, m_ok[:, None] & k_ok[None, :],
                                   K, PROLOGUE, HAS_RESIDUAL)  # fmt: skip
             if DOT:
-                q1 = _field(words, i, BITS) * ONE  # ONE + q, exact
-                wi = ((q1 - (ONE + z)) * s).to(xi.dtype)  # [BLOCK_N, BLOCK_W]
+                wi = tl.fma(_field(words, i, BITS), a, b).to(xi.dtype)  # [BLOCK_N, BLOCK_W]
                 if DOT_UPCAST:  # the interpreter multiplies bfloat16 tiles wrongly
                     acc = tl.dot(xi.to(tl.float32), tl.trans(wi.to(tl.float32)), acc,
                                  input_precision=DOT_PRECISION)  # fmt: skip
@@ -299,9 +300,10 @@ def _dequantize_kernel(
         z = tl.load(z_ptr + rows * NC + chunk[None, :], mask=mask, other=0.0).to(tl.float32)
     else:
         z = tl.full([BLOCK_N, BLOCK_W], 1 << (BITS - 1), dtype=tl.float32)
+    a, b = s * ONE, -(ONE + z) * s  # as in _quant_matmul_kernel
     for i in tl.static_range(PACK):
         ks = k_first + i * W
-        wi = (_field(words, i, BITS) * ONE - (ONE + z)) * s
+        wi = tl.fma(_field(words, i, BITS), a, b)
         tl.store(out_ptr + rows * K + ks[None, :], wi.to(out_ptr.dtype.element_ty),
                  mask=mask & (ks[None, :] < K))  # fmt: skip
 
@@ -312,8 +314,10 @@ def pick_config(m: int, n: int, is_cuda: bool) -> dict:
 
     M <= 4: 16 weight rows a program (4 warps of 4 rows each: every thread reuses its x values
     and their prologue over its 4 rows), 64 words (512 int4 inputs) a row per step, 4 stages in
-    flight; N = 4096 gives 256 programs. Larger M, tl.dot tiles growing with M, 64 columns wide
-    so that N = 4096 still fills the GPU at M = 256 (256 programs).
+    flight; N = 4096 gives 256 programs. Larger M, tl.dot tiles: each weight tile is dequantized
+    once per BLOCK_M rows (4 ALU operations an element), so BLOCK_M grows to 128 (the tensor
+    cores, not the dequantization, then bound it), 64 columns wide so that N = 4096 at M = 256
+    still gives 128 programs.
     """
     if not is_cuda:
         block_m = triton.next_power_of_2(m) if m <= BROADCAST_MAX_M else 16
@@ -325,8 +329,8 @@ def pick_config(m: int, n: int, is_cuda: bool) -> dict:
     if m <= 16:
         return dict(BLOCK_M=16, BLOCK_N=32, BLOCK_W=32, DOT=True, num_warps=4, num_stages=3)
     if m <= 64:
-        return dict(BLOCK_M=32, BLOCK_N=64, BLOCK_W=32, DOT=True, num_warps=4, num_stages=3)
-    return dict(BLOCK_M=64, BLOCK_N=64, BLOCK_W=32, DOT=True, num_warps=4, num_stages=3)
+        return dict(BLOCK_M=64, BLOCK_N=64, BLOCK_W=32, DOT=True, num_warps=4, num_stages=3)
+    return dict(BLOCK_M=128, BLOCK_N=64, BLOCK_W=32, DOT=True, num_warps=8, num_stages=3)
 
 
 def sweep_configs(m: int) -> list[dict]:
@@ -342,8 +346,8 @@ def sweep_configs(m: int) -> list[dict]:
         dict(BLOCK_M=bm, BLOCK_N=bn, BLOCK_W=bw, DOT=True, num_warps=nw, num_stages=ns)
         for bm, bn, bw, nw, ns in [(16, 16, 64, 4, 4), (16, 32, 32, 4, 3), (16, 64, 32, 4, 3),
                                    (32, 64, 32, 4, 3), (64, 64, 32, 4, 3), (64, 128, 32, 4, 3),
-                                   (128, 128, 32, 8, 3), (64, 128, 16, 4, 4), (128, 64, 32, 4, 3),
-                                   (64, 64, 64, 4, 3)]
+                                   (128, 128, 32, 8, 3), (64, 128, 16, 4, 4), (128, 64, 32, 8, 3),
+                                   (64, 64, 64, 4, 3), (128, 32, 32, 4, 3), (256, 32, 32, 8, 3)]
     ]  # fmt: skip
     if m <= BROADCAST_MAX_M:
         return broadcast + dots[:3]
