@@ -30,7 +30,14 @@ import torch.nn.functional as F
 from safetensors.torch import save_file
 
 from kiln.eval.bench import offline_workload, run_offline
-from kiln.kernels.quant_linear import pack, quant_matmul, quant_matmul_triton, sweep_configs
+from kiln.kernels.quant_linear import (
+    dequantize_ref,
+    dequantize_triton,
+    pack,
+    quant_matmul,
+    quant_matmul_triton,
+    sweep_configs,
+)
 from kiln.model.quantized import IntWeight, pack_gptq
 from kiln.quant.rtn import grid, to_int
 
@@ -114,9 +121,9 @@ def bench_kernels(cuda: bool, sweep: bool) -> list[str]:
     }  # fmt: skip
     rows = (1, 16, 64, 256, 2048) if cuda else (1, 16, 64)
     lines = [
-        "| shape (K x N) | M | bf16 cuBLAS us | W4A16 g128 us | x | W8A16 us | x |"
-        + (" best W4 config (us) |" if sweep else ""),
-        "|---|---|---|---|---|---|---|" + ("---|" if sweep else ""),
+        "| shape (K x N) | M | bf16 cuBLAS us | W4A16 g128 us | x | W8A16 us | x "
+        "| W4 dequantize + cuBLAS us |" + (" best W4 config (us) |" if sweep else ""),
+        "|---|---|---|---|---|---|---|---|" + ("---|" if sweep else ""),
     ]
     print("\n".join(lines), flush=True)
     for name, (k, n) in shapes.items():
@@ -152,12 +159,16 @@ def bench_shape(name: str, k: int, n: int, rows, cuda: bool, sweep: bool):
                 quant_matmul(x, w) if config is None else quant_matmul_triton(x, w, config=config)
             )
 
+        def run_dequant(i, x=x, ws=packed["w4"]):
+            return F.linear(x, dequantize(ws[i % len(ws)], x.dtype))
+
         t16 = timer(run16)
         t4 = timer(functools.partial(runq, ws=packed["w4"]))
         t8 = timer(functools.partial(runq, ws=packed["w8"]))
+        td = timer(run_dequant)
         line = (
             f"| {name} | {m} | {t16 * 1e6:.1f} | {t4 * 1e6:.1f} | {t16 / t4:.2f} | "
-            f"{t8 * 1e6:.1f} | {t16 / t8:.2f} |"
+            f"{t8 * 1e6:.1f} | {t16 / t8:.2f} | {td * 1e6:.1f} |"
         )
         if sweep and cuda and m <= 256:
             timed = [
@@ -167,6 +178,11 @@ def bench_shape(name: str, k: int, n: int, rows, cuda: bool, sweep: bool):
             best = min(timed)
             line += f" {best[1]} ({best[0] * 1e6:.1f}) |"
         yield line
+
+
+def dequantize(w, dtype):
+    """The weight in dtype: the Triton kernel on CUDA, the reference elsewhere."""
+    return dequantize_triton(w, dtype) if w.qweight.is_cuda else dequantize_ref(w).to(dtype)
 
 
 def _clone(w):
