@@ -255,11 +255,22 @@ def write_checkpoints(root: Path, cfg: dict, names: list[str], device: str) -> d
     return dirs
 
 
-def free(llm) -> None:
-    del llm
-    gc.collect()
-    if torch.cuda.is_available():
-        torch.cuda.empty_cache()
+def with_engine(path: Path, fn, **engine_args):
+    """fn(llm) on a fresh kiln.LLM of path; the engine and its GPU memory are released before
+    returning (two 8B engines do not fit side by side)."""
+    from kiln.engine import LLM
+
+    if not torch.cuda.is_available():
+        engine_args = dict(engine_args, device="cpu")
+        engine_args.pop("kv_cache_memory_bytes", None)
+    llm = LLM(str(path), **engine_args)
+    try:
+        return fn(llm)
+    finally:
+        del llm
+        gc.collect()
+        if torch.cuda.is_available():
+            torch.cuda.empty_cache()
 
 
 # ---------------------------------------------------------------- (b) decode, (c) offline
@@ -283,9 +294,7 @@ def weight_bytes(model) -> int:
     return sum(t.numel() * t.element_size() for t in tensors.values())
 
 
-def bench_decode(dirs: dict[str, Path], cuda: bool, new_tokens: int) -> list[str]:
-    from kiln.engine import LLM
-
+def bench_decode(dirs: dict[str, Path], new_tokens: int, prompt_len: int) -> list[str]:
     lines = ["| model | decode tok/s | x bf16 | weights read / token (MB) | GB/s |",
              "|---|---|---|---|---|"]  # fmt: skip
     print("\n".join(lines), flush=True)
@@ -294,40 +303,41 @@ def bench_decode(dirs: dict[str, Path], cuda: bool, new_tokens: int) -> list[str
     # the quantized GEMVs without the norm / SiLU-mul prologues (separate kernels)
     runs += [(f"{n} unfused", p, {"gemv_max_batch": 0}) for n, p in dirs.items() if n != "bf16"]
     for name, path, extra in runs:
-        kw = dict(max_num_seqs=4, max_cuda_graph_tokens=256, kv_cache_memory_bytes=2**30)
-        kw = kw if cuda else dict(device="cpu", max_num_seqs=4)
-        llm = LLM(str(path), **kw, **extra)
-        rate = decode_rate(llm, 128 if cuda else 16, new_tokens)
-        nbytes = weight_bytes(llm.engine.runner.model)
+
+        def measure(llm):
+            rate = decode_rate(llm, prompt_len, new_tokens)
+            return rate, weight_bytes(llm.engine.runner.model)
+
+        rate, nbytes = with_engine(
+            path, measure, max_num_seqs=4, max_cuda_graph_tokens=256,
+            kv_cache_memory_bytes=2**30, **extra,
+        )  # fmt: skip
         base = base or rate
         lines.append(
             f"| {name} | {rate:.1f} | {rate / base:.2f} | {nbytes / 1e6:.1f} | "
             f"{rate * nbytes / 1e9:.0f} |"
         )
         print(lines[-1], flush=True)
-        free(llm)
     return lines
 
 
-def bench_offline(dirs: dict[str, Path], cuda: bool, num_prompts: int, vocab: int) -> list[str]:
-    from kiln.engine import LLM
-
-    lens = ((100, 1024), (100, 1024)) if cuda else ((8, 32), (8, 32))
-    work = offline_workload(num_prompts, *lens, vocab_size=vocab, seed=0)
+def bench_offline(dirs: dict[str, Path], work, vocab: int) -> list[str]:
     lines = ["| model | output tok/s | x bf16 | seconds | output tokens |", "|---|---|---|---|---|"]
     print("\n".join(lines), flush=True)
     base = None
     for name, path in dirs.items():
-        llm = LLM(str(path)) if cuda else LLM(str(path), device="cpu")
-        run_offline(llm, offline_workload(32, (16, 300), (4, 32), vocab, seed=1))  # warm-up
-        r = run_offline(llm, work)
+
+        def measure(llm):
+            run_offline(llm, offline_workload(32, (16, 300), (4, 32), vocab, seed=1))  # warm-up
+            return run_offline(llm, work)
+
+        r = with_engine(path, measure)
         base = base or r["output_tok_s"]
         lines.append(
             f"| {name} | {r['output_tok_s']:.0f} | {r['output_tok_s'] / base:.2f} | "
             f"{r['seconds']:.1f} | {r['output_tokens']} |"
         )
         print(lines[-1], flush=True)
-        free(llm)
     return lines
 
 
@@ -350,11 +360,16 @@ def main() -> None:
     names = list(VARIANTS) if args.part == "decode" else ["bf16", "w4a16-g128"]
     start = time.perf_counter()
     dirs = write_checkpoints(root, cfg, names, "cuda" if cuda else "cpu")
+    gc.collect()
+    if cuda:
+        torch.cuda.empty_cache()
     print(f"checkpoints ready in {time.perf_counter() - start:.0f} s", flush=True)
     if args.part == "decode":
-        bench_decode(dirs, cuda, args.new_tokens if cuda else 16)
+        bench_decode(dirs, args.new_tokens if cuda else 16, 128 if cuda else 16)
     else:
-        bench_offline(dirs, cuda, args.num_prompts if cuda else 8, cfg["vocab_size"])
+        lens = ((100, 1024), (100, 1024)) if cuda else ((8, 32), (8, 32))
+        work = offline_workload(args.num_prompts if cuda else 8, *lens, cfg["vocab_size"], seed=0)
+        bench_offline(dirs, work, cfg["vocab_size"])
 
 
 if __name__ == "__main__":
