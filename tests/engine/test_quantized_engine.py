@@ -126,3 +126,23 @@ def test_triton_kernels_and_graphs_on_gpu_give_the_dequantized_tokens(
         assert llm.engine.runner.graph_runner.graphs
         assert _tokens(llm, prompts) == _tokens(ref, prompts)
         assert _tokens(llm, prompts[:1]) == _tokens(ref, prompts[:1])  # batch-1 decode
+
+
+def test_groups_the_kernels_cannot_take_name_the_fallback(quantized_dir, tmp_path):
+    """A g_idx whose groups are not group_size inputs each loads only dequantized."""
+    import shutil
+
+    from safetensors.torch import load_file, save_file
+
+    src = quantized_dir("gptq4-g32-act")
+    shutil.copytree(src, tmp_path / "bad")
+    state = load_file(src / "model.safetensors")
+    name = "model.layers.1.mlp.down_proj.g_idx"
+    state[name] = state[name].clone()
+    state[name][0] = (state[name][0] + 1) % 4  # one group now has 33 inputs
+    save_file(state, tmp_path / "bad" / "model.safetensors", {"format": "pt"})
+    with pytest.raises(ConfigError, match="down_proj: g_idx does not give every group 32.*'none'"):
+        load_model(tmp_path / "bad", device="cpu", quantization=None)
+    assert isinstance(
+        load_model(tmp_path / "bad", device="cpu").layers[1].mlp.down_proj, torch.nn.Linear
+    )
