@@ -16,16 +16,22 @@ The packed layout (PackedWeight), read by every kernel here:
 Dequantized: W[n, k] = scales[n, c(k)] * (q[n, k] - zeros[n, c(k)]) in float32, like
 IntWeight.dequantize (bit for bit, before the cast to the activations' dtype).
 
-Three kernels, by the number of rows M (pick_config):
-- M <= 4 (decode): broadcast-multiply-and-sum, many small output tiles (BLOCK_N = 4 rows of the
-  weight a program, no split over K: N >= 1024 already gives ~8 programs an SM), each field
-  turned into 1 + q/2^bits by placing its bits in a float32 mantissa (no int-to-float
-  conversion, whose throughput is a quarter of an FMA's), accumulated as sum x*(1 + q/2^bits) per
-  word and scaled once a word: sum s*(q - z)*x = s * (2^bits * t - (2^bits + z) * sum x);
-- 4 < M < DEQUANT_MIN_M: a tiled GEMM that dequantizes each [BLOCK_N, BLOCK_W] tile field by
-  field to the activations' dtype and multiplies it with tl.dot (fp32 accumulator);
+Three paths, by the number of rows M (pick_config), all launched by `_launch` (one kernel:
+x, or a prologue's output, times the packed weight; act-order gathered in the kernel):
+- M <= 4 (decode): broadcast-multiply-and-sum, small output tiles (16 weight rows a program,
+  no split over K: N >= 4096 already gives 256 programs), each field turned into 1 + q/2^bits
+  by placing its bits in a float32 mantissa (a shift and a mask, no int-to-float conversion,
+  whose throughput is a quarter of an FMA's), accumulated as t = sum x*(1 + q/2^bits) a word
+  and scaled once a word: sum s*(q - z)*x = s * (2^bits * t - (2^bits + z) * sum x). With
+  the engine's small-batch decode path, the RMSNorm (+ residual) or SiLU-and-mul before the
+  projection runs in the kernel's prologue (kiln.kernels.gemv's, the same rounding steps);
+- 4 < M < DEQUANT_MIN_M: a tiled GEMM that dequantizes each [BLOCK_N, BLOCK_W] word tile
+  field by field (one exact FMA an element) to the activations' dtype and multiplies it with
+  tl.dot (float32 accumulator);
 - M >= DEQUANT_MIN_M (long prefill): the whole weight dequantized by one kernel, then cuBLAS
   (its cost is a small share of the GEMM's at these sizes).
+Other engines' Triton int4 kernels (vLLM's AWQ GEMM, GPTQ-triton) unpack with tl.interleave
+or reload each word once per field; the layout above avoids both.
 """
 
 from __future__ import annotations
