@@ -229,8 +229,13 @@ def _quant_matmul_kernel(
     w_rows = w_ptr + offs_n[:, None].to(tl.int64) * KW  # [BLOCK_N, 1]
     s_rows = s_ptr + offs_n[:, None].to(tl.int64) * NC
     z_rows = z_ptr + offs_n[:, None].to(tl.int64) * NC
+    # broadcast-and-sum accumulators: one partial sum a word, [BLOCK_N, BLOCK_W] at one row
+    # (decode), [BLOCK_M, BLOCK_N, BLOCK_W] above
+    ONE_ROW: tl.constexpr = BLOCK_M == 1
     if DOT:
         acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
+    elif ONE_ROW:
+        acc2 = tl.zeros([BLOCK_N, BLOCK_W], dtype=tl.float32)
     else:
         acc3 = tl.zeros([BLOCK_M, BLOCK_N, BLOCK_W], dtype=tl.float32)
     if PDL:
@@ -253,6 +258,9 @@ def _quant_matmul_kernel(
             z = tl.full([BLOCK_N, BLOCK_W], 1 << (BITS - 1), dtype=tl.float32)
         if DOT:  # s * (q - z) = (1 + q/ONE) * (ONE * s) - (ONE + z) * s: one FMA a field, exact
             a, b = s * ONE, -(ONE + z) * s  # (both products are exact in float32)
+        elif ONE_ROW:
+            t = tl.zeros([BLOCK_N, BLOCK_W], dtype=tl.float32)
+            xs = tl.zeros([1, BLOCK_W], dtype=tl.float32)
         else:
             t = tl.zeros([BLOCK_M, BLOCK_N, BLOCK_W], dtype=tl.float32)
             xs = tl.zeros([BLOCK_M, 1, BLOCK_W], dtype=tl.float32)
@@ -270,14 +278,24 @@ def _quant_matmul_kernel(
                                  input_precision=DOT_PRECISION)  # fmt: skip
                 else:
                     acc = tl.dot(xi, tl.trans(wi), acc, input_precision=DOT_PRECISION)
+            elif ONE_ROW:
+                xf = xi.to(tl.float32)  # [1, BLOCK_W]
+                t += _field(words, i, BITS) * xf
+                xs += xf
             else:
                 xf = xi.to(tl.float32)[:, None, :]  # [BLOCK_M, 1, BLOCK_W]
                 t += _field(words, i, BITS)[None, :, :] * xf
                 xs += xf
         if not DOT:  # sum over the word's fields of s * (q - z) * x
-            acc3 += s[None, :, :] * (t * ONE - (ONE + z)[None, :, :] * xs)
+            if ONE_ROW:
+                acc2 += s * (t * ONE - (ONE + z) * xs)
+            else:
+                acc3 += s[None, :, :] * (t * ONE - (ONE + z)[None, :, :] * xs)
     if not DOT:
-        acc = tl.sum(acc3, axis=2)
+        if ONE_ROW:
+            acc = tl.sum(acc2, axis=1)[None, :]
+        else:
+            acc = tl.sum(acc3, axis=2)
     if HAS_BIAS:
         acc += tl.load(b_ptr + offs_n, mask=n_ok, other=0.0).to(tl.float32)[None, :]
     out_ptrs = out_ptr + offs_m[:, None].to(tl.int64) * stride_om + offs_n[None, :]
