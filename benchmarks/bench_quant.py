@@ -30,10 +30,9 @@ import torch.nn.functional as F
 from safetensors.torch import save_file
 
 from kiln.eval.bench import offline_workload, run_offline
+from kiln.kernels.quant_layout import dequantize_ref, pack
 from kiln.kernels.quant_linear import (
-    dequantize_ref,
     dequantize_triton,
-    pack,
     quant_matmul,
     quant_matmul_triton,
     sweep_configs,

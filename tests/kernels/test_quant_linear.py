@@ -4,11 +4,10 @@ kernels against the dequantize-then-matmul reference."""
 import pytest
 import torch
 
+from kiln.kernels.quant_layout import dequantize_ref, pack
 from kiln.kernels.quant_linear import (
     DEQUANT_MIN_M,
-    dequantize_ref,
     dequantize_triton,
-    pack,
     pick_config,
     quant_matmul,
     quant_matmul_ref,

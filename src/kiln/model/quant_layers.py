@@ -21,7 +21,8 @@ from torch import nn
 
 from kiln.config import ModelConfig
 from kiln.errors import ConfigError
-from kiln.kernels.quant_linear import PackedWeight, pack, quant_matmul_ref
+from kiln.kernels.quant_layout import PackedWeight, pack
+from kiln.kernels.quant_linear import quant_matmul_ref
 from kiln.model.quantized import QuantSpec, require_parts, unpack_awq, unpack_gptq
 
 # parts (a Linear's checkpoint tensors by suffix, on the target device), bias -> the layer
