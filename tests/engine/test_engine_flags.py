@@ -23,13 +23,13 @@ def test_every_engine_option_is_a_serve_flag_and_unset_flags_keep_the_defaults()
         if "bool" in str(f.type):
             argv.append("--no-" + _flag(f.name)[2:])
             expected[f.name] = False
-        elif f.metadata.get("choices"):  # (attention_backend, pooling)
-            choice = f.metadata["choices"][1]
-            argv += [_flag(f.name), choice]
-            expected[f.name] = choice
         elif "dict" in str(f.type):
             argv += [_flag(f.name), '{"a": [1]}']
             expected[f.name] = {"a": [1]}
+        elif "str" in str(f.type):  # a choice other than the default, or any text
+            value = f.metadata.get("choices", ["", "text"])[1]
+            argv += [_flag(f.name), value]
+            expected[f.name] = value
         else:
             value = 0.5 if "float" in str(f.type) else 7
             argv += [_flag(f.name), str(value)]

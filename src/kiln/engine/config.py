@@ -50,6 +50,13 @@ class EngineConfig:
     # programmatic dependent launch) rather than cuBLAS; 0: never. They win at batch 1 and
     # lose by batch 4 (benchmarks/bench_linear.py --chain; numbers in notes/BENCHMARKS.md).
     gemv_max_batch: int = 1
+    # Weight quantization (vLLM's name): None: as the checkpoint's quantization_config says
+    # (GPTQ / AWQ Linears stay packed, run by kiln.kernels.quant_linear); "none": dequantize
+    # them at load time (the reference); a method name must match the checkpoint's.
+    quantization: str | None = field(
+        default=None,
+        metadata={"help": "gptq, awq, or none (dequantize at load); default: the checkpoint's"},
+    )
     # Queue step N+1 before reading step N's tokens (hides the host's work behind the GPU's);
     # None: on for CUDA. Requests with penalties or n > 1 / best_of run lockstep.
     async_scheduling: bool | None = None

@@ -97,7 +97,7 @@ class EngineCore:
         if eos_token_ids is None:
             eos_token_ids = eos_ids_from_dir(path, self.model_config)
         self.eos_token_ids = frozenset(eos_token_ids)
-        net = load_model(path, dtype=dtype, device=device)
+        net = load_model(path, dtype=dtype, device=device, quantization=cfg.quantization)
         draft = load_draft_model(cfg.speculative, self.model_config, path, self.max_model_len, net)
         extra = kv_bytes_per_block(draft, cfg.block_size) if draft is not None else 0
         self.runner = ModelRunner(net, cfg, self.max_model_len, extra_kv_bytes_per_block=extra)

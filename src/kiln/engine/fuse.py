@@ -20,10 +20,13 @@ from kiln.engine.ops import Ops
 from kiln.kernels.common import HeadLayout, QKNormRope
 from kiln.model.attention import Attention
 from kiln.model.layers import MLP, RMSNorm
+from kiln.model.quant_layers import QuantLinear, concat_quantized
 from kiln.model.transformer import Block, Transformer
 
 
-def _fused_linear(parts: list[nn.Linear]) -> nn.Linear:
+def _fused_linear(parts: list[nn.Module]) -> nn.Module:
+    if not all(isinstance(p, nn.Linear) for p in parts):  # packed quantized weights
+        return concat_quantized(parts)
     w = parts[0].weight
     out = nn.Linear(
         w.shape[1],
@@ -119,9 +122,9 @@ class ResidualBlock(nn.Module):
     """Block whose norms fuse the residual adds; carries (hidden, residual) between blocks.
 
     A step of at most `gemv_max_batch` tokens (small-batch decode) runs its four projections
-    as the ops' GEMVs (kiln.kernels.gemv: Triton instead of cuBLAS, or their references), with
-    each RMSNorm (and its residual add) and the SiLU-and-mul fused into the GEMV that reads
-    their output.
+    as the ops' GEMVs (kiln.kernels.gemv: Triton instead of cuBLAS, or their references; for
+    packed quantized projections kiln.kernels.quant_linear's), with each RMSNorm (and its
+    residual add) and the SiLU-and-mul fused into the GEMV that reads their output.
     """
 
     def __init__(self, block: Block, ops: Ops, gemv_max_batch: int = 0):
@@ -131,7 +134,12 @@ class ResidualBlock(nn.Module):
         self.self_attn = block.self_attn
         self.post_attention_layernorm = FusedRMSNorm(block.post_attention_layernorm, ops)
         self.mlp = block.mlp
-        self.gemv_max_batch = gemv_max_batch if isinstance(self.mlp, FusedMLP) else 0
+        fusable = isinstance(self.mlp, FusedMLP) and all(
+            isinstance(p, (nn.Linear, QuantLinear))
+            for p in (self.self_attn.qkv_proj, self.self_attn.o_proj,
+                      self.mlp.gate_up_proj, self.mlp.down_proj)
+        )  # fmt: skip
+        self.gemv_max_batch = gemv_max_batch if fusable else 0
 
     def forward(self, x, positions, rotary, backend):
         h, residual = x if isinstance(x, tuple) else (x, None)
@@ -148,15 +156,32 @@ class ResidualBlock(nn.Module):
     def _forward_gemv(self, h, residual, positions, rotary, backend):
         attn, mlp, ops = self.self_attn, self.mlp, self.ops
         norm1, norm2 = self.input_layernorm, self.post_attention_layernorm
-        qkv, residual = ops.rmsnorm_gemv(
-            h, residual, norm1.weight, norm1.eps, attn.qkv_proj.weight, attn.qkv_proj.bias
-        )
+        qkv, residual = _rmsnorm_gemv(ops, h, residual, norm1, attn.qkv_proj)
         out = attn.attend_qkv(qkv, positions, rotary, backend)
-        h = ops.gemv(out, attn.o_proj.weight, attn.o_proj.bias)
-        gate_up, residual = ops.rmsnorm_gemv(
-            h, residual, norm2.weight, norm2.eps, mlp.gate_up_proj.weight, mlp.gate_up_proj.bias
-        )
-        return ops.silu_mul_gemv(gate_up, mlp.down_proj.weight, mlp.down_proj.bias), residual
+        h = _gemv(ops, out, attn.o_proj)
+        gate_up, residual = _rmsnorm_gemv(ops, h, residual, norm2, mlp.gate_up_proj)
+        return _silu_mul_gemv(ops, gate_up, mlp.down_proj), residual
+
+
+# The small-batch GEMVs of a plain Linear or a packed quantized one (kiln.kernels.gemv,
+# kiln.kernels.quant_linear): same contracts.
+def _gemv(ops: Ops, x, linear):
+    if isinstance(linear, QuantLinear):
+        return ops.quant_matmul(x, linear.packed, linear.bias)
+    return ops.gemv(x, linear.weight, linear.bias)
+
+
+def _rmsnorm_gemv(ops: Ops, x, residual, norm, linear):
+    if isinstance(linear, QuantLinear):
+        return ops.quant_rmsnorm_matmul(x, residual, norm.weight, norm.eps, linear.packed,
+                                        linear.bias)  # fmt: skip
+    return ops.rmsnorm_gemv(x, residual, norm.weight, norm.eps, linear.weight, linear.bias)
+
+
+def _silu_mul_gemv(ops: Ops, gate_up, linear):
+    if isinstance(linear, QuantLinear):
+        return ops.quant_silu_mul_matmul(gate_up, linear.packed, linear.bias)
+    return ops.silu_mul_gemv(gate_up, linear.weight, linear.bias)
 
 
 class GemvLinear(nn.Module):
@@ -175,6 +200,13 @@ class GemvLinear(nn.Module):
         if 0 < rows <= self.gemv_max_batch and self.weight.is_contiguous():
             return self.ops.gemv(x, self.weight, self.bias)
         return F.linear(x, self.weight, self.bias)
+
+
+def bind_quant_ops(model: nn.Module, ops: Ops) -> None:
+    """Make every packed quantized Linear multiply through the ops' kernel (or reference)."""
+    for m in model.modules():
+        if isinstance(m, QuantLinear):
+            m.matmul = ops.quant_matmul
 
 
 def fuse_model(model: Transformer, ops: Ops, gemv_max_batch: int = 0) -> Transformer:

@@ -25,7 +25,7 @@ import torch
 from kiln.engine.attention import AttentionMetadata, KVCache, PagedBackend
 from kiln.engine.config import CPU_KV_CACHE_BYTES, EngineConfig
 from kiln.engine.cuda_graphs import CudaGraphRunner, graph_batch_sizes, mixed_token_sizes
-from kiln.engine.fuse import fuse_model
+from kiln.engine.fuse import bind_quant_ops, fuse_model
 from kiln.engine.ops import choose_ops
 from kiln.engine.sampler import PendingSample, Sampler
 from kiln.engine.scheduler import SchedulerOutput
@@ -136,6 +136,7 @@ class ModelRunner:
         self.ops = choose_ops(config.attention_backend, self.device)
         if config.fuse_weights:
             model = fuse_model(model, self.ops, config.gemv_max_batch)
+        bind_quant_ops(model, self.ops)
         self.model = model
         # a draft model's pool of as many blocks as this one's is paid from the same budget
         self.num_blocks = self._num_kv_blocks(extra_kv_bytes_per_block)

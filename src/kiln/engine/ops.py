@@ -30,6 +30,14 @@ from kiln.kernels.paged_decode_attention import (
     paged_decode_attention_triton,
 )
 from kiln.kernels.qkv_prepare import qkv_prepare_ref, qkv_prepare_triton
+from kiln.kernels.quant_linear import (
+    quant_matmul_ref,
+    quant_matmul_triton,
+    quant_rmsnorm_matmul_ref,
+    quant_rmsnorm_matmul_triton,
+    quant_silu_mul_matmul_ref,
+    quant_silu_mul_matmul_triton,
+)
 from kiln.kernels.rmsnorm import rmsnorm_ref, rmsnorm_triton
 from kiln.kernels.rope import rope_ref, rope_triton
 from kiln.kernels.sample import sample_ref, sample_triton
@@ -70,6 +78,11 @@ class Ops:
     gemv: Callable
     rmsnorm_gemv: Callable
     silu_mul_gemv: Callable
+    # packed weight-only quantized Linears (kiln.model.quant_layers.QuantLinear), alone and
+    # (small-batch decode) with the norm / SiLU-mul before them fused in, as the GEMVs above
+    quant_matmul: Callable
+    quant_rmsnorm_matmul: Callable
+    quant_silu_mul_matmul: Callable
     # the sampler's one-pass temperature-only sampling (logits, temperatures, seeds)
     sample: Callable
 
@@ -89,6 +102,9 @@ class Ops:
             gemv=gemv_ref,
             rmsnorm_gemv=rmsnorm_gemv_ref,
             silu_mul_gemv=silu_mul_gemv_ref,
+            quant_matmul=quant_matmul_ref,
+            quant_rmsnorm_matmul=quant_rmsnorm_matmul_ref,
+            quant_silu_mul_matmul=quant_silu_mul_matmul_ref,
             sample=sample_seeded_ref,
         )
 
@@ -108,6 +124,9 @@ class Ops:
             gemv=gemv_triton,
             rmsnorm_gemv=rmsnorm_gemv_triton,
             silu_mul_gemv=silu_mul_gemv_triton,
+            quant_matmul=quant_matmul_triton,
+            quant_rmsnorm_matmul=quant_rmsnorm_matmul_triton,
+            quant_silu_mul_matmul=quant_silu_mul_matmul_triton,
             sample=sample_triton,
         )
 

@@ -159,7 +159,7 @@ def silu_mul_gemv_ref(
 
 
 @triton.jit
-def _activation_chunk(
+def activation_chunk(
     x_rows, r_rows, nw_ptr, rstd, cols, mask, K,
     PROLOGUE: tl.constexpr, HAS_RESIDUAL: tl.constexpr,
 ):  # fmt: skip
@@ -178,6 +178,29 @@ def _activation_chunk(
         act = (g * tl.sigmoid(g)).to(x.dtype)
         x = (act.to(tl.float32) * up.to(tl.float32)).to(x.dtype)
     return x
+
+
+@triton.jit
+def row_rstd(
+    x_rows, r_rows, h_ptr, rows, row_mask, h_rows, K, eps,
+    HAS_RESIDUAL: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr,
+):  # fmt: skip
+    """1 / RMS of each row of h = x + residual (or x), over the whole row (from L2), with
+    kiln.kernels.rmsnorm's rounding of h; rows below h_rows also store h (one program does)."""
+    offs_k = tl.arange(0, BLOCK_K)
+    sum_sq = tl.zeros([BLOCK_M], dtype=tl.float32)
+    h_mask = rows[:, None] < h_rows
+    for k0 in range(0, K, BLOCK_K):
+        cols = k0 + offs_k
+        mask = row_mask[:, None] & (cols[None, :] < K)
+        h = tl.load(x_rows + cols[None, :], mask=mask, other=0.0)
+        if HAS_RESIDUAL:
+            r = tl.load(r_rows + cols[None, :], mask=mask, other=0.0)
+            h = (h.to(tl.float32) + r.to(tl.float32)).to(h.dtype)
+            tl.store(h_ptr + rows[:, None] * K + cols[None, :], h, mask=mask & h_mask)
+        hf = h.to(tl.float32)
+        sum_sq += tl.sum(hf * hf, axis=1)
+    return tl.rsqrt(sum_sq / K + eps)
 
 
 @triton.jit(do_not_specialize=["M", "stride_xm", "stride_rm", "stride_om"])
@@ -199,20 +222,9 @@ def _gemv_kernel(
     w_rows = w_ptr + offs_n[:, None].to(tl.int64) * K  # weight rows are contiguous
 
     rstd = tl.zeros([BLOCK_M], dtype=tl.float32)
-    if PROLOGUE == 1:  # each row's mean square, over the whole row (from L2)
-        sum_sq = tl.zeros([BLOCK_M], dtype=tl.float32)
-        h_mask = rows[:, None] < tl.where(pid == 0, M, 0)  # program 0 writes h
-        for k0 in range(0, K, BLOCK_K):
-            cols = k0 + offs_k
-            mask = row_mask[:, None] & (cols[None, :] < K)
-            h = tl.load(x_rows + cols[None, :], mask=mask, other=0.0)
-            if HAS_RESIDUAL:
-                r = tl.load(r_rows + cols[None, :], mask=mask, other=0.0)
-                h = (h.to(tl.float32) + r.to(tl.float32)).to(h.dtype)
-                tl.store(h_ptr + rows[:, None] * K + cols[None, :], h, mask=mask & h_mask)
-            hf = h.to(tl.float32)
-            sum_sq += tl.sum(hf * hf, axis=1)
-        rstd = tl.rsqrt(sum_sq / K + eps)
+    if PROLOGUE == 1:
+        rstd = row_rstd(x_rows, r_rows, h_ptr, rows, row_mask, tl.where(pid == 0, M, 0), K, eps,
+                        HAS_RESIDUAL, BLOCK_M, BLOCK_K)  # fmt: skip
 
     if PRODUCT == 2:  # transposed: acc[n, m]
         acc = tl.zeros([BLOCK_N, BLOCK_M], dtype=tl.float32)
@@ -233,7 +245,7 @@ def _gemv_kernel(
             w_mask = (offs_n[:, None] < N) & (cols[None, :] < K)
             w = tl.load(w_rows + cols[None, :], mask=w_mask, other=0.0,
                         eviction_policy="evict_first")  # fmt: skip
-        a = _activation_chunk(x_rows, r_rows, nw_ptr, rstd, cols, x_mask, K,
+        a = activation_chunk(x_rows, r_rows, nw_ptr, rstd, cols, x_mask, K,
                               PROLOGUE, HAS_RESIDUAL)  # fmt: skip
         if PRODUCT != 0:
             if DOT_UPCAST:  # the interpreter multiplies bfloat16 tiles wrongly

@@ -22,6 +22,7 @@ from kiln.model.hf_format import (
     read_tensors,
     weight_files,
 )
+from kiln.model.quant_layers import build_layer, quant_layer_factory
 from kiln.model.quantized import dequantize_tensors, read_quant_config
 from kiln.model.transformer import Transformer
 
@@ -58,25 +59,46 @@ def load_model(
     dtype: str | torch.dtype | None = None,
     device: str | torch.device | None = None,
     lora: str | os.PathLike | None = None,
+    quantization: str | None = "none",
 ) -> Transformer:
-    """Load a Hugging Face model directory (config.json + safetensors) as a kiln Transformer."""
+    """Load a Hugging Face model directory (config.json + safetensors) as a kiln Transformer.
+
+    A GPTQ / AWQ checkpoint's Linears are dequantized at load time with quantization "none"
+    (the default); with None (the engine's default: as the checkpoint says) or the method's
+    name they stay packed on the device (kiln.model.quant_layers)."""
     path = Path(path)
     if not path.is_dir():
         raise CheckpointError(f"model directory {str(path)!r} does not exist")
     config = ModelConfig.from_dir(path)
     device = torch.device(device or default_device())
     dtype = resolve_dtype(dtype, config, device)
+    spec = read_quant_config(config.hf_config)
+    make_layer = quant_layer_factory(spec, quantization, config)
     with torch.device("meta"):
         model = Transformer(config)
     expected = dict(model.named_parameters())
     loaded: set[str] = set()
-    for where, hf_name, hf_tensor in _checkpoint_tensors(path, config):
+    packed: dict[str, dict[str, torch.Tensor]] = {}  # HF prefix -> its quantized tensors
+    for where, hf_name, hf_tensor in _checkpoint_tensors(
+        path, config, packed if make_layer else None
+    ):
         try:
             for name, tensor in hf_to_kiln(config, hf_name, hf_tensor):
                 _assign(model, expected, name, tensor, dtype, device)
                 loaded.add(name)
         except CheckpointError as e:
             raise CheckpointError(f"{where}: {e}") from e
+    for hf_prefix, parts in packed.items():
+        ((name, _),) = hf_to_kiln(config, f"{hf_prefix}.weight", torch.empty(0))
+        if name not in expected:
+            raise CheckpointError(f"{path}: unexpected quantized layer {hf_prefix!r}")
+        parent, _, attr = name.removesuffix(".weight").rpartition(".")
+        module = model.get_submodule(parent)
+        parts = {k: t.to(device) for k, t in parts.items()}
+        bias = getattr(module, attr).bias
+        layer = build_layer(make_layer, hf_prefix, parts, spec, bias)
+        setattr(module, attr, layer)
+        loaded.add(name)
     if config.tie_word_embeddings:
         model.lm_head.weight = model.embed_tokens.weight
         loaded.add("lm_head.weight")
@@ -96,10 +118,11 @@ def load_model(
 
 
 def _checkpoint_tensors(
-    path: Path, config: ModelConfig
+    path: Path, config: ModelConfig, packed: dict[str, dict[str, torch.Tensor]] | None = None
 ) -> Iterator[tuple[Path, str, torch.Tensor]]:
     """(where, HF name, tensor) of every weight; a GPTQ/AWQ checkpoint's quantized Linears come
-    last, dequantized to float32 as `<prefix>.weight` (the torch reference path)."""
+    last, dequantized to float32 as `<prefix>.weight` (the torch reference path), or, given
+    `packed`, are gathered there instead (HF prefix -> {part: tensor})."""
     spec = read_quant_config(config.hf_config)
     quantized: list[tuple[str, torch.Tensor]] = []
     for file in weight_files(path):
@@ -108,7 +131,11 @@ def _checkpoint_tensors(
                 quantized.append((name, t))
             else:
                 yield file, name, t
-    if spec is not None:
+    if packed is not None:
+        for name, t in quantized:
+            prefix, _, part = name.rpartition(".")
+            packed.setdefault(prefix, {})[part] = t
+    elif spec is not None:
         conv1d = config.model_type == "gpt2"
         for name, t in dequantize_tensors(spec, iter(quantized), conv1d):
             yield path, name, t

@@ -103,7 +103,7 @@ def pack_rows(q: torch.Tensor, bits: int, order: Iterable[int] | None = None) ->
     n = q.shape[0]
     assert n % pack == 0, f"{n} rows do not pack into int32 by {pack}"
     q = q.to(torch.int64).reshape(n // pack, pack, -1)
-    packed = torch.zeros(n // pack, q.shape[2], dtype=torch.int64)
+    packed = torch.zeros(n // pack, q.shape[2], dtype=torch.int64, device=q.device)
     for i, src in enumerate(order):
         packed |= q[:, src] << (bits * i)
     return _as_int32(packed)
@@ -116,7 +116,7 @@ def unpack_rows(
     pack = 32 // bits
     order = list(order or range(pack))
     p = packed.to(torch.int64) & 0xFFFFFFFF
-    out = torch.empty(p.shape[0], pack, p.shape[1], dtype=torch.int64)
+    out = torch.empty(p.shape[0], pack, p.shape[1], dtype=torch.int64, device=p.device)
     for i, dst in enumerate(order):
         out[:, dst] = (p >> (bits * i)) & ((1 << bits) - 1)
     return out.reshape(-1, p.shape[1]).to(torch.int32)
@@ -147,7 +147,7 @@ def unpack_gptq(t: dict[str, torch.Tensor], spec: QuantSpec) -> IntWeight:
     zeros = (zeros + spec.zero_offset) & ((1 << bits) - 1)
     g_idx = t.get("g_idx")
     if g_idx is None:
-        g_idx = _default_g_idx(q.shape[0], spec.group_size)
+        g_idx = _default_g_idx(q.shape[0], spec.group_size, q.device)
     return IntWeight(q, t["scales"], zeros.contiguous(), g_idx.to(torch.int32), bits)
 
 
@@ -165,12 +165,20 @@ def unpack_awq(t: dict[str, torch.Tensor], spec: QuantSpec) -> IntWeight:
     """The IntWeight of AutoAWQ GEMM tensors."""
     q = unpack_rows(t["qweight"].t(), 4, AWQ_ORDER).t().contiguous()
     zeros = unpack_rows(t["qzeros"].t(), 4, AWQ_ORDER).t().contiguous()
-    return IntWeight(q, t["scales"], zeros, _default_g_idx(q.shape[0], spec.group_size), 4)
+    g_idx = _default_g_idx(q.shape[0], spec.group_size, q.device)
+    return IntWeight(q, t["scales"], zeros, g_idx, 4)
 
 
-def _default_g_idx(in_features: int, group_size: int) -> torch.Tensor:
+def _default_g_idx(in_features: int, group_size: int, device=None) -> torch.Tensor:
     size = in_features if group_size == -1 else group_size
-    return (torch.arange(in_features) // size).to(torch.int32)
+    return (torch.arange(in_features, device=device) // size).to(torch.int32)
+
+
+def require_parts(prefix: str, parts: dict[str, torch.Tensor]) -> None:
+    """CheckpointError naming the first tensor a quantized Linear lacks."""
+    need = [p for p in ("qweight", "qzeros", "scales") if p not in parts]
+    if need:
+        raise CheckpointError(f"quantized layer {prefix!r} lacks tensor {need[0]!r}")
 
 
 def dequantize_tensors(
@@ -187,8 +195,6 @@ def dequantize_tensors(
             yield name, t
     unpack = unpack_gptq if spec.method == "gptq" else unpack_awq
     for prefix, parts in pending.items():
-        need = [p for p in ("qweight", "qzeros", "scales") if p not in parts]
-        if need:
-            raise CheckpointError(f"quantized layer {prefix!r} lacks tensor {need[0]!r}")
+        require_parts(prefix, parts)
         w = unpack(parts, spec).dequantize()
         yield f"{prefix}.weight", w.t() if conv1d else w

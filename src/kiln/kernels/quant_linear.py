@@ -1,0 +1,394 @@
+"""Weight-only quantized Linear (W4A16 / W8A16): x [.., K] @ dequantize(packed)^T, int weights
+read packed, float32 accumulation. Entry points: `quant_matmul_ref` (dequantize, then
+F.linear), `quant_matmul_triton` and the dispatcher `quant_matmul`; with a prologue,
+`quant_rmsnorm_matmul_*` and `quant_silu_mul_matmul_*`.
+
+The packed layout: kiln.kernels.quant_layout (PackedWeight).
+
+Three paths, by the number of rows M (pick_config), all launched by `_launch` (one kernel:
+x, or a prologue's output, times the packed weight; act-order gathered in the kernel):
+- M <= 4 (decode): broadcast-multiply-and-sum, small output tiles (16 weight rows a program,
+  no split over K: N >= 4096 already gives 256 programs), each field turned into 1 + q/2^bits
+  by placing its bits in a float32 mantissa (a shift and a mask, no int-to-float conversion,
+  whose throughput is a quarter of an FMA's), accumulated as t = sum x*(1 + q/2^bits) a word
+  and scaled once a word: sum s*(q - z)*x = s * (2^bits * t - (2^bits + z) * sum x). With
+  the engine's small-batch decode path, the RMSNorm (+ residual) or SiLU-and-mul before the
+  projection runs in the kernel's prologue (kiln.kernels.gemv's, the same rounding steps);
+- 4 < M < DEQUANT_MIN_M: a tiled GEMM that dequantizes each [BLOCK_N, BLOCK_W] word tile
+  field by field (one exact FMA an element) to the activations' dtype and multiplies it with
+  tl.dot (float32 accumulator);
+- M >= DEQUANT_MIN_M (long prefill): the whole weight dequantized by one kernel, then cuBLAS
+  (its cost is a small share of the GEMM's at these sizes).
+Other engines' Triton int4 kernels (vLLM's AWQ GEMM, GPTQ-triton) unpack with tl.interleave
+or reload each word once per field; the chunked layout avoids both.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from kiln.kernels._triton import (
+    gdc_launch_dependents,
+    gdc_wait,
+    pdl_options,
+    tl,
+    triton,
+    use_pdl,
+    use_triton,
+)
+from kiln.kernels.common import dot_options
+from kiln.kernels.gemv import activation_chunk, row_rstd
+from kiln.kernels.quant_layout import PackedWeight, dequantize_ref
+from kiln.kernels.rmsnorm import rmsnorm_ref
+from kiln.kernels.silu_and_mul import silu_and_mul_ref
+
+BROADCAST_MAX_M = 4
+DEQUANT_MIN_M = 1024
+# The interpreter (CPU tests) uses small tiles, so that tiny shapes cross tile boundaries.
+INTERPRETER_CONFIG = dict(BLOCK_N=16, BLOCK_W=16, num_warps=4, num_stages=1)
+_PLAIN, _RMSNORM, _SILU_MUL = 0, 1, 2  # prologues (kiln.kernels.gemv's)
+
+
+def quant_matmul_ref(
+    x: torch.Tensor, w: PackedWeight, bias: torch.Tensor | None = None
+) -> torch.Tensor:
+    """Plain torch: F.linear(x[..., perm], dequantize_ref(w) in x's dtype, bias)."""
+    if w.perm is not None:
+        x = x.index_select(-1, w.perm)
+    return F.linear(x, dequantize_ref(w).to(x.dtype), bias)
+
+
+def quant_rmsnorm_matmul_ref(
+    x: torch.Tensor,
+    residual: torch.Tensor | None,
+    norm_weight: torch.Tensor,
+    eps: float,
+    w: PackedWeight,
+    bias: torch.Tensor | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Plain torch: (quant_matmul_ref(rmsnorm(x + residual)), x + residual); without a
+    residual, (quant_matmul_ref(rmsnorm(x)), x)."""
+    if residual is None:
+        normed, h = rmsnorm_ref(x, norm_weight, eps), x
+    else:
+        normed, h = rmsnorm_ref(x, norm_weight, eps, residual)
+    return quant_matmul_ref(normed, w, bias), h
+
+
+def quant_silu_mul_matmul_ref(
+    gate_up: torch.Tensor, w: PackedWeight, bias: torch.Tensor | None = None
+) -> torch.Tensor:
+    """Plain torch: quant_matmul_ref(silu(gate_up[..., :I]) * gate_up[..., I:])."""
+    return quant_matmul_ref(silu_and_mul_ref(gate_up), w, bias)
+
+
+# ---------------------------------------------------------------- kernels
+
+
+@triton.jit
+def _field(words, I: tl.constexpr, BITS: tl.constexpr):
+    """1 + q / 2^BITS as float32 for bit field I of each word: the field moved to the top of a
+    float32 mantissa under exponent 0 (exact, and cheaper than an int-to-float conversion)."""
+    SHIFT: tl.constexpr = 23 - BITS * (I + 1)
+    if SHIFT >= 0:
+        v = words << SHIFT
+    else:
+        v = words >> (-SHIFT)
+    v = (v & (((1 << BITS) - 1) << (23 - BITS))) | 0x3F800000
+    return v.to(tl.float32, bitcast=True)
+
+
+@triton.jit(do_not_specialize=["M", "stride_xm", "stride_rm", "stride_om"])
+def _quant_matmul_kernel(
+    x_ptr, res_ptr, nw_ptr, h_ptr, perm_ptr, w_ptr, s_ptr, z_ptr, b_ptr, out_ptr,
+    M, N, K, KW, NC, stride_xm, stride_rm, stride_om, eps,
+    BITS: tl.constexpr, W: tl.constexpr, HAS_ZEROS: tl.constexpr, HAS_BIAS: tl.constexpr,
+    HAS_PERM: tl.constexpr, PROLOGUE: tl.constexpr, HAS_RESIDUAL: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_W: tl.constexpr, DOT: tl.constexpr,
+    PDL: tl.constexpr, DOT_PRECISION: tl.constexpr, DOT_UPCAST: tl.constexpr,
+):  # fmt: skip
+    """out[M, N] = a[M, K] @ W^T (+ bias), one [BLOCK_M, BLOCK_N] tile a program, looping over
+    the K / PACK words of its rows BLOCK_W at a time. a is x (PROLOGUE 0), rmsnorm(x +
+    residual) (1: h = x + residual stored by the programs of column tile 0) or
+    silu(x[:, :K]) * x[:, K:] (2), gathered at perm (act-order) when HAS_PERM."""
+    if PDL:
+        gdc_launch_dependents()
+    PACK: tl.constexpr = 32 // BITS
+    CHUNK: tl.constexpr = PACK * W
+    ONE: tl.constexpr = 1 << BITS  # the fields come as 1 + q / ONE
+    pid_n, pid_m = tl.program_id(0), tl.program_id(1)
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    offs_w = tl.arange(0, BLOCK_W)
+    m_ok, n_ok = offs_m < M, offs_n < N
+    x_rows = x_ptr + offs_m[:, None].to(tl.int64) * stride_xm  # [BLOCK_M, 1]
+    r_rows = res_ptr + offs_m[:, None].to(tl.int64) * stride_rm
+    w_rows = w_ptr + offs_n[:, None].to(tl.int64) * KW  # [BLOCK_N, 1]
+    s_rows = s_ptr + offs_n[:, None].to(tl.int64) * NC
+    z_rows = z_ptr + offs_n[:, None].to(tl.int64) * NC
+    # broadcast-and-sum accumulators: one partial sum a word, [BLOCK_N, BLOCK_W] at one row
+    # (decode), [BLOCK_M, BLOCK_N, BLOCK_W] above
+    ONE_ROW: tl.constexpr = BLOCK_M == 1
+    if DOT:
+        acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
+    elif ONE_ROW:
+        acc2 = tl.zeros([BLOCK_N, BLOCK_W], dtype=tl.float32)
+    else:
+        acc3 = tl.zeros([BLOCK_M, BLOCK_N, BLOCK_W], dtype=tl.float32)
+    if PDL:
+        gdc_wait()
+    rstd = tl.zeros([BLOCK_M], dtype=tl.float32)
+    if PROLOGUE == 1:
+        rstd = row_rstd(x_rows, r_rows, h_ptr, offs_m, m_ok, tl.where(pid_n == 0, M, 0), K,
+                        eps, HAS_RESIDUAL, BLOCK_M, PACK * BLOCK_W)  # fmt: skip
+    for w0 in range(0, KW, BLOCK_W):
+        cols = w0 + offs_w  # [BLOCK_W] word columns
+        chunk = cols // W
+        k_first = chunk * CHUNK + cols % W  # the input of each word's field 0
+        w_mask = n_ok[:, None] & (cols[None, :] < KW)
+        words = tl.load(w_rows + cols[None, :], mask=w_mask, other=0,
+                        eviction_policy="evict_first")  # fmt: skip
+        s = tl.load(s_rows + chunk[None, :], mask=w_mask, other=0.0).to(tl.float32)
+        if HAS_ZEROS:
+            z = tl.load(z_rows + chunk[None, :], mask=w_mask, other=0.0).to(tl.float32)
+        else:
+            z = tl.full([BLOCK_N, BLOCK_W], 1 << (BITS - 1), dtype=tl.float32)
+        if DOT:  # s * (q - z) = (1 + q/ONE) * (ONE * s) - (ONE + z) * s: one FMA a field, exact
+            a, b = s * ONE, -(ONE + z) * s  # (both products are exact in float32)
+        elif ONE_ROW:
+            t = tl.zeros([BLOCK_N, BLOCK_W], dtype=tl.float32)
+            xs = tl.zeros([1, BLOCK_W], dtype=tl.float32)
+        else:
+            t = tl.zeros([BLOCK_M, BLOCK_N, BLOCK_W], dtype=tl.float32)
+            xs = tl.zeros([BLOCK_M, 1, BLOCK_W], dtype=tl.float32)
+        for i in tl.static_range(PACK):
+            ks = k_first + i * W
+            k_ok = ks < K
+            if HAS_PERM:
+                ks = tl.load(perm_ptr + ks, mask=k_ok, other=0)
+            xi = activation_chunk(x_rows, r_rows, nw_ptr, rstd, ks, m_ok[:, None] & k_ok[None, :],
+                                  K, PROLOGUE, HAS_RESIDUAL)  # fmt: skip
+            if DOT:
+                wi = tl.fma(_field(words, i, BITS), a, b).to(xi.dtype)  # [BLOCK_N, BLOCK_W]
+                if DOT_UPCAST:  # the interpreter multiplies bfloat16 tiles wrongly
+                    acc = tl.dot(xi.to(tl.float32), tl.trans(wi.to(tl.float32)), acc,
+                                 input_precision=DOT_PRECISION)  # fmt: skip
+                else:
+                    acc = tl.dot(xi, tl.trans(wi), acc, input_precision=DOT_PRECISION)
+            elif ONE_ROW:
+                xf = xi.to(tl.float32)  # [1, BLOCK_W]
+                t += _field(words, i, BITS) * xf
+                xs += xf
+            else:
+                xf = xi.to(tl.float32)[:, None, :]  # [BLOCK_M, 1, BLOCK_W]
+                t += _field(words, i, BITS)[None, :, :] * xf
+                xs += xf
+        if not DOT:  # sum over the word's fields of s * (q - z) * x
+            if ONE_ROW:
+                acc2 += s * (t * ONE - (ONE + z) * xs)
+            else:
+                acc3 += s[None, :, :] * (t * ONE - (ONE + z)[None, :, :] * xs)
+    if not DOT:
+        if ONE_ROW:
+            acc = tl.sum(acc2, axis=1)[None, :]
+        else:
+            acc = tl.sum(acc3, axis=2)
+    if HAS_BIAS:
+        acc += tl.load(b_ptr + offs_n, mask=n_ok, other=0.0).to(tl.float32)[None, :]
+    out_ptrs = out_ptr + offs_m[:, None].to(tl.int64) * stride_om + offs_n[None, :]
+    tl.store(out_ptrs, acc.to(out_ptr.dtype.element_ty), mask=m_ok[:, None] & n_ok[None, :])
+
+
+@triton.jit
+def _dequantize_kernel(
+    w_ptr, s_ptr, z_ptr, out_ptr, N, K, KW, NC,
+    BITS: tl.constexpr, W: tl.constexpr, HAS_ZEROS: tl.constexpr,
+    BLOCK_N: tl.constexpr, BLOCK_W: tl.constexpr,
+):  # fmt: skip
+    """out[N, K] = the dequantized weight in out's dtype, one [BLOCK_N, BLOCK_W] word tile a
+    program."""
+    PACK: tl.constexpr = 32 // BITS
+    ONE: tl.constexpr = 1 << BITS
+    offs_n = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
+    cols = tl.program_id(1) * BLOCK_W + tl.arange(0, BLOCK_W)
+    chunk = cols // W
+    k_first = chunk * (PACK * W) + cols % W
+    mask = (offs_n[:, None] < N) & (cols[None, :] < KW)
+    rows = offs_n[:, None].to(tl.int64)
+    words = tl.load(w_ptr + rows * KW + cols[None, :], mask=mask, other=0)
+    s = tl.load(s_ptr + rows * NC + chunk[None, :], mask=mask, other=0.0).to(tl.float32)
+    if HAS_ZEROS:
+        z = tl.load(z_ptr + rows * NC + chunk[None, :], mask=mask, other=0.0).to(tl.float32)
+    else:
+        z = tl.full([BLOCK_N, BLOCK_W], 1 << (BITS - 1), dtype=tl.float32)
+    a, b = s * ONE, -(ONE + z) * s  # as in _quant_matmul_kernel
+    for i in tl.static_range(PACK):
+        ks = k_first + i * W
+        wi = tl.fma(_field(words, i, BITS), a, b)
+        tl.store(out_ptr + rows * K + ks[None, :], wi.to(out_ptr.dtype.element_ty),
+                 mask=mask & (ks[None, :] < K))  # fmt: skip
+
+
+def pick_config(m: int, n: int, is_cuda: bool) -> dict:
+    """Launch settings by row count: a guess from the arithmetic below, not yet measured (sweep
+    on an H100: benchmarks/bench_quant.py --sweep).
+
+    M <= 4: 16 weight rows a program (4 warps of 4 rows each: every thread reuses its x values
+    and their prologue over its 4 rows), 64 words (512 int4 inputs) a row per step, 4 stages in
+    flight; N = 4096 gives 256 programs. Larger M, tl.dot tiles: each weight tile is dequantized
+    once per BLOCK_M rows (4 ALU operations an element), so BLOCK_M grows to 128 (the tensor
+    cores, not the dequantization, then bound it), 64 columns wide so that N = 4096 at M = 256
+    still gives 128 programs.
+    """
+    if not is_cuda:
+        block_m = triton.next_power_of_2(m) if m <= BROADCAST_MAX_M else 16
+        return dict(INTERPRETER_CONFIG, BLOCK_M=block_m, DOT=m > BROADCAST_MAX_M)
+    if m <= BROADCAST_MAX_M:
+        block_w = 64 if m == 1 else 32
+        return dict(BLOCK_M=triton.next_power_of_2(m), BLOCK_N=16, BLOCK_W=block_w, DOT=False,
+                    num_warps=4, num_stages=4)  # fmt: skip
+    if m <= 16:
+        return dict(BLOCK_M=16, BLOCK_N=32, BLOCK_W=32, DOT=True, num_warps=4, num_stages=3)
+    if m <= 64:
+        return dict(BLOCK_M=64, BLOCK_N=64, BLOCK_W=32, DOT=True, num_warps=4, num_stages=3)
+    return dict(BLOCK_M=128, BLOCK_N=64, BLOCK_W=32, DOT=True, num_warps=8, num_stages=3)
+
+
+def sweep_configs(m: int) -> list[dict]:
+    """Candidate launch settings for M rows (benchmarks/bench_quant.py --sweep); for M <= 4
+    also tensor-core tiles (M padded to 16)."""
+    bm = triton.next_power_of_2(m)
+    broadcast = [
+        dict(BLOCK_M=bm, BLOCK_N=bn, BLOCK_W=bw, DOT=False, num_warps=nw, num_stages=ns)
+        for bn, bw, nw, ns in [(4, 128, 4, 3), (8, 64, 4, 4), (16, 64, 4, 4), (16, 32, 4, 4),
+                               (32, 32, 4, 3), (32, 64, 8, 3), (16, 128, 8, 3), (64, 16, 4, 4)]
+    ]  # fmt: skip
+    dots = [
+        dict(BLOCK_M=bm, BLOCK_N=bn, BLOCK_W=bw, DOT=True, num_warps=nw, num_stages=ns)
+        for bm, bn, bw, nw, ns in [(16, 16, 64, 4, 4), (16, 32, 32, 4, 3), (16, 64, 32, 4, 3),
+                                   (32, 64, 32, 4, 3), (64, 64, 32, 4, 3), (64, 128, 32, 4, 3),
+                                   (128, 128, 32, 8, 3), (64, 128, 16, 4, 4), (128, 64, 32, 8, 3),
+                                   (64, 64, 64, 4, 3), (128, 32, 32, 4, 3), (256, 32, 32, 8, 3)]
+    ]  # fmt: skip
+    if m <= BROADCAST_MAX_M:
+        return broadcast + dots[:3]
+    return [c for c in dots if c["BLOCK_M"] <= max(16, triton.next_power_of_2(m))]
+
+
+def dequantize_triton(w: PackedWeight, dtype: torch.dtype) -> torch.Tensor:
+    """The weight [N, K] in `dtype` (permuted input order), by one Triton kernel."""
+    n, kw = w.qweight.shape
+    out = torch.empty(n, w.in_features, dtype=dtype, device=w.qweight.device)
+    block_n, block_w = 32, 32
+    _dequantize_kernel[(triton.cdiv(n, block_n), triton.cdiv(kw, block_w))](
+        w.qweight, w.scales, w.zeros if w.zeros is not None else w.scales, out,
+        n, w.in_features, kw, w.scales.shape[1],
+        BITS=w.bits, W=w.words, HAS_ZEROS=w.zeros is not None, BLOCK_N=block_n, BLOCK_W=block_w,
+    )  # fmt: skip
+    return out
+
+
+def _launch(
+    prologue: int,
+    x2: torch.Tensor,  # [M, K] (or [M, 2K] gate_up), unit stride along the row
+    res2: torch.Tensor | None,
+    norm_weight: torch.Tensor | None,
+    eps: float,
+    w: PackedWeight,
+    bias: torch.Tensor | None,
+    h2: torch.Tensor | None,
+    config: dict | None,
+) -> torch.Tensor:
+    m, (n, kw) = x2.shape[0], w.qweight.shape
+    assert x2.stride(-1) == 1
+    out = torch.empty(m, n, dtype=x2.dtype, device=x2.device)
+    if m == 0:
+        return out
+    config = dict(config or pick_config(m, n, x2.is_cuda))
+    block_m, block_n = config.pop("BLOCK_M"), config.pop("BLOCK_N")
+    pdl = use_pdl(x2) and not config["DOT"]
+    config.update(pdl_options(pdl))
+    grid = (triton.cdiv(n, block_n), triton.cdiv(m, block_m))
+    _quant_matmul_kernel[grid](
+        x2, res2 if res2 is not None else x2, norm_weight if norm_weight is not None else x2,
+        h2 if h2 is not None else out, w.perm if w.perm is not None else w.qweight,
+        w.qweight, w.scales, w.zeros if w.zeros is not None else w.scales,
+        bias if bias is not None else w.scales, out,
+        m, n, w.in_features, kw, w.scales.shape[1], x2.stride(0),
+        res2.stride(0) if res2 is not None else 0, out.stride(0), eps,
+        BITS=w.bits, W=w.words, HAS_ZEROS=w.zeros is not None, HAS_BIAS=bias is not None,
+        HAS_PERM=w.perm is not None, PROLOGUE=prologue, HAS_RESIDUAL=res2 is not None,
+        BLOCK_M=block_m, BLOCK_N=block_n, PDL=pdl, **dot_options(x2), **config,
+    )  # fmt: skip
+    return out
+
+
+def quant_matmul_triton(
+    x: torch.Tensor,
+    w: PackedWeight,
+    bias: torch.Tensor | None = None,
+    *,
+    config: dict | None = None,
+) -> torch.Tensor:
+    """Triton x [..., K] @ dequantize(w)^T (+ bias [N]) -> [..., N] in x's dtype."""
+    assert x.shape[-1] == w.in_features, f"x has {x.shape[-1]} features, weight {w.in_features}"
+    x2 = x.reshape(-1, x.shape[-1])
+    if config is None and x2.shape[0] >= DEQUANT_MIN_M and x2.is_cuda:
+        if w.perm is not None:
+            x2 = x2.index_select(-1, w.perm)
+        out = F.linear(x2, dequantize_triton(w, x2.dtype), bias)
+    else:
+        x2 = x2 if x2.stride(-1) == 1 else x2.contiguous()
+        out = _launch(_PLAIN, x2, None, None, 0.0, w, bias, None, config)
+    return out.view(*x.shape[:-1], w.out_features)
+
+
+def quant_rmsnorm_matmul_triton(
+    x: torch.Tensor,
+    residual: torch.Tensor | None,
+    norm_weight: torch.Tensor,
+    eps: float,
+    w: PackedWeight,
+    bias: torch.Tensor | None = None,
+    *,
+    config: dict | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Triton RMSNorm (after the residual add, if any) then the quantized Linear, in one
+    launch (small M: every program reads the whole rows); same contract as
+    quant_rmsnorm_matmul_ref."""
+    hidden = x.shape[-1]
+    assert hidden == w.in_features and norm_weight.shape == (hidden,)
+    x2 = x.reshape(-1, hidden)
+    res2 = h2 = None
+    h = x
+    if residual is not None:
+        res2 = residual.reshape(-1, hidden)
+        h = torch.empty_like(x, memory_format=torch.contiguous_format)
+        h2 = h.view(-1, hidden)
+    out = _launch(_RMSNORM, x2, res2, norm_weight, eps, w, bias, h2, config)
+    return out.view(*x.shape[:-1], w.out_features), h
+
+
+def quant_silu_mul_matmul_triton(
+    gate_up: torch.Tensor,
+    w: PackedWeight,
+    bias: torch.Tensor | None = None,
+    *,
+    config: dict | None = None,
+) -> torch.Tensor:
+    """Triton silu_and_mul then the quantized Linear, in one launch; same contract as
+    quant_silu_mul_matmul_ref."""
+    assert gate_up.shape[-1] == 2 * w.in_features
+    x2 = gate_up.reshape(-1, gate_up.shape[-1])
+    out = _launch(_SILU_MUL, x2, None, None, 0.0, w, bias, None, config)
+    return out.view(*gate_up.shape[:-1], w.out_features)
+
+
+def quant_matmul(
+    x: torch.Tensor, w: PackedWeight, bias: torch.Tensor | None = None
+) -> torch.Tensor:
+    """x @ dequantize(w)^T (+ bias): the Triton kernels on CUDA, the reference elsewhere."""
+    if use_triton(x):
+        return quant_matmul_triton(x, w, bias)
+    return quant_matmul_ref(x, w, bias)

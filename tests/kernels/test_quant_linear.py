@@ -1,0 +1,176 @@
+"""Weight-only quantized matmul (W4A16 / W8A16): the packed layout against IntWeight, the Triton
+kernels against the dequantize-then-matmul reference."""
+
+import pytest
+import torch
+
+from kiln.kernels.quant_layout import dequantize_ref, pack
+from kiln.kernels.quant_linear import (
+    DEQUANT_MIN_M,
+    dequantize_triton,
+    pick_config,
+    quant_matmul,
+    quant_matmul_ref,
+    quant_matmul_triton,
+    quant_rmsnorm_matmul_ref,
+    quant_rmsnorm_matmul_triton,
+    quant_silu_mul_matmul_ref,
+    quant_silu_mul_matmul_triton,
+    sweep_configs,
+)
+from kiln.model.quantized import IntWeight
+
+
+def int_weight(k, n, bits, group_size, sym, act_order, device="cpu", seed=0) -> IntWeight:
+    """Random integers, fp16 scales and zeros; act-order: groups given to shuffled inputs."""
+    gen = torch.Generator().manual_seed(seed)
+    size = k if group_size == -1 else group_size
+    groups = k // size
+    q = torch.randint(0, 2**bits, (k, n), generator=gen, dtype=torch.int32)
+    scales = (torch.rand(groups, n, generator=gen) * 0.02 + 0.002).half()
+    if sym:
+        zeros = torch.full((groups, n), 2 ** (bits - 1), dtype=torch.int32)
+    else:
+        zeros = torch.randint(0, 2**bits, (groups, n), generator=gen, dtype=torch.int32)
+    g_idx = torch.arange(k) // size
+    if act_order:
+        g_idx = g_idx[torch.randperm(k, generator=gen)]
+    w = IntWeight(q, scales, zeros, g_idx.int(), bits)
+    return IntWeight(*(t.to(device) for t in (w.q, w.scales, w.zeros, w.g_idx)), bits)
+
+
+def packed_of(w: IntWeight, group_size: int):
+    return pack(w.q, w.scales, w.zeros, w.g_idx, w.bits, group_size)
+
+
+@pytest.mark.parametrize("act_order", [False, True], ids=["ordered", "act_order"])
+@pytest.mark.parametrize("sym", [True, False], ids=["sym", "asym"])
+@pytest.mark.parametrize(
+    "bits,group_size,k", [(4, 32, 96), (4, 128, 512), (4, -1, 72), (8, 64, 192), (8, -1, 40)]
+)
+def test_packed_layout_dequantizes_to_the_int_weight_exactly(bits, group_size, k, sym, act_order):
+    if act_order and group_size == -1:
+        pytest.skip("one group: nothing to order")
+    w = int_weight(k, 24, bits, group_size, sym, act_order)
+    p = packed_of(w, group_size)
+    perm = p.perm if p.perm is not None else torch.arange(k)
+    assert torch.equal(dequantize_ref(p), w.dequantize()[:, perm])
+    assert (p.perm is not None) == act_order and (p.zeros is None) == sym
+    assert p.qweight.dtype == torch.int32 and p.qweight.shape[0] == 24
+
+
+def test_pack_refuses_groups_of_unequal_size():
+    w = int_weight(64, 8, 4, 32, True, False)
+    g_idx = w.g_idx.clone()
+    g_idx[0] = 1  # group 1 now has 33 inputs
+    with pytest.raises(ValueError, match="every group 32 inputs"):
+        pack(w.q, w.scales, w.zeros, g_idx, 4, 32)
+
+
+# (M, K, N): ragged N against the interpreter's 16-row tiles; M through all three kernels' sizes
+@pytest.mark.parametrize("m", [1, 3, 21])
+@pytest.mark.parametrize(
+    "bits,group_size,sym,act_order,k,n",
+    [
+        (4, 32, False, False, 96, 40),
+        (4, 128, True, False, 256, 24),
+        (4, 64, False, True, 128, 40),
+        (4, -1, True, False, 80, 33),
+        (8, 32, False, True, 64, 24),
+        (8, -1, True, False, 48, 17),
+    ],
+    ids=["g32-asym", "g128-sym", "g64-act", "channel", "int8-g32-act", "int8-channel"],
+)
+def test_quant_matmul_triton_matches_reference(
+    bits, group_size, sym, act_order, k, n, m, dtype, device, check, poisoned
+):
+    w = int_weight(k, n, bits, group_size, sym, act_order, device)
+    p = packed_of(w, group_size)
+    x = torch.randn(m, k, device=device).to(dtype)
+    bias = torch.randn(n, device=device).to(dtype) if m == 3 else None
+    out = poisoned(quant_matmul_triton, x, p, bias)
+    check(out, quant_matmul_ref(x, p, bias))
+    # the reference is the dequantized IntWeight's Linear, on the original input order
+    b32 = None if bias is None else bias.float()
+    ref = torch.nn.functional.linear(x.float(), w.dequantize(), b32)
+    assert (quant_matmul_ref(x.float(), p, b32) - ref).abs().max() < 1e-4 * ref.abs().max()
+
+
+def test_quant_matmul_keeps_leading_dims(device):
+    w = int_weight(64, 32, 4, 32, False, False, device)
+    p = packed_of(w, 32)
+    x = torch.randn(2, 3, 64, device=device)
+    out = quant_matmul_triton(x, p)
+    assert out.shape == (2, 3, 32)
+    assert torch.allclose(out, quant_matmul_ref(x, p), atol=1e-4, rtol=1e-4)
+
+
+@pytest.mark.parametrize("bits,group_size,sym", [(4, 32, False), (8, -1, True)])
+def test_dequantize_triton_matches_reference(bits, group_size, sym, device):
+    w = int_weight(96, 40, bits, group_size, sym, act_order=bits == 4, device=device)
+    p = packed_of(w, group_size)
+    assert torch.equal(dequantize_triton(p, torch.float32), dequantize_ref(p))
+
+
+@pytest.mark.parametrize("m", [1, 3, 64])
+def test_every_sweep_config_computes_the_same_product(m, device):
+    """Each candidate of the GPU sweep (and the default) is a valid launch here too."""
+    w = int_weight(128, 32, 4, 64, False, False, device)
+    p = packed_of(w, 64)
+    x = torch.randn(m, 128, device=device)
+    ref = quant_matmul_ref(x, p)
+    for config in [pick_config(m, 32, True)] + sweep_configs(m):
+        out = quant_matmul_triton(x, p, config=config)
+        assert (out - ref).abs().max() < 1e-4 * ref.abs().max(), config
+
+
+def test_dispatcher_runs_the_reference_on_cpu():
+    w = int_weight(64, 16, 4, 32, True, False)
+    p = packed_of(w, 32)
+    x = torch.randn(2, 64)
+    assert torch.equal(quant_matmul(x, p), quant_matmul_ref(x, p))
+
+
+# Llama-3-8B projections (K, N), fused as the engine runs them: qkv, o, gate_up, down.
+LLAMA3_8B = [(4096, 6144), (4096, 4096), (4096, 28672), (14336, 4096)]
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("bits,group_size", [(4, 128), (4, 32), (8, -1)])
+@pytest.mark.parametrize("k,n", LLAMA3_8B)
+def test_quant_matmul_real_sizes_on_gpu(k, n, bits, group_size):
+    w = int_weight(k, n, bits, group_size, sym=False, act_order=False, device="cuda")
+    p = packed_of(w, group_size)
+    for m in (1, 2, 16, 64, 256, DEQUANT_MIN_M):
+        x = torch.randn(m, k, device="cuda", dtype=torch.bfloat16)
+        out, ref = quant_matmul_triton(x, p), quant_matmul_ref(x, p)
+        err = (out.float() - ref.float()).abs().max() / ref.float().abs().max()
+        assert err < 2e-2, (m, err.item())
+
+
+@pytest.mark.parametrize("m", [1, 2, 7])
+@pytest.mark.parametrize("act_order", [False, True], ids=["ordered", "act_order"])
+@pytest.mark.parametrize("with_residual", [True, False], ids=["residual", "no_residual"])
+def test_rmsnorm_prologue_matches_reference(m, act_order, with_residual, dtype, device, check):
+    w = int_weight(96, 40, 4, 32, False, act_order, device)
+    p = packed_of(w, 32)
+    x = torch.randn(m, 96, device=device).to(dtype)
+    residual = torch.randn(m, 96, device=device).to(dtype) if with_residual else None
+    nw = (1 + 0.1 * torch.randn(96, device=device)).to(dtype)
+    bias = torch.randn(40, device=device).to(dtype)
+    out, h = quant_rmsnorm_matmul_triton(x, residual, nw, 1e-6, p, bias)
+    ref, h_ref = quant_rmsnorm_matmul_ref(x, residual, nw, 1e-6, p, bias)
+    check(out, ref)
+    if with_residual:
+        check(h, h_ref)  # the interpreter rounds to bfloat16 differently
+    else:
+        assert h is x and h_ref is x
+
+
+@pytest.mark.parametrize("m", [1, 3, 9])
+@pytest.mark.parametrize("bits,act_order", [(4, True), (8, False)])
+def test_silu_mul_prologue_matches_reference(m, bits, act_order, dtype, device, check):
+    w = int_weight(64, 24, bits, 32, True, act_order, device)
+    p = packed_of(w, 32)
+    gate_up = torch.randn(m, 128, device=device).to(dtype)
+    check(quant_silu_mul_matmul_triton(gate_up, p), quant_silu_mul_matmul_ref(gate_up, p))
