@@ -23,7 +23,11 @@ from kiln.model.layers import MLP, RMSNorm
 from kiln.model.transformer import Block, Transformer
 
 
-def _fused_linear(parts: list[nn.Linear]) -> nn.Linear:
+def _fused_linear(parts: list[nn.Module]) -> nn.Module:
+    """One Linear computing the parts' outputs side by side; a quantized Linear type fuses
+    its own (`cat`: weights and their per-channel scales stacked along the output)."""
+    if not isinstance(parts[0], nn.Linear):
+        return type(parts[0]).cat(parts)
     w = parts[0].weight
     out = nn.Linear(
         w.shape[1],
@@ -131,7 +135,7 @@ class ResidualBlock(nn.Module):
         self.self_attn = block.self_attn
         self.post_attention_layernorm = FusedRMSNorm(block.post_attention_layernorm, ops)
         self.mlp = block.mlp
-        self.gemv_max_batch = gemv_max_batch if isinstance(self.mlp, FusedMLP) else 0
+        self.gemv_max_batch = gemv_max_batch if _gemv_fits(self.self_attn, self.mlp) else 0
 
     def forward(self, x, positions, rotary, backend):
         h, residual = x if isinstance(x, tuple) else (x, None)
@@ -157,6 +161,15 @@ class ResidualBlock(nn.Module):
             h, residual, norm2.weight, norm2.eps, mlp.gate_up_proj.weight, mlp.gate_up_proj.bias
         )
         return ops.silu_mul_gemv(gate_up, mlp.down_proj.weight, mlp.down_proj.bias), residual
+
+
+def _gemv_fits(attn: FusedAttention, mlp: nn.Module) -> bool:
+    """Whether the block's projections are the plain Linears the fused GEMVs read (not an
+    MoE, not quantized Linears, which run their own kernels)."""
+    if not isinstance(mlp, FusedMLP):
+        return False
+    projections = (attn.qkv_proj, attn.o_proj, mlp.gate_up_proj, mlp.down_proj)
+    return all(isinstance(m, nn.Linear) for m in projections)
 
 
 class GemvLinear(nn.Module):

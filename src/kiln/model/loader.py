@@ -16,6 +16,7 @@ from safetensors.torch import save_file
 
 from kiln.config import ModelConfig
 from kiln.errors import CheckpointError
+from kiln.model.compressed_tensors import install_w8a8, is_w8a8_part, read_compressed_tensors
 from kiln.model.hf_format import (
     hf_to_kiln,
     kiln_to_hf,
@@ -70,13 +71,21 @@ def load_model(
         model = Transformer(config)
     expected = dict(model.named_parameters())
     loaded: set[str] = set()
-    for where, hf_name, hf_tensor in _checkpoint_tensors(path, config):
+    w8a8 = read_compressed_tensors(config.hf_config)
+    quantized: dict[str, dict[str, torch.Tensor]] = {}  # W8A8 Linears' tensors, by HF prefix
+    for where, hf_name, hf_tensor in _checkpoint_tensors(path, config, w8a8 is None):
+        if w8a8 is not None and is_w8a8_part(hf_name, hf_tensor):
+            prefix, _, part = hf_name.rpartition(".")
+            quantized.setdefault(prefix, {})[part] = hf_tensor
+            continue
         try:
             for name, tensor in hf_to_kiln(config, hf_name, hf_tensor):
                 _assign(model, expected, name, tensor, dtype, device)
                 loaded.add(name)
         except CheckpointError as e:
             raise CheckpointError(f"{where}: {e}") from e
+    if quantized:
+        loaded |= install_w8a8(model, config, w8a8, quantized, device)
     if config.tie_word_embeddings:
         model.lm_head.weight = model.embed_tokens.weight
         loaded.add("lm_head.weight")
@@ -96,11 +105,12 @@ def load_model(
 
 
 def _checkpoint_tensors(
-    path: Path, config: ModelConfig
+    path: Path, config: ModelConfig, dequantize: bool = True
 ) -> Iterator[tuple[Path, str, torch.Tensor]]:
     """(where, HF name, tensor) of every weight; a GPTQ/AWQ checkpoint's quantized Linears come
-    last, dequantized to float32 as `<prefix>.weight` (the torch reference path)."""
-    spec = read_quant_config(config.hf_config)
+    last, dequantized to float32 as `<prefix>.weight` (the torch reference path), unless
+    `dequantize` is False (the tensors as stored)."""
+    spec = read_quant_config(config.hf_config) if dequantize else None
     quantized: list[tuple[str, torch.Tensor]] = []
     for file in weight_files(path):
         for name, t in read_tensors(file):
