@@ -155,3 +155,27 @@ def test_bad_options_are_a_one_line_error(trained_dir, tmp_path, capsys, args, m
     err = capsys.readouterr().err
     assert message in err and err.count("\n") == 1
     assert not out.exists()
+
+
+@pytest.mark.parametrize("method, logit_error", [("fp8", 1e-4), ("smoothquant", 0.05)])
+def test_transformers_reads_the_checkpoint_and_writes_one_kiln_reads(
+    trained_dir, tmp_path, method, logit_error
+):
+    """transformers (through compressed-tensors) runs kiln's checkpoint with the same logits (int8:
+    close; its fake quantization rounds activations to [-128, 127] with absmax / 127.5, vLLM's
+    kernels and kiln's to +-127 with absmax / 127), and the checkpoint it saves back loads in
+    kiln with the same tensors."""
+    pytest.importorskip("compressed_tensors")
+    import transformers
+
+    out = kiln.quantize(trained_dir, tmp_path / method, method=method, **CALIB)
+    hf = transformers.AutoModelForCausalLM.from_pretrained(out)
+    hf.save_pretrained(tmp_path / "resaved")  # (after a forward it would save "decompressed")
+    ids = torch.randint(0, 384, (2, 16), generator=torch.Generator().manual_seed(0))
+    ours = load_model(out, device="cpu")
+    with torch.no_grad():
+        theirs, mine = hf(ids).logits.float(), ours(ids)
+    assert (theirs - mine).norm() < logit_error * mine.norm()
+    resaved = dict(load_model(tmp_path / "resaved", device="cpu").named_parameters())
+    for name, p in ours.named_parameters():
+        assert resaved[name].dtype == p.dtype and torch.equal(resaved[name].float(), p.float())
