@@ -4,6 +4,7 @@ complete."""
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import shutil
@@ -43,6 +44,12 @@ def quantized_state(
     return out
 
 
+def _cpu(w):
+    """A copy of the quantized weight w (a dataclass of tensors) with its tensors on the CPU."""
+    tensors = {f.name: getattr(w, f.name) for f in dataclasses.fields(w)}
+    return dataclasses.replace(w, **{k: v.cpu() for k, v in tensors.items() if torch.is_tensor(v)})
+
+
 def write_atomic(out_dir: Path, write: Callable[[Path], None]) -> Path:
     """Run write(tmp) on a fresh folder beside out_dir, then rename it to out_dir; on any
     exception (Ctrl-C too) the folder is removed and nothing is left at out_dir."""
@@ -71,6 +78,8 @@ def save_quantized(
     each quantized weight into the format's tensors (pack_gptq, pack_awq, pack_w8a8)."""
     config = model.config
     dtype = DTYPES.get(config.dtype or "float32", torch.float32)
+    model.cpu()  # calibration may have run on an accelerator
+    weights = {name: _cpu(w) for name, w in weights.items()}
 
     def write(tmp: Path) -> None:
         for f in src_dir.iterdir():

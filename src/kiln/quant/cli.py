@@ -37,6 +37,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument(
         "--alpha", type=float, default=None, help="SmoothQuant's migration strength (0.5)"
     )
+    p.add_argument(
+        "--device", default=None, help="where calibration and the algorithms run (default: cpu)"
+    )
     p.set_defaults(func=_cli)
 
 
@@ -55,6 +58,7 @@ def _cli(args: argparse.Namespace) -> None:
         calib_samples=args.calib_samples,
         calib_len=args.calib_len,
         alpha=args.alpha,
+        device=args.device,
         progress=True,
     )
     print(f"wrote {out}")

@@ -51,12 +51,14 @@ def quantize(
     calib_samples: int = 128,
     calib_len: int = 512,
     alpha: float | None = None,
+    device: str | None = None,
     progress: bool = False,
 ) -> Path:
     """Quantize the model in model_dir and write it to out_dir as a GPTQ (v1) checkpoint, for
     method "awq" an AutoAWQ GEMM one, for "smoothquant" (int8) and "fp8" a compressed-tensors
     W8A8 one. bits default 4 (W8A8: 8), group_size 128 (W8A8: per channel); sym defaults to
-    True, for AWQ to False (zero point); alpha (SmoothQuant's migration strength) to 0.5."""
+    True, for AWQ to False (zero point); alpha (SmoothQuant's migration strength) to 0.5.
+    Calibration and the algorithms run on `device` (default: the CPU)."""
     if method not in METHODS:
         raise InputError(
             f"--method {method!r} is unknown; choose {', '.join(METHODS)}", param="method"
@@ -64,7 +66,7 @@ def quantize(
     if method in W8A8:
         check_w8a8_options(method, bits, group_size, sym, act_order, calib, alpha)
         return quantize_w8a8(
-            model_dir, out_dir, method, calib, calib_samples, calib_len, alpha, progress
+            model_dir, out_dir, method, calib, calib_samples, calib_len, alpha, device, progress
         )
     if alpha is not None:
         raise InputError(f"--alpha is SmoothQuant's; --method {method} takes none", param="alpha")
@@ -74,7 +76,7 @@ def quantize(
         raise InputError(f"--bits {bits}: AWQ GEMM checkpoints are 4-bit", param="bits")
     sym = method != "awq" if sym is None else sym
     model_dir, out_dir = Path(model_dir), Path(out_dir)
-    model = load_source(model_dir, out_dir)
+    model = load_source(model_dir, out_dir, device)
     for i, layer in enumerate(model.layers):
         for name, lin in linears(layer).items():
             check_shape(f"layers.{i}.{name}", lin.in_features, lin.out_features, bits, group_size)
@@ -111,18 +113,19 @@ def quantize(
     return save_quantized(model, weights, quantization_config, model_dir, out_dir, pack_gptq)
 
 
-def load_source(model_dir: Path, out_dir: Path) -> Transformer:
-    """The float32 model to quantize; InputError if out_dir exists or the family is gpt2."""
+def load_source(model_dir: Path, out_dir: Path, device: str | None) -> Transformer:
+    """The float32 model to quantize, on `device` (default: the CPU); InputError if out_dir
+    exists or the family is gpt2."""
     if out_dir.exists():
         raise InputError(f"--out {str(out_dir)!r} already exists", param="out")
-    model = load_model(model_dir, dtype="float32", device="cpu")
+    model = load_model(model_dir, dtype="float32", device=device or "cpu")
     if model.config.model_type == "gpt2":
         raise InputError("quantize does not support gpt2 (its fused c_attn) yet", param="model")
     return model
 
 
 def calibration(model: Transformer, model_dir: Path, calib, samples: int, length: int):
-    """The calibration ids [samples, length] (the model's own tokenizer)."""
+    """The calibration ids [samples, length] (the model's own tokenizer), on its device."""
     from kiln.tokenizer.hf import load_tokenizer
 
     if length > model.config.max_position_embeddings:
@@ -131,7 +134,8 @@ def calibration(model: Transformer, model_dir: Path, calib, samples: int, length
             f"{model.config.max_position_embeddings}",
             param="calib_len",
         )
-    return calibration_ids(load_tokenizer(model_dir), calib, samples, length)
+    ids = calibration_ids(load_tokenizer(model_dir), calib, samples, length)
+    return ids.to(model.embed_tokens.weight.device)
 
 
 def check_w8a8_options(method, bits, group_size, sym, act_order, calib, alpha) -> None:
@@ -156,12 +160,12 @@ def check_w8a8_options(method, bits, group_size, sym, act_order, calib, alpha) -
 
 
 def quantize_w8a8(
-    model_dir, out_dir, method, calib, calib_samples, calib_len, alpha, progress
+    model_dir, out_dir, method, calib, calib_samples, calib_len, alpha, device, progress
 ) -> Path:
     """SmoothQuant int8 or FP8: per-channel 8-bit weights (SmoothQuant's scales folded first),
     written as a compressed-tensors checkpoint whose activations are quantized per token."""
     model_dir, out_dir = Path(model_dir), Path(out_dir)
-    model = load_source(model_dir, out_dir)
+    model = load_source(model_dir, out_dir, device)
     if method == "smoothquant":
         ids = calibration(model, model_dir, calib, calib_samples, calib_len)
         alpha = 0.5 if alpha is None else alpha
@@ -204,7 +208,7 @@ def rtn_model(model: Transformer, bits, group_size, sym, progress) -> dict[str, 
 def block_runner(model: Transformer, ids: torch.Tensor):
     """The embedded calibration ids [samples, len, hidden] and run(fn, x): fn(chunk, positions)
     over CALIB_BATCH samples at a time, concatenated."""
-    positions = torch.arange(ids.shape[1]).expand(CALIB_BATCH, -1)
+    positions = torch.arange(ids.shape[1], device=ids.device).expand(CALIB_BATCH, -1)
     x = model.embed_tokens(ids)  # [samples, len, hidden]
     if model.embed_positions is not None:
         x = x + model.embed_positions(positions[: len(ids)])
@@ -226,7 +230,7 @@ def gptq_model(
     out = {}
     for i, layer in enumerate(tqdm(model.layers, desc="gptq", unit="layer", disable=not progress)):
         targets = linears(layer)
-        hessians = {n: Hessian(m.in_features) for n, m in targets.items()}
+        hessians = {n: Hessian(m.in_features, m.weight.device) for n, m in targets.items()}
         hooks = [
             m.register_forward_hook(lambda mod, inp, res, h=hessians[n]: h.add(inp[0]))
             for n, m in targets.items()
