@@ -4,10 +4,11 @@ for the whole tensor (as per-tensor FP8 checkpoints store it).
 
     y = (x_q @ W_q^T) * x_scale * w_scale^T + bias      x_q [M, K], W_q [N, K], scales [M|N, 1]
 
-The reference runs anywhere: the activations quantized exactly as the kernels see them, the
-matmul in float32, the scales applied after. The kernels (CUDA): FP8 through torch._scaled_mm
-with rowwise scales (bf16 out), int8 through torch._int_mm (int32 accumulators). Neither reads
-anything back to the host, so CUDA graphs capture them.
+The reference runs anywhere: the activations quantized per row in torch
+(kiln.kernels.quant_act), the matmul in float32, the scales applied after. The kernels (CUDA):
+the activations quantized by one Triton kernel, then FP8 through torch._scaled_mm with rowwise
+scales (bf16 out), int8 through torch._int_mm (int32 accumulators). Nothing reads back to the
+host, so CUDA graphs capture them.
 """
 
 from __future__ import annotations
@@ -18,33 +19,17 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-FP8 = torch.float8_e4m3fn
+from kiln.kernels._triton import HAS_TRITON
+from kiln.kernels.quant_act import (
+    FP8,
+    MIN_SCALE,
+    qmax,
+    quantize_rows_ref,
+    quantize_rows_triton,
+    to_8bit,
+)
+
 QDTYPES = {"float": FP8, "int": torch.int8}  # compressed-tensors' `type` -> storage dtype
-MIN_SCALE = 1e-12  # an all-zero row gets this scale, not 0 (no 0 / 0)
-
-
-def qmax(dtype: torch.dtype) -> float:
-    """The largest magnitude a symmetric 8-bit grid holds: 448 (e4m3), 127 (int8)."""
-    return torch.finfo(FP8).max if dtype == FP8 else 127.0
-
-
-def to_8bit(x: torch.Tensor, scale: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
-    """x / scale on the 8-bit grid of `dtype` (int8: rounded half to even; e4m3: its cast)."""
-    m = qmax(dtype)
-    y = (x.float() / scale).clamp(-m, m)
-    return y.to(FP8) if dtype == FP8 else y.round().to(torch.int8)
-
-
-def quantize_rows(
-    x: torch.Tensor, dtype: torch.dtype, static_scale: torch.Tensor | None = None
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """x [M, K] as 8 bits and its scales [M, 1] float32: each row's absmax / qmax, or the one
-    static scale [] for every row."""
-    if static_scale is None:
-        scale = x.abs().amax(-1, keepdim=True).float().div(qmax(dtype)).clamp(min=MIN_SCALE)
-    else:
-        scale = static_scale.reshape(1, 1).expand(x.shape[0], 1)
-    return to_8bit(x, scale, dtype), scale
 
 
 @dataclass
@@ -135,9 +120,14 @@ class W8A8Linear(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         lead = x.shape[:-1]
-        xq, x_scale = quantize_rows(x.reshape(-1, x.shape[-1]), self.weight.dtype, self.input_scale)
-        mm = w8a8_mm if self.use_kernel and kernel_fits(self.weight) else w8a8_mm_reference
-        y = mm(xq, x_scale, self.weight, self.weight_scale, x.dtype)
+        x2 = x.reshape(-1, x.shape[-1])
+        if self.use_kernel and kernel_fits(self.weight):
+            quantize = quantize_rows_triton if HAS_TRITON else quantize_rows_ref
+            xq, x_scale = quantize(x2.contiguous(), self.weight.dtype, self.input_scale)
+            y = w8a8_mm(xq, x_scale, self.weight, self.weight_scale, x.dtype)
+        else:
+            xq, x_scale = quantize_rows_ref(x2, self.weight.dtype, self.input_scale)
+            y = w8a8_mm_reference(xq, x_scale, self.weight, self.weight_scale, x.dtype)
         if self.bias is not None:
             y = y + self.bias
         return y.reshape(*lead, self.out_features)
