@@ -52,7 +52,7 @@ BEAT_RTN4 = ("gptq int4 g128", "awq int4 g128")
 # (model, training, calibration, evaluation) sizes; --tiny runs on a laptop's CPU.
 GPU = dict(
     model=dict(num_layers=12, num_heads=12, hidden_size=768, block_size=512, dropout=0.1),
-    vocab_size=8192,
+    vocab_size=4096,
     train=dict(max_steps=800, batch_size=32, lr=1e-3, min_lr=1e-4, warmup_steps=100,
                eval_interval=200, eval_steps=20, compile=True),
     calib=dict(calib_samples=128, calib_len=512),
