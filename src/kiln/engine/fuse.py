@@ -208,4 +208,7 @@ def fuse_model(model: Transformer, ops: Ops, gemv_max_batch: int = 0) -> Transfo
         model.norm = FinalNorm(model.norm, ops)
     if gemv_max_batch and isinstance(model.lm_head, nn.Linear):
         model.lm_head = GemvLinear(model.lm_head, ops, gemv_max_batch)
+    for m in model.modules():  # quantized Linears: their kernels with Triton's ops, else refs
+        if hasattr(m, "use_kernel"):
+            m.use_kernel = ops.name == "triton"
     return model
