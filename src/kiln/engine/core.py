@@ -21,6 +21,7 @@ from pathlib import Path
 from kiln.config import ModelConfig
 from kiln.engine.block_manager import BlockManager
 from kiln.engine.config import EngineConfig
+from kiln.engine.kv_scales import read_kv_scales
 from kiln.engine.model_runner import ModelRunner, PreviousTokens
 from kiln.engine.outputs import SeqDelta
 from kiln.engine.sampler import PendingSample, Sampler, make_generator
@@ -93,7 +94,11 @@ class EngineCore:
             eos_token_ids = eos_ids_from_dir(path, self.model_config)
         self.eos_token_ids = frozenset(eos_token_ids)
         net = load_model(path, dtype=dtype, device=device)
-        self.runner = ModelRunner(net, cfg, self.max_model_len)
+        kv_scales = None
+        if cfg.kv_cache_dtype != "auto":
+            mc = self.model_config
+            kv_scales = read_kv_scales(path, mc.num_layers, mc.num_kv_heads)
+        self.runner = ModelRunner(net, cfg, self.max_model_len, kv_scales)
         self.device = self.runner.device
         self.block_manager = BlockManager(
             self.runner.num_blocks, cfg.block_size, cfg.enable_prefix_caching

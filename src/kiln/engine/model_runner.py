@@ -25,6 +25,7 @@ from kiln.engine.attention import AttentionMetadata, KVCache, PagedBackend
 from kiln.engine.config import CPU_KV_CACHE_BYTES, EngineConfig
 from kiln.engine.cuda_graphs import CudaGraphRunner, graph_batch_sizes, mixed_token_sizes
 from kiln.engine.fuse import fuse_model
+from kiln.engine.kv_scales import KVScales, describe
 from kiln.engine.ops import choose_ops
 from kiln.engine.sampler import PendingSample, Sampler
 from kiln.engine.scheduler import SchedulerOutput
@@ -32,9 +33,27 @@ from kiln.engine.sequence import Sequence
 from kiln.engine.transfer import to_device
 from kiln.errors import ConfigError
 from kiln.kernels.causal_attention import causal_attention
+from kiln.kernels.kv_quant import KV_CACHE_DTYPES
 from kiln.model.transformer import Transformer
 
 log = logging.getLogger("kiln.engine")
+
+
+def kv_cache_torch_dtype(name: str, dtype: torch.dtype, device: torch.device, ops) -> torch.dtype:
+    """The pool's storage dtype for EngineConfig.kv_cache_dtype (auto: the model's `dtype`);
+    ConfigError where the device cannot hold or convert it."""
+    kv_dtype = KV_CACHE_DTYPES[name] or dtype
+    if kv_dtype == torch.float8_e4m3fn:
+        if device.type == "mps":
+            raise ConfigError(f"kv_cache_dtype={name!r}: MPS has no fp8; use int8 or auto")
+        if device.type == "cuda" and ops.name == "triton":
+            cc = torch.cuda.get_device_capability(device)
+            if cc < (8, 9):
+                raise ConfigError(
+                    f"kv_cache_dtype={name!r}: the fp8 kernels need compute capability 8.9 or "
+                    f"newer (Ada, Hopper), this GPU is {cc[0]}.{cc[1]}; use int8 or auto"
+                )
+    return kv_dtype
 
 
 class ProfileBackend:
@@ -104,7 +123,13 @@ class StepOutput(NamedTuple):
 
 
 class ModelRunner:
-    def __init__(self, model: Transformer, config: EngineConfig, max_model_len: int):
+    def __init__(
+        self,
+        model: Transformer,
+        config: EngineConfig,
+        max_model_len: int,
+        kv_scales: KVScales | None = None,
+    ):
         self.config = config
         self.model_config = model.config
         self.max_model_len = max_model_len
@@ -113,6 +138,9 @@ class ModelRunner:
         self.block_size = config.block_size
         self.max_blocks_per_seq = -(-max_model_len // config.block_size)
         self.ops = choose_ops(config.attention_backend, self.device)
+        self.kv_dtype = kv_cache_torch_dtype(
+            config.kv_cache_dtype, self.dtype, self.device, self.ops
+        )
         if config.fuse_weights:
             model = fuse_model(model, self.ops, config.gemv_max_batch)
         self.model = model
@@ -125,7 +153,7 @@ class ModelRunner:
             self.block_size,
             mc.num_kv_heads,
             mc.head_dim,
-            self.dtype,
+            self.kv_dtype,
             self.device,
         )
         self.backend = PagedBackend(self.kv_cache, self.ops)
@@ -145,15 +173,42 @@ class ModelRunner:
             if config.fuse_weights:
                 fused = (mc.qk_norm, mc.position_embedding != "learned")
             self.backend.compile_kernels(
-                mc.num_heads, windows, config.max_num_seqs, fused_qkv=fused
+                mc.num_heads, windows, config.max_num_seqs, fused_qkv=fused, dtype=self.dtype
             )
+        self._init_kv_scales(kv_scales)  # after the captures: they must not calibrate
+
+    def _init_kv_scales(self, checkpoint: KVScales | None) -> None:
+        """Set an fp8 / int8 pool's scales (kiln.engine.kv_scales) and log which are in force."""
+        cfg, cache = self.config, self.kv_cache
+        if cache.scales is None:
+            return
+        if checkpoint is not None and cfg.calculate_kv_scales is not True:
+            for i, (k, v) in enumerate(zip(checkpoint.k_scale, checkpoint.v_scale)):
+                cache.set_scales(i, k, v)
+            log.info("KV scales: %s", describe(checkpoint))
+        elif cfg.calculate_kv_scales is False:
+            log.warning(
+                "KV scales: 1.0 for every layer and kv head (calculate_kv_scales=False and the "
+                "checkpoint has none): values past %s's range saturate", cfg.kv_cache_dtype
+            )  # fmt: skip
+        else:
+            self.backend.calibrating = True
+            why = (
+                "calculate_kv_scales=True" if cfg.calculate_kv_scales else "none in the checkpoint"
+            )
+            log.info("KV scales: calculated from the first prefill step (%s)", why)
+
+    def _finish_calibration(self) -> None:
+        self.backend.calibrating = False
+        s = self.kv_cache.scales
+        log.info("KV scales: %s", describe(KVScales(s[:, 0], s[:, 1], "calculated")))
 
     # ------------------------------------------------------------------ KV pool size
 
     def _num_kv_blocks(self) -> int:
         mc, cfg = self.model_config, self.config
         per_block = KVCache.bytes_per_block(
-            mc.num_layers, self.block_size, mc.num_kv_heads, mc.head_dim, self.dtype
+            mc.num_layers, self.block_size, mc.num_kv_heads, mc.head_dim, self.kv_dtype
         )
         if cfg.num_kv_blocks is not None:
             num_blocks = cfg.num_kv_blocks
@@ -174,9 +229,10 @@ class ModelRunner:
                 f"kv_cache_memory_bytes) or lower max_model_len"
             )
         log.info(
-            "KV cache: %d blocks x %d = %d tokens (%.2f GiB, %s)",
+            "KV cache: %d blocks x %d = %d tokens (%.2f GiB, %s, kv_cache_dtype %s: %s)",
             num_blocks, self.block_size, num_blocks * self.block_size,
-            num_blocks * per_block / 2**30, self.device,
+            num_blocks * per_block / 2**30, self.device, cfg.kv_cache_dtype,
+            str(self.kv_dtype).removeprefix("torch."),
         )  # fmt: skip
         return num_blocks
 
@@ -233,6 +289,8 @@ class ModelRunner:
             return logits, sampled
         self.backend.set_metadata(plan.metadata)
         hidden = self.model.hidden_states(plan.input_ids, plan.metadata.positions, self.backend)
+        if self.backend.calibrating:  # every layer's scales are set now
+            self._finish_calibration()
         if not plan.seqs:
             return None, None
         if plan.logits_rows is not None:
@@ -249,7 +307,9 @@ class ModelRunner:
         seqs, b = host.sample_seqs, len(host.tables)
         graphs = self.graph_runner
         graph = None
-        if host.num_decodes == b and (size := graphs.batch_size(b)) is not None:
+        if self.backend.calibrating:  # eager: the step sets the KV scales
+            pass
+        elif host.num_decodes == b and (size := graphs.batch_size(b)) is not None:
             graph = ("decode", size)
         elif (size := graphs.mixed_size(len(host.input_ids), b)) is not None:
             graph = ("mixed", size)

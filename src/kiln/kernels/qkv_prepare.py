@@ -33,15 +33,23 @@ from kiln.kernels.rope import rope_ref
 from kiln.kernels.store_kvcache import store_kvcache_ref
 
 
-def qkv_prepare_ref(
-    qkv: torch.Tensor, positions: torch.Tensor, heads: HeadLayout, qk: QKNormRope, kv: PagedKV
-) -> torch.Tensor:
-    """Plain torch, the unfused sequence: split, per-head RMSNorm, RoPE, KV store; returns q."""
+def split_norm_rope_ref(
+    qkv: torch.Tensor, positions: torch.Tensor, heads: HeadLayout, qk: QKNormRope
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Plain torch: split qkv, per-head RMSNorm and RoPE of q and k: (q, k, v)."""
     q, k, v = heads.split_qkv(qkv)
     if qk.has_norm:
         q, k = rmsnorm_ref(q, qk.q_norm_weight, qk.eps), rmsnorm_ref(k, qk.k_norm_weight, qk.eps)
     if qk.has_rope:
         q, k = rope_ref(q, k, positions, qk.cos_sin)
+    return q, k, v
+
+
+def qkv_prepare_ref(
+    qkv: torch.Tensor, positions: torch.Tensor, heads: HeadLayout, qk: QKNormRope, kv: PagedKV
+) -> torch.Tensor:
+    """Plain torch, the unfused sequence: split, per-head RMSNorm, RoPE, KV store; returns q."""
+    q, k, v = split_norm_rope_ref(qkv, positions, heads, qk)
     store_kvcache_ref(k, v, kv.k_cache, kv.v_cache, kv.slot_mapping, kv.scales)
     return q.contiguous()
 
