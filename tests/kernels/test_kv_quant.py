@@ -202,3 +202,58 @@ def test_quantized_kernels_at_real_sizes(qdtype, paged_kv, check):
     store_kvcache_triton(k, k, caches[0], caches[1], slots, scales)
     store_kvcache_ref(k, k, caches[2], caches[3], slots, scales)
     assert torch.equal(caches[0].view(torch.uint8), caches[2].view(torch.uint8))
+
+
+# ------------------------------------------------------------ H2O: attention mass per slot
+
+
+def _scores_like(k_cache):
+    return torch.zeros(k_cache.shape[:2], device=k_cache.device)
+
+
+@pytest.mark.parametrize("quantized", [False, True])
+def test_decode_attention_mass_matches_reference(paged_kv, device, quantized):
+    """The decode kernels add each key's probability (summed over heads) to its slot, as
+    the reference does; every query's mass adds up to its head count."""
+    lens, hq, hkv, d = [1, 13, 37], 4, 2, 32
+    if quantized:
+        kq, vq, scales, tables = _quantized_kv(paged_kv, lens, 4, hkv, d, torch.int8, device)
+    else:
+        kq, vq, tables = paged_kv(lens, 4, hkv, d, torch.float32)
+        scales = None
+    ctx = torch.tensor(lens, dtype=torch.int32, device=device)
+    q = torch.randn(len(lens), hq, d, device=device)
+    got, want = _scores_like(kq), _scores_like(kq)
+    paged_decode_attention_triton(q, PagedKV(kq, vq, tables, ctx, scales=scales, scores=got), 0.2)
+    paged_decode_attention_ref(q, PagedKV(kq, vq, tables, ctx, scales=scales, scores=want), 0.2)
+    torch.testing.assert_close(got, want)
+    torch.testing.assert_close(want.sum(), torch.tensor(hq * len(lens), dtype=torch.float32))
+
+
+def test_prefill_attention_mass_matches_reference(paged_kv, device):
+    context_lens, q_lens = [5, 40, 17], [5, 20, 1]
+    k, v, tables = paged_kv(context_lens, 8, 2, 32, torch.float32)
+    cu = torch.tensor([0, *torch.tensor(q_lens).cumsum(0).tolist()], dtype=torch.int32)
+    lens = torch.tensor(context_lens, dtype=torch.int32, device=device)
+    q = torch.randn(sum(q_lens), 4, 32, device=device)
+    got, want = _scores_like(k), _scores_like(k)
+    args = (cu.to(device), 32**-0.5)
+    varlen_prefill_attention_triton(q, PagedKV(k, v, tables, lens, scores=got), *args)
+    varlen_prefill_attention_ref(q, PagedKV(k, v, tables, lens, scores=want), *args)
+    torch.testing.assert_close(got, want)
+    torch.testing.assert_close(want.sum(), torch.tensor(4.0 * sum(q_lens)))
+
+
+def test_decode_qkv_attention_mass_matches_reference(paged_kv, device):
+    lens, hq, hkv, d, bs = [3, 21, 40], 4, 2, 32, 8
+    k, v, tables = paged_kv(lens, bs, hkv, d, torch.float32)
+    heads = HeadLayout(hq, hkv, d)
+    ctx = torch.tensor(lens, device=device)
+    last = ctx - 1
+    slots = tables.long().gather(1, (last // bs)[:, None])[:, 0] * bs + last % bs
+    qkv = torch.randn(len(lens), heads.qkv_width, device=device)
+    got, want = _scores_like(k), _scores_like(k)
+    for fn, scores in ((paged_decode_qkv_triton, got), (paged_decode_qkv_ref, want)):
+        kv = PagedKV(k.clone(), v.clone(), tables, ctx.int(), slots, scores=scores)
+        fn(qkv, last, heads, QKNormRope(), kv, d**-0.5)
+    torch.testing.assert_close(got, want)

@@ -54,6 +54,21 @@ class KVCache:
         self.scales = None  # [num_layers, 4, num_kv_heads]: k, v scales and their reciprocals
         if is_quantized(dtype):
             self.scales = torch.ones(num_layers, 4, num_kv_heads, device=device)
+        # H2O (kiln.engine.kv_eviction): each slot's attention mass, summed over every layer,
+        # head and query since its block was handed out; None unless track_scores()
+        self.scores: torch.Tensor | None = None
+
+    def track_scores(self) -> None:
+        """Keep `scores` [num_blocks, block_size] float32 (the attention ops add to it)."""
+        self.scores = torch.zeros(self.num_blocks, self.block_size, device=self.data.device)
+
+    def reset_scores(self, blocks: list[int]) -> None:
+        if self.scores is not None and blocks:
+            self.scores[to_device(blocks, torch.long, self.data.device)] = 0.0
+
+    def block_scores(self, blocks: list[int]) -> list[float]:
+        """The attention mass of each of the given blocks (reads the device)."""
+        return self.scores[to_device(blocks, torch.long, self.data.device)].sum(1).tolist()
 
     @staticmethod
     def bytes_per_block(num_layers, block_size, num_kv_heads, head_dim, dtype) -> int:
@@ -76,6 +91,8 @@ class KVCache:
         if copies:
             src, dst = to_device(list(zip(*copies)), torch.long, self.data.device)
             self.data[:, :, dst] = self.data[:, :, src]
+            if self.scores is not None:
+                self.scores[dst] = self.scores[src]
 
 
 class PagedBackend:
@@ -121,7 +138,10 @@ class PagedBackend:
     def _kv(self, layer_idx: int, **fields) -> PagedKV:
         """The layer's cache (and scales) as the kernels take it."""
         k_cache, v_cache = self.kv_cache.layer(layer_idx)
-        return PagedKV(k_cache, v_cache, scales=self.kv_cache.layer_scales(layer_idx), **fields)
+        cache = self.kv_cache
+        return PagedKV(
+            k_cache, v_cache, scales=cache.layer_scales(layer_idx), scores=cache.scores, **fields
+        )
 
     def attend_qkv(
         self,

@@ -267,6 +267,7 @@ class ModelRunner:
 
         A decode whose input token is still in flight (async scheduling) reads it from `prev`,
         the previous step's sampled tokens on the device."""
+        self.kv_cache.reset_scores(out.fresh_blocks)
         self.kv_cache.copy_blocks(out.block_copies)
         plan = self.last_plan = self.prepare(out, prev, sampler)
         logits, sampled = self._forward(plan)
@@ -349,6 +350,7 @@ class ModelRunner:
             seq, n = out.seqs[i], out.num_new_tokens[i]
             start, end = seq.num_computed_tokens, seq.num_computed_tokens + n
             table = seq.block_table
+            c = start - seq.num_evicted_tokens  # cache index of token `start` (KV eviction)
             if n == 1:  # decode: plain ints beat numpy on one element
                 if start < len(seq.token_ids):
                     input_ids.append(seq.token_ids[start])
@@ -357,14 +359,14 @@ class ModelRunner:
                     host.pend_src.append(prev.rows[seq.seq_id])
                     input_ids.append(0)
                 positions.append(start)
-                slots.append(table[start // bs] * bs + start % bs)
+                slots.append(table[c // bs] * bs + c % bs)
             else:
                 input_ids.extend(seq.token_ids[start:end])
-                pos = np.arange(start, end)
-                positions.extend(pos.tolist())
-                slots.extend((np.asarray(table)[pos // bs] * bs + pos % bs).tolist())
+                positions.extend(range(start, end))
+                idx = np.arange(c, c + n)
+                slots.extend((np.asarray(table)[idx // bs] * bs + idx % bs).tolist())
             host.query_lens.append(n)
-            host.context_lens.append(end)
+            host.context_lens.append(end - seq.num_evicted_tokens)
             host.tables.append(table)
             if end == len(seq):
                 host.logits_indices.append(len(input_ids) - 1)

@@ -15,6 +15,7 @@ from dataclasses import dataclass, field
 
 from kiln.engine.block_manager import BlockManager
 from kiln.engine.config import EngineConfig
+from kiln.engine.kv_eviction import KVEvictor
 from kiln.engine.sequence import Sequence, SequenceStatus
 
 
@@ -25,6 +26,7 @@ class SchedulerOutput:
     seqs: list[Sequence] = field(default_factory=list)
     num_new_tokens: list[int] = field(default_factory=list)
     block_copies: list[tuple[int, int]] = field(default_factory=list)  # copy-on-write (src, dst)
+    fresh_blocks: list[int] = field(default_factory=list)  # newly handed out (H2O resets them)
     num_preempted: int = 0
 
     def __len__(self) -> int:
@@ -33,10 +35,15 @@ class SchedulerOutput:
 
 class Scheduler:
     def __init__(
-        self, config: EngineConfig, block_manager: BlockManager, max_model_len: int | None = None
+        self,
+        config: EngineConfig,
+        block_manager: BlockManager,
+        max_model_len: int | None = None,
+        evictor: KVEvictor | None = None,
     ):
         self.config = config
         self.block_manager = block_manager
+        self.evictor = evictor  # KV eviction under a budget (kiln.engine.kv_eviction)
         self.max_model_len = max_model_len or config.max_model_len or 2**62
         self.waiting: deque[Sequence] = deque()
         self.running: list[Sequence] = []
@@ -56,6 +63,7 @@ class Scheduler:
                 i += 1  # finishes when its token in flight arrives
                 continue
             num_new = min(seq.num_uncomputed_tokens, budget)
+            self._make_room(seq, num_new)
             while not bm.allocate(seq, num_new):
                 victim = self.running.pop()
                 self._preempt(victim)
@@ -70,7 +78,12 @@ class Scheduler:
         if not out.num_preempted:
             self._admit_waiting(out, budget)
         out.block_copies = bm.take_copies()
+        out.fresh_blocks = bm.take_fresh()
         return out
+
+    def _make_room(self, seq: Sequence, num_new: int) -> None:
+        if self.evictor is not None:
+            self.evictor.make_room(seq, num_new)
 
     def _admit_waiting(self, out: SchedulerOutput, budget: int) -> None:
         bm = self.block_manager
@@ -86,6 +99,7 @@ class Scheduler:
                 if not self.config.enable_chunked_prefill:
                     break
                 num_new = budget
+            self._make_room(seq, num_new)
             if not bm.allocate(seq, num_new):
                 bm.free(seq)  # give back the prefix hits; try again next step
                 seq.num_cached_tokens = 0

@@ -91,6 +91,9 @@ class PagedKV:
     # fp8 / int8 caches: [4, Hkv] float32 k_scale, v_scale, 1/k_scale, 1/v_scale
     # (kiln.kernels.kv_quant); None for a cache in the model's dtype
     scales: torch.Tensor | None = None
+    # H2O: [num_blocks, block_size] float32 per-slot attention mass the attending ops add
+    # each query's probabilities to (summed over heads); None: not collected
+    scores: torch.Tensor | None = None
 
     @property
     def block_size(self) -> int:
@@ -100,6 +103,10 @@ class PagedKV:
     def quant(self) -> int:
         """The kernels' QUANT switch (kiln.kernels.kv_quant: NO_QUANT, FP8, INT8)."""
         return quant_kind(self.k_cache)
+
+    def scores_arg(self, dummy: torch.Tensor) -> torch.Tensor:
+        """What a kernel gets for the scores pointer (dummy, never written, when None)."""
+        return self.scores if self.scores is not None else dummy
 
     def scales_arg(self, dummy: torch.Tensor) -> torch.Tensor:
         """What a kernel gets for the scales pointer (dummy, never read, when unquantized)."""
@@ -134,8 +141,27 @@ def attend_paged_ref(
 ) -> torch.Tensor:
     """One sequence's queries q [T, Hq, D], the last T of its context_len tokens -> [T, Hq, D]."""
     k, v = gather_kv(kv, block_table, context_len, q.dtype)
+    if kv.scores is not None:
+        add_attention_mass_ref(q, k, scale, kv, block_table)
     q_offset = context_len - q.shape[0]
     return causal_attention(q[None], k[None], v[None], scale, q_offset, sliding_window)[0]
+
+
+def add_attention_mass_ref(
+    q: torch.Tensor, k: torch.Tensor, scale: float, kv: PagedKV, block_table: torch.Tensor
+) -> None:
+    """H2O's statistic: add the attention probabilities of one sequence's queries q [T, Hq,
+    D] (its last T tokens, causal) over its first L cached keys k [L, Hkv, D], summed over
+    queries and heads, to kv.scores at the keys' slots."""
+    length, group, bs = k.shape[0], q.shape[1] // k.shape[1], kv.block_size
+    keys = k.float().repeat_interleave(group, dim=1)  # [L, Hq, D]
+    s = torch.einsum("thd,lhd->htl", q.float(), keys) * scale
+    t = torch.arange(length, device=q.device)
+    q_pos = length - q.shape[0] + torch.arange(q.shape[0], device=q.device)
+    s = s.masked_fill(t[None, None, :] > q_pos[None, :, None], float("-inf"))
+    mass = s.softmax(-1).sum((0, 1))  # [L]
+    slots = block_table[t // bs].long() * bs + t % bs
+    kv.scores.view(-1).index_add_(0, slots, mass)
 
 
 def check_paged_args(q: torch.Tensor, kv: PagedKV) -> None:
@@ -190,6 +216,38 @@ def load_kv_tile(k_cache_ptr, v_cache_ptr, ptrs, valid, dtype, QUANT: tl.constex
     if QUANT != 0:
         k, v = k.to(tl.float32).to(dtype), v.to(tl.float32).to(dtype)
     return k, v
+
+
+@triton.jit
+def add_attention_mass(
+    q, k_cache_ptr, scores_ptr, table, head_off, lo, hi, q_pos, row_ok, m, l, qk_scale,
+    block_size, stride_cache_block, stride_cache_off,
+    D: tl.constexpr, BLOCK_N: tl.constexpr, DOT_PRECISION: tl.constexpr, DOT_UPCAST: tl.constexpr,
+    QUANT: tl.constexpr,
+):  # fmt: skip
+    """H2O's statistic, a second pass over the keys [lo, hi) once the softmax's (m, l) of
+    every row of q [M, D] (query positions q_pos [M], rows row_ok) are final: each key's
+    probability, summed over the rows, added to scores_ptr at the key's slot (atomically:
+    other heads and layers add to the same slots)."""
+    d = tl.arange(0, D)
+    m_safe = tl.where(m == float("-inf"), 0.0, m)
+    inv_l = 1.0 / tl.where(l > 0, l, 1.0)
+    for tile in range(lo, hi, BLOCK_N):
+        toks = tile + tl.arange(0, BLOCK_N)
+        tok_ok = toks < hi
+        page = tl.load(table + toks // block_size, mask=tok_ok, other=0).to(tl.int64)
+        off = (toks % block_size).to(tl.int64)
+        ptrs = (page * stride_cache_block + off * stride_cache_off)[:, None] + head_off + d[None, :]
+        k = tl.load(k_cache_ptr + ptrs, mask=tok_ok[:, None], other=0.0)
+        if QUANT != 0:
+            k = k.to(tl.float32).to(q.dtype)
+        qq = q
+        if DOT_UPCAST:
+            qq, k = q.to(tl.float32), k.to(tl.float32)
+        s = tl.dot(qq, tl.trans(k), input_precision=DOT_PRECISION) * qk_scale
+        valid = row_ok[:, None] & tok_ok[None, :] & (toks[None, :] <= q_pos[:, None])
+        p = tl.where(valid, tl.exp2(s - m_safe[:, None]) * inv_l[:, None], 0.0)
+        tl.atomic_add(scores_ptr + page * block_size + off, tl.sum(p, 0), mask=tok_ok)
 
 
 @triton.jit

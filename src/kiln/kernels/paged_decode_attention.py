@@ -25,6 +25,8 @@ from kiln.kernels._triton import (
 from kiln.kernels.common import (
     LOG2E,
     PagedKV,
+    add_attention_mass,
+    add_attention_mass_ref,
     check_paged_args,
     dequantize_pages,
     dot_options,
@@ -61,6 +63,10 @@ def paged_decode_attention_ref(
     keys = kv.k_cache[tables].flatten(1, 2)[:, :max_ctx]  # [B, max_ctx, Hkv, D]
     values = kv.v_cache[tables].flatten(1, 2)[:, :max_ctx]
     keys, values = dequantize_pages(keys, values, kv, q.dtype)
+    if kv.scores is not None:
+        for b, length in enumerate(kv.context_lens.tolist()):
+            k = keys[b, :length]
+            add_attention_mass_ref(q[b : b + 1], k, scale, kv, kv.block_tables[b])
     k_pos = torch.arange(max_ctx, device=q.device)[None, :]
     q_pos = kv.context_lens[:, None].long() - 1
     mask = k_pos <= q_pos  # [B, max_ctx]
@@ -115,6 +121,23 @@ def attend_split(
             q, k, v, valid[None, :], acc, m, l, qk_scale, DOT_PRECISION, DOT_UPCAST
         )
     return acc * v_scale, m, l
+
+
+@triton.jit
+def decode_attention_mass(
+    q, k_cache_ptr, scales_ptr, scores_ptr, kv_head, num_kv_heads, table, head_off, lo, hi,
+    length, head_ok, m, l, qk_scale, block_size, stride_cache_block, stride_cache_off,
+    D: tl.constexpr, BLOCK_N: tl.constexpr, DOT_PRECISION: tl.constexpr, DOT_UPCAST: tl.constexpr,
+    QUANT: tl.constexpr,
+):  # fmt: skip
+    """attend_split's keys' attention mass (H2O), added to scores_ptr (kiln.kernels.common)."""
+    k_scale, _ = load_scales(scales_ptr, kv_head, num_kv_heads, QUANT)
+    q_pos = tl.full([q.shape[0]], 0, dtype=tl.int32) + length - 1
+    add_attention_mass(
+        q, k_cache_ptr, scores_ptr, table, head_off, lo, hi, q_pos, head_ok, m, l,
+        qk_scale * k_scale, block_size, stride_cache_block, stride_cache_off,
+        D, BLOCK_N, DOT_PRECISION, DOT_UPCAST, QUANT,
+    )  # fmt: skip
 
 
 @triton.jit
@@ -184,15 +207,15 @@ def write_split_output(
     ]
 )  # fmt: skip
 def _decode_kernel(
-    q_ptr, k_cache_ptr, v_cache_ptr, scales_ptr, block_tables_ptr, context_lens_ptr,
-    out_ptr, part_out_ptr, part_lse_ptr, counter_ptr,
+    q_ptr, k_cache_ptr, v_cache_ptr, scales_ptr, scores_ptr, block_tables_ptr,
+    context_lens_ptr, out_ptr, part_out_ptr, part_lse_ptr, counter_ptr,
     stride_qb, stride_qh, stride_ob, stride_oh,
     stride_cache_block, stride_cache_off, stride_cache_head, stride_bt,
     qk_scale, sliding_window, block_size, num_heads, num_kv_heads, num_splits,
     GROUP: tl.constexpr, BLOCK_G: tl.constexpr, D: tl.constexpr, BLOCK_N: tl.constexpr,
     USE_WINDOW: tl.constexpr, SPLIT: tl.constexpr, LAST_REDUCES: tl.constexpr,
     DOT_PRECISION: tl.constexpr, DOT_UPCAST: tl.constexpr, PDL: tl.constexpr,
-    QUANT: tl.constexpr,
+    QUANT: tl.constexpr, SCORES: tl.constexpr,
 ):  # fmt: skip
     pdl_enter(PDL)  # launched early: wait for the previous kernel's writes
     seq = tl.program_id(0).to(tl.int64)
@@ -215,6 +238,13 @@ def _decode_kernel(
         stride_cache_block, stride_cache_off, qk_scale, D, BLOCK_N, DOT_PRECISION, DOT_UPCAST,
         QUANT,
     )  # fmt: skip
+    if SCORES:  # one split (the launcher's rule): (m, l) are final here
+        decode_attention_mass(
+            q, k_cache_ptr, scales_ptr, scores_ptr, kv_head, num_kv_heads,
+            block_tables_ptr + seq * stride_bt, kv_head * stride_cache_head, lo, hi, length,
+            head_ok, m, l, qk_scale, block_size, stride_cache_block, stride_cache_off,
+            D, BLOCK_N, DOT_PRECISION, DOT_UPCAST, QUANT,
+        )  # fmt: skip
     write_split_output(
         acc, m, l, seq, heads, head_ok, split, out_ptr, stride_ob, stride_oh,
         part_out_ptr, part_lse_ptr, counter_ptr + seq * num_kv_heads + kv_head, num_heads,
@@ -279,6 +309,8 @@ def split_launch_buffers(
     standing in for the buffers a single split does not use."""
     batch, num_heads, head_dim = out.shape
     num_kv_heads = kv.k_cache.shape[2]
+    if kv.scores is not None:  # the attention mass needs each row's final softmax sums
+        num_splits = 1
     if num_splits is None:
         max_len = kv.block_tables.shape[1] * kv.block_size
         num_splits = choose_num_splits(batch, num_kv_heads, max_len, out.device)
@@ -331,14 +363,14 @@ def paged_decode_attention_triton(
     split = num_splits > 1
     pdl = use_pdl(q)
     _decode_kernel[(batch, num_kv_heads, num_splits)](
-        q, k_cache, v_cache, kv.scales_arg(q), block_tables, kv.context_lens, out, part_out,
-        part_lse, counters,
+        q, k_cache, v_cache, kv.scales_arg(q), kv.scores_arg(q), block_tables, kv.context_lens,
+        out, part_out, part_lse, counters,
         q.stride(0), q.stride(1), out.stride(0), out.stride(1),
         k_cache.stride(0), k_cache.stride(1), k_cache.stride(2), block_tables.stride(0),
         scale * LOG2E, sliding_window or 0, block_size, num_heads, num_kv_heads, num_splits,
         GROUP=group, BLOCK_G=max(16, triton.next_power_of_2(group)), D=head_dim,
         USE_WINDOW=sliding_window is not None, SPLIT=split, LAST_REDUCES=last_reduces,
-        PDL=pdl, QUANT=kv.quant, **dot_options(q),
+        PDL=pdl, QUANT=kv.quant, SCORES=kv.scores is not None, **dot_options(q),
         **(CUDA_CONFIG if q.is_cuda else INTERPRETER_CONFIG),
         **pdl_options(pdl),
     )  # fmt: skip
