@@ -35,11 +35,41 @@ are refused (kiln.engine.core).
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Callable
 
+from kiln.config import ModelConfig
 from kiln.engine.block_manager import BlockManager
 from kiln.engine.config import EngineConfig
 from kiln.engine.sequence import Sequence
+from kiln.errors import ConfigError
+
+log = logging.getLogger("kiln.engine")
+
+
+def make_evictor(config: EngineConfig, block_manager: BlockManager, kv_cache, model: ModelConfig):
+    """The engine's KVEvictor (None for kv_eviction "none"), its policy in the log; h2o's
+    attention mass lives in kv_cache.scores (the runner makes it before its CUDA graphs)."""
+    if config.kv_eviction == "none":
+        log.info("KV eviction: none")
+        return None
+    if any(w is not None for w in model.sliding_windows):
+        raise ConfigError(
+            f"kv_eviction={config.kv_eviction!r} does not combine with sliding-window attention "
+            "(its window counts positions, an evicted cache does not hold them all)"
+        )
+    scores = None
+    if config.kv_eviction == "h2o":
+        assert kv_cache.scores is not None
+        block_manager.track_fresh = True
+        scores = kv_cache.block_scores
+    evictor = KVEvictor(config, block_manager, scores)
+    log.info(
+        "KV eviction: %s, budget %d tokens per sequence (%d blocks; %d sink, %d recent-only)",
+        config.kv_eviction, config.kv_budget, evictor.max_blocks, evictor.sink_blocks,
+        evictor.recent_blocks,
+    )  # fmt: skip
+    return evictor
 
 
 class KVEvictor:

@@ -156,6 +156,8 @@ class ModelRunner:
             self.kv_dtype,
             self.device,
         )
+        if config.kv_eviction == "h2o":  # attention mass per slot, before any graph capture
+            self.kv_cache.track_scores()
         self.backend = PagedBackend(self.kv_cache, self.ops)
         self.graph_runner = CudaGraphRunner(
             self.model, self.backend, self.ops, self.max_blocks_per_seq, config.max_num_seqs
