@@ -222,7 +222,7 @@ class PagedBackend:
 
         ops = self.ops
         k_cache, v_cache = self.kv_cache.layer(0)  # read only: nothing is stored
-        scales = self.kv_cache.layer_scales(0)
+        scales, scores = self.kv_cache.layer_scales(0), self.kv_cache.scores  # scores: h2o
         dev, head_dim = k_cache.device, k_cache.shape[-1]
         act = dtype or k_cache.dtype  # the queries'
 
@@ -235,12 +235,15 @@ class PagedBackend:
             q = zeros(2 * n, num_heads, head_dim)
             cu = torch.arange(0, 2 * n + 1, 2, dtype=torch.int32, device=dev)
             lens = torch.full((n,), 2, dtype=torch.int32, device=dev)
-            kv = PagedKV(k_cache, v_cache, zeros(n, 1, dtype=torch.int32), lens, scales=scales)
+            tables = zeros(n, 1, dtype=torch.int32)
+            kv = PagedKV(k_cache, v_cache, tables, lens, scales=scales, scores=scores)
             for window in windows:
                 ops.varlen_prefill_attention(q, kv, cu, scale, window)
         q, lens = zeros(1, num_heads, head_dim), torch.ones(1, dtype=torch.int32, device=dev)
         no_slot = torch.full((1,), -1, dtype=torch.int64, device=dev)  # nothing is stored
-        kv = PagedKV(k_cache, v_cache, zeros(1, 1, dtype=torch.int32), lens, no_slot, scales)
+        kv = PagedKV(
+            k_cache, v_cache, zeros(1, 1, dtype=torch.int32), lens, no_slot, scales, scores
+        )
         fused = fused_qkv is not None and ops.paged_decode_qkv is not None
         if fused:  # one decode of a token whose slot is -1
             heads = HeadLayout(num_heads, k_cache.shape[2], head_dim)

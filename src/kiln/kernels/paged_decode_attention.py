@@ -63,10 +63,11 @@ def paged_decode_attention_ref(
     keys = kv.k_cache[tables].flatten(1, 2)[:, :max_ctx]  # [B, max_ctx, Hkv, D]
     values = kv.v_cache[tables].flatten(1, 2)[:, :max_ctx]
     keys, values = dequantize_pages(keys, values, kv, q.dtype)
-    if kv.scores is not None:
+    if kv.scores is not None:  # rows of one token (CUDA-graph padding) add none
         for b, length in enumerate(kv.context_lens.tolist()):
-            k = keys[b, :length]
-            add_attention_mass_ref(q[b : b + 1], k, scale, kv, kv.block_tables[b])
+            if length > 1:
+                k = keys[b, :length]
+                add_attention_mass_ref(q[b : b + 1], k, scale, kv, kv.block_tables[b])
     k_pos = torch.arange(max_ctx, device=q.device)[None, :]
     q_pos = kv.context_lens[:, None].long() - 1
     mask = k_pos <= q_pos  # [B, max_ctx]
@@ -130,9 +131,13 @@ def decode_attention_mass(
     D: tl.constexpr, BLOCK_N: tl.constexpr, DOT_PRECISION: tl.constexpr, DOT_UPCAST: tl.constexpr,
     QUANT: tl.constexpr,
 ):  # fmt: skip
-    """attend_split's keys' attention mass (H2O), added to scores_ptr (kiln.kernels.common)."""
+    """attend_split's keys' attention mass (H2O), added to scores_ptr (kiln.kernels.common).
+    A row of context 1 adds none: a decode graph's padded rows have context 1, and their
+    block table row points at block 0, which belongs to some sequence (a real sequence of
+    one token is its own sink)."""
     k_scale, _ = load_scales(scales_ptr, kv_head, num_kv_heads, QUANT)
     q_pos = tl.full([q.shape[0]], 0, dtype=tl.int32) + length - 1
+    hi = tl.where(length > 1, hi, lo)
     add_attention_mass(
         q, k_cache_ptr, scores_ptr, table, head_off, lo, hi, q_pos, head_ok, m, l,
         qk_scale * k_scale, block_size, stride_cache_block, stride_cache_off,
