@@ -98,7 +98,7 @@ def main() -> None:
     args = p.parse_args()
     if args.tiny:
         shape, device = TINY, "cpu"
-        sizes = dict(requests=8, prompt=96, output=16, context=1024, new=16)
+        sizes = dict(requests=8, prompt=96, output=16, context=900, new=16)
         engine = dict(device="cpu", kv_cache_memory_bytes=2**20)
     else:
         shape, device = {**QWEN3_0_6B, "max_position_embeddings": 40960}, "cuda"

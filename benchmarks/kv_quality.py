@@ -1,7 +1,7 @@
 """What the KV cache levers cost in quality: perplexity on held-out text with a bf16, fp8 or
 int8 KV cache, and with StreamingLLM or H2O eviction at 10%, 20% and 50% of the context.
 
-    python benchmarks/kv_quality.py                  # GPU: trains a 6-layer model (~2 min)
+    python benchmarks/kv_quality.py                  # GPU: trains a 6-layer char model
     python benchmarks/kv_quality.py --tiny           # CPU: a tiny model, to see it work
 
 A model kiln trains on the bundled corpus (kiln.train.pretrain; reused from --workdir when
@@ -33,7 +33,7 @@ from kiln.train.pretrain import run_pretrain
 SIZES = {  # ModelSpec / TrainConfig overrides
     "gpu": dict(num_layers=6, num_heads=6, num_kv_heads=2, hidden_size=384, block_size=1024,
                 max_steps=600, batch_size=32, lr=2e-3, min_lr=2e-4, warmup_steps=50,
-                device="cuda", vocab_size=4096),
+                device="cuda", tokenizer="char"),
     "tiny": dict(num_layers=2, num_heads=4, num_kv_heads=2, hidden_size=64, block_size=256,
                  max_steps=30, batch_size=8, lr=3e-3, min_lr=3e-4, warmup_steps=5,
                  device="cpu", tokenizer="char"),
@@ -110,27 +110,28 @@ def main() -> None:
     windows = [tokens[i * context : (i + 1) * context - 1].tolist() for i in range(n)]
     device = SIZES[size]["device"]
     common = dict(device=device, block_size=block, max_model_len=context)
+    auto = "fp32"  # the model's dtype: the auto cache's
     if device == "cuda":
-        common["dtype"] = "bfloat16"
+        common["dtype"], auto = "bfloat16", "bf16"
 
     rows = []
     for kv_dtype in ("auto", "fp8", "int8"):  # the whole window as one prefill
         ppl = perplexity(model, windows, kv_dtype, kv_cache_dtype=kv_dtype,
                          max_num_batched_tokens=context, **common)  # fmt: skip
-        rows.append(dict(kv="bf16" if kv_dtype == "auto" else kv_dtype, eviction="none",
+        rows.append(dict(kv=auto if kv_dtype == "auto" else kv_dtype, eviction="none",
                          budget=context, ppl=ppl))  # fmt: skip
     full = perplexity(model, windows, "chunked", max_num_batched_tokens=chunk, **common)
-    rows.append(dict(kv="bf16", eviction="none (chunked)", budget=context, ppl=full))
+    rows.append(dict(kv=auto, eviction="none (chunked)", budget=context, ppl=full))
     for frac in (float(f) for f in args.budgets.split(",")):
         budget = max(int(frac * context), 4 + block)  # at least sinks + one block
         for policy in ("streaming", "h2o"):
             ppl = perplexity(model, windows, f"{policy} {budget}", kv_eviction=policy,
                              kv_budget=budget, max_num_batched_tokens=chunk, **common)  # fmt: skip
-            rows.append(dict(kv="bf16", eviction=policy, budget=budget, ppl=ppl))
+            rows.append(dict(kv=auto, eviction=policy, budget=budget, ppl=ppl))
 
     base = rows[0]["ppl"]
     print(f"\nperplexity, {n} held-out windows of {context} tokens ({model})")
-    print(f"{'kv':>6} {'eviction':>16} {'budget':>7} {'ppl':>9} {'vs bf16':>8}")
+    print(f"{'kv':>6} {'eviction':>16} {'budget':>7} {'ppl':>9} {'vs ' + auto:>8}")
     for r in rows:
         print(f"{r['kv']:>6} {r['eviction']:>16} {r['budget']:>7} {r['ppl']:9.3f} "
               f"{100 * (r['ppl'] / base - 1):+7.2f}%")  # fmt: skip

@@ -22,8 +22,15 @@ FIRST = SamplingParams(temperature=0.0, max_tokens=1, logprobs=5)
 LOGPROB_TOL = {"fp8": 0.1, "int8": 0.05}
 
 
+# Where the Triton kernels run in these tests: the interpreter on CPU, else the GPU (float32).
+TRITON_DEVICE = (
+    dict(device="cpu") if not torch.cuda.is_available() else dict(device="cuda", dtype="float32")
+)
+
+
 def _run(path, prompts, params=GREEDY, **engine_args):
-    llm = LLM(str(path), device="cpu", **engine_args)
+    engine_args.setdefault("device", "cpu")
+    llm = LLM(str(path), **engine_args)
     out = llm.generate(prompt_token_ids=prompts, sampling_params=params)
     llm.engine.block_manager.check_all_free()
     return llm, out
@@ -71,7 +78,7 @@ def test_quantized_cache_triton_kernels_give_the_reference_tokens(
     path, _ = hf_model_dir("llama")  # unfused attention: store + decode / prefill kernels
     prompts = random_prompts((21, 5), seed=4)
     params = SamplingParams(temperature=0.0, max_tokens=6, ignore_eos=True)
-    args = dict(kv_cache_dtype=kv_cache_dtype, async_scheduling=False)
+    args = dict(kv_cache_dtype=kv_cache_dtype, async_scheduling=False, **TRITON_DEVICE)
     _, ref = _run(path, prompts, params, attention_backend="torch", **args)
     _, got = _run(path, prompts, params, attention_backend="triton", **args)
     assert _tokens(got) == _tokens(ref)

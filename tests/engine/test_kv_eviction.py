@@ -2,6 +2,7 @@
 above it, no leaked blocks, the policies' choices, and the refusals."""
 
 import pytest
+import torch
 
 from kiln.engine import LLM, SamplingParams
 from kiln.engine.block_manager import BlockManager
@@ -12,6 +13,10 @@ from kiln.engine.sequence import Sequence
 from kiln.errors import ConfigError, InputError
 
 BS = 4  # small blocks: evictions after a few tokens
+# Where the Triton kernels run in these tests: the interpreter on CPU, else the GPU (float32).
+TRITON_DEVICE = (
+    dict(device="cpu") if not torch.cuda.is_available() else dict(device="cuda", dtype="float32")
+)
 POLICIES = ["streaming", "h2o"]
 
 
@@ -20,7 +25,8 @@ def _params(n):
 
 
 def _run(path, prompts, params, **engine_args):
-    llm = LLM(str(path), device="cpu", block_size=BS, **engine_args)
+    engine_args.setdefault("device", "cpu")
+    llm = LLM(str(path), block_size=BS, **engine_args)
     out = llm.generate(prompt_token_ids=prompts, sampling_params=params)
     llm.engine.block_manager.check_all_free()
     return llm, [o.outputs[0].token_ids for o in out]
@@ -107,7 +113,7 @@ def test_prefix_cache_with_eviction_gives_the_same_tokens_again(full):
 def test_triton_kernels_evict_like_the_reference(hf_model_dir, random_prompts, policy):
     path, _ = hf_model_dir("llama")
     prompts = random_prompts((9, 14), seed=6)
-    args = dict(kv_eviction=policy, kv_budget=16, async_scheduling=False)
+    args = dict(kv_eviction=policy, kv_budget=16, async_scheduling=False, **TRITON_DEVICE)
     _, ref = _run(path, prompts, _params(20), attention_backend="torch", **args)
     _, got = _run(path, prompts, _params(20), attention_backend="triton", **args)
     assert got == ref
@@ -161,3 +167,24 @@ def test_beam_search_with_eviction_is_refused(full):
     beam = SamplingParams(n=2, use_beam_search=True, temperature=0.0, max_tokens=4)
     with pytest.raises(InputError, match="use_beam_search"):
         llm.generate(prompt_token_ids=prompts[:1], sampling_params=beam)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("kv_cache_dtype", ["auto", "fp8"])
+def test_h2o_on_cuda_with_graphs_is_untouched_under_budget(
+    hf_model_dir, random_prompts, kv_cache_dtype
+):
+    """Triton kernels, CUDA graphs (decode and mixed) and the attention-mass pass on a GPU:
+    under budget the tokens are the plain engine's; over it every block still comes back."""
+    path, _ = hf_model_dir("qwen3")
+    prompts = random_prompts((10, 17, 6), seed=5)
+    args = dict(device="cuda", dtype="bfloat16", block_size=16, kv_cache_dtype=kv_cache_dtype)
+    params = _params(40)
+    plain = LLM(str(path), **args).generate(prompt_token_ids=prompts, sampling_params=params)
+    llm = LLM(str(path), kv_eviction="h2o", kv_budget=128, **args)
+    under = llm.generate(prompt_token_ids=prompts, sampling_params=params)
+    assert [o.outputs[0].token_ids for o in under] == [o.outputs[0].token_ids for o in plain]
+    llm = LLM(str(path), kv_eviction="h2o", kv_budget=36, **args)
+    llm.generate(prompt_token_ids=prompts, sampling_params=_params(120))
+    assert llm.engine.core.stats()["kv_evicted_blocks_total"] > 0
+    llm.engine.block_manager.check_all_free()

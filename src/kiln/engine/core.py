@@ -308,8 +308,6 @@ class EngineCore:
         bm = self.block_manager
         held = [len(s.block_table) for s in self.scheduler.running]  # KV blocks per sequence
         return {
-            "kv_cache_dtype": self.config.kv_cache_dtype,
-            "kv_eviction": self.config.kv_eviction,
             "kv_pool_tokens": bm.num_blocks * bm.block_size,
             "kv_blocks_per_seq_mean": sum(held) / len(held) if held else 0.0,
             "kv_blocks_per_seq_max": max(held, default=0),

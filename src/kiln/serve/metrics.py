@@ -50,12 +50,6 @@ class EngineCollector(Collector):
         )
         for name, doc, value in gauges:
             yield GaugeMetricFamily(f"kiln:{name}", doc, value=value)
-        info = GaugeMetricFamily(
-            "kiln:kv_cache_info", "The KV cache's number format and eviction policy.",
-            labels=["kv_cache_dtype", "kv_eviction"],
-        )  # fmt: skip
-        info.add_metric([s["kv_cache_dtype"], s["kv_eviction"]], 1.0)
-        yield info
         counters = [
             ("prefix_cache_queries", "Prompt tokens looked up in the prefix cache.", queries),
             ("prefix_cache_hits", "Prompt tokens found in the prefix cache.", hits),
