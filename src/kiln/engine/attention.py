@@ -10,6 +10,11 @@ One backend class over the engine's Ops (kiln.engine.ops): the kernels' plain-to
 varlen prefill over paged prefixes, and qkv_prepare: q/k norm + RoPE + K/V store in one launch,
 for models transformed by kiln.engine.fuse, which call `attend_qkv`; a step of decodes only
 goes from qkv to attention output in one launch, kiln.kernels.decode_qkv).
+
+The pool may be fp8 / int8 (kv_cache_dtype: the kernels quantize on store and dequantize on
+load, with each layer's per-head scales, kiln.kernels.kv_quant), and under H2O eviction the
+attention ops also add each key's attention mass to the pool's per-slot `scores`
+(kiln.engine.kv_eviction).
 """
 
 from __future__ import annotations
@@ -124,13 +129,12 @@ class PagedBackend:
 
     def attend(self, layer_idx, q, k, v, scale, sliding_window):
         k_cache, v_cache = self.kv_cache.layer(layer_idx)
-        if self.calibrating:
-            dtype = k_cache.dtype
-            k_scale, v_scale = (
-                scale_from_amax(head_amax(k), dtype),
-                scale_from_amax(head_amax(v), dtype),
+        if self.calibrating:  # this layer's scales from the step's own K/V, before the store
+            amax_k, amax_v = head_amax(k), head_amax(v)
+            kv_dtype = k_cache.dtype
+            self.kv_cache.set_scales(
+                layer_idx, scale_from_amax(amax_k, kv_dtype), scale_from_amax(amax_v, kv_dtype)
             )
-            self.kv_cache.set_scales(layer_idx, k_scale, v_scale)
         scales = self.kv_cache.layer_scales(layer_idx)
         self.ops.store_kvcache(k, v, k_cache, v_cache, self.metadata.slot_mapping, scales)
         return self._attend_cached(q, self._kv(layer_idx), scale, sliding_window)
