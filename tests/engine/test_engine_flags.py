@@ -23,9 +23,10 @@ def test_every_engine_option_is_a_serve_flag_and_unset_flags_keep_the_defaults()
         if "bool" in str(f.type):
             argv.append("--no-" + _flag(f.name)[2:])
             expected[f.name] = False
-        elif f.name == "attention_backend":
-            argv += [_flag(f.name), "torch"]
-            expected[f.name] = "torch"
+        elif "choices" in f.metadata:  # attention_backend, kv_cache_dtype, kv_eviction
+            value = f.metadata["choices"][1]
+            argv += [_flag(f.name), value]
+            expected[f.name] = value
         else:
             value = 0.5 if "float" in str(f.type) else 7
             argv += [_flag(f.name), str(value)]
