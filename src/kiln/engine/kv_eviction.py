@@ -29,8 +29,13 @@ before the store, and a quantized key would round again).
 Prefix caching: blocks are registered in the prefix cache only until a sequence's first
 eviction; blocks computed after it hold K/V that attended to an evicted cache, which a fresh
 prefill would not compute, so they are never shared. Preemption frees a sequence's blocks
-and its evictions: it is recomputed from its tokens. Beam search and sliding-window models
-are refused (kiln.engine.core).
+and its evictions: it is recomputed from its tokens. Sliding-window models are refused here
+(make_evictor), beam search where requests are checked (kiln.engine.llm_engine.check_params).
+
+Cost: streaming reads nothing from the device. H2O's attention ops make a second pass over
+the keys (decode with one split: the mass needs each row's final softmax sums), and its
+evictions read the candidate blocks' mass, so an h2o engine runs lockstep (no async
+scheduling).
 """
 
 from __future__ import annotations
