@@ -285,7 +285,7 @@ class AsyncLLM:
 
     def check_params(self, params: SamplingParams) -> None:
         """InputError for settings this engine can never serve (before anything is sent)."""
-        check_params(self.tokenizer, params, self.config.max_num_seqs)
+        check_params(self.tokenizer, params, self.config.max_num_seqs, self.config.kv_eviction)
 
     def abort(self, request_id: str) -> None:
         """Abort a request: the core frees its blocks; nothing more comes out of it."""

@@ -18,6 +18,7 @@ from kiln.config import ModelConfig
 from kiln.errors import CheckpointError
 from kiln.model.compressed_tensors import install_w8a8, is_w8a8_part, read_compressed_tensors
 from kiln.model.hf_format import (
+    KV_SCALE_NAMES,
     hf_to_kiln,
     kiln_to_hf,
     read_tensors,
@@ -155,8 +156,8 @@ def _checkpoint_tensors(
 
 def _assign(model, expected, name, tensor, dtype, device) -> None:
     if name not in expected:
-        if name.endswith("rotary_emb.inv_freq"):
-            return
+        if name.endswith(("rotary_emb.inv_freq", *KV_SCALE_NAMES)):
+            return  # KV cache scales are the engine's (kiln.engine.kv_scales)
         raise CheckpointError(f"unexpected tensor {name!r} for this config")
     want = tuple(expected[name].shape)
     if tuple(tensor.shape) != want:
