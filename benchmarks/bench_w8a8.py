@@ -15,6 +15,7 @@ import time
 
 import torch
 import torch.nn.functional as F
+from bench_linear import graph_time
 
 from kiln.model.w8a8 import FP8, W8A8Linear, quantize_weight
 
@@ -26,29 +27,6 @@ LLAMA3_8B = {
     "down": (14336, 4096),
 }
 TINY = {"qkv": (64, 128), "down": (128, 64)}
-
-
-def graph_time(fn, reps: int = 20) -> float:
-    """Seconds per call of fn, replayed from a CUDA graph of `reps` calls (median of 10)."""
-    s = torch.cuda.Stream()
-    s.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(s):
-        for _ in range(3):
-            fn()
-    torch.cuda.current_stream().wait_stream(s)
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        for _ in range(reps):
-            fn()
-    times = []
-    for _ in range(10):
-        a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        a.record()
-        graph.replay()
-        b.record()
-        b.synchronize()
-        times.append(a.elapsed_time(b) / 1e3 / reps)
-    return sorted(times)[len(times) // 2]
 
 
 def wall_time(fn, reps: int = 5) -> float:
