@@ -225,3 +225,14 @@ def test_eval_cli_bad_input_is_one_line(model_dir, tmp_path, capsys):
     assert "no such file" in capsys.readouterr().err
     assert main(["eval", "mc", "--task", str(bad)]) == 2
     assert "missing field 'context'" in capsys.readouterr().err
+
+
+def test_judge_cli_generates_both_sides(model_dir, tmp_path):
+    out = tmp_path / "j.json"
+    with StubServer(chat=lambda content: "1") as stub:
+        argv = ["eval", "judge", "--task", "shakespeare_quotes", "--limit", "2", "--a",
+                str(model_dir), "--b", str(model_dir), "--max-tokens", "4"]  # fmt: skip
+        assert main([*argv, "--judge-url", stub.url, "--json", str(out)]) == 0
+        assert len(stub.requests) == 4
+    r = json.loads(out.read_text())
+    assert r["win_rate"] == 0.5 and r["examples"] == 2

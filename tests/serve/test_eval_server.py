@@ -50,3 +50,13 @@ def test_run_ppl_matches_kiln_eval_perplexity(local):
     want = perplexity(model, local.encode(text, special=True), 40, 16, progress=False)
     assert r["tokens"] == want["tokens"]
     assert r["perplexity"] == pytest.approx(want["perplexity"], rel=1e-4)
+
+
+def test_gen_through_the_server_equals_in_process(server, local):
+    from kiln.eval.score import run_gen
+
+    rows = tasks.load(tasks.BUNDLED_DIR / "shakespeare_continue.jsonl", "gen")[:3]
+    kw = dict(metrics=("exact_match", "rouge_l"), max_tokens=8, progress=False)
+    got, want = run_gen(OpenAIBackend(server.url), rows, **kw), run_gen(local, rows, **kw)
+    assert got["outputs"] == want["outputs"] and any(want["outputs"])
+    assert got["rouge_l"] == want["rouge_l"]

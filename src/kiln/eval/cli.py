@@ -222,6 +222,7 @@ def _fmt(v) -> str:
 def _report(results: list[dict], args: argparse.Namespace, kind: str) -> None:
     """Print a table; write --json (one object a line) and --plot (bar chart)."""
     keys = list(dict.fromkeys(k for r in results for k in r))
+    keys.sort(key=lambda k: (k != "task", k in ("examples", "skipped", "tokens")))
     rows = [[_fmt(r.get(k, "")) for k in keys] for r in results]
     widths = [max(len(k), *(len(row[i]) for row in rows)) for i, k in enumerate(keys)]
     print("  ".join(k.ljust(w) for k, w in zip(keys, widths)))

@@ -27,21 +27,32 @@ def encode_pair(backend, context: str, continuation: str) -> tuple[list[int], li
     return ctx, whole[len(ctx) :]
 
 
-def run_mc(backend, examples: list[dict], delimiter: str = " ", progress=True) -> dict:
-    """{"acc", "acc_norm", "examples", "skipped", "loglikelihoods": per example, per choice}."""
+def run_mc(backend, examples: list[dict], delimiter: str = " ", progress=True, chunk=64) -> dict:
+    """{"acc", "acc_norm", "examples", "skipped", "loglikelihoods": per example, per choice}
+    (None for a skipped example). `chunk` examples go to the backend at once."""
     correct = correct_norm = skipped = 0
-    lls = []
-    for ex in tqdm(examples, desc="multiple choice", unit="example", disable=not progress):
-        pairs = [encode_pair(backend, ex["context"], delimiter + c) for c in ex["choices"]]
-        if max(len(a) + len(b) for a, b in pairs) > backend.max_len:
-            skipped += 1
-            lls.append(None)
-            continue
-        scores = [lp for lp, _ in backend.loglikelihood(pairs)]
-        lls.append(scores)
-        norm = [s / len(c) for s, c in zip(scores, ex["choices"])]
-        correct += max(range(len(scores)), key=scores.__getitem__) == ex["answer"]
-        correct_norm += max(range(len(norm)), key=norm.__getitem__) == ex["answer"]
+    lls: list[list[float] | None] = []
+    bar = tqdm(total=len(examples), desc="multiple choice", unit="example", disable=not progress)
+    for start in range(0, len(examples), chunk):
+        batch = examples[start : start + chunk]
+        pairs = [[encode_pair(backend, ex["context"], delimiter + c) for c in ex["choices"]]
+                 for ex in batch]  # fmt: skip
+        fits = [max(len(a) + len(b) for a, b in p) <= backend.max_len for p in pairs]
+        todo = [pair for p, ok in zip(pairs, fits) if ok for pair in p]
+        flat = backend.loglikelihood(todo) if todo else []
+        for ex, p, ok in zip(batch, pairs, fits):
+            if not ok:
+                skipped += 1
+                lls.append(None)
+                continue
+            scores = [lp for lp, _ in flat[: len(p)]]
+            flat = flat[len(p) :]
+            lls.append(scores)
+            norm = [s / len(c) for s, c in zip(scores, ex["choices"])]
+            correct += max(range(len(scores)), key=scores.__getitem__) == ex["answer"]
+            correct_norm += max(range(len(norm)), key=norm.__getitem__) == ex["answer"]
+        bar.update(len(batch))
+    bar.close()
     n = len(examples) - skipped
     return {"acc": correct / n if n else math.nan, "acc_norm": correct_norm / n if n else math.nan,
             "examples": n, "skipped": skipped, "loglikelihoods": lls}  # fmt: skip
