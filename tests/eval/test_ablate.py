@@ -54,3 +54,15 @@ def test_ablate_rejects_unknown_rows(hf_model_dir, capsys):
     path, _ = hf_model_dir("llama")
     assert main(["bench", "ablate", "--model", str(path), "--only", "warp drive"]) == 2
     assert "unknown row 'warp drive'" in capsys.readouterr().err
+
+
+def test_ablate_speculative_decoding_row(hf_model_dir, tmp_path):
+    path, _ = hf_model_dir("llama")
+    out = tmp_path / "a.json"
+    spec = '{"method": "ngram", "num_speculative_tokens": 2}'
+    argv = ["bench", "ablate", "--model", str(path), *TINY, "--speculative-config", spec,
+            "--only", "speculative decoding", "quantization", "--json", str(out)]  # fmt: skip
+    assert main(argv) == 0
+    rows = {row["row"]: row for row in json.loads(out.read_text())["rows"]}
+    assert rows["without speculative decoding"]["greedy_same"]  # speculation is lossless
+    assert rows["without quantization"]["note"] == "n/a: not on in this run"

@@ -11,7 +11,9 @@ Rows ("without X": everything else as in kiln's defaults):
   engine switches (EngineConfig): enable_prefix_caching, enable_chunked_prefill, use_cuda_graph,
     attention_backend="torch" (every Triton kernel replaced by its torch reference),
     gemv_max_batch=0 (cuBLAS for batch-1 decode), async_scheduling, fuse_weights;
-    CUDA-only ones are reported n/a on CPU.
+    CUDA-only ones are reported n/a on CPU. When on in the run: a quantized checkpoint (row:
+    quantization="none", dequantized at load), --speculative-config (row: off), an fp8 KV
+    cache (row: the model's dtype).
   KV cache: a recompute-everything loop (the whole sequence through the model for every new
     token) against kiln.generate's plain loop with a contiguous KV cache, the same model and
     tokens (latency only; both loops are outside the engine, so only the cache differs).
@@ -46,6 +48,29 @@ ENGINE_VARIANTS = [  # (row, engine overrides, needs CUDA to mean anything)
     ("fused weights", {"fuse_weights": False}, False),
 ]
 BASELINES = ["KV cache", "paged KV", "continuous batching"]
+OPTIONAL = ["quantization", "speculative decoding", "fp8 KV cache"]
+
+
+def optional_variants(model: str, engine_args: dict) -> list[tuple[str, dict, bool]]:
+    """Rows for what this run has on beyond the defaults: a quantized checkpoint kept packed
+    (row: dequantized at load), speculative decoding (row: off), an fp8 KV cache (row: the
+    model's dtype, where EngineConfig has kv_cache_dtype)."""
+    from dataclasses import fields
+
+    from kiln.engine.config import EngineConfig
+
+    config = json.loads((Path(model) / "config.json").read_text())
+    out = []
+    if config.get("quantization_config") and engine_args.get("quantization") != "none":
+        out.append(("quantization", {"quantization": "none"}, False))
+    if engine_args.get("speculative_config"):
+        out.append(("speculative decoding", {"speculative_config": None}, False))
+    has_kv_dtype = any(f.name == "kv_cache_dtype" for f in fields(EngineConfig))
+    if has_kv_dtype and engine_args.get("kv_cache_dtype") not in (None, "auto"):
+        out.append(("fp8 KV cache", {"kv_cache_dtype": "auto"}, False))
+    return out
+
+
 WORKLOADS = ["latency", "throughput", "prefix"]
 
 
@@ -234,7 +259,8 @@ def run_ablation(
 
     engine_args = dict(engine_args or {})
     cuda = (device or ("cuda" if torch.cuda.is_available() else "cpu")).startswith("cuda")
-    names = only or [n for n, _, _ in ENGINE_VARIANTS] + BASELINES
+    variants = ENGINE_VARIANTS + optional_variants(model, engine_args)
+    names = only or [n for n, _, _ in variants] + BASELINES
     bar = tqdm(total=1 + len(names), desc="ablate", unit="row", disable=not progress)
 
     def engine(**over):
@@ -279,7 +305,12 @@ def run_ablation(
     _free(llm)
     llm = None
 
-    for name, over, needs_cuda in ENGINE_VARIANTS:
+    present = {n for n, _, _ in variants}
+    for name in names:
+        if name in OPTIONAL and name not in present:
+            rows.append({"row": f"without {name}", "note": "n/a: not on in this run"})
+            bar.update()
+    for name, over, needs_cuda in variants:
         if name not in names:
             continue
         if needs_cuda and not cuda:
@@ -424,7 +455,10 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         "--only",
         nargs="*",
         default=None,
-        help=f"rows to run: {', '.join([n for n, _, _ in ENGINE_VARIANTS] + BASELINES)}",
+        help="rows to run: "
+        + ", ".join([n for n, _, _ in ENGINE_VARIANTS] + BASELINES + OPTIONAL)
+        + " (the last three only when on: a quantized checkpoint, --speculative-config, "
+        "an fp8 --kv-cache-dtype)",
     )
     d = Workloads()
     p.add_argument("--latency-prompt", type=int, default=d.latency_prompt)
@@ -449,7 +483,7 @@ def main(args: argparse.Namespace) -> None:
     from kiln.engine.config import EngineConfig
     from kiln.errors import InputError
 
-    known = [n for n, _, _ in ENGINE_VARIANTS] + BASELINES
+    known = [n for n, _, _ in ENGINE_VARIANTS] + BASELINES + OPTIONAL
     for n in args.only or ():
         if n not in known:
             raise InputError(f"--only: unknown row {n!r} (one of {', '.join(known)})")
