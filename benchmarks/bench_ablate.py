@@ -28,6 +28,7 @@ TINY = dict(QWEN3_0_6B, vocab_size=512, hidden_size=64, intermediate_size=128,
 TINY_ARGS = ["--latency-prompt", "16", "--latency-tokens", "8", "--num-prompts", "8",
              "--input-len", "8", "64", "--output-len", "4", "16", "--prefix-len", "128",
              "--prefix-requests", "8", "--suffix-len", "8", "--prefix-output", "4",
+             "--kv-prompt", "32", "--kv-tokens", "16", "--kv-batch", "2",
              "--dtype", "float32", "--device", "cpu", "--repeat", "1"]  # fmt: skip
 
 

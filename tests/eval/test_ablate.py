@@ -14,7 +14,7 @@ TINY = ["--latency-prompt", "12", "--latency-tokens", "6", "--num-prompts", "6",
         "--input-len", "4", "40", "--output-len", "2", "12", "--prefix-len", "40",
         "--prefix-requests", "4", "--suffix-len", "4", "--prefix-output", "3",
         "--dtype", "float32", "--device", "cpu", "--max-num-seqs", "4",
-        "--repeat", "1"]  # fmt: skip
+        "--repeat", "1", "--kv-prompt", "12", "--kv-tokens", "5", "--kv-batch", "3"]  # fmt: skip
 
 
 def test_memory_waste():
@@ -66,3 +66,16 @@ def test_ablate_speculative_decoding_row(hf_model_dir, tmp_path):
     rows = {row["row"]: row for row in json.loads(out.read_text())["rows"]}
     assert rows["without speculative decoding"]["greedy_same"]  # speculation is lossless
     assert rows["without quantization"]["note"] == "n/a: not on in this run"
+
+
+def test_workloads_shrink_to_the_context():
+    from kiln.eval.ablate import Workloads
+
+    w = Workloads()
+    w.fit(200)
+    assert w.latency_prompt + w.latency_tokens <= 200 and w.latency_prompt == w.latency_tokens
+    assert w.kv_prompt + w.kv_tokens <= 200 and w.kv_prompt > w.kv_tokens
+    assert w.input_len[1] + w.output_len[1] <= 200
+    assert w.prefix_len + w.suffix_len + w.prefix_output <= 200
+    shared, reqs = w.prefix(rep=1)
+    assert all(r[: len(shared)] == shared for r in reqs) and shared != w.prefix(rep=0)[0]
