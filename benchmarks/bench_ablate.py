@@ -19,9 +19,9 @@ from shapes import QWEN3_0_6B
 
 from kiln.eval import ablate
 
-# A 4096-token context and a 4 GiB KV pool: room for 8 sequences preallocated contiguously at
-# max_model_len (about 36k token slots), against up to 256 paged ones.
-GPU_ARGS = ["--max-model-len", "4096", "--kv-cache-memory-bytes", str(4 * 2**30)]
+# A 4096-token context and an 8 GiB KV pool (about 75k token slots at 112 KiB a token): room
+# for 18 sequences preallocated contiguously at max_model_len, against up to 256 paged ones.
+GPU_ARGS = ["--max-model-len", "4096", "--kv-cache-memory-bytes", str(8 * 2**30)]
 TINY = dict(QWEN3_0_6B, vocab_size=512, hidden_size=64, intermediate_size=128,
             num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2, head_dim=16,
             max_position_embeddings=512)  # fmt: skip

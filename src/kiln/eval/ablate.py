@@ -333,6 +333,8 @@ def run_ablation(
         else:
             llm = engine(**over)
             note = ", ".join(f"{k}={v}" for k, v in over.items())
+            if over.get("attention_backend") == "torch":
+                note += " (eager too: only the Triton ops are captured in CUDA graphs)"
             rows.append(measure(llm, f"without {name}", note))
             _free(llm)
             llm = None
