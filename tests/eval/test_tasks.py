@@ -236,3 +236,15 @@ def test_judge_cli_generates_both_sides(model_dir, tmp_path):
         assert len(stub.requests) == 4
     r = json.loads(out.read_text())
     assert r["win_rate"] == 0.5 and r["examples"] == 2
+
+
+def test_judge_cli_csv_answers_and_a_missing_side(tmp_path, capsys):
+    path = tmp_path / "pairs.csv"
+    path.write_text("prompt,answer_a,answer_b\np1,aaa,b\np2,aaaa,bb\n")
+    with StubServer(chat=lambda content: "1") as stub:
+        argv = ["eval", "judge", "--task", str(path), "--judge-url", stub.url]
+        assert main(argv) == 0
+        assert "0.5000" in capsys.readouterr().out
+        path.write_text("prompt,answer_a\np1,aaa\n")
+        assert main(argv) == 2
+    assert "give --b (a model directory or URL), or answer_b" in capsys.readouterr().err

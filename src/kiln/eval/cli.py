@@ -189,18 +189,16 @@ def _judge_cli(args: argparse.Namespace) -> None:
         name, path = args.task, tasks.BUNDLED_DIR / tasks.BUNDLED[args.task].file
     else:
         name, path, _ = tasks.resolve(args.task, "judge")
-    rows = tasks.load(path, "judge")
-    raw = [json.loads(line) for line in path.read_text().splitlines() if line.strip()] \
-        if path.suffix != ".csv" else None  # fmt: skip
-    prompts = [r["prompt"] for r in rows][: args.limit]
+    rows = tasks.load(path, "judge")[: args.limit]
+    prompts = [r["prompt"] for r in rows]
     answers = {}
     for side in ("a", "b"):
         src = getattr(args, side)
         if src is None:
-            if raw is None or any(f"answer_{side}" not in r for r in raw):
+            if any(f"answer_{side}" not in r for r in rows):
                 raise InputError(f"give --{side} (a model directory or URL), or answer_{side} "
                                  "in every line of the task file")  # fmt: skip
-            answers[side] = [str(r[f"answer_{side}"]) for r in raw][: args.limit]
+            answers[side] = [str(r[f"answer_{side}"]) for r in rows]
             continue
         if src.startswith(("http://", "https://")):
             b = OpenAIBackend(src)

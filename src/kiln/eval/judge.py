@@ -8,6 +8,7 @@ samples)."""
 from __future__ import annotations
 
 import math
+import os
 import re
 
 from tqdm import tqdm
@@ -38,7 +39,7 @@ def verdict(text: str) -> float | None:
 class Judge:
     def __init__(self, base_url: str, model: str | None = None, api_key: str | None = None):
         self.base = base_url.rstrip("/").removesuffix("/v1")
-        self.api_key = api_key
+        self.api_key = api_key or os.environ.get("OPENAI_API_KEY")
         if model is None:
             cards = post(f"{self.base}/v1/models", api_key=api_key).get("data") or []
             model = cards[0]["id"] if cards else "judge"

@@ -1,6 +1,7 @@
 """Evaluation tasks as plain data files: JSON Lines or CSV, one example a line.
 
-Fields by kind (extra fields are ignored):
+Fields by kind (gen and judge examples keep any others: a judge file may carry answer_a and
+answer_b):
   mc     context (str), choices (list of str; in CSV a JSON array), answer (int: the right index)
   gen    prompt (str), target (str)
   judge  prompt (str)
@@ -113,7 +114,7 @@ def _check(path: Path, n: int, row: dict, kind: str) -> dict:
         if not str(row["context"]):
             raise InputError(f"{where}: field 'context' is empty")
         return {"context": str(row["context"]), "choices": choices, "answer": answer}
-    return {k: str(row[k]) for k in FIELDS[kind]}
+    return {**row, **{k: str(row[k]) for k in FIELDS[kind]}}  # extra fields ride along
 
 
 # --- the bundled tasks, built from the Shakespeare corpus --------------------------------------
