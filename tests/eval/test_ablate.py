@@ -79,3 +79,19 @@ def test_workloads_shrink_to_the_context():
     assert w.prefix_len + w.suffix_len + w.prefix_output <= 200
     shared, reqs = w.prefix(rep=1)
     assert all(r[: len(shared)] == shared for r in reqs) and shared != w.prefix(rep=0)[0]
+
+
+def test_kv_loops_match_kiln_generate(hf_model_dir):
+    import torch
+
+    import kiln
+    from kiln.eval.ablate import Workloads, loop_latency
+    from kiln.generate import generate
+
+    path, _ = hf_model_dir("llama")
+    model = kiln.load_model(path, dtype="float32", device="cpu")
+    w = Workloads(kv_prompt=10, kv_tokens=6, kv_batch=2, vocab=200)
+    _, cached = loop_latency(model, w, kv_cache=True, rep=1)
+    _, recompute = loop_latency(model, w, kv_cache=False, rep=1)
+    want = generate(model, torch.tensor(w.kv(1)), 6)[:, 10:].tolist()
+    assert cached == recompute == want

@@ -15,8 +15,8 @@ Rows ("without X": everything else as in kiln's defaults):
     quantization="none", dequantized at load), --speculative-config (row: off), an fp8 KV
     cache (row: the model's dtype).
   KV cache: a recompute-everything loop (every whole sequence through the model again for each
-    new token) against kiln.generate's plain loop with a contiguous KV cache, on a batch of
-    same-length prompts (--kv-batch x --kv-prompt, --kv-tokens new), the same model; both
+    new token) against the same plain loop with a contiguous KV cache (kiln.generate's), on a
+    batch of same-length prompts (--kv-batch x --kv-prompt, --kv-tokens new), the same model; both
     loops are outside the engine, so only the cache differs.
   paged KV: contiguous preallocation reserves max_model_len slots a sequence up front, so the
     same KV pool holds pool_tokens // max_model_len sequences at once: the engine run with
@@ -209,25 +209,36 @@ def best(w: Workloads, run) -> tuple[float, object]:
 
 
 def loop_latency(model, w: Workloads, kv_cache: bool, rep: int = 0) -> tuple[float, list]:
-    """Greedy tokens [kv_batch][kv_tokens] from a plain loop over the model: kiln.generate's
-    (a contiguous KV cache) or one that runs every whole sequence through the model again for
-    each new token (no cache)."""
+    """Greedy tokens [kv_batch][kv_tokens] from a plain loop over the model: with a contiguous
+    KV cache (kiln.generate's loop: kiln.model.attention.ContiguousKVCache, each step feeds the
+    new token only) or without one (every whole sequence through the model again for each new
+    token)."""
     import torch
 
-    from kiln.generate import generate_stream
+    from kiln.model.attention import ContiguousKVCache
 
     device = next(model.parameters()).device
     ids = torch.tensor(w.kv(rep), device=device)
+    b, t = ids.shape
 
     def recompute():
         seq = ids
         for _ in range(w.kv_tokens):
             nxt = model(seq)[:, -1].argmax(-1, keepdim=True)
             seq = torch.cat([seq, nxt], dim=1)
-        return seq[:, ids.shape[1] :].tolist()
+        return seq[:, t:].tolist()
 
     def cached():
-        return torch.stack(list(generate_stream(model, ids, w.kv_tokens)), 1).tolist()
+        dtype = next(model.parameters()).dtype
+        cache = ContiguousKVCache(model.config, b, t + w.kv_tokens, dtype, device)
+        tokens, out = ids, []
+        for _ in range(w.kv_tokens):
+            positions = torch.arange(cache.length, cache.length + tokens.shape[1], device=device)
+            hidden = model.hidden_states(tokens, positions.expand(b, -1), cache)
+            cache.advance(tokens.shape[1])
+            tokens = model.compute_logits(hidden[:, -1]).argmax(-1, keepdim=True)
+            out.append(tokens)
+        return torch.cat(out, 1).tolist()
 
     with torch.inference_mode():
         return _timed(cached if kv_cache else recompute)
@@ -366,8 +377,8 @@ def run_ablation(
                 "latency_speedup": recompute / cached,
                 "greedy_same": toks == cached_toks,
                 "note": f"{w.kv_batch} x ({w.kv_prompt} prompt + {w.kv_tokens} new): "
-                f"recompute-everything loop {recompute:.3f} s / kiln.generate's contiguous-KV "
-                f"loop {cached:.3f} s",
+                f"recompute-everything loop {recompute:.3f} s / contiguous-KV loop "
+                f"{cached:.3f} s",
             }
         )
         _free(net)
