@@ -2,6 +2,7 @@
 Hugging Face model itself, and `kiln eval ppl` end to end."""
 
 import json
+import math
 
 import pytest
 import torch
@@ -51,7 +52,7 @@ def test_perplexity_matches_transformers_docs_loop(llama, max_len, stride):
     ids = torch.randint(0, VOCAB, (1, 203), generator=torch.Generator().manual_seed(0))
     r = perplexity(model, ids[0].tolist(), max_len=max_len, stride=stride, progress=False)
     assert r["tokens"] == 203 - (1 if stride < max_len else -(-203 // stride))
-    assert r["perplexity"] == pytest.approx(docs_perplexity(hf, ids, max_len, stride), rel=1e-4)
+    assert r["perplexity"] == pytest.approx(docs_perplexity(hf, ids, max_len, stride), rel=1e-5)
 
 
 def test_perplexity_rejects_bad_windows(llama):
@@ -76,12 +77,15 @@ def test_eval_ppl_cli_writes_json(model_dir, tmp_path, capsys):
     argv = ["eval", "ppl", "--model", str(model_dir), "--text", str(text)]
     assert main([*argv, "--max-len", "32", "--stride", "16", "--json", str(out)]) == 0
     r = json.loads(out.read_text())
-    assert set(r) == {"perplexity", "tokens"} and r["perplexity"] > 1
+    assert set(r) == {"task", "perplexity", "bits_per_byte", "tokens"} and r["perplexity"] > 1
     assert f"{r['perplexity']:.4f}" in capsys.readouterr().out
     ids = kiln.load_tokenizer(model_dir).encode(text.read_text())
     model = kiln.load_model(model_dir, dtype="float32", device="cpu")
     want = perplexity(model, ids, max_len=32, stride=16, progress=False)
-    assert r == {"perplexity": pytest.approx(want["perplexity"]), "tokens": want["tokens"]}
+    nats = want["nll"] * want["tokens"]
+    assert r == {"task": "ppl", "perplexity": pytest.approx(want["perplexity"]),
+                 "bits_per_byte": pytest.approx(nats / math.log(2) / len(text.read_bytes())),
+                 "tokens": want["tokens"]}  # fmt: skip
 
 
 @pytest.mark.parametrize(

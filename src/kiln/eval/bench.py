@@ -1,8 +1,9 @@
-"""`kiln bench <offline|serve>`: throughput benchmarks.
+"""`kiln bench <offline|ablate|serve>`: throughput benchmarks.
 
 `offline` runs nano-vllm's workload through kiln.LLM: N requests of random token ids, input and
 output lengths uniform in [min, max], ignore_eos, and prints output tokens/s. On a model whose
-context is shorter than the longest request, both ranges shrink by one factor to fit. `serve` is
+context is shorter than the longest request, both ranges shrink by one factor to fit. `ablate`
+is kiln.eval.ablate's (each optimization switched off in turn). `serve` is
 kiln.serve.bench's (add_arguments(parser), main(args)), imported only when asked for.
 """
 
@@ -87,6 +88,11 @@ def register(sub: argparse._SubParsersAction) -> None:
     )
     EngineConfig.add_arguments(off, skip=("async_scheduling",))
     off.set_defaults(func=_offline_cli)
+    ablate = verbs.add_parser(
+        "ablate", help="each engine optimization switched off in turn: a table of speedups"
+    )
+    importlib.import_module("kiln.eval.ablate").add_arguments(ablate)
+    ablate.set_defaults(func=lambda args: importlib.import_module("kiln.eval.ablate").main(args))
     serve = verbs.add_parser("serve", help="serving benchmark against a running kiln server")
     if importlib.util.find_spec("kiln.serve.bench") is not None:
         importlib.import_module("kiln.serve.bench").add_arguments(serve)
