@@ -405,18 +405,24 @@ def _error(e: APIError) -> JSONResponse:
 
 
 def _add_error_handlers(app: FastAPI) -> None:
+    errors = app.state.ctx.metrics.errors
+
+    def counted(response: Response) -> Response:
+        errors.labels(str(response.status_code)).inc()
+        return response
+
     @app.exception_handler(APIError)
     async def api_error(request: Request, e: APIError) -> JSONResponse:
-        return _error(e)
+        return counted(_error(e))
 
     @app.exception_handler(InputError)
     async def bad_input(request: Request, e: InputError) -> JSONResponse:
-        return _error(input_error(e))
+        return counted(_error(input_error(e)))
 
     @app.exception_handler(EngineStopped)
     async def stopping(request: Request, e: EngineStopped) -> JSONResponse:
-        return _error(
-            APIError(503, str(e), type="service_unavailable", headers={"Retry-After": "1"})
+        return counted(
+            _error(APIError(503, str(e), type="service_unavailable", headers={"Retry-After": "1"}))
         )
 
     @app.exception_handler(ClientDisconnected)
@@ -426,11 +432,11 @@ def _add_error_handlers(app: FastAPI) -> None:
     @app.exception_handler(EngineDeadError)
     @app.exception_handler(EngineError)
     async def engine_failed(request: Request, e: KilnError) -> JSONResponse:
-        return _error(engine_error(e))
+        return counted(_error(engine_error(e)))
 
     @app.exception_handler(RequestValidationError)
     async def invalid(request: Request, e: RequestValidationError) -> JSONResponse:
-        return _error(APIError(400, "invalid request"))
+        return counted(_error(APIError(400, "invalid request")))
 
     @app.exception_handler(StarletteHTTPException)
     async def http_error(request: Request, e: StarletteHTTPException) -> JSONResponse:
@@ -443,4 +449,4 @@ def _add_error_handlers(app: FastAPI) -> None:
     async def internal(request: Request, e: Exception) -> JSONResponse:
         log.error("request failed", exc_info=e)
         body = error_body("internal server error", "server_error", code="internal_error")
-        return JSONResponse(body, status_code=500)
+        return counted(JSONResponse(body, status_code=500))
