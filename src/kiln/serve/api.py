@@ -14,7 +14,7 @@ from typing import Any, TypeVar
 import anyio
 from fastapi import APIRouter, Depends, FastAPI, Request
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import JSONResponse, Response, StreamingResponse
+from fastapi.responses import HTMLResponse, JSONResponse, Response, StreamingResponse
 from pydantic import BaseModel
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.requests import ClientDisconnect
@@ -98,6 +98,7 @@ def create_app(
     _add_error_handlers(app)
     auth = [Depends(_auth(api_key))]
     app.include_router(_health_route(ctx))
+    app.include_router(_ui_route())
     app.include_router(_metrics_route(ctx), dependencies=[] if public_metrics else auth)
     app.include_router(_openapi_route(app), dependencies=auth)
     app.include_router(_v1_routes(ctx, max_body_bytes), dependencies=auth)
@@ -113,6 +114,21 @@ def _health_route(ctx: ServingContext) -> APIRouter:
         if not ctx.engine.is_running:
             return _error(APIError(503, "the engine is not running", type="service_unavailable"))
         return Response(status_code=200)
+
+    return router
+
+
+def _ui_route() -> APIRouter:
+    """The chat page at / (kiln.serve.ui): static, so open even with an API key (the page asks
+    for the key and sends it with its API calls)."""
+    from kiln.serve.ui import page
+
+    router = APIRouter()
+    body, headers = page()
+
+    @router.get("/", include_in_schema=False)
+    async def ui() -> HTMLResponse:
+        return HTMLResponse(body, headers=headers)
 
     return router
 
