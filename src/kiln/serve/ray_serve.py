@@ -133,7 +133,7 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--host", default="127.0.0.1")
     p.add_argument("--port", type=int, default=8000)
     p.add_argument("--address", default=None,
-                   help="a Ray cluster (host:port or auto); default: start a local one")  # fmt: skip
+                   help="a Ray cluster (host:port or auto); default: a new local one")  # fmt: skip
     p.add_argument("--num-replicas", type=int, default=None,
                    help="a fixed number of replicas (default: autoscale)")  # fmt: skip
     p.add_argument("--min-replicas", type=int, default=1)
