@@ -53,8 +53,8 @@ def endpoint(chat_model_dir):
 
 
 def complete(url: str, max_tokens: int = 8) -> dict:
-    r = httpx.post(f"{url}/v1/completions", json={"prompt": "hi", "max_tokens": max_tokens, "ignore_eos": True},
-                   timeout=60)  # fmt: skip
+    body = {"prompt": "hi", "max_tokens": max_tokens, "ignore_eos": True}
+    r = httpx.post(f"{url}/v1/completions", json=body, timeout=60)
     r.raise_for_status()
     return r.json()
 
