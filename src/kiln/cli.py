@@ -22,6 +22,7 @@ COMMANDS = [
     "kiln.demo",
     "kiln.tokenizer.cli",
     "kiln.eval.bench",
+    "kiln.engine.profile",
     "kiln.eval.cli",
     "kiln.quant.cli",
 ]

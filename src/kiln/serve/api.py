@@ -14,7 +14,7 @@ from typing import Any, TypeVar
 import anyio
 from fastapi import APIRouter, Depends, FastAPI, Request
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import JSONResponse, Response, StreamingResponse
+from fastapi.responses import HTMLResponse, JSONResponse, Response, StreamingResponse
 from pydantic import BaseModel
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.requests import ClientDisconnect
@@ -98,6 +98,7 @@ def create_app(
     _add_error_handlers(app)
     auth = [Depends(_auth(api_key))]
     app.include_router(_health_route(ctx))
+    app.include_router(_ui_route())
     app.include_router(_metrics_route(ctx), dependencies=[] if public_metrics else auth)
     app.include_router(_openapi_route(app), dependencies=auth)
     app.include_router(_v1_routes(ctx, max_body_bytes), dependencies=auth)
@@ -113,6 +114,21 @@ def _health_route(ctx: ServingContext) -> APIRouter:
         if not ctx.engine.is_running:
             return _error(APIError(503, "the engine is not running", type="service_unavailable"))
         return Response(status_code=200)
+
+    return router
+
+
+def _ui_route() -> APIRouter:
+    """The chat page at / (kiln.serve.ui): static, so open even with an API key (the page asks
+    for the key and sends it with its API calls)."""
+    from kiln.serve.ui import page
+
+    router = APIRouter()
+    body, headers = page()
+
+    @router.get("/", include_in_schema=False)
+    async def ui() -> HTMLResponse:
+        return HTMLResponse(body, headers=headers)
 
     return router
 
@@ -405,18 +421,24 @@ def _error(e: APIError) -> JSONResponse:
 
 
 def _add_error_handlers(app: FastAPI) -> None:
+    errors = app.state.ctx.metrics.errors
+
+    def counted(response: Response) -> Response:
+        errors.labels(str(response.status_code)).inc()
+        return response
+
     @app.exception_handler(APIError)
     async def api_error(request: Request, e: APIError) -> JSONResponse:
-        return _error(e)
+        return counted(_error(e))
 
     @app.exception_handler(InputError)
     async def bad_input(request: Request, e: InputError) -> JSONResponse:
-        return _error(input_error(e))
+        return counted(_error(input_error(e)))
 
     @app.exception_handler(EngineStopped)
     async def stopping(request: Request, e: EngineStopped) -> JSONResponse:
-        return _error(
-            APIError(503, str(e), type="service_unavailable", headers={"Retry-After": "1"})
+        return counted(
+            _error(APIError(503, str(e), type="service_unavailable", headers={"Retry-After": "1"}))
         )
 
     @app.exception_handler(ClientDisconnected)
@@ -426,11 +448,11 @@ def _add_error_handlers(app: FastAPI) -> None:
     @app.exception_handler(EngineDeadError)
     @app.exception_handler(EngineError)
     async def engine_failed(request: Request, e: KilnError) -> JSONResponse:
-        return _error(engine_error(e))
+        return counted(_error(engine_error(e)))
 
     @app.exception_handler(RequestValidationError)
     async def invalid(request: Request, e: RequestValidationError) -> JSONResponse:
-        return _error(APIError(400, "invalid request"))
+        return counted(_error(APIError(400, "invalid request")))
 
     @app.exception_handler(StarletteHTTPException)
     async def http_error(request: Request, e: StarletteHTTPException) -> JSONResponse:
@@ -443,4 +465,4 @@ def _add_error_handlers(app: FastAPI) -> None:
     async def internal(request: Request, e: Exception) -> JSONResponse:
         log.error("request failed", exc_info=e)
         body = error_body("internal server error", "server_error", code="internal_error")
-        return JSONResponse(body, status_code=500)
+        return counted(JSONResponse(body, status_code=500))

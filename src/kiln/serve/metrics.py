@@ -117,6 +117,10 @@ class ServerMetrics:
             "kiln:request_rejected", "Requests turned away by admission control.", ["reason"],
             registry=r,
         )  # fmt: skip
+        self.errors = Counter(
+            "kiln:request_errors", "Requests answered with an error, by HTTP status.", ["status"],
+            registry=r,
+        )  # fmt: skip
 
     def observe_request(
         self, arrival: float, first_token: float | None, finished: float, num_tokens: int

@@ -1,0 +1,144 @@
+"""`kiln profile --model DIR`: the torch profiler over engine steps.
+
+A batch of random prompts is generated once to warm up (Triton compiles, CUDA graphs captured),
+then again under `torch.profiler`: the prefill step(s) and `--steps` decode steps, each step a
+`record_function` range. Writes a Chrome trace (chrome://tracing, Perfetto) and prints the ops
+(CUDA kernels on a GPU, CPU ops on the CPU) that took the most time, by their self time.
+"""
+
+from __future__ import annotations
+
+import argparse
+import random
+import time
+from pathlib import Path
+
+from kiln.engine.config import EngineConfig
+
+
+def register(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser(
+        "profile",
+        help="profile engine steps with the torch profiler (Chrome trace + top kernels)",
+        description="Run --batch requests of --prompt-len random tokens through the engine, "
+        "profile their prefill and --steps decode steps, write a Chrome trace and print the "
+        "kernels (ops) that took the most time.",
+    )
+    p.add_argument("--model", required=True, help="Hugging Face model directory")
+    p.add_argument("--batch", type=int, default=8, help="requests run together")
+    p.add_argument("--steps", type=int, default=32, help="decode steps profiled")
+    p.add_argument("--prompt-len", type=int, default=128, help="prompt tokens a request")
+    p.add_argument("--top", type=int, default=20, help="ops printed")
+    p.add_argument("--out", default="runs/profile", help="directory for trace.json")
+    p.add_argument("--dtype", default=None, choices=["float32", "bfloat16", "float16"])
+    p.add_argument("--device", default=None)
+    p.add_argument("--seed", type=int, default=0)
+    EngineConfig.add_arguments(p)
+    p.set_defaults(func=_cli)
+
+
+def _cli(args: argparse.Namespace) -> None:
+    from kiln.errors import InputError
+
+    for name in ("batch", "steps", "prompt_len", "top"):
+        if getattr(args, name) < 1:
+            raise InputError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
+    result = profile_engine(
+        args.model, args.batch, args.steps, args.prompt_len, Path(args.out), args.seed,
+        dtype=args.dtype, device=args.device, **EngineConfig.args_from(args),
+    )  # fmt: skip
+    print(result["summary"])
+    print(format_top_ops(result["ops"][: args.top], result["device_kind"]))
+    print(f"Chrome trace: {result['trace']}")
+
+
+def profile_engine(
+    model: str, batch: int, steps: int, prompt_len: int, out: Path, seed: int = 0,
+    **engine_args,
+) -> dict:  # fmt: skip
+    """Profile `batch` requests' prefill and `steps` decode steps; the trace's path, a summary
+    line, and the ops sorted by self time (dicts: name, calls, self_us, share)."""
+    import torch
+    from torch.profiler import ProfilerActivity, profile, record_function
+
+    from kiln.engine.llm_engine import LLMEngine
+    from kiln.engine.sampling_params import SamplingParams
+    from kiln.errors import InputError
+
+    engine = LLMEngine(model, **engine_args)
+    if prompt_len + steps + 1 > engine.max_model_len:
+        raise InputError(
+            f"--prompt-len {prompt_len} + --steps {steps} exceeds the context "
+            f"(max_model_len {engine.max_model_len})"
+        )
+    if batch > engine.config.max_num_seqs:
+        raise InputError(f"--batch {batch} exceeds --max-num-seqs {engine.config.max_num_seqs}")
+    rng = random.Random(seed)
+    vocab = engine.model_config.vocab_size
+    params = SamplingParams(temperature=0.0, max_tokens=steps + 1, ignore_eos=True)
+
+    def run(tag: str, on_step=None) -> int:
+        for i in range(batch):  # fresh prompts each run: no prefix-cache hits
+            ids = [rng.randrange(vocab) for _ in range(prompt_len)]
+            engine.add_request(f"{tag}-{i}", prompt_token_ids=ids, params=params)
+        n = 0
+        while engine.has_unfinished():
+            with record_function(f"engine_step_{n}"):
+                engine.step()
+            n += 1
+        return n
+
+    run("warmup")
+    cuda = engine.device.type == "cuda"
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else [])
+    with profile(activities=activities) as prof:
+        start = time.perf_counter()
+        num_steps = run("profile")
+        if cuda:
+            torch.cuda.synchronize(engine.device)
+        seconds = time.perf_counter() - start
+    out.mkdir(parents=True, exist_ok=True)
+    trace = out / "trace.json"
+    prof.export_chrome_trace(str(trace))
+    ops = top_ops(prof.key_averages(), cuda)
+    tokens = batch * (steps + 1)
+    summary = (
+        f"{engine.device}: {batch} requests x ({prompt_len} prompt + {steps + 1} generated) "
+        f"tokens in {num_steps} engine steps, {seconds:.3f} s under the profiler "
+        f"({tokens / seconds:.0f} generated tokens/s, {seconds / num_steps * 1e3:.2f} ms/step)"
+    )
+    return {"trace": trace, "summary": summary, "ops": ops, "steps": num_steps,
+            "device_kind": "cuda" if cuda else "cpu"}  # fmt: skip
+
+
+def top_ops(averages, on_device: bool) -> list[dict]:
+    """Ops sorted by self time: device (kernel) time on a GPU, else CPU time; the profiler's
+    own step ranges left out."""
+    key = "self_device_time_total" if on_device else "self_cpu_time_total"
+    rows = [
+        {"name": e.key, "calls": e.count, "self_us": float(getattr(e, key))}
+        for e in averages
+        if not e.key.startswith("engine_step_") and getattr(e, key) > 0
+    ]
+    rows.sort(key=lambda r: r["self_us"], reverse=True)
+    total = sum(r["self_us"] for r in rows) or 1.0
+    for r in rows:
+        r["share"] = r["self_us"] / total
+    return rows
+
+
+def format_top_ops(ops: list[dict], device_kind: str) -> str:
+    """A table of ops: self time, share of all ops' self time, calls, mean time per call."""
+    clock = "GPU kernel" if device_kind == "cuda" else "CPU"
+    width = max([len("op")] + [min(len(r["name"]), 70) for r in ops])
+    lines = [
+        f"top {len(ops)} ops by self {clock} time",
+        f"{'op':<{width}}  {'self ms':>9}  {'share':>6}  {'calls':>6}  {'us/call':>9}",
+    ]
+    for r in ops:
+        name = r["name"] if len(r["name"]) <= 70 else r["name"][:67] + "..."
+        lines.append(
+            f"{name:<{width}}  {r['self_us'] / 1e3:>9.3f}  {r['share']:>6.1%}  "
+            f"{r['calls']:>6}  {r['self_us'] / r['calls']:>9.1f}"
+        )
+    return "\n".join(lines)

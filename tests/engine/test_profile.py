@@ -1,0 +1,55 @@
+"""`kiln profile`: a Chrome trace of engine steps and the ops that took the most time."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from kiln.cli import main
+from kiln.engine.profile import profile_engine
+
+
+def test_profile_traces_every_engine_step(hf_model_dir, tmp_path):
+    model, _ = hf_model_dir("llama")
+    r = profile_engine(str(model), batch=3, steps=5, prompt_len=20, out=tmp_path, max_num_seqs=4)
+    events = json.loads(r["trace"].read_text())["traceEvents"]
+    step_ranges = {e["name"] for e in events if e.get("name", "").startswith("engine_step_")}
+    assert len(step_ranges) == r["steps"] >= 6  # a prefill step and 5 decode steps at least
+    names = [op["name"] for op in r["ops"]]
+    assert "aten::mm" in names or "aten::addmm" in names
+    assert not any(n.startswith("engine_step_") for n in names)
+    selfs = [op["self_us"] for op in r["ops"]]
+    assert selfs == sorted(selfs, reverse=True) and selfs[0] > 0
+    assert sum(op["share"] for op in r["ops"]) == pytest.approx(1.0)
+
+
+def test_profile_cli_prints_the_top_ops(tokenized_model_dir, tmp_path, capsys):
+    model = tokenized_model_dir("llama")
+    argv = ["profile", "--model", str(model), "--batch", "2", "--steps", "3", "--prompt-len", "8",
+            "--top", "5", "--out", str(tmp_path)]  # fmt: skip
+    assert main(argv) == 0
+    out = capsys.readouterr().out
+    assert "top 5 ops by self CPU time" in out
+    table = out.split("us/call\n")[1].split("\nChrome trace")[0].splitlines()
+    assert len(table) == 5
+    assert (tmp_path / "trace.json").exists()
+
+
+@pytest.mark.parametrize(
+    "flags, message",
+    [(["--steps", "0"], "--steps must be >= 1"),
+     (["--prompt-len", "100000"], "exceeds the context")],
+)  # fmt: skip
+def test_profile_refuses_bad_sizes_in_one_line(hf_model_dir, tmp_path, capsys, flags, message):
+    model, _ = hf_model_dir("llama")
+    assert main(["profile", "--model", str(model), "--out", str(tmp_path), *flags]) == 2
+    err = capsys.readouterr().err
+    assert message in err and err.count("\n") == 1
+
+
+@pytest.mark.gpu
+def test_profile_on_cuda_reports_kernel_time(hf_model_dir, tmp_path):
+    model, _ = hf_model_dir("llama")
+    r = profile_engine(str(model), batch=4, steps=8, prompt_len=32, out=tmp_path, device="cuda")
+    assert r["device_kind"] == "cuda" and r["ops"] and r["ops"][0]["self_us"] > 0
