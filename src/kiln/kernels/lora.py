@@ -73,7 +73,8 @@ def _shrink_kernel(
                 )  # fmt: skip
                 a = tl.load(
                     a_ptr + s * stride_as + rr[None, :] * stride_ar + rk[:, None],
-                    mask=(rr[None, :] < R) & k_ok[:, None], other=0.0,
+                    mask=(rr[None, :] < R) & k_ok[:, None],
+                    other=0.0,
                 )  # [BLOCK_K, BLOCK_R]  fmt: skip
                 acc += tl.dot(x, a.to(x.dtype))
     y_ptrs = y_ptr + rows[:, None].to(tl.int64) * stride_y + rr[None, :]
@@ -102,7 +103,8 @@ def _expand_kernel(
             if tl.max(sel.to(tl.int32), axis=0) > 0:
                 b = tl.load(
                     b_ptr + s * stride_bs + cols[None, :] * stride_bo + rr[:, None],
-                    mask=(rr[:, None] < R) & col_ok[None, :], other=0.0,
+                    mask=(rr[:, None] < R) & col_ok[None, :],
+                    other=0.0,
                 )  # [BLOCK_R, BLOCK_O]  fmt: skip
                 acc += tl.dot(tl.where(sel[:, None], y, 0.0).to(b.dtype), b)
         out_ptrs = out_ptr + rows[:, None].to(tl.int64) * stride_out + cols[None, :]
