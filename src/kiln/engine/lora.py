@@ -60,6 +60,79 @@ class AdapterWeights:
     layers: dict[str, tuple[torch.Tensor, torch.Tensor]]
 
 
+@dataclass
+class AdapterTargets:
+    """What an adapter may target in a base model: HF module name -> kiln's, the decoder
+    Linears' (in, out) features, and the kiln names that can carry an adapter."""
+
+    hf_to_kiln: dict[str, str]
+    shapes: dict[str, tuple[int, int]]
+    servable: set[str]
+
+    @classmethod
+    def of(cls, model: nn.Module) -> AdapterTargets:
+        """From a plain (unfused) model; every decoder Linear but MoE experts is servable."""
+        shapes = {
+            name: (m.in_features, m.out_features)
+            for name, m in model.named_modules()
+            if isinstance(m, nn.Linear) and name.startswith("layers.")
+        }
+        hf_to_kiln = {hf: kiln for kiln, hf in hf_module_names(model).items()}
+        return cls(hf_to_kiln, shapes, {n for n in shapes if not _routed(n)})
+
+
+def _routed(name: str) -> bool:
+    """A MoE expert or router: it sees some tokens (or other rows) than the step's."""
+    return ".experts." in name or name.endswith(".gate")
+
+
+def read_lora(
+    request: LoRARequest, targets: AdapterTargets, max_rank: int, dtype: torch.dtype | None = None
+) -> AdapterWeights:
+    """Read `request`'s PEFT adapter and check it fits (InputError naming the adapter and the
+    module if not): kiln names, (A, scaling * B) in `dtype`."""
+    name = request.lora_name
+    try:
+        cfg, weights = read_adapter(request.lora_path)
+    except CheckpointError as e:
+        raise InputError(f"LoRA adapter {name!r}: {e}", "lora_path") from None
+    layers, rank = {}, 0
+    for hf_name, (a, b) in weights.items():
+        kiln_name = targets.hf_to_kiln.get(hf_name)
+        if kiln_name is None or kiln_name not in targets.shapes:
+            made_for = cfg.get("base_model_name_or_path")
+            raise InputError(f"LoRA adapter {name!r} targets {hf_name}, which this base "
+                             f"model lacks (made for {made_for})", "lora_path")  # fmt: skip
+        if kiln_name not in targets.servable:
+            raise InputError(f"LoRA adapter {name!r} targets {hf_name}, which kiln serves "
+                             "no adapters on (quantized or MoE expert)", "lora_path")  # fmt: skip
+        in_f, out_f = targets.shapes[kiln_name]
+        r = a.shape[0]
+        if a.shape != (r, in_f) or b.shape != (out_f, r):
+            raise InputError(
+                f"LoRA adapter {name!r} does not fit the base model at {hf_name}: lora_A "
+                f"{tuple(a.shape)}, lora_B {tuple(b.shape)}, the layer is {in_f} -> {out_f}",
+                "lora_path",
+            )
+        if r > max_rank:
+            raise InputError(f"LoRA adapter {name!r} has rank {r} at {hf_name}, above "
+                             f"max_lora_rank {max_rank}", "lora_path")  # fmt: skip
+        b = b.float() * adapter_scaling(cfg, r)
+        layers[kiln_name] = (a.to(dtype or a.dtype), b.to(dtype or a.dtype))
+        rank = max(rank, r)
+    return AdapterWeights(request, rank, layers)
+
+
+def check_lora(model_config, request: LoRARequest, max_rank: int) -> None:
+    """read_lora against a model of `model_config` built on the meta device (no weights):
+    how an API process checks an adapter before the engine core loads it."""
+    from kiln.model.transformer import Transformer
+
+    with torch.device("meta"):
+        model = Transformer(model_config)
+    read_lora(request, AdapterTargets.of(model), max_rank)
+
+
 class LoRAMapping:
     """Each token's adapter slot (-1: none), in one device buffer the LoRA layers read."""
 
@@ -142,16 +215,11 @@ class LoRAManager:
         self.max_loras, self.max_cpu_loras = config.max_loras, config.max_cpu_loras
         self.max_rank = config.max_lora_rank
         self.model_config = model.config
-        self.hf_to_kiln = {hf: kiln for kiln, hf in hf_module_names(model).items()}
-        self.shapes = {
-            name: (m.in_features, m.out_features)
-            for name, m in model.named_modules()
-            if isinstance(m, nn.Linear) and name.startswith("layers.")
-        }
+        self.targets = AdapterTargets.of(model)
+        self.targets.servable = set()  # until wrap() says which Linears carry adapters
         size = config.max_num_batched_tokens + config.max_num_seqs  # any step's token rows
         self.mapping = LoRAMapping(size, device)
         self.layers: list[LoRAStackLinear] = []
-        self.servable: set[str] = set()  # kiln module names a LoRAStackLinear covers
         self.cpu: OrderedDict[int, AdapterWeights] = OrderedDict()  # newest last
         self.slot_ids: list[int | None] = [None] * self.max_loras  # lora_int_id in each slot
         self.slot_last_use = [0] * self.max_loras
@@ -162,16 +230,16 @@ class LoRAManager:
         for name, m in list(model.named_modules()):
             if not isinstance(m, nn.Linear) or not name.startswith("layers."):
                 continue
-            if ".experts." in name or name.endswith(".gate"):  # routed: not every token
+            if _routed(name):
                 continue
             slices = _slices(name, m, self.model_config)
-            if not all(n in self.shapes for n, _ in slices):
+            if not all(n in self.targets.shapes for n, _ in slices):
                 continue
             layer = LoRAStackLinear(m, slices, self.max_loras, self.max_rank, self.mapping, ops)
             parent, _, child = name.rpartition(".")
             setattr(model.get_submodule(parent), child, layer)
             self.layers.append(layer)
-            self.servable.update(n for n, _ in slices)
+            self.targets.servable.update(n for n, _ in slices)
         for block in model.layers:  # the fused small-batch GEMVs read plain Linear weights
             if hasattr(block, "gemv_max_batch"):
                 block.gemv_max_batch = 0
@@ -199,36 +267,8 @@ class LoRAManager:
                 del self.cpu[old]  # read again from its path if a request names it later
 
     def _read(self, request: LoRARequest) -> AdapterWeights:
-        name = request.lora_name
-        try:
-            cfg, weights = read_adapter(request.lora_path)
-        except CheckpointError as e:
-            raise InputError(f"LoRA adapter {name!r}: {e}") from None
-        layers, rank = {}, 0
-        for hf_name, (a, b) in weights.items():
-            kiln_name = self.hf_to_kiln.get(hf_name)
-            if kiln_name is None or kiln_name not in self.shapes:
-                made_for = cfg.get("base_model_name_or_path")
-                raise InputError(f"LoRA adapter {name!r} targets {hf_name}, which this base "
-                                 f"model lacks (made for {made_for})")  # fmt: skip
-            if kiln_name not in self.servable:
-                raise InputError(f"LoRA adapter {name!r} targets {hf_name}, which kiln does "
-                                 "not serve adapters on (quantized or MoE expert)")  # fmt: skip
-            in_f, out_f = self.shapes[kiln_name]
-            r = a.shape[0]
-            if a.shape != (r, in_f) or b.shape != (out_f, r):
-                raise InputError(
-                    f"LoRA adapter {name!r} does not fit the base model at {hf_name}: lora_A "
-                    f"{tuple(a.shape)}, lora_B {tuple(b.shape)}, the layer is {in_f} -> {out_f}"
-                )
-            if r > self.max_rank:
-                raise InputError(f"LoRA adapter {name!r} has rank {r} at {hf_name}, above "
-                                 f"max_lora_rank {self.max_rank}")  # fmt: skip
-            dtype = self.layers[0].lora_a.dtype if self.layers else a.dtype
-            b = b.float() * adapter_scaling(cfg, r)
-            layers[kiln_name] = (a.to(dtype), b.to(dtype))
-            rank = max(rank, r)
-        return AdapterWeights(request, rank, layers)
+        dtype = self.layers[0].lora_a.dtype if self.layers else None
+        return read_lora(request, self.targets, self.max_rank, dtype)
 
     def remove(self, lora_int_id: int) -> None:
         """Forget an adapter (the caller made sure no sequence still runs with it)."""
