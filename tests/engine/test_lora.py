@@ -1,39 +1,25 @@
 """Multi-LoRA in the engine: adapters of different ranks and targets in one batch give the
 tokens of the merged-weights model for each (peft's merge on transformers, and kiln's)."""
 
-import copy
 import shutil
 
 import pytest
 import torch
 from safetensors.torch import save_file
+from tiny_models import save_peft_adapter
 
 import kiln
 from kiln import LoRARequest, SamplingParams
 from kiln.errors import InputError
 from kiln.model.lora import merge_and_unload
 
-peft = pytest.importorskip("peft")
+pytest.importorskip("peft")
 
 ADAPTERS = {  # name: (rank, alpha, target modules) -- different ranks and targets
     "a": (8, 16, ["q_proj", "v_proj", "down_proj"]),
     "b": (4, 8, ["k_proj", "o_proj", "gate_proj", "up_proj"]),
 }
 GREEDY = SamplingParams(temperature=0.0, max_tokens=8)
-
-
-def _peft_adapter(hf, name, out, seed):
-    """A PEFT adapter on the tiny model with random (not zero) lora_B, saved in `out`."""
-    r, alpha, targets = ADAPTERS[name]
-    cfg = peft.LoraConfig(r=r, lora_alpha=alpha, target_modules=targets, init_lora_weights=False)
-    model = peft.get_peft_model(copy.deepcopy(hf), cfg)
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for n, p in model.named_parameters():
-            if "lora_" in n:
-                p.copy_(torch.randn(p.shape, generator=g) * 0.3)
-    model.save_pretrained(out)
-    return model.merge_and_unload()
 
 
 @pytest.fixture(scope="module")
@@ -43,7 +29,7 @@ def lora_setup(hf_model_dir, tmp_path_factory):
     dirs, merged = {}, {}
     for seed, name in enumerate(ADAPTERS):
         dirs[name] = tmp_path_factory.mktemp(f"lora_{name}")
-        merged[name] = _peft_adapter(hf, name, dirs[name], seed)
+        merged[name] = save_peft_adapter(hf, dirs[name], *ADAPTERS[name], seed=seed)
     return path, dirs, merged, hf
 
 

@@ -23,6 +23,7 @@ from kiln.engine.async_engine import EngineDeadError, EngineError, EngineStopped
 from kiln.errors import InputError, KilnError
 from kiln.serve import serving
 from kiln.serve.admission import AdmissionGate
+from kiln.serve.lora import LoRARegistry, lora_routes
 from kiln.serve.metrics import CONTENT_TYPE, ServerMetrics
 from kiln.serve.protocol import (
     APIError,
@@ -66,11 +67,14 @@ def create_app(
     stream_send_timeout: float = DEFAULT_STREAM_SEND_TIMEOUT,
     request_id_tag: str = "",
     tool_call_parser: str | None = None,
+    lora_modules: dict[str, str] | None = None,
+    lora_root: str | None = None,
 ) -> FastAPI:
     """An OpenAI-compatible app over `engine` (an AsyncLLM, started and drained by the app).
     With an `api_key` every route but /health needs it (/metrics too, unless public_metrics).
     `request_id_tag` starts every request id after its kind's prefix ("cmpl-w1-..."): which of
-    several API processes served it."""
+    several API processes served it." With enable_lora, `lora_modules` ({name: dir}) are
+    served from the start and more load at run time from under `lora_root`."""
     max_running = engine.config.max_num_seqs
     ctx = ServingContext(
         engine=engine,
@@ -81,6 +85,12 @@ def create_app(
         request_id_tag=request_id_tag,
         tool_parser=TOOL_PARSERS[tool_call_parser]() if tool_call_parser else None,
     )
+    if engine.config.enable_lora:
+        ctx.adapters = LoRARegistry(engine, served_model_name, lora_root)
+        for name, path in (lora_modules or {}).items():
+            ctx.adapters.add_static(name, path)
+    elif lora_modules:
+        raise InputError("--lora-modules needs --enable-lora")
 
     @asynccontextmanager
     async def lifespan(app: FastAPI):
@@ -102,6 +112,8 @@ def create_app(
     app.include_router(_openapi_route(app), dependencies=auth)
     app.include_router(_v1_routes(ctx, max_body_bytes), dependencies=auth)
     app.include_router(_tokenizer_routes(ctx, max_body_bytes), dependencies=auth)
+    if ctx.adapters is not None:
+        app.include_router(lora_routes(ctx.adapters, max_body_bytes, _read_body), dependencies=auth)
     return app
 
 
@@ -142,7 +154,11 @@ def _v1_routes(ctx: ServingContext, max_body_bytes: int) -> APIRouter:
 
     @router.get("/models")
     async def models() -> ModelList:
-        return ModelList(data=[ModelCard(id=ctx.model_name, max_model_len=ctx.max_model_len)])
+        cards = [ModelCard(id=ctx.model_name, max_model_len=ctx.max_model_len)]
+        adapters = ctx.adapters.adapters.values() if ctx.adapters is not None else ()
+        cards += [ModelCard(id=a.lora_name, max_model_len=ctx.max_model_len, root=a.lora_path,
+                            parent=ctx.model_name) for a in adapters]  # fmt: skip
+        return ModelList(data=cards)
 
     @router.post("/completions")
     async def completions(request: Request) -> Response:
@@ -161,7 +177,7 @@ def _v1_routes(ctx: ServingContext, max_body_bytes: int) -> APIRouter:
             )
             for m in max_tokens
         ]
-        job = serving.start_job(ctx, "cmpl", prompts, params, arrival)
+        job = serving.start_job(ctx, "cmpl", prompts, params, arrival, req.model)
         job.num_prompt_logprobs = req.prompt_logprobs
         if req.echo:
             job.tracker.echo = await serving.echo_prompts(ctx, req, prompts)
@@ -197,7 +213,7 @@ def _v1_routes(ctx: ServingContext, max_body_bytes: int) -> APIRouter:
         params = serving.sampling_params(
             ctx, {**kwargs, "structured_outputs": structured}, req.stream
         )
-        job = serving.start_job(ctx, "chatcmpl", [prompt], [params], arrival)
+        job = serving.start_job(ctx, "chatcmpl", [prompt], [params], arrival, req.model)
         job.tool_stream = tool_stream
         return await _respond(
             ctx,
@@ -375,13 +391,7 @@ async def _read_body(request: Request, limit: int) -> bytes:
 
 
 def _check_model(ctx: ServingContext, model: str | None) -> None:
-    if model is not None and model != ctx.model_name:
-        raise APIError(
-            404,
-            f"the model {model!r} does not exist; this server serves {ctx.model_name!r}",
-            param="model",
-            code="model_not_found",
-        )
+    serving.lora_request(ctx, model)
 
 
 def _auth(api_key: str | None):

@@ -74,6 +74,7 @@ class ServingContext:
     stream_send_timeout: float = 60.0
     request_id_tag: str = ""  # "w1-": which of several API processes made the id
     tool_parser: ToolParser | None = None  # --tool-call-parser: finds calls in free text
+    adapters: Any = None  # kiln.serve.lora.LoRARegistry when the engine serves LoRA
 
     @property
     def tokenizer(self):
@@ -241,20 +242,36 @@ def sampling_params(ctx: ServingContext, kwargs: dict[str, Any], stream: bool):
 # ---- engine streams -----------------------------------------------------------------------
 
 
+def lora_request(ctx: ServingContext, model: str | None):
+    """The LoRARequest of the adapter `model` names; None for the base model (or no name);
+    404 for a name the server does not serve."""
+    if model is None or model == ctx.model_name:
+        return None
+    lora = ctx.adapters.get(model) if ctx.adapters is not None else None
+    if lora is None:
+        raise APIError(
+            404,
+            f"the model {model!r} does not exist; this server serves {ctx.model_name!r}",
+            param="model",
+            code="model_not_found",
+        )
+    return lora
+
+
 def new_id(prefix: str, tag: str = "") -> str:
     return f"{prefix}-{tag}{uuid.uuid4().hex}"
 
 
 async def run_request(
     ctx: ServingContext, prompt: list[int], params, request_id: str, arrival: float,
-    on_end: Callable[[], None] = lambda: None,
+    on_end: Callable[[], None] = lambda: None, lora_request: Any = None,
 ) -> AsyncIterator[Any]:  # fmt: skip
     """The engine's outputs for one prompt; records latencies and finish reasons. Closing
     the engine's stream early (disconnect, error, cancellation) aborts the request."""
     first_token = None
     tokens: dict[int, int] = {}
     finished = False
-    stream = ctx.engine.generate(prompt, params, request_id)
+    stream = ctx.engine.generate(prompt, params, request_id, lora_request=lora_request)
     try:
         async for out in stream:
             for c in out.outputs:
@@ -404,14 +421,17 @@ class Job:
 
 
 def start_job(
-    ctx: ServingContext, prefix: str, prompts: list[list[int]], params: list, arrival: float
-) -> Job:
-    """Engine streams for each prompt and its params (nothing runs until they are iterated)."""
+    ctx: ServingContext, prefix: str, prompts: list[list[int]], params: list, arrival: float,
+    model: str | None = None,
+) -> Job:  # fmt: skip
+    """Engine streams for each prompt and its params (nothing runs until they are iterated),
+    with the LoRA adapter `model` names, if it names one."""
+    lora = lora_request(ctx, model)
     request_id = new_id(prefix, ctx.request_id_tag)
     job = Job(request_id, [], DeltaTracker(params[0].n, [len(p) for p in prompts]),
               params[0].logprobs, [p.n for p in params], prompts)  # fmt: skip
     job.streams = [
-        run_request(ctx, p, sp, f"{request_id}-{i}", arrival, lambda i=i: job.release(i))
+        run_request(ctx, p, sp, f"{request_id}-{i}", arrival, lambda i=i: job.release(i), lora)
         for i, (p, sp) in enumerate(zip(prompts, params))
     ]
     return job
