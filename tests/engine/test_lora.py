@@ -132,3 +132,31 @@ def test_bad_adapters_are_one_line_input_errors(lora_setup, tmp_path, random_pro
     with pytest.raises(InputError, match="enable_lora is off"):
         plain.generate(prompt_token_ids=[prompt], lora_request=LoRARequest("b", 1, str(dirs["b"])))
     llm.engine.block_manager.check_all_free()
+
+
+@pytest.mark.gpu
+def test_cuda_graphs_match_kiln_merged_models(lora_setup, random_prompts, tmp_path):
+    """Triton shrink/expand inside decode and mixed CUDA graphs (float32: exact products)
+    give each request the tokens of kiln's merged model for its adapter."""
+    path, dirs, _, _ = lora_setup
+    reqs = _requests(dirs)
+    prompts = random_prompts([3, 40, 17, 90, 1, 33], seed=30)
+    loras = [None, reqs["a"], reqs["b"], reqs["a"], reqs["b"], None]
+    kw = dict(dtype="float32", device="cuda", kv_cache_memory_bytes=2**26)
+    params = SamplingParams(temperature=0, max_tokens=24, ignore_eos=True)
+    merged_dirs = {None: path}
+    for name, d in dirs.items():
+        merged_dirs[name] = tmp_path / name
+        kiln.save_model(merge_and_unload(kiln.load_model(path, lora=d)), merged_dirs[name])
+    want = []
+    for prompt, lora in zip(prompts, loras):
+        llm = kiln.LLM(str(merged_dirs[lora.lora_name if lora else None]), **kw)
+        want.append(llm.generate(prompt_token_ids=[prompt], sampling_params=params)[0])
+    for engine_args in [{}, {"use_cuda_graph": False}, {"max_num_batched_tokens": 7}]:
+        llm = kiln.LLM(str(path), enable_lora=True, max_loras=2, max_lora_rank=8,
+                       attention_backend="triton", **kw, **engine_args)  # fmt: skip
+        if not engine_args:
+            assert llm.engine.runner.graph_runner.graphs
+        out = llm.generate(prompt_token_ids=prompts, sampling_params=params, lora_request=loras)
+        assert [o.outputs[0].token_ids for o in out] == [w.outputs[0].token_ids for w in want]
+        llm.engine.block_manager.check_all_free()

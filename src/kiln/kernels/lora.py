@@ -55,6 +55,7 @@ def _shrink_kernel(
     x_ptr, a_ptr, slot_ptr, y_ptr, N, K, R,
     stride_x, stride_as, stride_ar, stride_y,
     BLOCK_M: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_K: tl.constexpr,
+    DOT_PRECISION: tl.constexpr,
 ):  # fmt: skip
     rows = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
     row_ok = rows < N
@@ -76,7 +77,7 @@ def _shrink_kernel(
                     mask=(rr[None, :] < R) & k_ok[:, None],
                     other=0.0,
                 )  # [BLOCK_K, BLOCK_R]  fmt: skip
-                acc += tl.dot(x, a.to(x.dtype))
+                acc += tl.dot(x, a.to(x.dtype), input_precision=DOT_PRECISION)
     y_ptrs = y_ptr + rows[:, None].to(tl.int64) * stride_y + rr[None, :]
     tl.store(y_ptrs, acc.to(y_ptr.dtype.element_ty), mask=row_ok[:, None] & (rr[None, :] < R))
 
@@ -86,6 +87,7 @@ def _expand_kernel(
     y_ptr, b_ptr, slot_ptr, out_ptr, N, R, O,
     stride_y, stride_bs, stride_bo, stride_out,
     BLOCK_M: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_O: tl.constexpr,
+    DOT_PRECISION: tl.constexpr,
 ):  # fmt: skip
     rows = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
     cols = tl.program_id(1) * BLOCK_O + tl.arange(0, BLOCK_O)
@@ -106,7 +108,8 @@ def _expand_kernel(
                     mask=(rr[:, None] < R) & col_ok[None, :],
                     other=0.0,
                 )  # [BLOCK_R, BLOCK_O]  fmt: skip
-                acc += tl.dot(tl.where(sel[:, None], y, 0.0).to(b.dtype), b)
+                ys = tl.where(sel[:, None], y, 0.0).to(b.dtype)
+                acc += tl.dot(ys, b, input_precision=DOT_PRECISION)
         out_ptrs = out_ptr + rows[:, None].to(tl.int64) * stride_out + cols[None, :]
         mask = (row_ok & (slots >= 0))[:, None] & col_ok[None, :]
         old = tl.load(out_ptrs, mask=mask, other=0.0)
@@ -114,6 +117,11 @@ def _expand_kernel(
 
 
 BLOCK_M = 16
+
+
+def _precision(t: torch.Tensor) -> str:
+    """Exact float32 products for float32 models (tests compare tokens), tf32 otherwise."""
+    return "ieee" if t.dtype == torch.float32 else "tf32"
 
 
 def _block_r(r: int) -> int:
@@ -129,7 +137,7 @@ def lora_shrink_triton(x: torch.Tensor, a: torch.Tensor, slots: torch.Tensor) ->
     block_k = min(128, max(16, triton.next_power_of_2(k)))
     _shrink_kernel[(triton.cdiv(n, BLOCK_M),)](
         x, a, slots, y, n, k, r, x.stride(0), a.stride(0), a.stride(1), y.stride(0),
-        BLOCK_M=BLOCK_M, BLOCK_R=_block_r(r), BLOCK_K=block_k,
+        BLOCK_M=BLOCK_M, BLOCK_R=_block_r(r), BLOCK_K=block_k, DOT_PRECISION=_precision(x),
     )  # fmt: skip
     return y
 
@@ -146,7 +154,7 @@ def lora_expand_triton(
     grid = (triton.cdiv(n, BLOCK_M), triton.cdiv(o, block_o))
     _expand_kernel[grid](
         y, b, slots, dst, n, r, o, y.stride(0), b.stride(0), b.stride(1), out.stride(0),
-        BLOCK_M=BLOCK_M, BLOCK_R=_block_r(r), BLOCK_O=block_o,
+        BLOCK_M=BLOCK_M, BLOCK_R=_block_r(r), BLOCK_O=block_o, DOT_PRECISION=_precision(y),
     )  # fmt: skip
 
 
