@@ -41,6 +41,7 @@ from kiln.serve.protocol import (
     input_error,
     parse_request,
 )
+from kiln.serve.rollout import RolloutCollector, RolloutTable
 from kiln.serve.serving import ServingContext
 from kiln.serve.tools import TOOL_PARSERS
 
@@ -69,6 +70,7 @@ def create_app(
     tool_call_parser: str | None = None,
     lora_modules: dict[str, str] | None = None,
     lora_root: str | None = None,
+    rollout_config: str | None = None,
 ) -> FastAPI:
     """An OpenAI-compatible app over `engine` (an AsyncLLM, started and drained by the app).
     With an `api_key` every route but /health needs it (/metrics too, unless public_metrics).
@@ -91,6 +93,10 @@ def create_app(
             ctx.adapters.add_static(name, path)
     elif lora_modules:
         raise InputError("--lora-modules needs --enable-lora")
+    if rollout_config is not None:  # routes over the base model and the adapters
+        known = {served_model_name, *(lora_modules or {})}
+        ctx.rollout = RolloutTable.from_file(rollout_config, known)
+        ctx.metrics.registry.register(RolloutCollector(ctx.rollout))
 
     @asynccontextmanager
     async def lifespan(app: FastAPI):
@@ -158,6 +164,8 @@ def _v1_routes(ctx: ServingContext, max_body_bytes: int) -> APIRouter:
         adapters = ctx.adapters.adapters.values() if ctx.adapters is not None else ()
         cards += [ModelCard(id=a.lora_name, max_model_len=ctx.max_model_len, root=a.lora_path,
                             parent=ctx.model_name) for a in adapters]  # fmt: skip
+        routes = ctx.rollout.routes if ctx.rollout is not None else {}
+        cards += [ModelCard(id=name, max_model_len=ctx.max_model_len) for name in routes]
         return ModelList(data=cards)
 
     @router.post("/completions")
@@ -177,7 +185,8 @@ def _v1_routes(ctx: ServingContext, max_body_bytes: int) -> APIRouter:
             )
             for m in max_tokens
         ]
-        job = serving.start_job(ctx, "cmpl", prompts, params, arrival, req.model)
+        model, routed = serving.route(ctx, req.model, request.headers)
+        job = serving.start_job(ctx, "cmpl", prompts, params, arrival, model, routed)
         job.num_prompt_logprobs = req.prompt_logprobs
         if req.echo:
             job.tracker.echo = await serving.echo_prompts(ctx, req, prompts)
@@ -213,7 +222,8 @@ def _v1_routes(ctx: ServingContext, max_body_bytes: int) -> APIRouter:
         params = serving.sampling_params(
             ctx, {**kwargs, "structured_outputs": structured}, req.stream
         )
-        job = serving.start_job(ctx, "chatcmpl", [prompt], [params], arrival, req.model)
+        model, routed = serving.route(ctx, req.model, request.headers)
+        job = serving.start_job(ctx, "chatcmpl", [prompt], [params], arrival, model, routed)
         job.tool_stream = tool_stream
         return await _respond(
             ctx,
@@ -391,7 +401,7 @@ async def _read_body(request: Request, limit: int) -> bytes:
 
 
 def _check_model(ctx: ServingContext, model: str | None) -> None:
-    serving.lora_request(ctx, model)
+    serving.check_model(ctx, model)
 
 
 def _auth(api_key: str | None):

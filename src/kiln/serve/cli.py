@@ -83,6 +83,11 @@ def register(subparsers) -> None:
         help="the directory under which POST /v1/load_lora_adapter may load adapters "
         "(unset: no loading at run time)",
     )  # fmt: skip
+    p.add_argument(
+        "--rollout-config", default=None, metavar="FILE",
+        help="a JSON routing table: public model names -> versions with canary weights, "
+        "shadow targets and rollback rules (kiln.serve.rollout)",
+    )  # fmt: skip
     p.add_argument("--dtype", default=None, help="bfloat16, float16 or float32")
     p.add_argument("--device", default=None)
     p.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
@@ -133,6 +138,7 @@ def run(args: argparse.Namespace) -> int:
         tool_call_parser=args.tool_call_parser,
         lora_modules=parse_lora_modules(args.lora_modules),
         lora_root=args.lora_root,
+        rollout_config=args.rollout_config,
         **queue,
         **engine_args,
     )
