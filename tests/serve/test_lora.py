@@ -108,3 +108,10 @@ def test_load_unload_under_traffic_fails_no_request(lora_server):
     assert all(r.json()["usage"]["completion_tokens"] == 24 for r in done)
     assert after.status_code == 404
     wait_all_blocks_free(server.url, timeout=30)
+
+
+def test_embeddings_refuse_an_adapter(lora_server):
+    server, _ = lora_server
+    with httpx.Client(base_url=server.url, timeout=60) as http:
+        r = http.post("/v1/embeddings", json={"model": "a", "input": "hi"}, headers=KEY)
+        assert r.status_code == 400 and r.json()["error"]["param"] == "model"

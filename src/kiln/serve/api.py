@@ -203,7 +203,9 @@ def _v1_routes(ctx: ServingContext, max_body_bytes: int) -> APIRouter:
     @router.post("/embeddings")
     async def embeddings(request: Request) -> Response:
         req = parse_request(EmbeddingRequest, await _read_body(request, max_body_bytes))
-        _check_model(ctx, req.model)
+        if serving.lora_request(ctx, req.model) is not None:
+            raise APIError(400, "embeddings come from the base model, not a LoRA adapter",
+                           param="model")  # fmt: skip
         result = await _unless_disconnected(request, serving.embeddings(ctx, req))
         return JSONResponse(result.model_dump())
 
