@@ -17,6 +17,7 @@ from __future__ import annotations
 import torch
 
 from kiln.kernels._triton import tl, triton, use_triton
+from kiln.kernels.common import dot_options
 
 
 def lora_shrink_ref(x: torch.Tensor, a: torch.Tensor, slots: torch.Tensor) -> torch.Tensor:
@@ -55,7 +56,7 @@ def _shrink_kernel(
     x_ptr, a_ptr, slot_ptr, y_ptr, N, K, R,
     stride_x, stride_as, stride_ar, stride_y,
     BLOCK_M: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_K: tl.constexpr,
-    DOT_PRECISION: tl.constexpr,
+    DOT_PRECISION: tl.constexpr, DOT_UPCAST: tl.constexpr,
 ):  # fmt: skip
     rows = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
     row_ok = rows < N
@@ -77,7 +78,10 @@ def _shrink_kernel(
                     mask=(rr[None, :] < R) & k_ok[:, None],
                     other=0.0,
                 )  # [BLOCK_K, BLOCK_R]  fmt: skip
-                acc += tl.dot(x, a.to(x.dtype), input_precision=DOT_PRECISION)
+                a = a.to(x.dtype)
+                if DOT_UPCAST:
+                    x, a = x.to(tl.float32), a.to(tl.float32)
+                acc += tl.dot(x, a, input_precision=DOT_PRECISION)
     y_ptrs = y_ptr + rows[:, None].to(tl.int64) * stride_y + rr[None, :]
     tl.store(y_ptrs, acc.to(y_ptr.dtype.element_ty), mask=row_ok[:, None] & (rr[None, :] < R))
 
@@ -87,7 +91,7 @@ def _expand_kernel(
     y_ptr, b_ptr, slot_ptr, out_ptr, N, R, O,
     stride_y, stride_bs, stride_bo, stride_out,
     BLOCK_M: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_O: tl.constexpr,
-    DOT_PRECISION: tl.constexpr,
+    DOT_PRECISION: tl.constexpr, DOT_UPCAST: tl.constexpr,
 ):  # fmt: skip
     rows = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
     cols = tl.program_id(1) * BLOCK_O + tl.arange(0, BLOCK_O)
@@ -109,6 +113,8 @@ def _expand_kernel(
                     other=0.0,
                 )  # [BLOCK_R, BLOCK_O]  fmt: skip
                 ys = tl.where(sel[:, None], y, 0.0).to(b.dtype)
+                if DOT_UPCAST:
+                    ys, b = ys.to(tl.float32), b.to(tl.float32)
                 acc += tl.dot(ys, b, input_precision=DOT_PRECISION)
         out_ptrs = out_ptr + rows[:, None].to(tl.int64) * stride_out + cols[None, :]
         mask = (row_ok & (slots >= 0))[:, None] & col_ok[None, :]
@@ -117,11 +123,6 @@ def _expand_kernel(
 
 
 BLOCK_M = 16
-
-
-def _precision(t: torch.Tensor) -> str:
-    """Exact float32 products for float32 models (tests compare tokens), tf32 otherwise."""
-    return "ieee" if t.dtype == torch.float32 else "tf32"
 
 
 def _block_r(r: int) -> int:
@@ -137,7 +138,7 @@ def lora_shrink_triton(x: torch.Tensor, a: torch.Tensor, slots: torch.Tensor) ->
     block_k = min(128, max(16, triton.next_power_of_2(k)))
     _shrink_kernel[(triton.cdiv(n, BLOCK_M),)](
         x, a, slots, y, n, k, r, x.stride(0), a.stride(0), a.stride(1), y.stride(0),
-        BLOCK_M=BLOCK_M, BLOCK_R=_block_r(r), BLOCK_K=block_k, DOT_PRECISION=_precision(x),
+        BLOCK_M=BLOCK_M, BLOCK_R=_block_r(r), BLOCK_K=block_k, **dot_options(x),
     )  # fmt: skip
     return y
 
@@ -154,7 +155,7 @@ def lora_expand_triton(
     grid = (triton.cdiv(n, BLOCK_M), triton.cdiv(o, block_o))
     _expand_kernel[grid](
         y, b, slots, dst, n, r, o, y.stride(0), b.stride(0), b.stride(1), out.stride(0),
-        BLOCK_M=BLOCK_M, BLOCK_R=_block_r(r), BLOCK_O=block_o, DOT_PRECISION=_precision(y),
+        BLOCK_M=BLOCK_M, BLOCK_R=_block_r(r), BLOCK_O=block_o, **dot_options(y),
     )  # fmt: skip
 
 
