@@ -101,7 +101,6 @@ def test_llm_engine_runs_a_quantized_checkpoint(model_dir, tmp_path):
     [
         (["--bits", "3"], "--bits 3"),
         (["--group-size", "48"], "not divisible by --group-size 48"),
-        (["--method", "smoothquant"], "--method smoothquant is not implemented yet"),
         (["--method", "awq", "--bits", "8"], "AWQ GEMM checkpoints are 4-bit"),
         (
             [

@@ -112,7 +112,9 @@ class _IdleEngine:
     def stats(self) -> dict:
         return dict(num_running=0, num_waiting=0, kv_cache_usage=0.0, num_free_blocks=1,
                     num_total_blocks=1, prefix_cache_hits=0, prefix_cache_queries=0,
-                    prompt_tokens_total=0, generation_tokens_total=0)  # fmt: skip
+                    prompt_tokens_total=0, generation_tokens_total=0, kv_pool_tokens=16,
+                    kv_blocks_per_seq_mean=0.0, kv_blocks_per_seq_max=0,
+                    kv_evicted_blocks_total=0)  # fmt: skip
 
     async def start(self) -> None:
         pass

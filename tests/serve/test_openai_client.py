@@ -176,6 +176,9 @@ def test_models_health_and_metrics(client, http):
         "kiln:time_to_first_token_seconds_bucket",
         "kiln:time_per_output_token_seconds_bucket",
         "kiln:e2e_request_latency_seconds_bucket",
+        "kiln:kv_cache_pool_tokens",
+        "kiln:kv_blocks_per_seq_mean",
+        "kiln:kv_evicted_blocks_total",
     ):
         assert name in text
 

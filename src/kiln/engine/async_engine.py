@@ -180,6 +180,15 @@ class AsyncLLM:
             self.abort(rid)
         await asyncio.to_thread(self.client.shutdown)
 
+    async def _ready(self) -> None:
+        """Start on first use; EngineDeadError / EngineStopped when no request may start."""
+        if self._loop is None:
+            await self.start()
+        if self.client.dead:
+            raise EngineDeadError("the engine core is not running")
+        if self._stopping:
+            raise EngineStopped("the engine is shutting down")
+
     async def generate(
         self,
         prompt: str | list[int],
@@ -190,12 +199,7 @@ class AsyncLLM:
         """The request's outputs as they come (shaped by params.output_kind); the last is
         finished. Outputs the caller has not taken yet are merged. With `lora_request` it
         runs with that adapter (the core reads it; a bad one fails the request)."""
-        if self._loop is None:
-            await self.start()
-        if self.client.dead:
-            raise EngineDeadError("the engine core is not running")
-        if self._stopping:
-            raise EngineStopped("the engine is shutting down")
+        await self._ready()
         request_id = request_id or uuid.uuid4().hex
         text, ids = (prompt, None) if isinstance(prompt, str) else (None, list(prompt))
         params = sampling_params or SamplingParams()
@@ -273,12 +277,7 @@ class AsyncLLM:
     ) -> list[list[float]]:
         """Each prompt's pooled final hidden state (not normalized: kiln.engine.pooling),
         computed by the core between its steps."""
-        if self._loop is None:
-            await self.start()
-        if self.client.dead:
-            raise EngineDeadError("the engine core is not running")
-        if self._stopping:
-            raise EngineStopped("the engine is shutting down")
+        await self._ready()
         for ids in prompts:
             self.check_prompt(ids)
         request_id = request_id or uuid.uuid4().hex
@@ -295,7 +294,7 @@ class AsyncLLM:
 
     def check_params(self, params: SamplingParams) -> None:
         """InputError for settings this engine can never serve (before anything is sent)."""
-        check_params(self.tokenizer, params, self.config.max_num_seqs)
+        check_params(self.tokenizer, params, self.config.max_num_seqs, self.config.kv_eviction)
 
     def abort(self, request_id: str) -> None:
         """Abort a request: the core frees its blocks; nothing more comes out of it."""

@@ -39,6 +39,10 @@ class BlockManager:
         self.pending_copies: list[tuple[int, int]] = []  # (src, dst) for copy-on-write
         self.prefix_cache_queries = 0  # prompt tokens looked up
         self.prefix_cache_hits = 0  # of those, found in the cache
+        # Blocks handed out since the last take_fresh() (kept only when asked: H2O's
+        # attention mass of a reused block starts again from zero)
+        self.track_fresh = False
+        self.fresh_blocks: list[int] = []
 
     @property
     def num_blocks(self) -> int:
@@ -62,6 +66,8 @@ class BlockManager:
         block = self.blocks[block_id]
         assert block.ref_count == 0
         block.ref_count = 1
+        if self.track_fresh:
+            self.fresh_blocks.append(block_id)
         return block_id
 
     def _unregister(self, block: Block) -> None:
@@ -117,9 +123,9 @@ class BlockManager:
         """Make room for seq's next `num_new_tokens` tokens; False (and no change) if the pool
         is short. A shared block about to be written is copied first (copy-on-write)."""
         bs = self.block_size
-        end = seq.num_computed_tokens + num_new_tokens
-        num_new_blocks = -(-end // bs) - len(seq.block_table)
-        write_idx = seq.num_computed_tokens // bs
+        start = seq.num_computed_tokens - seq.num_evicted_tokens  # cache index of the next
+        num_new_blocks = -(-(start + num_new_tokens) // bs) - len(seq.block_table)
+        write_idx = start // bs
         cow = (
             write_idx < len(seq.block_table)
             and self.blocks[seq.block_table[write_idx]].ref_count > 1
@@ -150,6 +156,7 @@ class BlockManager:
         seq.num_computed_tokens = 0
         seq.num_registered_blocks = 0
         seq.num_draft_computed = 0
+        seq.num_evicted_tokens = 0
 
     def trim(self, seq: Sequence, num_tokens: int) -> None:
         """Return seq's blocks past its first `num_tokens` slots (speculative tokens that were
@@ -159,11 +166,25 @@ class BlockManager:
         while len(seq.block_table) > keep:
             self._release(seq.block_table.pop())
 
+    def evict(self, seq: Sequence, indices: list[int]) -> None:
+        """Drop the full blocks at `indices` (ascending) of seq's block table (KV eviction,
+        kiln.engine.kv_eviction): they go back to the pool, or stay with their other holders."""
+        assert all(a < b for a, b in zip(indices, indices[1:]))
+        num_full = (seq.num_computed_tokens - seq.num_evicted_tokens) // self.block_size
+        assert indices and indices[-1] < num_full, "only full, computed blocks are evicted"
+        for i in reversed(indices):
+            self._release(seq.block_table.pop(i))
+        seq.num_evicted_tokens += len(indices) * self.block_size
+
+    def take_fresh(self) -> list[int]:
+        fresh, self.fresh_blocks = self.fresh_blocks, []
+        return fresh
+
     def register_full_blocks(self, seq: Sequence) -> None:
         """Enter seq's newly computed full blocks in the prefix cache (a block whose tokens
         are still in flight from the GPU waits for a later call)."""
-        if not self.enable_prefix_caching:
-            return
+        if not self.enable_prefix_caching or seq.num_evicted_tokens:
+            return  # past an eviction, blocks hold K/V a fresh prefill would not compute
         bs = self.block_size
         num_full = min(seq.num_computed_tokens, len(seq.token_ids)) // bs
         if num_full <= seq.num_registered_blocks:

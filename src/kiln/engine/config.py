@@ -82,6 +82,31 @@ class EngineConfig:
     max_cpu_loras: int | None = field(
         default=None, metadata={"help": "LoRA adapters kept in host memory (max_loras if unset)"}
     )
+    # The KV pool's number format (kiln.engine.kv_scales): "auto" (the model's dtype), or fp8
+    # (e4m3) / int8 values with a scale per (layer, kv head): twice the tokens in the memory.
+    kv_cache_dtype: str = field(
+        default="auto",
+        metadata={"choices": ["auto", "fp8", "fp8_e4m3", "int8"], "help": "KV cache number "
+                  "format (fp8, int8: half the bytes of bf16, scales per layer and kv head)"},
+    )  # fmt: skip
+    # Scales of an fp8 / int8 cache: True: from the first prefill step; False: the
+    # checkpoint's (self_attn.k_scale / v_scale), else 1.0 with a warning; None: the
+    # checkpoint's when it has them, else from the first prefill step.
+    calculate_kv_scales: bool | None = None
+    # KV eviction under a per-sequence budget (kiln.engine.kv_eviction): "streaming" keeps
+    # the sink tokens and the most recent blocks, "h2o" the sinks, a recent window and the
+    # blocks with the most accumulated attention.
+    kv_eviction: str = field(
+        default="none",
+        metadata={"choices": ["none", "streaming", "h2o"], "help": "evict KV blocks past "
+                  "kv_budget: streaming (sinks + recent) or h2o (+ heavy hitters)"},
+    )  # fmt: skip
+    kv_budget: int | None = field(
+        default=None, metadata={"help": "KV tokens kept per sequence under kv_eviction"}
+    )
+    num_sink_tokens: int = field(
+        default=4, metadata={"help": "first tokens kv_eviction never evicts (attention sinks)"}
+    )
 
     def __post_init__(self) -> None:
         if self.block_size < 1:
@@ -102,6 +127,7 @@ class EngineConfig:
             raise InputError(
                 f"max_cuda_graph_tokens must be >= 0, got {self.max_cuda_graph_tokens}"
             )
+        self._check_kv()
         if self.attention_backend not in ("auto", "torch", "triton"):
             raise InputError(
                 f"attention_backend must be 'auto', 'torch' or 'triton', "
@@ -121,6 +147,33 @@ class EngineConfig:
         self.speculative: SpeculativeConfig | None = None
         if self.speculative_config is not None:
             self.speculative = SpeculativeConfig.from_dict(self.speculative_config)
+            if self.kv_eviction != "none":  # verify steps reserve slots the evictor does not see
+                raise InputError(
+                    f"speculative_config does not combine with kv_eviction={self.kv_eviction!r}"
+                )
+
+    def _check_kv(self) -> None:
+        if self.kv_cache_dtype not in ("auto", "fp8", "fp8_e4m3", "int8"):
+            raise InputError(
+                f"kv_cache_dtype must be 'auto', 'fp8', 'fp8_e4m3' or 'int8', "
+                f"got {self.kv_cache_dtype!r}"
+            )
+        if self.kv_eviction not in ("none", "streaming", "h2o"):
+            raise InputError(
+                f"kv_eviction must be 'none', 'streaming' or 'h2o', got {self.kv_eviction!r}"
+            )
+        if self.num_sink_tokens < 0:
+            raise InputError(f"num_sink_tokens must be >= 0, got {self.num_sink_tokens}")
+        if self.kv_eviction == "none":
+            if self.kv_budget is not None:
+                raise InputError("kv_budget needs kv_eviction 'streaming' or 'h2o'")
+            return
+        least = self.num_sink_tokens + self.block_size
+        if self.kv_budget is None or self.kv_budget < least:
+            raise InputError(
+                f"kv_eviction={self.kv_eviction!r} needs kv_budget >= num_sink_tokens + "
+                f"block_size = {least}, got {self.kv_budget}"
+            )
 
     @classmethod
     def add_arguments(cls, parser, skip: tuple[str, ...] = ()) -> None:

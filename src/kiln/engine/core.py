@@ -22,6 +22,8 @@ from pathlib import Path
 from kiln.config import ModelConfig
 from kiln.engine.block_manager import BlockManager
 from kiln.engine.config import EngineConfig
+from kiln.engine.kv_eviction import make_evictor
+from kiln.engine.kv_scales import read_kv_scales
 from kiln.engine.lora import LoRARequest
 from kiln.engine.model_runner import ModelRunner, PreviousTokens
 from kiln.engine.outputs import SeqDelta
@@ -101,12 +103,21 @@ class EngineCore:
         net = load_model(path, dtype=dtype, device=device, quantization=cfg.quantization)
         draft = load_draft_model(cfg.speculative, self.model_config, path, self.max_model_len, net)
         extra = kv_bytes_per_block(draft, cfg.block_size) if draft is not None else 0
-        self.runner = ModelRunner(net, cfg, self.max_model_len, extra_kv_bytes_per_block=extra)
+        kv_scales = None
+        if cfg.kv_cache_dtype != "auto":
+            mc = self.model_config
+            kv_scales = read_kv_scales(path, mc.num_layers, mc.num_kv_heads)
+        self.runner = ModelRunner(
+            net, cfg, self.max_model_len, kv_scales, extra_kv_bytes_per_block=extra
+        )
         self.device = self.runner.device
         self.block_manager = BlockManager(
             self.runner.num_blocks, cfg.block_size, cfg.enable_prefix_caching
         )
-        self.scheduler = Scheduler(cfg, self.block_manager, self.max_model_len)
+        self.evictor = make_evictor(
+            cfg, self.block_manager, self.runner.kv_cache, self.model_config
+        )
+        self.scheduler = Scheduler(cfg, self.block_manager, self.max_model_len, self.evictor)
         self.sampler = Sampler(self.model_config.vocab_size, self.runner.ops)
         if self.device.type == "cuda" and self.runner.ops.name == "triton":
             self.sampler.compile_kernels(self.runner.dtype, self.device)
@@ -118,6 +129,8 @@ class EngineCore:
         self.async_scheduling = (
             cfg.async_scheduling if cfg.async_scheduling is not None else self.device.type == "cuda"
         )
+        if cfg.kv_eviction == "h2o":  # its evictions read the attention mass of the last step
+            self.async_scheduling = False
         self._inflight: InFlight | None = None
         self._sync_only: set[str] = set()  # live requests that need lockstep steps
         self.spec = SpecDecoder.build(cfg, draft, self.max_model_len, self.runner.num_blocks)
@@ -448,7 +461,12 @@ class EngineCore:
 
     def stats(self) -> dict:
         bm = self.block_manager
+        held = [len(s.block_table) for s in self.scheduler.running]  # KV blocks per sequence
         return {
+            "kv_pool_tokens": bm.num_blocks * bm.block_size,
+            "kv_blocks_per_seq_mean": sum(held) / len(held) if held else 0.0,
+            "kv_blocks_per_seq_max": max(held, default=0),
+            "kv_evicted_blocks_total": self.evictor.num_evicted_blocks if self.evictor else 0,
             "num_running": len(self.scheduler.running),
             "num_waiting": len(self.scheduler.waiting),
             "kv_cache_usage": bm.usage(),

@@ -25,8 +25,13 @@ from kiln.model.transformer import Block, Transformer
 
 
 def _fused_linear(parts: list[nn.Module]) -> nn.Module:
-    if not all(isinstance(p, nn.Linear) for p in parts):  # packed quantized weights
+    """One Linear computing the parts' outputs side by side; packed int4/int8 weights
+    concatenate after repacking, a W8A8 Linear type fuses its own (`cat`: weights and their
+    per-channel scales stacked along the output)."""
+    if isinstance(parts[0], QuantLinear):
         return concat_quantized(parts)
+    if not isinstance(parts[0], nn.Linear):
+        return type(parts[0]).cat(parts)
     w = parts[0].weight
     out = nn.Linear(
         w.shape[1],
@@ -134,12 +139,7 @@ class ResidualBlock(nn.Module):
         self.self_attn = block.self_attn
         self.post_attention_layernorm = FusedRMSNorm(block.post_attention_layernorm, ops)
         self.mlp = block.mlp
-        fusable = isinstance(self.mlp, FusedMLP) and all(
-            isinstance(p, (nn.Linear, QuantLinear))
-            for p in (self.self_attn.qkv_proj, self.self_attn.o_proj,
-                      self.mlp.gate_up_proj, self.mlp.down_proj)
-        )  # fmt: skip
-        self.gemv_max_batch = gemv_max_batch if fusable else 0
+        self.gemv_max_batch = gemv_max_batch if _gemv_fits(self.self_attn, self.mlp) else 0
 
     def forward(self, x, positions, rotary, backend):
         h, residual = x if isinstance(x, tuple) else (x, None)
@@ -182,6 +182,15 @@ def _silu_mul_gemv(ops: Ops, gate_up, linear):
     if isinstance(linear, QuantLinear):
         return ops.quant_silu_mul_matmul(gate_up, linear.packed, linear.bias)
     return ops.silu_mul_gemv(gate_up, linear.weight, linear.bias)
+
+
+def _gemv_fits(attn: FusedAttention, mlp: nn.Module) -> bool:
+    """Whether the block's projections are what the fused GEMVs read: plain Linears or packed
+    int4/int8 ones (not an MoE, not W8A8 Linears, which run their own kernels)."""
+    if not isinstance(mlp, FusedMLP):
+        return False
+    projections = (attn.qkv_proj, attn.o_proj, mlp.gate_up_proj, mlp.down_proj)
+    return all(isinstance(m, (nn.Linear, QuantLinear)) for m in projections)
 
 
 class GemvLinear(nn.Module):
@@ -227,4 +236,7 @@ def fuse_model(model: Transformer, ops: Ops, gemv_max_batch: int = 0) -> Transfo
         model.norm = FinalNorm(model.norm, ops)
     if gemv_max_batch and isinstance(model.lm_head, nn.Linear):
         model.lm_head = GemvLinear(model.lm_head, ops, gemv_max_batch)
+    for m in model.modules():  # quantized Linears: their kernels with Triton's ops, else refs
+        if hasattr(m, "use_kernel"):
+            m.use_kernel = ops.name == "triton"
     return model

@@ -63,7 +63,8 @@ class LLM:
         # Validate everything before queueing anything.
         ids = [self.engine.validate_prompt(t, i) for t, i in zip(texts, ids)]
         for p in params:
-            check_params(self.tokenizer, p, self.engine.config.max_num_seqs)
+            cfg = self.engine.config
+            check_params(self.tokenizer, p, cfg.max_num_seqs, cfg.kv_eviction)
         order, searches = [], {}
         for text, tok_ids, p, lora in zip(texts, ids, params, loras):
             rid = str(next(self._ids))

@@ -44,10 +44,13 @@ def encode_prompt(
     return check_prompt_ids(prompt_token_ids, max_model_len, vocab_size)
 
 
-def check_params(tokenizer, params: SamplingParams, max_num_seqs: int) -> None:
+def check_params(
+    tokenizer, params: SamplingParams, max_num_seqs: int, kv_eviction: str = "none"
+) -> None:
     """What a request's settings need of the engine: stop strings need a tokenizer, and all
     n (best_of) sequences must fit in one batch (they are scheduled together; beam search
-    runs each beam as a request of its own)."""
+    runs each beam as a request of its own, which KV eviction cannot honour: every beam step
+    would prefill its beam again, under the budget)."""
     if params.stop and tokenizer is None:
         raise InputError("stop strings need a tokenizer; this model has none", "stop")
     if params.structured_outputs is not None:
@@ -55,6 +58,11 @@ def check_params(tokenizer, params: SamplingParams, max_num_seqs: int) -> None:
             raise InputError("structured outputs need a tokenizer; this model has none",
                              "structured_outputs")  # fmt: skip
         check_structured_outputs(params.structured_outputs)
+    if params.use_beam_search and kv_eviction != "none":
+        raise InputError(
+            f"use_beam_search does not combine with kv_eviction={kv_eviction!r}",
+            "use_beam_search",
+        )
     if not params.use_beam_search:
         check_fits_batch(params, max_num_seqs)
 
@@ -109,7 +117,7 @@ class LLMEngine:
         if request_id in self.processor.requests:
             raise InputError(f"request id {request_id!r} is already in use")
         ids = self.validate_prompt(prompt, prompt_token_ids)
-        check_params(self.tokenizer, params, self.config.max_num_seqs)
+        check_params(self.tokenizer, params, self.config.max_num_seqs, self.config.kv_eviction)
         self.core.add_request(request_id, ids, params, lora_request)
         self.processor.add_request(request_id, prompt, ids, params)
 

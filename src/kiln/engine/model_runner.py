@@ -26,6 +26,7 @@ from kiln.engine.attention import AttentionMetadata, KVCache, PagedBackend
 from kiln.engine.config import CPU_KV_CACHE_BYTES, EngineConfig
 from kiln.engine.cuda_graphs import CudaGraphRunner, graph_batch_sizes, mixed_token_sizes
 from kiln.engine.fuse import bind_quant_ops, fuse_model
+from kiln.engine.kv_scales import KVScales, describe
 from kiln.engine.lora import LoRAManager
 from kiln.engine.ops import choose_ops
 from kiln.engine.sampler import PendingSample, Sampler
@@ -34,11 +35,29 @@ from kiln.engine.sequence import Sequence
 from kiln.engine.transfer import to_device
 from kiln.errors import ConfigError
 from kiln.kernels.causal_attention import causal_attention
+from kiln.kernels.kv_quant import KV_CACHE_DTYPES
 from kiln.model.transformer import Transformer
 
 log = logging.getLogger("kiln.engine")
 
 PROMPT_LOGPROBS_ROWS = 256  # prompt rows scored per LM-head call (prompt_logprobs)
+
+
+def kv_cache_torch_dtype(name: str, dtype: torch.dtype, device: torch.device, ops) -> torch.dtype:
+    """The pool's storage dtype for EngineConfig.kv_cache_dtype (auto: the model's `dtype`);
+    ConfigError where the device cannot hold or convert it."""
+    kv_dtype = KV_CACHE_DTYPES[name] or dtype
+    if kv_dtype == torch.float8_e4m3fn:
+        if device.type == "mps":
+            raise ConfigError(f"kv_cache_dtype={name!r}: MPS has no fp8; use int8 or auto")
+        if device.type == "cuda" and ops.name == "triton":
+            cc = torch.cuda.get_device_capability(device)
+            if cc < (8, 9):
+                raise ConfigError(
+                    f"kv_cache_dtype={name!r}: the fp8 kernels need compute capability 8.9 or "
+                    f"newer (Ada, Hopper), this GPU is {cc[0]}.{cc[1]}; use int8 or auto"
+                )
+    return kv_dtype
 
 
 class ProfileBackend:
@@ -126,6 +145,7 @@ class ModelRunner:
         model: Transformer,
         config: EngineConfig,
         max_model_len: int,
+        kv_scales: KVScales | None = None,
         extra_kv_bytes_per_block: int = 0,
     ):
         self.config = config
@@ -138,6 +158,9 @@ class ModelRunner:
         self.ops = choose_ops(config.attention_backend, self.device)
         # multi-LoRA: reads the plain model's module names, then wraps the model it runs
         self.lora = LoRAManager(model, config, self.device) if config.enable_lora else None
+        self.kv_dtype = kv_cache_torch_dtype(
+            config.kv_cache_dtype, self.dtype, self.device, self.ops
+        )
         if config.fuse_weights:
             model = fuse_model(model, self.ops, config.gemv_max_batch)
         bind_quant_ops(model, self.ops)
@@ -154,9 +177,11 @@ class ModelRunner:
             self.block_size,
             mc.num_kv_heads,
             mc.head_dim,
-            self.dtype,
+            self.kv_dtype,
             self.device,
         )
+        if config.kv_eviction == "h2o":  # attention mass per slot, before any graph capture
+            self.kv_cache.track_scores()
         self.backend = PagedBackend(self.kv_cache, self.ops)
         self.graph_runner = CudaGraphRunner(
             self.model, self.backend, self.ops, self.max_blocks_per_seq, config.max_num_seqs
@@ -174,15 +199,42 @@ class ModelRunner:
             if config.fuse_weights:
                 fused = (mc.qk_norm, mc.position_embedding != "learned")
             self.backend.compile_kernels(
-                mc.num_heads, windows, config.max_num_seqs, fused_qkv=fused
+                mc.num_heads, windows, config.max_num_seqs, fused_qkv=fused, dtype=self.dtype
             )
+        self._init_kv_scales(kv_scales)  # after the captures: they must not calibrate
+
+    def _init_kv_scales(self, checkpoint: KVScales | None) -> None:
+        """Set an fp8 / int8 pool's scales (kiln.engine.kv_scales) and log which are in force."""
+        cfg, cache = self.config, self.kv_cache
+        if cache.scales is None:
+            return
+        if checkpoint is not None and cfg.calculate_kv_scales is not True:
+            for i, (k, v) in enumerate(zip(checkpoint.k_scale, checkpoint.v_scale)):
+                cache.set_scales(i, k, v)
+            log.info("KV scales: %s", describe(checkpoint))
+        elif cfg.calculate_kv_scales is False:
+            log.warning(
+                "KV scales: 1.0 for every layer and kv head (calculate_kv_scales=False and the "
+                "checkpoint has none): values past %s's range saturate", cfg.kv_cache_dtype
+            )  # fmt: skip
+        else:
+            self.backend.calibrating = True
+            why = (
+                "calculate_kv_scales=True" if cfg.calculate_kv_scales else "none in the checkpoint"
+            )
+            log.info("KV scales: calculated from the first prefill step (%s)", why)
+
+    def _finish_calibration(self) -> None:
+        self.backend.calibrating = False
+        s = self.kv_cache.scales
+        log.info("KV scales: %s", describe(KVScales(s[:, 0], s[:, 1], "calculated")))
 
     # ------------------------------------------------------------------ KV pool size
 
     def _num_kv_blocks(self, extra_bytes_per_block: int = 0) -> int:
         mc, cfg = self.model_config, self.config
         per_block = extra_bytes_per_block + KVCache.bytes_per_block(
-            mc.num_layers, self.block_size, mc.num_kv_heads, mc.head_dim, self.dtype
+            mc.num_layers, self.block_size, mc.num_kv_heads, mc.head_dim, self.kv_dtype
         )
         if cfg.num_kv_blocks is not None:
             num_blocks = cfg.num_kv_blocks
@@ -203,9 +255,10 @@ class ModelRunner:
                 f"kv_cache_memory_bytes) or lower max_model_len"
             )
         log.info(
-            "KV cache: %d blocks x %d = %d tokens (%.2f GiB, %s)",
+            "KV cache: %d blocks x %d = %d tokens (%.2f GiB, %s, kv_cache_dtype %s: %s)",
             num_blocks, self.block_size, num_blocks * self.block_size,
-            num_blocks * per_block / 2**30, self.device,
+            num_blocks * per_block / 2**30, self.device, cfg.kv_cache_dtype,
+            str(self.kv_dtype).removeprefix("torch."),
         )  # fmt: skip
         return num_blocks
 
@@ -249,6 +302,7 @@ class ModelRunner:
         sequence, and one per speculative token before it. `before_sample(seqs)` runs on the
         host once the forward is queued and before the sampling is (the engine brings the
         sequences' grammars up to date there, while the GPU runs the forward)."""
+        self.kv_cache.reset_scores(out.fresh_blocks)
         self.kv_cache.copy_blocks(out.block_copies)
         plan = self.last_plan = self.prepare(out, prev, sampler, logits_only)
         logits, sampled, prompt = self._forward(plan)
@@ -276,6 +330,8 @@ class ModelRunner:
         self.backend.set_metadata(plan.metadata)
         hidden = self.model.hidden_states(plan.input_ids, plan.metadata.positions, self.backend)
         prompt = self._prompt_logprobs(hidden, plan.prompt) if plan.prompt is not None else []
+        if self.backend.calibrating:  # every layer's scales are set now
+            self._finish_calibration()
         if not plan.seqs:
             return None, None, prompt
         if plan.logits_rows is not None:
@@ -326,7 +382,9 @@ class ModelRunner:
         num_logits = len(host.logits_indices)
         graphs = self.graph_runner
         graph = None
-        if host.num_decodes == b and (size := graphs.batch_size(b)) is not None:
+        if self.backend.calibrating:  # eager: the step sets the KV scales
+            pass
+        elif host.num_decodes == b and (size := graphs.batch_size(b)) is not None:
             graph = ("decode", size)
         elif (size := graphs.mixed_size(len(host.input_ids), max(b, num_logits))) is not None:
             graph = ("mixed", size)
@@ -389,6 +447,7 @@ class ModelRunner:
                 host.prompt_rows.extend(len(input_ids) + p - start for p in scored)
                 host.prompt_targets.extend(seq.token_ids[p + 1] for p in scored)
                 host.prompt_seqs.append((seq, len(scored)))
+            c = start - seq.num_evicted_tokens  # cache index of token `start` (KV eviction)
             if n == 1:  # decode: plain ints beat numpy on one element
                 if start < len(seq.token_ids):
                     input_ids.append(seq.token_ids[start])
@@ -397,16 +456,16 @@ class ModelRunner:
                     host.pend_src.append(prev.rows[seq.seq_id])
                     input_ids.append(0)
                 positions.append(start)
-                slots.append(table[start // bs] * bs + start % bs)
+                slots.append(table[c // bs] * bs + c % bs)
             else:
                 input_ids.extend(seq.token_ids[start:end])
                 input_ids.extend(spec := seq.spec_token_ids)
-                pos = np.arange(start, end)
-                positions.extend(pos.tolist())
-                slots.extend((np.asarray(table)[pos // bs] * bs + pos % bs).tolist())
+                positions.extend(range(start, end))
+                idx = np.arange(c, c + n)
+                slots.extend((np.asarray(table)[idx // bs] * bs + idx % bs).tolist())
             host.query_lens.append(n)
             host.lora_requests.append(seq.lora_request)
-            host.context_lens.append(end)
+            host.context_lens.append(end - seq.num_evicted_tokens)
             host.tables.append(table)
             if end == len(seq) + len(spec := seq.spec_token_ids):
                 if spec:

@@ -20,6 +20,7 @@ from dataclasses import dataclass, field
 
 from kiln.engine.block_manager import BlockManager
 from kiln.engine.config import EngineConfig
+from kiln.engine.kv_eviction import KVEvictor
 from kiln.engine.sequence import Sequence, SequenceStatus
 
 
@@ -33,6 +34,7 @@ class SchedulerOutput:
     # Speculative tokens seqs[i] may verify this step (num_new_tokens[i] = 1 + that): slots
     # reserved by schedule(), the count cut to what was proposed by set_spec().
     num_spec_tokens: list[int] = field(default_factory=list)
+    fresh_blocks: list[int] = field(default_factory=list)  # newly handed out (H2O resets them)
     num_preempted: int = 0
 
     def __len__(self) -> int:
@@ -41,10 +43,15 @@ class SchedulerOutput:
 
 class Scheduler:
     def __init__(
-        self, config: EngineConfig, block_manager: BlockManager, max_model_len: int | None = None
+        self,
+        config: EngineConfig,
+        block_manager: BlockManager,
+        max_model_len: int | None = None,
+        evictor: KVEvictor | None = None,
     ):
         self.config = config
         self.block_manager = block_manager
+        self.evictor = evictor  # KV eviction under a budget (kiln.engine.kv_eviction)
         self.max_model_len = max_model_len or config.max_model_len or 2**62
         self.waiting: deque[Sequence] = deque()
         self.running: list[Sequence] = []
@@ -72,6 +79,7 @@ class Scheduler:
                 i += 1
                 continue
             num_new = min(seq.num_uncomputed_tokens, budget)
+            self._make_room(seq, num_new)
             while not bm.allocate(seq, num_new):
                 victim = self.running.pop()
                 self._preempt(victim)
@@ -87,6 +95,7 @@ class Scheduler:
         if not out.num_preempted:
             self._admit_waiting(out, budget)
         out.block_copies = bm.take_copies()
+        out.fresh_blocks = bm.take_fresh()
         return out
 
     def _spec_room(self, seq: Sequence, k: int, budget: int) -> int:
@@ -110,6 +119,10 @@ class Scheduler:
         out.num_new_tokens[i] = 1 + len(token_ids)
         self.block_manager.trim(seq, seq.num_computed_tokens + 1 + len(token_ids))
 
+    def _make_room(self, seq: Sequence, num_new: int) -> None:
+        if self.evictor is not None:
+            self.evictor.make_room(seq, num_new)
+
     def _admit_waiting(self, out: SchedulerOutput, budget: int) -> None:
         bm = self.block_manager
         num_seqs = len(self.running)
@@ -129,6 +142,7 @@ class Scheduler:
                 if not self.config.enable_chunked_prefill:
                     break
                 num_new = budget
+            self._make_room(seq, num_new)
             if not bm.allocate(seq, num_new):
                 bm.free(seq)  # give back the prefix hits; try again next step
                 seq.num_cached_tokens = 0

@@ -41,6 +41,10 @@ class Sequence:
         self.block_table: list[int] = []
         self.block_hashes: list[int] = []  # hash of each full block of token_ids, in order
         self.num_registered_blocks = 0  # leading blocks of block_table in the prefix cache
+        # Tokens whose K/V were evicted (kiln.engine.kv_eviction; whole blocks): token t >=
+        # num_computed_tokens - len(block_table) * block_size sits at cache index
+        # t - num_evicted_tokens
+        self.num_evicted_tokens = 0
         # Tokens sampled on the GPU whose ids the host has not read yet (async scheduling):
         # they count in len(seq) (the scheduler's view) but are not in token_ids.
         self.num_pending = 0
@@ -128,6 +132,7 @@ class Sequence:
         child.prompt_logprobs = None  # the first completion carries the prompt's
         child.grammar = self.grammar.fork() if self.grammar is not None else None
         child.lora_request = self.lora_request
+        child.num_evicted_tokens = self.num_evicted_tokens
         return child
 
     def finish(self, reason: str, stop_reason: int | str | None = None) -> None:

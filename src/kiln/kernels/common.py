@@ -15,6 +15,7 @@ import torch
 
 from kiln.kernels._triton import assert_head_dim, tl, triton
 from kiln.kernels.causal_attention import causal_attention
+from kiln.kernels.kv_quant import dequantize_ref, quant_kind, quantize_kv
 
 LOG2E = 1.4426950408889634  # the kernels use exp2, so scores are scaled by log2(e)
 
@@ -87,33 +88,80 @@ class PagedKV:
     block_tables: torch.Tensor | None = None  # [B, max_blocks] int32
     context_lens: torch.Tensor | None = None  # [B] int32: tokens in the cache after the step
     slot_mapping: torch.Tensor | None = None  # [N]: block_id * block_size + offset, -1 = skip
+    # fp8 / int8 caches: [4, Hkv] float32 k_scale, v_scale, 1/k_scale, 1/v_scale
+    # (kiln.kernels.kv_quant); None for a cache in the model's dtype
+    scales: torch.Tensor | None = None
+    # H2O: [num_blocks, block_size] float32 per-slot attention mass the attending ops add
+    # each query's probabilities to (summed over heads); None: not collected
+    scores: torch.Tensor | None = None
 
     @property
     def block_size(self) -> int:
         return self.k_cache.shape[1]
 
+    @property
+    def quant(self) -> int:
+        """The kernels' QUANT switch (kiln.kernels.kv_quant: NO_QUANT, FP8, INT8)."""
+        return quant_kind(self.k_cache)
 
-def gather_kv(
-    k_cache: torch.Tensor, v_cache: torch.Tensor, block_table: torch.Tensor, length: int
+    def scores_arg(self, dummy: torch.Tensor) -> torch.Tensor:
+        """What a kernel gets for the scores pointer (dummy, never written, when None)."""
+        return self.scores if self.scores is not None else dummy
+
+    def scales_arg(self, dummy: torch.Tensor) -> torch.Tensor:
+        """What a kernel gets for the scales pointer (dummy, never read, when unquantized)."""
+        assert not self.quant or self.scales is not None, "a quantized cache needs its scales"
+        return self.scales if self.quant else dummy
+
+
+def dequantize_pages(
+    k: torch.Tensor, v: torch.Tensor, kv: PagedKV, dtype: torch.dtype
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """The first `length` tokens of one sequence's K and V: two [length, Hkv, D] tensors."""
-    blocks = block_table[: -(-length // k_cache.shape[1])].long()
-    return k_cache[blocks].flatten(0, 1)[:length], v_cache[blocks].flatten(0, 1)[:length]
+    """Gathered pages k, v [..., Hkv, D] of kv's cache in `dtype` (dequantized if need be)."""
+    if not kv.quant:
+        return k, v
+    return dequantize_ref(k, kv.scales[0], dtype), dequantize_ref(v, kv.scales[1], dtype)
+
+
+def gather_kv(kv: PagedKV, block_table: torch.Tensor, length: int, dtype: torch.dtype):
+    """The first `length` tokens of one sequence's K and V in `dtype`: two [length, Hkv, D]."""
+    blocks = block_table[: -(-length // kv.block_size)].long()
+    k = kv.k_cache[blocks].flatten(0, 1)[:length]
+    v = kv.v_cache[blocks].flatten(0, 1)[:length]
+    return dequantize_pages(k, v, kv, dtype)
 
 
 def attend_paged_ref(
     q: torch.Tensor,
-    k_cache: torch.Tensor,
-    v_cache: torch.Tensor,
+    kv: PagedKV,
     block_table: torch.Tensor,
     context_len: int,
     scale: float,
     sliding_window: int | None,
 ) -> torch.Tensor:
     """One sequence's queries q [T, Hq, D], the last T of its context_len tokens -> [T, Hq, D]."""
-    k, v = gather_kv(k_cache, v_cache, block_table, context_len)
+    k, v = gather_kv(kv, block_table, context_len, q.dtype)
+    if kv.scores is not None:
+        add_attention_mass_ref(q, k, scale, kv, block_table)
     q_offset = context_len - q.shape[0]
     return causal_attention(q[None], k[None], v[None], scale, q_offset, sliding_window)[0]
+
+
+def add_attention_mass_ref(
+    q: torch.Tensor, k: torch.Tensor, scale: float, kv: PagedKV, block_table: torch.Tensor
+) -> None:
+    """H2O's statistic: add the attention probabilities of one sequence's queries q [T, Hq,
+    D] (its last T tokens, causal) over its first L cached keys k [L, Hkv, D], summed over
+    queries and heads, to kv.scores at the keys' slots."""
+    length, group, bs = k.shape[0], q.shape[1] // k.shape[1], kv.block_size
+    keys = k.float().repeat_interleave(group, dim=1)  # [L, Hq, D]
+    s = torch.einsum("thd,lhd->htl", q.float(), keys) * scale
+    t = torch.arange(length, device=q.device)
+    q_pos = length - q.shape[0] + torch.arange(q.shape[0], device=q.device)
+    s = s.masked_fill(t[None, None, :] > q_pos[None, :, None], float("-inf"))
+    mass = s.softmax(-1).sum((0, 1))  # [L]
+    slots = block_table[t // bs].long() * bs + t % bs
+    kv.scores.view(-1).index_add_(0, slots, mass)
 
 
 def check_paged_args(q: torch.Tensor, kv: PagedKV) -> None:
@@ -124,7 +172,9 @@ def check_paged_args(q: torch.Tensor, kv: PagedKV) -> None:
     assert_head_dim(head_dim)
     assert num_heads % num_kv_heads == 0, f"{num_heads} q heads over {num_kv_heads} kv heads"
     assert k_cache.shape[3] == head_dim and v_cache.shape == k_cache.shape
+    assert k_cache.dtype == v_cache.dtype and (k_cache.dtype == q.dtype or kv.quant)
     assert k_cache.stride() == v_cache.stride() and k_cache.stride(-1) == 1
+    assert not kv.quant or (kv.scales is not None and kv.scales.shape == (4, num_kv_heads))
     assert block_tables is not None and kv.context_lens is not None, "attention reads pages"
     assert q.stride(-1) == 1 and block_tables.stride(-1) == 1
 
@@ -138,7 +188,8 @@ def check_qkv_args(
     assert_head_dim(head_dim)
     assert qkv.shape == (n, heads.qkv_width) and qkv.stride(-1) == 1
     assert k_cache.shape[2:] == (heads.num_kv_heads, head_dim) and v_cache.shape == k_cache.shape
-    assert k_cache.dtype == v_cache.dtype == qkv.dtype
+    assert k_cache.dtype == v_cache.dtype and (k_cache.dtype == qkv.dtype or kv.quant)
+    assert not kv.quant or (kv.scales is not None and kv.scales.shape == (4, heads.num_kv_heads))
     assert slot_mapping is not None and slot_mapping.shape == (n,), "the new K/V need slots"
     assert k_cache.stride(-1) == v_cache.stride(-1) == 1
     if qk.has_norm:
@@ -154,6 +205,49 @@ def kv_tile_offsets(block_table_ptr, toks, valid, block_size, stride_block, stri
     """Element offsets into the cache of the tokens `toks` (one kv head's row start each)."""
     page = tl.load(block_table_ptr + toks // block_size, mask=valid, other=0).to(tl.int64)
     return page * stride_block + (toks % block_size).to(tl.int64) * stride_off
+
+
+@triton.jit
+def load_kv_tile(k_cache_ptr, v_cache_ptr, ptrs, valid, dtype, QUANT: tl.constexpr):
+    """K and V [BLOCK_N, D] at element offsets ptrs (rows `valid`), as `dtype` (the queries'):
+    a quantized cache's values convert exactly; its scales are the caller's to apply."""
+    k = tl.load(k_cache_ptr + ptrs, mask=valid[:, None], other=0.0)
+    v = tl.load(v_cache_ptr + ptrs, mask=valid[:, None], other=0.0)
+    if QUANT != 0:
+        k, v = k.to(tl.float32).to(dtype), v.to(tl.float32).to(dtype)
+    return k, v
+
+
+@triton.jit
+def add_attention_mass(
+    q, k_cache_ptr, scores_ptr, table, head_off, lo, hi, q_pos, row_ok, m, l, qk_scale,
+    block_size, stride_cache_block, stride_cache_off,
+    D: tl.constexpr, BLOCK_N: tl.constexpr, DOT_PRECISION: tl.constexpr, DOT_UPCAST: tl.constexpr,
+    QUANT: tl.constexpr,
+):  # fmt: skip
+    """H2O's statistic, a second pass over the keys [lo, hi) once the softmax's (m, l) of
+    every row of q [M, D] (query positions q_pos [M], rows row_ok) are final: each key's
+    probability, summed over the rows, added to scores_ptr at the key's slot (atomically:
+    other heads and layers add to the same slots)."""
+    d = tl.arange(0, D)
+    m_safe = tl.where(m == float("-inf"), 0.0, m)
+    inv_l = 1.0 / tl.where(l > 0, l, 1.0)
+    for tile in range(lo, hi, BLOCK_N):
+        toks = tile + tl.arange(0, BLOCK_N)
+        tok_ok = toks < hi
+        page = tl.load(table + toks // block_size, mask=tok_ok, other=0).to(tl.int64)
+        off = (toks % block_size).to(tl.int64)
+        ptrs = (page * stride_cache_block + off * stride_cache_off)[:, None] + head_off + d[None, :]
+        k = tl.load(k_cache_ptr + ptrs, mask=tok_ok[:, None], other=0.0)
+        if QUANT != 0:
+            k = k.to(tl.float32).to(q.dtype)
+        qq = q
+        if DOT_UPCAST:
+            qq, k = q.to(tl.float32), k.to(tl.float32)
+        s = tl.dot(qq, tl.trans(k), input_precision=DOT_PRECISION) * qk_scale
+        valid = row_ok[:, None] & tok_ok[None, :] & (toks[None, :] <= q_pos[:, None])
+        p = tl.where(valid, tl.exp2(s - m_safe[:, None]) * inv_l[:, None], 0.0)
+        tl.atomic_add(scores_ptr + page * block_size + off, tl.sum(p, 0), mask=tok_ok)
 
 
 @triton.jit
@@ -286,18 +380,20 @@ def norm_rope_heads(
 
 @triton.jit
 def prepare_heads(
-    src_ptr, dst_ptr, dst_stride_h, num_heads, w_ptr, eps, cos, sin,
+    src_ptr, dst_ptr, dst_stride_h, num_heads, w_ptr, eps, cos, sin, inv_scale,
     HAS_NORM: tl.constexpr, HAS_ROPE: tl.constexpr, HALF: tl.constexpr, BLOCK_H: tl.constexpr,
-    VEC: tl.constexpr, LOG_BW: tl.constexpr,
+    VEC: tl.constexpr, LOG_BW: tl.constexpr, QUANT: tl.constexpr,
 ):  # fmt: skip
-    """norm_rope_heads, stored at dst_ptr (heads dst_stride_h apart)."""
+    """norm_rope_heads, stored at dst_ptr (heads dst_stride_h apart); into a quantized cache
+    (QUANT) times inv_scale [BLOCK_H, 1] and rounded (kiln.kernels.kv_quant)."""
     x1, x2 = norm_rope_heads(
         src_ptr, num_heads, w_ptr, eps, cos, sin, HAS_NORM, HAS_ROPE, HALF, BLOCK_H, VEC, LOG_BW
     )
     heads = tl.arange(0, BLOCK_H)[:, None]
     dst = dst_ptr + heads * dst_stride_h + tl.arange(0, HALF)[None, :]
-    tl.store(dst, x1, mask=heads < num_heads)
-    tl.store(dst + HALF, x2, mask=heads < num_heads)
+    ty = dst_ptr.dtype.element_ty
+    tl.store(dst, quantize_kv(x1, inv_scale, QUANT).to(ty), mask=heads < num_heads)
+    tl.store(dst + HALF, quantize_kv(x2, inv_scale, QUANT).to(ty), mask=heads < num_heads)
 
 
 @triton.jit
@@ -315,25 +411,32 @@ def rope_cos_sin(pos_ptr, cos_sin_ptr, stride_cs, HAS_ROPE: tl.constexpr, HALF: 
 @triton.jit
 def store_token_kv(
     row_ptr, slot, first_head, count, k_w_ptr, eps, cos, sin, k_cache_ptr, v_cache_ptr,
+    scales_ptr,
     stride_kc_block, stride_kc_off, stride_kc_head,
     stride_vc_block, stride_vc_off, stride_vc_head,
     block_size, num_heads, num_kv_heads,
     HAS_NORM: tl.constexpr, HAS_ROPE: tl.constexpr, HALF: tl.constexpr, BLOCK_H: tl.constexpr,
-    VEC: tl.constexpr, LOG_BW: tl.constexpr,
+    VEC: tl.constexpr, LOG_BW: tl.constexpr, QUANT: tl.constexpr,
 ):  # fmt: skip
     """Norm and rotate the k of kv heads [first_head, first_head + count) of the token whose
-    qkv row starts at row_ptr, and store them and their v in the cache at `slot` (>= 0)."""
+    qkv row starts at row_ptr, and store them and their v in the cache at `slot` (>= 0);
+    a quantized cache's values are scaled by the reciprocals in scales_ptr's rows 2 and 3."""
     D: tl.constexpr = 2 * HALF
     block, off = slot // block_size, slot % block_size
+    heads = tl.arange(0, BLOCK_H)[:, None]
+    mask = heads < count
+    inv_k, inv_v = 1.0, 1.0
+    if QUANT != 0:
+        inv_k = tl.load(scales_ptr + 2 * num_kv_heads + first_head + heads, mask=mask, other=1.0)
+        inv_v = tl.load(scales_ptr + 3 * num_kv_heads + first_head + heads, mask=mask, other=1.0)
     k_dst = k_cache_ptr + block * stride_kc_block + off * stride_kc_off
     prepare_heads(
         row_ptr + (num_heads + first_head) * D, k_dst + first_head * stride_kc_head,
-        stride_kc_head, count, k_w_ptr, eps, cos, sin,
-        HAS_NORM, HAS_ROPE, HALF, BLOCK_H, VEC, LOG_BW,
+        stride_kc_head, count, k_w_ptr, eps, cos, sin, inv_k,
+        HAS_NORM, HAS_ROPE, HALF, BLOCK_H, VEC, LOG_BW, QUANT,
     )  # fmt: skip
-    heads = tl.arange(0, BLOCK_H)[:, None]
     dd = tl.arange(0, D)[None, :]
-    mask = heads < count
     v = tl.load(row_ptr + (num_heads + num_kv_heads + first_head + heads) * D + dd, mask=mask)
+    v = quantize_kv(v, inv_v, QUANT).to(v_cache_ptr.dtype.element_ty)
     v_dst = v_cache_ptr + block * stride_vc_block + off * stride_vc_off
     tl.store(v_dst + (first_head + heads) * stride_vc_head + dd, v, mask=mask)

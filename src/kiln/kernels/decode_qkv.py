@@ -48,6 +48,7 @@ from kiln.kernels.paged_decode_attention import (
     CUDA_CONFIG,
     INTERPRETER_CONFIG,
     attend_split,
+    decode_attention_mass,
     launch_split_merge,
     paged_decode_attention_ref,
     split_launch_buffers,
@@ -80,8 +81,9 @@ def paged_decode_qkv_ref(
     ]
 )  # fmt: skip
 def _decode_qkv_kernel(
-    qkv_ptr, pos_ptr, cos_sin_ptr, q_w_ptr, k_w_ptr, k_cache_ptr, v_cache_ptr, slot_ptr,
-    block_tables_ptr, context_lens_ptr, out_ptr, part_out_ptr, part_lse_ptr, counter_ptr,
+    qkv_ptr, pos_ptr, cos_sin_ptr, q_w_ptr, k_w_ptr, k_cache_ptr, v_cache_ptr, scales_ptr,
+    scores_ptr, slot_ptr, block_tables_ptr, context_lens_ptr, out_ptr, part_out_ptr,
+    part_lse_ptr, counter_ptr,
     stride_qkv, stride_cs, stride_ob, stride_oh,
     stride_cache_block, stride_cache_off, stride_cache_head, stride_bt,
     eps, qk_scale, sliding_window, block_size, num_heads, num_kv_heads, num_splits,
@@ -90,6 +92,7 @@ def _decode_qkv_kernel(
     VEC: tl.constexpr, LOG_BW_Q: tl.constexpr, LOG_BW_K: tl.constexpr,
     USE_WINDOW: tl.constexpr, SPLIT: tl.constexpr, LAST_REDUCES: tl.constexpr,
     DOT_PRECISION: tl.constexpr, DOT_UPCAST: tl.constexpr, PDL: tl.constexpr,
+    QUANT: tl.constexpr, SCORES: tl.constexpr,
 ):  # fmt: skip
     pdl_enter(PDL)  # launched early: wait for the previous kernel's writes
     D: tl.constexpr = 2 * HALF
@@ -113,20 +116,28 @@ def _decode_qkv_kernel(
     slot = tl.load(slot_ptr + seq).to(tl.int64)
     if holds_new & (slot >= 0):  # else padding: nothing to store
         store_token_kv(
-            row, slot, kv_head, 1, k_w_ptr, eps, cos, sin, k_cache_ptr, v_cache_ptr,
+            row, slot, kv_head, 1, k_w_ptr, eps, cos, sin, k_cache_ptr, v_cache_ptr, scales_ptr,
             stride_cache_block, stride_cache_off, stride_cache_head,
             stride_cache_block, stride_cache_off, stride_cache_head,
             block_size, num_heads, num_kv_heads,
-            HAS_NORM, HAS_ROPE, HALF, 1, VEC, LOG_BW_K,
+            HAS_NORM, HAS_ROPE, HALF, 1, VEC, LOG_BW_K, QUANT,
         )  # fmt: skip
         tl.debug_barrier()  # the stores are done (and visible CTA-wide) before the loop reads
 
     g = tl.arange(0, BLOCK_G)
     acc, m, l = attend_split(
-        q, k_cache_ptr, v_cache_ptr, block_tables_ptr + seq * stride_bt,
-        kv_head * stride_cache_head, lo, hi, block_size, stride_cache_block, stride_cache_off,
-        qk_scale, D, BLOCK_N, DOT_PRECISION, DOT_UPCAST,
+        q, k_cache_ptr, v_cache_ptr, scales_ptr, kv_head, num_kv_heads,
+        block_tables_ptr + seq * stride_bt, kv_head * stride_cache_head, lo, hi, block_size,
+        stride_cache_block, stride_cache_off, qk_scale, D, BLOCK_N, DOT_PRECISION, DOT_UPCAST,
+        QUANT,
     )  # fmt: skip
+    if SCORES:  # one split (the launcher's rule): (m, l) are final here
+        decode_attention_mass(
+            q, k_cache_ptr, scales_ptr, scores_ptr, kv_head, num_kv_heads,
+            block_tables_ptr + seq * stride_bt, kv_head * stride_cache_head, lo, hi, length,
+            g < GROUP, m, l, qk_scale, block_size, stride_cache_block, stride_cache_off,
+            D, BLOCK_N, DOT_PRECISION, DOT_UPCAST, QUANT,
+        )  # fmt: skip
     write_split_output(
         acc, m, l, seq, kv_head * GROUP + g, g < GROUP, split, out_ptr, stride_ob, stride_oh,
         part_out_ptr, part_lse_ptr, counter_ptr + seq * num_kv_heads + kv_head, num_heads,
@@ -177,7 +188,8 @@ def paged_decode_qkv_triton(
     _decode_qkv_kernel[(batch, num_kv_heads, num_splits)](
         qkv, positions if has_rope else dummy, qk.cos_sin if has_rope else dummy,
         qk.q_norm_weight if has_norm else dummy, qk.k_norm_weight if has_norm else dummy,
-        k_cache, v_cache, kv.slot_mapping, block_tables, kv.context_lens,
+        k_cache, v_cache, kv.scales_arg(dummy), kv.scores_arg(dummy), kv.slot_mapping,
+        block_tables, kv.context_lens,
         out, part_out, part_lse, counters,
         qkv.stride(0), qk.cos_sin.stride(0) if has_rope else 0, out.stride(0), out.stride(1),
         k_cache.stride(0), k_cache.stride(1), k_cache.stride(2), block_tables.stride(0),
@@ -187,6 +199,7 @@ def paged_decode_qkv_triton(
         HALF=head_dim // 2, HAS_NORM=has_norm, HAS_ROPE=has_rope,
         VEC=vec, LOG_BW_Q=bw_q.bit_length() - 1, LOG_BW_K=bw_k.bit_length() - 1,
         USE_WINDOW=sliding_window is not None, SPLIT=split, LAST_REDUCES=last_reduces, PDL=pdl,
+        QUANT=kv.quant, SCORES=kv.scores is not None,
         enable_fp_fusion=False,  # no FMA: q and k round as qkv_prepare's do
         **dot_options(qkv), **(CUDA_CONFIG if qkv.is_cuda else INTERPRETER_CONFIG),
         **pdl_options(pdl),

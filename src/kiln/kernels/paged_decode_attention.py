@@ -25,11 +25,16 @@ from kiln.kernels._triton import (
 from kiln.kernels.common import (
     LOG2E,
     PagedKV,
+    add_attention_mass,
+    add_attention_mass_ref,
     check_paged_args,
+    dequantize_pages,
     dot_options,
     kv_tile_offsets,
+    load_kv_tile,
     online_softmax_step,
 )
+from kiln.kernels.kv_quant import load_scales
 
 MIN_TOKENS_PER_SPLIT = 256
 MAX_SPLITS = 64
@@ -57,6 +62,12 @@ def paged_decode_attention_ref(
     tables = kv.block_tables[:, : -(-max_ctx // kv.block_size)].long()  # padding is masked
     keys = kv.k_cache[tables].flatten(1, 2)[:, :max_ctx]  # [B, max_ctx, Hkv, D]
     values = kv.v_cache[tables].flatten(1, 2)[:, :max_ctx]
+    keys, values = dequantize_pages(keys, values, kv, q.dtype)
+    if kv.scores is not None:  # rows of one token (CUDA-graph padding) add none
+        for b, length in enumerate(kv.context_lens.tolist()):
+            if length > 1:
+                k = keys[b, :length]
+                add_attention_mass_ref(q[b : b + 1], k, scale, kv, kv.block_tables[b])
     k_pos = torch.arange(max_ctx, device=q.device)[None, :]
     q_pos = kv.context_lens[:, None].long() - 1
     mask = k_pos <= q_pos  # [B, max_ctx]
@@ -87,12 +98,16 @@ def split_range(length, split, num_splits, sliding_window, USE_WINDOW: tl.conste
 
 @triton.jit
 def attend_split(
-    q, k_cache_ptr, v_cache_ptr, table, head_off, lo, hi,
+    q, k_cache_ptr, v_cache_ptr, scales_ptr, kv_head, num_kv_heads, table, head_off, lo, hi,
     block_size, stride_cache_block, stride_cache_off, qk_scale,
     D: tl.constexpr, BLOCK_N: tl.constexpr, DOT_PRECISION: tl.constexpr, DOT_UPCAST: tl.constexpr,
+    QUANT: tl.constexpr,
 ):  # fmt: skip
     """Flash attention of q [BLOCK_G, D] over the keys [lo, hi) of the sequence whose block
-    table is `table`, one kv head (at element head_off of a cache row): (acc, m, l)."""
+    table is `table`, one kv head (at element head_off of a cache row): (acc, m, l). A
+    quantized cache's k scale goes into the scores, its v scale into acc."""
+    k_scale, v_scale = load_scales(scales_ptr, kv_head, num_kv_heads, QUANT)
+    qk_scale = qk_scale * k_scale
     d = tl.arange(0, D)
     acc = tl.zeros([q.shape[0], D], dtype=tl.float32)
     m = tl.full([q.shape[0]], float("-inf"), dtype=tl.float32)
@@ -102,12 +117,32 @@ def attend_split(
         valid = toks < hi
         rows = kv_tile_offsets(table, toks, valid, block_size, stride_cache_block, stride_cache_off)
         ptrs = rows[:, None] + head_off + d[None, :]  # [BLOCK_N, D]
-        k = tl.load(k_cache_ptr + ptrs, mask=valid[:, None], other=0.0)
-        v = tl.load(v_cache_ptr + ptrs, mask=valid[:, None], other=0.0)
+        k, v = load_kv_tile(k_cache_ptr, v_cache_ptr, ptrs, valid, q.dtype, QUANT)
         acc, m, l = online_softmax_step(
             q, k, v, valid[None, :], acc, m, l, qk_scale, DOT_PRECISION, DOT_UPCAST
         )
-    return acc, m, l
+    return acc * v_scale, m, l
+
+
+@triton.jit
+def decode_attention_mass(
+    q, k_cache_ptr, scales_ptr, scores_ptr, kv_head, num_kv_heads, table, head_off, lo, hi,
+    length, head_ok, m, l, qk_scale, block_size, stride_cache_block, stride_cache_off,
+    D: tl.constexpr, BLOCK_N: tl.constexpr, DOT_PRECISION: tl.constexpr, DOT_UPCAST: tl.constexpr,
+    QUANT: tl.constexpr,
+):  # fmt: skip
+    """attend_split's keys' attention mass (H2O), added to scores_ptr (kiln.kernels.common).
+    A row of context 1 adds none: a decode graph's padded rows have context 1, and their
+    block table row points at block 0, which belongs to some sequence (a real sequence of
+    one token is its own sink)."""
+    k_scale, _ = load_scales(scales_ptr, kv_head, num_kv_heads, QUANT)
+    q_pos = tl.full([q.shape[0]], 0, dtype=tl.int32) + length - 1
+    hi = tl.where(length > 1, hi, lo)
+    add_attention_mass(
+        q, k_cache_ptr, scores_ptr, table, head_off, lo, hi, q_pos, head_ok, m, l,
+        qk_scale * k_scale, block_size, stride_cache_block, stride_cache_off,
+        D, BLOCK_N, DOT_PRECISION, DOT_UPCAST, QUANT,
+    )  # fmt: skip
 
 
 @triton.jit
@@ -177,14 +212,15 @@ def write_split_output(
     ]
 )  # fmt: skip
 def _decode_kernel(
-    q_ptr, k_cache_ptr, v_cache_ptr, block_tables_ptr, context_lens_ptr,
-    out_ptr, part_out_ptr, part_lse_ptr, counter_ptr,
+    q_ptr, k_cache_ptr, v_cache_ptr, scales_ptr, scores_ptr, block_tables_ptr,
+    context_lens_ptr, out_ptr, part_out_ptr, part_lse_ptr, counter_ptr,
     stride_qb, stride_qh, stride_ob, stride_oh,
     stride_cache_block, stride_cache_off, stride_cache_head, stride_bt,
     qk_scale, sliding_window, block_size, num_heads, num_kv_heads, num_splits,
     GROUP: tl.constexpr, BLOCK_G: tl.constexpr, D: tl.constexpr, BLOCK_N: tl.constexpr,
     USE_WINDOW: tl.constexpr, SPLIT: tl.constexpr, LAST_REDUCES: tl.constexpr,
     DOT_PRECISION: tl.constexpr, DOT_UPCAST: tl.constexpr, PDL: tl.constexpr,
+    QUANT: tl.constexpr, SCORES: tl.constexpr,
 ):  # fmt: skip
     pdl_enter(PDL)  # launched early: wait for the previous kernel's writes
     seq = tl.program_id(0).to(tl.int64)
@@ -202,10 +238,18 @@ def _decode_kernel(
         mask=head_ok[:, None], other=0.0,
     )  # fmt: skip
     acc, m, l = attend_split(
-        q, k_cache_ptr, v_cache_ptr, block_tables_ptr + seq * stride_bt,
-        kv_head * stride_cache_head, lo, hi, block_size, stride_cache_block, stride_cache_off,
-        qk_scale, D, BLOCK_N, DOT_PRECISION, DOT_UPCAST,
+        q, k_cache_ptr, v_cache_ptr, scales_ptr, kv_head, num_kv_heads,
+        block_tables_ptr + seq * stride_bt, kv_head * stride_cache_head, lo, hi, block_size,
+        stride_cache_block, stride_cache_off, qk_scale, D, BLOCK_N, DOT_PRECISION, DOT_UPCAST,
+        QUANT,
     )  # fmt: skip
+    if SCORES:  # one split (the launcher's rule): (m, l) are final here
+        decode_attention_mass(
+            q, k_cache_ptr, scales_ptr, scores_ptr, kv_head, num_kv_heads,
+            block_tables_ptr + seq * stride_bt, kv_head * stride_cache_head, lo, hi, length,
+            head_ok, m, l, qk_scale, block_size, stride_cache_block, stride_cache_off,
+            D, BLOCK_N, DOT_PRECISION, DOT_UPCAST, QUANT,
+        )  # fmt: skip
     write_split_output(
         acc, m, l, seq, heads, head_ok, split, out_ptr, stride_ob, stride_oh,
         part_out_ptr, part_lse_ptr, counter_ptr + seq * num_kv_heads + kv_head, num_heads,
@@ -270,6 +314,8 @@ def split_launch_buffers(
     standing in for the buffers a single split does not use."""
     batch, num_heads, head_dim = out.shape
     num_kv_heads = kv.k_cache.shape[2]
+    if kv.scores is not None:  # the attention mass needs each row's final softmax sums
+        num_splits = 1
     if num_splits is None:
         max_len = kv.block_tables.shape[1] * kv.block_size
         num_splits = choose_num_splits(batch, num_kv_heads, max_len, out.device)
@@ -322,13 +368,15 @@ def paged_decode_attention_triton(
     split = num_splits > 1
     pdl = use_pdl(q)
     _decode_kernel[(batch, num_kv_heads, num_splits)](
-        q, k_cache, v_cache, block_tables, kv.context_lens, out, part_out, part_lse, counters,
+        q, k_cache, v_cache, kv.scales_arg(q), kv.scores_arg(q), block_tables, kv.context_lens,
+        out, part_out, part_lse, counters,
         q.stride(0), q.stride(1), out.stride(0), out.stride(1),
         k_cache.stride(0), k_cache.stride(1), k_cache.stride(2), block_tables.stride(0),
         scale * LOG2E, sliding_window or 0, block_size, num_heads, num_kv_heads, num_splits,
         GROUP=group, BLOCK_G=max(16, triton.next_power_of_2(group)), D=head_dim,
         USE_WINDOW=sliding_window is not None, SPLIT=split, LAST_REDUCES=last_reduces,
-        PDL=pdl, **dot_options(q), **(CUDA_CONFIG if q.is_cuda else INTERPRETER_CONFIG),
+        PDL=pdl, QUANT=kv.quant, SCORES=kv.scores is not None, **dot_options(q),
+        **(CUDA_CONFIG if q.is_cuda else INTERPRETER_CONFIG),
         **pdl_options(pdl),
     )  # fmt: skip
     if split and not last_reduces:

@@ -33,16 +33,24 @@ from kiln.kernels.rope import rope_ref
 from kiln.kernels.store_kvcache import store_kvcache_ref
 
 
-def qkv_prepare_ref(
-    qkv: torch.Tensor, positions: torch.Tensor, heads: HeadLayout, qk: QKNormRope, kv: PagedKV
-) -> torch.Tensor:
-    """Plain torch, the unfused sequence: split, per-head RMSNorm, RoPE, KV store; returns q."""
+def split_norm_rope_ref(
+    qkv: torch.Tensor, positions: torch.Tensor, heads: HeadLayout, qk: QKNormRope
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Plain torch: split qkv, per-head RMSNorm and RoPE of q and k: (q, k, v)."""
     q, k, v = heads.split_qkv(qkv)
     if qk.has_norm:
         q, k = rmsnorm_ref(q, qk.q_norm_weight, qk.eps), rmsnorm_ref(k, qk.k_norm_weight, qk.eps)
     if qk.has_rope:
         q, k = rope_ref(q, k, positions, qk.cos_sin)
-    store_kvcache_ref(k, v, kv.k_cache, kv.v_cache, kv.slot_mapping)
+    return q, k, v
+
+
+def qkv_prepare_ref(
+    qkv: torch.Tensor, positions: torch.Tensor, heads: HeadLayout, qk: QKNormRope, kv: PagedKV
+) -> torch.Tensor:
+    """Plain torch, the unfused sequence: split, per-head RMSNorm, RoPE, KV store; returns q."""
+    q, k, v = split_norm_rope_ref(qkv, positions, heads, qk)
+    store_kvcache_ref(k, v, kv.k_cache, kv.v_cache, kv.slot_mapping, kv.scales)
     return q.contiguous()
 
 
@@ -51,7 +59,7 @@ def qkv_prepare_ref(
 @triton.jit(do_not_specialize=["pos_ptr", "slot_ptr", "stride_qkv"])
 def _qkv_prepare_kernel(
     qkv_ptr, pos_ptr, cos_sin_ptr, q_w_ptr, k_w_ptr, q_out_ptr, k_cache_ptr, v_cache_ptr,
-    slot_ptr,
+    slot_ptr, scales_ptr,
     stride_qkv, stride_cs, stride_qo_n, stride_qo_h,
     stride_kc_block, stride_kc_off, stride_kc_head,
     stride_vc_block, stride_vc_off, stride_vc_head,
@@ -59,23 +67,24 @@ def _qkv_prepare_kernel(
     HAS_NORM: tl.constexpr, HAS_ROPE: tl.constexpr, HALF: tl.constexpr,
     BLOCK_HQ: tl.constexpr, BLOCK_HKV: tl.constexpr,
     VEC: tl.constexpr, LOG_BW_Q: tl.constexpr, LOG_BW_K: tl.constexpr, PDL: tl.constexpr,
+    QUANT: tl.constexpr,
 ):  # fmt: skip
     pdl_enter(PDL)  # launched early: wait for the previous kernel's writes
     tok = tl.program_id(0).to(tl.int64)
     row = qkv_ptr + tok * stride_qkv
     cos, sin = rope_cos_sin(pos_ptr + tok, cos_sin_ptr, stride_cs, HAS_ROPE, HALF)
     prepare_heads(
-        row, q_out_ptr + tok * stride_qo_n, stride_qo_h, num_heads, q_w_ptr, eps, cos, sin,
-        HAS_NORM, HAS_ROPE, HALF, BLOCK_HQ, VEC, LOG_BW_Q,
+        row, q_out_ptr + tok * stride_qo_n, stride_qo_h, num_heads, q_w_ptr, eps, cos, sin, 1.0,
+        HAS_NORM, HAS_ROPE, HALF, BLOCK_HQ, VEC, LOG_BW_Q, 0,
     )  # fmt: skip
     slot = tl.load(slot_ptr + tok).to(tl.int64)
     if slot >= 0:  # else padding: q only
         store_token_kv(
             row, slot, 0, num_kv_heads, k_w_ptr, eps, cos, sin, k_cache_ptr, v_cache_ptr,
-            stride_kc_block, stride_kc_off, stride_kc_head,
+            scales_ptr, stride_kc_block, stride_kc_off, stride_kc_head,
             stride_vc_block, stride_vc_off, stride_vc_head,
             block_size, num_heads, num_kv_heads,
-            HAS_NORM, HAS_ROPE, HALF, BLOCK_HKV, VEC, LOG_BW_K,
+            HAS_NORM, HAS_ROPE, HALF, BLOCK_HKV, VEC, LOG_BW_K, QUANT,
         )  # fmt: skip
 
 
@@ -98,7 +107,7 @@ def qkv_prepare_triton(
     _qkv_prepare_kernel[(n,)](
         qkv, positions if has_rope else dummy, qk.cos_sin if has_rope else dummy,
         qk.q_norm_weight if has_norm else dummy, qk.k_norm_weight if has_norm else dummy,
-        q, k_cache, v_cache, kv.slot_mapping,
+        q, k_cache, v_cache, kv.slot_mapping, kv.scales_arg(dummy),
         qkv.stride(0), qk.cos_sin.stride(0) if has_rope else 0, q.stride(0), q.stride(1),
         k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
         v_cache.stride(0), v_cache.stride(1), v_cache.stride(2),
@@ -107,6 +116,7 @@ def qkv_prepare_triton(
         BLOCK_HQ=triton.next_power_of_2(num_heads),
         BLOCK_HKV=triton.next_power_of_2(num_kv_heads),
         VEC=vec, LOG_BW_Q=bw_q.bit_length() - 1, LOG_BW_K=bw_k.bit_length() - 1, PDL=pdl,
+        QUANT=kv.quant,
         enable_fp_fusion=False,  # no FMA: round after each multiply, as torch does
         num_warps=2 if n < 256 else 1,  # few warps: the summation tree's reshapes cost less
         **pdl_options(pdl),

@@ -19,12 +19,15 @@ from kiln.kernels._triton import tl, triton, use_triton
 from kiln.kernels.common import (
     LOG2E,
     PagedKV,
+    add_attention_mass,
     attend_paged_ref,
     check_paged_args,
     dot_options,
     kv_tile_offsets,
+    load_kv_tile,
     online_softmax_step,
 )
+from kiln.kernels.kv_quant import load_scales
 
 # Launch settings on CUDA by head_dim (benchmarks/bench_kernels.py sweeps them); the
 # interpreter uses 16x16 tiles so that tiny tests still cross tile boundaries.
@@ -46,13 +49,12 @@ def varlen_prefill_attention_ref(
 ) -> torch.Tensor:
     """Plain torch, one sequence at a time: q [Nq, Hq, D] -> [Nq, Hq, D], causal."""
     out = torch.empty_like(q)
-    k_cache, v_cache, block_tables = kv.k_cache, kv.v_cache, kv.block_tables
     bounds = cu_seqlens_q.tolist()
     for b, length in enumerate(kv.context_lens.tolist()):
         start, end = bounds[b], bounds[b + 1]
         if end > start:
             out[start:end] = attend_paged_ref(
-                q[start:end], k_cache, v_cache, block_tables[b], length, scale, sliding_window
+                q[start:end], kv, kv.block_tables[b], length, scale, sliding_window
             )
     return out
 
@@ -66,14 +68,15 @@ def varlen_prefill_attention_ref(
     ]
 )  # fmt: skip
 def _prefill_kernel(
-    q_ptr, k_cache_ptr, v_cache_ptr, cu_seqlens_q_ptr, context_lens_ptr, block_tables_ptr,
-    out_ptr,
+    q_ptr, k_cache_ptr, v_cache_ptr, scales_ptr, scores_ptr, cu_seqlens_q_ptr,
+    context_lens_ptr, block_tables_ptr, out_ptr,
     stride_qn, stride_qh, stride_on, stride_oh,
     stride_cache_block, stride_cache_off, stride_cache_head, stride_bt,
-    qk_scale, sliding_window, block_size, num_seqs,
+    qk_scale, sliding_window, block_size, num_seqs, num_kv_heads,
     GROUP: tl.constexpr, D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     BLOCK_B: tl.constexpr, USE_WINDOW: tl.constexpr,
-    DOT_PRECISION: tl.constexpr, DOT_UPCAST: tl.constexpr,
+    DOT_PRECISION: tl.constexpr, DOT_UPCAST: tl.constexpr, QUANT: tl.constexpr,
+    SCORES: tl.constexpr,
 ):  # fmt: skip
     tile_id = tl.program_id(0)
     head = tl.program_id(1)
@@ -105,6 +108,8 @@ def _prefill_kernel(
     lo = 0
     if USE_WINDOW:
         lo = tl.maximum(first_pos - sliding_window + 1, 0)
+    k_scale, v_scale = load_scales(scales_ptr, kv_head, num_kv_heads, QUANT)
+    qk_scale = qk_scale * k_scale  # a quantized cache's k scale goes into the scores
     acc = tl.zeros([BLOCK_M, D], dtype=tl.float32)
     m = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
     l = tl.zeros([BLOCK_M], dtype=tl.float32)
@@ -117,8 +122,7 @@ def _prefill_kernel(
             table, toks, tok_ok, block_size, stride_cache_block, stride_cache_off
         )
         ptrs = offs[:, None] + head_off + d[None, :]  # [BLOCK_N, D]
-        k = tl.load(k_cache_ptr + ptrs, mask=tok_ok[:, None], other=0.0)
-        v = tl.load(v_cache_ptr + ptrs, mask=tok_ok[:, None], other=0.0)
+        k, v = load_kv_tile(k_cache_ptr, v_cache_ptr, ptrs, tok_ok, q.dtype, QUANT)
         valid = tok_ok[None, :] & (toks[None, :] <= q_pos[:, None])  # [BLOCK_M, BLOCK_N]
         if USE_WINDOW:
             valid = valid & (q_pos[:, None] - toks[None, :] < sliding_window)
@@ -126,7 +130,13 @@ def _prefill_kernel(
             q, k, v, valid, acc, m, l, qk_scale, DOT_PRECISION, DOT_UPCAST
         )
 
-    out = acc / tl.where(l > 0, l, 1.0)[:, None]
+    if SCORES:  # H2O: a second pass adds each key's probability to its slot
+        add_attention_mass(
+            q, k_cache_ptr, scores_ptr, table, head_off, lo, hi, q_pos, row_ok, m, l,
+            qk_scale, block_size, stride_cache_block, stride_cache_off,
+            D, BLOCK_N, DOT_PRECISION, DOT_UPCAST, QUANT,
+        )  # fmt: skip
+    out = acc * (v_scale / tl.where(l > 0, l, 1.0))[:, None]
     o_ptrs = out_ptr + tok_rows[:, None] * stride_on + head * stride_oh + d[None, :]
     tl.store(o_ptrs, out.to(out_ptr.dtype.element_ty), mask=row_ok[:, None])
 
@@ -158,13 +168,14 @@ def varlen_prefill_attention_triton(
         config = INTERPRETER_CONFIG
     grid = (num_tokens // config["BLOCK_M"] + num_seqs, num_heads)
     _prefill_kernel[grid](
-        q, k_cache, v_cache, cu_seqlens_q, kv.context_lens, block_tables, out,
+        q, k_cache, v_cache, kv.scales_arg(q), kv.scores_arg(q), cu_seqlens_q, kv.context_lens,
+        block_tables, out,
         q.stride(0), q.stride(1), out.stride(0), out.stride(1),
         k_cache.stride(0), k_cache.stride(1), k_cache.stride(2), block_tables.stride(0),
-        scale * LOG2E, sliding_window or 0, kv.block_size, num_seqs,
+        scale * LOG2E, sliding_window or 0, kv.block_size, num_seqs, k_cache.shape[2],
         GROUP=num_heads // k_cache.shape[2], D=head_dim,
         BLOCK_B=prefill_block_b(num_seqs), USE_WINDOW=sliding_window is not None,
-        **dot_options(q), **config,
+        QUANT=kv.quant, SCORES=kv.scores is not None, **dot_options(q), **config,
     )  # fmt: skip
     return out
 

@@ -44,6 +44,11 @@ def _rename(name: str, to_kiln: bool) -> str:
 _MIXTRAL_EXPERT = {"w1": "gate_proj", "w2": "down_proj", "w3": "up_proj"}
 
 
+# A quantized KV cache's scales in a checkpoint (vLLM's and TGI's names; `kv_scale`: older,
+# one for both): read by the engine (kiln.engine.kv_scales), not model weights.
+KV_SCALE_NAMES = ("self_attn.k_scale", "self_attn.v_scale", "self_attn.kv_scale")
+
+
 def weight_files(path: Path) -> list[Path]:
     """The safetensors files of a checkpoint directory; refuses pickle-based weights."""
     index = path / "model.safetensors.index.json"

@@ -16,7 +16,9 @@ from safetensors.torch import save_file
 
 from kiln.config import ModelConfig
 from kiln.errors import CheckpointError
+from kiln.model.compressed_tensors import install_w8a8, is_w8a8_part, read_compressed_tensors
 from kiln.model.hf_format import (
+    KV_SCALE_NAMES,
     hf_to_kiln,
     kiln_to_hf,
     read_tensors,
@@ -72,16 +74,21 @@ def load_model(
     config = ModelConfig.from_dir(path)
     device = torch.device(device or default_device())
     dtype = resolve_dtype(dtype, config, device)
-    spec = read_quant_config(config.hf_config)
+    w8a8 = read_compressed_tensors(config.hf_config)  # W8A8 (SmoothQuant, FP8)
+    spec = read_quant_config(config.hf_config) if w8a8 is None else None  # GPTQ / AWQ
     make_layer = quant_layer_factory(spec, quantization, config)
     with torch.device("meta"):
         model = Transformer(config)
     expected = dict(model.named_parameters())
     loaded: set[str] = set()
-    packed: dict[str, dict[str, torch.Tensor]] = {}  # HF prefix -> its quantized tensors
-    for where, hf_name, hf_tensor in _checkpoint_tensors(
-        path, config, packed if make_layer else None
-    ):
+    packed: dict[str, dict[str, torch.Tensor]] = {}  # HF prefix -> its GPTQ/AWQ tensors
+    quantized: dict[str, dict[str, torch.Tensor]] = {}  # W8A8 Linears' tensors, by HF prefix
+    tensors = _checkpoint_tensors(path, config, packed if make_layer else None, w8a8 is None)
+    for where, hf_name, hf_tensor in tensors:
+        if w8a8 is not None and is_w8a8_part(hf_name, hf_tensor):
+            prefix, _, part = hf_name.rpartition(".")
+            quantized.setdefault(prefix, {})[part] = hf_tensor
+            continue
         try:
             for name, tensor in hf_to_kiln(config, hf_name, hf_tensor):
                 _assign(model, expected, name, tensor, dtype, device)
@@ -99,6 +106,8 @@ def load_model(
         layer = build_layer(make_layer, hf_prefix, parts, spec, bias)
         setattr(module, attr, layer)
         loaded.add(name)
+    if quantized:
+        loaded |= install_w8a8(model, config, w8a8, quantized, device)
     if config.tie_word_embeddings:
         model.lm_head.weight = model.embed_tokens.weight
         loaded.add("lm_head.weight")
@@ -118,12 +127,16 @@ def load_model(
 
 
 def _checkpoint_tensors(
-    path: Path, config: ModelConfig, packed: dict[str, dict[str, torch.Tensor]] | None = None
+    path: Path,
+    config: ModelConfig,
+    packed: dict[str, dict[str, torch.Tensor]] | None = None,
+    dequantize: bool = True,
 ) -> Iterator[tuple[Path, str, torch.Tensor]]:
     """(where, HF name, tensor) of every weight; a GPTQ/AWQ checkpoint's quantized Linears come
     last, dequantized to float32 as `<prefix>.weight` (the torch reference path), or, given
-    `packed`, are gathered there instead (HF prefix -> {part: tensor})."""
-    spec = read_quant_config(config.hf_config)
+    `packed`, are gathered there instead (HF prefix -> {part: tensor}); with `dequantize`
+    False every tensor comes as stored."""
+    spec = read_quant_config(config.hf_config) if dequantize else None
     quantized: list[tuple[str, torch.Tensor]] = []
     for file in weight_files(path):
         for name, t in read_tensors(file):
@@ -143,8 +156,8 @@ def _checkpoint_tensors(
 
 def _assign(model, expected, name, tensor, dtype, device) -> None:
     if name not in expected:
-        if name.endswith("rotary_emb.inv_freq"):
-            return
+        if name.endswith(("rotary_emb.inv_freq", *KV_SCALE_NAMES)):
+            return  # KV cache scales are the engine's (kiln.engine.kv_scales)
         raise CheckpointError(f"unexpected tensor {name!r} for this config")
     want = tuple(expected[name].shape)
     if tuple(tensor.shape) != want:

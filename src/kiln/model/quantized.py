@@ -74,7 +74,8 @@ def read_quant_config(hf_config: dict) -> QuantSpec | None:
     method = field("quant_method")
     if method not in ("gptq", "awq"):
         raise ConfigError(
-            f"quantization_config.quant_method {method!r} is not supported; kiln reads gptq, awq"
+            f"quantization_config.quant_method {method!r} is not supported; kiln reads gptq, "
+            "awq, compressed-tensors"
         )
     bits, group_size = field("bits"), field("group_size")
     allowed_bits = (4, 8) if method == "gptq" else (4,)

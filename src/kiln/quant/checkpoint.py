@@ -1,30 +1,32 @@
-"""Write a quantized model as a Hugging Face GPTQ or AWQ directory, atomically: everything goes
-into a hidden folder beside the output, renamed into place only once complete."""
+"""Write a quantized model as a Hugging Face GPTQ, AWQ or compressed-tensors directory,
+atomically: everything goes into a hidden folder beside the output, renamed into place only once
+complete."""
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import shutil
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import torch
 from safetensors.torch import save_file
 
 from kiln.model.hf_format import kiln_to_hf
 from kiln.model.loader import DTYPES
-from kiln.model.quantized import IntWeight
 from kiln.model.transformer import Transformer
 
 SKIP_FILES = ("config.json", "model.safetensors.index.json")
 
 
-Pack = Callable[[IntWeight], dict[str, torch.Tensor]]
+Pack = Callable[[Any], dict[str, torch.Tensor]]  # IntWeight / W8A8Weight -> its tensors
 
 
 def quantized_state(
-    model: Transformer, weights: dict[str, IntWeight], dtype: torch.dtype, pack: Pack
+    model: Transformer, weights: dict[str, Any], dtype: torch.dtype, pack: Pack
 ) -> dict[str, torch.Tensor]:
     """HF-named tensors: `<prefix>.<part>` for each part pack() gives a quantized Linear (kiln
     name `prefix` in `weights`), every other tensor as is in `dtype`."""
@@ -40,6 +42,12 @@ def quantized_state(
         prefix = hf_name.removesuffix(".weight")
         out |= {f"{prefix}.{part}": t for part, t in pack(w).items()}
     return out
+
+
+def _cpu(w):
+    """A copy of the quantized weight w (a dataclass of tensors) with its tensors on the CPU."""
+    tensors = {f.name: getattr(w, f.name) for f in dataclasses.fields(w)}
+    return dataclasses.replace(w, **{k: v.cpu() for k, v in tensors.items() if torch.is_tensor(v)})
 
 
 def write_atomic(out_dir: Path, write: Callable[[Path], None]) -> Path:
@@ -59,7 +67,7 @@ def write_atomic(out_dir: Path, write: Callable[[Path], None]) -> Path:
 
 def save_quantized(
     model: Transformer,
-    weights: dict[str, IntWeight],
+    weights: dict[str, Any],
     quantization_config: dict,
     src_dir: Path,
     out_dir: Path,
@@ -67,9 +75,11 @@ def save_quantized(
 ) -> Path:
     """Write config.json (with `quantization_config`), model.safetensors and the source
     directory's other files (tokenizer, generation config) to out_dir, atomically; pack turns
-    each IntWeight into the format's tensors (pack_gptq, pack_awq)."""
+    each quantized weight into the format's tensors (pack_gptq, pack_awq, pack_w8a8)."""
     config = model.config
     dtype = DTYPES.get(config.dtype or "float32", torch.float32)
+    model.cpu()  # calibration may have run on an accelerator
+    weights = {name: _cpu(w) for name, w in weights.items()}
 
     def write(tmp: Path) -> None:
         for f in src_dir.iterdir():

@@ -1,4 +1,5 @@
-"""`kiln quantize`: quantize a model directory's weights into a GPTQ or AWQ checkpoint."""
+"""`kiln quantize`: quantize a model directory into a GPTQ, AWQ or compressed-tensors (W8A8)
+checkpoint."""
 
 from __future__ import annotations
 
@@ -7,13 +8,20 @@ import argparse
 
 def register(subparsers: argparse._SubParsersAction) -> None:
     """Add the `quantize` verb."""
-    p = subparsers.add_parser("quantize", help="quantize a model's weights (RTN, GPTQ or AWQ)")
+    p = subparsers.add_parser(
+        "quantize", help="quantize a model (RTN, GPTQ, AWQ, SmoothQuant, FP8)"
+    )
     p.add_argument("--model", required=True, metavar="DIR", help="Hugging Face model directory")
     p.add_argument("--out", required=True, metavar="DIR", help="output directory (must not exist)")
-    p.add_argument("--method", default="rtn", help="rtn, gptq or awq (smoothquant, fp8: not yet)")
-    p.add_argument("--bits", type=int, default=4, help="4 or 8 (default: 4)")
     p.add_argument(
-        "--group-size", type=int, default=128, help="input columns per scale; -1: per channel"
+        "--method", default="rtn", help="rtn, gptq, awq (weight-only); smoothquant, fp8 (W8A8)"
+    )
+    p.add_argument("--bits", type=int, default=None, help="4 or 8 (default: 4; W8A8: 8)")
+    p.add_argument(
+        "--group-size",
+        type=int,
+        default=None,
+        help="input columns per scale; -1: per channel (default: 128; W8A8: per channel)",
     )
     sym = p.add_mutually_exclusive_group()
     sym.add_argument(
@@ -21,9 +29,17 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     )
     sym.add_argument("--asym", dest="sym", action="store_false", help="with a zero point (awq)")
     p.add_argument("--act-order", action="store_true", help="GPTQ: columns by Hessian diagonal")
-    p.add_argument("--calib", default=None, metavar="FILE", help="calibration text (GPTQ, AWQ)")
+    p.add_argument(
+        "--calib", default=None, metavar="FILE", help="calibration text (GPTQ, AWQ, SmoothQuant)"
+    )
     p.add_argument("--calib-samples", type=int, default=128)
     p.add_argument("--calib-len", type=int, default=512, help="tokens per calibration sample")
+    p.add_argument(
+        "--alpha", type=float, default=None, help="SmoothQuant's migration strength (0.5)"
+    )
+    p.add_argument(
+        "--device", default=None, help="where calibration and the algorithms run (default: cpu)"
+    )
     p.set_defaults(func=_cli)
 
 
@@ -41,6 +57,8 @@ def _cli(args: argparse.Namespace) -> None:
         calib=args.calib,
         calib_samples=args.calib_samples,
         calib_len=args.calib_len,
+        alpha=args.alpha,
+        device=args.device,
         progress=True,
     )
     print(f"wrote {out}")

@@ -14,8 +14,8 @@ from kiln.quant.rtn import grid, to_int
 class Hessian:
     """Running H = 2/n * sum x x^T [in, in] over the inputs a Linear sees."""
 
-    def __init__(self, in_features: int):
-        self.h = torch.zeros(in_features, in_features, dtype=torch.float64)
+    def __init__(self, in_features: int, device: torch.device | str = "cpu"):
+        self.h = torch.zeros(in_features, in_features, dtype=torch.float64, device=device)
         self.n = 0
 
     def add(self, x: torch.Tensor) -> None:
@@ -46,12 +46,14 @@ def quantize_gptq(
     dead = torch.diag(h) == 0  # inputs that are always zero: their weights do not matter
     h[dead, dead] = 1
     w[:, dead] = 0
-    perm = torch.argsort(torch.diag(h), descending=True) if act_order else torch.arange(n)
+    perm = torch.arange(n, device=w.device)
+    if act_order:
+        perm = torch.argsort(torch.diag(h), descending=True)
     w, h = w[:, perm], h[perm][:, perm]
-    h += percdamp * torch.mean(torch.diag(h)) * torch.eye(n, dtype=h.dtype)
+    h += percdamp * torch.mean(torch.diag(h)) * torch.eye(n, dtype=h.dtype, device=h.device)
     hinv = torch.linalg.cholesky(torch.cholesky_inverse(torch.linalg.cholesky(h)), upper=True)
 
-    q = torch.zeros(out_features, n, dtype=torch.int32)
+    q = torch.zeros(out_features, n, dtype=torch.int32, device=w.device)
     scales, zeros = [], []
     blocksize = max(blocksize // size, 1) * size if size < blocksize else blocksize
     for i1 in range(0, n, blocksize):

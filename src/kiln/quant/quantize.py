@@ -1,5 +1,6 @@
 """quantize(): load a model, quantize its decoder Linears (RTN, GPTQ or AWQ), write a GPTQ
-checkpoint (AWQ: an AutoAWQ GEMM one).
+checkpoint (AWQ: an AutoAWQ GEMM one); or, for W8A8 (SmoothQuant int8, FP8), a compressed-tensors
+one.
 
 GPTQ runs block by block: the calibration activations enter block i as block i-1 (already
 quantized) left them, each Linear's Hessian is gathered from one pass through the block, its
@@ -19,17 +20,21 @@ from tqdm import tqdm
 
 from kiln.errors import InputError
 from kiln.model.attention import DENSE_CAUSAL
+from kiln.model.compressed_tensors import compressed_tensors_config
 from kiln.model.loader import load_model
 from kiln.model.quantized import IntWeight, pack_awq, pack_gptq
 from kiln.model.transformer import Transformer
+from kiln.model.w8a8 import QDTYPES, W8A8Weight, quantize_weight
 from kiln.quant.awq import NO_CLIP, fold_scale, scale_groups, search_clip, search_scale
 from kiln.quant.calibration import calibration_ids
 from kiln.quant.checkpoint import save_quantized
 from kiln.quant.gptq import Hessian, quantize_gptq
 from kiln.quant.rtn import check_shape, quantize_rtn
+from kiln.quant.smoothquant import smooth_model
 
-METHODS = ("rtn", "gptq", "awq")
-LATER = ("smoothquant", "fp8")
+WEIGHT_ONLY = ("rtn", "gptq", "awq")
+W8A8 = {"smoothquant": "int", "fp8": "float"}  # method -> compressed-tensors `type`
+METHODS = (*WEIGHT_ONLY, *W8A8)
 PERCDAMP = 0.01
 CALIB_BATCH = 8  # calibration samples per forward pass
 
@@ -38,45 +43,45 @@ def quantize(
     model_dir: str | os.PathLike,
     out_dir: str | os.PathLike,
     method: str = "rtn",
-    bits: int = 4,
-    group_size: int = 128,
+    bits: int | None = None,
+    group_size: int | None = None,
     sym: bool | None = None,
     act_order: bool = False,
     calib: str | os.PathLike | None = None,
     calib_samples: int = 128,
     calib_len: int = 512,
+    alpha: float | None = None,
+    device: str | None = None,
     progress: bool = False,
 ) -> Path:
-    """Quantize the model in model_dir and write it to out_dir as a GPTQ (v1) checkpoint, or
-    for method "awq" an AutoAWQ GEMM one; sym defaults to True, for AWQ to False (zero point)."""
-    if method in LATER:
-        raise InputError(
-            f"--method {method} is not implemented yet (rtn, gptq, awq)", param="method"
-        )
+    """Quantize the model in model_dir and write it to out_dir as a GPTQ (v1) checkpoint, for
+    method "awq" an AutoAWQ GEMM one, for "smoothquant" (int8) and "fp8" a compressed-tensors
+    W8A8 one. bits default 4 (W8A8: 8), group_size 128 (W8A8: per channel); sym defaults to
+    True, for AWQ to False (zero point); alpha (SmoothQuant's migration strength) to 0.5.
+    Calibration and the algorithms run on `device` (default: the CPU)."""
     if method not in METHODS:
-        raise InputError(f"--method {method!r} is unknown; choose rtn, gptq or awq", param="method")
+        raise InputError(
+            f"--method {method!r} is unknown; choose {', '.join(METHODS)}", param="method"
+        )
+    if method in W8A8:
+        check_w8a8_options(method, bits, group_size, sym, act_order, calib, alpha)
+        return quantize_w8a8(
+            model_dir, out_dir, method, calib, calib_samples, calib_len, alpha, device, progress
+        )
+    if alpha is not None:
+        raise InputError(f"--alpha is SmoothQuant's; --method {method} takes none", param="alpha")
+    bits = 4 if bits is None else bits
+    group_size = 128 if group_size is None else group_size
     if method == "awq" and bits != 4:
         raise InputError(f"--bits {bits}: AWQ GEMM checkpoints are 4-bit", param="bits")
     sym = method != "awq" if sym is None else sym
     model_dir, out_dir = Path(model_dir), Path(out_dir)
-    if out_dir.exists():
-        raise InputError(f"--out {str(out_dir)!r} already exists", param="out")
-    model = load_model(model_dir, dtype="float32", device="cpu")
-    if model.config.model_type == "gpt2":
-        raise InputError("quantize does not support gpt2 (its fused c_attn) yet", param="model")
+    model = load_source(model_dir, out_dir, device)
     for i, layer in enumerate(model.layers):
         for name, lin in linears(layer).items():
             check_shape(f"layers.{i}.{name}", lin.in_features, lin.out_features, bits, group_size)
     if method in ("gptq", "awq"):
-        from kiln.tokenizer.hf import load_tokenizer
-
-        if calib_len > model.config.max_position_embeddings:
-            raise InputError(
-                f"--calib-len {calib_len} exceeds the model's context of "
-                f"{model.config.max_position_embeddings}",
-                param="calib_len",
-            )
-        ids = calibration_ids(load_tokenizer(model_dir), calib, calib_samples, calib_len)
+        ids = calibration(model, model_dir, calib, calib_samples, calib_len)
     if method == "awq":
         weights, skipped = awq_model(model, ids, bits, group_size, sym, progress)
         if progress and skipped:
@@ -108,6 +113,80 @@ def quantize(
     return save_quantized(model, weights, quantization_config, model_dir, out_dir, pack_gptq)
 
 
+def load_source(model_dir: Path, out_dir: Path, device: str | None) -> Transformer:
+    """The float32 model to quantize, on `device` (default: the CPU); InputError if out_dir
+    exists or the family is gpt2."""
+    if out_dir.exists():
+        raise InputError(f"--out {str(out_dir)!r} already exists", param="out")
+    model = load_model(model_dir, dtype="float32", device=device or "cpu")
+    if model.config.model_type == "gpt2":
+        raise InputError("quantize does not support gpt2 (its fused c_attn) yet", param="model")
+    return model
+
+
+def calibration(model: Transformer, model_dir: Path, calib, samples: int, length: int):
+    """The calibration ids [samples, length] (the model's own tokenizer), on its device."""
+    from kiln.tokenizer.hf import load_tokenizer
+
+    if length > model.config.max_position_embeddings:
+        raise InputError(
+            f"--calib-len {length} exceeds the model's context of "
+            f"{model.config.max_position_embeddings}",
+            param="calib_len",
+        )
+    ids = calibration_ids(load_tokenizer(model_dir), calib, samples, length)
+    return ids.to(model.embed_tokens.weight.device)
+
+
+def check_w8a8_options(method, bits, group_size, sym, act_order, calib, alpha) -> None:
+    """InputError naming an option the W8A8 methods (8-bit, per channel, symmetric) refuse."""
+    if bits not in (None, 8):
+        raise InputError(f"--bits {bits}: --method {method} is 8-bit (W8A8)", param="bits")
+    if group_size not in (None, -1):
+        raise InputError(
+            f"--group-size {group_size}: --method {method} scales each output channel",
+            param="group_size",
+        )
+    if sym is False:
+        raise InputError(f"--asym: --method {method} is symmetric", param="sym")
+    if act_order:
+        raise InputError(f"--act-order is GPTQ's; --method {method} takes none", param="act_order")
+    if method == "fp8" and calib is not None:
+        raise InputError("--calib: --method fp8 needs no calibration", param="calib")
+    if method == "fp8" and alpha is not None:
+        raise InputError("--alpha is SmoothQuant's; --method fp8 takes none", param="alpha")
+    if alpha is not None and not 0 <= alpha <= 1:
+        raise InputError(f"--alpha {alpha} must be in [0, 1]", param="alpha")
+
+
+def quantize_w8a8(
+    model_dir, out_dir, method, calib, calib_samples, calib_len, alpha, device, progress
+) -> Path:
+    """SmoothQuant int8 or FP8: per-channel 8-bit weights (SmoothQuant's scales folded first),
+    written as a compressed-tensors checkpoint whose activations are quantized per token."""
+    model_dir, out_dir = Path(model_dir), Path(out_dir)
+    model = load_source(model_dir, out_dir, device)
+    if method == "smoothquant":
+        ids = calibration(model, model_dir, calib, calib_samples, calib_len)
+        alpha = 0.5 if alpha is None else alpha
+        skipped = smooth_model(model, ids, alpha, CALIB_BATCH, progress)
+        if progress and skipped:
+            print(f"smoothquant: no smoothing for {', '.join(skipped)}", file=sys.stderr)
+    dtype = QDTYPES[W8A8[method]]
+    weights = {}
+    for i, layer in enumerate(tqdm(model.layers, desc=method, unit="layer", disable=not progress)):
+        for name, lin in linears(layer).items():
+            weights[f"layers.{i}.{name}"] = quantize_weight(lin.weight, dtype)
+    ignore = ["lm_head"] + (["re:.*block_sparse_moe[.]gate$"] if model.config.num_experts else [])
+    config = compressed_tensors_config(W8A8[method], ignore)
+    return save_quantized(model, weights, config, model_dir, out_dir, pack_w8a8)
+
+
+def pack_w8a8(w: W8A8Weight) -> dict[str, torch.Tensor]:
+    """A W8A8 Linear's compressed-tensors tensors."""
+    return {"weight": w.weight.contiguous(), "weight_scale": w.weight_scale.contiguous()}
+
+
 def linears(layer: nn.Module) -> dict[str, nn.Linear]:
     """The Linears of a block that get quantized (all but an MoE router)."""
     return {
@@ -129,7 +208,7 @@ def rtn_model(model: Transformer, bits, group_size, sym, progress) -> dict[str, 
 def block_runner(model: Transformer, ids: torch.Tensor):
     """The embedded calibration ids [samples, len, hidden] and run(fn, x): fn(chunk, positions)
     over CALIB_BATCH samples at a time, concatenated."""
-    positions = torch.arange(ids.shape[1]).expand(CALIB_BATCH, -1)
+    positions = torch.arange(ids.shape[1], device=ids.device).expand(CALIB_BATCH, -1)
     x = model.embed_tokens(ids)  # [samples, len, hidden]
     if model.embed_positions is not None:
         x = x + model.embed_positions(positions[: len(ids)])
@@ -151,7 +230,7 @@ def gptq_model(
     out = {}
     for i, layer in enumerate(tqdm(model.layers, desc="gptq", unit="layer", disable=not progress)):
         targets = linears(layer)
-        hessians = {n: Hessian(m.in_features) for n, m in targets.items()}
+        hessians = {n: Hessian(m.in_features, m.weight.device) for n, m in targets.items()}
         hooks = [
             m.register_forward_hook(lambda mod, inp, res, h=hessians[n]: h.add(inp[0]))
             for n, m in targets.items()

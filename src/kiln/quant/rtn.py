@@ -62,7 +62,7 @@ def quantize_rtn(w: torch.Tensor, bits: int = 4, group_size: int = 128, sym: boo
     """Quantize a Linear weight w [out, in] to the nearest point of a per-group grid."""
     out_features, in_features = w.shape
     size = in_features if group_size == -1 else group_size
-    q = torch.empty(out_features, in_features, dtype=torch.int32)
+    q = torch.empty(out_features, in_features, dtype=torch.int32, device=w.device)
     scales, zeros = [], []
     for start in range(0, in_features, size):
         cols = w[:, start : start + size]
@@ -70,7 +70,7 @@ def quantize_rtn(w: torch.Tensor, bits: int = 4, group_size: int = 128, sym: boo
         q[:, start : start + size] = to_int(cols, scale, zero, bits)
         scales.append(scale)
         zeros.append(zero)
-    g_idx = (torch.arange(in_features) // size).to(torch.int32)
+    g_idx = (torch.arange(in_features, device=w.device) // size).to(torch.int32)
     return IntWeight(
         q.t().contiguous(),
         torch.stack(scales).half(),

@@ -34,7 +34,12 @@ class EngineCollector(Collector):
             ("kv_cache_usage_perc", "Fraction of KV blocks in use (0..1).", s["kv_cache_usage"]),
             ("kv_cache_free_blocks", "KV blocks free.", s["num_free_blocks"]),
             ("kv_cache_total_blocks", "KV blocks in the pool.", s["num_total_blocks"]),
-        ]
+            ("kv_cache_pool_tokens", "Token slots in the KV pool.", s["kv_pool_tokens"]),
+            ("kv_blocks_per_seq_mean", "KV blocks a running sequence holds, mean.",
+             s["kv_blocks_per_seq_mean"]),
+            ("kv_blocks_per_seq_max", "KV blocks a running sequence holds, most.",
+             s["kv_blocks_per_seq_max"]),
+        ]  # fmt: skip
         queries, hits = s["prefix_cache_queries"], s["prefix_cache_hits"]
         gauges.append(
             (
@@ -50,7 +55,9 @@ class EngineCollector(Collector):
             ("prefix_cache_hits", "Prompt tokens found in the prefix cache.", hits),
             ("prompt_tokens", "Prompt tokens processed.", s["prompt_tokens_total"]),
             ("generation_tokens", "Tokens generated.", s["generation_tokens_total"]),
-        ]
+            ("kv_evicted_blocks", "KV blocks evicted under kv_budget.",
+             s["kv_evicted_blocks_total"]),
+        ]  # fmt: skip
         for name, doc, value in counters:
             yield CounterMetricFamily(f"kiln:{name}", doc, value=value)
         if "spec_decode_num_drafts" in s:
