@@ -123,3 +123,21 @@ def save_chat_tokenizer(out: Path, vocab_size: int = VOCAB, all_bytes: bool = Fa
     PreTrainedTokenizerFast(
         tokenizer_object=tok, bos_token="<s>", eos_token="</s>", chat_template=CHATML
     ).save_pretrained(out)
+
+
+def save_peft_adapter(hf, out: Path, r: int, alpha: float, targets: list[str], seed: int = 0):
+    """A PEFT LoRA adapter on `hf` with random (not zero) weights, saved in `out` (PEFT's
+    format, as kiln's fine-tuning writes it); returns the merged transformers model."""
+    import copy
+
+    import peft
+
+    cfg = peft.LoraConfig(r=r, lora_alpha=alpha, target_modules=targets, init_lora_weights=False)
+    model = peft.get_peft_model(copy.deepcopy(hf), cfg)
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for n, p in model.named_parameters():
+            if "lora_" in n:
+                p.copy_(torch.randn(p.shape, generator=g) * 0.3)
+    model.save_pretrained(out)
+    return model.merge_and_unload()

@@ -20,6 +20,7 @@ _LAZY = {
     "load_tokenizer": "kiln.tokenizer.hf",
     "LLM": "kiln.engine.llm",
     "SamplingParams": "kiln.engine.sampling_params",
+    "LoRARequest": "kiln.engine.lora",
     "quantize": "kiln.quant.quantize",
 }
 

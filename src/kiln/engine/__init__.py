@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from kiln import lazy_attributes
 
-__all__ = ["LLM", "SamplingParams", "RequestOutput", "CompletionOutput"]
+__all__ = ["LLM", "SamplingParams", "RequestOutput", "CompletionOutput", "LoRARequest"]
 
 # Imported on first use, so that reading EngineConfig (the CLI's flags) does not load torch.
 _LAZY = {
@@ -12,6 +12,7 @@ _LAZY = {
     "SamplingParams": "kiln.engine.sampling_params",
     "RequestOutput": "kiln.engine.outputs",
     "CompletionOutput": "kiln.engine.outputs",
+    "LoRARequest": "kiln.engine.lora",
 }
 
 __getattr__ = lazy_attributes("kiln.engine", _LAZY)

@@ -32,6 +32,7 @@ from kiln.engine.core_client import (
     EngineStopped,
 )
 from kiln.engine.llm_engine import check_params, encode_prompt, load_engine_tokenizer
+from kiln.engine.lora import LoRARequest
 from kiln.engine.output_processor import OutputProcessor
 from kiln.engine.outputs import RequestOutput
 from kiln.engine.sampling_params import RequestOutputKind, SamplingParams
@@ -193,9 +194,11 @@ class AsyncLLM:
         prompt: str | list[int],
         sampling_params: SamplingParams | None = None,
         request_id: str | None = None,
+        lora_request: LoRARequest | None = None,
     ) -> AsyncIterator[RequestOutput]:
         """The request's outputs as they come (shaped by params.output_kind); the last is
-        finished. Outputs the caller has not taken yet are merged."""
+        finished. Outputs the caller has not taken yet are merged. With `lora_request` it
+        runs with that adapter (the core reads it; a bad one fails the request)."""
         await self._ready()
         request_id = request_id or uuid.uuid4().hex
         text, ids = (prompt, None) if isinstance(prompt, str) else (None, list(prompt))
@@ -207,15 +210,22 @@ class AsyncLLM:
         if request_id in self._collectors or request_id in self._searches:
             raise KilnError(f"request id {request_id!r} is already running")
         if params.use_beam_search:
+            if lora_request is not None:
+                raise InputError("beam search with a LoRA adapter is not supported", "model")
             outputs = self._beam_search(request_id, text, ids, params)
         else:
-            outputs = self._request(request_id, text, ids, params)
+            outputs = self._request(request_id, text, ids, params, lora_request)
         async with aclosing(outputs):
             async for out in outputs:
                 yield out
 
     async def _request(
-        self, request_id: str, text: str | None, ids: list[int], params: SamplingParams
+        self,
+        request_id: str,
+        text: str | None,
+        ids: list[int],
+        params: SamplingParams,
+        lora_request: LoRARequest | None = None,
     ) -> AsyncIterator[RequestOutput]:
         """One checked request through the core: its outputs as they come."""
         if self.client.dead:
@@ -223,7 +233,7 @@ class AsyncLLM:
         collector = OutputCollector(params.output_kind)
         self._collectors[request_id] = collector
         self.processor.add_request(request_id, text, ids, params)
-        self.client.add_request(request_id, ids, params)
+        self.client.add_request(request_id, ids, params, lora_request)
         finished = False
         try:
             while not finished:

@@ -89,7 +89,8 @@ class BlockManager:
         """Hashes of the first `num_blocks` full blocks of seq.token_ids (cached on seq)."""
         bs = self.block_size
         for i in range(len(seq.block_hashes), num_blocks):
-            parent = seq.block_hashes[i - 1] if i else None
+            # the first block's parent is the adapter: its K/V differ from the base model's
+            parent = seq.block_hashes[i - 1] if i else seq.cache_salt
             seq.block_hashes.append(block_hash(parent, seq.token_ids[i * bs : (i + 1) * bs]))
         return seq.block_hashes[:num_blocks]
 

@@ -73,6 +73,15 @@ class EngineConfig:
         metadata={"choices": ["mean", "last"], "help": "embeddings: mean of the final hidden "
                   "states, or the last token's"},
     )  # fmt: skip
+    # Multi-LoRA (kiln.engine.lora), vLLM's names: requests name PEFT adapters, which run
+    # together in one batch; max_loras of them resident on the device at once (the scheduler
+    # admits no more distinct ones), max_cpu_loras kept on the host, ranks up to max_lora_rank.
+    enable_lora: bool = field(default=False, metadata={"help": "serve LoRA adapters"})
+    max_loras: int = field(default=1, metadata={"help": "LoRA adapters in a batch (device slots)"})
+    max_lora_rank: int = field(default=16, metadata={"help": "highest LoRA rank served"})
+    max_cpu_loras: int | None = field(
+        default=None, metadata={"help": "LoRA adapters kept in host memory (max_loras if unset)"}
+    )
     # The KV pool's number format (kiln.engine.kv_scales): "auto" (the model's dtype), or fp8
     # (e4m3) / int8 values with a scale per (layer, kv head): twice the tokens in the memory.
     kv_cache_dtype: str = field(
@@ -123,6 +132,17 @@ class EngineConfig:
             raise InputError(
                 f"attention_backend must be 'auto', 'torch' or 'triton', "
                 f"got {self.attention_backend!r}"
+            )
+        if self.max_loras < 1 or self.max_lora_rank < 1:
+            raise InputError(
+                f"max_loras and max_lora_rank must be >= 1, got {self.max_loras} and "
+                f"{self.max_lora_rank}"
+            )
+        if self.max_cpu_loras is None:
+            self.max_cpu_loras = self.max_loras
+        if self.max_cpu_loras < self.max_loras:
+            raise InputError(
+                f"max_cpu_loras ({self.max_cpu_loras}) must be >= max_loras ({self.max_loras})"
             )
         self.speculative: SpeculativeConfig | None = None
         if self.speculative_config is not None:

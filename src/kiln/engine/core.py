@@ -24,6 +24,7 @@ from kiln.engine.block_manager import BlockManager
 from kiln.engine.config import EngineConfig
 from kiln.engine.kv_eviction import make_evictor
 from kiln.engine.kv_scales import read_kv_scales
+from kiln.engine.lora import LoRARequest
 from kiln.engine.model_runner import ModelRunner, PreviousTokens
 from kiln.engine.outputs import SeqDelta
 from kiln.engine.pooling import POOLING, embed_ids
@@ -146,16 +147,27 @@ class EngineCore:
         return check_prompt_ids(ids, self.max_model_len, self.model_config.vocab_size)
 
     def add_request(
-        self, request_id: str, prompt_token_ids: list[int], params: SamplingParams
+        self,
+        request_id: str,
+        prompt_token_ids: list[int],
+        params: SamplingParams,
+        lora_request: LoRARequest | None = None,
     ) -> None:
-        """Queue a request (its prompt checked again: the core trusts no caller)."""
+        """Queue a request (its prompt checked again: the core trusts no caller); with
+        `lora_request` it runs with that adapter (read and checked here)."""
         if request_id in self.requests:
             raise InputError(f"request id {request_id!r} is already in use")
         ids = self.check_prompt(prompt_token_ids)
         check_fits_batch(params, self.config.max_num_seqs)
+        if lora_request is not None:
+            if self.runner.lora is None:
+                raise InputError("a LoRA adapter was requested but enable_lora is off",
+                                 "lora_request")  # fmt: skip
+            self.runner.lora.add(lora_request)
         req = CoreRequest(request_id, ids, params)
         seq = Sequence(next(self._seq_ids), request_id, 0, ids, params, self.eos_token_ids)
         seq.pending_forks = params.best_of - 1
+        seq.lora_request = lora_request
         if params.seed is not None:
             seq.generator = make_generator(params.seed, 0, self.device)
         req.seqs.append(seq)

@@ -31,6 +31,7 @@ import msgspec
 import zmq
 
 from kiln import errors
+from kiln.engine.lora import LoRARequest
 from kiln.engine.outputs import SeqDelta
 from kiln.engine.sampling_params import SamplingParams
 from kiln.errors import KilnError
@@ -45,6 +46,7 @@ class AddRequest(msgspec.Struct, tag="add", array_like=True):
     prompt_token_ids: list[int]
     params: SamplingParams
     client: int = 0  # which API process sent it (its outputs go back there)
+    lora_request: LoRARequest | None = None
 
 
 class Abort(msgspec.Struct, tag="abort", array_like=True):
@@ -220,7 +222,7 @@ class EngineCoreLoop:
             if len(self.outboxes) > 1:
                 self.owner[msg.request_id] = msg.client
             try:
-                core.add_request(msg.request_id, msg.prompt_token_ids, msg.params)
+                core.add_request(msg.request_id, msg.prompt_token_ids, msg.params, msg.lora_request)
             except KilnError as e:
                 self.errors.append((msg.request_id, str(e)))
         elif isinstance(msg, Abort):
@@ -374,8 +376,14 @@ class EngineCoreClient:
         if not self.dead and not self._closing:
             self.inbox.send(self.encode(msg), flags=zmq.NOBLOCK)
 
-    def add_request(self, request_id: str, ids: list[int], params: SamplingParams) -> None:
-        self._send(AddRequest(request_id, ids, params, self.index))
+    def add_request(
+        self,
+        request_id: str,
+        ids: list[int],
+        params: SamplingParams,
+        lora_request: LoRARequest | None = None,
+    ) -> None:
+        self._send(AddRequest(request_id, ids, params, self.index, lora_request))
 
     def embed(self, request_id: str, prompts: list[list[int]], pooling: str | None) -> None:
         self._send(Embed(request_id, prompts, pooling, self.index))

@@ -13,6 +13,7 @@ from dataclasses import replace
 from kiln.engine import pooling as pooling_
 from kiln.engine.beam_search import BeamSearch
 from kiln.engine.llm_engine import LLMEngine, check_params
+from kiln.engine.lora import LoRARequest
 from kiln.engine.outputs import EmbeddingOutput, EmbeddingRequestOutput, RequestOutput
 from kiln.engine.sampling_params import RequestOutputKind, SamplingParams
 from kiln.errors import InputError
@@ -32,8 +33,10 @@ class LLM:
         sampling_params: SamplingParams | list[SamplingParams] | None = None,
         prompt_token_ids: list[int] | list[list[int]] | None = None,
         use_tqdm: bool = False,
+        lora_request: LoRARequest | list[LoRARequest | None] | None = None,
     ) -> list[RequestOutput]:
-        """Generate for every prompt (text or token ids); outputs in the prompts' order."""
+        """Generate for every prompt (text or token ids); outputs in the prompts' order.
+        `lora_request`: the adapter every prompt runs with, or one (or None) per prompt."""
         if prompts is not None and prompt_token_ids is not None:
             raise InputError("give prompts or prompt_token_ids, not both")
         if prompts is not None:
@@ -52,13 +55,18 @@ class LLM:
                 raise InputError(f"{len(params)} sampling_params for {len(ids)} prompts")
         else:
             params = [params] * len(ids)
+        loras = lora_request if isinstance(lora_request, list) else [lora_request] * len(ids)
+        if len(loras) != len(ids):
+            raise InputError(f"{len(loras)} lora_request entries for {len(ids)} prompts")
+        if any(r is not None and p.use_beam_search for r, p in zip(loras, params)):
+            raise InputError("beam search with a LoRA adapter is not supported", "lora_request")
         # Validate everything before queueing anything.
         ids = [self.engine.validate_prompt(t, i) for t, i in zip(texts, ids)]
         for p in params:
             cfg = self.engine.config
             check_params(self.tokenizer, p, cfg.max_num_seqs, cfg.kv_eviction)
         order, searches = [], {}
-        for text, tok_ids, p in zip(texts, ids, params):
+        for text, tok_ids, p, lora in zip(texts, ids, params, loras):
             rid = str(next(self._ids))
             order.append(rid)
             if p.use_beam_search:
@@ -69,7 +77,7 @@ class LLM:
                 continue
             # one output per request, at its end: nothing is assembled while it runs
             p = replace(p, output_kind=RequestOutputKind.FINAL_ONLY)
-            self.engine.add_request(rid, text, p, tok_ids)
+            self.engine.add_request(rid, text, p, tok_ids, lora)
         return self._run(order, searches, use_tqdm)
 
     def embed(

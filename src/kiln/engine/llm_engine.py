@@ -11,6 +11,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from kiln.engine.core import EngineCore, check_fits_batch, check_prompt_ids
+from kiln.engine.lora import LoRARequest
 from kiln.engine.output_processor import OutputProcessor, StopRequest
 from kiln.engine.outputs import RequestOutput
 from kiln.engine.sampling_params import SamplingParams
@@ -105,6 +106,7 @@ class LLMEngine:
         prompt: str | None = None,
         params: SamplingParams | None = None,
         prompt_token_ids: list[int] | None = None,
+        lora_request: LoRARequest | None = None,
     ) -> None:
         params = params or SamplingParams()
         if params.use_beam_search:  # a client of the engine, not a kind of request
@@ -116,7 +118,7 @@ class LLMEngine:
             raise InputError(f"request id {request_id!r} is already in use")
         ids = self.validate_prompt(prompt, prompt_token_ids)
         check_params(self.tokenizer, params, self.config.max_num_seqs, self.config.kv_eviction)
-        self.core.add_request(request_id, ids, params)
+        self.core.add_request(request_id, ids, params, lora_request)
         self.processor.add_request(request_id, prompt, ids, params)
 
     def abort(self, request_id: str) -> RequestOutput | None:

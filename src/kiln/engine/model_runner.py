@@ -27,6 +27,7 @@ from kiln.engine.config import CPU_KV_CACHE_BYTES, EngineConfig
 from kiln.engine.cuda_graphs import CudaGraphRunner, graph_batch_sizes, mixed_token_sizes
 from kiln.engine.fuse import bind_quant_ops, fuse_model
 from kiln.engine.kv_scales import KVScales, describe
+from kiln.engine.lora import LoRAManager
 from kiln.engine.ops import choose_ops
 from kiln.engine.sampler import PendingSample, Sampler
 from kiln.engine.scheduler import SchedulerOutput
@@ -93,6 +94,7 @@ class HostInputs:
     prompt_rows: list[int] = field(default_factory=list)
     prompt_targets: list[int] = field(default_factory=list)
     prompt_seqs: list[tuple[Sequence, int]] = field(default_factory=list)
+    lora_requests: list = field(default_factory=list)  # [B] each row's adapter (or None)
 
     @property
     def num_decodes(self) -> int:
@@ -154,12 +156,16 @@ class ModelRunner:
         self.block_size = config.block_size
         self.max_blocks_per_seq = -(-max_model_len // config.block_size)
         self.ops = choose_ops(config.attention_backend, self.device)
+        # multi-LoRA: reads the plain model's module names, then wraps the model it runs
+        self.lora = LoRAManager(model, config, self.device) if config.enable_lora else None
         self.kv_dtype = kv_cache_torch_dtype(
             config.kv_cache_dtype, self.dtype, self.device, self.ops
         )
         if config.fuse_weights:
             model = fuse_model(model, self.ops, config.gemv_max_batch)
         bind_quant_ops(model, self.ops)
+        if self.lora is not None:
+            self.lora.wrap(model, self.ops)
         self.model = model
         # a draft model's pool of as many blocks as this one's is paid from the same budget
         self.num_blocks = self._num_kv_blocks(extra_kv_bytes_per_block)
@@ -400,6 +406,9 @@ class ModelRunner:
             sampling = "graph"
         else:
             sampling = "fast" if fast else "full"
+        if self.lora is not None:  # each token's adapter slot, in the graph's buffer too
+            size = graph[1] if graph is not None else len(host.input_ids)
+            self.lora.stage(host.lora_requests, host.query_lens, size, graph is not None)
         if graph is None:
             ids, md, rows = self._stage_eager(host, prev)
             prompt = host if host.prompt_rows else None
@@ -423,7 +432,10 @@ class ModelRunner:
         """The scheduled tokens as flat host lists, one-token rows first. A sequence with
         speculative tokens feeds its last known token and them, and has logits at each."""
         bs = self.block_size
-        order = sorted(range(len(out)), key=lambda i: out.num_new_tokens[i] != 1)
+        # decodes first; the tokens of one adapter side by side (kiln.kernels.lora's tiles)
+        order = sorted(
+            range(len(out)), key=lambda i: (out.num_new_tokens[i] != 1, out.seqs[i].lora_int_id)
+        )
         host = HostInputs()
         input_ids, positions, slots = host.input_ids, host.positions, host.slots
         for i in order:
@@ -452,6 +464,7 @@ class ModelRunner:
                 idx = np.arange(c, c + n)
                 slots.extend((np.asarray(table)[idx // bs] * bs + idx % bs).tolist())
             host.query_lens.append(n)
+            host.lora_requests.append(seq.lora_request)
             host.context_lens.append(end - seq.num_evicted_tokens)
             host.tables.append(table)
             if end == len(seq) + len(spec := seq.spec_token_ids):

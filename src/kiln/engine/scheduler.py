@@ -126,10 +126,15 @@ class Scheduler:
     def _admit_waiting(self, out: SchedulerOutput, budget: int) -> None:
         bm = self.block_manager
         num_seqs = len(self.running)
+        adapters = {s.lora_int_id for s in self.running if s.lora_request is not None}
         while self.waiting and budget > 0:
             seq = self.waiting[0]
             if num_seqs + 1 + seq.pending_forks > self.config.max_num_seqs:
                 break
+            if seq.lora_request is not None and seq.lora_int_id not in adapters:
+                if len(adapters) >= self.config.max_loras:
+                    break  # its adapter waits for a device slot
+                adapters.add(seq.lora_int_id)
             if not seq.block_table and seq.params.prompt_logprobs is None:
                 bm.match_prefix(seq)  # (prompt logprobs need every prompt token computed)
             num_new = seq.num_uncomputed_tokens

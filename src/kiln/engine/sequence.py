@@ -66,6 +66,17 @@ class Sequence:
             self.prompt_logprobs = [None]
         self.prompt_logprobs_sent = False
         self.grammar: GrammarState | None = None  # structured outputs: the allowed tokens
+        self.lora_request = None  # kiln.engine.lora.LoRARequest: the adapter it runs with
+
+    @property
+    def lora_int_id(self) -> int:
+        """Its adapter's id (0: the base model)."""
+        return self.lora_request.lora_int_id if self.lora_request is not None else 0
+
+    @property
+    def cache_salt(self) -> tuple | None:
+        """The parent of its first prefix-cache block: blocks under an adapter are its own."""
+        return ("lora", self.lora_int_id) if self.lora_request is not None else None
 
     def __len__(self) -> int:
         """Tokens the sequence has, including any still in flight from the GPU."""
@@ -120,6 +131,7 @@ class Sequence:
         child.num_registered_blocks = self.num_registered_blocks
         child.prompt_logprobs = None  # the first completion carries the prompt's
         child.grammar = self.grammar.fork() if self.grammar is not None else None
+        child.lora_request = self.lora_request
         child.num_evicted_tokens = self.num_evicted_tokens
         return child
 

@@ -253,8 +253,10 @@ def _peft_targets(wrapped: list[str], all_modules: list[str]) -> list[str]:
     return short if selected == set(wrapped) else sorted(wrapped)
 
 
-def load_adapter(model: nn.Module, path: str | os.PathLike) -> nn.Module:
-    """Apply a PEFT LoRA adapter directory to `model` (unmerged, frozen); returns the model."""
+def read_adapter(
+    path: str | os.PathLike,
+) -> tuple[dict, dict[str, tuple[torch.Tensor, torch.Tensor]]]:
+    """A PEFT LoRA directory's checked config and its HF module name -> (lora_A, lora_B)."""
     path = Path(path)
     cfg_file, weights_file = path / ADAPTER_CONFIG, path / ADAPTER_WEIGHTS
     if not cfg_file.is_file() or not weights_file.is_file():
@@ -274,7 +276,19 @@ def load_adapter(model: nn.Module, path: str | os.PathLike) -> nn.Module:
             raise CheckpointError(f"{cfg_file}: {unsupported} is not supported by kiln")
     if cfg.get("bias", "none") != "none":
         raise CheckpointError(f"{cfg_file}: bias={cfg['bias']!r} is not supported (only 'none')")
-    weights = _adapter_tensors(weights_file)
+    return cfg, _adapter_tensors(weights_file)
+
+
+def adapter_scaling(cfg: dict, r: int) -> float:
+    """PEFT's scaling of B @ A: alpha / r (alpha / sqrt(r) with use_rslora)."""
+    alpha = cfg.get("lora_alpha", 8)
+    return alpha / math.sqrt(r) if cfg.get("use_rslora") else alpha / r
+
+
+def load_adapter(model: nn.Module, path: str | os.PathLike) -> nn.Module:
+    """Apply a PEFT LoRA adapter directory to `model` (unmerged, frozen); returns the model."""
+    cfg, weights = read_adapter(path)
+    path = Path(path)
     kiln_names = {hf: kiln for kiln, hf in hf_module_names(model).items()}
     for p in model.parameters():
         p.requires_grad_(False)
@@ -294,10 +308,8 @@ def load_adapter(model: nn.Module, path: str | os.PathLike) -> nn.Module:
                 f"has lora_A {tuple(a.shape)} and lora_B {tuple(b.shape)}, the model's layer is "
                 f"{base.in_features} -> {base.out_features}"
             )
-        alpha = cfg.get("lora_alpha", 8)
-        layer = LoraLinear(base, r, alpha).train(base.training)
-        if cfg.get("use_rslora"):
-            layer.scaling = alpha / math.sqrt(r)
+        layer = LoraLinear(base, r, cfg.get("lora_alpha", 8)).train(base.training)
+        layer.scaling = adapter_scaling(cfg, r)
         with torch.no_grad():
             layer.lora_A.weight.copy_(a)
             layer.lora_B.weight.copy_(b)

@@ -23,6 +23,7 @@ from kiln.engine.async_engine import EngineDeadError, EngineError, EngineStopped
 from kiln.errors import InputError, KilnError
 from kiln.serve import serving
 from kiln.serve.admission import AdmissionGate
+from kiln.serve.lora import LoRARegistry, lora_routes
 from kiln.serve.metrics import CONTENT_TYPE, ServerMetrics
 from kiln.serve.protocol import (
     APIError,
@@ -40,6 +41,7 @@ from kiln.serve.protocol import (
     input_error,
     parse_request,
 )
+from kiln.serve.rollout import RolloutCollector, RolloutTable
 from kiln.serve.serving import ServingContext
 from kiln.serve.tools import TOOL_PARSERS
 
@@ -66,11 +68,15 @@ def create_app(
     stream_send_timeout: float = DEFAULT_STREAM_SEND_TIMEOUT,
     request_id_tag: str = "",
     tool_call_parser: str | None = None,
+    lora_modules: dict[str, str] | None = None,
+    lora_root: str | None = None,
+    rollout_config: str | None = None,
 ) -> FastAPI:
     """An OpenAI-compatible app over `engine` (an AsyncLLM, started and drained by the app).
     With an `api_key` every route but /health needs it (/metrics too, unless public_metrics).
     `request_id_tag` starts every request id after its kind's prefix ("cmpl-w1-..."): which of
-    several API processes served it."""
+    several API processes served it." With enable_lora, `lora_modules` ({name: dir}) are
+    served from the start and more load at run time from under `lora_root`."""
     max_running = engine.config.max_num_seqs
     ctx = ServingContext(
         engine=engine,
@@ -81,6 +87,16 @@ def create_app(
         request_id_tag=request_id_tag,
         tool_parser=TOOL_PARSERS[tool_call_parser]() if tool_call_parser else None,
     )
+    if engine.config.enable_lora:
+        ctx.adapters = LoRARegistry(engine, served_model_name, lora_root)
+        for name, path in (lora_modules or {}).items():
+            ctx.adapters.add_static(name, path)
+    elif lora_modules:
+        raise InputError("--lora-modules needs --enable-lora")
+    if rollout_config is not None:  # routes over the base model and the adapters
+        known = {served_model_name, *(lora_modules or {})}
+        ctx.rollout = RolloutTable.from_file(rollout_config, known)
+        ctx.metrics.registry.register(RolloutCollector(ctx.rollout))
 
     @asynccontextmanager
     async def lifespan(app: FastAPI):
@@ -103,6 +119,8 @@ def create_app(
     app.include_router(_openapi_route(app), dependencies=auth)
     app.include_router(_v1_routes(ctx, max_body_bytes), dependencies=auth)
     app.include_router(_tokenizer_routes(ctx, max_body_bytes), dependencies=auth)
+    if ctx.adapters is not None:
+        app.include_router(lora_routes(ctx.adapters, max_body_bytes, _read_body), dependencies=auth)
     return app
 
 
@@ -158,7 +176,13 @@ def _v1_routes(ctx: ServingContext, max_body_bytes: int) -> APIRouter:
 
     @router.get("/models")
     async def models() -> ModelList:
-        return ModelList(data=[ModelCard(id=ctx.model_name, max_model_len=ctx.max_model_len)])
+        cards = [ModelCard(id=ctx.model_name, max_model_len=ctx.max_model_len)]
+        adapters = ctx.adapters.adapters.values() if ctx.adapters is not None else ()
+        cards += [ModelCard(id=a.lora_name, max_model_len=ctx.max_model_len, root=a.lora_path,
+                            parent=ctx.model_name) for a in adapters]  # fmt: skip
+        routes = ctx.rollout.routes if ctx.rollout is not None else {}
+        cards += [ModelCard(id=name, max_model_len=ctx.max_model_len) for name in routes]
+        return ModelList(data=cards)
 
     @router.post("/completions")
     async def completions(request: Request) -> Response:
@@ -177,7 +201,8 @@ def _v1_routes(ctx: ServingContext, max_body_bytes: int) -> APIRouter:
             )
             for m in max_tokens
         ]
-        job = serving.start_job(ctx, "cmpl", prompts, params, arrival)
+        model, routed = serving.route(ctx, req.model, request.headers)
+        job = serving.start_job(ctx, "cmpl", prompts, params, arrival, model, routed)
         job.num_prompt_logprobs = req.prompt_logprobs
         if req.echo:
             job.tracker.echo = await serving.echo_prompts(ctx, req, prompts)
@@ -194,7 +219,9 @@ def _v1_routes(ctx: ServingContext, max_body_bytes: int) -> APIRouter:
     @router.post("/embeddings")
     async def embeddings(request: Request) -> Response:
         req = parse_request(EmbeddingRequest, await _read_body(request, max_body_bytes))
-        _check_model(ctx, req.model)
+        if serving.lora_request(ctx, req.model) is not None:
+            raise APIError(400, "embeddings come from the base model, not a LoRA adapter",
+                           param="model")  # fmt: skip
         result = await _unless_disconnected(request, serving.embeddings(ctx, req))
         return JSONResponse(result.model_dump())
 
@@ -213,7 +240,8 @@ def _v1_routes(ctx: ServingContext, max_body_bytes: int) -> APIRouter:
         params = serving.sampling_params(
             ctx, {**kwargs, "structured_outputs": structured}, req.stream
         )
-        job = serving.start_job(ctx, "chatcmpl", [prompt], [params], arrival)
+        model, routed = serving.route(ctx, req.model, request.headers)
+        job = serving.start_job(ctx, "chatcmpl", [prompt], [params], arrival, model, routed)
         job.tool_stream = tool_stream
         return await _respond(
             ctx,
@@ -391,13 +419,7 @@ async def _read_body(request: Request, limit: int) -> bytes:
 
 
 def _check_model(ctx: ServingContext, model: str | None) -> None:
-    if model is not None and model != ctx.model_name:
-        raise APIError(
-            404,
-            f"the model {model!r} does not exist; this server serves {ctx.model_name!r}",
-            param="model",
-            code="model_not_found",
-        )
+    serving.check_model(ctx, model)
 
 
 def _auth(api_key: str | None):

@@ -74,6 +74,20 @@ def register(subparsers) -> None:
         help="how tool calls are found in a model's answer when tool_choice is auto: "
         "hermes (<tool_call> JSON blocks: Qwen, Hermes) or llama3_json (a JSON object)",
     )  # fmt: skip
+    p.add_argument(
+        "--lora-modules", nargs="+", default=[], metavar="NAME=DIR",
+        help="LoRA adapters (PEFT directories) served under NAME (with --enable-lora)",
+    )  # fmt: skip
+    p.add_argument(
+        "--lora-root", default=None,
+        help="the directory under which POST /v1/load_lora_adapter may load adapters "
+        "(unset: no loading at run time)",
+    )  # fmt: skip
+    p.add_argument(
+        "--rollout-config", default=None, metavar="FILE",
+        help="a JSON routing table: public model names -> versions with canary weights, "
+        "shadow targets and rollback rules (kiln.serve.rollout)",
+    )  # fmt: skip
     p.add_argument("--dtype", default=None, help="bfloat16, float16 or float32")
     p.add_argument("--device", default=None)
     p.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
@@ -83,6 +97,7 @@ def register(subparsers) -> None:
 
 def run(args: argparse.Namespace) -> int:
     from kiln.errors import InputError
+    from kiln.serve.lora import parse_lora_modules
     from kiln.serve.server import serve
 
     if not 1 <= args.port <= 65535:
@@ -121,6 +136,9 @@ def run(args: argparse.Namespace) -> int:
         stream_send_timeout=args.stream_send_timeout,
         api_server_count=args.api_server_count,
         tool_call_parser=args.tool_call_parser,
+        lora_modules=parse_lora_modules(args.lora_modules),
+        lora_root=args.lora_root,
+        rollout_config=args.rollout_config,
         **queue,
         **engine_args,
     )

@@ -180,6 +180,9 @@ def serve(
     stream_send_timeout: float = 60.0,
     api_server_count: int = 1,
     tool_call_parser: str | None = None,
+    lora_modules: dict[str, str] | None = None,
+    lora_root: str | None = None,
+    rollout_config: str | None = None,
     **engine_args: Any,
 ) -> None:
     """Load `model`, serve it over HTTP until SIGTERM/SIGINT, then drain and return;
@@ -192,6 +195,7 @@ def serve(
         log_level=log_level, drain_timeout=drain_timeout, max_connections=max_connections,
         http=http, loop=loop, public_metrics=public_metrics,
         stream_send_timeout=stream_send_timeout, tool_call_parser=tool_call_parser,
+        lora_modules=lora_modules, lora_root=lora_root, rollout_config=rollout_config,
     )  # fmt: skip
     warning = backlog_warning(backlog)
     if warning:
@@ -236,6 +240,9 @@ def run_server(
     sockets: list[socket.socket] | None = None,
     request_id_tag: str = "",
     tool_call_parser: str | None = None,
+    lora_modules: dict[str, str] | None = None,
+    lora_root: str | None = None,
+    rollout_config: str | None = None,
     **listen: Any,
 ) -> None:
     """Serve `engine` with uvicorn (on `sockets`, else on listen's host, port and backlog)
@@ -245,7 +252,8 @@ def run_server(
     app = create_app(engine, served_model_name, api_key=api_key, max_queue=max_queue,
                      public_metrics=public_metrics, stream_send_timeout=stream_send_timeout,
                      request_id_tag=request_id_tag,
-                     tool_call_parser=tool_call_parser)  # fmt: skip
+                     tool_call_parser=tool_call_parser, lora_modules=lora_modules,
+                     lora_root=lora_root, rollout_config=rollout_config)  # fmt: skip
     config = uvicorn.Config(
         app, log_level=log_level, access_log=False, http=http_protocol(http), loop=loop,
         limit_concurrency=max_connections, **listen,

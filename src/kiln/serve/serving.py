@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import dataclasses
 import json
 import logging
 import time
@@ -52,6 +53,7 @@ from kiln.serve.protocol import (
     error_body,
     input_error,
 )
+from kiln.serve.rollout import Outcome
 from kiln.serve.tools import (
     NamedStream,
     RequiredStream,
@@ -74,6 +76,8 @@ class ServingContext:
     stream_send_timeout: float = 60.0
     request_id_tag: str = ""  # "w1-": which of several API processes made the id
     tool_parser: ToolParser | None = None  # --tool-call-parser: finds calls in free text
+    adapters: Any = None  # kiln.serve.lora.LoRARegistry when the engine serves LoRA
+    rollout: Any = None  # kiln.serve.rollout.RolloutTable (--rollout-config)
 
     @property
     def tokenizer(self):
@@ -241,20 +245,70 @@ def sampling_params(ctx: ServingContext, kwargs: dict[str, Any], stream: bool):
 # ---- engine streams -----------------------------------------------------------------------
 
 
+def route(ctx: ServingContext, model: str | None, headers) -> tuple[str | None, Any]:
+    """(the model that serves the request, (route, version) or None): a rollout route's name
+    picks a version by its weights (the same one for the same sticky header value)."""
+    table = ctx.rollout
+    if table is None or model not in table.routes:
+        return model, None
+    version = table.pick(model, headers.get(table.routes[model].sticky_header))
+    return version, (model, version)
+
+
+async def _shadow(ctx: ServingContext, prompt, params, target: str, public: str) -> None:
+    """A copy of a request for a shadow target: measured, its answer discarded."""
+    from kiln.engine.sampling_params import RequestOutputKind
+
+    params = dataclasses.replace(params, output_kind=RequestOutputKind.FINAL_ONLY)
+    try:
+        stream = run_request(
+            ctx, prompt, params, new_id("shadow", ctx.request_id_tag), time.monotonic(),
+            lora_request=lora_request(ctx, target), routed=(public, target),
+        )  # fmt: skip
+        async for _ in stream:
+            pass
+    except Exception as e:  # the client never sees a shadow's failure; the table does
+        log.info("shadow %s of %s failed: %s", target, public, e)
+
+
+def check_model(ctx: ServingContext, model: str | None) -> None:
+    """404 unless `model` is the base model, a served adapter or a rollout route."""
+    if ctx.rollout is None or model not in ctx.rollout.routes:
+        lora_request(ctx, model)
+
+
+def lora_request(ctx: ServingContext, model: str | None):
+    """The LoRARequest of the adapter `model` names; None for the base model (or no name);
+    404 for a name the server does not serve."""
+    if model is None or model == ctx.model_name:
+        return None
+    lora = ctx.adapters.get(model) if ctx.adapters is not None else None
+    if lora is None:
+        raise APIError(
+            404,
+            f"the model {model!r} does not exist; this server serves {ctx.model_name!r}",
+            param="model",
+            code="model_not_found",
+        )
+    return lora
+
+
 def new_id(prefix: str, tag: str = "") -> str:
     return f"{prefix}-{tag}{uuid.uuid4().hex}"
 
 
 async def run_request(
     ctx: ServingContext, prompt: list[int], params, request_id: str, arrival: float,
-    on_end: Callable[[], None] = lambda: None,
+    on_end: Callable[[], None] = lambda: None, lora_request: Any = None,
+    routed: tuple[str, str] | None = None,
 ) -> AsyncIterator[Any]:  # fmt: skip
     """The engine's outputs for one prompt; records latencies and finish reasons. Closing
     the engine's stream early (disconnect, error, cancellation) aborts the request."""
     first_token = None
     tokens: dict[int, int] = {}
-    finished = False
-    stream = ctx.engine.generate(prompt, params, request_id)
+    finished = failed = False
+    logprob = None  # the first completion's cumulative logprob (rollout's quality signal)
+    stream = ctx.engine.generate(prompt, params, request_id, lora_request=lora_request)
     try:
         async for out in stream:
             for c in out.outputs:
@@ -263,9 +317,19 @@ async def run_request(
                 tokens[c.index] = tokens.get(c.index, 0) + len(c.token_ids)
                 if c.finish_reason:
                     ctx.metrics.finished.labels(c.finish_reason).inc()
+                if c.index == 0:
+                    logprob = c.cumulative_logprob
             finished = out.finished
             yield out
+    except Exception:
+        failed = True
+        raise
     finally:
+        if routed is not None and (finished or failed):
+            n = tokens.get(0, 0)
+            mean = logprob / n if logprob is not None and n else None
+            outcome = Outcome(finished, time.monotonic() - arrival, mean, n)
+            ctx.rollout.record(*routed, outcome)
         await stream.aclose()
         on_end()
         if finished:
@@ -404,14 +468,26 @@ class Job:
 
 
 def start_job(
-    ctx: ServingContext, prefix: str, prompts: list[list[int]], params: list, arrival: float
-) -> Job:
-    """Engine streams for each prompt and its params (nothing runs until they are iterated)."""
+    ctx: ServingContext, prefix: str, prompts: list[list[int]], params: list, arrival: float,
+    model: str | None = None, routed: tuple[str, str] | None = None,
+) -> Job:  # fmt: skip
+    """Engine streams for each prompt and its params (nothing runs until they are iterated),
+    with the LoRA adapter `model` names, if it names one. `routed`: (route, version) the
+    rollout table chose (outcomes recorded there; copies go to the route's shadows)."""
+    lora = lora_request(ctx, model)
+    if routed is not None:
+        for target in ctx.rollout.routes[routed[0]].shadow:
+            for p, sp in zip(prompts, params):
+                task = asyncio.create_task(_shadow(ctx, p, sp, target, routed[0]))
+                ctx.rollout.shadows.add(task)  # (a task nobody holds may be collected)
+                task.add_done_callback(ctx.rollout.shadows.discard)
     request_id = new_id(prefix, ctx.request_id_tag)
     job = Job(request_id, [], DeltaTracker(params[0].n, [len(p) for p in prompts]),
               params[0].logprobs, [p.n for p in params], prompts)  # fmt: skip
     job.streams = [
-        run_request(ctx, p, sp, f"{request_id}-{i}", arrival, lambda i=i: job.release(i))
+        run_request(
+            ctx, p, sp, f"{request_id}-{i}", arrival, lambda i=i: job.release(i), lora, routed
+        )  # fmt: skip
         for i, (p, sp) in enumerate(zip(prompts, params))
     ]
     return job

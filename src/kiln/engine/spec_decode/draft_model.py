@@ -91,7 +91,7 @@ class DraftModelProposer:
         # graphs for larger batches, nor for steps of more than 256 tokens (prompts).
         most = config.speculative.disable_by_batch_size
         config = dataclasses.replace(
-            config, num_kv_blocks=num_blocks, speculative_config=None,
+            config, num_kv_blocks=num_blocks, speculative_config=None, enable_lora=False,
             max_cuda_graph_batch_size=min(config.max_cuda_graph_batch_size, most),
             max_cuda_graph_tokens=min(config.max_cuda_graph_tokens, 256),
         )  # fmt: skip
