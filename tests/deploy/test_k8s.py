@@ -10,6 +10,7 @@ from pathlib import Path
 
 import pytest
 import yaml
+from fake_engine import IDLE_STATS
 
 from deploy.promql import exported_names, metric_names
 from kiln.cli import build_parser
@@ -117,9 +118,6 @@ def test_hpa_scales_the_deployment_on_the_adapters_queue_metric():
     adapter_doc = next(d for d in manifests() if d["metadata"]["name"] == "adapter-config")
     (rule,) = yaml.safe_load(adapter_doc["data"]["config.yaml"])["rules"]
     assert metric["pods"]["metric"]["name"] == rule["name"]["as"]
-    stats = dict(num_running=0, num_waiting=0, kv_cache_usage=0.0, num_free_blocks=1,
-                 num_total_blocks=1, prefix_cache_hits=0, prefix_cache_queries=0,
-                 prompt_tokens_total=0, generation_tokens_total=0)  # fmt: skip
-    exported = exported_names(ServerMetrics(lambda: stats).render().decode())
+    exported = exported_names(ServerMetrics(lambda: IDLE_STATS).render().decode())
     series = metric_names(rule["seriesQuery"])
     assert series == {"kiln:num_requests_waiting"} and series <= exported

@@ -6,6 +6,7 @@ import contextlib
 
 import httpx
 import pytest
+from fake_engine import IdleEngine
 
 from serve.live_server import start_server, wait_all_blocks_free
 
@@ -101,35 +102,13 @@ def test_n_beyond_max_num_seqs_is_400_and_does_not_wedge_the_queue(small, stream
     wait_all_blocks_free(small.url)
 
 
-class _IdleEngine:
-    """Just enough of AsyncLLM for routes that never reach the engine."""
-
-    config = type("C", (), {"max_num_seqs": 4})
-    tokenizer = None
-    max_model_len = 16
-    is_running = True
-
-    def stats(self) -> dict:
-        return dict(num_running=0, num_waiting=0, kv_cache_usage=0.0, num_free_blocks=1,
-                    num_total_blocks=1, prefix_cache_hits=0, prefix_cache_queries=0,
-                    prompt_tokens_total=0, generation_tokens_total=0, kv_pool_tokens=16,
-                    kv_blocks_per_seq_mean=0.0, kv_blocks_per_seq_max=0,
-                    kv_evicted_blocks_total=0)  # fmt: skip
-
-    async def start(self) -> None:
-        pass
-
-    async def shutdown(self, drain=True, timeout=None) -> None:
-        pass
-
-
 @pytest.mark.parametrize("public_metrics", [False, True])
 def test_api_key_guards_metrics_and_openapi_unless_metrics_are_public(public_metrics):
     from fastapi.testclient import TestClient
 
     from kiln.serve.api import create_app
 
-    app = create_app(_IdleEngine(), "tiny", api_key=KEY, public_metrics=public_metrics)
+    app = create_app(IdleEngine(), "tiny", api_key=KEY, public_metrics=public_metrics)
     with TestClient(app) as http:
         assert http.get("/health").status_code == 200
         assert http.get("/openapi.json").status_code == 401

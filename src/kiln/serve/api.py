@@ -111,7 +111,7 @@ def create_app(
 
     app = FastAPI(title="kiln", lifespan=lifespan, docs_url=None, redoc_url=None, openapi_url=None)
     app.state.ctx = ctx
-    _add_error_handlers(app)
+    _add_error_handlers(app, lambda status: ctx.metrics.errors.labels(str(status)).inc())
     auth = [Depends(_auth(api_key))]
     app.include_router(_health_route(ctx))
     app.include_router(_ui_route())
@@ -442,11 +442,11 @@ def _error(e: APIError) -> JSONResponse:
     return JSONResponse(e.body(), status_code=e.status, headers=e.headers)
 
 
-def _add_error_handlers(app: FastAPI) -> None:
-    errors = app.state.ctx.metrics.errors
+def _add_error_handlers(app: FastAPI, count: Callable[[int], None] = lambda status: None) -> None:
+    """OpenAI-shaped bodies for every failure; `count(status)` for each error answered."""
 
     def counted(response: Response) -> Response:
-        errors.labels(str(response.status_code)).inc()
+        count(response.status_code)
         return response
 
     @app.exception_handler(APIError)
