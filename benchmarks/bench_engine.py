@@ -20,7 +20,7 @@ import torch
 from shapes import QWEN3_0_6B
 
 from kiln.engine import LLM, SamplingParams
-from kiln.eval.bench import offline_workload, run_offline
+from kiln.eval.workload import offline_workload, run_offline
 
 QWEN3_06B = {**QWEN3_0_6B, "max_position_embeddings": 4096}
 

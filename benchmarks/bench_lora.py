@@ -23,7 +23,7 @@ from safetensors.torch import save_file
 from shapes import QWEN3_0_6B
 
 from kiln.engine import LLM, LoRARequest, SamplingParams
-from kiln.eval.bench import offline_workload
+from kiln.eval.workload import offline_workload
 
 TINY = dict(QWEN3_0_6B, vocab_size=512, hidden_size=64, intermediate_size=128,
             num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2, head_dim=16,

@@ -11,7 +11,7 @@
   launch config (kiln.kernels.quant_linear.sweep_configs) and prints the best;
 - decode: batch-1 greedy decode tokens/s through kiln.LLM, bf16 vs W4A16 g128 vs W8A16, on a
   random Llama-3-8B-shaped checkpoint (RTN-quantized on the GPU, written once to --cache);
-- offline: nano-vllm's offline workload (kiln.eval.bench), W4A16 vs bf16.
+- offline: nano-vllm's offline workload (kiln.eval.workload), W4A16 vs bf16.
 Without CUDA every part runs at tiny sizes (the torch reference path) to show that it works.
 """
 
@@ -29,7 +29,7 @@ import torch
 import torch.nn.functional as F
 from safetensors.torch import save_file
 
-from kiln.eval.bench import offline_workload, run_offline
+from kiln.eval.workload import offline_workload, run_offline
 from kiln.kernels.quant_layout import dequantize_ref, pack
 from kiln.kernels.quant_linear import (
     dequantize_triton,

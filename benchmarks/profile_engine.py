@@ -24,7 +24,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from bench_engine import QWEN3_06B, build_model  # noqa: E402
 
 from kiln.engine import LLM, SamplingParams  # noqa: E402
-from kiln.eval.bench import offline_workload, run_offline  # noqa: E402
+from kiln.eval.workload import offline_workload, run_offline  # noqa: E402
 
 TIMES: dict[str, float] = collections.defaultdict(float)
 COUNTS: dict[str, int] = collections.defaultdict(int)

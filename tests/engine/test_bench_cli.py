@@ -5,7 +5,7 @@ import json
 import pytest
 
 from kiln.cli import main
-from kiln.eval.bench import fit_lengths
+from kiln.eval.workload import fit_lengths
 
 
 @pytest.mark.parametrize("extra", [[], ["--lockstep"]], ids=["default", "lockstep"])

@@ -3,7 +3,7 @@ off, one at a time, on fixed workloads.
 
 Workloads (greedy, ignore_eos; sizes are flags, scaled down to fit a short context):
   latency     one request: a prompt of P tokens, N new tokens (end-to-end seconds)
-  throughput  nano-vllm's offline workload (kiln.eval.bench.offline_workload), all at once
+  throughput  nano-vllm's offline workload (kiln.eval.workload.offline_workload), all at once
   prefix      R requests sharing a long prefix, each with its own short suffix, all at once
   memory      KV slots reserved but holding no token, paged blocks vs contiguous preallocation
 
@@ -95,7 +95,7 @@ class Workloads:
 
     def fit(self, context: int) -> None:
         """Shrink every request to fit a model of `context` tokens."""
-        from kiln.eval.bench import fit_lengths
+        from kiln.eval.workload import fit_lengths
 
         self.input_len, self.output_len = fit_lengths(self.input_len, self.output_len, context)
         (self.latency_prompt, _), (self.latency_tokens, _) = fit_lengths(
@@ -128,7 +128,7 @@ class Workloads:
         return self._shift([rng.randrange(self.vocab) for _ in range(self.latency_prompt)], rep)
 
     def throughput(self, rep: int = 0) -> list[tuple[list[int], int]]:
-        from kiln.eval.bench import offline_workload
+        from kiln.eval.workload import offline_workload
 
         work = offline_workload(
             self.num_prompts, self.input_len, self.output_len, self.vocab, self.seed
