@@ -382,14 +382,12 @@ class ModelRunner:
         num_logits = len(host.logits_indices)
         graphs = self.graph_runner
         graph = None
-        if self.backend.calibrating:  # eager: the step sets the KV scales
-            pass
+        if self.backend.calibrating or host.prompt_rows:
+            pass  # eager: the step sets the KV scales / reads every row's hidden state
         elif host.num_decodes == b and (size := graphs.batch_size(b)) is not None:
             graph = ("decode", size)
         elif (size := graphs.mixed_size(len(host.input_ids), max(b, num_logits))) is not None:
             graph = ("mixed", size)
-        if host.prompt_rows:  # prompt logprobs read every row's hidden state: eager
-            graph = None
         fast = sampler.fast_path_ok(seqs)
         every_row = len(seqs) == b or (graph is not None and graph[0] == "mixed")
         if logits_only or any(out.num_spec_tokens):
@@ -433,17 +431,22 @@ class ModelRunner:
         speculative tokens feeds its last known token and them, and has logits at each."""
         bs = self.block_size
         # decodes first; the tokens of one adapter side by side (kiln.kernels.lora's tiles)
-        order = sorted(
-            range(len(out)), key=lambda i: (out.num_new_tokens[i] != 1, out.seqs[i].lora_int_id)
-        )
+        if self.lora is None:
+            order = sorted(range(len(out)), key=lambda i: out.num_new_tokens[i] != 1)
+        else:
+            order = sorted(
+                range(len(out)),
+                key=lambda i: (out.num_new_tokens[i] != 1, out.seqs[i].lora_int_id),
+            )
         host = HostInputs()
         input_ids, positions, slots = host.input_ids, host.positions, host.slots
         for i in order:
             seq, n = out.seqs[i], out.num_new_tokens[i]
             start, end = seq.num_computed_tokens, seq.num_computed_tokens + n
             table = seq.block_table
-            scored = seq.needs_prompt_logprobs(start, end)
-            if scored:
+            if seq.prompt_logprobs is not None and (
+                scored := seq.needs_prompt_logprobs(start, end)
+            ):
                 host.prompt_rows.extend(len(input_ids) + p - start for p in scored)
                 host.prompt_targets.extend(seq.token_ids[p + 1] for p in scored)
                 host.prompt_seqs.append((seq, len(scored)))
