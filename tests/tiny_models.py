@@ -48,6 +48,29 @@ FAMILIES: dict[str, tuple[str, dict]] = {
     "qwen3": ("Qwen3Config", {**BASE, "head_dim": 32, "tie_word_embeddings": True}),
     "mistral": ("MistralConfig", {**BASE, "sliding_window": 8}),
     "mixtral": ("MixtralConfig", {**BASE, "num_local_experts": 4, "num_experts_per_tok": 2}),
+    "qwen3_moe": (  # layer 1 dense (mlp_only_layers), top-2 of 8 without renormalization
+        "Qwen3MoeConfig",
+        {
+            **BASE,
+            "head_dim": 32,
+            "num_experts": 8,
+            "num_experts_per_tok": 2,
+            "moe_intermediate_size": 32,
+            "norm_topk_prob": False,
+            "mlp_only_layers": [1],
+        },
+    ),
+    "qwen3_moe_norm": (
+        "Qwen3MoeConfig",
+        {
+            **BASE,
+            "num_experts": 4,
+            "num_experts_per_tok": 3,
+            "moe_intermediate_size": 48,
+            "norm_topk_prob": True,
+            "tie_word_embeddings": True,
+        },
+    ),
     "gpt2": (
         "GPT2Config",
         dict(

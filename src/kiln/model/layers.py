@@ -118,21 +118,40 @@ class MLP(nn.Module):
         return self.down_proj(self.act(self.up_proj(x)))
 
 
+def route(
+    router_logits: torch.Tensor, top_k: int, renormalize: bool
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Softmax over the experts in float32, the top-k (weights [N, k] float32, ids [N, k]),
+    the k weights renormalized to sum to 1 when `renormalize` (Mixtral; Qwen3-MoE's
+    norm_topk_prob)."""
+    probs = F.softmax(router_logits, dim=-1, dtype=torch.float32)
+    weights, chosen = torch.topk(probs, top_k, dim=-1)
+    if renormalize:
+        weights = weights / weights.sum(-1, keepdim=True)
+    return weights, chosen
+
+
 class MoE(nn.Module):
-    """Mixtral's sparse MLP: softmax router, top-k experts, weights renormalized over the k."""
+    """Sparse MLP (Mixtral, Qwen3-MoE): softmax router, top-k experts, weights renormalized over
+    the k as the family says. In training the router logits of the last forward are kept
+    (`router_logits`, [N, E]) for the auxiliary losses (kiln.train.moe_loss)."""
 
     def __init__(self, config: ModelConfig):
         super().__init__()
         self.top_k = config.num_experts_per_tok
+        self.renormalize = config.norm_topk_prob
         self.gate = nn.Linear(config.hidden_size, config.num_experts, bias=False)
-        self.experts = nn.ModuleList(MLP(config) for _ in range(config.num_experts))
+        inter = config.moe_intermediate_size
+        self.experts = nn.ModuleList(MLP(config, inter) for _ in range(config.num_experts))
+        self.router_logits: torch.Tensor | None = None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         shape = x.shape
         x = x.reshape(-1, shape[-1])  # [N, H]
-        probs = F.softmax(self.gate(x), dim=-1, dtype=torch.float32)  # [N, E]
-        weights, chosen = torch.topk(probs, self.top_k, dim=-1)  # [N, k]
-        weights = (weights / weights.sum(-1, keepdim=True)).to(x.dtype)
+        logits = self.gate(x)  # [N, E]
+        self.router_logits = logits if self.training else None
+        weights, chosen = route(logits, self.top_k, self.renormalize)  # [N, k]
+        weights = weights.to(x.dtype)
         out = torch.zeros_like(x)
         # Loop over experts, gathering the tokens routed to each (no dense E x N compute).
         for e in chosen.unique().tolist():
