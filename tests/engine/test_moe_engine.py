@@ -22,3 +22,18 @@ def test_greedy_with_chunked_prefill_and_preemption(hf_model_dir, random_prompts
     assert llm.engine.scheduler.num_preemptions > 0
     assert [o.outputs[0].token_ids for o in out] == expected
     llm.engine.block_manager.check_all_free()
+
+
+def test_fused_moe_layers_with_triton_kernels(hf_model_dir, random_prompts, hf_greedy):
+    """The engine stacks each MoE layer's experts (FusedMoE) and runs the Triton grouped GEMMs
+    (the interpreter here): transformers' greedy tokens, chunked prefill included."""
+    from kiln.engine.fuse import FusedMoE
+
+    path, hf = hf_model_dir("qwen3_moe")
+    prompts = random_prompts((21, 5), seed=5)
+    params = SamplingParams(temperature=0.0, max_tokens=8, ignore_eos=True)
+    llm = LLM(str(path), device="cpu", attention_backend="triton", max_num_batched_tokens=16)
+    mlps = [layer.mlp for layer in llm.engine.runner.model.layers]
+    assert isinstance(mlps[0], FusedMoE) and not isinstance(mlps[1], FusedMoE)  # layer 1 dense
+    out = llm.generate(prompt_token_ids=prompts, sampling_params=params)
+    assert [o.outputs[0].token_ids for o in out] == [hf_greedy(hf, p, 8) for p in prompts]
