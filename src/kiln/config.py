@@ -369,7 +369,8 @@ def _moe_params(hf: dict[str, Any], num_layers: int) -> dict[str, Any]:
 
 def _sliding_windows(hf: dict[str, Any], num_layers: int) -> list[int | None]:
     window = _int(hf, "sliding_window", None)
-    if hf["model_type"] in ("qwen2", "qwen3", "qwen3_moe") and not hf.get("use_sliding_window", False):
+    qwen = hf["model_type"] in ("qwen2", "qwen3", "qwen3_moe")
+    if qwen and not hf.get("use_sliding_window", False):
         window = None
     layer_types = hf.get("layer_types")
     if layer_types is not None and (
@@ -378,7 +379,7 @@ def _sliding_windows(hf: dict[str, Any], num_layers: int) -> list[int | None]:
         raise ConfigError(f"layer_types must list one type for each of the {num_layers} layers")
     if layer_types and window:
         return [window if t == "sliding_attention" else None for t in layer_types]
-    if hf["model_type"] in ("qwen2", "qwen3", "qwen3_moe") and window:
+    if qwen and window:
         first_full = _int(hf, "max_window_layers", num_layers, minimum=0)
         return [window if i >= first_full else None for i in range(num_layers)]
     return [window] * num_layers

@@ -15,9 +15,7 @@ def test_greedy_with_chunked_prefill_and_preemption(hf_model_dir, random_prompts
     expected = [hf_greedy(hf, p, 32) for p in prompts]
     # 6 blocks of 16 tokens for four sequences growing to 39..82 tokens: preemptions; chunks
     # of at most 24 tokens split the longer prompts.
-    llm = LLM(
-        str(path), device="cpu", num_kv_blocks=6, max_model_len=96, max_num_batched_tokens=24
-    )
+    llm = LLM(str(path), device="cpu", num_kv_blocks=6, max_model_len=96, max_num_batched_tokens=24)
     out = llm.generate(prompt_token_ids=prompts, sampling_params=PARAMS)
     assert llm.engine.scheduler.num_preemptions > 0
     assert [o.outputs[0].token_ids for o in out] == expected
