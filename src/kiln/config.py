@@ -113,6 +113,12 @@ class ModelConfig:
         layers = _int(hf, "num_hidden_layers")
         moe = _moe_params(hf, layers) if mt in ("mixtral", "qwen3_moe") else {}
         theta, scaling = _rope_params(hf)
+        context = _int(hf, "max_position_embeddings", 2048)
+        if scaling and scaling["rope_type"] == "yarn":
+            scaling.setdefault("original_max_position_embeddings", context)
+        if scaling and scaling["rope_type"] == "dynamic":  # kiln's context: factor times
+            scaling["original_max_position_embeddings"] = context
+            context = int(context * scaling["factor"])
         return cls(
             model_type=mt,
             vocab_size=_int(hf, "vocab_size"),
@@ -122,7 +128,7 @@ class ModelConfig:
             num_heads=heads,
             num_kv_heads=_int(hf, "num_key_value_heads", heads),
             head_dim=_int(hf, "head_dim", hidden // heads),
-            max_position_embeddings=_int(hf, "max_position_embeddings", 2048),
+            max_position_embeddings=context,
             norm_eps=_positive(hf, "rms_norm_eps", 1e-6),
             activation=_activation(hf.get("hidden_act", "silu")),
             rope_theta=theta,
@@ -225,6 +231,8 @@ class ModelConfig:
         rope = {"rope_type": "default", "rope_theta": self.rope_theta}
         if self.rope_scaling:
             rope.update(self.rope_scaling)
+        if rope["rope_type"] == "dynamic":  # back to the original context
+            out["max_position_embeddings"] = rope.pop("original_max_position_embeddings")
         out.pop("rope_scaling", None)
         out["rope_parameters"] = rope
         out["rope_theta"] = self.rope_theta
@@ -337,6 +345,13 @@ def _rope_params(hf: dict[str, Any]) -> tuple[float, dict[str, Any] | None]:
     _positive(scaling, "factor", None)
     if rope_type == "llama3":
         _int(scaling, "original_max_position_embeddings")
+    if rope_type == "yarn":
+        _int(scaling, "original_max_position_embeddings", None)
+        for key in ("attention_factor", "beta_fast", "beta_slow", "mscale", "mscale_all_dim"):
+            if scaling.get(key) is not None:
+                _positive(scaling, key, None)
+    if scaling.get("partial_rotary_factor", 1.0) != 1.0:
+        raise ConfigError("partial_rotary_factor != 1 is not supported")
     return theta, {"rope_type": rope_type, **scaling}
 
 

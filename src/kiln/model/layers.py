@@ -9,6 +9,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from kiln.config import ModelConfig
+from kiln.model.rope_scaling import dynamic_ntk_freqs, yarn_inv_freq
 
 
 class RMSNorm(nn.Module):
@@ -34,7 +35,7 @@ def make_norm(config: ModelConfig, dim: int | None = None) -> nn.Module:
 
 
 def rope_inv_freq(config: ModelConfig) -> torch.Tensor:
-    """Inverse frequencies [head_dim / 2], with linear or llama3 scaling applied."""
+    """Inverse frequencies [head_dim / 2], with linear, llama3 or YaRN scaling applied."""
     d = config.head_dim
     inv_freq = 1.0 / (config.rope_theta ** (torch.arange(0, d, 2, dtype=torch.float64) / d))
     scaling = config.rope_scaling or {}
@@ -52,6 +53,8 @@ def rope_inv_freq(config: ModelConfig) -> torch.Tensor:
         smoothed = (1 - smooth) * scaled / factor + smooth * scaled
         medium = (wavelen >= high_wavelen) & (wavelen <= low_wavelen)
         inv_freq = torch.where(medium, smoothed, scaled)
+    elif kind == "yarn":
+        return yarn_inv_freq(d, config.rope_theta, scaling)[0]
     return inv_freq.float()
 
 
@@ -64,10 +67,19 @@ class RotaryEmbedding(nn.Module):
         self.register_buffer("cos_sin", self._table(None), persistent=False)
 
     def _table(self, device: torch.device | None) -> torch.Tensor:
-        inv_freq = rope_inv_freq(self.config).to(device)
-        t = torch.arange(self.config.max_position_embeddings, device=device, dtype=torch.float32)
-        freqs = torch.outer(t, inv_freq)  # [max_pos, head_dim / 2]
-        return torch.cat([freqs.cos(), freqs.sin()], dim=-1)  # [max_pos, head_dim]
+        c = self.config
+        scaling = c.rope_scaling or {}
+        if scaling.get("rope_type") == "dynamic":
+            freqs = dynamic_ntk_freqs(c.head_dim, c.rope_theta, scaling, c.max_position_embeddings)
+            freqs = freqs.to(device)
+        else:
+            inv_freq = rope_inv_freq(c).to(device)
+            t = torch.arange(c.max_position_embeddings, device=device, dtype=torch.float32)
+            freqs = torch.outer(t, inv_freq)  # [max_pos, head_dim / 2]
+        table = torch.cat([freqs.cos(), freqs.sin()], dim=-1)  # [max_pos, head_dim]
+        if scaling.get("rope_type") == "yarn":  # YaRN's attention factor scales cos and sin
+            table = table * yarn_inv_freq(c.head_dim, c.rope_theta, scaling)[1]
+        return table
 
     def reset(self, device: torch.device) -> None:
         """Recompute the table on `device` (after loading weights onto a meta-built model)."""

@@ -1,5 +1,5 @@
-"""Qwen3-MoE and Mixtral in the engine: greedy tokens equal transformers' under chunked prefill
-and preemption, with the torch references and (interpreted) Triton kernels alike."""
+"""Qwen3-MoE, Mixtral and YaRN in the engine: greedy tokens equal transformers' under chunked
+prefill and preemption, with the torch references and (interpreted) Triton kernels alike."""
 
 import pytest
 
@@ -35,3 +35,14 @@ def test_fused_moe_layers_with_triton_kernels(hf_model_dir, random_prompts, hf_g
     assert isinstance(mlps[0], FusedMoE) and not isinstance(mlps[1], FusedMoE)  # layer 1 dense
     out = llm.generate(prompt_token_ids=prompts, sampling_params=params)
     assert [o.outputs[0].token_ids for o in out] == [hf_greedy(hf, p, 8) for p in prompts]
+
+
+def test_yarn_engine_with_preemption_and_chunked_prefill(hf_model_dir, random_prompts, hf_greedy):
+    path, hf = hf_model_dir("llama_yarn")  # positions past the original 64
+    prompts = random_prompts((70, 7, 50, 16), seed=6)
+    params = SamplingParams(temperature=0.0, max_tokens=32, ignore_eos=True)
+    llm = LLM(str(path), device="cpu", num_kv_blocks=8, max_model_len=128,
+              max_num_batched_tokens=24)  # fmt: skip
+    out = llm.generate(prompt_token_ids=prompts, sampling_params=params)
+    assert llm.engine.scheduler.num_preemptions > 0
+    assert [o.outputs[0].token_ids for o in out] == [hf_greedy(hf, p, 32) for p in prompts]
