@@ -29,7 +29,9 @@ def test_missing_config(tmp_path):
 
 def test_unsupported_model_type_lists_supported(tmp_path):
     (tmp_path / "config.json").write_text(json.dumps({"model_type": "bert"}))
-    with pytest.raises(ConfigError, match="'bert'.*llama, qwen2, qwen3, qwen3_moe, mistral, mixtral, gpt2"):
+    with pytest.raises(
+        ConfigError, match="'bert'.*llama, qwen2, qwen3, qwen3_moe, mistral, mixtral, gpt2"
+    ):
         kiln.load_model(tmp_path)
 
 
