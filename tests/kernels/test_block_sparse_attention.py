@@ -48,13 +48,12 @@ def test_csr_lists_each_rows_blocks():
         assert cols[i, : nnz[i]].tolist() == layout[i].nonzero().flatten().tolist()
 
 
-@pytest.mark.parametrize("causal", [True, False])
 @pytest.mark.parametrize(
-    "seq_len,block,heads,kv_heads",
-    [(80, 16, 2, 1), (64, 32, 2, 2), (45, 16, 4, 2)],
+    "seq_len,block,heads,kv_heads,causal",
+    [(80, 16, 2, 1, True), (45, 16, 4, 2, False), (64, 32, 2, 2, True)],
 )
-def test_kernel_matches_masked_dense(dtype, device, check, poisoned, causal, seq_len, block,
-                                     heads, kv_heads):  # fmt: skip
+def test_kernel_matches_masked_dense(dtype, device, check, poisoned, seq_len, block, heads,
+                                     kv_heads, causal):  # fmt: skip
     n = -(-seq_len // block)
     layout = bigbird_layout(n, window=1, global_blocks=1, num_random=1, seed=1, causal=causal)
     q = torch.randn(2, seq_len, heads, 16, device=device, dtype=dtype)
@@ -94,3 +93,16 @@ def test_backend_in_the_model(hf_model_dir):
         p.requires_grad_(True)
     model(ids, backend=backend).logsumexp(-1).mean().backward()  # the reference path
     assert model.layers[0].self_attn.q_proj.weight.grad.abs().sum() > 0
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("pattern", ["longformer", "bigbird"])
+def test_kernel_at_4k_tokens(check, pattern):
+    """The benchmark's shape: 4096 tokens, blocks of 64, 16/8 heads of 128, bfloat16."""
+    n = 4096 // 64
+    layout = (longformer_layout(n, 4, 1) if pattern == "longformer"
+              else bigbird_layout(n, 3, 2, 3))  # fmt: skip
+    q = torch.randn(1, 4096, 16, 128, device="cuda", dtype=torch.bfloat16)
+    k, v = (torch.randn(1, 4096, 8, 128, device="cuda", dtype=torch.bfloat16) for _ in range(2))
+    out = block_sparse_attention_triton(q, k, v, layout, 64, 128**-0.5)
+    check(out, block_sparse_attention_ref(q, k, v, layout, 64, 128**-0.5))
