@@ -46,3 +46,15 @@ def test_yarn_engine_with_preemption_and_chunked_prefill(hf_model_dir, random_pr
     out = llm.generate(prompt_token_ids=prompts, sampling_params=params)
     assert llm.engine.scheduler.num_preemptions > 0
     assert [o.outputs[0].token_ids for o in out] == [hf_greedy(hf, p, 32) for p in prompts]
+
+
+def test_dynamic_ntk_with_preemption_and_chunked_prefill(hf_model_dir, random_prompts, hf_greedy):
+    """Dynamic NTK past its original 24-token context (kiln's is 48): a recomputed
+    (preempted) sequence re-prefills with the same per-position rotations."""
+    path, hf = hf_model_dir("llama_dynamic_rope")
+    prompts = random_prompts((20, 7, 15, 11), seed=7)
+    params = SamplingParams(temperature=0.0, max_tokens=24, ignore_eos=True)
+    llm = LLM(str(path), device="cpu", num_kv_blocks=5, max_num_batched_tokens=8)
+    out = llm.generate(prompt_token_ids=prompts, sampling_params=params)
+    assert llm.engine.scheduler.num_preemptions > 0
+    assert [o.outputs[0].token_ids for o in out] == [hf_greedy(hf, p, 24) for p in prompts]

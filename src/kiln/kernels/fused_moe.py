@@ -193,9 +193,11 @@ def load_configs(name: str) -> dict[int, dict] | None:
     return {int(m): cfg for m, cfg in json.loads(path.read_text()).items()}
 
 
+@functools.lru_cache(maxsize=1024)
 def get_config(num_tokens: int, num_experts: int, inter: int, hidden: int, dtype, device) -> dict:
     """Launch settings for `num_tokens` tokens: the tuned file's entry for the nearest token
-    count, or default.json's; the CPU interpreter always takes small tiles."""
+    count, or default.json's; the CPU interpreter always takes small tiles. (Cached: callers
+    must not change the dict.)"""
     device = torch.device(device)
     if device.type != "cuda":
         return dict(BLOCK_M=16, BLOCK_N=32, BLOCK_K=32, GROUP_M=1)
