@@ -44,10 +44,44 @@ FAMILIES: dict[str, tuple[str, dict]] = {
         "LlamaConfig",
         {**BASE, "rope_scaling": {"rope_type": "linear", "factor": 2.0}},
     ),
+    "llama_yarn": (
+        "LlamaConfig",
+        {
+            **BASE,
+            "rope_scaling": {
+                "rope_type": "yarn",
+                "factor": 4.0,
+                "original_max_position_embeddings": 64,
+            },
+        },
+    ),
     "qwen2": ("Qwen2Config", {**BASE, "tie_word_embeddings": True}),
     "qwen3": ("Qwen3Config", {**BASE, "head_dim": 32, "tie_word_embeddings": True}),
     "mistral": ("MistralConfig", {**BASE, "sliding_window": 8}),
     "mixtral": ("MixtralConfig", {**BASE, "num_local_experts": 4, "num_experts_per_tok": 2}),
+    "qwen3_moe": (  # layer 1 dense (mlp_only_layers), top-2 of 8 without renormalization
+        "Qwen3MoeConfig",
+        {
+            **BASE,
+            "head_dim": 32,
+            "num_experts": 8,
+            "num_experts_per_tok": 2,
+            "moe_intermediate_size": 32,
+            "norm_topk_prob": False,
+            "mlp_only_layers": [1],
+        },
+    ),
+    "qwen3_moe_norm": (
+        "Qwen3MoeConfig",
+        {
+            **BASE,
+            "num_experts": 4,
+            "num_experts_per_tok": 3,
+            "moe_intermediate_size": 48,
+            "norm_topk_prob": True,
+            "tie_word_embeddings": True,
+        },
+    ),
     "gpt2": (
         "GPT2Config",
         dict(
@@ -63,11 +97,26 @@ FAMILIES: dict[str, tuple[str, dict]] = {
 }
 
 
+# Families outside FAMILIES (which every engine test runs): dynamic NTK matches transformers
+# only in token-by-token generation from a prompt within the original context
+# (kiln.model.rope_scaling), here 24 tokens; the context is 2 x 24.
+EXTRA_FAMILIES: dict[str, tuple[str, dict]] = {
+    "llama_dynamic_rope": (
+        "LlamaConfig",
+        {
+            **BASE,
+            "max_position_embeddings": 24,
+            "rope_scaling": {"rope_type": "dynamic", "factor": 2.0},
+        },
+    ),
+}
+
+
 def build_hf_model(name: str, seed: int = 0):
     """A transformers model of family `name` with every weight (biases, norms too) random."""
     import transformers
 
-    cls_name, kwargs = FAMILIES[name]
+    cls_name, kwargs = {**FAMILIES, **EXTRA_FAMILIES}[name]
     config = getattr(transformers, cls_name)(**kwargs)
     config._attn_implementation = "eager"
     torch.manual_seed(seed)

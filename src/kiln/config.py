@@ -11,8 +11,8 @@ from typing import Any
 
 from kiln.errors import ConfigError
 
-SUPPORTED_MODEL_TYPES = ("llama", "qwen2", "qwen3", "mistral", "mixtral", "gpt2")
-SUPPORTED_ROPE_TYPES = ("default", "linear", "llama3")
+SUPPORTED_MODEL_TYPES = ("llama", "qwen2", "qwen3", "qwen3_moe", "mistral", "mixtral", "gpt2")
+SUPPORTED_ROPE_TYPES = ("default", "linear", "llama3", "yarn", "dynamic")
 
 
 @dataclass
@@ -41,8 +41,13 @@ class ModelConfig:
     qk_norm: bool = False  # Qwen3: RMSNorm over head_dim on q and k
     # Per-layer sliding window (None = full attention); keys with q_pos - k_pos < window.
     sliding_windows: list[int | None] = field(default_factory=list)
-    num_experts: int = 0  # Mixtral: experts per MoE layer (0 = dense MLP)
+    num_experts: int = 0  # Mixtral / Qwen3-MoE: experts per MoE layer (0 = dense MLP)
     num_experts_per_tok: int = 2
+    moe_intermediate_size: int | None = None  # each expert's (None: intermediate_size)
+    norm_topk_prob: bool = True  # renormalize the top-k router weights to sum to 1
+    # Layers with a dense MLP although num_experts > 0 (Qwen3-MoE's mlp_only_layers and
+    # decoder_sparse_step); their MLP is intermediate_size wide.
+    dense_mlp_layers: list[int] = field(default_factory=list)
     tie_word_embeddings: bool = False
     bos_token_id: int | None = None
     eos_token_id: int | list[int] | None = None
@@ -60,6 +65,9 @@ class ModelConfig:
                 f"num_key_value_heads={self.num_kv_heads}"
             )
 
+    def is_moe_layer(self, layer_idx: int) -> bool:
+        return bool(self.num_experts) and layer_idx not in self.dense_mlp_layers
+
     @property
     def num_params(self) -> int:
         """Parameter count (tied embeddings counted once)."""
@@ -67,13 +75,18 @@ class ModelConfig:
         q = self.num_heads * self.head_dim
         kv = self.num_kv_heads * self.head_dim
         attn = h * (q + 2 * kv) + q * h
-        mlp = (3 if self.gated_mlp else 2) * h * i
-        if self.num_experts:
-            mlp = self.num_experts * mlp + h * self.num_experts
+        per = 3 if self.gated_mlp else 2
+        mlp = 0
+        for layer in range(self.num_layers):
+            if self.is_moe_layer(layer):
+                expert = per * h * (self.moe_intermediate_size or i)
+                mlp += self.num_experts * expert + h * self.num_experts
+            else:
+                mlp += per * h * i
         emb = v * h * (1 if self.tie_word_embeddings else 2)
         if self.position_embedding == "learned":
             emb += self.max_position_embeddings * h
-        return self.num_layers * (attn + mlp + 2 * h) + emb + h
+        return self.num_layers * (attn + 2 * h) + mlp + emb + h
 
     # ------------------------------------------------------------------ HF <-> kiln
 
@@ -98,15 +111,14 @@ class ModelConfig:
         hidden = _int(hf, "hidden_size")
         heads = _int(hf, "num_attention_heads")
         layers = _int(hf, "num_hidden_layers")
-        num_experts, top_k = 0, 2
-        if mt == "mixtral":
-            num_experts = _int(hf, "num_local_experts", 0, minimum=0)
-            top_k = _int(hf, "num_experts_per_tok", 2)
-            if num_experts and top_k > num_experts:
-                raise ConfigError(
-                    f"num_experts_per_tok={top_k} exceeds num_local_experts={num_experts}"
-                )
+        moe = _moe_params(hf, layers) if mt in ("mixtral", "qwen3_moe") else {}
         theta, scaling = _rope_params(hf)
+        context = _int(hf, "max_position_embeddings", 2048)
+        if scaling and scaling["rope_type"] == "yarn":
+            scaling.setdefault("original_max_position_embeddings", context)
+        if scaling and scaling["rope_type"] == "dynamic":  # kiln's context: factor times
+            scaling["original_max_position_embeddings"] = context
+            context = int(context * scaling["factor"])
         return cls(
             model_type=mt,
             vocab_size=_int(hf, "vocab_size"),
@@ -116,18 +128,17 @@ class ModelConfig:
             num_heads=heads,
             num_kv_heads=_int(hf, "num_key_value_heads", heads),
             head_dim=_int(hf, "head_dim", hidden // heads),
-            max_position_embeddings=_int(hf, "max_position_embeddings", 2048),
+            max_position_embeddings=context,
             norm_eps=_positive(hf, "rms_norm_eps", 1e-6),
             activation=_activation(hf.get("hidden_act", "silu")),
             rope_theta=theta,
             rope_scaling=scaling,
             qkv_bias=mt == "qwen2" or bool(hf.get("attention_bias", False)),
-            o_bias=mt in ("llama", "qwen3") and bool(hf.get("attention_bias", False)),
+            o_bias=mt in ("llama", "qwen3", "qwen3_moe") and bool(hf.get("attention_bias", False)),
             mlp_bias=bool(hf.get("mlp_bias", False)),
-            qk_norm=mt == "qwen3",
+            qk_norm=mt in ("qwen3", "qwen3_moe"),
             sliding_windows=_sliding_windows(hf, layers),
-            num_experts=num_experts,
-            num_experts_per_tok=top_k,
+            **moe,
             tie_word_embeddings=bool(hf.get("tie_word_embeddings", False)),
             **_token_ids(hf),
             dtype=_dtype(hf),
@@ -200,6 +211,7 @@ class ModelConfig:
             "llama": "LlamaForCausalLM",
             "qwen2": "Qwen2ForCausalLM",
             "qwen3": "Qwen3ForCausalLM",
+            "qwen3_moe": "Qwen3MoeForCausalLM",
             "mistral": "MistralForCausalLM",
             "mixtral": "MixtralForCausalLM",
         }[self.model_type]
@@ -219,6 +231,8 @@ class ModelConfig:
         rope = {"rope_type": "default", "rope_theta": self.rope_theta}
         if self.rope_scaling:
             rope.update(self.rope_scaling)
+        if rope["rope_type"] == "dynamic":  # back to the original context
+            out["max_position_embeddings"] = rope.pop("original_max_position_embeddings")
         out.pop("rope_scaling", None)
         out["rope_parameters"] = rope
         out["rope_theta"] = self.rope_theta
@@ -228,6 +242,14 @@ class ModelConfig:
         if self.model_type == "mixtral":
             out["num_local_experts"] = self.num_experts
             out["num_experts_per_tok"] = self.num_experts_per_tok
+        if self.model_type == "qwen3_moe":
+            out.pop("num_local_experts", None)
+            out["num_experts"] = self.num_experts
+            out["num_experts_per_tok"] = self.num_experts_per_tok
+            out["moe_intermediate_size"] = self.moe_intermediate_size or self.intermediate_size
+            out["norm_topk_prob"] = self.norm_topk_prob
+            out["mlp_only_layers"] = list(self.dense_mlp_layers)
+            out["decoder_sparse_step"] = 1
         return out
 
     @classmethod
@@ -323,12 +345,47 @@ def _rope_params(hf: dict[str, Any]) -> tuple[float, dict[str, Any] | None]:
     _positive(scaling, "factor", None)
     if rope_type == "llama3":
         _int(scaling, "original_max_position_embeddings")
+    if rope_type == "yarn":
+        _int(scaling, "original_max_position_embeddings", None)
+        for key in ("attention_factor", "beta_fast", "beta_slow", "mscale", "mscale_all_dim"):
+            if scaling.get(key) is not None:
+                _positive(scaling, key, None)
+    if scaling.get("partial_rotary_factor", 1.0) != 1.0:
+        raise ConfigError("partial_rotary_factor != 1 is not supported")
     return theta, {"rope_type": rope_type, **scaling}
+
+
+def _moe_params(hf: dict[str, Any], num_layers: int) -> dict[str, Any]:
+    """Mixtral's and Qwen3-MoE's expert fields as ModelConfig keyword arguments."""
+    if hf["model_type"] == "mixtral":
+        key = "num_local_experts"
+        out = {"num_experts": _int(hf, key, 0, minimum=0), "norm_topk_prob": True}
+    else:  # qwen3_moe (transformers' config saves num_experts as num_local_experts)
+        key = "num_experts" if hf.get("num_experts") is not None else "num_local_experts"
+        step = _int(hf, "decoder_sparse_step", 1)
+        only = hf.get("mlp_only_layers") or []
+        if not isinstance(only, list) or not all(type(i) is int for i in only):
+            raise ConfigError(f"mlp_only_layers must be a list of layer indices, got {only!r}")
+        dense = [i for i in range(num_layers) if i in only or (i + 1) % step]
+        norm = hf.get("norm_topk_prob", False)
+        if not isinstance(norm, bool):
+            raise ConfigError(f"norm_topk_prob must be true or false, got {norm!r}")
+        out = {
+            "num_experts": _int(hf, key, 0, minimum=0),
+            "moe_intermediate_size": _int(hf, "moe_intermediate_size"),
+            "norm_topk_prob": norm,
+            "dense_mlp_layers": dense,
+        }
+    top_k = out["num_experts_per_tok"] = _int(hf, "num_experts_per_tok", 2)
+    if out["num_experts"] and top_k > out["num_experts"]:
+        raise ConfigError(f"num_experts_per_tok={top_k} exceeds {key}={out['num_experts']}")
+    return out
 
 
 def _sliding_windows(hf: dict[str, Any], num_layers: int) -> list[int | None]:
     window = _int(hf, "sliding_window", None)
-    if hf["model_type"] in ("qwen2", "qwen3") and not hf.get("use_sliding_window", False):
+    qwen = hf["model_type"] in ("qwen2", "qwen3", "qwen3_moe")
+    if qwen and not hf.get("use_sliding_window", False):
         window = None
     layer_types = hf.get("layer_types")
     if layer_types is not None and (
@@ -337,7 +394,7 @@ def _sliding_windows(hf: dict[str, Any], num_layers: int) -> list[int | None]:
         raise ConfigError(f"layer_types must list one type for each of the {num_layers} layers")
     if layer_types and window:
         return [window if t == "sliding_attention" else None for t in layer_types]
-    if hf["model_type"] in ("qwen2", "qwen3") and window:
+    if qwen and window:
         first_full = _int(hf, "max_window_layers", num_layers, minimum=0)
         return [window if i >= first_full else None for i in range(num_layers)]
     return [window] * num_layers

@@ -29,14 +29,16 @@ def test_missing_config(tmp_path):
 
 def test_unsupported_model_type_lists_supported(tmp_path):
     (tmp_path / "config.json").write_text(json.dumps({"model_type": "bert"}))
-    with pytest.raises(ConfigError, match="'bert'.*llama, qwen2, qwen3, mistral, mixtral, gpt2"):
+    with pytest.raises(
+        ConfigError, match="'bert'.*llama, qwen2, qwen3, qwen3_moe, mistral, mixtral, gpt2"
+    ):
         kiln.load_model(tmp_path)
 
 
 def test_unsupported_rope_type(hf_model_dir):
     hf = dict(ModelConfig.from_dir(hf_model_dir("llama")[0]).hf_config)
-    hf["rope_parameters"] = {"rope_type": "yarn", "factor": 2.0, "rope_theta": 1e4}
-    with pytest.raises(ConfigError, match="yarn"):
+    hf["rope_parameters"] = {"rope_type": "longrope", "factor": 2.0, "rope_theta": 1e4}
+    with pytest.raises(ConfigError, match="longrope"):
         ModelConfig.from_hf(hf)
 
 

@@ -65,7 +65,9 @@ def test_sharded_checkpoint_loads(tmp_path):
         assert (model(ids) - hf(ids).logits).abs().max().item() < 1e-4
 
 
-@pytest.mark.parametrize("name", ["llama", "qwen3", "mixtral", "gpt2", "llama_mha_tied"])
+@pytest.mark.parametrize(
+    "name", ["llama", "qwen3", "mixtral", "qwen3_moe", "gpt2", "llama_mha_tied"]
+)
 def test_export_round_trip_loads_in_transformers(hf_model_dir, tmp_path, name):
     import transformers
 

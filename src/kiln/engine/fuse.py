@@ -3,6 +3,8 @@
 - q/k/v projections become one Linear, and gate/up one Linear (one GEMM instead of three/two);
 - RMSNorm runs as kiln.kernels.rmsnorm, fused with the residual add before it (the blocks
   then pass (hidden, residual) pairs along, and the final norm finishes the last add);
+- a MoE layer's experts are stacked into two [E, ...] weights and run as the ops' fused_moe
+  (Triton: two grouped GEMMs over the tokens sorted by expert, kiln.kernels.fused_moe);
 - SiLU-and-mul and RoPE run as kiln.kernels ops; under the engine's paged backends, the
   per-head q/k norms, RoPE and the K/V store run as one op on the qkv output (attend_qkv).
 The kernels are the engine's Ops (kiln.engine.ops), chosen once at start-up: their torch
@@ -19,7 +21,7 @@ from torch import nn
 from kiln.engine.ops import Ops
 from kiln.kernels.common import HeadLayout, QKNormRope
 from kiln.model.attention import Attention
-from kiln.model.layers import MLP, RMSNorm
+from kiln.model.layers import MLP, MoE, RMSNorm, route
 from kiln.model.quant_layers import QuantLinear, concat_quantized
 from kiln.model.transformer import Block, Transformer
 
@@ -101,6 +103,35 @@ class FusedMLP(nn.Module):
 
     def forward(self, x):
         return self.down_proj(self.ops.silu_and_mul(self.gate_up_proj(x)))
+
+
+class FusedMoE(nn.Module):
+    """kiln.model.layers.MoE with its experts stacked, w13 [E, 2I, H] (each expert's gate_proj
+    rows, then up_proj's) and w2 [E, H, I], run by the ops' fused_moe. Same router, same
+    routing; the per-expert weights are dropped with the MoE module."""
+
+    def __init__(self, moe: MoE, ops: Ops):
+        super().__init__()
+        self.ops = ops
+        self.gate, self.top_k, self.renormalize = moe.gate, moe.top_k, moe.renormalize
+        with torch.no_grad():
+            w13 = [torch.cat([e.gate_proj.weight, e.up_proj.weight]) for e in moe.experts]
+            self.w13 = nn.Parameter(torch.stack(w13), requires_grad=False)
+            w2 = [e.down_proj.weight for e in moe.experts]
+            self.w2 = nn.Parameter(torch.stack(w2), requires_grad=False)
+
+    @staticmethod
+    def fits(moe: nn.Module, config) -> bool:
+        """Experts the fused kernel computes: SwiGLU over plain bias-free Linears."""
+        linears = [m for e in getattr(moe, "experts", []) for m in e.children()]
+        plain = all(type(m) is nn.Linear and m.bias is None for m in linears)
+        return isinstance(moe, MoE) and plain and config.gated_mlp and config.activation == "silu"
+
+    def forward(self, x):
+        shape = x.shape
+        x = x.reshape(-1, shape[-1])
+        weights, ids = route(self.gate(x), self.top_k, self.renormalize)
+        return self.ops.fused_moe(x, self.w13, self.w2, weights, ids).reshape(shape)
 
 
 class FusedRMSNorm(nn.Module):
@@ -226,6 +257,8 @@ def fuse_model(model: Transformer, ops: Ops, gemv_max_batch: int = 0) -> Transfo
         block.self_attn = FusedAttention(block.self_attn, ops)
         if isinstance(block.mlp, MLP) and block.mlp.gated and config.activation == "silu":
             block.mlp = FusedMLP(block.mlp, ops)
+        elif FusedMoE.fits(block.mlp, config):
+            block.mlp = FusedMoE(block.mlp, ops)
         if config.norm_type == "rmsnorm":
             if block.self_attn.q_norm is not None:
                 attn = block.self_attn

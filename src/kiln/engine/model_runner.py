@@ -36,6 +36,7 @@ from kiln.engine.transfer import to_device
 from kiln.errors import ConfigError
 from kiln.kernels.causal_attention import causal_attention
 from kiln.kernels.kv_quant import KV_CACHE_DTYPES
+from kiln.model.layers import MoE
 from kiln.model.transformer import Transformer
 
 log = logging.getLogger("kiln.engine")
@@ -187,9 +188,10 @@ class ModelRunner:
             self.model, self.backend, self.ops, self.max_blocks_per_seq, config.max_num_seqs
         )
         # Only the Triton ops are capturable (the references read lengths on the host), and
-        # MoE routing reads the chosen experts on the host.
+        # an unfused MoE's loop reads the chosen experts on the host (FusedMoE does not).
         triton_cuda = self.device.type == "cuda" and self.ops.name == "triton"
-        if config.use_cuda_graph and triton_cuda and not mc.num_experts:
+        host_moe = any(isinstance(m, MoE) for m in self.model.modules())
+        if config.use_cuda_graph and triton_cuda and not host_moe:
             top = min(config.max_cuda_graph_batch_size, config.max_num_seqs)
             tokens = min(config.max_cuda_graph_tokens, config.max_num_batched_tokens)
             self.graph_runner.capture(graph_batch_sizes(top), mixed_token_sizes(tokens))

@@ -17,6 +17,7 @@ import torch
 
 from kiln.kernels import _triton
 from kiln.kernels.decode_qkv import paged_decode_qkv_ref, paged_decode_qkv_triton
+from kiln.kernels.fused_moe import fused_moe_ref, fused_moe_triton
 from kiln.kernels.gemv import (
     gemv_ref,
     gemv_triton,
@@ -78,6 +79,7 @@ class Ops:
     gemv: Callable
     rmsnorm_gemv: Callable
     silu_mul_gemv: Callable
+    fused_moe: Callable  # a MoE layer's SwiGLU experts (kiln.kernels.fused_moe)
     # packed weight-only quantized Linears (kiln.model.quant_layers.QuantLinear), alone and
     # (small-batch decode) with the norm / SiLU-mul before them fused in, as the GEMVs above
     quant_matmul: Callable
@@ -102,6 +104,7 @@ class Ops:
             gemv=gemv_ref,
             rmsnorm_gemv=rmsnorm_gemv_ref,
             silu_mul_gemv=silu_mul_gemv_ref,
+            fused_moe=fused_moe_ref,
             quant_matmul=quant_matmul_ref,
             quant_rmsnorm_matmul=quant_rmsnorm_matmul_ref,
             quant_silu_mul_matmul=quant_silu_mul_matmul_ref,
@@ -124,6 +127,7 @@ class Ops:
             gemv=gemv_triton,
             rmsnorm_gemv=rmsnorm_gemv_triton,
             silu_mul_gemv=silu_mul_gemv_triton,
+            fused_moe=fused_moe_triton,
             quant_matmul=quant_matmul_triton,
             quant_rmsnorm_matmul=quant_rmsnorm_matmul_triton,
             quant_silu_mul_matmul=quant_silu_mul_matmul_triton,

@@ -148,7 +148,7 @@ def kiln_to_hf(config: ModelConfig, state: dict[str, torch.Tensor]) -> dict[str,
     if config.model_type != "gpt2":
         for name, t in state.items():
             m = re.match(r"^(layers\.\d+)\.mlp\.(gate|experts\.\d+)\.?(\w+_proj)?\.weight$", name)
-            if config.num_experts and m:
+            if config.model_type == "mixtral" and m:
                 layer, part, proj = m.groups()
                 inv = {v: k for k, v in _MIXTRAL_EXPERT.items()}
                 sub = "gate" if part == "gate" else f"{part}.{inv[proj]}"

@@ -9,6 +9,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from kiln.config import ModelConfig
+from kiln.model.rope_scaling import dynamic_ntk_freqs, yarn_inv_freq
 
 
 class RMSNorm(nn.Module):
@@ -34,7 +35,7 @@ def make_norm(config: ModelConfig, dim: int | None = None) -> nn.Module:
 
 
 def rope_inv_freq(config: ModelConfig) -> torch.Tensor:
-    """Inverse frequencies [head_dim / 2], with linear or llama3 scaling applied."""
+    """Inverse frequencies [head_dim / 2], with linear, llama3 or YaRN scaling applied."""
     d = config.head_dim
     inv_freq = 1.0 / (config.rope_theta ** (torch.arange(0, d, 2, dtype=torch.float64) / d))
     scaling = config.rope_scaling or {}
@@ -52,6 +53,8 @@ def rope_inv_freq(config: ModelConfig) -> torch.Tensor:
         smoothed = (1 - smooth) * scaled / factor + smooth * scaled
         medium = (wavelen >= high_wavelen) & (wavelen <= low_wavelen)
         inv_freq = torch.where(medium, smoothed, scaled)
+    elif kind == "yarn":
+        return yarn_inv_freq(d, config.rope_theta, scaling)[0]
     return inv_freq.float()
 
 
@@ -64,10 +67,19 @@ class RotaryEmbedding(nn.Module):
         self.register_buffer("cos_sin", self._table(None), persistent=False)
 
     def _table(self, device: torch.device | None) -> torch.Tensor:
-        inv_freq = rope_inv_freq(self.config).to(device)
-        t = torch.arange(self.config.max_position_embeddings, device=device, dtype=torch.float32)
-        freqs = torch.outer(t, inv_freq)  # [max_pos, head_dim / 2]
-        return torch.cat([freqs.cos(), freqs.sin()], dim=-1)  # [max_pos, head_dim]
+        c = self.config
+        scaling = c.rope_scaling or {}
+        if scaling.get("rope_type") == "dynamic":
+            freqs = dynamic_ntk_freqs(c.head_dim, c.rope_theta, scaling, c.max_position_embeddings)
+            freqs = freqs.to(device)
+        else:
+            inv_freq = rope_inv_freq(c).to(device)
+            t = torch.arange(c.max_position_embeddings, device=device, dtype=torch.float32)
+            freqs = torch.outer(t, inv_freq)  # [max_pos, head_dim / 2]
+        table = torch.cat([freqs.cos(), freqs.sin()], dim=-1)  # [max_pos, head_dim]
+        if scaling.get("rope_type") == "yarn":  # YaRN's attention factor scales cos and sin
+            table = table * yarn_inv_freq(c.head_dim, c.rope_theta, scaling)[1]
+        return table
 
     def reset(self, device: torch.device) -> None:
         """Recompute the table on `device` (after loading weights onto a meta-built model)."""
@@ -118,21 +130,40 @@ class MLP(nn.Module):
         return self.down_proj(self.act(self.up_proj(x)))
 
 
+def route(
+    router_logits: torch.Tensor, top_k: int, renormalize: bool
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Softmax over the experts in float32, the top-k (weights [N, k] float32, ids [N, k]),
+    the k weights renormalized to sum to 1 when `renormalize` (Mixtral; Qwen3-MoE's
+    norm_topk_prob)."""
+    probs = F.softmax(router_logits, dim=-1, dtype=torch.float32)
+    weights, chosen = torch.topk(probs, top_k, dim=-1)
+    if renormalize:
+        weights = weights / weights.sum(-1, keepdim=True)
+    return weights, chosen
+
+
 class MoE(nn.Module):
-    """Mixtral's sparse MLP: softmax router, top-k experts, weights renormalized over the k."""
+    """Sparse MLP (Mixtral, Qwen3-MoE): softmax router, top-k experts, weights renormalized over
+    the k as the family says. In training the router logits of the last forward are kept
+    (`router_logits`, [N, E]) for the auxiliary losses (kiln.train.moe_loss)."""
 
     def __init__(self, config: ModelConfig):
         super().__init__()
         self.top_k = config.num_experts_per_tok
+        self.renormalize = config.norm_topk_prob
         self.gate = nn.Linear(config.hidden_size, config.num_experts, bias=False)
-        self.experts = nn.ModuleList(MLP(config) for _ in range(config.num_experts))
+        inter = config.moe_intermediate_size
+        self.experts = nn.ModuleList(MLP(config, inter) for _ in range(config.num_experts))
+        self.router_logits: torch.Tensor | None = None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         shape = x.shape
         x = x.reshape(-1, shape[-1])  # [N, H]
-        probs = F.softmax(self.gate(x), dim=-1, dtype=torch.float32)  # [N, E]
-        weights, chosen = torch.topk(probs, self.top_k, dim=-1)  # [N, k]
-        weights = (weights / weights.sum(-1, keepdim=True)).to(x.dtype)
+        logits = self.gate(x)  # [N, E]
+        self.router_logits = logits if self.training else None
+        weights, chosen = route(logits, self.top_k, self.renormalize)  # [N, k]
+        weights = weights.to(x.dtype)
         out = torch.zeros_like(x)
         # Loop over experts, gathering the tokens routed to each (no dense E x N compute).
         for e in chosen.unique().tolist():

@@ -20,7 +20,7 @@ class Block(nn.Module):
         self.input_layernorm = make_norm(config)
         self.self_attn = Attention(config, layer_idx)
         self.post_attention_layernorm = make_norm(config)
-        self.mlp = MoE(config) if config.num_experts else MLP(config)
+        self.mlp = MoE(config) if config.is_moe_layer(layer_idx) else MLP(config)
 
     def forward(self, x, positions, rotary, backend):
         x = x + self.self_attn(self.input_layernorm(x), positions, rotary, backend)

@@ -177,7 +177,8 @@ def quantize_w8a8(
     for i, layer in enumerate(tqdm(model.layers, desc=method, unit="layer", disable=not progress)):
         for name, lin in linears(layer).items():
             weights[f"layers.{i}.{name}"] = quantize_weight(lin.weight, dtype)
-    ignore = ["lm_head"] + (["re:.*block_sparse_moe[.]gate$"] if model.config.num_experts else [])
+    router = "re:.*(block_sparse_moe|mlp)[.]gate$"  # Mixtral's and Qwen3-MoE's router
+    ignore = ["lm_head"] + ([router] if model.config.num_experts else [])
     config = compressed_tensors_config(W8A8[method], ignore)
     return save_quantized(model, weights, config, model_dir, out_dir, pack_w8a8)
 

@@ -154,8 +154,9 @@ class ModelSpec:
 
     model_type: str = field(
         default="llama",
-        metadata={"help": "llama (RoPE, RMSNorm, SwiGLU) or gpt2 (learned positions, LN, GELU)"},
-    )
+        metadata={"help": "llama (RoPE, RMSNorm, SwiGLU) or gpt2 (learned positions, LN, GELU); "
+                  "mixtral / qwen3_moe: llama with MoE MLPs"},
+    )  # fmt: skip
     num_layers: int = 4
     num_heads: int = 4
     num_kv_heads: int = field(default=0, metadata={"help": "0: num_heads"})
@@ -172,6 +173,18 @@ class ModelSpec:
     tie_word_embeddings: bool = True
     rope_theta: float = 10000.0
     init_std: float = 0.02
+    # mixture of experts (model_type mixtral or qwen3_moe)
+    num_experts: int = field(default=8, metadata={"help": "experts per MoE layer"})
+    num_experts_per_tok: int = field(default=2, metadata={"help": "top-k experts a token"})
+    switch_routing: bool = field(
+        default=False,
+        metadata={"help": "Switch Transformer routing: top-1, the output scaled by the router "
+                  "probability (qwen3_moe)"},
+    )  # fmt: skip
+    router_aux_loss_coef: float = field(
+        default=0.01, metadata={"help": "weight of the load-balancing loss"}
+    )
+    router_z_loss_coef: float = field(default=0.0, metadata={"help": "weight of the z-loss"})
 
 
 @dataclass

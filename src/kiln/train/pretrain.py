@@ -36,8 +36,10 @@ def model_config(
     from kiln.config import ModelConfig
 
     h, heads = spec.hidden_size, spec.num_heads
-    if spec.model_type not in ("llama", "gpt2"):
-        raise ConfigError(f"model_type must be llama or gpt2, got {spec.model_type!r}")
+    if spec.model_type not in ("llama", "gpt2", "mixtral", "qwen3_moe"):
+        raise ConfigError(
+            f"model_type must be llama, gpt2, mixtral or qwen3_moe, got {spec.model_type!r}"
+        )
     if h % heads:
         raise ConfigError(f"hidden_size {h} is not a multiple of num_heads {heads}")
     vocab = -(-vocab_size // 64) * 64  # round up: tensor-core friendly, like nanoGPT's 50304
@@ -56,7 +58,24 @@ def model_config(
             num_key_value_heads=spec.num_kv_heads or heads, max_position_embeddings=spec.block_size,
             rope_theta=spec.rope_theta, tie_word_embeddings=spec.tie_word_embeddings, **ids,
         )  # fmt: skip
+        hf |= moe_fields(spec)
     return ModelConfig.from_hf(hf)
+
+
+def moe_fields(spec: ModelSpec) -> dict:
+    """The HF config fields of a mixtral / qwen3_moe ModelSpec's experts (each expert as wide
+    as the dense MLP would be); Switch routing is top-1 without renormalization."""
+    if spec.model_type not in ("mixtral", "qwen3_moe"):
+        return {}
+    top_k = 1 if spec.switch_routing else spec.num_experts_per_tok
+    if spec.model_type == "mixtral":
+        if spec.switch_routing:
+            raise ConfigError("switch_routing needs model_type qwen3_moe (Mixtral renormalizes)")
+        return dict(model_type="mixtral", num_local_experts=spec.num_experts,
+                    num_experts_per_tok=top_k)  # fmt: skip
+    inter = spec.intermediate_size or -(-(8 * spec.hidden_size // 3) // 64) * 64
+    return dict(model_type="qwen3_moe", num_experts=spec.num_experts, num_experts_per_tok=top_k,
+                moe_intermediate_size=inter, norm_topk_prob=not spec.switch_routing)  # fmt: skip
 
 
 def add_dropout(model, p: float) -> None:
@@ -177,6 +196,11 @@ def run_pretrain(cfg: PretrainConfig, resume: bool = False) -> dict:
     model.init_weights(spec.init_std)
     add_dropout(model, spec.dropout)
     loss_fn = compiled_loss() if cfg.train.compile else lm_loss
+    if config.num_experts:  # router losses; per-expert load in the log
+        from kiln.train.moe import moe_loss
+
+        coefs = spec.router_aux_loss_coef, spec.router_z_loss_coef
+        loss_fn = moe_loss(loss_fn, config.num_experts_per_tok, *coefs)
     result = train(model, cfg.train, train_batch, loss_fn, val_batch, resume=resume)
     result["export"] = str(export(model, tok_dir, out / "model", info.is_main))
     result["num_params"] = config.num_params
