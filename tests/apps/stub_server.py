@@ -13,21 +13,34 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 import numpy as np
 
 
-def hashed_ngrams(texts: list[str], dim: int = 512, n: int = 4) -> np.ndarray:
-    """A deterministic embedding: counts of hashed character n-grams of the lowercased words
-    (feature hashing), L2-normalized. Unlike BM25's whole words it matches word parts
-    ("jealous" ~ "jealousy"), which is what a dense retriever adds to a sparse one."""
+def _ngram_counts(texts: list[str], dim: int, n: int = 4) -> np.ndarray:
     out = np.zeros((len(texts), dim), dtype=np.float32)
     for row, text in enumerate(texts):
         for word in re.findall(r"\w+", text.lower()):
             w = f" {word} "
             for i in range(max(1, len(w) - n + 1)):
                 out[row, zlib.crc32(w[i : i + n].encode()) % dim] += 1.0
-    return out / np.maximum(np.linalg.norm(out, axis=1, keepdims=True), 1e-12)
+    return out
+
+
+class NgramEmbedder:
+    """A deterministic embedding standing in for a trained embedding model (the tiny test
+    model's are noise): TF-IDF of hashed character 4-grams of the words, L2-normalized, its
+    IDF fitted on a corpus. Unlike BM25's whole words it matches word parts ("cowardly" ~
+    "cowards"), the kind of match a dense retriever adds to a sparse one."""
+
+    def __init__(self, corpus: list[str], dim: int = 4096):
+        self.dim = dim
+        df = (_ngram_counts(corpus, dim) > 0).sum(0)
+        self.idf = np.log((1 + len(corpus)) / (1 + df)) + 1.0
+
+    def __call__(self, texts: list[str]) -> np.ndarray:
+        v = np.log1p(_ngram_counts(texts, self.dim)) * self.idf
+        return v / np.maximum(np.linalg.norm(v, axis=1, keepdims=True), 1e-12)
 
 
 class StubServer:
-    def __init__(self, chat=None, embed=hashed_ngrams):
+    def __init__(self, chat=None, embed=None):
         self.chat, self.embed, self.requests = chat, embed, []
         outer = self
 
@@ -50,7 +63,7 @@ class StubServer:
                     message = {"role": "assistant", "content": None, **outer.chat(req)}
                     choice = {"index": 0, "message": message, "finish_reason": "stop"}
                     return self._send({"choices": [choice]})
-                if self.path == "/v1/embeddings":
+                if self.path == "/v1/embeddings" and outer.embed is not None:
                     inputs = req["input"] if isinstance(req["input"], list) else [req["input"]]
                     vecs = outer.embed(inputs)
                     data = [{"object": "embedding", "index": i, "embedding": v.tolist()}

@@ -88,6 +88,11 @@ def register(subparsers) -> None:
         help="a JSON routing table: public model names -> versions with canary weights, "
         "shadow targets and rollback rules (kiln.serve.rollout)",
     )  # fmt: skip
+    p.add_argument(
+        "--guardrails", default=None, metavar="CONFIG",
+        help="a TOML/JSON file of input and output checks (prompt injection, PII, denylist, "
+        "regex/JSON, moderation hook) applied to the completion routes (kiln.serve.guardrails)",
+    )  # fmt: skip
     p.add_argument("--dtype", default=None, help="bfloat16, float16 or float32")
     p.add_argument("--device", default=None)
     p.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
@@ -139,6 +144,7 @@ def run(args: argparse.Namespace) -> int:
         lora_modules=parse_lora_modules(args.lora_modules),
         lora_root=args.lora_root,
         rollout_config=args.rollout_config,
+        guardrails=args.guardrails,
         **queue,
         **engine_args,
     )

@@ -1,0 +1,52 @@
+"""Fixtures for the applications: the bundled QA set's plays as a document directory, the
+n-gram stand-in embedder fitted on them, and one Guardrails (presidio loads in seconds)."""
+
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+
+import pytest
+from apps.stub_server import NgramEmbedder
+
+import kiln
+
+CORPUS = Path(kiln.__file__).parent / "data" / "shakespeare"
+
+
+@pytest.fixture(scope="session")
+def plays_dir(tmp_path_factory):
+    from kiln.apps.rag import load_qa
+
+    out = tmp_path_factory.mktemp("plays")
+    for source in sorted({q["source"] for q in load_qa()}):
+        shutil.copy(CORPUS / source, out / source)
+    return out
+
+
+@pytest.fixture(scope="session")
+def embedder(plays_dir):
+    """The stand-in embedder, its IDF fitted on the plays' chunks."""
+    from kiln.apps.documents import chunk_document, load_documents
+
+    docs = load_documents(plays_dir)
+    return NgramEmbedder([c.text for d in docs for c in chunk_document(d, "fixed", 800, 50)])
+
+
+@pytest.fixture(scope="session")
+def guard():
+    from kiln.apps.guardrails import Guardrails, GuardrailsConfig
+
+    config = GuardrailsConfig.from_dict(
+        {"input": {"denylist": [r"build a bomb"]}, "output": {"denylist": ["forbidden words"]}}
+    )
+    return Guardrails(config)
+
+
+@pytest.fixture(scope="session")
+def kiln_server(tokenized_model_dir):
+    """kiln serve over the tiny llama (its embeddings are noise; the HTTP path is real)."""
+    from serve.live_server import start_server
+
+    with start_server(tokenized_model_dir("llama"), max_num_seqs=8) as s:
+        yield s
