@@ -43,10 +43,27 @@ def guard():
     return Guardrails(config)
 
 
-@pytest.fixture(scope="session")
-def kiln_server(tokenized_model_dir):
-    """kiln serve over the tiny llama (its embeddings are noise; the HTTP path is real)."""
-    from serve.live_server import start_server
+GUARDRAILS_TOML = """
+[input]
+denylist = ["build a bomb"]
+pii = "redact"
 
-    with start_server(tokenized_model_dir("llama"), max_num_seqs=8) as s:
+[output]
+pii = "redact"
+"""
+
+
+@pytest.fixture(scope="session")
+def kiln_server(tokenized_model_dir, tmp_path_factory):
+    """kiln serve over the tiny llama (its embeddings are noise; the HTTP path is real), with
+    --guardrails on (so every app test's request also crosses the middleware)."""
+    from serve.live_server import ServerThread
+
+    from kiln.engine.async_engine import AsyncLLM
+    from kiln.serve.api import create_app
+
+    config = tmp_path_factory.mktemp("guardrails") / "guardrails.toml"
+    config.write_text(GUARDRAILS_TOML)
+    engine = AsyncLLM(str(tokenized_model_dir("llama")), max_num_seqs=8)
+    with ServerThread(create_app(engine, "tiny", guardrails=str(config))) as s:
         yield s
