@@ -7,9 +7,9 @@ import shutil
 from pathlib import Path
 
 import pytest
-from apps.stub_server import NgramEmbedder
 
 import kiln
+from apps.stub_server import NgramEmbedder
 
 CORPUS = Path(kiln.__file__).parent / "data" / "shakespeare"
 

@@ -8,8 +8,8 @@ import json
 from typing import Literal
 
 import pytest
-from apps.stub_server import StubServer
 
+from apps.stub_server import StubServer
 from kiln.apps.agent import Agent, Memory, ToolRegistry, calculator, rag_tool, tool_from_function
 from kiln.apps.client import OpenAIClient
 
@@ -32,16 +32,29 @@ def test_schema_from_type_hints():
 
 
 @pytest.mark.parametrize(
-    "expr, want", [("2 + 3 * 4", "14"), ("(1 + 2) ** 3 / 9", "3"), ("sqrt(16) + max(1, 5)", "9"),
-                   ("-2.5 * 2", "-5"), ("10 // 3 + 10 % 3", "4")],  # fmt: skip
+    "expr, want",
+    [
+        ("2 + 3 * 4", "14"),
+        ("(1 + 2) ** 3 / 9", "3"),
+        ("sqrt(16) + max(1, 5)", "9"),
+        ("-2.5 * 2", "-5"),
+        ("10 // 3 + 10 % 3", "4"),
+    ],  # fmt: skip
 )
 def test_calculator(expr, want):
     assert calculator(expr) == want
 
 
 @pytest.mark.parametrize(
-    "expr", ["__import__('os').system('true')", "open('/etc/passwd')", "(1).__class__",
-             "9 ** 9 ** 9", "x + 1", "lambda: 1"],  # fmt: skip
+    "expr",
+    [
+        "__import__('os').system('true')",
+        "open('/etc/passwd')",
+        "(1).__class__",
+        "9 ** 9 ** 9",
+        "x + 1",
+        "lambda: 1",
+    ],  # fmt: skip
 )
 def test_calculator_refuses_anything_but_arithmetic(expr):
     with pytest.raises(ValueError):

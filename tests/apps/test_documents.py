@@ -35,7 +35,10 @@ def tiny_pdf(text: str) -> bytes:
     xref = len(out)
     out += b"xref\n0 %d\n0000000000 65535 f \n" % (len(objects) + 1)
     out += b"".join(b"%010d 00000 n \n" % o for o in offsets)
-    out += b"trailer\n<< /Size %d /Root 1 0 R >>\nstartxref\n%d\n%%%%EOF\n" % (len(objects) + 1, xref)
+    out += b"trailer\n<< /Size %d /Root 1 0 R >>\nstartxref\n%d\n%%%%EOF\n" % (
+        len(objects) + 1,
+        xref,
+    )
     return bytes(out)
 
 
@@ -72,7 +75,7 @@ def test_fixed_chunks_overlap_and_keep_words_whole():
     text = " ".join(f"word{i}" for i in range(200))
     spans = fixed_spans(text, 100, 20)
     assert all(b - a <= 100 for a, b in spans) and spans[-1][1] == len(text)
-    for (a0, b0), (a1, _) in zip(spans, spans[1:]):
+    for (_, b0), (a1, _) in zip(spans, spans[1:]):
         assert a1 < b0  # overlap
         assert text[b0 - 1] != " " and (b0 == len(text) or text[b0] == " ")
     with pytest.raises(InputError, match="overlap"):

@@ -9,8 +9,8 @@ import re
 
 import numpy as np
 import pytest
-from apps.stub_server import StubServer
 
+from apps.stub_server import StubServer
 from kiln.apps.client import OpenAIClient
 from kiln.apps.documents import Chunk, Document, load_documents
 from kiln.apps.rag import (

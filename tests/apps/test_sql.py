@@ -8,8 +8,8 @@ import re
 import sqlite3
 
 import pytest
-from apps.stub_server import StubServer
 
+from apps.stub_server import StubServer
 from kiln.apps.client import OpenAIClient
 from kiln.apps.sql import (
     DATA,
@@ -35,9 +35,15 @@ def db(tmp_path):
 
 @pytest.mark.parametrize(
     "sql",
-    ["DELETE FROM customers", "UPDATE products SET price = 0", "DROP TABLE orders",
-     "INSERT INTO suppliers VALUES (9, 'x', 'y')", "CREATE TEMP TABLE t (x)",
-     "ATTACH DATABASE ':memory:' AS other", "PRAGMA user_version = 7"],  # fmt: skip
+    [
+        "DELETE FROM customers",
+        "UPDATE products SET price = 0",
+        "DROP TABLE orders",
+        "INSERT INTO suppliers VALUES (9, 'x', 'y')",
+        "CREATE TEMP TABLE t (x)",
+        "ATTACH DATABASE ':memory:' AS other",
+        "PRAGMA user_version = 7",
+    ],  # fmt: skip
 )
 def test_writes_are_refused(db, sql):
     con = connect_readonly(db)

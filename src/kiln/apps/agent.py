@@ -14,10 +14,12 @@ import types
 import typing
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from kiln.apps.client import OpenAIClient
 from kiln.errors import InputError
+
+if TYPE_CHECKING:
+    from kiln.apps.client import OpenAIClient
 
 JSON_TYPES = {str: "string", int: "integer", float: "number", bool: "boolean"}
 

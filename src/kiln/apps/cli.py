@@ -41,7 +41,7 @@ def register(subparsers) -> None:
             p.add_argument("question")
             p.add_argument("--answer", action="store_true", help="answer from the passages")
             p.add_argument("--long-doc", default=None, metavar="FILE",
-                           help="answer about this one long document from chunked summaries")  # fmt: skip
+                           help="answer about one long file from chunked summaries")  # fmt: skip
         else:
             p.add_argument("--qa", default=None, help="a JSONL QA set (default: the bundled one)")
         _server_flags(p, url_default=None)
@@ -165,7 +165,13 @@ def sql_ask(args) -> None:
 def sql_eval(args) -> None:
     import tempfile
 
-    from kiln.apps.sql import DATA, TextToSQL, build_bundled_database, execution_accuracy, load_jsonl
+    from kiln.apps.sql import (
+        DATA,
+        TextToSQL,
+        build_bundled_database,
+        execution_accuracy,
+        load_jsonl,
+    )
 
     db = build_bundled_database(os.path.join(tempfile.mkdtemp(), "shop.db"))
     questions = load_jsonl(DATA / "sql_questions.jsonl")

@@ -9,13 +9,15 @@ import re
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from kiln.apps.client import OpenAIClient
 from kiln.apps.documents import CHUNKINGS, Chunk, Document, chunk_document
 from kiln.errors import InputError
+
+if TYPE_CHECKING:
+    from kiln.apps.client import OpenAIClient
 
 MODES = ("bm25", "dense", "hybrid")
 RERANKERS = ("none", "llm", "cross-encoder")
@@ -196,8 +198,10 @@ class RagIndex:
                              "use --mode bm25")  # fmt: skip
         q = normalized(np.asarray(embedder([query]), dtype=np.float32))
         if q.shape[1] != self.dense.d:
-            raise InputError(f"the query embedding has {q.shape[1]} dimensions, the index "
-                             f"{self.dense.d}: use the embedder the index was built with")  # fmt: skip
+            raise InputError(
+                f"the query embedding has {q.shape[1]} dimensions, the index {self.dense.d}: "
+                "use the embedder the index was built with"
+            )
         _, ids = self.dense.search(q, min(k, len(self.chunks)))
         return [int(i) for i in ids[0] if i >= 0]
 

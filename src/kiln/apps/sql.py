@@ -11,10 +11,12 @@ import time
 from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from kiln.apps.client import OpenAIClient
 from kiln.errors import InputError
+
+if TYPE_CHECKING:
+    from kiln.apps.client import OpenAIClient
 
 DATA = Path(__file__).parent.parent / "data" / "apps"
 
@@ -85,8 +87,12 @@ def read_schema(con: sqlite3.Connection) -> list[Table]:
     """The database's tables with their columns and foreign keys."""
     con.set_authorizer(None)  # PRAGMA table_info is not a SELECT; the schema is no secret
     try:
-        names = [r[0] for r in con.execute(
-            "SELECT name FROM sqlite_master WHERE type = 'table' AND name NOT LIKE 'sqlite_%'")]
+        names = [
+            r[0]
+            for r in con.execute(
+                "SELECT name FROM sqlite_master WHERE type = 'table' AND name NOT LIKE 'sqlite_%'"
+            )
+        ]
         tables = []
         for name in names:
             info = con.execute(f"PRAGMA table_info({name!r})").fetchall()
@@ -185,14 +191,16 @@ class TextToSQL:
     ):
         self.client, self.con = client, connect_readonly(db_path)
         self.tables = read_schema(self.con)
-        self.examples = examples if examples is not None else load_jsonl(DATA / "sql_examples.jsonl")
+        self.examples = (
+            examples if examples is not None else load_jsonl(DATA / "sql_examples.jsonl")
+        )
         self.num_examples, self.max_attempts, self.timeout_s = num_examples, max_attempts, timeout_s
 
     def prompt(self, question: str) -> str:
         linked = link_schema(question, self.tables)
         schema = "\n".join(t.create(linked[t.name]) for t in self.tables if t.name in linked)
-        shots = "\n\n".join(f"Question: {e['question']}\nSQL: {e['sql']}"
-                            for e in pick_examples(question, self.examples, self.num_examples))  # fmt: skip
+        examples = pick_examples(question, self.examples, self.num_examples)
+        shots = "\n\n".join(f"Question: {e['question']}\nSQL: {e['sql']}" for e in examples)
         return (f"You write SQLite queries. The schema:\n{schema}\n\nExamples:\n\n{shots}\n\n"
                 f"Write one SQLite SELECT query for the question; reply with the SQL only.\n\n"
                 f"Question: {question}\nSQL:")  # fmt: skip

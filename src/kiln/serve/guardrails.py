@@ -149,7 +149,9 @@ class OutputChecker:
         except ValueError:
             return body
         for choice in resp.get("choices") or []:
-            holder, key = (choice["message"], "content") if self.kind == "chat" else (choice, "text")
+            holder, key = (
+                (choice["message"], "content") if self.kind == "chat" else (choice, "text")
+            )
             if isinstance(holder.get(key), str):
                 try:
                     holder[key] = self.guard.check_output(holder[key])
