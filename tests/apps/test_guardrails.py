@@ -77,7 +77,7 @@ def test_hooks_regex_json_and_pii_blocking(guard):
     "raw, match",
     [
         ({"input": {"pii": "maybe"}}, "pii must be one of"),
-        ({"inptu": {}}, "unknown sections"),
+        ({"inptu": {}}, "unknown keys \\['inptu'\\]"),
         ({"output": {"regexp": "x"}}, "unknown keys \\['regexp'\\]"),
         ({"input": {"classifier": "no.such.module:fn"}}, "cannot load the hook"),
     ],  # fmt: skip

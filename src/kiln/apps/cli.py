@@ -36,7 +36,7 @@ def register(subparsers) -> None:
     for verb, fn, text in (("query", rag_query, "retrieve passages (and answer with --answer)"),
                            ("eval", rag_eval, "recall@k and MRR on a QA set")):  # fmt: skip
         p = verbs.add_parser(verb, help=text)
-        p.add_argument("--index", required=True)
+        p.add_argument("--index", required=verb == "eval", help="the index directory")
         if verb == "query":
             p.add_argument("question")
             p.add_argument("--answer", action="store_true", help="answer from the passages")
@@ -71,7 +71,7 @@ def register(subparsers) -> None:
 def _client(args):
     from kiln.apps.client import OpenAIClient
 
-    return OpenAIClient(args.base_url, model=args.model, api_key=args.api_key)
+    return OpenAIClient(args.base_url or DEFAULT_URL, model=args.model, api_key=args.api_key)
 
 
 def _embedder(args, meta: dict | None = None):
@@ -80,7 +80,7 @@ def _embedder(args, meta: dict | None = None):
     from kiln.apps.rag import SentenceTransformerEmbedder, ServerEmbedder
 
     built = (meta or {}).get("embedder") or {}
-    st = args.st_model or (built.get("model") if built.get("kind") == "sentence-transformers"
+    st = getattr(args, "st_model", None) or (built.get("model") if built.get("kind") == "sentence-transformers"
                            else None)  # fmt: skip
     if st:
         return SentenceTransformerEmbedder(st)
@@ -118,6 +118,7 @@ def _retrieval(args, index):
 def rag_query(args) -> None:
     from kiln.apps.documents import Document, read_document
     from kiln.apps.rag import RagIndex, answer, long_document_answer
+    from kiln.errors import InputError
 
     if args.long_doc:
         from pathlib import Path
@@ -127,6 +128,8 @@ def rag_query(args) -> None:
         print(out.text)
         print("sources:", ", ".join(c.cite() for c in out.sources))
         return
+    if args.index is None:
+        raise InputError("give --index INDEX (or --long-doc FILE)")
     index = RagIndex.load(args.index)
     config, embedder, reranker = _retrieval(args, index)
     chunks = [index.chunks[i] for i in index.search(args.question, config, embedder, reranker)]

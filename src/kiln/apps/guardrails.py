@@ -76,6 +76,7 @@ class OutputChecks:
 class GuardrailsConfig:
     input: InputChecks = field(default_factory=InputChecks)
     output: OutputChecks = field(default_factory=OutputChecks)
+    spacy_model: str | None = None  # an installed spaCy model (en_core_web_sm) for names, places
 
     @classmethod
     def from_file(cls, path: str | Path) -> GuardrailsConfig:
@@ -90,9 +91,10 @@ class GuardrailsConfig:
 
     @classmethod
     def from_dict(cls, raw: dict[str, Any], where: str = "guardrails") -> GuardrailsConfig:
-        unknown = set(raw) - {"input", "output"}
+        unknown = set(raw) - {"input", "output", "spacy_model"}
         if unknown:
-            raise ConfigError(f"{where}: unknown sections {sorted(unknown)} (input, output)")
+            raise ConfigError(f"{where}: unknown keys {sorted(unknown)} (input, output, "
+                              "spacy_model)")  # fmt: skip
         parts = {}
         for name, kind in (("input", InputChecks), ("output", OutputChecks)):
             given = raw.get(name, {})
@@ -105,7 +107,7 @@ class GuardrailsConfig:
             if parts[name].pii not in PII_ACTIONS:
                 raise ConfigError(f"{where}: [{name}] pii must be one of {PII_ACTIONS}, got "
                                   f"{parts[name].pii!r}")  # fmt: skip
-        return cls(**parts)
+        return cls(**parts, spacy_model=raw.get("spacy_model"))
 
 
 @dataclass
@@ -170,15 +172,16 @@ class Guardrails:
     """The checks of a GuardrailsConfig; `on_decision(decision)` is called for each decision
     (the server logs it and counts it in /metrics)."""
 
-    def __init__(self, config: GuardrailsConfig, on_decision: Callable[[Decision], None] | None
-                 = None, spacy_model: str | None = None):  # fmt: skip
+    def __init__(
+        self, config: GuardrailsConfig, on_decision: Callable[[Decision], None] | None = None
+    ):
         self.config = config
         self.on_decision = on_decision or (lambda d: None)
         entities = set()
         for checks in (config.input, config.output):
             if checks.pii != "off":
                 entities |= set(checks.pii_entities)
-        self.pii = PIIScanner(sorted(entities), spacy_model) if entities else None
+        self.pii = PIIScanner(sorted(entities), config.spacy_model) if entities else None
         self.classifier = load_hook(config.input.classifier) if config.input.classifier else None
         self.moderation = load_hook(config.output.moderation) if config.output.moderation else None
         self.denied = {
