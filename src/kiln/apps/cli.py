@@ -80,8 +80,8 @@ def _embedder(args, meta: dict | None = None):
     from kiln.apps.rag import SentenceTransformerEmbedder, ServerEmbedder
 
     built = (meta or {}).get("embedder") or {}
-    st = getattr(args, "st_model", None) or (built.get("model") if built.get("kind") == "sentence-transformers"
-                           else None)  # fmt: skip
+    local = built.get("model") if built.get("kind") == "sentence-transformers" else None
+    st = getattr(args, "st_model", None) or local
     if st:
         return SentenceTransformerEmbedder(st)
     url = args.base_url or built.get("base_url")
