@@ -21,7 +21,8 @@ from kiln.apps.client import OpenAIClient
 from kiln.apps.documents import load_documents
 from kiln.apps.guardrails import Guardrails, GuardrailsConfig, load_eval_set
 from kiln.apps.guardrails import evaluate as guard_eval
-from kiln.apps.rag import ChunkConfig, RagIndex, RetrievalConfig, ServerEmbedder, evaluate, load_qa
+from kiln.apps.rag import ChunkConfig, RagIndex, RetrievalConfig, ServerEmbedder
+from kiln.apps.rag_eval import evaluate, load_qa
 from kiln.apps.sql import DATA, TextToSQL, build_bundled_database, execution_accuracy, load_jsonl
 
 

@@ -16,7 +16,7 @@ CORPUS = Path(kiln.__file__).parent / "data" / "shakespeare"
 
 @pytest.fixture(scope="session")
 def plays_dir(tmp_path_factory):
-    from kiln.apps.rag import load_qa
+    from kiln.apps.rag_eval import load_qa
 
     out = tmp_path_factory.mktemp("plays")
     for source in sorted({q["source"] for q in load_qa()}):

@@ -19,11 +19,10 @@ from kiln.apps.rag import (
     RagIndex,
     RetrievalConfig,
     answer,
-    evaluate,
-    load_qa,
     long_document_answer,
     reciprocal_rank_fusion,
 )
+from kiln.apps.rag_eval import evaluate, faithfulness, load_qa
 from kiln.errors import InputError
 
 
@@ -155,3 +154,19 @@ def test_cli_index_and_query_over_kiln_server(kiln_server, tmp_path, capsys):
     (out / "dense.faiss").write_bytes(b"broken")
     assert main(["rag", "query", "--index", str(out), "ghost"]) == 2
     assert "dense.faiss is corrupted" in capsys.readouterr().err
+
+
+def test_faithfulness_counts_the_judges_verdicts(index, embedder):
+    verdicts = iter(["Yes.", "no", "I cannot tell", "YES"])
+
+    def chat(req):
+        prompt = req["messages"][-1]["content"]
+        if prompt.startswith("Answer the question"):  # the answering model cites source 1
+            return {"content": "As the first source says [1]."}
+        assert "[1] (" in prompt and "Answer: As the first source says [1]." in prompt
+        return {"content": next(verdicts)}
+
+    config = RetrievalConfig(mode="hybrid", top_k=2)
+    with StubServer(chat=chat) as stub, OpenAIClient(stub.url) as client:
+        got = faithfulness(client, client, index, load_qa()[:4], config, embedder)
+    assert got == {"faithfulness": 2 / 3, "judged": 0.75}

@@ -44,6 +44,9 @@ def register(subparsers) -> None:
                            help="answer about one long file from chunked summaries")  # fmt: skip
         else:
             p.add_argument("--qa", default=None, help="a JSONL QA set (default: the bundled one)")
+            p.add_argument("--judge-url", default=None,
+                           help="also answer each question (--base-url's chat model) and have "
+                           "this server's model judge the answer's faithfulness")  # fmt: skip
         _server_flags(p, url_default=None)
         p.add_argument("--st-model", default=None)
         add_flags(p, RetrievalConfig, "retrieval")
@@ -143,11 +146,17 @@ def rag_query(args) -> None:
 
 
 def rag_eval(args) -> None:
-    from kiln.apps.rag import RagIndex, evaluate, load_qa
+    from kiln.apps.client import OpenAIClient
+    from kiln.apps.rag import RagIndex
+    from kiln.apps.rag_eval import evaluate, faithfulness, load_qa
 
     index = RagIndex.load(args.index)
     config, embedder, _ = _retrieval(args, index)
-    scores = evaluate(index, load_qa(args.qa), config, embedder)
+    qa = load_qa(args.qa)
+    scores = evaluate(index, qa, config, embedder)
+    if args.judge_url:
+        judge = OpenAIClient(args.judge_url, api_key=args.api_key)
+        scores |= faithfulness(_client(args), judge, index, qa, config, embedder)
     print(f"| mode | {' | '.join(scores)} |\n|---|{'---|' * len(scores)}")
     print(f"| {config.mode} | {' | '.join(f'{v:.3f}' for v in scores.values())} |")
 
