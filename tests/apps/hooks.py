@@ -7,5 +7,7 @@ def moderate(text: str) -> str | None:
 
 
 def classify(text: str) -> float:
-    """An injection classifier's stand-in."""
+    """An injection classifier's stand-in (that breaks on one input)."""
+    if "crash" in text:
+        raise RuntimeError("classifier is down")
     return 0.99 if "pineapple protocol" in text.lower() else 0.0

@@ -57,6 +57,8 @@ def test_hooks_regex_json_and_pii_blocking(guard):
     g.on_decision = decisions.append
     with pytest.raises(Blocked, match="injection: score 0.99"):
         g.check_input("Engage the pineapple protocol.")
+    with pytest.raises(Blocked, match="the hook failed: RuntimeError"):
+        g.check_input("make the classifier crash")
     with pytest.raises(Blocked, match="pii: CREDIT_CARD"):
         g.check_input(f"my card: {CARD}")
     with pytest.raises(Blocked, match="moderation: shouting"):
@@ -65,7 +67,7 @@ def test_hooks_regex_json_and_pii_blocking(guard):
         g.check_output("not json")
     assert g.check_output('{"ok": true}') == '{"ok": true}'
     assert [(d.stage, d.check, d.action) for d in decisions] == [
-        ("input", "injection", "block"), ("input", "pii", "block"),
+        ("input", "injection", "block"), ("input", "injection", "block"), ("input", "pii", "block"),
         ("output", "moderation", "block"), ("output", "json", "block")]  # fmt: skip
     regex = Guardrails(GuardrailsConfig.from_dict({"output": {"regex": r"\d+", "pii": "off"}}))
     assert regex.check_output("42") == "42"

@@ -197,6 +197,14 @@ class Guardrails:
         self.on_decision(d)
         return d
 
+    def _hook(self, stage: str, check: str, fn: Callable[[str], Any], text: str) -> Any:
+        """A hook's answer; one that raises blocks (a broken guard fails closed, logged)."""
+        try:
+            return fn(text)
+        except Exception as e:
+            log.error("guardrails: the %s hook failed: %r", check, e)
+            raise Blocked(self.decide(stage, check, "block", f"the hook failed: {e!r}")) from None
+
     def _pii(self, stage: str, text: str, action: str, entities: list[str]) -> str:
         if action == "off" or self.pii is None:
             return text
@@ -222,7 +230,7 @@ class Guardrails:
         if c.injection:
             score = injection_score(text)
             if self.classifier is not None:
-                score = max(score, float(self.classifier(text)))
+                score = max(score, float(self._hook("input", "injection", self.classifier, text)))
             if score >= c.injection_threshold:
                 raise Blocked(self.decide("input", "injection", "block", f"score {score:.2f}"))
         return self._pii("input", text, c.pii, c.pii_entities)
@@ -233,7 +241,7 @@ class Guardrails:
         c = self.config.output
         self._denylist("output", text)
         if self.moderation is not None:
-            reason = self.moderation(text)
+            reason = self._hook("output", "moderation", self.moderation, text)
             if reason:
                 raise Blocked(self.decide("output", "moderation", "block", str(reason)))
         return self._pii("output", text, c.pii, c.pii_entities)
