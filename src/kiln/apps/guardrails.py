@@ -142,7 +142,6 @@ class PIIScanner:
         import tldextract
         from presidio_analyzer import AnalyzerEngine
         from presidio_analyzer.nlp_engine import SpacyNlpEngine
-        from presidio_anonymizer import AnonymizerEngine
 
         # the email recognizer's domain check would fetch the public suffix list online;
         # the snapshot bundled with tldextract is enough
@@ -152,10 +151,11 @@ class PIIScanner:
             def load(self) -> None:
                 self.nlp = {"en": spacy.load(spacy_model) if spacy_model else spacy.blank("en")}
 
+        # one warning per recognizer of another language otherwise, at every start
+        logging.getLogger("presidio-analyzer").setLevel(logging.ERROR)
         nlp = Blank(models=[{"lang_code": "en", "model_name": spacy_model or "blank"}])
         nlp.load()
         self.analyzer = AnalyzerEngine(nlp_engine=nlp, supported_languages=["en"])
-        self.anonymizer = AnonymizerEngine()
         self.entities = entities
 
     def find(self, text: str):
@@ -163,9 +163,15 @@ class PIIScanner:
         return self.analyzer.analyze(text, language="en", entities=self.entities)
 
     def redact(self, text: str, found=None) -> str:
-        """`text` with each entity replaced by <ENTITY_TYPE>."""
+        """`text` with each entity replaced by <ENTITY_TYPE> (of overlapping ones, the one
+        starting first, then the likelier)."""
         found = self.find(text) if found is None else found
-        return self.anonymizer.anonymize(text, found).text if found else text
+        out, end = [], 0
+        for r in sorted(found, key=lambda r: (r.start, -r.score)):
+            if r.start >= end:
+                out += [text[end : r.start], f"<{r.entity_type}>"]
+                end = r.end
+        return "".join(out) + text[end:]
 
 
 class Guardrails:
