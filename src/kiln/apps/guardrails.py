@@ -86,8 +86,8 @@ class GuardrailsConfig:
             text = path.read_text()
             raw = tomllib.loads(text) if path.suffix == ".toml" else json.loads(text)
         except (OSError, ValueError) as e:
-            raise ConfigError(f"--guardrails {path}: {e}") from None
-        return cls.from_dict(raw, str(path))
+            raise ConfigError(f"guardrails config {path}: {e}") from None
+        return cls.from_dict(raw, f"guardrails config {path}")
 
     @classmethod
     def from_dict(cls, raw: dict[str, Any], where: str = "guardrails") -> GuardrailsConfig:

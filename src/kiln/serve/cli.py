@@ -119,6 +119,10 @@ def run(args: argparse.Namespace) -> int:
         raise InputError(f"--api-server-count must be >= 1, got {args.api_server_count}")
     if args.max_queue is not None and args.max_queue < 0:
         raise InputError(f"--max-queue must be >= 0, got {args.max_queue}")
+    if args.guardrails is not None:  # a bad file fails before the model loads
+        from kiln.apps.guardrails import GuardrailsConfig
+
+        GuardrailsConfig.from_file(args.guardrails)
     engine_args = EngineConfig.args_from(args)
     if args.dtype:
         engine_args["dtype"] = args.dtype
