@@ -4,6 +4,7 @@ command line, over an OpenAI-compatible server (--base-url, kiln serve's by defa
 from __future__ import annotations
 
 import argparse
+import functools
 import os
 
 from kiln.flags import add_flags, flags_given
@@ -18,6 +19,21 @@ def _server_flags(p: argparse.ArgumentParser, url_default: str | None = DEFAULT_
     p.add_argument("--model", default=None, help="the model name to ask the server for")
     p.add_argument("--api-key", default=os.environ.get("KILN_API_KEY"))
     p.add_argument("--max-tokens", type=int, default=512)
+
+
+def needs_apps_extra(fn):
+    """A command that says which package is missing, in one line, without kiln[apps]."""
+
+    @functools.wraps(fn)
+    def run(args):
+        try:
+            return fn(args)
+        except ImportError as e:
+            from kiln.errors import InputError
+
+            raise InputError(f"{e.name} is not installed: pip install 'kiln[apps]'") from None
+
+    return run
 
 
 def register(subparsers) -> None:
@@ -94,6 +110,7 @@ def _embedder(args, meta: dict | None = None):
     return ServerEmbedder(OpenAIClient(url, model=model, api_key=args.api_key))
 
 
+@needs_apps_extra
 def rag_index(args) -> None:
     from kiln.apps.documents import load_documents
     from kiln.apps.rag import ChunkConfig, RagIndex
@@ -118,6 +135,7 @@ def _retrieval(args, index):
     return config, embedder, reranker
 
 
+@needs_apps_extra
 def rag_query(args) -> None:
     from kiln.apps.documents import Document, read_document
     from kiln.apps.rag import RagIndex, answer, long_document_answer
@@ -145,6 +163,7 @@ def rag_query(args) -> None:
     print("sources:", ", ".join(c.cite() for c in out.sources))
 
 
+@needs_apps_extra
 def rag_eval(args) -> None:
     from kiln.apps.client import OpenAIClient
     from kiln.apps.rag import RagIndex
@@ -161,6 +180,7 @@ def rag_eval(args) -> None:
     print(f"| {config.mode} | {' | '.join(f'{v:.3f}' for v in scores.values())} |")
 
 
+@needs_apps_extra
 def sql_ask(args) -> None:
     import tempfile
 
@@ -174,6 +194,7 @@ def sql_ask(args) -> None:
         print(row)
 
 
+@needs_apps_extra
 def sql_eval(args) -> None:
     import tempfile
 
@@ -191,6 +212,7 @@ def sql_eval(args) -> None:
     print(f"execution accuracy: {acc:.3f} on {len(questions)} questions")
 
 
+@needs_apps_extra
 def agent_run(args) -> None:
     from kiln.apps.agent import Agent, ToolRegistry, calculator, rag_tool
 
