@@ -149,7 +149,14 @@ class PIIScanner:
 
         class Blank(SpacyNlpEngine):
             def load(self) -> None:
-                self.nlp = {"en": spacy.load(spacy_model) if spacy_model else spacy.blank("en")}
+                if not spacy_model:
+                    self.nlp = {"en": spacy.blank("en")}
+                    return
+                try:
+                    self.nlp = {"en": spacy.load(spacy_model)}
+                except OSError:
+                    raise ConfigError(f"guardrails: the spaCy model {spacy_model!r} is not "
+                                      "installed") from None  # fmt: skip
 
         # one warning per recognizer of another language otherwise, at every start
         logging.getLogger("presidio-analyzer").setLevel(logging.ERROR)
@@ -300,7 +307,7 @@ class StreamFilter:
         cut = len(self.pending) - self.holdback
         if cut <= 0:
             return ""
-        pii = self.guard.pii
+        pii = self.guard.pii if self.guard.config.output.pii != "off" else None
         if pii is not None:
             for r in pii.find(self.pending):
                 if r.start < cut < r.end:
