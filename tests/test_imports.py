@@ -41,7 +41,9 @@ ALLOWED = {
         "kiln.tokenizer",
         "kiln.train",  # the bundled corpus is the default calibration text
     },
-    "kiln.serve": {"kiln.errors", "kiln.config", "kiln.engine", "kiln.tokenizer"},
+    # applications over the HTTP API; the server's guardrails middleware runs their checks
+    "kiln.apps": {"kiln.errors", "kiln.flags"},
+    "kiln.serve": {"kiln.errors", "kiln.config", "kiln.engine", "kiln.tokenizer", "kiln.apps"},
     "kiln.eval": {
         "kiln.errors",
         "kiln.config",

@@ -71,12 +71,14 @@ def create_app(
     lora_modules: dict[str, str] | None = None,
     lora_root: str | None = None,
     rollout_config: str | None = None,
+    guardrails: str | None = None,
 ) -> FastAPI:
     """An OpenAI-compatible app over `engine` (an AsyncLLM, started and drained by the app).
     With an `api_key` every route but /health needs it (/metrics too, unless public_metrics).
     `request_id_tag` starts every request id after its kind's prefix ("cmpl-w1-..."): which of
     several API processes served it." With enable_lora, `lora_modules` ({name: dir}) are
-    served from the start and more load at run time from under `lora_root`."""
+    served from the start and more load at run time from under `lora_root`. `guardrails`: a
+    config file of input and output checks (kiln.serve.guardrails)."""
     max_running = engine.config.max_num_seqs
     ctx = ServingContext(
         engine=engine,
@@ -121,6 +123,10 @@ def create_app(
     app.include_router(_tokenizer_routes(ctx, max_body_bytes), dependencies=auth)
     if ctx.adapters is not None:
         app.include_router(lora_routes(ctx.adapters, max_body_bytes, _read_body), dependencies=auth)
+    if guardrails is not None:
+        from kiln.serve.guardrails import install
+
+        install(app, guardrails, ctx.metrics.registry, api_key)
     return app
 
 

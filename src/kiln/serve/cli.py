@@ -88,6 +88,11 @@ def register(subparsers) -> None:
         help="a JSON routing table: public model names -> versions with canary weights, "
         "shadow targets and rollback rules (kiln.serve.rollout)",
     )  # fmt: skip
+    p.add_argument(
+        "--guardrails", default=None, metavar="CONFIG",
+        help="a TOML/JSON file of input and output checks (prompt injection, PII, denylist, "
+        "regex/JSON, moderation hook) applied to the completion routes (kiln.serve.guardrails)",
+    )  # fmt: skip
     p.add_argument("--dtype", default=None, help="bfloat16, float16 or float32")
     p.add_argument("--device", default=None)
     p.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
@@ -114,6 +119,10 @@ def run(args: argparse.Namespace) -> int:
         raise InputError(f"--api-server-count must be >= 1, got {args.api_server_count}")
     if args.max_queue is not None and args.max_queue < 0:
         raise InputError(f"--max-queue must be >= 0, got {args.max_queue}")
+    if args.guardrails is not None:  # a bad file fails before the model loads
+        from kiln.apps.guardrails import GuardrailsConfig
+
+        GuardrailsConfig.from_file(args.guardrails)
     engine_args = EngineConfig.args_from(args)
     if args.dtype:
         engine_args["dtype"] = args.dtype
@@ -139,6 +148,7 @@ def run(args: argparse.Namespace) -> int:
         lora_modules=parse_lora_modules(args.lora_modules),
         lora_root=args.lora_root,
         rollout_config=args.rollout_config,
+        guardrails=args.guardrails,
         **queue,
         **engine_args,
     )

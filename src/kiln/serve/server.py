@@ -183,6 +183,7 @@ def serve(
     lora_modules: dict[str, str] | None = None,
     lora_root: str | None = None,
     rollout_config: str | None = None,
+    guardrails: str | None = None,
     **engine_args: Any,
 ) -> None:
     """Load `model`, serve it over HTTP until SIGTERM/SIGINT, then drain and return;
@@ -196,6 +197,7 @@ def serve(
         http=http, loop=loop, public_metrics=public_metrics,
         stream_send_timeout=stream_send_timeout, tool_call_parser=tool_call_parser,
         lora_modules=lora_modules, lora_root=lora_root, rollout_config=rollout_config,
+        guardrails=guardrails,
     )  # fmt: skip
     warning = backlog_warning(backlog)
     if warning:
@@ -243,6 +245,7 @@ def run_server(
     lora_modules: dict[str, str] | None = None,
     lora_root: str | None = None,
     rollout_config: str | None = None,
+    guardrails: str | None = None,
     **listen: Any,
 ) -> None:
     """Serve `engine` with uvicorn (on `sockets`, else on listen's host, port and backlog)
@@ -253,7 +256,8 @@ def run_server(
                      public_metrics=public_metrics, stream_send_timeout=stream_send_timeout,
                      request_id_tag=request_id_tag,
                      tool_call_parser=tool_call_parser, lora_modules=lora_modules,
-                     lora_root=lora_root, rollout_config=rollout_config)  # fmt: skip
+                     lora_root=lora_root, rollout_config=rollout_config,
+                     guardrails=guardrails)  # fmt: skip
     config = uvicorn.Config(
         app, log_level=log_level, access_log=False, http=http_protocol(http), loop=loop,
         limit_concurrency=max_connections, **listen,
