@@ -483,8 +483,18 @@ def _ssm_config(hf: dict[str, Any], hidden: int, prefix: str) -> SSMConfig:
         chunk_size=_int(hf, key("chunk_size"), 256),
         conv_bias=bool(hf.get(key("use_conv_bias"), True)),
         proj_bias=bool(hf.get(key("use_bias"), False)),
-        time_step_limit=(float(limit[0]), float(limit[1])),
+        time_step_limit=(_float(limit[0]), _float(limit[1])),
     )
+
+
+def _float(value: Any) -> float:
+    """A number, or transformers' JSON spelling of one ({"__float__": "Infinity"})."""
+    if isinstance(value, dict) and "__float__" in value:
+        value = value["__float__"]
+    try:
+        return float(value)
+    except (TypeError, ValueError):
+        raise ConfigError(f"expected a number, got {value!r}") from None
 
 
 def _layer_types(hf: dict[str, Any], num_layers: int) -> list[str]:
