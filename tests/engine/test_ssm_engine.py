@@ -1,0 +1,73 @@
+"""The engine on Mamba / Mamba2 models: the per-sequence state cache beside the KV pool."""
+
+import pytest
+from tiny_models import SSM_FAMILIES, save_hf_model
+
+from kiln.engine import LLM, SamplingParams
+from kiln.errors import ConfigError
+
+GREEDY = SamplingParams(temperature=0.0, max_tokens=12, ignore_eos=True)
+
+
+@pytest.fixture(scope="module")
+def ssm_dir(tmp_path_factory):
+    cache = {}
+
+    def get(name):
+        if name not in cache:
+            out = tmp_path_factory.mktemp(name)
+            cache[name] = (out, save_hf_model(name, out))
+        return cache[name]
+
+    return get
+
+
+def _run(path, prompts, params=GREEDY, **engine_args):
+    llm = LLM(str(path), device="cpu", **engine_args)
+    out = llm.generate(prompt_token_ids=prompts, sampling_params=params)
+    llm.engine.block_manager.check_all_free()
+    assert not llm.engine.runner.state_slots.slot_of  # every state slot came back
+    return llm, [o.outputs[0].token_ids for o in out]
+
+
+@pytest.mark.parametrize("name", list(SSM_FAMILIES))
+def test_greedy_matches_transformers_in_mixed_batch(ssm_dir, random_prompts, hf_greedy, name):
+    path, hf = ssm_dir(name)
+    prompts = random_prompts((3, 19, 40, 9), seed=1)
+    _, out = _run(path, prompts)
+    assert out == [hf_greedy(hf, p, 12) for p in prompts]
+
+
+@pytest.mark.parametrize("name", list(SSM_FAMILIES))
+def test_chunked_prefill_and_preemption_give_same_tokens(ssm_dir, random_prompts, name):
+    """Prompts cut into 16-token chunks carry their state from chunk to chunk; sequences
+    preempted for want of blocks come back with a fresh state and recompute."""
+    path, _ = ssm_dir(name)
+    prompts = random_prompts((33, 7, 50, 16), seed=3)
+    params = SamplingParams(temperature=0.0, max_tokens=24, ignore_eos=True)
+    _, ref = _run(path, prompts, params)
+    _, chunked = _run(path, prompts, params, max_num_batched_tokens=16, max_model_len=96)
+    assert chunked == ref
+    llm, tight = _run(path, prompts, params, num_kv_blocks=7, max_model_len=96)
+    assert llm.engine.scheduler.num_preemptions > 0
+    assert tight == ref
+
+
+def test_forked_siblings_copy_the_parent_state(ssm_dir, random_prompts):
+    path, _ = ssm_dir("mamba")
+    prompt = random_prompts((11,), seed=4)
+    _, ref = _run(path, prompt)
+    llm = LLM(str(path), device="cpu")
+    params = SamplingParams(n=3, temperature=0.0, max_tokens=12, ignore_eos=True)
+    (out,) = llm.generate(prompt_token_ids=prompt, sampling_params=params)
+    assert [c.token_ids for c in out.outputs] == ref * 3
+
+
+def test_speculative_decoding_is_refused(ssm_dir):
+    path, _ = ssm_dir("mamba")
+    with pytest.raises(ConfigError, match="SSM layers"):
+        LLM(
+            str(path),
+            device="cpu",
+            speculative_config={"method": "ngram", "num_speculative_tokens": 2},
+        )
