@@ -331,6 +331,22 @@ class ModelConfig:
         if self.model_type == "mixtral":
             out["num_local_experts"] = self.num_experts
             out["num_experts_per_tok"] = self.num_experts_per_tok
+        if self.ssm is not None:  # a hybrid: its layer types and its mixer's fields
+            s = self.ssm
+            out["layer_types"] = list(self.layer_types)
+            out.update(
+                mamba_state_size=s.state_size,
+                mamba_conv_kernel=s.conv_kernel,
+                mamba_expand=s.intermediate_size // self.hidden_size,
+                mamba_time_step_rank=s.time_step_rank,
+                mamba_num_heads=s.num_heads,
+                mamba_head_dim=s.head_dim,
+                mamba_n_groups=s.n_groups,
+                mamba_chunk_size=s.chunk_size,
+                mamba_use_conv_bias=s.conv_bias,
+                mamba_use_bias=s.proj_bias,
+                mamba_time_step_limit=list(s.time_step_limit),
+            )
         return out
 
     @classmethod

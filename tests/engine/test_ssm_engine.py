@@ -71,3 +71,33 @@ def test_speculative_decoding_is_refused(ssm_dir):
             device="cpu",
             speculative_config={"method": "ngram", "num_speculative_tokens": 2},
         )
+
+
+def test_hybrid_engine_matches_reference_loop(tmp_path, random_prompts):
+    """Attention and Mamba2 layers in one stack: the paged KV pool holds the attention layers
+    only, the state pool the others; greedy equals the reference loop, with preemption."""
+    import torch
+
+    from kiln.config import ModelConfig
+    from kiln.generate import generate
+    from kiln.model.loader import save_model
+    from kiln.model.transformer import Transformer
+
+    hf = dict(
+        model_type="llama", vocab_size=384, hidden_size=64, intermediate_size=128,
+        num_hidden_layers=3, num_attention_heads=4, num_key_value_heads=2,
+        max_position_embeddings=256, layer_types=["mamba2", "attention", "mamba2"],
+        mamba_state_size=8, mamba_head_dim=16, mamba_n_groups=2,
+    )  # fmt: skip
+    torch.manual_seed(0)
+    model = Transformer(ModelConfig.from_hf(hf)).eval()
+    model.init_weights(0.1)
+    save_model(model, tmp_path)
+    prompts = random_prompts((21, 9, 34), seed=5)
+    new = 24
+    ref = [generate(model, torch.tensor([p]), new)[0, len(p) :].tolist() for p in prompts]
+    params = SamplingParams(temperature=0.0, max_tokens=new, ignore_eos=True)
+    llm, out = _run(tmp_path, prompts, params, num_kv_blocks=4, max_model_len=64)
+    assert llm.engine.runner.kv_cache.data.shape[1] == 1  # one attention layer in the pool
+    assert llm.engine.scheduler.num_preemptions > 0
+    assert out == ref

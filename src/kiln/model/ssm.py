@@ -124,7 +124,7 @@ def causal_conv1d(
     seqs = torch.arange(s, device=x.device)[:, None]
     lens = (cu_seqlens[1:] - cu_seqlens[:-1])[:, None]
     st.conv[st.state_idx] = ext[rows(seqs, lens - 1 + taps[1:])].transpose(1, 2)
-    return F.silu(out).to(x.dtype)
+    return F.silu(out).to(x.dtype).contiguous()  # (einsum may hand back [T, C] column-major)
 
 
 def _scan(st: SSMStates, cu_seqlens, u, dt, A, B, C, D, z, dt_bias, softplus):
