@@ -6,7 +6,7 @@ from tiny_models import SSM_FAMILIES, save_hf_model
 from kiln.engine import LLM, SamplingParams
 from kiln.errors import ConfigError
 
-GREEDY = SamplingParams(temperature=0.0, max_tokens=12, ignore_eos=True)
+GREEDY = SamplingParams(temperature=0.0, max_tokens=8, ignore_eos=True)
 
 
 @pytest.fixture(scope="module")
@@ -35,7 +35,7 @@ def test_greedy_matches_transformers_in_mixed_batch(ssm_dir, random_prompts, hf_
     path, hf = ssm_dir(name)
     prompts = random_prompts((3, 19, 40, 9), seed=1)
     _, out = _run(path, prompts)
-    assert out == [hf_greedy(hf, p, 12) for p in prompts]
+    assert out == [hf_greedy(hf, p, 8) for p in prompts]
 
 
 @pytest.mark.parametrize("name", list(SSM_FAMILIES))
@@ -44,13 +44,13 @@ def test_chunked_prefill_and_preemption_give_same_tokens(ssm_dir, random_prompts
     preempted for want of blocks come back with a fresh state and recompute."""
     path, _ = ssm_dir(name)
     prompts = random_prompts((33, 7, 50, 16), seed=3)
-    params = SamplingParams(temperature=0.0, max_tokens=24, ignore_eos=True)
+    params = SamplingParams(temperature=0.0, max_tokens=20, ignore_eos=True)
     _, ref = _run(path, prompts, params)
-    _, chunked = _run(path, prompts, params, max_num_batched_tokens=16, max_model_len=96)
-    assert chunked == ref
-    llm, tight = _run(path, prompts, params, num_kv_blocks=7, max_model_len=96)
+    llm, out = _run(
+        path, prompts, params, max_num_batched_tokens=16, num_kv_blocks=6, max_model_len=80
+    )
     assert llm.engine.scheduler.num_preemptions > 0
-    assert tight == ref
+    assert out == ref
 
 
 def test_forked_siblings_copy_the_parent_state(ssm_dir, random_prompts):

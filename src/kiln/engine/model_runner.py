@@ -171,6 +171,17 @@ class ModelRunner:
         if self.lora is not None:
             self.lora.wrap(model, self.ops)
         self.model = model
+        # An SSM model's per-sequence state (kiln.engine.state_cache): allocated before the
+        # KV pool is sized from what memory is left
+        self.state_slots = None
+        if ssm:
+            self.state_slots = StateSlots(config.max_num_seqs)
+            pool = SSMStateCache(model.config, config.max_num_seqs, self.dtype, self.device)
+            per_seq = SSMStateCache.bytes_per_slot(model.config, self.dtype)
+            log.info(
+                "SSM state: %d slots x %.2f MiB (conv + SSM state of %d layers)",
+                config.max_num_seqs, per_seq / 2**20, model.config.num_ssm_layers,
+            )  # fmt: skip
         # a draft model's pool of as many blocks as this one's is paid from the same budget
         self.num_blocks = self._num_kv_blocks(extra_kv_bytes_per_block)
         self.last_plan: StepPlan | None = None  # the newest step's plan (for StepTrace)
@@ -186,10 +197,7 @@ class ModelRunner:
         )
         if config.kv_eviction == "h2o":  # attention mass per slot, before any graph capture
             self.kv_cache.track_scores()
-        self.state_slots = None  # an SSM model's per-sequence state (kiln.engine.state_cache)
         if ssm:
-            self.state_slots = StateSlots(config.max_num_seqs)
-            pool = SSMStateCache(mc, config.max_num_seqs, self.dtype, self.device)
             self.backend = SSMBackend(self.kv_cache, self.ops, pool, self.state_slots)
         else:
             self.backend = PagedBackend(self.kv_cache, self.ops)

@@ -62,7 +62,7 @@ class ContiguousKVCache:
     def ssm_states(self, layer_idx: int):
         """The layer's SSMStates: row b is slot b; it has a state once a forward has run."""
         has = torch.full_like(self.rows, self.length > 0, dtype=torch.bool)
-        return self.ssm.view(layer_idx, self.rows, has)
+        return self.ssm.view(layer_idx, self.rows, has, decode=self.length > 0)
 
     def advance(self, num_tokens: int) -> None:
         self.length += num_tokens

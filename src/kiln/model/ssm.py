@@ -31,7 +31,7 @@ class SSMStates:
     state_idx: torch.Tensor  # [S] int64: each sequence's slot
     has_state: torch.Tensor  # [S] bool: False: starts from zeros (a fresh prefill)
     cu_seqlens: torch.Tensor | None = None  # [S + 1] of a flat input; None: rows of [B, T]
-    decode: bool = False  # every sequence brings one token and has a state
+    decode: bool = False  # every sequence has a state (one token each: the decode kernel)
 
 
 def state_shapes(config: ModelConfig, layer_idx: int) -> tuple[tuple[int, int], tuple[int, int]]:
@@ -129,7 +129,7 @@ def causal_conv1d(
 
 def _scan(st: SSMStates, cu_seqlens, u, dt, A, B, C, D, z, dt_bias, softplus):
     """The selective scan (kiln.kernels.selective_scan) of the step's tokens [T, D]."""
-    if st.decode:
+    if st.decode and u.shape[0] == len(st.state_idx):
         return selective_state_update(u, dt, A, B, C, D, z, dt_bias, softplus, st.ssm, st.state_idx)
     return selective_scan(
         u, dt, A, B, C, D, z, dt_bias, softplus, st.ssm, st.state_idx, st.has_state, cu_seqlens
