@@ -77,7 +77,10 @@ class ModelConfig:
         if not self.sliding_windows:
             self.sliding_windows = [None] * self.num_layers
         assert len(self.sliding_windows) == self.num_layers
-        if not self.layer_types:
+        if not self.layer_types or (
+            len(self.layer_types) != self.num_layers
+            and not any(t in SSM_LAYER_TYPES for t in self.layer_types)
+        ):  # (a copy with fewer layers, e.g. a draft's, keeps every layer attending)
             self.layer_types = ["attention"] * self.num_layers
         if len(self.layer_types) != self.num_layers:
             raise ConfigError(

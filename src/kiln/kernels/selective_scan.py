@@ -265,13 +265,18 @@ def selective_state_update_triton(
     return y
 
 
+def _triton_ok(u: torch.Tensor) -> bool:
+    return use_triton(u) and not torch.is_grad_enabled()  # the kernels have no backward
+
+
 def selective_scan(*args, **kwargs) -> torch.Tensor:
-    """The selective scan over a varlen token list (see the module doc): Triton on CUDA."""
-    fn = selective_scan_triton if use_triton(args[0]) else selective_scan_ref
+    """The selective scan over a varlen token list (see the module doc): Triton on CUDA
+    (the torch reference where gradients are wanted: training)."""
+    fn = selective_scan_triton if _triton_ok(args[0]) else selective_scan_ref
     return fn(*args, **kwargs)
 
 
 def selective_state_update(*args, **kwargs) -> torch.Tensor:
     """One decode token per sequence, its state updated in place: Triton on CUDA."""
-    fn = selective_state_update_triton if use_triton(args[0]) else selective_state_update_ref
+    fn = selective_state_update_triton if _triton_ok(args[0]) else selective_state_update_ref
     return fn(*args, **kwargs)
