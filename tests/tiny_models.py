@@ -112,11 +112,37 @@ EXTRA_FAMILIES: dict[str, tuple[str, dict]] = {
 }
 
 
+# State-space families (kiln.model.ssm), apart from FAMILIES: the engine features every
+# attention family runs under (speculative decoding, prefix caching) do not apply to them.
+SSM_BASE = dict(
+    vocab_size=VOCAB,
+    hidden_size=64,
+    num_hidden_layers=2,
+    bos_token_id=1,
+    eos_token_id=2,
+    pad_token_id=0,
+)
+SSM_FAMILIES: dict[str, tuple[str, dict]] = {
+    "mamba": ("MambaConfig", {**SSM_BASE, "state_size": 8, "tie_word_embeddings": False}),
+    "mamba2": (
+        "Mamba2Config",
+        {
+            **SSM_BASE,
+            "state_size": 16,
+            "num_heads": 8,
+            "head_dim": 16,
+            "n_groups": 2,
+            "chunk_size": 8,
+        },
+    ),
+}
+
+
 def build_hf_model(name: str, seed: int = 0):
     """A transformers model of family `name` with every weight (biases, norms too) random."""
     import transformers
 
-    cls_name, kwargs = {**FAMILIES, **EXTRA_FAMILIES}[name]
+    cls_name, kwargs = {**FAMILIES, **EXTRA_FAMILIES, **SSM_FAMILIES}[name]
     config = getattr(transformers, cls_name)(**kwargs)
     config._attn_implementation = "eager"
     torch.manual_seed(seed)

@@ -11,8 +11,37 @@ from typing import Any
 
 from kiln.errors import ConfigError
 
-SUPPORTED_MODEL_TYPES = ("llama", "qwen2", "qwen3", "qwen3_moe", "mistral", "mixtral", "gpt2")
+SUPPORTED_MODEL_TYPES = (
+    "llama",
+    "qwen2",
+    "qwen3",
+    "qwen3_moe",
+    "mistral",
+    "mixtral",
+    "gpt2",
+    "mamba",
+    "mamba2",
+)
+SSM_LAYER_TYPES = ("mamba", "mamba2")  # layer_types entries that make a layer an SSM block
+ATTENTION_LAYER_TYPES = ("attention", "full_attention", "sliding_attention")
 SUPPORTED_ROPE_TYPES = ("default", "linear", "llama3", "yarn", "dynamic")
+
+
+@dataclass
+class SSMConfig:
+    """The Mamba mixer of a model's SSM layers (kiln.model.ssm); Mamba-1 and Mamba-2 fields."""
+
+    state_size: int = 16  # N: the state per channel
+    conv_kernel: int = 4
+    intermediate_size: int = 128  # D = expand * hidden_size
+    time_step_rank: int = 4  # Mamba-1: the dt low-rank projection
+    num_heads: int = 8  # Mamba-2: D = num_heads * head_dim; A, dt, D per head
+    head_dim: int = 16
+    n_groups: int = 1  # Mamba-2: B and C shared by num_heads / n_groups heads
+    chunk_size: int = 256
+    conv_bias: bool = True
+    proj_bias: bool = False  # in_proj / out_proj biases
+    time_step_limit: tuple[float, float] = (0.0, math.inf)
 
 
 @dataclass
@@ -32,7 +61,7 @@ class ModelConfig:
     norm_type: str = "rmsnorm"  # "rmsnorm" | "layernorm"
     activation: str = "silu"  # "silu" | "gelu_new" | "gelu"
     gated_mlp: bool = True  # SwiGLU (gate/up/down) vs GPT-2's fc/proj
-    position_embedding: str = "rope"  # "rope" | "learned"
+    position_embedding: str = "rope"  # "rope" | "learned" | "none" (Mamba)
     rope_theta: float = 10000.0
     rope_scaling: dict[str, Any] | None = None  # {"rope_type": "llama3"|"linear", ...}
     qkv_bias: bool = False
@@ -41,6 +70,10 @@ class ModelConfig:
     qk_norm: bool = False  # Qwen3: RMSNorm over head_dim on q and k
     # Per-layer sliding window (None = full attention); keys with q_pos - k_pos < window.
     sliding_windows: list[int | None] = field(default_factory=list)
+    # Per-layer mixer: "attention" or an SSM ("mamba", "mamba2"; kiln.model.ssm), so a hybrid
+    # is one config change. Empty: every layer attends.
+    layer_types: list[str] = field(default_factory=list)
+    ssm: SSMConfig | None = None  # the SSM layers' mixer (None: no SSM layer)
     num_experts: int = 0  # Mixtral / Qwen3-MoE: experts per MoE layer (0 = dense MLP)
     num_experts_per_tok: int = 2
     moe_intermediate_size: int | None = None  # each expert's (None: intermediate_size)
@@ -59,6 +92,23 @@ class ModelConfig:
         if not self.sliding_windows:
             self.sliding_windows = [None] * self.num_layers
         assert len(self.sliding_windows) == self.num_layers
+        if not self.layer_types or (
+            len(self.layer_types) != self.num_layers
+            and not any(t in SSM_LAYER_TYPES for t in self.layer_types)
+        ):  # (a copy with fewer layers, e.g. a draft's, keeps every layer attending)
+            self.layer_types = ["attention"] * self.num_layers
+        if len(self.layer_types) != self.num_layers:
+            raise ConfigError(
+                f"layer_types must list one type for each of the {self.num_layers} layers"
+            )
+        bad = set(self.layer_types) - set(SSM_LAYER_TYPES) - set(ATTENTION_LAYER_TYPES)
+        if bad:
+            raise ConfigError(
+                f"unsupported layer type {sorted(bad)[0]!r}; supported: "
+                + ", ".join(ATTENTION_LAYER_TYPES + SSM_LAYER_TYPES)
+            )
+        if self.ssm is None and any(t in SSM_LAYER_TYPES for t in self.layer_types):
+            raise ConfigError("layer_types names an SSM layer but the config has no SSM fields")
         if self.num_heads % self.num_kv_heads:
             raise ConfigError(
                 f"num_attention_heads={self.num_heads} is not a multiple of "
@@ -68,6 +118,22 @@ class ModelConfig:
     def is_moe_layer(self, layer_idx: int) -> bool:
         return bool(self.num_experts) and layer_idx not in self.dense_mlp_layers
 
+    def is_ssm_layer(self, layer_idx: int) -> bool:
+        return self.layer_types[layer_idx] in SSM_LAYER_TYPES
+
+    @property
+    def kv_layers(self) -> list[int]:
+        """The attention layers, in order: layer kv_layers[j] keeps its K/V at cache index j."""
+        return [i for i in range(self.num_layers) if not self.is_ssm_layer(i)]
+
+    @property
+    def num_kv_layers(self) -> int:
+        return len(self.kv_layers)
+
+    @property
+    def num_ssm_layers(self) -> int:
+        return self.num_layers - self.num_kv_layers
+
     @property
     def num_params(self) -> int:
         """Parameter count (tied embeddings counted once)."""
@@ -76,17 +142,23 @@ class ModelConfig:
         kv = self.num_kv_heads * self.head_dim
         attn = h * (q + 2 * kv) + q * h
         per = 3 if self.gated_mlp else 2
-        mlp = 0
+        layer_mlp = []
         for layer in range(self.num_layers):
-            if self.is_moe_layer(layer):
+            if not self.intermediate_size:  # Mamba's own models: the mixer alone
+                layer_mlp.append(0)
+            elif self.is_moe_layer(layer):
                 expert = per * h * (self.moe_intermediate_size or i)
-                mlp += self.num_experts * expert + h * self.num_experts
+                layer_mlp.append(self.num_experts * expert + h * self.num_experts)
             else:
-                mlp += per * h * i
+                layer_mlp.append(per * h * i)
         emb = v * h * (1 if self.tie_word_embeddings else 2)
         if self.position_embedding == "learned":
             emb += self.max_position_embeddings * h
-        return self.num_layers * (attn + 2 * h) + mlp + emb + h
+        total = emb + h
+        for layer in range(self.num_layers):
+            mixer = _ssm_params(self, self.layer_types[layer]) if self.is_ssm_layer(layer) else attn
+            total += mixer + layer_mlp[layer] + 2 * h
+        return total
 
     # ------------------------------------------------------------------ HF <-> kiln
 
@@ -103,6 +175,8 @@ class ModelConfig:
             )
         if model_type == "gpt2":
             return cls._from_gpt2(hf)
+        if model_type in SSM_LAYER_TYPES:
+            return cls._from_mamba(hf)
         return cls._from_llama_like(hf)
 
     @classmethod
@@ -138,6 +212,8 @@ class ModelConfig:
             mlp_bias=bool(hf.get("mlp_bias", False)),
             qk_norm=mt in ("qwen3", "qwen3_moe"),
             sliding_windows=_sliding_windows(hf, layers),
+            layer_types=_layer_types(hf, layers),
+            ssm=_hybrid_ssm(hf, hidden),
             **moe,
             tie_word_embeddings=bool(hf.get("tie_word_embeddings", False)),
             **_token_ids(hf),
@@ -179,6 +255,34 @@ class ModelConfig:
             hf_config=dict(hf),
         )
 
+    @classmethod
+    def _from_mamba(cls, hf: dict[str, Any]) -> ModelConfig:
+        """Mamba / Mamba2: every layer x + mixer(norm(x)), no MLP, no positions."""
+        mt = hf["model_type"]
+        hidden, layers = _int(hf, "hidden_size"), _int(hf, "num_hidden_layers")
+        ssm = _ssm_config(hf, hidden, "")
+        if hf.get("hidden_act", "silu") not in ("silu", "swish"):
+            raise ConfigError(f"{mt}: hidden_act must be silu, got {hf.get('hidden_act')!r}")
+        return cls(
+            model_type=mt,
+            vocab_size=_int(hf, "vocab_size"),
+            hidden_size=hidden,
+            intermediate_size=0,
+            num_layers=layers,
+            num_heads=1,
+            num_kv_heads=1,
+            head_dim=hidden,
+            max_position_embeddings=_int(hf, "max_position_embeddings", 8192),
+            norm_eps=_positive(hf, "layer_norm_epsilon", 1e-5),
+            position_embedding="none",
+            layer_types=[mt] * layers,
+            ssm=ssm,
+            tie_word_embeddings=bool(hf.get("tie_word_embeddings", mt == "mamba")),
+            **_token_ids(hf),
+            dtype=_dtype(hf),
+            hf_config=dict(hf),
+        )
+
     def to_hf(self) -> dict[str, Any]:
         """A config.json dict that `transformers` loads as the same architecture."""
         out = dict(self.hf_config)  # keep fields kiln does not model (rope extras, etc.)
@@ -194,6 +298,17 @@ class ModelConfig:
             common["pad_token_id"] = self.pad_token_id
         if self.dtype:
             common["dtype"] = self.dtype
+        if self.model_type in SSM_LAYER_TYPES:
+            out.update(
+                common,
+                architectures=[
+                    "MambaForCausalLM" if self.model_type == "mamba" else "Mamba2ForCausalLM"
+                ],
+                hidden_size=self.hidden_size,
+                num_hidden_layers=self.num_layers,
+                layer_norm_epsilon=self.norm_eps,
+            )
+            return out
         if self.model_type == "gpt2":
             out.update(
                 common,
@@ -250,6 +365,22 @@ class ModelConfig:
             out["norm_topk_prob"] = self.norm_topk_prob
             out["mlp_only_layers"] = list(self.dense_mlp_layers)
             out["decoder_sparse_step"] = 1
+        if self.ssm is not None:  # a hybrid: its layer types and its mixer's fields
+            s = self.ssm
+            out["layer_types"] = list(self.layer_types)
+            out.update(
+                mamba_state_size=s.state_size,
+                mamba_conv_kernel=s.conv_kernel,
+                mamba_expand=s.intermediate_size // self.hidden_size,
+                mamba_time_step_rank=s.time_step_rank,
+                mamba_num_heads=s.num_heads,
+                mamba_head_dim=s.head_dim,
+                mamba_n_groups=s.n_groups,
+                mamba_chunk_size=s.chunk_size,
+                mamba_use_conv_bias=s.conv_bias,
+                mamba_use_bias=s.proj_bias,
+                mamba_time_step_limit=list(s.time_step_limit),
+            )
         return out
 
     @classmethod
@@ -398,3 +529,80 @@ def _sliding_windows(hf: dict[str, Any], num_layers: int) -> list[int | None]:
         first_full = _int(hf, "max_window_layers", num_layers, minimum=0)
         return [window if i >= first_full else None for i in range(num_layers)]
     return [window] * num_layers
+
+
+def _ssm_config(hf: dict[str, Any], hidden: int, prefix: str) -> SSMConfig:
+    """SSMConfig from Mamba's / Mamba2's keys; a hybrid names them with `prefix` ("mamba_")."""
+
+    def key(name: str) -> str:
+        return prefix + name
+
+    expand = _int(hf, key("expand"), 2)
+    inner = expand * hidden
+    rank = hf.get(key("time_step_rank"), "auto")
+    rank = math.ceil(hidden / 16) if rank == "auto" else _int(hf, key("time_step_rank"))
+    head_dim = _int(hf, key("head_dim"), 64 if hf.get("model_type") == "mamba2" else inner)
+    num_heads = _int(hf, key("num_heads"), inner // head_dim)
+    n_groups = _int(hf, key("n_groups"), 1)
+    if hf.get("model_type") == "mamba2" or prefix:
+        if num_heads * head_dim != inner:
+            raise ConfigError(
+                f"{key('num_heads')}={num_heads} x {key('head_dim')}={head_dim} must equal "
+                f"{key('expand')} x hidden_size = {inner}"
+            )
+        if num_heads % n_groups:
+            raise ConfigError(
+                f"{key('num_heads')}={num_heads} is not a multiple of {key('n_groups')}={n_groups}"
+            )
+    limit = hf.get(key("time_step_limit"), (0.0, math.inf))
+    if not isinstance(limit, (list, tuple)) or len(limit) != 2:
+        raise ConfigError(f"{key('time_step_limit')} must be [min, max], got {limit!r}")
+    return SSMConfig(
+        state_size=_int(hf, key("state_size"), 16),
+        conv_kernel=_int(hf, key("conv_kernel"), 4),
+        intermediate_size=inner,
+        time_step_rank=rank,
+        num_heads=num_heads,
+        head_dim=head_dim,
+        n_groups=n_groups,
+        chunk_size=_int(hf, key("chunk_size"), 256),
+        conv_bias=bool(hf.get(key("use_conv_bias"), True)),
+        proj_bias=bool(hf.get(key("use_bias"), False)),
+        time_step_limit=(_float(limit[0]), _float(limit[1])),
+    )
+
+
+def _float(value: Any) -> float:
+    """A number, or transformers' JSON spelling of one ({"__float__": "Infinity"})."""
+    if isinstance(value, dict) and "__float__" in value:
+        value = value["__float__"]
+    try:
+        return float(value)
+    except (TypeError, ValueError):
+        raise ConfigError(f"expected a number, got {value!r}") from None
+
+
+def _layer_types(hf: dict[str, Any], num_layers: int) -> list[str]:
+    """A llama-like config's `layer_types`: attention kinds, or "mamba" / "mamba2" (hybrid)."""
+    types = hf.get("layer_types")
+    return list(types) if types else ["attention"] * num_layers
+
+
+def _hybrid_ssm(hf: dict[str, Any], hidden: int) -> SSMConfig | None:
+    """A hybrid's SSM mixer, from `mamba_`-prefixed keys (mamba_state_size, ...)."""
+    if not any(t in SSM_LAYER_TYPES for t in hf.get("layer_types") or []):
+        return None
+    return _ssm_config(hf, hidden, "mamba_")
+
+
+def _ssm_params(config: ModelConfig, layer_type: str) -> int:
+    """Parameters of one SSM mixer (kiln.model.ssm)."""
+    s, h = config.ssm, config.hidden_size
+    d, n, k = s.intermediate_size, s.state_size, s.conv_kernel
+    if layer_type == "mamba":
+        conv = d
+        proj = h * 2 * d + d * (s.time_step_rank + 2 * n) + s.time_step_rank * d + d
+        return proj + conv * (k + 1) + d * n + d + d * h
+    conv = d + 2 * s.n_groups * n
+    proj = h * (d + conv + s.num_heads)
+    return proj + conv * (k + 1) + 3 * s.num_heads + d + d * h

@@ -13,6 +13,7 @@ from __future__ import annotations
 from collections import OrderedDict, deque
 
 from kiln.engine.sequence import Sequence
+from kiln.engine.state_cache import StateSlots
 
 
 class Block:
@@ -28,8 +29,16 @@ def block_hash(parent: int | None, token_ids: list[int]) -> int:
 
 
 class BlockManager:
-    def __init__(self, num_blocks: int, block_size: int, enable_prefix_caching: bool = True):
+    def __init__(
+        self,
+        num_blocks: int,
+        block_size: int,
+        enable_prefix_caching: bool = True,
+        state_slots: StateSlots | None = None,
+    ):
         assert num_blocks > 0 and block_size > 0
+        # An SSM model's state slots (kiln.engine.state_cache) go and come with the blocks
+        self.state_slots = state_slots
         self.block_size = block_size
         self.enable_prefix_caching = enable_prefix_caching
         self.blocks = [Block(i) for i in range(num_blocks)]
@@ -140,6 +149,8 @@ class BlockManager:
             self.pending_copies.append((src, dst))
         for _ in range(num_new_blocks):
             seq.block_table.append(self._take_free())
+        if self.state_slots is not None:
+            self.state_slots.hold(seq)
         return True
 
     def fork(self, parent: Sequence, child: Sequence) -> None:
@@ -147,11 +158,15 @@ class BlockManager:
         assert child.block_table == parent.block_table
         for block_id in child.block_table:
             self.blocks[block_id].ref_count += 1
+        if self.state_slots is not None:
+            self.state_slots.fork(parent, child)
 
     def free(self, seq: Sequence) -> None:
         """Return seq's blocks; the tail goes first so the LRU evicts it before the head."""
         for block_id in reversed(seq.block_table):
             self._release(block_id)
+        if self.state_slots is not None:
+            self.state_slots.release(seq)
         seq.block_table = []
         seq.num_computed_tokens = 0
         seq.num_registered_blocks = 0

@@ -100,6 +100,11 @@ class EngineCore:
         if eos_token_ids is None:
             eos_token_ids = eos_ids_from_dir(path, self.model_config)
         self.eos_token_ids = frozenset(eos_token_ids)
+        if self.model_config.num_ssm_layers and (cfg.speculative or cfg.kv_eviction != "none"):
+            raise ConfigError(
+                "speculative decoding and kv_eviction need every layer's K/V: this model has "
+                "SSM layers (their state cannot roll back or drop tokens)"
+            )
         net = load_model(path, dtype=dtype, device=device, quantization=cfg.quantization)
         draft = load_draft_model(cfg.speculative, self.model_config, path, self.max_model_len, net)
         extra = kv_bytes_per_block(draft, cfg.block_size) if draft is not None else 0
@@ -111,8 +116,12 @@ class EngineCore:
             net, cfg, self.max_model_len, kv_scales, extra_kv_bytes_per_block=extra
         )
         self.device = self.runner.device
+        ssm = self.model_config.num_ssm_layers > 0  # a prefix's SSM state is not cached
         self.block_manager = BlockManager(
-            self.runner.num_blocks, cfg.block_size, cfg.enable_prefix_caching
+            self.runner.num_blocks,
+            cfg.block_size,
+            cfg.enable_prefix_caching and not ssm,
+            self.runner.state_slots,
         )
         self.evictor = make_evictor(
             cfg, self.block_manager, self.runner.kv_cache, self.model_config

@@ -32,11 +32,13 @@ from kiln.engine.ops import choose_ops
 from kiln.engine.sampler import PendingSample, Sampler
 from kiln.engine.scheduler import SchedulerOutput
 from kiln.engine.sequence import Sequence
+from kiln.engine.state_cache import SSMBackend, StateSlots
 from kiln.engine.transfer import to_device
 from kiln.errors import ConfigError
 from kiln.kernels.causal_attention import causal_attention
 from kiln.kernels.kv_quant import KV_CACHE_DTYPES
 from kiln.model.layers import MoE
+from kiln.model.ssm import SSMStateCache
 from kiln.model.transformer import Transformer
 
 log = logging.getLogger("kiln.engine")
@@ -96,6 +98,7 @@ class HostInputs:
     prompt_targets: list[int] = field(default_factory=list)
     prompt_seqs: list[tuple[Sequence, int]] = field(default_factory=list)
     lora_requests: list = field(default_factory=list)  # [B] each row's adapter (or None)
+    row_seqs: list[Sequence] = field(default_factory=list)  # [B] each row's sequence
 
     @property
     def num_decodes(self) -> int:
@@ -162,18 +165,30 @@ class ModelRunner:
         self.kv_dtype = kv_cache_torch_dtype(
             config.kv_cache_dtype, self.dtype, self.device, self.ops
         )
-        if config.fuse_weights:
+        ssm = model.config.num_ssm_layers > 0  # SSM layers (kiln.engine.state_cache)
+        if config.fuse_weights and not ssm:
             model = fuse_model(model, self.ops, config.gemv_max_batch)
         bind_quant_ops(model, self.ops)
         if self.lora is not None:
             self.lora.wrap(model, self.ops)
         self.model = model
+        # An SSM model's per-sequence state (kiln.engine.state_cache): allocated before the
+        # KV pool is sized from what memory is left
+        self.state_slots = None
+        if ssm:
+            self.state_slots = StateSlots(config.max_num_seqs)
+            pool = SSMStateCache(model.config, config.max_num_seqs, self.dtype, self.device)
+            per_seq = SSMStateCache.bytes_per_slot(model.config, self.dtype)
+            log.info(
+                "SSM state: %d slots x %.2f MiB (conv + SSM state of %d layers)",
+                config.max_num_seqs, per_seq / 2**20, model.config.num_ssm_layers,
+            )  # fmt: skip
         # a draft model's pool of as many blocks as this one's is paid from the same budget
         self.num_blocks = self._num_kv_blocks(extra_kv_bytes_per_block)
         self.last_plan: StepPlan | None = None  # the newest step's plan (for StepTrace)
         mc = self.model_config
         self.kv_cache = KVCache(
-            mc.num_layers,
+            mc.num_kv_layers,
             self.num_blocks,
             self.block_size,
             mc.num_kv_heads,
@@ -183,7 +198,10 @@ class ModelRunner:
         )
         if config.kv_eviction == "h2o":  # attention mass per slot, before any graph capture
             self.kv_cache.track_scores()
-        self.backend = PagedBackend(self.kv_cache, self.ops)
+        if ssm:
+            self.backend = SSMBackend(self.kv_cache, self.ops, pool, self.state_slots)
+        else:
+            self.backend = PagedBackend(self.kv_cache, self.ops)
         self.graph_runner = CudaGraphRunner(
             self.model, self.backend, self.ops, self.max_blocks_per_seq, config.max_num_seqs
         )
@@ -191,7 +209,7 @@ class ModelRunner:
         # an unfused MoE's loop reads the chosen experts on the host (FusedMoE does not).
         triton_cuda = self.device.type == "cuda" and self.ops.name == "triton"
         host_moe = any(isinstance(m, MoE) for m in self.model.modules())
-        if config.use_cuda_graph and triton_cuda and not host_moe:
+        if config.use_cuda_graph and triton_cuda and not host_moe and not ssm:
             top = min(config.max_cuda_graph_batch_size, config.max_num_seqs)
             tokens = min(config.max_cuda_graph_tokens, config.max_num_batched_tokens)
             self.graph_runner.capture(graph_batch_sizes(top), mixed_token_sizes(tokens))
@@ -236,9 +254,12 @@ class ModelRunner:
     def _num_kv_blocks(self, extra_bytes_per_block: int = 0) -> int:
         mc, cfg = self.model_config, self.config
         per_block = extra_bytes_per_block + KVCache.bytes_per_block(
-            mc.num_layers, self.block_size, mc.num_kv_heads, mc.head_dim, self.kv_dtype
+            mc.num_kv_layers, self.block_size, mc.num_kv_heads, mc.head_dim, self.kv_dtype
         )
-        if cfg.num_kv_blocks is not None:
+        if not per_block:  # no attention layer: the blocks are bookkeeping only
+            num_blocks = cfg.num_kv_blocks or cfg.max_num_seqs * self.max_blocks_per_seq
+            per_block = 1
+        elif cfg.num_kv_blocks is not None:
             num_blocks = cfg.num_kv_blocks
         elif cfg.kv_cache_memory_bytes is not None:
             num_blocks = cfg.kv_cache_memory_bytes // per_block
@@ -384,7 +405,10 @@ class ModelRunner:
         num_logits = len(host.logits_indices)
         graphs = self.graph_runner
         graph = None
-        if self.backend.calibrating or host.prompt_rows:
+        if self.state_slots is not None:  # eager, each row's state slot staged
+            first = [host.positions[i] for i in np.cumsum([0, *host.query_lens[:-1]])]
+            self.backend.stage(host.row_seqs, first, self.device)
+        elif self.backend.calibrating or host.prompt_rows:
             pass  # eager: the step sets the KV scales / reads every row's hidden state
         elif host.num_decodes == b and (size := graphs.batch_size(b)) is not None:
             graph = ("decode", size)
@@ -470,6 +494,7 @@ class ModelRunner:
                 slots.extend((np.asarray(table)[idx // bs] * bs + idx % bs).tolist())
             host.query_lens.append(n)
             host.lora_requests.append(seq.lora_request)
+            host.row_seqs.append(seq)
             host.context_lens.append(end - seq.num_evicted_tokens)
             host.tables.append(table)
             if end == len(seq) + len(spec := seq.spec_token_ids):

@@ -38,11 +38,17 @@ class ContiguousKVCache:
     """
 
     def __init__(self, config: ModelConfig, batch_size: int, max_len: int, dtype, device):
-        shape = (config.num_layers, batch_size, max_len, config.num_kv_heads, config.head_dim)
+        shape = (config.num_kv_layers, batch_size, max_len, config.num_kv_heads, config.head_dim)
         self.k = torch.empty(shape, dtype=dtype, device=device)
         self.v = torch.empty(shape, dtype=dtype, device=device)
         self.max_len = max_len
         self.length = 0  # tokens already cached
+        self.ssm = None  # an SSM layer's recurrent state, one slot a row (kiln.model.ssm)
+        if config.num_ssm_layers:
+            from kiln.model.ssm import SSMStateCache
+
+            self.ssm = SSMStateCache(config, batch_size, dtype, device)
+            self.rows = torch.arange(batch_size, device=device)
 
     def attend(self, layer_idx, q, k, v, scale, sliding_window):
         start, end = self.length, self.length + q.shape[1]
@@ -53,6 +59,11 @@ class ContiguousKVCache:
         keys, values = self.k[layer_idx, :, lo:end], self.v[layer_idx, :, lo:end]
         return causal_attention(q, keys, values, scale, start - lo, sliding_window)
 
+    def ssm_states(self, layer_idx: int):
+        """The layer's SSMStates: row b is slot b; it has a state once a forward has run."""
+        has = torch.full_like(self.rows, self.length > 0, dtype=torch.bool)
+        return self.ssm.view(layer_idx, self.rows, has, decode=self.length > 0)
+
     def advance(self, num_tokens: int) -> None:
         self.length += num_tokens
 
@@ -62,7 +73,7 @@ class Attention(nn.Module):
 
     def __init__(self, config: ModelConfig, layer_idx: int):
         super().__init__()
-        self.layer_idx = layer_idx
+        self.layer_idx = config.kv_layers.index(layer_idx)  # its K/V's index in a cache
         self.num_heads, self.num_kv_heads = config.num_heads, config.num_kv_heads
         self.head_dim = config.head_dim
         self.scale = config.head_dim**-0.5

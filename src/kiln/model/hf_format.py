@@ -30,9 +30,17 @@ _GPT2_NAMES = [
 ]
 
 
-def _rename(name: str, to_kiln: bool) -> str:
-    """Map a GPT-2 parameter name prefix through _GPT2_NAMES, in either direction."""
-    for hf, kiln in _GPT2_NAMES:
+# Mamba / Mamba2 HF name (after "backbone.") <-> kiln name; the mixer keeps HF's names.
+_MAMBA_NAMES = [
+    ("embeddings.", "embed_tokens."),
+    ("norm_f.", "norm."),
+    ("layers.{i}.norm.", "layers.{i}.input_layernorm."),
+]
+
+
+def _rename(name: str, to_kiln: bool, table=_GPT2_NAMES) -> str:
+    """Map a parameter name prefix through `table` (GPT-2's or Mamba's), in either direction."""
+    for hf, kiln in table:
         src, dst = (hf, kiln) if to_kiln else (kiln, hf)
         pattern = "^" + re.escape(src).replace(re.escape("{i}"), r"(\d+)")
         name, hits = re.subn(pattern, dst.replace("{i}", r"\1"), name)
@@ -128,6 +136,9 @@ def hf_to_kiln(
             return
         yield _rename(name, to_kiln=True), tensor.t() if conv1d else tensor
         return
+    if config.model_type in ("mamba", "mamba2"):
+        yield _rename(name.removeprefix("backbone."), True, _MAMBA_NAMES), tensor
+        return
     name = name.removeprefix("model.")
     m = re.match(r"^(layers\.\d+)\.block_sparse_moe\.(gate|experts\.\d+\.w[123])\.weight$", name)
     if m:
@@ -145,6 +156,11 @@ def kiln_to_hf(config: ModelConfig, state: dict[str, torch.Tensor]) -> dict[str,
     state = {
         k: v for k, v in state.items() if k != "lm_head.weight" or not config.tie_word_embeddings
     }
+    if config.model_type in ("mamba", "mamba2"):
+        return {
+            k if k == "lm_head.weight" else "backbone." + _rename(k, False, _MAMBA_NAMES): v
+            for k, v in state.items()
+        }
     if config.model_type != "gpt2":
         for name, t in state.items():
             m = re.match(r"^(layers\.\d+)\.mlp\.(gate|experts\.\d+)\.?(\w+_proj)?\.weight$", name)

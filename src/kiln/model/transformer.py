@@ -10,20 +10,35 @@ from torch import nn
 from kiln.config import ModelConfig
 from kiln.model.attention import DENSE_CAUSAL, Attention
 from kiln.model.layers import MLP, MoE, RotaryEmbedding, make_norm
+from kiln.model.ssm import make_mixer
 
 
 class Block(nn.Module):
-    """Pre-norm residual block: x + attn(norm(x)), then x + mlp(norm(x))."""
+    """Pre-norm residual block: x + attn(norm(x)), then x + mlp(norm(x)).
+
+    An SSM layer (config.layer_types) has a Mamba `mixer` in attention's place, and no MLP
+    where the config has none (intermediate_size 0: Mamba's own models)."""
 
     def __init__(self, config: ModelConfig, layer_idx: int):
         super().__init__()
         self.input_layernorm = make_norm(config)
-        self.self_attn = Attention(config, layer_idx)
-        self.post_attention_layernorm = make_norm(config)
-        self.mlp = MoE(config) if config.is_moe_layer(layer_idx) else MLP(config)
+        if config.is_ssm_layer(layer_idx):
+            self.mixer = make_mixer(config, layer_idx)
+        else:
+            self.self_attn = Attention(config, layer_idx)
+        self.mlp = None
+        if config.intermediate_size:
+            self.post_attention_layernorm = make_norm(config)
+            self.mlp = MoE(config) if config.is_moe_layer(layer_idx) else MLP(config)
 
     def forward(self, x, positions, rotary, backend):
-        x = x + self.self_attn(self.input_layernorm(x), positions, rotary, backend)
+        h = self.input_layernorm(x)
+        if hasattr(self, "mixer"):
+            x = x + self.mixer(h, backend)
+        else:
+            x = x + self.self_attn(h, positions, rotary, backend)
+        if self.mlp is None:
+            return x
         return x + self.mlp(self.post_attention_layernorm(x))
 
 
@@ -43,7 +58,7 @@ class Transformer(nn.Module):
             self.rotary = None
         else:
             self.embed_positions = None
-            self.rotary = RotaryEmbedding(config)
+            self.rotary = RotaryEmbedding(config) if config.position_embedding == "rope" else None
         self.layers = nn.ModuleList(Block(config, i) for i in range(config.num_layers))
         self.norm = make_norm(config)
         self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
