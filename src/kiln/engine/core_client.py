@@ -34,7 +34,7 @@ from kiln import errors
 from kiln.engine.lora import LoRARequest
 from kiln.engine.outputs import SeqDelta
 from kiln.engine.sampling_params import SamplingParams
-from kiln.errors import KilnError
+from kiln.errors import KilnError, WorkerDiedError
 
 log = logging.getLogger("kiln.engine")
 
@@ -214,6 +214,8 @@ class EngineCoreLoop:
             traceback.print_exc()
             why = f"the engine failed: {type(e).__name__}: {e}"
             self.errors += [(rid, why) for rid in self.core.abort_all()]
+            if isinstance(e, WorkerDiedError):  # no step can run: exit, the server with us
+                self.running = False
             return []
 
     def handle(self, msg: CoreInput) -> None:

@@ -36,6 +36,7 @@ from kiln.engine.transfer import to_device
 from kiln.errors import ConfigError
 from kiln.kernels.causal_attention import causal_attention
 from kiln.kernels.kv_quant import KV_CACHE_DTYPES
+from kiln.model.parallel import reduce_sublayers
 from kiln.model.transformer import Transformer
 
 log = logging.getLogger("kiln.engine")
@@ -166,7 +167,10 @@ class ModelRunner:
         bind_quant_ops(model, self.ops)
         if self.lora is not None:
             self.lora.wrap(model, self.ops)
+        if config.tensor_parallel_size > 1:  # kiln.model.parallel: sum the ranks' partials
+            reduce_sublayers(model)
         self.model = model
+        self.tp = None  # the TPDriver on rank 0 of a tensor-parallel engine (EngineCore sets it)
         # a draft model's pool of as many blocks as this one's is paid from the same budget
         self.num_blocks = self._num_kv_blocks(extra_kv_bytes_per_block)
         self.last_plan: StepPlan | None = None  # the newest step's plan (for StepTrace)
@@ -244,6 +248,10 @@ class ModelRunner:
             num_blocks = CPU_KV_CACHE_BYTES // per_block
         else:
             num_blocks = int(self._profile_free_bytes() // per_block)
+            if cfg.tensor_parallel_size > 1:  # one block table addresses every rank's pool
+                least = torch.tensor(num_blocks, device=self.device)
+                torch.distributed.all_reduce(least, torch.distributed.ReduceOp.MIN)
+                num_blocks = int(least)
         if num_blocks < self.max_blocks_per_seq:
             need = self.max_blocks_per_seq * per_block
             raise ConfigError(
@@ -305,6 +313,8 @@ class ModelRunner:
         self.kv_cache.reset_scores(out.fresh_blocks)
         self.kv_cache.copy_blocks(out.block_copies)
         plan = self.last_plan = self.prepare(out, prev, sampler, logits_only)
+        if self.tp is not None:  # the workers run the same forward on the same inputs
+            self.tp.send_step(plan, out.block_copies, self.graph_runner)
         logits, sampled, prompt = self._forward(plan)
         if not plan.seqs:
             return StepOutput([], None, prompt_logprobs=prompt)

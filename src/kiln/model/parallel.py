@@ -33,7 +33,6 @@ from kiln.errors import CheckpointError, ConfigError
 from kiln.model.compressed_tensors import read_compressed_tensors
 from kiln.model.hf_format import hf_to_kiln
 from kiln.model.loader import _assign, _checkpoint_tensors, default_device, resolve_dtype
-from kiln.model.quantized import read_quant_config
 from kiln.model.transformer import Transformer
 
 COLUMN = ("gate_proj", "up_proj")  # split by the intermediate dim (rows of the weight)
