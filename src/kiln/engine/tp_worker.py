@@ -109,6 +109,8 @@ def _init_group(rank: int, world: int, port: int, device: torch.device) -> None:
         world_size=world,
         timeout=timedelta(seconds=TP_TIMEOUT_S),
     )
+    # the first collective sets up the communicator (NCCL: before any CUDA graph captures one)
+    dist.all_reduce(torch.zeros(1, device=device))
 
 
 class TPDriver:

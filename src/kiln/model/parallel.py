@@ -127,7 +127,7 @@ class ParallelLMHead(nn.Module):
         lead, rows = x.shape[:-1], self.weight.shape[0]
         local = F.linear(x.reshape(-1, x.shape[-1]), self.weight)  # [n, rows]
         gathered = local.new_empty(self.world * local.shape[0], rows)
-        dist.all_gather_into_tensor(gathered, local, group=self.group)
+        dist.all_gather_single(gathered, local, group=self.group)
         logits = gathered.view(self.world, -1, rows).transpose(0, 1).reshape(-1, self.world * rows)
         if logits.shape[1] != self.vocab_size:  # drop the last slice's padding
             logits = logits[:, : self.vocab_size].contiguous()
