@@ -11,7 +11,7 @@ import torch
 from kiln.engine import LLM, SamplingParams
 from kiln.engine.config import EngineConfig
 from kiln.engine.tp_worker import check_devices
-from kiln.errors import ConfigError, InputError, WorkerDiedError
+from kiln.errors import ConfigError, InputError, KilnError, WorkerDiedError
 
 GREEDY = SamplingParams(temperature=0.0, max_tokens=10, ignore_eos=True, logprobs=2)
 LENGTHS = (3, 21, 40)  # 40 tokens: a prefill chunked over the 32-token step
@@ -135,3 +135,35 @@ def test_tp2_on_two_gpus_with_cuda_graphs_matches_one_gpu(hf_model_dir, random_p
         assert [o.token_ids for o in _greedy(llm, prompts)] == want
     finally:
         llm.engine.core.close()
+
+
+def _spawned_children(pid: int) -> list[int]:
+    """The multiprocessing spawn children of process `pid` (not its resource tracker)."""
+    with open(f"/proc/{pid}/task/{pid}/children") as f:
+        kids = [int(k) for k in f.read().split()]
+    return [k for k in kids if b"spawn_main" in open(f"/proc/{k}/cmdline", "rb").read()]
+
+
+@pytest.mark.skipif(not os.path.isdir("/proc/self/task"), reason="reads /proc")
+def test_a_dead_worker_stops_the_serving_engine_core(hf_model_dir):
+    import asyncio
+
+    from kiln.engine.async_engine import AsyncLLM, EngineDeadError
+
+    path, _ = hf_model_dir("llama")
+    llm = AsyncLLM(str(path), tensor_parallel_size=2, max_model_len=128, **ENGINE)
+    params = SamplingParams(temperature=0, max_tokens=4, ignore_eos=True)
+
+    async def main():
+        await llm.start()
+        assert len([o async for o in llm.generate([5, 6, 7], params)][-1].outputs[0].token_ids) == 4
+        (worker,) = _spawned_children(llm.client.core_pid)
+        os.kill(worker, signal.SIGKILL)
+        with pytest.raises((EngineDeadError, KilnError), match="died|exited"):
+            async for _ in llm.generate([5, 6, 7], params):
+                pass
+        llm.client.proc.wait(timeout=30)  # the core exits (and says it failed)
+        assert llm.client.proc.returncode == 1
+        await llm.shutdown(drain=False)
+
+    asyncio.run(main())
