@@ -88,3 +88,46 @@ def test_stages_split_the_layers_evenly_and_refuse_tied_embeddings():
     tied = Transformer(ModelConfig(**{**CONFIG, "tie_word_embeddings": True}))
     with pytest.raises(ConfigError, match="tie_word_embeddings"):
         PipelineRunner(tied, 0, 2, 2, "gpipe", torch.device("cpu"))
+
+
+def _pretrain_rank(rank: int, port: int, data, out_dir, schedule: str, result_file) -> None:
+    import os
+
+    from train.pretrain_helpers import tiny_model, train_config, windows
+
+    from kiln.train.pipeline import train_pipeline
+
+    os.environ |= dict(RANK=str(rank), WORLD_SIZE="2", LOCAL_RANK=str(rank),
+                       MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))  # fmt: skip
+    torch.set_num_threads(1)
+    cfg = train_config(out_dir, grad_accum=2, pipeline_parallel=2, pipeline_schedule=schedule)
+    model = tiny_model(tie_word_embeddings=False)
+    train_pipeline(model, cfg, windows(data, 4), windows(data, 4, seed=1))
+    if rank == 0:  # every stage's weights gathered into the model, on every rank
+        torch.save(model.state_dict(), result_file)
+    dist.destroy_process_group()
+
+
+@pytest.mark.parametrize("schedule", ["gpipe", "1f1b"])
+def test_pretrain_pipeline_logs_and_weights_equal_one_process(tmp_path, schedule):
+    from train.pretrain_helpers import tiny_model, token_file, train_config, windows
+    from train.test_pretrain_ddp import free_port, records
+
+    from kiln.train.loop import train
+    from kiln.train.pretrain import lm_loss
+
+    data = token_file(tmp_path / "tokens.bin")
+    one = tiny_model(tie_word_embeddings=False)
+    train(one, train_config(tmp_path / "one", grad_accum=2), windows(data, 4), lm_loss,
+          windows(data, 4, seed=1))  # fmt: skip
+    weights = tmp_path / "two.pt"
+    mp.spawn(_pretrain_rank, args=(free_port(), data, tmp_path / "two", schedule, weights),
+             nprocs=2)  # fmt: skip
+    for key in ("loss", "val_loss", "grad_norm"):
+        a, b = records(tmp_path / "one", key), records(tmp_path / "two", key)
+        assert a.keys() == b.keys() and a
+        for step in a:
+            assert b[step] == pytest.approx(a[step], rel=1e-4), (key, step)
+    two = torch.load(weights)
+    for name, p in one.state_dict().items():
+        torch.testing.assert_close(two[name], p, rtol=1e-4, atol=1e-5, msg=name)

@@ -19,6 +19,9 @@ dicts together are the whole model's.
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
+from dataclasses import asdict
+from pathlib import Path
 
 import torch
 import torch.distributed as dist
@@ -89,6 +92,7 @@ class PipelineRunner:
         schedule: str,
         device: torch.device,
         group: dist.ProcessGroup | None = None,
+        dp_group: dist.ProcessGroup | None = None,
     ):
         from torch.distributed.pipelining import PipelineStage, Schedule1F1B, ScheduleGPipe
 
@@ -103,7 +107,13 @@ class PipelineRunner:
             )
         self.index, self.num_stages, self.group = index, num_stages, group
         self.module = Stage(model, index, num_stages).to(device)
-        stage = PipelineStage(self.module, index, num_stages, device, group=group)
+        run = self.module
+        if dp_group is not None:  # data-parallel replicas of this stage (the schedule no_syncs)
+            from torch.nn.parallel import DistributedDataParallel as DDP
+
+            ids = [device.index] if device.type == "cuda" else None
+            run = DDP(self.module, device_ids=ids, process_group=dp_group)
+        stage = PipelineStage(run, index, num_stages, device, group=group)
         cls = ScheduleGPipe if schedule == "gpipe" else Schedule1F1B
         self.schedule = cls(stage, num_microbatches, loss_fn=lm_loss)
         self.num_microbatches = num_microbatches
@@ -136,6 +146,36 @@ class PipelineRunner:
         self.schedule.step(*((x,) if self.is_first else ()), return_outputs=False)
         return None
 
+    @torch.no_grad()
+    def evaluate(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        """The batch's mean loss, forward only, on every stage (sent from the last)."""
+        losses: list[torch.Tensor] = []
+        args = (x,) if self.is_first else ()
+        self.schedule.eval(*args, target=y if self.is_last else None, losses=losses)
+        return self.share_loss(torch.stack(losses).mean() if self.is_last else None, x.device)
+
+    def share_loss(self, loss: torch.Tensor | None, device: torch.device) -> torch.Tensor:
+        """The last stage's loss on every stage of the pipeline."""
+        total = (
+            loss.detach().float().clone() if loss is not None else torch.zeros((), device=device)
+        )
+        dist.all_reduce(total, group=self.group)
+        return total
+
+    def gather_into(self, model: Transformer) -> None:
+        """Every stage's trained weights into `model` on every rank of the pipeline (each stage
+        owner broadcasts its blocks; the model's other parameters are stale until then)."""
+        owners = {}
+        for s in range(self.num_stages):
+            for i in stage_layers(len(model.layers), s, self.num_stages):
+                owners[f"layers.{i}."] = s
+        last = self.num_stages - 1
+        for name, p in model.named_parameters():
+            prefix = ".".join(name.split(".")[:2]) + "."
+            owner = owners.get(prefix, 0 if name.startswith("embed_") else last)
+            src = dist.get_global_rank(self.group, owner) if self.group is not None else owner
+            dist.broadcast(p.data, src=src, group=self.group)
+
     def clip_grad_norm(self, max_norm: float) -> torch.Tensor:
         """Clip every stage's gradients by their joint norm (all-reduced over the pipeline)."""
         grads = [p.grad for p in self.parameters() if p.grad is not None]
@@ -149,3 +189,94 @@ class PipelineRunner:
             for g in grads:
                 g.mul_(scale.to(g.dtype))
         return norm
+
+
+def train_pipeline(
+    model: Transformer,
+    cfg,
+    train_batch: Callable[[int], tuple[torch.Tensor, torch.Tensor]],
+    val_batch: Callable[[int], tuple[torch.Tensor, torch.Tensor]] | None = None,
+) -> dict:
+    """`kiln pretrain --pipeline-parallel N` (under torchrun): kiln.train.loop's schedule (lr,
+    clipping, AdamW, JSONL log, validation) over a pipeline of N stages, times world / N
+    data-parallel replicas; each step's grad_accum micro-batches are the pipeline's
+    micro-batches. No checkpoints mid-run (no resume); at the end every rank's `model` holds
+    the trained weights of every stage, for the export."""
+    from torch.distributed.device_mesh import init_device_mesh
+
+    from kiln.train import distributed
+    from kiln.train.loop import (
+        Meter,
+        RunLog,
+        _progress_bar,
+        autocast,
+        lr_at,
+        make_optimizer,
+        plot_losses,
+    )
+
+    cfg.validate()
+    info = distributed.init(cfg.device)
+    pp = cfg.pipeline_parallel
+    if info.world_size % pp:
+        raise ConfigError(
+            f"pipeline_parallel={pp} does not divide the {info.world_size} processes "
+            "(world = pipeline stages x data-parallel replicas)"
+        )
+    dp = info.world_size // pp
+    if val_batch is not None and cfg.batch_size % cfg.grad_accum:
+        raise ConfigError(
+            f"validation splits a batch of batch_size={cfg.batch_size} into grad_accum="
+            f"{cfg.grad_accum} pipeline micro-batches: make it a multiple"
+        )
+    mesh = init_device_mesh(info.device.type, (dp, pp), mesh_dim_names=("dp", "pp"))
+    dp_rank = mesh.get_local_rank("dp")
+    torch.manual_seed(cfg.seed + dp_rank)
+    model.to(info.device).train()
+    runner = PipelineRunner(
+        model, mesh.get_local_rank("pp"), pp, cfg.grad_accum, cfg.pipeline_schedule,
+        info.device, mesh.get_group("pp"), mesh.get_group("dp") if dp > 1 else None,
+    )  # fmt: skip
+    for batches in (train_batch, val_batch):  # every stage of a replica reads the same rows
+        if hasattr(batches, "data_parallel"):
+            batches.data_parallel = (dp_rank, dp)
+    optimizer = make_optimizer(runner.module, cfg, info.device)
+    out = Path(cfg.out_dir)
+    log = RunLog(out, info.is_main, keep_until=0)
+    log.write({"event": "start", "step": 0, "world_size": info.world_size, **asdict(cfg)})
+    ctx, meter = autocast(cfg, info.device), Meter()
+    progress = _progress_bar(cfg.max_steps, 0, info.is_main)
+    result: dict = {"step": 0, "log": str(log.path)}
+    for step in range(cfg.max_steps):
+        for group in optimizer.param_groups:
+            group["lr"] = lr_at(step, cfg)
+        parts = [train_batch(step * cfg.grad_accum + m) for m in range(cfg.grad_accum)]
+        x, y = (torch.cat(t).to(info.device) for t in zip(*parts))
+        with ctx:
+            loss = runner.share_loss(runner.step(x, y), info.device)
+        grad_norm = runner.clip_grad_norm(cfg.grad_clip or math.inf)
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        meter.add(loss, {"num_tokens": y.numel()}, dp)
+        done = result["step"] = step + 1
+        progress.update(1)
+        if done % cfg.log_interval == 0 or done == cfg.max_steps:
+            record = meter.flush(done, optimizer.param_groups[0]["lr"], grad_norm)
+            log.write(record)
+            progress.set_postfix(loss=f"{record['loss']:.4f}")
+            result.update(train_loss=record["loss"], tokens_per_s=record.get("tokens_per_s"))
+        if val_batch is not None and (done % cfg.eval_interval == 0 or done == cfg.max_steps):
+            runner.module.eval()
+            with ctx:
+                losses = [runner.evaluate(*(t.to(info.device) for t in val_batch(i)))
+                          for i in range(cfg.eval_steps)]  # fmt: skip
+            runner.module.train()
+            val = float(distributed.mean_across_ranks(torch.stack(losses).mean()))
+            log.write({"step": done, "val_loss": val, "val_ppl": math.exp(min(val, 50))})
+            result.update(val_loss=val, val_ppl=math.exp(min(val, 50)))
+            meter.restart_clock()
+    progress.close()
+    runner.gather_into(model)
+    if info.is_main:
+        result["plot"] = str(plot_losses(log.path, out / "loss.png"))
+    return result
