@@ -10,7 +10,6 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 
 from kiln.config import ModelConfig
-from kiln.errors import ConfigError
 from kiln.model.transformer import Transformer
 from kiln.train.pipeline import PipelineRunner, lm_loss, stage_layers
 
@@ -81,16 +80,13 @@ def test_pp2_losses_equal_one_process(tmp_path):
     assert want[-1] < want[0]  # it trains
 
 
-def test_stages_split_the_layers_evenly_and_refuse_tied_embeddings():
+def test_stages_split_the_layers_evenly():
     assert [list(stage_layers(10, i, 4)) for i in range(4)] == [
         [0, 1], [2, 3, 4], [5, 6], [7, 8, 9]
     ]  # fmt: skip
-    tied = Transformer(ModelConfig(**{**CONFIG, "tie_word_embeddings": True}))
-    with pytest.raises(ConfigError, match="tie_word_embeddings"):
-        PipelineRunner(tied, 0, 2, 2, "gpipe", torch.device("cpu"))
 
 
-def _pretrain_rank(rank: int, port: int, data, out_dir, schedule: str, result_file) -> None:
+def _pretrain_rank(rank: int, port: int, data, out_dir, schedule: str, tied: bool, result_file):
     import os
 
     from train.pretrain_helpers import tiny_model, train_config, windows
@@ -101,15 +97,15 @@ def _pretrain_rank(rank: int, port: int, data, out_dir, schedule: str, result_fi
                        MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))  # fmt: skip
     torch.set_num_threads(1)
     cfg = train_config(out_dir, grad_accum=2, pipeline_parallel=2, pipeline_schedule=schedule)
-    model = tiny_model(tie_word_embeddings=False)
+    model = tiny_model(tie_word_embeddings=tied)
     train_pipeline(model, cfg, windows(data, 4), windows(data, 4, seed=1))
     if rank == 0:  # every stage's weights gathered into the model, on every rank
         torch.save(model.state_dict(), result_file)
     dist.destroy_process_group()
 
 
-@pytest.mark.parametrize("schedule", ["gpipe", "1f1b"])
-def test_pretrain_pipeline_logs_and_weights_equal_one_process(tmp_path, schedule):
+@pytest.mark.parametrize("schedule, tied", [("gpipe", False), ("1f1b", True)])
+def test_pretrain_pipeline_logs_and_weights_equal_one_process(tmp_path, schedule, tied):
     from train.pretrain_helpers import tiny_model, token_file, train_config, windows
     from train.test_pretrain_ddp import free_port, records
 
@@ -117,11 +113,11 @@ def test_pretrain_pipeline_logs_and_weights_equal_one_process(tmp_path, schedule
     from kiln.train.pretrain import lm_loss
 
     data = token_file(tmp_path / "tokens.bin")
-    one = tiny_model(tie_word_embeddings=False)
+    one = tiny_model(tie_word_embeddings=tied)
     train(one, train_config(tmp_path / "one", grad_accum=2), windows(data, 4), lm_loss,
           windows(data, 4, seed=1))  # fmt: skip
     weights = tmp_path / "two.pt"
-    mp.spawn(_pretrain_rank, args=(free_port(), data, tmp_path / "two", schedule, weights),
+    mp.spawn(_pretrain_rank, args=(free_port(), data, tmp_path / "two", schedule, tied, weights),
              nprocs=2)  # fmt: skip
     for key in ("loss", "val_loss", "grad_norm"):
         a, b = records(tmp_path / "one", key), records(tmp_path / "two", key)

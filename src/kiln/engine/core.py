@@ -311,22 +311,19 @@ class EngineCore:
         read back while it runs, so outputs trail the GPU by one step: a sequence that ends
         (EOS, stop) has computed one token too many, which is dropped.
         """
-        if self.tp is not None:
-            return self._step_tp()
-        if self.trace is not None:
-            return self.trace.record(self, self._step)
-        return self._step()
-
-    def _step_tp(self) -> list[SeqDelta]:
-        """A tensor-parallel step; when a worker has died, every request fails with it."""
+        if self.tp is None:
+            return self._traced_step()
         try:
-            with self.tp.guard():
-                if self.trace is not None:
-                    return self.trace.record(self, self._step)
-                return self._step()
+            with self.tp.guard():  # tensor parallel: a worker that died fails every request
+                return self._traced_step()
         except WorkerDiedError:
             self.abort_all()
             raise
+
+    def _traced_step(self) -> list[SeqDelta]:
+        if self.trace is not None:
+            return self.trace.record(self, self._step)
+        return self._step()
 
     def _speculating(self) -> bool:
         """Whether this step verifies proposals: few enough live sequences, none about to fork

@@ -12,6 +12,9 @@ by 1 / micro-batches, so a step equals one process's step over the whole batch.
     clip_grad_norm(runner.parameters(), max_norm)   # the norm over every stage
     optimizer.step()
 
+Tied embeddings: stage 0's embedding and the last stage's LM head start equal, their
+gradients are summed between the two ranks after each backward, so they stay equal.
+
 Parameter names stay the Transformer's (`layers.5.mlp.up_proj.weight`), so the stages' state
 dicts together are the whole model's.
 """
@@ -46,11 +49,6 @@ class Stage(nn.Module):
     def __init__(self, model: Transformer, index: int, num_stages: int):
         super().__init__()
         first, last = index == 0, index == num_stages - 1
-        if model.config.tie_word_embeddings and num_stages > 1:
-            raise ConfigError(
-                "pipeline parallelism puts the embedding and the LM head on different stages: "
-                "set tie_word_embeddings = false"
-            )
         self.embed_tokens = model.embed_tokens if first else None
         self.embed_positions = model.embed_positions if first else None
         keep = stage_layers(len(model.layers), index, num_stages)
@@ -93,6 +91,7 @@ class PipelineRunner:
         device: torch.device,
         group: dist.ProcessGroup | None = None,
         dp_group: dist.ProcessGroup | None = None,
+        tie_group: dist.ProcessGroup | None = None,
     ):
         from torch.distributed.pipelining import PipelineStage, Schedule1F1B, ScheduleGPipe
 
@@ -106,6 +105,11 @@ class PipelineRunner:
                 f"for {num_stages}"
             )
         self.index, self.num_stages, self.group = index, num_stages, group
+        # tied embeddings: (first, last) stage ranks of this pipeline sum the shared gradient
+        self.tied = model.config.tie_word_embeddings and num_stages > 1
+        if self.tied and tie_group is None:  # one pipeline, the world's ranks (every rank joins)
+            tie_group = dist.new_group([0, num_stages - 1])
+        self.tie_group = tie_group
         self.module = Stage(model, index, num_stages).to(device)
         run = self.module
         if dp_group is not None:  # data-parallel replicas of this stage (the schedule no_syncs)
@@ -138,13 +142,20 @@ class PipelineRunner:
                 f"batch size {x.shape[0]} is not a multiple of {self.num_microbatches} "
                 "micro-batches"
             )
+        loss = None
         if self.is_last:
             losses: list[torch.Tensor] = []
             args = (x,) if self.is_first else ()
             self.schedule.step(*args, target=y, losses=losses, return_outputs=False)
-            return torch.stack(losses).mean().detach()
-        self.schedule.step(*((x,) if self.is_first else ()), return_outputs=False)
-        return None
+            loss = torch.stack(losses).mean().detach()
+        else:
+            self.schedule.step(*((x,) if self.is_first else ()), return_outputs=False)
+        if self.tied and (self.is_first or self.is_last):
+            dist.all_reduce(self._tied_weight().grad, group=self.tie_group)
+        return loss
+
+    def _tied_weight(self) -> nn.Parameter:
+        return self.module.embed_tokens.weight if self.is_first else self.module.lm_head.weight
 
     @torch.no_grad()
     def evaluate(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
@@ -178,8 +189,13 @@ class PipelineRunner:
 
     def clip_grad_norm(self, max_norm: float) -> torch.Tensor:
         """Clip every stage's gradients by their joint norm (all-reduced over the pipeline)."""
-        grads = [p.grad for p in self.parameters() if p.grad is not None]
-        sq = torch.stack([g.float().pow(2).sum() for g in grads]).sum() if grads else None
+        params = self.parameters()
+        counted = params
+        if self.tied and self.is_last:  # the tied weight counts once, on stage 0
+            counted = [p for p in params if p is not self.module.lm_head.weight]
+        grads = [p.grad for p in params if p.grad is not None]
+        counted = [p.grad for p in counted if p.grad is not None]
+        sq = torch.stack([g.float().pow(2).sum() for g in counted]).sum() if counted else None
         device = grads[0].device if grads else torch.device("cpu")
         total = sq if sq is not None else torch.zeros((), device=device)
         dist.all_reduce(total, group=self.group)
@@ -230,12 +246,16 @@ def train_pipeline(
             f"{cfg.grad_accum} pipeline micro-batches: make it a multiple"
         )
     mesh = init_device_mesh(info.device.type, (dp, pp), mesh_dim_names=("dp", "pp"))
+    tie_group = None
+    if model.config.tie_word_embeddings:  # rank = replica * pp + stage (the mesh's layout)
+        pairs = [[d * pp, d * pp + pp - 1] for d in range(dp)]
+        tie_group, _ = dist.new_subgroups_by_enumeration(pairs)
     dp_rank = mesh.get_local_rank("dp")
     torch.manual_seed(cfg.seed + dp_rank)
     model.to(info.device).train()
     runner = PipelineRunner(
         model, mesh.get_local_rank("pp"), pp, cfg.grad_accum, cfg.pipeline_schedule,
-        info.device, mesh.get_group("pp"), mesh.get_group("dp") if dp > 1 else None,
+        info.device, mesh.get_group("pp"), mesh.get_group("dp") if dp > 1 else None, tie_group,
     )  # fmt: skip
     for batches in (train_batch, val_batch):  # every stage of a replica reads the same rows
         if hasattr(batches, "data_parallel"):
