@@ -135,6 +135,7 @@ class ParallelLMHead(nn.Module):
 
 
 def _all_reduce_output(module: nn.Module, args, out: torch.Tensor) -> torch.Tensor:
+    out = out.contiguous()  # (a no-op for a projection's output; NCCL needs it)
     dist.all_reduce(out)
     return out
 
