@@ -33,3 +33,7 @@ class InputError(KilnError, ValueError):
 class ContextLengthError(InputError):
     """A prompt that leaves no room in the model's context (the server's 400 says
     context_length_exceeded)."""
+
+
+class WorkerDiedError(KilnError):
+    """A tensor-parallel worker process is gone: no step can run any more."""

@@ -107,6 +107,11 @@ class EngineConfig:
     num_sink_tokens: int = field(
         default=4, metadata={"help": "first tokens kv_eviction never evicts (attention sinks)"}
     )
+    # Tensor parallelism (kiln.engine.tp_worker): the model split over this many ranks, one
+    # process (and GPU) each; the engine spawns and supervises ranks 1..N-1.
+    tensor_parallel_size: int = field(
+        default=1, metadata={"help": "ranks (GPUs) the model is split over, Megatron-style"}
+    )
 
     def __post_init__(self) -> None:
         if self.block_size < 1:
@@ -128,6 +133,7 @@ class EngineConfig:
                 f"max_cuda_graph_tokens must be >= 0, got {self.max_cuda_graph_tokens}"
             )
         self._check_kv()
+        self._check_tp()
         if self.attention_backend not in ("auto", "torch", "triton"):
             raise InputError(
                 f"attention_backend must be 'auto', 'torch' or 'triton', "
@@ -151,6 +157,27 @@ class EngineConfig:
                 raise InputError(
                     f"speculative_config does not combine with kv_eviction={self.kv_eviction!r}"
                 )
+
+    def _check_tp(self) -> None:
+        if self.tensor_parallel_size < 1:
+            raise InputError(f"tensor_parallel_size must be >= 1, got {self.tensor_parallel_size}")
+        if self.tensor_parallel_size == 1:
+            return
+        unsupported = [
+            name
+            for name, on in [
+                ("speculative_config", self.speculative_config is not None),
+                ("enable_lora", self.enable_lora),
+                ("kv_eviction='h2o'", self.kv_eviction == "h2o"),
+                (f"kv_cache_dtype={self.kv_cache_dtype!r}", self.kv_cache_dtype != "auto"),
+            ]
+            if on
+        ]
+        if unsupported:
+            raise InputError(
+                f"tensor_parallel_size={self.tensor_parallel_size} does not combine with "
+                f"{', '.join(unsupported)}"
+            )
 
     def _check_kv(self) -> None:
         if self.kv_cache_dtype not in ("auto", "fp8", "fp8_e4m3", "int8"):

@@ -35,7 +35,7 @@ from kiln.engine.sequence import Sequence
 from kiln.engine.spec_decode.decoder import SpecDecoder
 from kiln.engine.spec_decode.draft_model import kv_bytes_per_block, load_draft_model
 from kiln.engine.structured import GrammarCompiler, GrammarState, tokenizer_info
-from kiln.errors import ConfigError, ContextLengthError, InputError
+from kiln.errors import ConfigError, ContextLengthError, InputError, WorkerDiedError
 
 
 @dataclass
@@ -105,16 +105,29 @@ class EngineCore:
                 "speculative decoding and kv_eviction need every layer's K/V: this model has "
                 "SSM layers (their state cannot roll back or drop tokens)"
             )
-        net = load_model(path, dtype=dtype, device=device, quantization=cfg.quantization)
+        if self.model_config.num_ssm_layers and cfg.tensor_parallel_size > 1:
+            raise ConfigError("tensor_parallel_size > 1 does not split SSM layers yet: use 1")
+        self.tp = None  # rank 0's TPDriver under tensor parallelism (kiln.engine.tp_worker)
+        if cfg.tensor_parallel_size > 1:
+            net = self._start_tp(path, dtype, device, engine_args)
+        else:
+            net = load_model(path, dtype=dtype, device=device, quantization=cfg.quantization)
         draft = load_draft_model(cfg.speculative, self.model_config, path, self.max_model_len, net)
         extra = kv_bytes_per_block(draft, cfg.block_size) if draft is not None else 0
         kv_scales = None
         if cfg.kv_cache_dtype != "auto":
             mc = self.model_config
             kv_scales = read_kv_scales(path, mc.num_layers, mc.num_kv_heads)
-        self.runner = ModelRunner(
-            net, cfg, self.max_model_len, kv_scales, extra_kv_bytes_per_block=extra
-        )
+        try:
+            self.runner = ModelRunner(
+                net, cfg, self.max_model_len, kv_scales, extra_kv_bytes_per_block=extra
+            )
+        except BaseException:
+            self.close()
+            raise
+        if self.tp is not None:
+            self.tp.wait_ready(self.runner.num_blocks)
+            self.runner.tp = self.tp
         self.device = self.runner.device
         ssm = self.model_config.num_ssm_layers > 0  # a prefix's SSM state is not cached
         self.block_manager = BlockManager(
@@ -148,6 +161,23 @@ class EngineCore:
         self._compiling: dict[str, concurrent.futures.Future] = {}
         self._errors: list[tuple[str, str]] = []  # (request_id, why) failed outside a call
         self.trace = StepTrace.from_env()
+
+    def _start_tp(self, path: Path, dtype, device, engine_args: dict):
+        """Spawn the tensor-parallel workers; rank 0's shard of the model."""
+        from kiln.engine.tp_worker import TPDriver, check_tp_engine
+
+        check_tp_engine(self.config, self.model_config, device)
+        self.tp = TPDriver(path, self.config, engine_args, self.max_model_len, dtype, device)
+        try:
+            return self.tp.load_shard(path, dtype)
+        except BaseException:
+            self.close()
+            raise
+
+    def close(self) -> None:
+        """Stop a tensor-parallel engine's worker processes (a no-op for one process)."""
+        if self.tp is not None:
+            self.tp.close()
 
     # ------------------------------------------------------------------ requests
 
@@ -197,8 +227,15 @@ class EngineCore:
         if pooling not in POOLING:
             raise InputError(f"pooling must be one of {', '.join(POOLING)}, got {pooling!r}",
                              "pooling")  # fmt: skip
-        return [embed_ids(self.runner.model, self.check_prompt(ids), pooling, self.device)
-                for ids in prompts]  # fmt: skip
+        prompts = [self.check_prompt(ids) for ids in prompts]
+        if self.tp is None:
+            return [embed_ids(self.runner.model, ids, pooling, self.device) for ids in prompts]
+        vecs = []
+        with self.tp.guard():
+            for ids in prompts:
+                self.tp.send_embed(ids)  # the workers run the same forward
+                vecs.append(embed_ids(self.runner.model, ids, pooling, self.device))
+        return vecs
 
     def _grammars(self) -> GrammarCompiler:
         if self._grammar_compiler is None:  # the tokenizer is read on the first use only
@@ -285,6 +322,16 @@ class EngineCore:
         read back while it runs, so outputs trail the GPU by one step: a sequence that ends
         (EOS, stop) has computed one token too many, which is dropped.
         """
+        if self.tp is None:
+            return self._traced_step()
+        try:
+            with self.tp.guard():  # tensor parallel: a worker that died fails every request
+                return self._traced_step()
+        except WorkerDiedError:
+            self.abort_all()
+            raise
+
+    def _traced_step(self) -> list[SeqDelta]:
         if self.trace is not None:
             return self.trace.record(self, self._step)
         return self._step()

@@ -34,7 +34,7 @@ from kiln import errors
 from kiln.engine.lora import LoRARequest
 from kiln.engine.outputs import SeqDelta
 from kiln.engine.sampling_params import SamplingParams
-from kiln.errors import KilnError
+from kiln.errors import KilnError, WorkerDiedError
 
 log = logging.getLogger("kiln.engine")
 
@@ -129,8 +129,11 @@ def run_engine_core(
     ready = dict(max_model_len=core.max_model_len, vocab_size=core.model_config.vocab_size)
     for outbox in outboxes:
         outbox.send(encode(CoreOutputs(ready=ready, stats=core.stats())))
-    EngineCoreLoop(core, inbox, outboxes, parent_pid).run()
+    loop = EngineCoreLoop(core, inbox, outboxes, parent_pid)
+    loop.run()
     _close(ctx, inbox, outboxes)
+    if loop.failed:
+        sys.exit(1)
 
 
 def _close(ctx: zmq.Context, inbox: zmq.Socket, outboxes: list[zmq.Socket]) -> None:
@@ -165,6 +168,7 @@ class EngineCoreLoop:
         self.errors: list[tuple[str, str]] = []
         self.embeddings: list[tuple[str, list[list[float]]]] = []
         self.running = True
+        self.failed = False  # stopped because no step can run (a tensor-parallel worker died)
         self.last_stats: dict | None = None
         self.owner: dict[str, int] = {}  # request_id -> client (only with several clients)
 
@@ -214,6 +218,8 @@ class EngineCoreLoop:
             traceback.print_exc()
             why = f"the engine failed: {type(e).__name__}: {e}"
             self.errors += [(rid, why) for rid in self.core.abort_all()]
+            if isinstance(e, WorkerDiedError):  # no step can run: exit, the server with us
+                self.running, self.failed = False, True
             return []
 
     def handle(self, msg: CoreInput) -> None:

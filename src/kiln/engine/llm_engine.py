@@ -16,7 +16,7 @@ from kiln.engine.output_processor import OutputProcessor, StopRequest
 from kiln.engine.outputs import RequestOutput
 from kiln.engine.sampling_params import SamplingParams
 from kiln.engine.structured import check_structured_outputs
-from kiln.errors import InputError, MissingTokenizerError
+from kiln.errors import InputError, MissingTokenizerError, WorkerDiedError
 
 
 def load_engine_tokenizer(path: str | Path):
@@ -131,7 +131,13 @@ class LLMEngine:
 
     def step(self, stream: bool = True) -> list[RequestOutput]:
         """Run one core step; the outputs it produced (only finished ones unless `stream`)."""
-        outputs, stops = self.processor.process(self.core.step())
+        try:
+            deltas = self.core.step()
+        except WorkerDiedError:  # the core failed every request: so does the processor
+            for rid in list(self.processor.requests):
+                self.processor.abort(rid)
+            raise
+        outputs, stops = self.processor.process(deltas)
         self.apply_stops(stops)
         for rid, why in self.core.take_errors():
             self.processor.abort(rid)

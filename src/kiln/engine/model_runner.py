@@ -38,6 +38,7 @@ from kiln.errors import ConfigError
 from kiln.kernels.causal_attention import causal_attention
 from kiln.kernels.kv_quant import KV_CACHE_DTYPES
 from kiln.model.layers import MoE
+from kiln.model.parallel import reduce_sublayers
 from kiln.model.ssm import SSMStateCache
 from kiln.model.transformer import Transformer
 
@@ -171,6 +172,8 @@ class ModelRunner:
         bind_quant_ops(model, self.ops)
         if self.lora is not None:
             self.lora.wrap(model, self.ops)
+        if config.tensor_parallel_size > 1:  # kiln.model.parallel: sum the ranks' partials
+            reduce_sublayers(model)
         self.model = model
         # An SSM model's per-sequence state (kiln.engine.state_cache): allocated before the
         # KV pool is sized from what memory is left
@@ -183,6 +186,7 @@ class ModelRunner:
                 "SSM state: %d slots x %.2f MiB (conv + SSM state of %d layers)",
                 config.max_num_seqs, per_seq / 2**20, model.config.num_ssm_layers,
             )  # fmt: skip
+        self.tp = None  # the TPDriver on rank 0 of a tensor-parallel engine (EngineCore sets it)
         # a draft model's pool of as many blocks as this one's is paid from the same budget
         self.num_blocks = self._num_kv_blocks(extra_kv_bytes_per_block)
         self.last_plan: StepPlan | None = None  # the newest step's plan (for StepTrace)
@@ -267,6 +271,10 @@ class ModelRunner:
             num_blocks = CPU_KV_CACHE_BYTES // per_block
         else:
             num_blocks = int(self._profile_free_bytes() // per_block)
+            if cfg.tensor_parallel_size > 1:  # one block table addresses every rank's pool
+                least = torch.tensor(num_blocks, device=self.device)
+                torch.distributed.all_reduce(least, torch.distributed.ReduceOp.MIN)
+                num_blocks = int(least)
         if num_blocks < self.max_blocks_per_seq:
             need = self.max_blocks_per_seq * per_block
             raise ConfigError(
@@ -328,6 +336,8 @@ class ModelRunner:
         self.kv_cache.reset_scores(out.fresh_blocks)
         self.kv_cache.copy_blocks(out.block_copies)
         plan = self.last_plan = self.prepare(out, prev, sampler, logits_only)
+        if self.tp is not None:  # the workers run the same forward on the same inputs
+            self.tp.send_step(plan, out.block_copies, self.graph_runner)
         logits, sampled, prompt = self._forward(plan)
         if not plan.seqs:
             return StepOutput([], None, prompt_logprobs=prompt)

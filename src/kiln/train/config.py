@@ -56,6 +56,16 @@ class TrainConfig:
         default=False,
         metadata={"help": "under torchrun: shard with FSDP instead of replicating with DDP"},
     )
+    # kiln pretrain under torchrun: the model cut into this many pipeline stages (ranks), the
+    # rest of the world data-parallel; each step's grad_accum micro-batches go through them
+    pipeline_parallel: int = field(
+        default=1, metadata={"help": "pretrain under torchrun: pipeline stages (ranks)"}
+    )
+    pipeline_schedule: str = field(
+        default="1f1b",
+        metadata={"choices": ["gpipe", "1f1b"], "help": "pipeline schedule (1f1b: grad_accum "
+                  ">= pipeline_parallel)"},
+    )  # fmt: skip
 
     def validate(self) -> None:
         at_least_one = ("max_steps", "batch_size", "grad_accum", "log_interval", "eval_interval")
@@ -64,6 +74,10 @@ class TrainConfig:
                 raise ConfigError(f"{name} must be >= 1, got {getattr(self, name)}")
         if self.dtype not in ("auto", "bfloat16", "float32"):
             raise ConfigError(f"dtype must be auto, bfloat16 or float32, got {self.dtype!r}")
+        if self.pipeline_parallel < 1:
+            raise ConfigError(f"pipeline_parallel must be >= 1, got {self.pipeline_parallel}")
+        if self.pipeline_parallel > 1 and self.fsdp:
+            raise ConfigError("pipeline_parallel composes with data parallelism, not with fsdp")
         if not 0 <= self.min_lr <= self.lr:
             raise ConfigError(f"need 0 <= min_lr <= lr, got min_lr={self.min_lr}, lr={self.lr}")
 

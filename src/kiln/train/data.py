@@ -146,6 +146,8 @@ class TokenWindows:
         self.path = Path(path)
         self.tokens = np.memmap(self.path, dtype=dtype, mode="r")
         self.block_size, self.batch_size, self.seed = block_size, batch_size, seed
+        # (rank, world) of the data-parallel replicas; None: every process is one
+        self.data_parallel: tuple[int, int] | None = None
         if len(self.tokens) < block_size + 1:
             raise InputError(
                 f"{self.path.name} holds {len(self.tokens)} tokens, too few for one batch: "
@@ -153,7 +155,7 @@ class TokenWindows:
             )
 
     def __call__(self, index: int) -> tuple[torch.Tensor, torch.Tensor]:
-        rank, world = _rank_world()
+        rank, world = self.data_parallel or _rank_world()
         rng = np.random.default_rng([self.seed, index])
         starts = rng.integers(0, len(self.tokens) - self.block_size, self.batch_size * world)
         starts = starts[rank * self.batch_size : (rank + 1) * self.batch_size]

@@ -87,6 +87,8 @@ def train(
 ) -> dict:
     """Train `model` in place; returns the final step, losses, throughput and file paths."""
     cfg.validate()
+    if cfg.pipeline_parallel > 1:
+        raise ConfigError("pipeline_parallel runs in kiln pretrain (kiln.train.pipeline)")
     info = distributed.init(cfg.device)
     out = Path(cfg.out_dir)
     ckpt = out / CHECKPOINT_NAME

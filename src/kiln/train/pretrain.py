@@ -2,6 +2,8 @@
 
     kiln pretrain --config configs/shakespeare_char.toml --max-steps 100 --set lr=1e-3
     torchrun --nproc_per_node 2 -m kiln.cli pretrain --config ...      # DDP (or --fsdp)
+    torchrun --nproc_per_node 4 -m kiln.cli pretrain --config ... --pipeline-parallel 2 \
+        --grad-accum 4 [--pipeline-schedule gpipe]     # 2 stages x 2 data-parallel replicas
 
 Everything lands in train.out_dir: tokenizer/, data/{train,val}.bin, checkpoint.safetensors,
 log.jsonl, loss.png, and model/ (config.json, model.safetensors, tokenizer.json, ...).
@@ -195,13 +197,22 @@ def run_pretrain(cfg: PretrainConfig, resume: bool = False) -> dict:
     model = Transformer(config)
     model.init_weights(spec.init_std)
     add_dropout(model, spec.dropout)
-    loss_fn = compiled_loss() if cfg.train.compile else lm_loss
-    if config.num_experts:  # router losses; per-expert load in the log
-        from kiln.train.moe import moe_loss
+    if cfg.train.pipeline_parallel > 1:
+        from kiln.train.pipeline import train_pipeline
 
-        coefs = spec.router_aux_loss_coef, spec.router_z_loss_coef
-        loss_fn = moe_loss(loss_fn, config.num_experts_per_tok, *coefs)
-    result = train(model, cfg.train, train_batch, loss_fn, val_batch, resume=resume)
+        if resume or cfg.train.compile:
+            raise ConfigError("pipeline_parallel runs without resume and compile")
+        if config.num_experts:
+            raise ConfigError("pipeline_parallel does not carry the MoE router losses yet")
+        result = train_pipeline(model, cfg.train, train_batch, val_batch)
+    else:
+        loss_fn = compiled_loss() if cfg.train.compile else lm_loss
+        if config.num_experts:  # router losses; per-expert load in the log
+            from kiln.train.moe import moe_loss
+
+            coefs = spec.router_aux_loss_coef, spec.router_z_loss_coef
+            loss_fn = moe_loss(loss_fn, config.num_experts_per_tok, *coefs)
+        result = train(model, cfg.train, train_batch, loss_fn, val_batch, resume=resume)
     result["export"] = str(export(model, tok_dir, out / "model", info.is_main))
     result["num_params"] = config.num_params
     return result
