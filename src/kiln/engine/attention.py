@@ -225,6 +225,8 @@ class PagedBackend:
         from kiln.kernels.varlen_prefill_attention import MIN_BLOCK_B
 
         ops = self.ops
+        if not self.kv_cache.data.shape[1]:  # no attention layer (an all-SSM model)
+            return
         k_cache, v_cache = self.kv_cache.layer(0)  # read only: nothing is stored
         scales, scores = self.kv_cache.layer_scales(0), self.kv_cache.scores  # scores: h2o
         dev, head_dim = k_cache.device, k_cache.shape[-1]

@@ -67,17 +67,21 @@ def _round_even(t):
 def quantize_kv(x, inv_scale, QUANT: tl.constexpr):
     """x * inv_scale in float32, rounded as quantize_ref rounds (still float32; the store
     casts it exactly). QUANT == NO_QUANT: x unchanged."""
+    # One return: compiled Triton (not the interpreter) refuses a function whose constexpr
+    # branches return different dtypes (x's bf16, the rounded float32) from early returns.
     if QUANT == 0:
-        return x
-    y = x.to(tl.float32) * inv_scale
-    if QUANT == 1:  # e4m3: 3 mantissa bits; below 2**-6 the subnormals' fixed 2**-9 spacing
-        y = tl.minimum(tl.maximum(y, -448.0), 448.0)
+        out = x
+    elif QUANT == 1:  # e4m3: 3 mantissa bits; below 2**-6 the subnormals' fixed 2**-9 spacing
+        y = tl.minimum(tl.maximum(x.to(tl.float32) * inv_scale, -448.0), 448.0)
         e = tl.maximum((y.to(tl.int32, bitcast=True) >> 23) & 0xFF, 127 - 6)
         ulp = ((e - 3) << 23).to(tl.float32, bitcast=True)
         inv_ulp = ((257 - e) << 23).to(tl.float32, bitcast=True)
         r = _round_even(y * inv_ulp) * ulp
-        return tl.where(r == 0.0, y * 0.0, r)  # what rounds to zero keeps its sign
-    return _round_even(tl.minimum(tl.maximum(y, -127.0), 127.0))
+        out = tl.where(r == 0.0, y * 0.0, r)  # what rounds to zero keeps its sign
+    else:
+        y = x.to(tl.float32) * inv_scale
+        out = _round_even(tl.minimum(tl.maximum(y, -127.0), 127.0))
+    return out
 
 
 @triton.jit
