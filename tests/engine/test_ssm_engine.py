@@ -56,9 +56,9 @@ def test_chunked_prefill_and_preemption_give_same_tokens(ssm_dir, random_prompts
 def test_forked_siblings_copy_the_parent_state(ssm_dir, random_prompts):
     path, _ = ssm_dir("mamba")
     prompt = random_prompts((11,), seed=4)
-    _, ref = _run(path, prompt)
-    llm = LLM(str(path), device="cpu")
     params = SamplingParams(n=3, temperature=0.0, max_tokens=12, ignore_eos=True)
+    _, ref = _run(path, prompt, SamplingParams(temperature=0.0, max_tokens=12, ignore_eos=True))
+    llm = LLM(str(path), device="cpu")
     (out,) = llm.generate(prompt_token_ids=prompt, sampling_params=params)
     assert [c.token_ids for c in out.outputs] == ref * 3
 
