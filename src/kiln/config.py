@@ -27,6 +27,36 @@ ATTENTION_LAYER_TYPES = ("attention", "full_attention", "sliding_attention")
 SUPPORTED_ROPE_TYPES = ("default", "linear", "llama3", "yarn", "dynamic")
 
 
+ALL_LINEAR = "all-linear"
+
+
+@dataclass
+class LoraConfig:
+    """PEFT's field names: rank r, lora_alpha (scaling = alpha / r), target modules by name.
+
+    Torch-free so that the fine-tuning CLIs declare their LoRA flags from it (`--lora-r` ...)
+    without importing the model; kiln.model.lora applies it.
+    """
+
+    r: int = field(default=8, metadata={"flag": "lora-r", "help": "LoRA rank"})
+    lora_alpha: float | None = field(default=None, metadata={"help": "LoRA alpha (None: 2 * r)"})
+    lora_dropout: float = field(default=0.0, metadata={"help": "dropout on the adapter input"})
+    target_modules: str | list[str] = field(
+        default=ALL_LINEAR,
+        metadata={"help": "comma-separated module names (q_proj,v_proj,...) or 'all-linear'"},
+    )
+
+    def __post_init__(self):
+        if self.r < 1:
+            raise ConfigError(f"LoRA rank r must be >= 1, got {self.r}")
+        if self.lora_alpha is None:
+            self.lora_alpha = 2.0 * self.r
+        if not 0 <= self.lora_dropout < 1:
+            raise ConfigError(f"lora_dropout must be in [0, 1), got {self.lora_dropout}")
+        if isinstance(self.target_modules, str) and self.target_modules != ALL_LINEAR:
+            self.target_modules = [t.strip() for t in self.target_modules.split(",") if t.strip()]
+
+
 @dataclass
 class SSMConfig:
     """The Mamba mixer of a model's SSM layers (kiln.model.ssm); Mamba-1 and Mamba-2 fields."""

@@ -45,23 +45,23 @@ def add_flags(
     for f in dataclasses.fields(cls):
         if f.name in skip:
             continue
-        flag = "--" + f.name.replace("_", "-")
+        flag = "--" + f.metadata.get("flag", f.name.replace("_", "-"))
         names = [flag, "--" + f.name] if config_keys and "_" in f.name else [flag]
         help_ = f"{f.metadata.get('help', '')} (default: {f.default})".strip()
         kind = base_type(f)
         if kind == "bool" and config_keys:
-            group.add_argument(*names, type=_bool, nargs="?", const=True, default=None,
+            group.add_argument(*names, dest=f.name, type=_bool, nargs="?", const=True, default=None,
                                metavar="BOOL", help=help_)  # fmt: skip
             group.add_argument("--no-" + flag[2:], dest=f.name, action="store_false",
                                default=None, help=f"--{flag[2:]} false")  # fmt: skip
         elif kind == "bool":
-            group.add_argument(flag, action=argparse.BooleanOptionalAction, default=None,
-                               help=help_)  # fmt: skip
+            group.add_argument(flag, dest=f.name, action=argparse.BooleanOptionalAction,
+                               default=None, help=help_)  # fmt: skip
         else:
             choices = f.metadata.get("choices")
             short = config_keys and not choices  # one word after each of the two spellings
             metavar = "JSON" if kind == "dict" else kind.upper() if short else None
-            group.add_argument(*names, type=TYPES[kind], default=None, choices=choices,
+            group.add_argument(*names, dest=f.name, type=TYPES[kind], default=None, choices=choices,
                                metavar=metavar, help=help_)  # fmt: skip
 
 

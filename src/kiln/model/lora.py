@@ -15,36 +15,19 @@ import math
 import os
 from collections.abc import Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
 from safetensors.torch import save_file
 from torch import nn
 
+from kiln.config import ALL_LINEAR, LoraConfig
 from kiln.errors import CheckpointError, ConfigError
 from kiln.model.hf_format import kiln_to_hf, read_tensors
 
 PEFT_PREFIX = "base_model.model."
 ADAPTER_CONFIG = "adapter_config.json"
 ADAPTER_WEIGHTS = "adapter_model.safetensors"
-ALL_LINEAR = "all-linear"
-
-
-@dataclass
-class LoraConfig:
-    """PEFT's field names: rank r, lora_alpha (scaling = alpha / r), target modules by name."""
-
-    r: int = 8
-    lora_alpha: float = 16.0
-    lora_dropout: float = 0.0
-    target_modules: list[str] | str = field(default_factory=lambda: ALL_LINEAR)
-
-    def __post_init__(self):
-        if self.r < 1:
-            raise ConfigError(f"LoRA rank r must be >= 1, got {self.r}")
-        if not 0 <= self.lora_dropout < 1:
-            raise ConfigError(f"lora_dropout must be in [0, 1), got {self.lora_dropout}")
 
 
 class LoraLinear(nn.Module):

@@ -11,9 +11,9 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
+from kiln.config import LoraConfig
 from kiln.errors import InputError
 from kiln.flags import add_flags, flags_given
-from kiln.model.lora import ALL_LINEAR, LoraConfig
 from kiln.train.config import FinetuneConfig
 from kiln.train.default_model import built_chat_model
 
@@ -124,23 +124,15 @@ def export(model, tok, out: str, base: str, lora: bool) -> Path:
 
 
 def add_lora_arguments(p: argparse.ArgumentParser) -> None:
-    """--lora-r/--lora-alpha/--lora-dropout/--target-modules for the fine-tuning verbs."""
-    p.add_argument("--lora-r", type=int, default=None, help="LoRA rank (default: full fine-tune)")
-    p.add_argument("--lora-alpha", type=float, default=None, help="LoRA alpha (default: 2 * r)")
-    p.add_argument("--lora-dropout", type=float, default=0.0)
-    p.add_argument(
-        "--target-modules",
-        default=ALL_LINEAR,
-        help="comma-separated module names (q_proj,v_proj,...) or 'all-linear'",
-    )
+    """LoraConfig's flags (--lora-r, --lora-alpha, ...); without --lora-r, a full fine-tune."""
+    add_flags(p, LoraConfig, "LoRA (give --lora-r for LoRA; without it, a full fine-tune)")
 
 
 def lora_config_from_args(args: argparse.Namespace) -> LoraConfig | None:
     """The LoraConfig the CLI flags ask for, or None for full fine-tuning."""
-    if args.lora_r is None:
+    given = flags_given(LoraConfig, args)
+    if "r" not in given:
+        if given:
+            raise InputError(f"--{next(iter(given)).replace('_', '-')} needs --lora-r")
         return None
-    targets = args.target_modules
-    if targets != ALL_LINEAR:
-        targets = [t.strip() for t in targets.split(",") if t.strip()]
-    alpha = args.lora_alpha if args.lora_alpha is not None else 2.0 * args.lora_r
-    return LoraConfig(args.lora_r, alpha, args.lora_dropout, targets)
+    return LoraConfig(**given)
