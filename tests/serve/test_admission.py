@@ -58,11 +58,14 @@ def test_past_the_queue_is_429_with_retry_after(small):
             assert over.json()["error"]["type"] == "rate_limit_error"
             too_many = http.post("/v1/completions", json={"prompt": "Hi", "n": 3})
             assert too_many.status_code == 400  # could never fit
+            embed = http.post("/v1/embeddings", json={"input": "Hi", "model": "tiny"})
+            assert embed.status_code == 429  # embeddings pass the same gate
         # the streams closed: their requests were aborted and the gate opens again
         wait_all_blocks_free(small.url)
         assert http.post("/v1/completions", json={"prompt": "Hi", "max_tokens": 1}).is_success
+        assert http.post("/v1/embeddings", json={"input": "Hi", "model": "tiny"}).is_success
         metrics = http.get("/metrics").text
-        assert 'kiln:request_rejected_total{reason="queue_full"} 1.0' in metrics
+        assert 'kiln:request_rejected_total{reason="queue_full"} 2.0' in metrics
 
 
 def test_engine_stopping_is_503_not_500():

@@ -228,7 +228,11 @@ def _v1_routes(ctx: ServingContext, max_body_bytes: int) -> APIRouter:
         if serving.lora_request(ctx, req.model) is not None:
             raise APIError(400, "embeddings come from the base model, not a LoRA adapter",
                            param="model")  # fmt: skip
-        result = await _unless_disconnected(request, serving.embeddings(ctx, req))
+        _admit(ctx, 1)  # the core embeds between its steps: one slot while it waits
+        try:
+            result = await _unless_disconnected(request, serving.embeddings(ctx, req))
+        finally:
+            ctx.gate.release(1)
         return JSONResponse(result.model_dump())
 
     @router.post("/chat/completions")
@@ -317,6 +321,16 @@ def _tokenizer_routes(ctx: ServingContext, max_body_bytes: int) -> APIRouter:
     return router
 
 
+def _admit(ctx: ServingContext, num_seqs: int) -> None:
+    """Take `num_seqs` places at the gate; a refusal (429 full, 503 draining) is counted."""
+    try:
+        ctx.gate.acquire(num_seqs)
+    except APIError as e:
+        if e.status in (429, 503):
+            ctx.metrics.rejected.labels(e.code).inc()
+        raise
+
+
 async def _respond(
     ctx: ServingContext,
     request: Request,
@@ -327,12 +341,7 @@ async def _respond(
     whole: Callable[[serving.Job], Awaitable[BaseModel]],
 ) -> Response:
     """Admit the job, then answer with its event stream or, once finished, its whole result."""
-    try:
-        ctx.gate.acquire(num_seqs)
-    except APIError as e:
-        if e.status in (429, 503):
-            ctx.metrics.rejected.labels(e.code).inc()
-        raise
+    _admit(ctx, num_seqs)
     job.gate = ctx.gate
     if stream:
         return EventStreamResponse(
