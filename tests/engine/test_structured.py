@@ -68,6 +68,27 @@ def test_outputs_match_their_grammars(llm):
     assert outs[4].text == json.dumps(compact)  # json.dumps's separators and nothing else
 
 
+def test_length_bounded_strings_hold_no_raw_control_characters(llm):
+    """xgrammar 0.2.9 lets a maxLength string hold a raw tab or newline (invalid JSON): kiln
+    spells length bounds as the equivalent pattern, so sampled outputs stay strict JSON."""
+    import jsonschema
+
+    from kiln.engine.structured import _length_as_pattern
+
+    assert _length_as_pattern({"type": "string", "minLength": 2}) == {
+        "type": "string", "pattern": "^.{2,}$"}  # fmt: skip
+    const = {"const": {"type": "string", "maxLength": 1}}
+    assert _length_as_pattern(const) == const  # a value, not a schema
+    props = {"a": {"type": "string", "maxLength": 6},
+             "b": {"type": "string", "minLength": 2, "maxLength": 8}}  # fmt: skip
+    schema = {"type": "object", "properties": props, "required": ["a", "b"]}
+    assert _length_as_pattern(schema)["properties"]["b"]["pattern"] == "^.{2,8}$"
+    ps = [params(S(json=schema), temperature=1.5, seed=i) for i in range(6)]
+    for out in llm.generate(["Once"] * len(ps), ps, use_tqdm=False):
+        value = json.loads(out.outputs[0].text)  # strict: a raw control character fails here
+        jsonschema.validate(value, schema)
+
+
 def test_unconstrained_requests_are_unchanged_beside_constrained_ones(llm):
     greedy = SamplingParams(max_tokens=12, temperature=0, ignore_eos=True)
     alone = llm.generate(["Once"], greedy, use_tqdm=False)[0].outputs[0].token_ids

@@ -85,8 +85,8 @@ def grammar_of(p: StructuredOutputsParams):
     param = f"structured_outputs.{p.kind}"
     try:
         if p.kind == "json":
-            json.loads(p.json)
-            return xgr.Grammar.from_json_schema(p.json, **_json_format(p))
+            schema = json.dumps(_length_as_pattern(json.loads(p.json)))
+            return xgr.Grammar.from_json_schema(schema, **_json_format(p))
         if p.kind == "json_object":
             return xgr.Grammar.from_json_schema('{"type": "object"}', **_json_format(p))
         if p.kind == "regex":
@@ -98,6 +98,28 @@ def grammar_of(p: StructuredOutputsParams):
     except Exception as e:  # xgrammar raises RuntimeError/ValueError with the reason
         why = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         raise InputError(f"invalid or unsupported {p.kind}: {why}", param) from None
+
+
+_LITERALS = ("const", "enum", "default", "examples")  # values, not schemas
+
+
+def _length_as_pattern(schema: Any) -> Any:
+    """The schema with each length-bounded plain string ({"type": "string", "maxLength": 5})
+    spelled as the equivalent pattern (^.{0,5}$).
+
+    xgrammar (0.2.9) lets a length-bounded string hold raw control characters, which strict JSON
+    parsers refuse; its pattern strings accept the same characters but no raw control ones.
+    """
+    if isinstance(schema, list):
+        return [_length_as_pattern(s) for s in schema]
+    if not isinstance(schema, dict):
+        return schema
+    out = {k: v if k in _LITERALS else _length_as_pattern(v) for k, v in schema.items()}
+    bounded = "minLength" in out or "maxLength" in out
+    if out.get("type") == "string" and bounded and "pattern" not in out and "format" not in out:
+        lo, hi = out.pop("minLength", 0), out.pop("maxLength", "")
+        out["pattern"] = f"^.{{{lo},{hi}}}$"
+    return out
 
 
 def _json_format(p: StructuredOutputsParams) -> dict[str, Any]:
