@@ -36,11 +36,11 @@ def test_paged_attention_matches_the_torch_reference(window):
 
 @pytest.mark.parametrize("name", ["llama", "mistral"])
 def test_paged_decode_gives_the_dense_tokens(jax_model, name):
-    """Prompts of three lengths decode as one batch over 4-token blocks (mistral's window 8
+    """Prompts of two lengths decode as one batch over 4-token blocks (mistral's window 8
     is shorter than every context by the end)."""
     model, _ = jax_model(name)
     rng = np.random.default_rng(0)
-    prompts = [rng.integers(3, 256, n).tolist() for n in (5, 13, 8)]
+    prompts = [rng.integers(3, 256, n).tolist() for n in (5, 13)]
     paged = paged_generate(model, prompts, max_new_tokens=10, block_size=4)
     dense = [np.asarray(kiln.jax.generate(model, [p], 10))[0].tolist() for p in prompts]
     assert paged == dense
