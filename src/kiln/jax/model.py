@@ -133,7 +133,7 @@ def forward(model: Model, ids: jax.Array, positions=None, backend=None) -> jax.A
 
 
 class _ByIdentity:
-    """A static pytree leaf-free field compared by identity (ModelConfig is not hashable)."""
+    """A pytree's static field, compared and hashed by identity (ModelConfig is unhashable)."""
 
     def __init__(self, value):
         self.value = value
@@ -147,7 +147,7 @@ class _ByIdentity:
 
 def attention_functions() -> dict[str, Any]:
     """attention name -> fn(q, k, v, scale, q_offset, sliding_window): the prefill/training
-    attention a Model uses ("naive" is the reference)."""
+    attention a Model uses ("naive" is the reference). Imported here: Pallas loads on use."""
     from kiln.jax.flash import flash_attention
     from kiln.jax.pallas_attention import pallas_attention
 

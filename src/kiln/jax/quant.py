@@ -19,6 +19,7 @@ from kiln.jax.model import Model
 QMAX = 127
 MIN_CLIP = 0.8
 NUM_CLIPS = 21  # ratios 1.00, 0.99, ..., 0.80
+PROJECTIONS = ("q", "k", "v", "o")  # the attention Linears (beside them: the q/k norm weights)
 
 
 def fake_quantize(w: jax.Array, scale: jax.Array) -> jax.Array:
@@ -66,7 +67,7 @@ def quantize_int8(model: Model) -> Model:
     """The model with every decoder-layer Linear in int8 (see the module docstring)."""
     layers = []
     for layer in model.params["layers"]:
-        attn = {k: quantize_linear(p) if k in "qkvo" else p for k, p in layer["attn"].items()}
+        attn = {k: quantize_linear(p) if k in PROJECTIONS else p for k, p in layer["attn"].items()}
         mlp = {k: p if k == "router" else quantize_linear(p) for k, p in layer["mlp"].items()}
         layers.append({**layer, "attn": attn, "mlp": mlp})
     return model.replace(params={**model.params, "layers": layers})
