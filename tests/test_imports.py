@@ -44,6 +44,8 @@ ALLOWED = {
     # applications over the HTTP API; the server's guardrails middleware runs their checks
     "kiln.apps": {"kiln.errors", "kiln.flags"},
     "kiln.serve": {"kiln.errors", "kiln.config", "kiln.engine", "kiln.tokenizer", "kiln.apps"},
+    # the JAX decoder reads checkpoints through kiln's config and name mapping
+    "kiln.jax": {"kiln.errors", "kiln.config", "kiln.model"},
     "kiln.eval": {
         "kiln.errors",
         "kiln.config",
@@ -125,6 +127,16 @@ def test_no_import_circles():
 
 def test_cycle_finder_finds_a_planted_circle():
     assert cycles({"a": {"b"}, "b": {"c"}, "c": {"a"}, "d": {"a"}}) == [["a", "b", "c"]]
+
+
+def test_only_the_cli_imports_kiln_jax():
+    """kiln.jax is an optional extra: no room of kiln may need JAX to import."""
+    users = sorted(
+        m
+        for m, targets in import_graph().items()
+        if room(m) != "kiln.jax" and m != "kiln.cli" and any(room(t) == "kiln.jax" for t in targets)
+    )
+    assert users == []
 
 
 def test_no_stage_imports_one_above_it():
