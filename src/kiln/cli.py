@@ -25,6 +25,7 @@ COMMANDS = [
     "kiln.engine.profile",
     "kiln.eval.cli",
     "kiln.quant.cli",
+    "kiln.train_draft",
     "kiln.apps.cli",
 ]
 
