@@ -12,10 +12,16 @@ Workloads (greedy unless --temperature, ignore_eos, the same new-token count eve
 disabled, to find the batch size where speculation stops paying (the default of
 disable_by_batch_size, kiln.engine.spec_decode.config).
 
-    # GPU: a kiln-trained target and draft (same tokenizer)
-    PYTHONPATH=src python benchmarks/bench_spec.py --model TARGET --draft DRAFT --device cuda
-    # CPU smoke test: tiny random models built on the fly (the target drafts for itself)
+    # GPU: a kiln-trained target, draft model and heads (benchmarks/train_spec_models.sh)
+    PYTHONPATH=src python benchmarks/bench_spec.py --model TARGET --draft DRAFT \
+        --medusa MEDUSA --eagle EAGLE --early-exit EXIT [--exit-layer N] --device cuda
+    # CPU smoke test: tiny random models and untrained heads built on the fly (the target
+    # drafts for itself)
     PYTHONPATH=src python benchmarks/bench_spec.py --tiny
+
+Methods: plain, ngram, draft_model (--draft), medusa / eagle (--medusa, --eagle: directories
+of `kiln train-draft`), early_exit (--early-exit DIR, and/or --exit-layer N: without a
+directory the target's own norm and LM head read layer N's output).
 """
 
 from __future__ import annotations
@@ -48,6 +54,40 @@ def build_tiny(out: Path) -> Path:
     model.generation_config.eos_token_id = None
     model.save_pretrained(out)
     return out
+
+
+def build_tiny_heads(model: str, out: Path) -> dict[str, str]:
+    """Untrained Medusa, EAGLE and early-exit drafts of the tiny target (they run, rarely
+    right)."""
+    from kiln.engine.spec_decode.heads import EagleDraft, EarlyExitHead, MedusaHeads, save_draft
+    from kiln.model.loader import load_model
+
+    config = load_model(model, device="cpu").config
+    heads = {
+        "medusa": MedusaHeads(config.hidden_size, 4),
+        "eagle": EagleDraft(config),
+        "early_exit": EarlyExitHead(config, config.num_layers // 2),
+    }
+    return {name: str(save_draft(out / name, head, config)) for name, head in heads.items()}
+
+
+def spec_methods(args) -> dict[str, dict | None]:
+    """Each method the command line names -> its speculative_config (plain: None)."""
+    k = args.k
+    methods = {
+        "plain": None,
+        "ngram": dict(method="ngram", num_speculative_tokens=args.ngram_k or k),
+    }
+    if args.draft:
+        methods["draft_model"] = dict(model=args.draft, num_speculative_tokens=k)
+    for name in ("medusa", "eagle"):
+        if getattr(args, name):
+            methods[name] = dict(method=name, model=getattr(args, name), num_speculative_tokens=k)
+    if args.early_exit or args.exit_layer:
+        spec = dict(method="early_exit", model=args.early_exit, exit_layer=args.exit_layer,
+                    num_speculative_tokens=k)  # fmt: skip
+        methods["early_exit"] = {key: v for key, v in spec.items() if v is not None}
+    return methods
 
 
 def passages(tokenizer, vocab: int, n: int, length: int, seed: int = 0) -> list[list[int]]:
@@ -103,6 +143,12 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--model", help="target model directory")
     ap.add_argument("--draft", help="draft model directory (same tokenizer)")
+    ap.add_argument("--medusa", metavar="DIR", help="Medusa heads (kiln train-draft)")
+    ap.add_argument("--eagle", metavar="DIR", help="EAGLE draft (kiln train-draft)")
+    ap.add_argument("--early-exit", metavar="DIR", help="early-exit head (kiln train-draft)")
+    ap.add_argument(
+        "--exit-layer", type=int, help="early exit after N layers (alone: the target's own head)"
+    )
     ap.add_argument("--tiny", action="store_true", help="tiny random models (CPU smoke test)")
     ap.add_argument("--device", default=None)
     ap.add_argument("--dtype", default=None)
@@ -120,15 +166,14 @@ def main() -> None:
     if args.tiny:
         args.model = str(build_tiny(Path(tmp.name) / "tiny"))
         args.draft = args.draft or args.model
+        heads = build_tiny_heads(args.model, Path(tmp.name))
+        args.medusa, args.eagle = args.medusa or heads["medusa"], args.eagle or heads["eagle"]
+        args.early_exit = args.early_exit or heads["early_exit"]
         args.prompt_len, args.new_tokens = min(args.prompt_len, 64), min(args.new_tokens, 32)
         args.prompts, args.batch = min(args.prompts, 3), min(args.batch, 8)
     if args.model is None:
         ap.error("give --model (and --draft), or --tiny")
-    ngram_k = args.ngram_k or args.k
-    methods = {"plain": None, "ngram": dict(method="ngram", num_speculative_tokens=ngram_k)}
-    if args.draft:
-        methods["draft_model"] = dict(model=args.draft, num_speculative_tokens=args.k)
-
+    methods = spec_methods(args)
     params = SamplingParams(
         temperature=args.temperature, max_tokens=args.new_tokens, ignore_eos=True
     )
@@ -174,8 +219,11 @@ def main() -> None:
 def print_table(rows, args) -> None:
     plain = {w: r for w, m, r, *_ in rows if m == "plain"}
     device = torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu"
-    print(f"\nspeculative decoding, {args.model} (draft {args.draft}), k={args.k}, "
-          f"{args.new_tokens} new tokens, temperature {args.temperature}, {device}")  # fmt: skip
+    print(f"\nspeculative decoding, {args.model}, k={args.k}, {args.new_tokens} new tokens, "
+          f"temperature {args.temperature}, {device}")  # fmt: skip
+    for name, spec in spec_methods(args).items():
+        if spec:
+            print(f"- {name}: {json.dumps(spec)}")
     print("| workload | method | tok/s | vs plain | mean acceptance length | acceptance rate |")
     print("|---|---|---|---|---|---|")
     for workload, method, rate, length, acc in rows:

@@ -34,6 +34,10 @@ COMMANDS = {
         "evaluate a model: perplexity, multiple choice, generation, LLM-as-judge",
     ),
     "quantize": ("kiln.quant.cli", "quantize a model (RTN, GPTQ, AWQ, SmoothQuant, FP8)"),
+    "train-draft": (
+        "kiln.train_draft",
+        "train a Medusa / EAGLE / early-exit draft for speculative decoding",
+    ),
     "rag": ("kiln.apps.cli", "retrieval-augmented generation over documents"),
     "sql": ("kiln.apps.cli", "text-to-SQL over a SQLite database (read-only)"),
     "agent": ("kiln.apps.cli", "a tool-calling agent (calculator, RAG search)"),

@@ -27,11 +27,24 @@ class ReplayEager:
         )  # fmt: skip
         g.backend.set_metadata(md)
         with torch.inference_mode():
-            logits, sampled = g.body(n, md)
-            g.logits[n].copy_(logits)
-            if sampled is not None:
-                for static, value in zip(g.sampled[n], sampled):
-                    static.copy_(value)
+            _copy_outputs(g.body(n, md), (g.logits[n], g.sampled[n], g.hidden[n]))
+
+
+def _copy_outputs(outputs, static):
+    """A body's (logits, sampled, hidden) into the graph's static outputs, as a replay does."""
+    logits, sampled, hidden = outputs
+    static[0].copy_(logits)
+    if sampled is not None:
+        for s, value in zip(static[1], sampled):
+            s.copy_(value)
+    if hidden is not None:
+        static[2].copy_(hidden)
+
+
+def _static_hidden(g, rows: dict[int, int], hidden_size: int, dtype) -> dict:
+    """The graphs' static hidden outputs (None unless the runner keeps the rows')."""
+    return {n: torch.zeros(r, hidden_size, dtype=dtype) if g.keep_rows else None
+            for n, r in rows.items()}  # fmt: skip
 
 
 def _fake_graphs(llm, sample_in_graph, sizes=(1, 2, 4, 8)):
@@ -41,6 +54,7 @@ def _fake_graphs(llm, sample_in_graph, sizes=(1, 2, 4, 8)):
     vocab = r.model_config.vocab_size
     g.logits = {n: torch.zeros(n, vocab, dtype=r.dtype) for n in sizes}
     g.sampled = {n: (torch.zeros(n, dtype=torch.long), torch.zeros(n)) for n in sizes}
+    g.hidden = _static_hidden(g, {n: n for n in sizes}, r.model_config.hidden_size, r.dtype)
     g.sample_in_graph = sample_in_graph
     g.graphs = {n: ReplayEager(g, n) for n in sizes}
 
@@ -96,11 +110,8 @@ class ReplayEagerMixed:
         g.backend.metadata, g.backend._views = self.captured[0], dict(self.captured[1])
         md = g.backend.metadata
         with torch.inference_mode():
-            logits, sampled = g.body_mixed(n, md)
-            g.mixed_logits[n].copy_(logits)
-            if sampled is not None:
-                for static, value in zip(g.mixed_sampled[n], sampled):
-                    static.copy_(value)
+            static = (g.mixed_logits[n], g.mixed_sampled[n], g.mixed_hidden[n])
+            _copy_outputs(g.body_mixed(n, md), static)
 
 
 def _fake_mixed_graphs(llm, sample_in_graph, sizes):
@@ -112,6 +123,7 @@ def _fake_mixed_graphs(llm, sample_in_graph, sizes):
     g.mixed_logits = {n: torch.zeros(rows[n], vocab, dtype=r.dtype) for n in sizes}
     g.mixed_sampled = {n: (torch.zeros(rows[n], dtype=torch.long), torch.zeros(rows[n]))
                        for n in sizes}  # fmt: skip
+    g.mixed_hidden = _static_hidden(g, rows, r.model_config.hidden_size, r.dtype)
     g.sample_in_graph = sample_in_graph
     g.mixed = {n: ReplayEagerMixed(g, n) for n in sizes}
 

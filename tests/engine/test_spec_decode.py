@@ -104,7 +104,7 @@ def test_ngram_proposal_takes_the_longest_suffix_and_its_newest_full_match():
     "config, message",
     [
         (dict(method="ngram"), "num_speculative_tokens"),
-        (dict(method="medusa", num_speculative_tokens=2), "not implemented yet"),
+        (dict(method="medusa", num_speculative_tokens=2), "needs .model."),
         (dict(method="lookahead", num_speculative_tokens=2), "must be one of"),
         (dict(method="ngram", num_speculative_tokens=2, k=3), "unknown speculative_config"),
         (dict(method="draft_model", num_speculative_tokens=2), "needs 'model'"),

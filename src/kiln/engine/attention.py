@@ -100,6 +100,34 @@ class KVCache:
                 self.scores[dst] = self.scores[src]
 
 
+class HiddenSlots:
+    """A pool beside the KV pool, addressed by the same slots: each computed token's final
+    hidden state [num_blocks * block_size + 1, hidden] (what the hidden-state drafts read,
+    kiln.engine.spec_decode.hidden). The spare last row takes the writes of padded rows (slot
+    -1) and is what they read."""
+
+    def __init__(self, num_blocks, block_size, hidden_size, dtype, device):
+        self.block_size = block_size
+        self.data = torch.zeros(
+            num_blocks * block_size + 1, hidden_size, dtype=dtype, device=device
+        )
+
+    @staticmethod
+    def bytes_per_block(block_size: int, hidden_size: int, dtype: torch.dtype) -> int:
+        return block_size * hidden_size * torch.empty((), dtype=dtype).element_size()
+
+    def write(self, slot_mapping: torch.Tensor, hidden: torch.Tensor) -> None:
+        """hidden [N, H] of the tokens at slot_mapping [N] (-1: the spare row)."""
+        self.data[slot_mapping] = hidden
+
+    def copy_blocks(self, copies: list[tuple[int, int]]) -> None:
+        """Copy-on-write, as KVCache.copy_blocks."""
+        if copies:
+            src, dst = to_device(list(zip(*copies)), torch.long, self.data.device)
+            blocks = self.data[:-1].view(-1, self.block_size, self.data.shape[1])
+            blocks[dst] = blocks[src]
+
+
 class PagedBackend:
     """Store the step's K/V, then paged decode for the one-token rows, varlen prefill for the
     rest, with the given ops (the kernels' references or their Triton versions);

@@ -61,8 +61,9 @@ class EngineConfig:
     # None: on for CUDA. Requests with penalties or n > 1 / best_of run lockstep.
     async_scheduling: bool | None = None
     # Speculative decoding (kiln.engine.spec_decode), vLLM's keys: {"method": "ngram" |
-    # "draft_model", "model", "num_speculative_tokens", "prompt_lookup_min",
-    # "prompt_lookup_max", "disable_by_batch_size"}; None: off.
+    # "draft_model" | "medusa" | "eagle" | "early_exit", "model", "num_speculative_tokens",
+    # "prompt_lookup_min", "prompt_lookup_max", "disable_by_batch_size", "exit_layer",
+    # "verify"}; None: off.
     speculative_config: dict | None = field(
         default=None, metadata={"help": "speculative decoding, a JSON object (vLLM's keys)"}
     )

@@ -32,8 +32,8 @@ from kiln.engine.sampler import PendingSample, Sampler, make_generator
 from kiln.engine.sampling_params import SamplingParams
 from kiln.engine.scheduler import Scheduler
 from kiln.engine.sequence import Sequence
-from kiln.engine.spec_decode.decoder import SpecDecoder
-from kiln.engine.spec_decode.draft_model import kv_bytes_per_block, load_draft_model
+from kiln.engine.spec_decode.decoder import SpecDecoder, load_draft, runner_args
+from kiln.engine.spec_decode.hidden import lossy_model
 from kiln.engine.structured import GrammarCompiler, GrammarState, tokenizer_info
 from kiln.errors import ConfigError, ContextLengthError, InputError, WorkerDiedError
 
@@ -112,15 +112,17 @@ class EngineCore:
             net = self._start_tp(path, dtype, device, engine_args)
         else:
             net = load_model(path, dtype=dtype, device=device, quantization=cfg.quantization)
-        draft = load_draft_model(cfg.speculative, self.model_config, path, self.max_model_len, net)
-        extra = kv_bytes_per_block(draft, cfg.block_size) if draft is not None else 0
+        spec = cfg.speculative
+        draft = load_draft(spec, path, self.max_model_len, net)
+        if spec is not None and not spec.verify:  # early exit alone: the target cut, lossy
+            net = lossy_model(spec, net, draft)
         kv_scales = None
         if cfg.kv_cache_dtype != "auto":
             mc = self.model_config
             kv_scales = read_kv_scales(path, mc.num_layers, mc.num_kv_heads)
         try:
             self.runner = ModelRunner(
-                net, cfg, self.max_model_len, kv_scales, extra_kv_bytes_per_block=extra
+                net, cfg, self.max_model_len, kv_scales, **runner_args(spec, draft, cfg.block_size)
             )
         except BaseException:
             self.close()
@@ -155,7 +157,7 @@ class EngineCore:
             self.async_scheduling = False
         self._inflight: InFlight | None = None
         self._sync_only: set[str] = set()  # live requests that need lockstep steps
-        self.spec = SpecDecoder.build(cfg, draft, self.max_model_len, self.runner.num_blocks)
+        self.spec = SpecDecoder.build(cfg, draft, self.runner, self.max_model_len)
         # structured outputs: requests whose grammar compiles (they wait; the rest run)
         self._grammar_compiler: GrammarCompiler | None = None
         self._compiling: dict[str, concurrent.futures.Future] = {}

@@ -16,7 +16,10 @@ index.
 
 Each graph computes its logits and, when the graphs sample (`sample_in_graph`), the fused
 sampling op's (tokens, logprobs) from temperatures and noise seeds staged with the inputs, so
-that a step needs no launch of its own beyond the replay.
+that a step needs no launch of its own beyond the replay. For the hidden-state drafts
+(kiln.engine.spec_decode.hidden) a graph also writes every token's hidden state into
+`hidden_slots` (padded tokens into its spare row) and/or returns the sampling rows' hidden
+states (`keep_rows`).
 """
 
 from __future__ import annotations
@@ -27,7 +30,7 @@ import logging
 import numpy as np
 import torch
 
-from kiln.engine.attention import AttentionMetadata, PagedBackend
+from kiln.engine.attention import AttentionMetadata, HiddenSlots, PagedBackend
 from kiln.engine.ops import Ops
 from kiln.engine.transfer import copy_to_device, to_device
 from kiln.model.transformer import Transformer
@@ -114,11 +117,15 @@ class CudaGraphRunner:
         self.graphs: dict[int, torch.cuda.CUDAGraph] = {}  # decode, by batch size, ascending
         self.logits: dict[int, torch.Tensor] = {}  # [size, vocab], each graph's output
         self.sampled: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}  # (tokens, logprobs)
+        self.hidden: dict[int, torch.Tensor | None] = {}  # [size, H] where keep_rows
         self.mixed: dict[int, torch.cuda.CUDAGraph] = {}  # mixed, by token count, ascending
         self.mixed_logits: dict[int, torch.Tensor] = {}  # [seqs, vocab]: the sampling rows'
         self.mixed_sampled: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
+        self.mixed_hidden: dict[int, torch.Tensor | None] = {}  # [seqs, H]: sampling rows'
         self.mixed_buffers: MixedBuffers | None = None
         self.sample_in_graph = True  # the graphs run the fused sampling op too
+        self.hidden_slots: HiddenSlots | None = None  # every token's hidden state goes here
+        self.keep_rows = False  # the graphs return the sampling rows' hidden states too
         self.top = 0
         self._pool = None  # the memory pool every graph shares (the first one's)
 
@@ -177,18 +184,18 @@ class CudaGraphRunner:
             self.alloc_mixed_buffers(token_sizes[-1])
             for size in reversed(token_sizes):
                 md = self.mixed_buffers.metadata(size, self.mixed_seqs(size))
-                self.mixed[size], (self.mixed_logits[size], self.mixed_sampled[size]) = (
-                    self._capture_one(md, functools.partial(self.body_mixed, size, md))
-                )
+                graph, outputs = self._capture_one(md, functools.partial(self.body_mixed, size, md))
+                self.mixed[size] = graph
+                self.mixed_logits[size], self.mixed_sampled[size], self.mixed_hidden[size] = outputs
             self.mixed = dict(sorted(self.mixed.items()))
             log.info("captured CUDA graphs for mixed steps of %s tokens", list(self.mixed))
         if sizes:
             self.alloc_buffers(sizes[-1])
             for size in reversed(sizes):
                 md = self.metadata(size)
-                self.graphs[size], (self.logits[size], self.sampled[size]) = self._capture_one(
-                    md, functools.partial(self.body, size, md)
-                )
+                graph, outputs = self._capture_one(md, functools.partial(self.body, size, md))
+                self.graphs[size] = graph
+                self.logits[size], self.sampled[size], self.hidden[size] = outputs
             self.graphs = dict(sorted(self.graphs.items()))
             log.info("captured CUDA graphs for decode batch sizes %s", list(self.graphs))
         torch.cuda.synchronize()
@@ -207,29 +214,35 @@ class CudaGraphRunner:
         return graph, outputs
 
     def body(self, size: int, md: AttentionMetadata):
-        """What a decode graph of `size` rows computes: every row's logits and, where the
-        graphs sample (sample_in_graph), the fused op's (tokens, logprobs) from the staged
-        temperatures and seeds."""
-        model = self.model
-        logits = model.compute_logits(
-            model.hidden_states(self.ids[:size], md.positions, self.backend)
-        )
+        """What a decode graph of `size` rows computes: every row's logits, where the graphs
+        sample (sample_in_graph) the fused op's (tokens, logprobs) from the staged
+        temperatures and seeds, and where asked every row's hidden state (keep_rows)."""
+        hidden = self._hidden(self.ids[:size], md)
+        logits = self.model.compute_logits(hidden)
         sampled = None
         if self.sample_in_graph:
             sampled = self.ops.sample(logits, self.temperatures[:size], self.seeds[:size])
-        return logits, sampled
+        return logits, sampled, hidden if self.keep_rows else None
+
+    def _hidden(self, ids: torch.Tensor, md: AttentionMetadata) -> torch.Tensor:
+        """The model's hidden states [N, H], each stored at its slot where hidden_slots is set."""
+        hidden = self.model.hidden_states(ids, md.positions, self.backend)
+        if self.hidden_slots is not None:
+            self.hidden_slots.write(md.slot_mapping, hidden)
+        return hidden
 
     def body_mixed(self, size: int, md: AttentionMetadata):
         """What a mixed graph of `size` tokens computes: the hidden states of every token, the
-        logits of the staged sampling rows (one per sequence slot; padded ones read row 0)
-        and, where the graphs sample, their (tokens, logprobs)."""
-        buf, model, seqs = self.mixed_buffers, self.model, self.mixed_seqs(size)
-        hidden = model.hidden_states(buf.ids[:size], md.positions, self.backend)
-        logits = model.compute_logits(hidden[buf.rows[:seqs]])
+        logits of the staged sampling rows (one per sequence slot; padded ones read row 0),
+        where the graphs sample their (tokens, logprobs), and where asked their hidden
+        states (keep_rows)."""
+        buf, seqs = self.mixed_buffers, self.mixed_seqs(size)
+        rows = self._hidden(buf.ids[:size], md)[buf.rows[:seqs]]
+        logits = self.model.compute_logits(rows)
         sampled = None
         if self.sample_in_graph:
             sampled = self.ops.sample(logits, buf.temperatures[:seqs], buf.seeds[:seqs])
-        return logits, sampled
+        return logits, sampled, rows if self.keep_rows else None
 
     def stage_mixed(self, size, prev, host, temps=None, seeds=None):
         """Write a step's flat inputs (kiln.engine.model_runner.HostInputs) into the mixed
@@ -330,14 +343,16 @@ class CudaGraphRunner:
     def replay(self, graph: tuple[str, int], batch: int):
         """Replay a graph ("decode", rows) or ("mixed", tokens) over the staged inputs: the
         first `batch` rows' logits [batch, vocab] (a mixed graph's rows are the sampling
-        rows) and, where it samples, their (tokens, logprobs) (else None)."""
+        rows), where it samples their (tokens, logprobs), and where it keeps them their
+        hidden states [batch, H] (else None)."""
         kind, size = graph
         if kind == "mixed":
             self.mixed[size].replay()
             logits, sampled = self.mixed_logits[size], self.mixed_sampled[size]
+            hidden = self.mixed_hidden[size]
         else:
             self.graphs[size].replay()
-            logits, sampled = self.logits[size], self.sampled[size]
+            logits, sampled, hidden = self.logits[size], self.sampled[size], self.hidden[size]
         if sampled is not None:
             sampled = (sampled[0][:batch], sampled[1][:batch])
-        return logits[:batch], sampled
+        return logits[:batch], sampled, None if hidden is None else hidden[:batch]

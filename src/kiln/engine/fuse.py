@@ -251,9 +251,13 @@ def bind_quant_ops(model: nn.Module, ops: Ops) -> None:
 
 def fuse_model(model: Transformer, ops: Ops, gemv_max_batch: int = 0) -> Transformer:
     """Apply the transformations in place (weights are shared, not copied, where unchanged),
-    running `ops`; steps of at most `gemv_max_batch` tokens use the fused GEMVs."""
+    running `ops`; steps of at most `gemv_max_batch` tokens use the fused GEMVs. Parts fused
+    already are left as they are (a draft made of a fused target's layers and a head of its
+    own, kiln.engine.spec_decode.hidden)."""
     config = model.config
     for i, block in enumerate(model.layers):
+        if isinstance(block, ResidualBlock) or isinstance(block.self_attn, FusedAttention):
+            continue
         block.self_attn = FusedAttention(block.self_attn, ops)
         if isinstance(block.mlp, MLP) and block.mlp.gated and config.activation == "silu":
             block.mlp = FusedMLP(block.mlp, ops)
@@ -265,7 +269,7 @@ def fuse_model(model: Transformer, ops: Ops, gemv_max_batch: int = 0) -> Transfo
                 attn.q_norm = FusedRMSNorm(attn.q_norm, ops)
                 attn.k_norm = FusedRMSNorm(attn.k_norm, ops)
             model.layers[i] = ResidualBlock(block, ops, gemv_max_batch)
-    if config.norm_type == "rmsnorm":
+    if isinstance(model.norm, RMSNorm):
         model.norm = FinalNorm(model.norm, ops)
     if gemv_max_batch and isinstance(model.lm_head, nn.Linear):
         model.lm_head = GemvLinear(model.lm_head, ops, gemv_max_batch)

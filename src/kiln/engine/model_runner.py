@@ -6,6 +6,12 @@ the CUDA graphs of its steps (kiln.engine.cuda_graphs: decode-only steps by batc
 steps with prefill tokens by token count). The kernels they all run are
 one Ops (kiln.engine.ops), chosen here at start-up.
 
+For the drafts that read the target's hidden states (kiln.engine.spec_decode.hidden) it keeps
+them, in its graphs too (`keep_hidden`): "slots", every computed token's final hidden state
+in `hidden_slots`, a pool addressed like the KV pool (the target's, for medusa and eagle);
+"rows", the newest step's sampling rows' hidden states in `last_hidden` (EAGLE's draft, whose
+next forward reads its own predictions).
+
 Each step: `prepare` flattens the scheduled tokens, stages them on the device and decides, once,
 how the step runs (a CUDA graph or eager) and how its rows are sampled (a StepPlan); `execute`
 runs that plan. Lockstep and async scheduling go through the same `execute`; lockstep only
@@ -22,7 +28,7 @@ from typing import NamedTuple
 import numpy as np
 import torch
 
-from kiln.engine.attention import AttentionMetadata, KVCache, PagedBackend
+from kiln.engine.attention import AttentionMetadata, HiddenSlots, KVCache, PagedBackend
 from kiln.engine.config import CPU_KV_CACHE_BYTES, EngineConfig
 from kiln.engine.cuda_graphs import CudaGraphRunner, graph_batch_sizes, mixed_token_sizes
 from kiln.engine.fuse import bind_quant_ops, fuse_model
@@ -152,7 +158,13 @@ class ModelRunner:
         max_model_len: int,
         kv_scales: KVScales | None = None,
         extra_kv_bytes_per_block: int = 0,
+        keep_hidden: str | None = None,
+        kv_cache: KVCache | None = None,
     ):
+        """keep_hidden: None, "slots" or "rows" (above); kv_cache: a pool shared with the
+        runner that owns it (early exit's draft: the target's first layers), whose blocks,
+        scales and copies are that runner's."""
+        assert keep_hidden in (None, "slots", "rows")
         self.config = config
         self.model_config = model.config
         self.max_model_len = max_model_len
@@ -187,19 +199,30 @@ class ModelRunner:
                 config.max_num_seqs, per_seq / 2**20, model.config.num_ssm_layers,
             )  # fmt: skip
         self.tp = None  # the TPDriver on rank 0 of a tensor-parallel engine (EngineCore sets it)
-        # a draft model's pool of as many blocks as this one's is paid from the same budget
-        self.num_blocks = self._num_kv_blocks(extra_kv_bytes_per_block)
         self.last_plan: StepPlan | None = None  # the newest step's plan (for StepTrace)
         mc = self.model_config
-        self.kv_cache = KVCache(
-            mc.num_kv_layers,
-            self.num_blocks,
-            self.block_size,
-            mc.num_kv_heads,
-            mc.head_dim,
-            self.kv_dtype,
-            self.device,
-        )
+        self.keep_hidden = keep_hidden
+        self.last_hidden: torch.Tensor | None = None  # [S, H] "rows": the newest step's
+        self.shares_kv = kv_cache is not None
+        if kv_cache is not None:
+            self.num_blocks, self.kv_cache = kv_cache.num_blocks, kv_cache
+        else:
+            # a draft's pool of as many blocks as this one's (and the hidden states this one
+            # keeps by slot) are paid from the same budget
+            if keep_hidden == "slots":
+                extra_kv_bytes_per_block += HiddenSlots.bytes_per_block(
+                    self.block_size, mc.hidden_size, self.dtype
+                )
+            self.num_blocks = self._num_kv_blocks(extra_kv_bytes_per_block)
+            self.kv_cache = KVCache(
+                mc.num_kv_layers,
+                self.num_blocks,
+                self.block_size,
+                mc.num_kv_heads,
+                mc.head_dim,
+                self.kv_dtype,
+                self.device,
+            )
         if config.kv_eviction == "h2o":  # attention mass per slot, before any graph capture
             self.kv_cache.track_scores()
         if ssm:
@@ -209,6 +232,13 @@ class ModelRunner:
         self.graph_runner = CudaGraphRunner(
             self.model, self.backend, self.ops, self.max_blocks_per_seq, config.max_num_seqs
         )
+        self.hidden_slots = None
+        if keep_hidden == "slots":  # before any graph capture: the graphs write into it
+            self.hidden_slots = HiddenSlots(
+                self.num_blocks, self.block_size, mc.hidden_size, self.dtype, self.device
+            )
+        self.graph_runner.hidden_slots = self.hidden_slots
+        self.graph_runner.keep_rows = keep_hidden == "rows"
         # Only the Triton ops are capturable (the references read lengths on the host), and
         # an unfused MoE's loop reads the chosen experts on the host (FusedMoE does not).
         triton_cuda = self.device.type == "cuda" and self.ops.name == "triton"
@@ -225,7 +255,8 @@ class ModelRunner:
             self.backend.compile_kernels(
                 mc.num_heads, windows, config.max_num_seqs, fused_qkv=fused, dtype=self.dtype
             )
-        self._init_kv_scales(kv_scales)  # after the captures: they must not calibrate
+        if not self.shares_kv:
+            self._init_kv_scales(kv_scales)  # after the captures: they must not calibrate
 
     def _init_kv_scales(self, checkpoint: KVScales | None) -> None:
         """Set an fp8 / int8 pool's scales (kiln.engine.kv_scales) and log which are in force."""
@@ -356,12 +387,16 @@ class ModelRunner:
         prompt logprobs asked for (read back to the host: such requests run lockstep)."""
         if plan.graph is not None:  # the inputs are staged in the graph's buffers already
             rows = plan.num_logits if plan.graph[0] == "mixed" else plan.metadata.num_seqs
-            logits, sampled = self.graph_runner.replay(plan.graph, rows)
+            logits, sampled, hidden = self.graph_runner.replay(plan.graph, rows)
             if plan.logits_rows is not None:
                 logits = logits[plan.logits_rows]
+                hidden = None if hidden is None else hidden[plan.logits_rows]
+            self.last_hidden = hidden
             return logits, sampled, []
         self.backend.set_metadata(plan.metadata)
         hidden = self.model.hidden_states(plan.input_ids, plan.metadata.positions, self.backend)
+        if self.hidden_slots is not None:
+            self.hidden_slots.write(plan.metadata.slot_mapping, hidden)
         prompt = self._prompt_logprobs(hidden, plan.prompt) if plan.prompt is not None else []
         if self.backend.calibrating:  # every layer's scales are set now
             self._finish_calibration()
@@ -369,6 +404,8 @@ class ModelRunner:
             return None, None, prompt
         if plan.logits_rows is not None:
             hidden = hidden[plan.logits_rows]
+        if self.keep_hidden == "rows":
+            self.last_hidden = hidden
         return self.model.compute_logits(hidden), None, prompt
 
     def _prompt_logprobs(self, hidden: torch.Tensor, host: HostInputs):

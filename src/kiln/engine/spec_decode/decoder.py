@@ -18,11 +18,18 @@ from dataclasses import dataclass, field
 import torch
 
 from kiln.engine.config import EngineConfig
+from kiln.engine.model_runner import ModelRunner
 from kiln.engine.sampler import Sampler, SampleResult
 from kiln.engine.scheduler import Scheduler, SchedulerOutput
 from kiln.engine.sequence import Sequence
-from kiln.engine.spec_decode.config import SpeculativeConfig
-from kiln.engine.spec_decode.draft_model import DraftModelProposer
+from kiln.engine.spec_decode.config import HIDDEN_METHODS, SpeculativeConfig
+from kiln.engine.spec_decode.draft_model import (
+    DraftModelProposer,
+    kv_bytes_per_block,
+    load_draft_model,
+)
+from kiln.engine.spec_decode.heads import DraftHead
+from kiln.engine.spec_decode.hidden import hidden_proposer, load_heads, target_runner_args
 from kiln.engine.spec_decode.ngram import NgramProposer
 from kiln.engine.spec_decode.rejection_sampler import verify
 from kiln.model.transformer import Transformer
@@ -69,8 +76,25 @@ class SpecDecodeStats:
         }
 
 
+def load_draft(spec: SpeculativeConfig | None, target_dir, max_model_len: int, net: Transformer):
+    """The config's draft for the target `net` (loaded from `target_dir`): a Transformer
+    (draft_model), a DraftHead (medusa, eagle, early_exit with a `model`), else None."""
+    if spec is not None and spec.method == "draft_model":
+        return load_draft_model(spec, net.config, target_dir, max_model_len, net)
+    return load_heads(spec, net)
+
+
+def runner_args(spec: SpeculativeConfig | None, draft, block_size: int) -> dict:
+    """The target ModelRunner's arguments for the draft: what it keeps for it, and the bytes
+    of the draft's own KV per block (paid from the target's budget)."""
+    if isinstance(draft, Transformer):
+        return {"extra_kv_bytes_per_block": kv_bytes_per_block(draft, block_size)}
+    return target_runner_args(spec, draft, block_size)
+
+
 class SpecDecoder:
-    """A proposer (NgramProposer or DraftModelProposer) and the acceptance counters."""
+    """A proposer (NgramProposer, DraftModelProposer, or one of kiln.engine.spec_decode.hidden)
+    and the acceptance counters."""
 
     def __init__(self, config: SpeculativeConfig, proposer):
         self.config = config
@@ -79,17 +103,25 @@ class SpecDecoder:
 
     @classmethod
     def build(
-        cls, config: EngineConfig, draft: Transformer | None, max_model_len: int, num_blocks: int
+        cls,
+        config: EngineConfig,
+        draft: Transformer | DraftHead | None,
+        target: ModelRunner,
+        max_model_len: int,
     ) -> SpecDecoder | None:
-        """The engine's decoder (None when config.speculative_config is not given); `draft`:
-        the loaded draft model of method "draft_model", whose pool gets `num_blocks` blocks."""
+        """The engine's decoder (None when config.speculative_config is not given, or does
+        not verify); `draft`: what load_draft loaded, `target`: the target's runner."""
         spec = config.speculative
-        if spec is None:
+        if spec is None or not spec.verify:
             return None
         if spec.method == "draft_model":
-            return cls(spec, DraftModelProposer(draft, config, max_model_len, num_blocks))
-        k, lo, hi = spec.num_speculative_tokens, spec.prompt_lookup_min, spec.prompt_lookup_max
-        return cls(spec, NgramProposer(k, lo, hi))
+            proposer = DraftModelProposer(draft, config, max_model_len, target.num_blocks)
+        elif spec.method in HIDDEN_METHODS:
+            proposer = hidden_proposer(spec, draft, target, config, max_model_len)
+        else:
+            k, lo, hi = spec.num_speculative_tokens, spec.prompt_lookup_min, spec.prompt_lookup_max
+            proposer = NgramProposer(k, lo, hi)
+        return cls(spec, proposer)
 
     @property
     def num_spec_tokens(self) -> int:

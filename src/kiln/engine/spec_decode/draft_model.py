@@ -84,8 +84,15 @@ class DraftModelProposer:
     target's (temperature, top-k/top-p/min-p; greedy rows take its argmax)."""
 
     def __init__(
-        self, model: Transformer, config: EngineConfig, max_model_len: int, num_blocks: int
+        self,
+        model: Transformer,
+        config: EngineConfig,
+        max_model_len: int,
+        num_blocks: int,
+        **runner_args,
     ):
+        """`runner_args`: ModelRunner's keep_hidden / kv_cache (the drafts of
+        kiln.engine.spec_decode.hidden run this loop too)."""
         # It runs only while at most disable_by_batch_size sequences are live, and its steps
         # with more than one token per sequence are mostly catch-ups of one or two: no CUDA
         # graphs for larger batches, nor for steps of more than 256 tokens (prompts).
@@ -95,7 +102,7 @@ class DraftModelProposer:
             max_cuda_graph_batch_size=min(config.max_cuda_graph_batch_size, most),
             max_cuda_graph_tokens=min(config.max_cuda_graph_tokens, 256),
         )  # fmt: skip
-        self.runner = ModelRunner(model, config, max_model_len)
+        self.runner = ModelRunner(model, config, max_model_len, **runner_args)
 
     def copy_blocks(self, copies: list[tuple[int, int]]) -> None:
         self.runner.kv_cache.copy_blocks(copies)
@@ -117,6 +124,8 @@ class DraftModelProposer:
             for v, n in zip(active, num_new):
                 v.num_computed_tokens += n
                 v.num_pending += 1
+            if j + 1 < max(ks):
+                self._forwarded(rows)
             where = {v.seq_id: r for r, v in enumerate(rows)}
             prev = PreviousTokens(tokens, where)
             steps.append((tokens, where, q))
@@ -128,7 +137,7 @@ class DraftModelProposer:
         for seq, view, k in zip(seqs, views, ks):
             rows = [steps[j][1][seq.seq_id] for j in range(k)]
             proposals.append([host[offsets[j] + r] for j, r in enumerate(rows)])
-            seq.num_draft_computed = view.num_computed_tokens
+            seq.num_draft_computed = self._num_exact(seq, view)
             seq.spec_probs = None
             if not seq.params.greedy:
                 seq.spec_probs = torch.stack([steps[j][2][r] for j, r in enumerate(rows)])
@@ -143,6 +152,15 @@ class DraftModelProposer:
         view.block_table = seq.block_table
         view.num_computed_tokens = seq.num_draft_computed
         return view
+
+    def _forwarded(self, rows: list[Sequence]) -> None:
+        """After a forward that another follows (`rows`: its views, by row)."""
+
+    @staticmethod
+    def _num_exact(seq: Sequence, view: Sequence) -> int:
+        """The rows of the draft's K/V that stay valid after the proposal (its own tokens' K/V
+        are a draft model's as much as the settled ones'; the verify step keeps or trims)."""
+        return view.num_computed_tokens
 
 
 def _sample(sampler: Sampler, logits: torch.Tensor, seqs: list[Sequence]):
