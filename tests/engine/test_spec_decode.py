@@ -559,22 +559,24 @@ def test_speculation_on_gpu_with_graphs_matches_plain_torch_backend(
     greedy tokens (float32: exact)."""
     path, _ = hf_model_dir(name)
     prompts = _prompts(random_prompts)
-
-    def run(**engine_args):
-        llm = LLM(str(path), dtype="float32", device="cuda", kv_cache_memory_bytes=2**26,
-                  **engine_args)  # fmt: skip
-        out = llm.generate(prompt_token_ids=prompts, sampling_params=GREEDY)
-        llm.engine.block_manager.check_all_free()
-        return llm, _tokens(out)
-
-    _, ref = run(attention_backend="torch", use_cuda_graph=False, fuse_weights=False)
+    _, ref = run_on_gpu(path, prompts, attention_backend="torch", use_cuda_graph=False,
+                        fuse_weights=False)  # fmt: skip
     for spec in (NGRAM, dict(model=str(path), num_speculative_tokens=4)):
-        llm, out = run(speculative_config=spec)
+        llm, out = run_on_gpu(path, prompts, speculative_config=spec)
         assert llm.engine.runner.graph_runner.mixed
         assert out == ref
         assert _stats(llm)["spec_decode_num_accepted_tokens"] > 0
-        _, out = run(speculative_config=dict(spec, disable_by_batch_size=2))  # mixed on/off
-        assert out == ref
+        spec = dict(spec, disable_by_batch_size=2)  # speculation on and off
+        assert run_on_gpu(path, prompts, speculative_config=spec)[1] == ref
+
+
+def run_on_gpu(path, prompts, **engine_args):
+    """(engine, greedy tokens) on CUDA in float32 (exact against the torch backend)."""
+    llm = LLM(str(path), dtype="float32", device="cuda", kv_cache_memory_bytes=2**26,
+              **engine_args)  # fmt: skip
+    out = llm.generate(prompt_token_ids=prompts, sampling_params=GREEDY)
+    llm.engine.block_manager.check_all_free()
+    return llm, _tokens(out)
 
 
 def test_n_siblings_fork_then_speculate_each(hf_model_dir, random_prompts, near_draft_dir):

@@ -11,7 +11,15 @@ from collections import Counter
 
 import pytest
 import torch
-from engine.test_spec_decode import _always_accept, _exact_distribution, _tv
+from engine.test_spec_decode import (
+    _always_accept,
+    _exact_distribution,
+    _generate,
+    _prompts,
+    _tokens,
+    _tv,
+    run_on_gpu,
+)
 from tiny_models import VOCAB, save_chat_tokenizer
 
 from kiln.engine import LLM, SamplingParams
@@ -32,20 +40,10 @@ METHODS = ("medusa", "eagle", "early_exit")
 GREEDY = SamplingParams(temperature=0.0, max_tokens=16, ignore_eos=True)
 
 
-def _tokens(outputs):
-    return [o.outputs[0].token_ids for o in outputs]
-
-
-def _generate(path, prompts, params=GREEDY, **engine_args):
-    llm = LLM(str(path), device="cpu", **engine_args)
-    out = llm.generate(prompt_token_ids=prompts, sampling_params=params)
-    llm.engine.block_manager.check_all_free()
+def _run(path, prompts, params=GREEDY, **engine_args):
+    """(engine, greedy tokens) of test_spec_decode's _generate (blocks all back)."""
+    llm, out = _generate(path, prompts, params, **engine_args)
     return llm, _tokens(out)
-
-
-def _prompts(random_prompts):
-    a, b, c, d = random_prompts((5, 12, 40, 9), seed=21)
-    return [a, b * 3, c, d * 4]
 
 
 def _make_draft(method: str, target, seed: int = 0, noise: float = 0.3):
@@ -95,7 +93,7 @@ def plain(hf_model_dir, random_prompts):
         if (name, max_tokens) not in cache:
             path, _ = hf_model_dir(name)
             params = SamplingParams(temperature=0.0, max_tokens=max_tokens, ignore_eos=True)
-            cache[name, max_tokens] = _generate(path, _prompts(random_prompts), params)[1]
+            cache[name, max_tokens] = _run(path, _prompts(random_prompts), params)[1]
         return cache[name, max_tokens]
 
     return get
@@ -263,9 +261,7 @@ def test_greedy_tokens_equal_plain_decoding_for_every_method(
     path, _ = hf_model_dir(name)
     prompts = _prompts(random_prompts)
     for method in METHODS:
-        llm, out = _generate(
-            path, prompts, speculative_config=_spec(method, drafts(name)[method][0])
-        )
+        llm, out = _run(path, prompts, speculative_config=_spec(method, drafts(name)[method][0]))
         assert out == plain(name), method
         assert llm.engine.stats()["spec_decode_num_drafts"] > 0
 
@@ -314,14 +310,14 @@ def test_an_eagle_draft_equal_to_the_target_is_always_accepted(tmp_path, random_
     draft = _exact_eagle(path, tmp_path / "eagle")
     prompts = random_prompts((WINDOW + 2, 12, 40, 20), seed=21)
     spec = _spec("eagle", draft, k=4)
-    _, ref = _generate(path, prompts)
-    llm, out = _generate(path, prompts, speculative_config=spec)
+    _, ref = _run(path, prompts)
+    llm, out = _run(path, prompts, speculative_config=spec)
     assert out == ref
     stats = llm.engine.stats()
     assert stats["spec_decode_acceptance_rate"] == 1.0, stats
     penalty = SamplingParams(temperature=0, repetition_penalty=2.0, max_tokens=16, ignore_eos=True)
-    _, ref = _generate(path, prompts, penalty)
-    llm, out = _generate(path, prompts, penalty, speculative_config=spec)
+    _, ref = _run(path, prompts, penalty)
+    llm, out = _run(path, prompts, penalty, speculative_config=spec)
     assert out == ref
     assert 0 < llm.engine.stats()["spec_decode_acceptance_rate"] < 1.0
 
@@ -433,8 +429,8 @@ def test_train_draft_lowers_the_loss_and_its_draft_serves(
     losses = [x for x in losses if x is not None]
     assert len(losses) == 40 and sum(losses[-5:]) < 0.9 * sum(losses[:5]), losses
     prompts = _prompts(random_prompts)
-    _, ref = _generate(peaked_target, prompts)
-    llm, got = _generate(peaked_target, prompts, speculative_config=_spec(method, out))
+    _, ref = _run(peaked_target, prompts)
+    llm, got = _run(peaked_target, prompts, speculative_config=_spec(method, out))
     assert got == ref
     assert llm.engine.stats()["spec_decode_num_drafts"] > 0
 
@@ -461,7 +457,7 @@ def test_early_exit_without_verification_decodes_as_the_cut_model(
     out, head = drafts("llama")["early_exit"]
     spec = dict(method="early_exit", model=str(out), verify=False)
     with caplog.at_level(logging.WARNING, logger="kiln.engine"):
-        llm, got = _generate(path, prompts, speculative_config=spec)
+        llm, got = _run(path, prompts, speculative_config=spec)
     assert "lossy" in caplog.text
     assert llm.engine.runner.kv_cache.data.shape[1] == 1 and llm.engine.core.spec is None
     cut = exit_model(load_model(path, device="cpu"), head, 1)
@@ -479,19 +475,12 @@ def test_hidden_state_drafts_on_gpu_with_graphs_match_plain_torch_backend(
     between: the plain torch backend's greedy tokens (float32: exact)."""
     path, _ = hf_model_dir(name)
     prompts = _prompts(random_prompts)
-
-    def run(**engine_args):
-        llm = LLM(str(path), dtype="float32", device="cuda", kv_cache_memory_bytes=2**26,
-                  **engine_args)  # fmt: skip
-        out = llm.generate(prompt_token_ids=prompts, sampling_params=GREEDY)
-        llm.engine.block_manager.check_all_free()
-        return llm, _tokens(out)
-
-    _, ref = run(attention_backend="torch", use_cuda_graph=False, fuse_weights=False)
+    _, ref = run_on_gpu(path, prompts, attention_backend="torch", use_cuda_graph=False,
+                        fuse_weights=False)  # fmt: skip
     for method in METHODS:
         spec = _spec(method, drafts(name)[method][0])
-        llm, out = run(speculative_config=spec)
+        llm, out = run_on_gpu(path, prompts, speculative_config=spec)
         assert llm.engine.runner.graph_runner.mixed
         assert out == ref, method
-        _, out = run(speculative_config=dict(spec, disable_by_batch_size=2))  # mixed on/off
-        assert out == ref, method
+        spec = dict(spec, disable_by_batch_size=2)  # speculation on and off
+        assert run_on_gpu(path, prompts, speculative_config=spec)[1] == ref, method

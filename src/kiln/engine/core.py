@@ -118,7 +118,7 @@ class EngineCore:
             net = lossy_model(spec, net, draft)
         kv_scales = None
         if cfg.kv_cache_dtype != "auto":
-            mc = self.model_config
+            mc = net.config  # (the layers it runs: a cut model's first ones)
             kv_scales = read_kv_scales(path, mc.num_layers, mc.num_kv_heads)
         try:
             self.runner = ModelRunner(

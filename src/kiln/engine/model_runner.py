@@ -203,7 +203,6 @@ class ModelRunner:
         mc = self.model_config
         self.keep_hidden = keep_hidden
         self.last_hidden: torch.Tensor | None = None  # [S, H] "rows": the newest step's
-        self.shares_kv = kv_cache is not None
         if kv_cache is not None:
             self.num_blocks, self.kv_cache = kv_cache.num_blocks, kv_cache
         else:
@@ -255,7 +254,7 @@ class ModelRunner:
             self.backend.compile_kernels(
                 mc.num_heads, windows, config.max_num_seqs, fused_qkv=fused, dtype=self.dtype
             )
-        if not self.shares_kv:
+        if kv_cache is None:  # (a shared pool's scales are its owner's)
             self._init_kv_scales(kv_scales)  # after the captures: they must not calibrate
 
     def _init_kv_scales(self, checkpoint: KVScales | None) -> None:

@@ -211,6 +211,13 @@ def read_draft(path: str | os.PathLike) -> tuple[dict[str, Any], dict[str, torch
     return meta, load_file(str(weights))
 
 
+def _size(meta: dict[str, Any], key: str, path) -> int:
+    value = meta.get(key)
+    if not isinstance(value, int) or value < 1:
+        raise ConfigError(f"{str(path)!r}: {CONFIG_FILE} needs {key!r} >= 1, got {value!r}")
+    return value
+
+
 def load_draft(
     path: str | os.PathLike, method: str, target: Transformer, exit_layer: int | None = None
 ) -> DraftHead:
@@ -233,11 +240,11 @@ def load_draft(
                 "`kiln train-draft`"
             )
     if method == "medusa":
-        module = MedusaHeads(config.hidden_size, int(meta["num_heads"]))
+        module = MedusaHeads(config.hidden_size, _size(meta, "num_heads", path))
     elif method == "eagle":
         module = EagleDraft(config)
     else:
-        trained_at = int(meta["exit_layer"])
+        trained_at = _size(meta, "exit_layer", path)
         if exit_layer is not None and exit_layer != trained_at:
             raise ConfigError(
                 f"the exit head in {str(path)!r} reads layer {trained_at}'s output, "

@@ -32,7 +32,7 @@ from kiln.engine.config import EngineConfig
 from kiln.engine.model_runner import ModelRunner
 from kiln.engine.sampler import Sampler
 from kiln.engine.sequence import Sequence
-from kiln.engine.spec_decode.config import SpeculativeConfig
+from kiln.engine.spec_decode.config import HIDDEN_METHODS, SpeculativeConfig
 from kiln.engine.spec_decode.draft_model import DraftModelProposer, _sample, kv_bytes_per_block
 from kiln.engine.spec_decode.heads import (
     DraftHead,
@@ -52,7 +52,7 @@ log = logging.getLogger("kiln.engine")
 def load_heads(spec: SpeculativeConfig | None, net: Transformer) -> DraftHead | None:
     """The draft of a medusa / eagle / early_exit config, for the target `net` (None for other
     methods, and for early_exit without a `model`: the target's own norm and LM head)."""
-    if spec is None or spec.method not in ("medusa", "eagle", "early_exit") or not spec.model:
+    if spec is None or spec.method not in HIDDEN_METHODS or not spec.model:
         return None
     head = load_draft(spec.model, spec.method, net, spec.exit_layer)
     if isinstance(head, MedusaHeads) and head.num_heads < spec.num_speculative_tokens:
@@ -178,7 +178,10 @@ class EagleProposer(DraftModelProposer):
 
 
 class EarlyExitProposer(DraftModelProposer):
-    """Proposals from the target's first layers and the exit head, over the target's pool."""
+    """Proposals from the target's first layers and the exit head, over the target's pool.
+    Its copy_blocks copies that pool at schedule time, before the draft reads it; the target
+    runner's own copy in the step repeats it (copy-on-write is rare: n > 1 siblings), and
+    what that overwrites past the computed tokens the verify step writes again."""
 
     def __init__(
         self, model: Transformer, target: ModelRunner, config: EngineConfig, max_model_len: int
