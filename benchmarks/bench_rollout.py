@@ -7,7 +7,9 @@ engine starts from that directory, HF generate runs the transformers model of it
 every completion is --max-tokens long, so both sides generate the same token count). The
 GRPO step is kiln's: policy weights synced into the engine, the rollout sampled, a reward
 (the completion's share of even token ids: cheap, arbitrary), the reference's logps, then the
-GRPO loss's forward, backward and AdamW step over the rollout (bf16 autocast on CUDA).
+GRPO loss's forward, backward and AdamW step over the rollout (bf16 autocast on CUDA). The last
+line is the mean |engine - trainer| log-probability per sampled token: the engine sampled from
+the weights just synced into it.
 
     PYTHONPATH=src python benchmarks/bench_rollout.py                  # GPU: Qwen3-0.6B shape
     PYTHONPATH=src python benchmarks/bench_rollout.py --cpu            # the CPU table
@@ -114,18 +116,21 @@ def grpo_step(llm, policy, reference, optimizer, prompts, args, device) -> dict[
     loss_fn = GRPOLoss(GRPOConfig(), args.max_tokens)
 
     def train():
+        gaps = []
         for i in range(0, len(samples), args.micro_batch):
             micro = {k: v[i : i + args.micro_batch] if torch.is_tensor(v) and v.dim() else v
                      for k, v in batch.items()}  # fmt: skip
             with ctx:
-                loss, _ = loss_fn(policy, micro)
+                loss, metrics = loss_fn(policy, micro)
             (loss * len(micro["input_ids"]) / len(samples)).backward()
+            gaps.append(float(metrics["logprob_gap"]))
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
+        return sum(gaps) / len(gaps)
 
-    _, parts["train"] = timed(train, device)
+    gap, parts["train"] = timed(train, device)
     parts["total"] = sum(parts.values())
-    return parts
+    return parts, gap
 
 
 class _null:
@@ -152,7 +157,7 @@ def main() -> None:
     args.prompts = args.prompts or (64 if gpu else 8)
     args.prompt_len = args.prompt_len or (128 if gpu else 32)
     args.max_tokens = args.max_tokens or (256 if gpu else 32)
-    args.micro_batch = args.micro_batch or 64
+    args.micro_batch = args.micro_batch or (8 if gpu else 64)  # GPU: [8, T, 151936] logits
     shape = QWEN3_0_6B if gpu else CPU_SHAPE
     tmp = Path(tempfile.mkdtemp(prefix="bench_rollout_"))
     path = build_policy(shape, tmp / "policy")
@@ -189,14 +194,16 @@ def main() -> None:
     reference = load_model(path, device=device)
     optimizer = torch.optim.AdamW(policy.parameters(), lr=1e-6, fused=gpu)
     grpo_step(llm, policy, reference, optimizer, prompts, args, device)  # warm-up
-    steps = [grpo_step(llm, policy, reference, optimizer, prompts, args, device)
-             for _ in range(args.steps)]  # fmt: skip
+    steps, gaps = zip(*[grpo_step(llm, policy, reference, optimizer, prompts, args, device)
+                        for _ in range(args.steps)])  # fmt: skip
     print(f"\nGRPO step ({args.prompts * args.n} completions, mean of {args.steps}):\n")
     print("| part | seconds | share |\n|---|---:|---:|")
     total = sum(s["total"] for s in steps) / len(steps)
     for part in ("sync", "rollout", "batch", "reference", "train", "total"):
         secs = sum(s[part] for s in steps) / len(steps)
         print(f"| {part} | {secs:.3f} | {secs / total:.0%} |")
+    print(f"\nengine vs trainer log-probability per completion token (mean |gap|, the synced "
+          f"weights sampled): {sum(gaps) / len(gaps):.2e}")  # fmt: skip
 
 
 if __name__ == "__main__":

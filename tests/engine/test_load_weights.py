@@ -16,18 +16,24 @@ def _tokens(llm, prompts):
                                                           sampling_params=GREEDY)]  # fmt: skip
 
 
+DEVICES = ["cpu", pytest.param("cuda", marks=pytest.mark.gpu)]  # cuda: Triton ops, CUDA graphs
+
+
+@pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("name", ["llama", "qwen3", "mixtral", "gpt2"])
 @pytest.mark.parametrize("fuse", [True, False])
-def test_loaded_weights_give_the_other_models_tokens(hf_model_dir, random_prompts, name, fuse):
+def test_loaded_weights_give_the_other_models_tokens(
+    hf_model_dir, random_prompts, name, fuse, device
+):
     path, _ = hf_model_dir(name)
     other = kiln.load_model(path, device="cpu")
     with torch.no_grad():
         for p in other.parameters():
             p.add_(0.05 * torch.randn_like(p))
-    saved = kiln.save_model(other, path.parent / f"{name}_other_{fuse}")
+    saved = kiln.save_model(other, path.parent / f"{name}_other_{fuse}_{device}")
     prompts = random_prompts((5, 21, 12), seed=4)
-    want = _tokens(LLM(str(saved), device="cpu", fuse_weights=fuse), prompts)
-    llm = LLM(str(path), device="cpu", fuse_weights=fuse)
+    want = _tokens(LLM(str(saved), device=device, fuse_weights=fuse), prompts)
+    llm = LLM(str(path), device=device, fuse_weights=fuse)
     before = _tokens(llm, prompts)  # fills the prefix cache with the old weights' K/V
     storage = [p.data_ptr() for p in llm.engine.runner.model.parameters()]
     llm.engine.core.load_weights(other.state_dict())

@@ -178,7 +178,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("grpo", help="GRPO: group-relative policy optimization with a reward")
     add_rl_arguments(p, DEFAULT_DATA)
     add_flags(p, GRPOConfig, "grpo")
-    p.set_defaults(func=lambda args: run_grpo(args) and None)
+    p.set_defaults(func=_cli)
 
 
 def run_grpo(args: argparse.Namespace) -> dict:
@@ -194,3 +194,7 @@ def run_grpo(args: argparse.Namespace) -> dict:
                              cfg.num_iterations, run.cfg.seed)  # fmt: skip
     loss_fn = GRPOLoss(cfg, run.rollout.max_completion_length, run.rollout.temperature)
     return run.train(run.policy, batches, loss_fn)
+
+
+def _cli(args: argparse.Namespace) -> None:
+    run_grpo(args)

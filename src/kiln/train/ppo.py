@@ -219,7 +219,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("ppo", help="PPO with a value head against a reward model or function")
     add_rl_arguments(p, DEFAULT_DATA)
     add_flags(p, PPOConfig, "ppo")
-    p.set_defaults(func=lambda args: run_ppo(args) and None)
+    p.set_defaults(func=_cli)
 
 
 def run_ppo(args: argparse.Namespace) -> dict:
@@ -236,3 +236,7 @@ def run_ppo(args: argparse.Namespace) -> dict:
     make = PPORollouts(run, model, cfg)
     batches = RolloutBatches(make, micro_batches, cfg.num_ppo_epochs, run.cfg.seed)
     return run.train(model, batches, PPOLoss(cfg, make.width, run.rollout.temperature))
+
+
+def _cli(args: argparse.Namespace) -> None:
+    run_ppo(args)

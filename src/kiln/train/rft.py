@@ -36,7 +36,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     add_rl_arguments(p, DEFAULT_DATA)
     p.add_argument("--min-reward", type=float, default=None,
                    help="keep a prompt's best completion only from this reward on")  # fmt: skip
-    p.set_defaults(func=lambda args: run_rft(args) and None)
+    p.set_defaults(func=_cli)
 
 
 def run_rft(args: argparse.Namespace) -> dict:
@@ -73,3 +73,7 @@ def run_rft(args: argparse.Namespace) -> dict:
     )
     result = run_training(run.policy, run.tok, args, run.cfg, batches, sft_loss)
     return result | {"sample_reward": mean, "selected_reward": best, "kept": len(kept)}
+
+
+def _cli(args: argparse.Namespace) -> None:
+    run_rft(args)
