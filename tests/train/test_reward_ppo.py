@@ -144,8 +144,10 @@ def test_best_of_n_keeps_each_groups_best():
 
 
 def test_rft_fine_tunes_on_the_best_of_n(toy, tmp_path):
-    out = tmp_path / "rft"
+    out, data = tmp_path / "rft", tmp_path / "count.jsonl"
+    data.write_text("".join((RL_DATA / "count.jsonl").read_text().splitlines(True)[:64]))
     args = ["rft", "--model", str(toy), "--out", str(out), "--num-generations", "8"]
+    args += ["--data", str(data)]
     args += ["--max-completion-length", "1", "--min-reward", "1", "--max-steps", "10"]
     args += ["--batch-size", "16", "--lr", "1e-2", "--warmup-steps", "1"]
     assert kiln_main(args) == 0
