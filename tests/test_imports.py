@@ -32,6 +32,7 @@ ALLOWED = {
         "kiln.kernels",
         "kiln.model",
         "kiln.tokenizer",
+        "kiln.engine",  # RL: the engine samples the rollouts (kiln.train.rollout)
     },
     "kiln.quant": {
         "kiln.errors",

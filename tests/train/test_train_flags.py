@@ -1,6 +1,7 @@
-"""The training CLIs' flags come from TrainConfig's fields (FinetuneConfig's and DPOConfig's
-for `kiln sft` and `kiln dpo`): every field is a flag of each verb, a flag left out keeps the
-dataclass default, and fine-tuning's own defaults live in FinetuneConfig alone."""
+"""The training CLIs' flags come from TrainConfig's fields (FinetuneConfig's and the loss
+configs' for `kiln sft`, `kiln dpo` and the alignment verbs): every field is a flag of each
+verb, a flag left out keeps the dataclass default, and fine-tuning's own defaults live in
+FinetuneConfig alone."""
 
 from __future__ import annotations
 
@@ -12,11 +13,23 @@ import pytest
 from kiln.cli import build_parser
 from kiln.flags import flags_given
 from kiln.train import finetune
-from kiln.train.config import DPOConfig, FinetuneConfig, TrainConfig
+from kiln.train.config import (
+    DPOConfig,
+    FinetuneConfig,
+    GRPOConfig,
+    KTOConfig,
+    PPOConfig,
+    RewardConfig,
+    RolloutConfig,
+    TrainConfig,
+)
 from kiln.train.pretrain import config_from_args
 
 FINETUNE = ["--model", "m", "--out", "out"]
-VERBS = {"pretrain": [], "sft": FINETUNE, "dpo": FINETUNE}
+VERBS = {
+    "pretrain": [],
+    **dict.fromkeys(["sft", "dpo", "kto", "reward", "grpo", "ppo", "rft"], FINETUNE),
+}
 
 
 def _flag(name: str) -> str:
@@ -78,7 +91,7 @@ def test_finetune_defaults_differ_from_pretraining_and_come_from_finetune_config
         weight_decay: float = 0.25
 
     monkeypatch.setattr(finetune, "FinetuneConfig", Retuned)
-    for verb in ("sft", "dpo"):
+    for verb in VERBS.keys() - {"pretrain"}:
         cfg = effective(verb, [])
         assert (cfg.warmup_steps, cfg.weight_decay) == (7, 0.25)
         assert effective(verb, ["--warmup-steps", "3"]).warmup_steps == 3
@@ -107,3 +120,25 @@ def test_pretrain_flags_sit_over_the_config_file_and_keep_their_toml_key_spellin
     )
     cfg = config_from_args(build_parser().parse_args(["pretrain", "--max-steps", "8", "--fsdp"]))
     assert (cfg.train.max_steps, cfg.train.fsdp) == (8, True)
+
+
+@pytest.mark.parametrize(
+    "verb, cls, argv, want",
+    [
+        ("grpo", GRPOConfig, ["--beta", "0", "--loss-type", "grpo"],
+         {"beta": 0.0, "loss_type": "grpo"}),
+        ("ppo", PPOConfig, ["--kl-estimator", "k3", "--whiten-rewards"],
+         {"kl_estimator": "k3", "whiten_rewards": True}),
+        ("kto", KTOConfig, ["--desirable-weight", "2"], {"desirable_weight": 2.0}),
+        ("reward", RewardConfig, ["--center-rewards-coefficient", "0.01"],
+         {"center_rewards_coefficient": 0.01}),
+        ("grpo", RolloutConfig, ["--num-generations", "4", "--reward", "m:f"],
+         {"num_generations": 4, "reward": "m:f"}),
+    ],
+)  # fmt: skip
+def test_alignment_loss_flags_come_from_their_configs(verb, cls, argv, want):
+    def config(extra):
+        return cls(**flags_given(cls, build_parser().parse_args([verb, *FINETUNE, *extra])))
+
+    assert config([]) == cls()
+    assert config(argv) == dataclasses.replace(cls(), **want)

@@ -217,6 +217,15 @@ class BlockManager:
         copies, self.pending_copies = self.pending_copies, []
         return copies
 
+    def reset_prefix_cache(self) -> None:
+        """Forget every cached prefix (after the model's weights changed, its K/V are stale);
+        every block must be free."""
+        self.check_all_free()
+        for block in self.blocks:
+            self._unregister(block)
+        self.free_uncached.extend(self.free_cached)
+        self.free_cached.clear()
+
     def check_all_free(self) -> None:
         """Assert that no block is referenced (tests call this once every request is done)."""
         held = [b.block_id for b in self.blocks if b.ref_count]

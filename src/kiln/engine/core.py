@@ -315,6 +315,18 @@ class EngineCore:
         self._inflight = None
         return rids
 
+    def load_weights(self, state: dict) -> None:
+        """Copy a plain model's weights (kiln names, e.g. a policy being trained) into the
+        running model in place, between requests; the prefix cache is dropped with them."""
+        from kiln.engine.fuse import load_weights
+
+        if self.tp is not None:
+            raise ConfigError("load_weights runs on one device (tensor_parallel_size 1)")
+        if self.has_work():
+            raise InputError("load_weights waits for every request to finish")
+        load_weights(self.runner.model, state)
+        self.block_manager.reset_prefix_cache()
+
     # ------------------------------------------------------------------ one step
 
     def step(self) -> list[SeqDelta]:

@@ -7,6 +7,8 @@
   (Triton: two grouped GEMMs over the tokens sorted by expert, kiln.kernels.fused_moe);
 - SiLU-and-mul and RoPE run as kiln.kernels ops; under the engine's paged backends, the
   per-head q/k norms, RoPE and the K/V store run as one op on the qkv output (attend_qkv).
+`load_weights` goes the other way: a plain model's weights copied into a fused one in place
+(reinforcement learning syncs the policy into the engine between rollouts).
 The kernels are the engine's Ops (kiln.engine.ops), chosen once at start-up: their torch
 references (the transformed model runs, and is tested, on CPU) or their Triton versions. The
 model code itself is untouched.
@@ -19,6 +21,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from kiln.engine.ops import Ops
+from kiln.errors import ConfigError
 from kiln.kernels.common import HeadLayout, QKNormRope
 from kiln.model.attention import Attention
 from kiln.model.layers import MLP, MoE, RMSNorm, route
@@ -277,3 +280,58 @@ def fuse_model(model: Transformer, ops: Ops, gemv_max_batch: int = 0) -> Transfo
         if hasattr(m, "use_kernel"):
             m.use_kernel = ops.name == "triton"
     return model
+
+
+def plain_weight_views(model: nn.Module) -> dict[str, torch.Tensor]:
+    """Plain kiln parameter name -> the tensor of `model` (fused or not) that holds it: a
+    fused weight's rows for each of the Linears fuse_model concatenated, else the parameter."""
+    views: dict[str, torch.Tensor] = {}
+    fused: set[str] = set()
+    for prefix, m in model.named_modules():
+        parts = []
+        if isinstance(m, FusedAttention):
+            h = m.heads
+            rows = [h.num_heads * h.head_dim] + [h.num_kv_heads * h.head_dim] * 2
+            parts = [("qkv_proj", ["q_proj", "k_proj", "v_proj"], rows)]
+        elif isinstance(m, FusedMLP):
+            half = m.gate_up_proj.weight.shape[0] // 2
+            parts = [("gate_up_proj", ["gate_proj", "up_proj"], [half, half])]
+        elif isinstance(m, FusedMoE):
+            fused |= {f"{prefix}.w13", f"{prefix}.w2"}
+            half = m.w13.shape[1] // 2
+            for e in range(m.w13.shape[0]):
+                gate, up = m.w13[e].split([half, half])
+                experts = f"{prefix}.experts.{e}"
+                views |= {f"{experts}.gate_proj.weight": gate, f"{experts}.up_proj.weight": up,
+                          f"{experts}.down_proj.weight": m.w2[e]}  # fmt: skip
+        for name, plain, rows in parts:
+            linear = getattr(m, name)
+            for kind in ("weight", "bias"):
+                tensor = getattr(linear, kind, None)
+                if tensor is None:
+                    continue
+                fused.add(f"{prefix}.{name}.{kind}")
+                for part, piece in zip(plain, tensor.split(rows)):
+                    views[f"{prefix}.{part}.{kind}"] = piece
+    for name, p in model.named_parameters(remove_duplicate=False):
+        if name not in fused:
+            views[name] = p
+    return views
+
+
+@torch.no_grad()
+def load_weights(model: nn.Module, state: dict[str, torch.Tensor]) -> None:
+    """Copy a plain model's state dict (kiln names, every weight) into `model`, fused or not,
+    in place: its tensors keep their storage, so captured CUDA graphs stay valid."""
+    views = plain_weight_views(model)
+    unknown = sorted(set(state) - set(views))
+    missing = sorted(set(views) - set(state))
+    if unknown or missing:
+        raise ConfigError(
+            "the weights do not fit the engine's model: "
+            + (f"it has no {unknown[0]!r} (quantized or adapter-wrapped?)" if unknown else "")
+            + ("; " if unknown and missing else "")
+            + (f"{missing[0]!r} not given" if missing else "")
+        )
+    for name, tensor in state.items():
+        views[name].copy_(tensor)

@@ -91,7 +91,7 @@ def load_model(
             continue
         try:
             for name, tensor in hf_to_kiln(config, hf_name, hf_tensor):
-                _assign(model, expected, name, tensor, dtype, device)
+                assign_tensor(model, expected, name, tensor, dtype, device)
                 loaded.add(name)
         except CheckpointError as e:
             raise CheckpointError(f"{where}: {e}") from e
@@ -154,7 +154,9 @@ def _checkpoint_tensors(
             yield path, name, t
 
 
-def _assign(model, expected, name, tensor, dtype, device) -> None:
+def assign_tensor(model, expected, name, tensor, dtype, device) -> None:
+    """Put a checkpoint tensor in place of `model`'s parameter `name` (built on meta), checked
+    against `expected` (name -> parameter)."""
     if name not in expected:
         if name.endswith(("rotary_emb.inv_freq", *KV_SCALE_NAMES)):
             return  # KV cache scales are the engine's (kiln.engine.kv_scales)
@@ -179,13 +181,27 @@ def save_model(
     generation_config: dict | None = None,
 ) -> Path:
     """Write an HF directory (config.json, safetensors, generation_config.json) atomically."""
-    out_dir = Path(out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
     config = model.config
     state = {k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()}
     hf_state = kiln_to_hf(config, state)
     dtype = next(iter(hf_state.values())).dtype
     hf_config = config.replace(dtype=str(dtype).removeprefix("torch.")).to_hf()
+    gen = {"bos_token_id": config.bos_token_id, "eos_token_id": config.eos_token_id}
+    gen |= generation_config or {}
+    return save_checkpoint_files(out_dir, hf_state, hf_config, gen, max_shard_bytes)
+
+
+def save_checkpoint_files(
+    out_dir: str | os.PathLike,
+    hf_state: dict[str, torch.Tensor],
+    hf_config: dict,
+    generation_config: dict | None = None,
+    max_shard_bytes: int | None = None,
+) -> Path:
+    """Write HF tensors (sharded past max_shard_bytes) and configs atomically, config.json
+    last: its presence marks a complete directory."""
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
     shards = _shard(hf_state, max_shard_bytes)
     if len(shards) == 1:
         _atomic(out_dir / "model.safetensors", lambda p: save_file(shards[0], p, {"format": "pt"}))
@@ -199,8 +215,8 @@ def save_model(
         total = sum(t.numel() * t.element_size() for t in hf_state.values())
         index = {"metadata": {"total_size": total}, "weight_map": weight_map}
         _write_json(out_dir / "model.safetensors.index.json", index)
-    gen = {"bos_token_id": config.bos_token_id, "eos_token_id": config.eos_token_id}
-    _write_json(out_dir / "generation_config.json", {**gen, **(generation_config or {})})
+    if generation_config is not None:
+        _write_json(out_dir / "generation_config.json", generation_config)
     _write_json(out_dir / "config.json", hf_config)
     return out_dir
 

@@ -156,6 +156,24 @@ def merge_and_unload(model: nn.Module) -> nn.Module:
     return model
 
 
+@torch.no_grad()
+def merged_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
+    """The plain model's state dict (kiln names) with every adapter folded into its weight;
+    `model` itself is left as it is (what an engine serving the adapted model loads)."""
+    state = {}
+    layers = dict(lora_layers(model))
+    for name, t in model.state_dict().items():
+        if ".lora_" in name:
+            continue
+        module, _, kind = name.rpartition(".")
+        parent = module.removesuffix(".base_layer")
+        layer = layers.get(parent)
+        if layer is not None and kind == "weight" and not layer.merged:
+            t = (t.float() + layer.delta_weight()).to(t.dtype)
+        state[f"{parent}.{kind}" if layer is not None else name] = t
+    return state
+
+
 @contextmanager
 def disable_adapters(model: nn.Module):
     """Run the base model: inside this block every (unmerged) adapter is switched off."""

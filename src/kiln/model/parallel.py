@@ -32,7 +32,12 @@ from kiln.config import ModelConfig
 from kiln.errors import CheckpointError, ConfigError
 from kiln.model.compressed_tensors import read_compressed_tensors
 from kiln.model.hf_format import hf_to_kiln
-from kiln.model.loader import _assign, _checkpoint_tensors, default_device, resolve_dtype
+from kiln.model.loader import (
+    _checkpoint_tensors,
+    assign_tensor,
+    default_device,
+    resolve_dtype,
+)
 from kiln.model.transformer import Transformer
 
 COLUMN = ("gate_proj", "up_proj")  # split by the intermediate dim (rows of the weight)
@@ -191,7 +196,7 @@ def load_model_shard(
                     )
                 part = shard.slice(name, tensor) if name in full else tensor
                 if part is not None:
-                    _assign(model, expected, name, part, dtype, device)
+                    assign_tensor(model, expected, name, part, dtype, device)
                     loaded.add(name)
         except CheckpointError as e:
             raise CheckpointError(f"{where}: {e}") from e

@@ -4,7 +4,9 @@
     [model]  model_type, num_layers, hidden_size, block_size, dropout, ...
     [train]  TrainConfig: out_dir, max_steps, batch_size, lr, ... (shared with SFT / DPO)
 
-FinetuneConfig is TrainConfig with fine-tuning's defaults, DPOConfig `kiln dpo`'s loss.
+FinetuneConfig is TrainConfig with fine-tuning's defaults; DPOConfig, KTOConfig, RewardConfig,
+GRPOConfig and PPOConfig the losses of `kiln dpo`, `kiln kto`, `kiln reward`, `kiln grpo` and
+`kiln ppo`, RolloutConfig how the RL verbs sample.
 
 Field names are unique across sections, so an override names the field alone
 (`max_steps=100`) or with its section (`train.max_steps=100`). No torch import here: the CLIs
@@ -135,6 +137,99 @@ class DPOConfig:
     )
     loss_type: str = field(
         default="sigmoid", metadata={"choices": list(DPO_LOSS_TYPES), "help": "the DPO loss"}
+    )
+
+
+REWARD_HELP = "a Python reward function, module:function or path/file.py:function"
+
+
+@dataclass
+class RewardConfig:
+    """`kiln reward`'s Bradley-Terry loss (TRL's RewardTrainer names)."""
+
+    center_rewards_coefficient: float | None = field(
+        default=None, metadata={"help": "weight of mean((r_chosen + r_rejected)^2), to center"}
+    )
+
+
+@dataclass
+class RolloutConfig:
+    """How kiln's engine samples the completions of the RL verbs (`kiln grpo`, `kiln ppo`,
+    `kiln rft`). A rollout holds batch_size * grad_accum * rollout_steps completions,
+    num_generations for each of its prompts."""
+
+    num_generations: int = field(default=8, metadata={"help": "completions per prompt"})
+    max_completion_length: int = field(default=64, metadata={"help": "tokens per completion"})
+    temperature: float = field(default=1.0, metadata={"help": "of the sampling and the logps"})
+    top_p: float = field(default=1.0, metadata={"help": "nucleus sampling of the rollouts"})
+    rollout_steps: int = field(
+        default=1, metadata={"help": "optimizer steps a rollout feeds (per pass over it)"}
+    )
+    gpu_memory_utilization: float = field(
+        default=0.3, metadata={"help": "the engine's share of GPU memory (training has the rest)"}
+    )
+    reward: str | None = field(default=None, metadata={"help": REWARD_HELP})
+    reward_model: str | None = field(
+        default=None, metadata={"help": "a reward model directory (`kiln reward`) to score with"}
+    )
+
+
+GRPO_LOSS_TYPES = ("grpo", "bnpo", "dr_grpo", "dapo")
+
+
+@dataclass
+class GRPOConfig:
+    """`kiln grpo`'s objective (TRL's GRPOConfig names; kiln.train.grpo has the formulas)."""
+
+    beta: float = field(default=0.04, metadata={"help": "weight of the KL to the reference"})
+    epsilon: float = field(default=0.2, metadata={"help": "ratio clipping, lower side"})
+    epsilon_high: float | None = field(
+        default=None, metadata={"help": "ratio clipping, upper side (epsilon if unset)"}
+    )
+    loss_type: str = field(
+        default="dapo", metadata={"choices": list(GRPO_LOSS_TYPES), "help": "token aggregation"}
+    )
+    scale_rewards: str = field(
+        default="group",
+        metadata={"choices": ["group", "batch", "none"], "help": "advantages divided by std"},
+    )
+    num_iterations: int = field(default=1, metadata={"help": "passes over each rollout"})
+
+
+@dataclass
+class PPOConfig:
+    """`kiln ppo`'s objective (TRL v0.23's PPOConfig names; kiln.train.ppo has the formulas)."""
+
+    kl_coef: float = field(default=0.05, metadata={"help": "KL penalty in the per-token reward"})
+    kl_estimator: str = field(
+        default="k1", metadata={"choices": ["k1", "k3"], "help": "the KL penalty's estimator"}
+    )
+    cliprange: float = field(default=0.2, metadata={"help": "policy ratio clipping"})
+    cliprange_value: float = field(default=0.2, metadata={"help": "value clipping"})
+    vf_coef: float = field(default=0.1, metadata={"help": "weight of the value loss"})
+    gamma: float = field(default=1.0, metadata={"help": "discount"})
+    lam: float = field(default=0.95, metadata={"help": "GAE's lambda"})
+    num_ppo_epochs: int = field(default=4, metadata={"help": "passes over each rollout"})
+    whiten_rewards: bool = field(default=False, metadata={"help": "whiten the rewards"})
+    missing_eos_penalty: float | None = field(
+        default=None, metadata={"help": "subtracted from the score of a completion without EOS"}
+    )
+
+
+KTO_LOSS_TYPES = ("kto", "apo_zero_unpaired")
+
+
+@dataclass
+class KTOConfig:
+    """`kiln kto`'s loss (TRL's KTOConfig names; kiln.train.kto has the formulas)."""
+
+    beta: float = field(default=0.1, metadata={"help": "how strongly held to the reference"})
+    desirable_weight: float = field(default=1.0, metadata={"help": "weight of desirable losses"})
+    undesirable_weight: float = field(
+        default=1.0, metadata={"help": "weight of undesirable losses"}
+    )
+    loss_type: str = field(
+        default="kto", metadata={"choices": list(KTO_LOSS_TYPES), "help": "the KTO loss"}
     )
 
 

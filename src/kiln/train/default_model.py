@@ -19,6 +19,7 @@ DEFAULT_CONFIG = PACKAGE_DATA / "default.toml"
 CORPUS = PACKAGE_DATA / "shakespeare"
 SFT_DATA = PACKAGE_DATA / "sft" / "shakespeare.jsonl"
 DPO_DATA = PACKAGE_DATA / "dpo" / "shakespeare.jsonl"
+RL_DATA = PACKAGE_DATA / "rl"  # toy verifiable tasks and preferences (data/build_rl_sets.py)
 
 
 def kiln_home() -> Path:

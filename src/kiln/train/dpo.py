@@ -16,7 +16,6 @@ weights), or a frozen copy of the starting weights under full fine-tuning.
 from __future__ import annotations
 
 import argparse
-import copy
 
 import torch
 import torch.nn.functional as F
@@ -86,12 +85,10 @@ class DPOLoss:
 
     @torch.no_grad()
     def reference_logps(self, model, batch) -> torch.Tensor:
-        from kiln.model.lora import disable_adapters
+        from kiln.train.reference import reference_model
 
-        if self.reference is not None:
-            return sequence_logps(self.reference, batch)
-        with disable_adapters(model):
-            return sequence_logps(model, batch)
+        with reference_model(model, self.reference) as ref:
+            return sequence_logps(ref, batch)
 
     def __call__(self, model, batch) -> tuple[torch.Tensor, dict]:
         ref_chosen, ref_rejected = self.reference_logps(model, batch).chunk(2)
@@ -166,12 +163,11 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 def _cli(args: argparse.Namespace) -> None:
     from kiln.train.finetune import prepare, run_training, train_config
+    from kiln.train.reference import make_reference
 
     cfg, dpo_cfg = train_config(args), DPOConfig(**flags_given(DPOConfig, args))
     model, tok = prepare(args, cfg.device)
-    reference = None
-    if args.lora_r is None:  # full fine-tuning: a frozen copy of the starting weights
-        reference = copy.deepcopy(model).requires_grad_(False).eval()
+    reference = make_reference(model, lora=args.lora_r is not None)
     loss_fn = DPOLoss(dpo_cfg.beta, dpo_cfg.loss_type, reference)
     pairs = load_pairs(tok, args.data, args.max_seq_len)
     train_pairs, val_pairs = split_train_val(pairs, args.val_fraction, cfg.seed)
