@@ -162,12 +162,12 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 
 def _cli(args: argparse.Namespace) -> None:
-    from kiln.train.finetune import prepare, run_training, train_config
+    from kiln.train.finetune import lora_config_from_args, prepare, run_training, train_config
     from kiln.train.reference import make_reference
 
     cfg, dpo_cfg = train_config(args), DPOConfig(**flags_given(DPOConfig, args))
     model, tok = prepare(args, cfg.device)
-    reference = make_reference(model, lora=args.lora_r is not None)
+    reference = make_reference(model, lora=lora_config_from_args(args) is not None)
     loss_fn = DPOLoss(dpo_cfg.beta, dpo_cfg.loss_type, reference)
     pairs = load_pairs(tok, args.data, args.max_seq_len)
     train_pairs, val_pairs = split_train_val(pairs, args.val_fraction, cfg.seed)

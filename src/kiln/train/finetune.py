@@ -50,7 +50,7 @@ def add_finetune_arguments(p: argparse.ArgumentParser, default_data: str) -> Non
 def train_config(args: argparse.Namespace) -> FinetuneConfig:
     """The run's TrainConfig: the flags given over FinetuneConfig's defaults, the rest derived."""
     cfg = FinetuneConfig(**flags_given(FinetuneConfig, args))
-    return cfg.resolve(args.out, lora=args.lora_r is not None)
+    return cfg.resolve(args.out, lora=lora_config_from_args(args) is not None)
 
 
 def prepare(args: argparse.Namespace, device: str):
@@ -93,7 +93,7 @@ def run_training(model, tok, args, cfg, train_batch, loss_fn, val_batch=None) ->
     from kiln.train.distributed import init
     from kiln.train.loop import train
 
-    lora = args.lora_r is not None
+    lora = lora_config_from_args(args) is not None
     result = train(model, cfg, train_batch, loss_fn, val_batch, resume=args.resume)
     if init(cfg.device).is_main:
         export(model, tok, args.out, args.model, lora)

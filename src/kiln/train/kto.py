@@ -156,12 +156,12 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 
 def _cli(args: argparse.Namespace) -> None:
-    from kiln.train.finetune import prepare, run_training, train_config
+    from kiln.train.finetune import lora_config_from_args, prepare, run_training, train_config
     from kiln.train.reference import make_reference
 
     cfg, kto_cfg = train_config(args), KTOConfig(**flags_given(KTOConfig, args))
     model, tok = prepare(args, cfg.device)
-    loss_fn = KTOLoss(kto_cfg, make_reference(model, lora=args.lora_r is not None))
+    loss_fn = KTOLoss(kto_cfg, make_reference(model, lora=lora_config_from_args(args) is not None))
     examples = load_kto_examples(tok, args.data, args.max_seq_len)
     train_ex, val_ex = split_train_val(examples, args.val_fraction, cfg.seed)
     pad_id = tok.pad_token_id if tok.pad_token_id is not None else 0

@@ -168,7 +168,7 @@ class RLRun:
         from kiln.flags import flags_given
         from kiln.train.config import RolloutConfig
         from kiln.train.distributed import resolve_device
-        from kiln.train.finetune import prepare, train_config
+        from kiln.train.finetune import lora_config_from_args, prepare, train_config
         from kiln.train.reference import make_reference
         from kiln.train.rewards import make_reward
         from kiln.train.rollout import RolloutEngine, load_prompts
@@ -181,7 +181,7 @@ class RLRun:
         self.device = resolve_device(cfg.device)
         self.policy, self.tok = prepare(args, cfg.device)
         self.pad_id = self.tok.pad_token_id if self.tok.pad_token_id is not None else 0
-        self.lora = args.lora_r is not None
+        self.lora = lora_config_from_args(args) is not None
         self.reward_fn = make_reward(self.rollout.reward, self.rollout.reward_model, self.device)
         room = args.max_seq_len - self.rollout.max_completion_length
         if room < 1:
