@@ -25,6 +25,7 @@ COMMANDS = [
     "kiln.engine.profile",
     "kiln.eval.cli",
     "kiln.quant.cli",
+    "kiln.compress.cli",
     "kiln.apps.cli",
 ]
 
