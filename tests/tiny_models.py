@@ -216,3 +216,35 @@ def save_peft_adapter(hf, out: Path, r: int, alpha: float, targets: list[str], s
                 p.copy_(torch.randn(p.shape, generator=g) * 0.3)
     model.save_pretrained(out)
     return model.merge_and_unload()
+
+
+def save_permutation_model(src: Path, out: Path, steps: int = 200) -> Path:
+    """The model in src (a tiny one of VOCAB tokens) trained, a second on the CPU, to follow a
+    fixed token permutation, saved to out with src's tokenizer: its greedy choices are decisive
+    as a real model's are, not coin flips of a random one."""
+    import shutil
+
+    import torch.nn.functional as F
+
+    from kiln.model.loader import load_model, save_model
+
+    model = load_model(src, device="cpu").requires_grad_(True)
+    vocab = model.config.vocab_size
+    gen = torch.Generator().manual_seed(0)
+    perm = torch.randperm(vocab, generator=gen)
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-2)
+    for _ in range(steps):
+        seq = [torch.randint(0, vocab, (16, 1), generator=gen)]
+        for _ in range(32):
+            seq.append(perm[seq[-1]])
+        seq = torch.cat(seq, 1)
+        loss = F.cross_entropy(model(seq[:, :-1]).flatten(0, 1), seq[:, 1:].flatten())
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    assert loss.item() < 0.05
+    save_model(model.eval().requires_grad_(False), out)
+    for f in Path(src).iterdir():
+        if f.name.startswith("tokenizer"):
+            shutil.copy(f, out / f.name)
+    return out

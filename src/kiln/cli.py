@@ -39,6 +39,9 @@ COMMANDS = {
         "evaluate a model: perplexity, multiple choice, generation, LLM-as-judge",
     ),
     "quantize": ("kiln.quant.cli", "quantize a model (RTN, GPTQ, AWQ, SmoothQuant, FP8)"),
+    "prune": ("kiln.compress.cli", "prune weights, heads or MLP channels"),
+    "distill": ("kiln.compress.cli", "distill a teacher into a smaller student"),
+    "qat": ("kiln.compress.cli", "quantization-aware training, exported as kiln quantize"),
     "train-draft": (
         "kiln.train_draft",
         "train a Medusa / EAGLE / early-exit draft for speculative decoding",

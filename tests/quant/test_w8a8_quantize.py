@@ -2,16 +2,14 @@
 (the model's function unchanged, the W8A8 error lower), the compressed-tensors checkpoint holds
 exactly the weights computed, and a small trained model keeps its greedy tokens in kiln.LLM."""
 
-import shutil
-
 import pytest
 import torch
-import torch.nn.functional as F
+from tiny_models import save_permutation_model
 
 import kiln
 from kiln.cli import main
 from kiln.config import ModelConfig
-from kiln.model.loader import load_model, save_model
+from kiln.model.loader import load_model
 from kiln.model.w8a8 import FP8, W8A8Linear, quantize_weight
 from kiln.quant.quantize import CALIB_BATCH, calibration, linears
 from kiln.quant.smoothquant import smooth_model, smoothing_scale
@@ -21,32 +19,8 @@ CALIB = dict(calib_samples=4, calib_len=64)
 
 @pytest.fixture(scope="module")
 def trained_dir(tokenized_model_dir, tmp_path_factory):
-    """The tiny llama trained (a second on the CPU) to follow a fixed token permutation, so its
-    greedy choices are decisive as a real model's are, not coin flips of a random one."""
-    src = tokenized_model_dir("llama")
-    model = load_model(src, device="cpu")
-    vocab = model.config.vocab_size
-    gen = torch.Generator().manual_seed(0)
-    perm = torch.randperm(vocab, generator=gen)
-    opt = torch.optim.AdamW(model.parameters(), lr=1e-2)
-    for p in model.parameters():
-        p.requires_grad_(True)
-    for _ in range(200):
-        seq = [torch.randint(0, vocab, (16, 1), generator=gen)]
-        for _ in range(32):
-            seq.append(perm[seq[-1]])
-        seq = torch.cat(seq, 1)
-        loss = F.cross_entropy(model(seq[:, :-1]).flatten(0, 1), seq[:, 1:].flatten())
-        opt.zero_grad()
-        loss.backward()
-        opt.step()
-    assert loss.item() < 0.05
-    out = tmp_path_factory.mktemp("trained")
-    save_model(model.eval().requires_grad_(False), out)
-    for f in src.iterdir():
-        if f.name.startswith("tokenizer"):
-            shutil.copy(f, out / f.name)
-    return out
+    """The tiny llama trained to follow a fixed token permutation (tiny_models)."""
+    return save_permutation_model(tokenized_model_dir("llama"), tmp_path_factory.mktemp("trained"))
 
 
 def test_smoothing_lowers_the_w8a8_error_with_outlier_channels():

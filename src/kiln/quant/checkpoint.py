@@ -50,6 +50,14 @@ def _cpu(w):
     return dataclasses.replace(w, **{k: v.cpu() for k, v in tensors.items() if torch.is_tensor(v)})
 
 
+def copy_side_files(src_dir: Path, out_dir: Path) -> None:
+    """Copy a model directory's files but its weights and config (the tokenizer, generation
+    config, ...) into out_dir."""
+    for f in Path(src_dir).iterdir():
+        if f.is_file() and f.suffix != ".safetensors" and f.name not in SKIP_FILES:
+            shutil.copy2(f, Path(out_dir) / f.name)
+
+
 def write_atomic(out_dir: Path, write: Callable[[Path], None]) -> Path:
     """Run write(tmp) on a fresh folder beside out_dir, then rename it to out_dir; on any
     exception (Ctrl-C too) the folder is removed and nothing is left at out_dir."""
@@ -82,9 +90,7 @@ def save_quantized(
     weights = {name: _cpu(w) for name, w in weights.items()}
 
     def write(tmp: Path) -> None:
-        for f in src_dir.iterdir():
-            if f.is_file() and f.suffix != ".safetensors" and f.name not in SKIP_FILES:
-                shutil.copy2(f, tmp / f.name)
+        copy_side_files(src_dir, tmp)
         state = quantized_state(model, weights, dtype, pack)
         save_file(state, str(tmp / "model.safetensors"), {"format": "pt"})
         hf = config.to_hf() | {"quantization_config": quantization_config}

@@ -12,7 +12,9 @@ from __future__ import annotations
 
 import os
 import sys
+from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import Any
 
 import torch
 from torch import nn
@@ -99,6 +101,21 @@ def quantize(
         weights = gptq_model(model, ids, bits, group_size, sym, act_order, progress)
     else:
         weights = rtn_model(model, bits, group_size, sym, progress)
+    return save_gptq(model, weights, model_dir, out_dir, bits, group_size, sym, act_order)
+
+
+def save_gptq(
+    model: Transformer,
+    weights: dict[str, IntWeight],
+    model_dir: Path,
+    out_dir: Path,
+    bits: int,
+    group_size: int,
+    sym: bool,
+    act_order: bool = False,
+) -> Path:
+    """Write `weights` (kiln name prefix -> IntWeight) and the rest of the model as a GPTQ
+    (v1) checkpoint."""
     quantization_config = {
         "quant_method": "gptq",
         "bits": bits,
@@ -177,9 +194,18 @@ def quantize_w8a8(
     for i, layer in enumerate(tqdm(model.layers, desc=method, unit="layer", disable=not progress)):
         for name, lin in linears(layer).items():
             weights[f"layers.{i}.{name}"] = quantize_weight(lin.weight, dtype)
+    return save_w8a8(model, weights, W8A8[method], model_dir, out_dir)
+
+
+def save_w8a8(
+    model: Transformer, weights: dict[str, W8A8Weight], type_: str, model_dir: Path, out_dir: Path
+) -> Path:
+    """Write `weights` (kiln name prefix -> W8A8Weight of compressed-tensors `type_`, "int" or
+    "float") and the rest of the model as a compressed-tensors W8A8 checkpoint (per-token
+    dynamic activations)."""
     router = "re:.*(block_sparse_moe|mlp)[.]gate$"  # Mixtral's and Qwen3-MoE's router
     ignore = ["lm_head"] + ([router] if model.config.num_experts else [])
-    config = compressed_tensors_config(W8A8[method], ignore)
+    config = compressed_tensors_config(type_, ignore)
     return save_quantized(model, weights, config, model_dir, out_dir, pack_w8a8)
 
 
@@ -220,29 +246,45 @@ def block_runner(model: Transformer, ids: torch.Tensor):
     return x, run
 
 
-@torch.no_grad()
-def gptq_model(
-    model: Transformer, ids: torch.Tensor, bits, group_size, sym, act_order, progress
-) -> dict[str, IntWeight]:
-    """GPTQ every decoder Linear on calibration ids [samples, len], block by block; the model's
-    weights become the dequantized ones as it goes."""
-    x, run = block_runner(model, ids)
+Stat = Callable[[str, nn.Linear], Any]  # (name in its block, Linear) -> statistic or None
 
-    out = {}
-    for i, layer in enumerate(tqdm(model.layers, desc="gptq", unit="layer", disable=not progress)):
-        targets = linears(layer)
-        hessians = {n: Hessian(m.in_features, m.weight.device) for n, m in targets.items()}
+
+@torch.no_grad()
+def calibrate_blocks(
+    model: Transformer, ids: torch.Tensor, stat: Stat, desc: str, progress
+) -> Iterator[tuple[int, dict[str, tuple[nn.Linear, Any]]]]:
+    """Block by block, (i, {name: (Linear, its statistic)}) over the decoder Linears of block
+    i that `stat(name, linear)` gives a statistic (an object with add(x)) for, each fed the
+    inputs that Linear sees on calibration ids [samples, len]. The caller may change the
+    block's weights before asking for the next: the next block's inputs are the changed
+    block's outputs (GPTQ's and SparseGPT's sequential order)."""
+    x, run = block_runner(model, ids)
+    for i, layer in enumerate(tqdm(model.layers, desc=desc, unit="layer", disable=not progress)):
+        found = {n: (m, stat(n, m)) for n, m in linears(layer).items()}
+        found = {n: (m, s) for n, (m, s) in found.items() if s is not None}
         hooks = [
-            m.register_forward_hook(lambda mod, inp, res, h=hessians[n]: h.add(inp[0]))
-            for n, m in targets.items()
+            m.register_forward_hook(lambda mod, inp, res, s=s: s.add(inp[0]))
+            for m, s in found.values()
         ]
         try:
             run(block(model, layer), x)
         finally:
             for h in hooks:
                 h.remove()
-        for name, lin in targets.items():
-            h = hessians[name]
+        yield i, found
+        x = run(block(model, layer), x)
+
+
+@torch.no_grad()
+def gptq_model(
+    model: Transformer, ids: torch.Tensor, bits, group_size, sym, act_order, progress
+) -> dict[str, IntWeight]:
+    """GPTQ every decoder Linear on calibration ids [samples, len], block by block; the model's
+    weights become the dequantized ones as it goes."""
+    out = {}
+    hessian = lambda name, m: Hessian(m.in_features, m.weight.device)  # noqa: E731
+    for i, found in calibrate_blocks(model, ids, hessian, "gptq", progress):
+        for name, (lin, h) in found.items():
             w = lin.weight.detach()
             if h.n:  # an MoE expert no calibration token reached falls back to RTN
                 q = quantize_gptq(w, h.h, bits, group_size, sym, act_order, PERCDAMP)
@@ -250,7 +292,6 @@ def gptq_model(
                 q = quantize_rtn(w, bits, group_size, sym)
             lin.weight.copy_(q.dequantize())
             out[f"layers.{i}.{name}"] = q
-        x = run(block(model, layer), x)
     return out
 
 

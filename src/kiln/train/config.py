@@ -294,6 +294,17 @@ class ModelSpec:
         default=0.01, metadata={"help": "weight of the load-balancing loss"}
     )
     router_z_loss_coef: float = field(default=0.0, metadata={"help": "weight of the z-loss"})
+    # ALBERT's weight sharing (kiln.model.sharing); the export is a plain model either way
+    share_layers: int = field(
+        default=1,
+        metadata={"help": "cross-layer sharing: each run of this many consecutive layers "
+                  "trains one layer's weights (num_layers: all share one; 1: none)"},
+    )  # fmt: skip
+    embedding_size: int = field(
+        default=0,
+        metadata={"help": "factorized embeddings: tokens embed in this many dims, projected "
+                  "up to hidden_size (0: off)"},
+    )  # fmt: skip
 
 
 @dataclass

@@ -196,6 +196,13 @@ def run_pretrain(cfg: PretrainConfig, resume: bool = False) -> dict:
     config = model_config(spec, tok.vocab_size, tok.bos_token_id, eos)
     model = Transformer(config)
     model.init_weights(spec.init_std)
+    sharing = spec.share_layers != 1 or spec.embedding_size != 0
+    if sharing:
+        from kiln.model.sharing import apply_sharing
+
+        if cfg.train.pipeline_parallel > 1 or cfg.train.fsdp:
+            raise ConfigError("share_layers / embedding_size train on one process or with DDP")
+        apply_sharing(model, spec.share_layers, spec.embedding_size, spec.init_std)
     add_dropout(model, spec.dropout)
     if cfg.train.pipeline_parallel > 1:
         from kiln.train.pipeline import train_pipeline
@@ -214,7 +221,9 @@ def run_pretrain(cfg: PretrainConfig, resume: bool = False) -> dict:
             loss_fn = moe_loss(loss_fn, config.num_experts_per_tok, *coefs)
         result = train(model, cfg.train, train_batch, loss_fn, val_batch, resume=resume)
     result["export"] = str(export(model, tok_dir, out / "model", info.is_main))
-    result["num_params"] = config.num_params
+    result["num_params"] = config.num_params  # the exported model's
+    if sharing:
+        result["trained_params"] = model.num_parameters()  # each shared weight once
     return result
 
 
@@ -223,13 +232,14 @@ def export(model, tokenizer_dir: Path, out_dir: Path, is_main: bool) -> Path:
     from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
 
     from kiln.model.loader import save_model
+    from kiln.model.sharing import plain_state
     from kiln.model.transformer import Transformer
 
     opts = StateDictOptions(full_state_dict=True, cpu_offload=True)
     state = get_model_state_dict(model, options=opts)
     if is_main:
         plain = Transformer(model.config)
-        plain.load_state_dict(state)
+        plain.load_state_dict(plain_state(state))  # copies: a shared weight materializes
         out_dir.mkdir(parents=True, exist_ok=True)
         for name in ("tokenizer.json", "tokenizer_config.json"):
             shutil.copyfile(tokenizer_dir / name, out_dir / name)
