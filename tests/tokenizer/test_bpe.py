@@ -269,8 +269,7 @@ def test_non_utf8_file_names_file_and_byte_offset(tmp_path):
         BPETokenizer.train([bad], 300, progress=False)
 
 
-def test_cli_trains_and_encodes(tmp_path, monkeypatch, capsys):
-    monkeypatch.setattr(kiln.cli, "COMMANDS", ["kiln.tokenizer.cli"])
+def test_cli_trains_and_encodes(tmp_path, capsys):
     files = sorted(SHAKESPEARE.glob("*.txt"))[:2]
     out = tmp_path / "tok"
     args = ["tokenizer", "train", "--input", *map(str, files), "--vocab-size", "400"]
@@ -287,8 +286,7 @@ def test_cli_trains_and_encodes(tmp_path, monkeypatch, capsys):
     assert ids == tok.encode("Hi <|endoftext|>") and tok.special_tokens == {EOT: 399}
 
 
-def test_cli_reports_bad_input_in_one_line(tmp_path, monkeypatch, capsys):
-    monkeypatch.setattr(kiln.cli, "COMMANDS", ["kiln.tokenizer.cli"])
+def test_cli_reports_bad_input_in_one_line(tmp_path, capsys):
     args = ["tokenizer", "train", "--input", str(SHAKESPEARE / "hamlet_gut.txt")]
     assert kiln.cli.main([*args, "--vocab-size", "9", "--out", str(tmp_path)]) == 2
     err = capsys.readouterr().err
