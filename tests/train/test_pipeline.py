@@ -29,7 +29,9 @@ def _pretrain_rank(rank: int, port: int, data, out_dir, schedule: str, tied: boo
     model = tiny_model(tie_word_embeddings=tied)
     train_pipeline(model, cfg, windows(data, 4), windows(data, 4, seed=1))
     if rank == 0:  # every stage's weights gathered into the model, on every rank
-        torch.save(model.state_dict(), result_file)
+        from safetensors.torch import save_file
+
+        save_file({k: v.detach().clone() for k, v in model.state_dict().items()}, result_file)
     dist.destroy_process_group()
 
 
@@ -45,7 +47,7 @@ def test_pretrain_pipeline_logs_and_weights_equal_one_process(tmp_path, schedule
     one = tiny_model(tie_word_embeddings=tied)
     train(one, train_config(tmp_path / "one", grad_accum=2), windows(data, 4), lm_loss,
           windows(data, 4, seed=1))  # fmt: skip
-    weights = tmp_path / "two.pt"
+    weights = tmp_path / "two.safetensors"
     mp.spawn(_pretrain_rank, args=(free_port(), data, tmp_path / "two", schedule, tied, weights),
              nprocs=2)  # fmt: skip
     for key in ("loss", "val_loss", "grad_norm"):
@@ -53,6 +55,8 @@ def test_pretrain_pipeline_logs_and_weights_equal_one_process(tmp_path, schedule
         assert a.keys() == b.keys() and a
         for step in a:
             assert b[step] == pytest.approx(a[step], rel=1e-4), (key, step)
-    two = torch.load(weights)
+    from safetensors.torch import load_file
+
+    two = load_file(weights)
     for name, p in one.state_dict().items():
         torch.testing.assert_close(two[name], p, rtol=1e-4, atol=1e-5, msg=name)
