@@ -178,7 +178,10 @@ def test_h2o_on_cuda_with_graphs_is_untouched_under_budget(
     under budget the tokens are the plain engine's; over it every block still comes back."""
     path, _ = hf_model_dir("qwen3")
     prompts = random_prompts((10, 17, 6), seed=5)
-    args = dict(device="cuda", dtype="bfloat16", block_size=16, kv_cache_dtype=kv_cache_dtype)
+    # A fixed pool: three engines live at once in this test (and others before it in the
+    # process), so a fraction of the free memory could leave the last one no blocks.
+    args = dict(device="cuda", dtype="bfloat16", block_size=16, kv_cache_dtype=kv_cache_dtype,
+                kv_cache_memory_bytes=2**26)  # fmt: skip
     params = _params(40)
     plain = LLM(str(path), **args).generate(prompt_token_ids=prompts, sampling_params=params)
     llm = LLM(str(path), kv_eviction="h2o", kv_budget=128, **args)
