@@ -25,6 +25,7 @@ from shapes import QWEN3_0_6B
 
 from kiln.engine import LLM, SamplingParams
 from kiln.engine.core import EngineCore
+from kiln.kernels.paged_decode_attention import CUDA_CONFIG
 
 TINY = dict(vocab_size=384, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
             num_attention_heads=4, num_key_value_heads=2, head_dim=32,
@@ -95,6 +96,11 @@ def main() -> None:
     p.add_argument("--kv", default="auto,fp8", help="kv_cache_dtype values to compare")
     p.add_argument("--gpu-memory-utilization", type=float, default=0.9)
     p.add_argument("--json", default=None)
+    p.add_argument(
+        "--decode-configs", nargs="*", default=[], metavar="BLOCK_N:WARPS:STAGES",
+        help="also time batch-1 decode of the last --kv value under these decode-attention "
+        "launch settings (kiln.kernels.paged_decode_attention.CUDA_CONFIG), e.g. 128:4:2",
+    )  # fmt: skip
     args = p.parse_args()
     if args.tiny:
         shape, device = TINY, "cpu"
@@ -129,10 +135,18 @@ def main() -> None:
             for kv in kvs:
                 rates[kv] = decode_rate(model, kv, sizes["context"], sizes["new"], engine)
                 release(device)
+            default = dict(CUDA_CONFIG)
+            for spec in args.decode_configs:  # the dict decode_qkv shares: patch it in place
+                block_n, warps, stages = (int(x) for x in spec.split(":"))
+                CUDA_CONFIG.update(BLOCK_N=block_n, num_warps=warps, num_stages=stages)
+                name = f"{kvs[-1]} {spec}"
+                rates[name] = decode_rate(model, kvs[-1], sizes["context"], sizes["new"], engine)
+                CUDA_CONFIG.update(default)
+                release(device)
             print(f"\n(2) batch-1 decode at {sizes['context']} tokens of context")
             base = rates[kvs[0]]
             for kv, r in rates.items():
-                print(f"{kv:>6} {r:8.1f} tok/s  {100 * (r / base - 1):+6.1f}%")
+                print(f"{kv:>14} {r:8.1f} tok/s  {100 * (r / base - 1):+6.1f}%")
             result["decode"] = rates
     if args.json:
         Path(args.json).write_text(json.dumps(result, indent=1))
