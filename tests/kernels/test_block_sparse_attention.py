@@ -129,11 +129,12 @@ def test_forward_saves_the_log_sum_exp(device):
 def test_gradients_match_masked_dense(dtype, device, check, pattern, causal, seq_len, heads,
                                       kv_heads):  # fmt: skip
     """dq, dk, dv of the Triton backward against autograd through the float32 reference;
-    k and v are strided views of one tensor, as a fused projection gives them."""
+    k and v are strided views of one tensor, as a fused projection gives them, and the
+    output's gradient is a transposed view."""
     layout = _layout(pattern, -(-seq_len // 16), causal)
     q = torch.randn(2, seq_len, heads, 16, device=device, dtype=dtype, requires_grad=True)
     kv = torch.randn(2, seq_len, 2, kv_heads, 16, device=device, dtype=dtype, requires_grad=True)
-    grad_out = torch.randn(2, seq_len, heads, 16, device=device, dtype=dtype)
+    grad_out = torch.randn(2, heads, seq_len, 16, device=device, dtype=dtype).transpose(1, 2)
     out = BlockSparseAttentionFn.apply(q, *kv.unbind(2), layout, 16, 0.25, causal)
     dq, dkv = torch.autograd.grad(out, (q, kv), grad_out)
     q32, kv32 = (t.detach().float().requires_grad_() for t in (q, kv))

@@ -131,6 +131,10 @@ def _block_sparse_attention_kernel(
         tl.store(lse_ptr + bh.to(tl.int64) * T + rows, lse, mask=row_ok)
 
 
+def _num_warps(block: int) -> int:
+    return 4 if block <= 64 else 8
+
+
 def _forward(q, k, v, layout, block: int, scale: float, causal: bool, with_lse: bool):
     """(out like q, lse [B, Hq, T] float32 or None: its row's log-sum-exp when with_lse)."""
     batch, seq_len, num_heads, head_dim = q.shape
@@ -166,15 +170,20 @@ def block_sparse_attention_triton(q, k, v, layout, block: int, scale: float, cau
 
 
 @triton.jit
-def _delta_kernel(o_ptr, do_ptr, delta_ptr, T, num_heads, stride_ob, stride_ot, stride_oh,
-                  BLOCK: tl.constexpr, D: tl.constexpr):  # fmt: skip
+def _delta_kernel(
+    o_ptr, do_ptr, delta_ptr, T, num_heads,
+    stride_ob, stride_ot, stride_oh, stride_dob, stride_dot, stride_doh,
+    BLOCK: tl.constexpr, D: tl.constexpr,
+):  # fmt: skip
     """delta = rowsum(dO * O) [B, H, T] float32 of one block of rows of one (batch, head)."""
     qb, bh = tl.program_id(0), tl.program_id(1)
+    b, h = bh // num_heads, bh % num_heads
     rows = qb * BLOCK + tl.arange(0, BLOCK)
     row_ok = rows < T
-    off = (bh // num_heads).to(tl.int64) * stride_ob + (bh % num_heads) * stride_oh
-    o = _load_rows(o_ptr, off, rows, row_ok, stride_ot, D).to(tl.float32)
-    do = _load_rows(do_ptr, off, rows, row_ok, stride_ot, D).to(tl.float32)
+    o_off = b.to(tl.int64) * stride_ob + h * stride_oh
+    do_off = b.to(tl.int64) * stride_dob + h * stride_doh
+    o = _load_rows(o_ptr, o_off, rows, row_ok, stride_ot, D).to(tl.float32)
+    do = _load_rows(do_ptr, do_off, rows, row_ok, stride_dot, D).to(tl.float32)
     tl.store(delta_ptr + bh.to(tl.int64) * T + rows, tl.sum(o * do, 1), mask=row_ok)
 
 
@@ -194,7 +203,7 @@ def _dkdv_kernel(
     q_ptr, k_ptr, v_ptr, do_ptr, lse_ptr, delta_ptr, dk_ptr, dv_ptr, rows_ptr, nnz_ptr,
     T, num_kv_heads, max_nnz, qk_scale, scale,
     stride_qb, stride_qt, stride_qh, stride_kb, stride_kt, stride_kh,
-    stride_ob, stride_ot, stride_oh, stride_dkb, stride_dkt, stride_dkh,
+    stride_dob, stride_dot, stride_doh, stride_dkb, stride_dkt, stride_dkh,
     GROUP: tl.constexpr, CAUSAL: tl.constexpr, BLOCK: tl.constexpr, D: tl.constexpr,
     DOT_PRECISION: tl.constexpr, DOT_UPCAST: tl.constexpr,
 ):  # fmt: skip
@@ -222,8 +231,8 @@ def _dkdv_kernel(
             h = hk * GROUP + g
             q = _load_rows(q_ptr, b.to(tl.int64) * stride_qb + h * stride_qh, rows, row_ok,
                            stride_qt, D)  # fmt: skip
-            do = _load_rows(do_ptr, b.to(tl.int64) * stride_ob + h * stride_oh, rows, row_ok,
-                            stride_ot, D)  # fmt: skip
+            do = _load_rows(do_ptr, b.to(tl.int64) * stride_dob + h * stride_doh, rows, row_ok,
+                            stride_dot, D)  # fmt: skip
             stat = (b * num_kv_heads * GROUP + h).to(tl.int64) * T + rows
             lse = tl.load(lse_ptr + stat, mask=row_ok, other=float("inf"))
             delta = tl.load(delta_ptr + stat, mask=row_ok, other=0.0)
@@ -245,7 +254,7 @@ def _dq_kernel(
     q_ptr, k_ptr, v_ptr, do_ptr, lse_ptr, delta_ptr, dq_ptr, cols_ptr, nnz_ptr,
     T, num_heads, max_nnz, qk_scale, scale,
     stride_qb, stride_qt, stride_qh, stride_kb, stride_kt, stride_kh,
-    stride_ob, stride_ot, stride_oh,
+    stride_dob, stride_dot, stride_doh,
     GROUP: tl.constexpr, CAUSAL: tl.constexpr, BLOCK: tl.constexpr, D: tl.constexpr,
     DOT_PRECISION: tl.constexpr, DOT_UPCAST: tl.constexpr,
 ):  # fmt: skip
@@ -255,9 +264,9 @@ def _dq_kernel(
     b, h = bh // num_heads, bh % num_heads
     rows = qb * BLOCK + tl.arange(0, BLOCK)
     row_ok = rows < T
-    o_off = b.to(tl.int64) * stride_ob + h * stride_oh
+    do_off = b.to(tl.int64) * stride_dob + h * stride_doh
     q = _load_rows(q_ptr, b.to(tl.int64) * stride_qb + h * stride_qh, rows, row_ok, stride_qt, D)
-    do = _load_rows(do_ptr, o_off, rows, row_ok, stride_ot, D)
+    do = _load_rows(do_ptr, do_off, rows, row_ok, stride_dot, D)
     lse = tl.load(lse_ptr + bh.to(tl.int64) * T + rows, mask=row_ok, other=float("inf"))
     delta = tl.load(delta_ptr + bh.to(tl.int64) * T + rows, mask=row_ok, other=0.0)
     if DOT_UPCAST:
@@ -280,7 +289,7 @@ def _dq_kernel(
         )
         dq += tl.dot(ds.to(k.dtype), k, input_precision=DOT_PRECISION)
     d = tl.arange(0, D)
-    tl.store(dq_ptr + o_off + rows[:, None] * stride_ot + d[None, :],
+    tl.store(dq_ptr + do_off + rows[:, None] * stride_dot + d[None, :],
              (dq * scale).to(dq_ptr.dtype.element_ty), mask=row_ok[:, None])  # fmt: skip
 
 
@@ -288,10 +297,9 @@ def _backward(do, q, k, v, out, lse, layout, block: int, scale: float, causal: b
     """(dq, dk, dv) of the block-sparse attention that gave `out` and `lse` (_forward)."""
     batch, seq_len, num_heads, head_dim = q.shape
     num_kv_heads = k.shape[2]
-    do = do.contiguous()  # out, do and dq share strides (contiguous)
-    assert out.stride() == do.stride()
+    do = do.contiguous()  # autograd may hand an expanded or transposed one
     delta = torch.empty_like(lse)  # [B, Hq, T]
-    dq = torch.empty_like(do)
+    dq = torch.empty_like(do)  # dO's strides
     dk = torch.empty(k.shape, dtype=k.dtype, device=k.device)
     dv = torch.empty_like(dk)
     cols, nnz = (t.to(q.device) for t in layout_to_csr(layout))
@@ -306,8 +314,9 @@ def _backward(do, q, k, v, out, lse, layout, block: int, scale: float, causal: b
         num_warps=_num_warps(block), **dot_options(q),
     )  # fmt: skip
     _delta_kernel[(num_blocks, batch * num_heads)](
-        out, do, delta, seq_len, num_heads, *strides[6:], BLOCK=block, D=head_dim
-    )
+        out, do, delta, seq_len, num_heads, out.stride(0), out.stride(1), out.stride(2),
+        *strides[6:], BLOCK=block, D=head_dim,
+    )  # fmt: skip
     _dkdv_kernel[(num_blocks, batch * num_kv_heads)](
         q, k, v, do, lse, delta, dk, dv, rows, rows_nnz,
         seq_len, num_kv_heads, rows.shape[1], scale * LOG2E, scale,
@@ -318,10 +327,6 @@ def _backward(do, q, k, v, out, lse, layout, block: int, scale: float, causal: b
         seq_len, num_heads, cols.shape[1], scale * LOG2E, scale, *strides, **common,
     )  # fmt: skip
     return dq, dk, dv
-
-
-def _num_warps(block: int) -> int:
-    return 4 if block <= 64 else 8
 
 
 class BlockSparseAttentionFn(torch.autograd.Function):
