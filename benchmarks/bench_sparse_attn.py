@@ -1,16 +1,20 @@
-"""Block-sparse attention (Longformer, BigBird) against dense causal attention: time and memory.
+"""Block-sparse attention (Longformer, BigBird) against dense causal attention: time and memory,
+forward (prefill) and forward + backward (training).
 
     python benchmarks/bench_sparse_attn.py                  # GPU: 4k, 8k, 16k tokens
     python benchmarks/bench_sparse_attn.py --tiny           # CPU: Triton's interpreter, 256 tokens
 
-One prefill of B=1, 16 query heads, 8 KV heads, head_dim 128, bfloat16, blocks of 64 tokens.
-Rows: dense causal flash attention (SDPA, is_causal: no mask), dense attention under the
-pattern's [T, T] mask (SDPA with attn_mask: what a mask-based implementation costs), and the
-Triton block-sparse kernel. Columns: the share of causal key blocks the pattern keeps, median
-time (triton.testing.do_bench), the speedup over dense causal, the peak memory the call adds
-(torch.cuda.max_memory_allocated beyond the inputs), and the largest error relative to the
-masked dense result. Longformer: window of 4 blocks (256 tokens) behind, 1 global block;
-BigBird: window 3, 2 global, 3 random blocks a row.
+One sequence of B=1, 16 query heads, 8 KV heads, head_dim 128, bfloat16, blocks of 64 tokens.
+Rows, for each pass (fwd: the attention alone; fwd+bwd: it and the gradients dq, dk, dv of
+a random output gradient): dense causal flash attention (SDPA, is_causal: no mask), dense
+attention under the pattern's [T, T] mask (SDPA with attn_mask: what a mask-based
+implementation costs; the training path before the Triton backward), and the Triton
+block-sparse kernels. Columns: the share of causal key blocks the pattern keeps, median time
+(triton.testing.do_bench), the speedup over dense causal in the same pass, the peak memory
+the call adds (torch.cuda.max_memory_allocated beyond the inputs), and the largest error
+relative to the masked dense result (the output; fwd+bwd: the worst of dq, dk, dv).
+Longformer: window of 4 blocks (256 tokens) behind, 1 global block; BigBird: window 3,
+2 global, 3 random blocks a row. A row that runs out of GPU memory says OOM.
 """
 
 from __future__ import annotations
@@ -30,6 +34,7 @@ if not torch.cuda.is_available():
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
 
 from kiln.kernels.block_sparse_attention import (  # noqa: E402
+    BlockSparseAttentionFn,
     bigbird_layout,
     block_sparse_attention_ref,
     block_sparse_attention_triton,
@@ -63,6 +68,65 @@ def measure(fn, device: str) -> tuple[float, float]:
     return 1e3 * sorted(times)[1], float("nan")
 
 
+def causal_flash(q, k, v, scale: float) -> torch.Tensor:
+    """Dense causal attention through SDPA (flash on CUDA); q [B, T, Hq, D], k/v [B, T, Hkv, D]."""
+    qt, kt, vt = (x.transpose(1, 2) for x in (q, k, v))
+    out = F.scaled_dot_product_attention(qt, kt, vt, is_causal=True, scale=scale, enable_gqa=True)
+    return out.transpose(1, 2)
+
+
+def rel_err(actual, expected) -> float:
+    """The largest |actual - expected| relative to expected's largest magnitude, over pairs."""
+    return max(
+        ((a.float() - e.float()).abs().max() / e.float().abs().max()).item()
+        for a, e in zip(actual, expected)
+    )
+
+
+def with_layout(attn, layout, block: int, scale: float):
+    """attn(q, k, v, layout, block, scale, causal=True) as a function of q, k, v."""
+    return lambda q, k, v: attn(q, k, v, layout, block, scale, True)
+
+
+def bench_pass(t, q, k, v, layouts, block, scale, device, backward: bool) -> None:
+    """Print one sequence length's rows for one pass: forward, or forward and backward."""
+    if backward:
+        q, k, v = (x.detach().requires_grad_() for x in (q, k, v))
+        grad_out = torch.randn_like(q)
+
+        def call(attn):  # () -> (dq, dk, dv)
+            return lambda: torch.autograd.grad(attn(q, k, v), (q, k, v), grad_out)
+    else:
+
+        def call(attn):  # () -> (out,)
+            return lambda: (attn(q, k, v),)
+
+    kind = "fwd+bwd" if backward else "fwd"
+    dense_ms, dense_mb = measure(call(functools.partial(causal_flash, scale=scale)), device)
+    print(f"{t:>7} {kind:<8}{'dense causal (flash)':<24}{1:>12.3f}{dense_ms:>10.3f}{1:>8.2f}x"
+          f"{dense_mb:>10.0f}{'':>10}")  # fmt: skip
+    n = -(-t // block)
+    for name, layout in layouts.items():
+        kept = layout.sum().item() / (n * (n + 1) / 2)
+        masked = call(with_layout(block_sparse_attention_ref, layout, block, scale))
+        kernel = BlockSparseAttentionFn.apply if backward else block_sparse_attention_triton
+        sparse = call(with_layout(kernel, layout, block, scale))
+        try:
+            err = f"{rel_err(sparse(), masked()):.1e}"
+        except torch.OutOfMemoryError:  # the masked dense one, at 16k
+            err = "n/a"
+        for label, f, err_text in ((f"{name} masked dense", masked, ""),
+                                   (f"{name} block-sparse", sparse, err)):  # fmt: skip
+            try:
+                ms, mb = measure(f, device)
+            except torch.OutOfMemoryError:
+                torch.cuda.empty_cache()
+                print(f"{t:>7} {kind:<8}{label:<24}{kept:>12.3f}{'OOM':>10}")
+                continue
+            print(f"{t:>7} {kind:<8}{label:<24}{kept:>12.3f}{ms:>10.3f}{dense_ms / ms:>8.2f}x"
+                  f"{mb:>10.0f}{err_text:>10}")  # fmt: skip
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--tiny", action="store_true", help="CPU-sized: 256 tokens, blocks of 16")
@@ -79,37 +143,16 @@ def main() -> None:
         f"device: {torch.cuda.get_device_name() if device == 'cuda' else 'cpu (interpreter)'};"
         f" Hq={hq} Hkv={hkv} D={d} {str(dtype).removeprefix('torch.')} block={block}"
     )
-    print(f"{'tokens':>7} {'attention':<22}{'blocks kept':>12}{'ms':>10}{'speedup':>9}"
+    print(f"{'tokens':>7} {'pass':<8}{'attention':<24}{'blocks kept':>12}{'ms':>10}{'speedup':>9}"
           f"{'peak MB':>10}{'rel err':>10}")  # fmt: skip
     for t in lengths:
         g = torch.Generator(device=device).manual_seed(0)
         q = torch.randn(1, t, hq, d, generator=g, device=device, dtype=dtype)
         k = torch.randn(1, t, hkv, d, generator=g, device=device, dtype=dtype)
         v = torch.randn(1, t, hkv, d, generator=g, device=device, dtype=dtype)
-
-        qt, kt, vt = (x.transpose(1, 2) for x in (q, k, v))
-        flash = functools.partial(F.scaled_dot_product_attention, qt, kt, vt, is_causal=True,
-                                  scale=scale, enable_gqa=True)  # fmt: skip
-        dense_ms, dense_mb = measure(flash, device)
-        print(f"{t:>7} {'dense causal (flash)':<22}{1:>12.3f}{dense_ms:>10.3f}{1:>8.2f}x"
-              f"{dense_mb:>10.0f}{'':>10}")  # fmt: skip
-        n = -(-t // block)
-        causal_blocks = n * (n + 1) / 2
-        for name, make in PATTERNS.items():
-            layout = make(n)
-            kept = layout.sum().item() / causal_blocks
-            ref_fn = functools.partial(block_sparse_attention_ref, q, k, v, layout, block, scale)
-            fn = functools.partial(block_sparse_attention_triton, q, k, v, layout, block, scale)
-            ref = ref_fn().float()
-            err = ((fn().float() - ref).abs().max() / ref.abs().max()).item()
-            rows = (
-                (f"{name} masked dense", ref_fn, ""),
-                (f"{name} block-sparse", fn, f"{err:.1e}"),
-            )
-            for label, f, err_text in rows:
-                ms, mb = measure(f, device)
-                print(f"{t:>7} {label:<22}{kept:>12.3f}{ms:>10.3f}{dense_ms / ms:>8.2f}x"
-                      f"{mb:>10.0f}{err_text:>10}")  # fmt: skip
+        layouts = {name: make(-(-t // block)) for name, make in PATTERNS.items()}
+        for backward in (False, True):
+            bench_pass(t, q, k, v, layouts, block, scale, device, backward)
 
 
 if __name__ == "__main__":
