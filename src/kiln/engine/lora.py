@@ -158,9 +158,9 @@ class LoRAStackLinear(nn.Module):
         self.base_layer, self.mapping = base, mapping
         self.max_rank = max_rank
         self.names = [name for name, _ in slices]
-        sizes = [n for _, n in slices]
-        assert sum(sizes) == base.out_features, (slices, base.out_features)
-        self.offsets = np.cumsum([0, *sizes]).tolist()
+        self.sizes = [n for _, n in slices]
+        assert sum(self.sizes) == base.out_features, (slices, base.out_features)
+        self.offsets = np.cumsum([0, *self.sizes]).tolist()
         kw = dict(dtype=base.weight.dtype, device=base.weight.device)
         a = torch.zeros(num_slots, len(slices) * max_rank, base.in_features, **kw)
         self.register_buffer("lora_a", a)  # [slots, slices * R, in]
@@ -174,10 +174,8 @@ class LoRAStackLinear(nn.Module):
         if x.dim() != 2 or not self.mapping.active:  # (embeddings run the base model)
             return out
         slots = self.mapping.slots[: x.shape[0]]
-        y = self.shrink(x, self.lora_a, slots)  # [N, slices * R]
-        r = self.max_rank
-        for i, (lo, hi) in enumerate(zip(self.offsets, self.offsets[1:])):
-            self.expand(y[:, i * r : (i + 1) * r], self.lora_b[:, lo:hi], slots, out, lo)
+        y = self.shrink(x, self.lora_a, slots)  # [P, N, slices * R] float32 partial sums
+        self.expand(y, self.lora_b, slots, out, self.sizes)  # every slice, one launch
         return out
 
     @torch.no_grad()
