@@ -21,7 +21,9 @@ def _case(n, k, r, o, num_slots, dtype, device, seed=0):
     return x.to(device, dtype), a.to(device, dtype), b.to(device, dtype), slots.to(device)
 
 
-@pytest.mark.parametrize("n,k,r", [(1, 32, 8), (37, 80, 16), (20, 64, 5), (6, 520, 48), (1100, 40, 8)])
+@pytest.mark.parametrize(
+    "n,k,r", [(1, 32, 8), (37, 80, 16), (20, 64, 5), (6, 520, 48), (1100, 40, 8)]
+)
 def test_shrink_matches_reference(n, k, r, dtype, device, check):
     x, a, _, slots = _case(n, k, r, 8, 3, dtype, device)
     check(lora_shrink_triton(x, a, slots).sum(0), lora_shrink_ref(x, a, slots)[0])
@@ -44,7 +46,9 @@ def test_shrink_gives_zero_for_tokens_without_adapter(device, check):
     check(y[3], x[3] @ a[1].T)
 
 
-@pytest.mark.parametrize("n,r,sizes", [(1, 8, [48]), (37, 16, [96, 32, 32]), (20, 5, [24, 40]), (1100, 8, [24])])
+@pytest.mark.parametrize(
+    "n,r,sizes", [(1, 8, [48]), (37, 16, [96, 32, 32]), (20, 5, [24, 40]), (1100, 8, [24])]
+)
 def test_expand_matches_reference_and_leaves_other_rows(n, r, sizes, dtype, device, check):
     """Each slice i adds y's rank columns i*R.. times its rows of B; P partials are summed."""
     o = sum(sizes)

@@ -89,7 +89,8 @@ def _shrink_kernel(
             k_ok = rk < K
             x = tl.load(
                 x_ptr + rows[:, None].to(tl.int64) * stride_x + rk[None, :],
-                mask=(row_ok & (slots >= 0))[:, None] & k_ok[None, :], other=0.0,
+                mask=(row_ok & (slots >= 0))[:, None] & k_ok[None, :],
+                other=0.0,
             )  # [BLOCK_M, BLOCK_K]  fmt: skip
             for s in range(lo, hi + 1):  # x read once, each slot's A once
                 sel = slots == s
