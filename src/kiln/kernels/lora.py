@@ -1,20 +1,21 @@
 """Multi-LoRA shrink / expand (Punica's BGMV/SGMV, per token): many adapters in one batch.
 
 Every token carries the slot of its adapter (-1: none). The adapters' weights sit stacked by
-slot, padded to one rank R (scaling folded into B); a fused q/k/v or gate/up Linear stacks its
-projections' A along the rank (slice i: y's columns i*R..) and its B along the output:
+slot, padded to one rank R (scaling folded into B). A fused q/k/v or gate/up Linear stacks its
+projections' A along the rank and their B along the output, slice i owning y's columns
+[i R, (i+1) R) and the output columns cols_i:
 
-    shrink: y[n]              = x[n] @ A[slot[n]].T           A: [S, slices * R, K]
-    expand: out[n, o_i:o_i+1] += y[n, iR:(i+1)R] @ B[slot[n], o_i:o_i+1].T   B: [S, O, R]
+    shrink: y[n]             = x[n] @ A[slot[n]].T                    A: [S, slices * R, K]
+    expand: out[n, cols_i]  += y[n, iR:(i+1)R] @ B[slot[n], cols_i].T  B: [S, O, R]
 
-(rows of slot -1 untouched). One shrink and one expand launch a Linear, whatever its slices.
+(rows of slot -1 untouched): one shrink and one expand launch a Linear, whatever its slices.
 
 The Triton kernels take a tile of tokens and loop over the slots in it (the runner orders the
 tokens by adapter, so a tile mostly holds one): each adapter's weights are read once per tile.
-A decode step has few tiles, so the shrink also splits K over programs (split-K): it writes
-float32 partial sums [P, N, slices * R], and the expand adds the P partials up as it reads them
-(no atomics, no zeroing launch, the same sums every run). Shapes and the slot buffer stay
-fixed, and nothing is read back to the host, so CUDA graphs capture them.
+A decode step has few tiles, so the shrink also splits K over programs (split-K) and writes
+float32 partial sums [P, N, slices * R]; the expand adds the P partials up as it reads them (no
+atomics, no zeroing launch, the same sums every run). Shapes and the slot buffer stay fixed,
+and nothing is read back to the host, so CUDA graphs capture them.
 """
 
 from __future__ import annotations
@@ -43,8 +44,9 @@ def lora_expand_ref(
     out: torch.Tensor,
     sizes: list[int] | None = None,
 ) -> None:
-    """Plain torch, in place: out[n, o_i:o_i+1] += sum_p y[p, n, iR:(i+1)R] @ B[slot[n],
-    o_i:o_i+1].T for each slice i of `sizes` (default: one, all of B's rows), slot >= 0."""
+    """Plain torch, in place: out[n, cols_i] += (sum over p of y[p, n, iR:(i+1)R]) @
+    B[slot[n], cols_i].T where slot >= 0, for slice i of `sizes` (B's rows in order; default
+    one slice): y [P, N, slices * R] float32, B [S, O, R], out [N, O]."""
     r = b.shape[2]
     y = y.sum(0)  # [N, slices * R]
     slots = slots[: y.shape[0]]
@@ -83,27 +85,25 @@ def _shrink_kernel(
     slots, lo, hi = _slot_range(slot_ptr, rows, row_ok)
     rr = tl.arange(0, BLOCK_R)
     acc = tl.zeros((BLOCK_M, BLOCK_R), dtype=tl.float32)
-    if lo <= hi:
-        for k0 in range(split * K_SPLIT, (split + 1) * K_SPLIT, BLOCK_K):
-            rk = k0 + tl.arange(0, BLOCK_K)
-            k_ok = rk < K
-            x = tl.load(
-                x_ptr + rows[:, None].to(tl.int64) * stride_x + rk[None, :],
-                mask=(row_ok & (slots >= 0))[:, None] & k_ok[None, :],
-                other=0.0,
-            )  # [BLOCK_M, BLOCK_K]  fmt: skip
-            for s in range(lo, hi + 1):  # x read once, each slot's A once
-                sel = slots == s
-                if tl.max(sel.to(tl.int32), axis=0) > 0:
-                    a = tl.load(
-                        a_ptr + s * stride_as + rr[None, :] * stride_ar + rk[:, None],
-                        mask=(rr[None, :] < R) & k_ok[:, None],
-                        other=0.0,
-                    ).to(x.dtype)  # [BLOCK_K, BLOCK_R]  fmt: skip
-                    xs = tl.where(sel[:, None], x, 0.0).to(x.dtype)
-                    if DOT_UPCAST:
-                        xs, a = xs.to(tl.float32), a.to(tl.float32)
-                    acc += tl.dot(xs, a, input_precision=DOT_PRECISION)
+    for s in range(lo, hi + 1):
+        sel = slots == s
+        if tl.max(sel.to(tl.int32), axis=0) > 0:
+            for k0 in range(split * K_SPLIT, (split + 1) * K_SPLIT, BLOCK_K):
+                rk = k0 + tl.arange(0, BLOCK_K)
+                k_ok = rk < K
+                x = tl.load(
+                    x_ptr + rows[:, None].to(tl.int64) * stride_x + rk[None, :],
+                    mask=sel[:, None] & k_ok[None, :], other=0.0,
+                )  # fmt: skip
+                a = tl.load(
+                    a_ptr + s * stride_as + rr[None, :] * stride_ar + rk[:, None],
+                    mask=(rr[None, :] < R) & k_ok[:, None],
+                    other=0.0,
+                )  # [BLOCK_K, BLOCK_R]  fmt: skip
+                a = a.to(x.dtype)
+                if DOT_UPCAST:
+                    x, a = x.to(tl.float32), a.to(tl.float32)
+                acc += tl.dot(x, a, input_precision=DOT_PRECISION)
     y_ptrs = y_ptr + split * stride_yp + rows[:, None].to(tl.int64) * stride_y + rr[None, :]
     tl.store(y_ptrs, acc, mask=row_ok[:, None] & (rr[None, :] < R))
 
@@ -150,11 +150,13 @@ def _expand_kernel(
         tl.store(out_ptrs, (old.to(tl.float32) + acc).to(old.dtype), mask=mask)
 
 
+BLOCK_M = 16  # tokens a shrink tile
 MAX_SPLITS = 16  # split-K programs a tile at most (the expand reads that many partials)
 
 
-def _block_m(n: int) -> int:
-    """Tokens a tile: 16 for decode-sized steps, 64 for long prefills (fewer re-reads of B)."""
+def _expand_block_m(n: int) -> int:
+    """Tokens an expand tile: 16 for decode-sized steps, 64 for long prefills (each program
+    reads its slots' B and the partial sums once for more rows)."""
     return 16 if n < 1024 else 64
 
 
@@ -166,8 +168,8 @@ def shrink_splits(n: int, k: int, block_k: int, device: torch.device) -> tuple[i
     """(K_SPLIT, P): each of P programs a tile sums K_SPLIT of the K columns (a multiple of
     block_k), enough of them for about one program an SM."""
     chunks = triton.cdiv(k, block_k)
-    want = min(MAX_SPLITS, triton.cdiv(num_sms(device), triton.cdiv(n, _block_m(n))))
-    per = triton.cdiv(chunks, max(1, want))
+    want = min(MAX_SPLITS, max(1, num_sms(device) // triton.cdiv(n, BLOCK_M)))
+    per = triton.cdiv(chunks, want)
     return per * block_k, triton.cdiv(chunks, per)
 
 
@@ -180,11 +182,10 @@ def lora_shrink_triton(x: torch.Tensor, a: torch.Tensor, slots: torch.Tensor) ->
     block_k = min(128, max(16, triton.next_power_of_2(k)))
     k_split, p = shrink_splits(n, k, block_k, x.device)
     y = torch.empty(p, n, r, dtype=torch.float32, device=x.device)
-    block_m = _block_m(n)
-    _shrink_kernel[(triton.cdiv(n, block_m), p)](
+    _shrink_kernel[(triton.cdiv(n, BLOCK_M), p)](
         x, a, slots, y, n, k, r, k_split,
         x.stride(0), a.stride(0), a.stride(1), y.stride(0), y.stride(1),
-        BLOCK_M=block_m, BLOCK_R=_block_r(r), BLOCK_K=block_k, **dot_options(x),
+        BLOCK_M=BLOCK_M, BLOCK_R=_block_r(r), BLOCK_K=block_k, **dot_options(x),
     )  # fmt: skip
     return y
 
@@ -205,7 +206,7 @@ def lora_expand_triton(
     ends = [sum(sizes[: i + 1]) for i in range(len(sizes))]
     ends += [o] * (3 - len(ends))
     block_o = min(64, max(16, triton.next_power_of_2(max(sizes))))
-    block_m = _block_m(n)
+    block_m = _expand_block_m(n)
     grid = (triton.cdiv(n, block_m), triton.cdiv(max(sizes), block_o), len(sizes))
     _expand_kernel[grid](
         y, b, slots, out, n, r, p, *ends,
