@@ -140,10 +140,11 @@ class LoRAMapping:
         self.slots = torch.full((size,), -1, dtype=torch.int32, device=device)  # [size]
         self.active = True  # False: no token of the (eager) step has an adapter
 
-    def stage(self, slots: list[int], size: int) -> None:
-        """Token slots for a step of `size` rows (a graph's padding rows get -1)."""
+    def stage(self, row_slots: list[int], rows: list[int], size: int) -> None:
+        """Token slots for a step of `size` rows: row_slots[i] for rows[i] consecutive tokens
+        (a graph's padding rows get -1)."""
         host = np.full(size, -1, dtype=np.int32)
-        host[: len(slots)] = slots
+        host[: sum(rows)] = np.repeat(row_slots, rows)
         copy_to_device(self.slots[:size], host)
 
 
@@ -284,13 +285,11 @@ class LoRAManager:
         self.steps += 1
         step = {r.lora_int_id: r for r in requests if r is not None}
         slot_of = {i: self._activate(r, set(step)) for i, r in step.items()}
-        slots = []
-        for req, n in zip(requests, rows):
-            slots.extend([slot_of[req.lora_int_id] if req is not None else -1] * n)
         # an eager step of base-model tokens only skips the LoRA kernels (a graph runs them)
         self.mapping.active = bool(step) or graph
         if self.mapping.active:
-            self.mapping.stage(slots, size)
+            row_slots = [slot_of[r.lora_int_id] if r is not None else -1 for r in requests]
+            self.mapping.stage(row_slots, rows, size)
 
     def _activate(self, request: LoRARequest, step_ids: set[int]) -> int:
         """The device slot holding the adapter, copying it in (over the least recently used
