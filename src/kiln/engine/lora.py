@@ -140,10 +140,11 @@ class LoRAMapping:
         self.slots = torch.full((size,), -1, dtype=torch.int32, device=device)  # [size]
         self.active = True  # False: no token of the (eager) step has an adapter
 
-    def stage(self, slots: list[int], size: int) -> None:
-        """Token slots for a step of `size` rows (a graph's padding rows get -1)."""
+    def stage(self, row_slots: list[int], rows: list[int], size: int) -> None:
+        """Token slots for a step of `size` rows: row_slots[i] for rows[i] consecutive tokens
+        (a graph's padding rows get -1)."""
         host = np.full(size, -1, dtype=np.int32)
-        host[: len(slots)] = slots
+        host[: sum(rows)] = np.repeat(row_slots, rows)
         copy_to_device(self.slots[:size], host)
 
 
@@ -158,9 +159,9 @@ class LoRAStackLinear(nn.Module):
         self.base_layer, self.mapping = base, mapping
         self.max_rank = max_rank
         self.names = [name for name, _ in slices]
-        sizes = [n for _, n in slices]
-        assert sum(sizes) == base.out_features, (slices, base.out_features)
-        self.offsets = np.cumsum([0, *sizes]).tolist()
+        self.sizes = [n for _, n in slices]
+        assert sum(self.sizes) == base.out_features, (slices, base.out_features)
+        self.offsets = np.cumsum([0, *self.sizes]).tolist()
         kw = dict(dtype=base.weight.dtype, device=base.weight.device)
         a = torch.zeros(num_slots, len(slices) * max_rank, base.in_features, **kw)
         self.register_buffer("lora_a", a)  # [slots, slices * R, in]
@@ -174,10 +175,8 @@ class LoRAStackLinear(nn.Module):
         if x.dim() != 2 or not self.mapping.active:  # (embeddings run the base model)
             return out
         slots = self.mapping.slots[: x.shape[0]]
-        y = self.shrink(x, self.lora_a, slots)  # [N, slices * R]
-        r = self.max_rank
-        for i, (lo, hi) in enumerate(zip(self.offsets, self.offsets[1:])):
-            self.expand(y[:, i * r : (i + 1) * r], self.lora_b[:, lo:hi], slots, out, lo)
+        y = self.shrink(x, self.lora_a, slots)  # [P, N, slices * R] float32 partial sums
+        self.expand(y, self.lora_b, slots, out, self.sizes)  # every slice, one launch
         return out
 
     @torch.no_grad()
@@ -286,13 +285,11 @@ class LoRAManager:
         self.steps += 1
         step = {r.lora_int_id: r for r in requests if r is not None}
         slot_of = {i: self._activate(r, set(step)) for i, r in step.items()}
-        slots = []
-        for req, n in zip(requests, rows):
-            slots.extend([slot_of[req.lora_int_id] if req is not None else -1] * n)
         # an eager step of base-model tokens only skips the LoRA kernels (a graph runs them)
         self.mapping.active = bool(step) or graph
         if self.mapping.active:
-            self.mapping.stage(slots, size)
+            row_slots = [slot_of[r.lora_int_id] if r is not None else -1 for r in requests]
+            self.mapping.stage(row_slots, rows, size)
 
     def _activate(self, request: LoRARequest, step_ids: set[int]) -> int:
         """The device slot holding the adapter, copying it in (over the least recently used
