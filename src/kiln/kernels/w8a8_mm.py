@@ -181,9 +181,10 @@ def _launch(x, x_scale, w, w_scale, bias, static_scale, out_dtype, config) -> to
         return out
     bm, bn = config["BLOCK_M"], config["BLOCK_N"]
     grid = (triton.cdiv(m, bm) * triton.cdiv(n, bn),)
+    unused = w_scale  # any tensor, for the pointers a variant does not read
     _w8a8_mm_kernel[grid](
-        x, x_scale if x_scale is not None else w_scale, w, w_scale,
-        bias if bias is not None else w_scale, static_scale if static_scale is not None else w_scale,
+        x, unused if x_scale is None else x_scale, w, w_scale, unused if bias is None else bias,
+        unused if static_scale is None else static_scale,
         out, m, n, k, x.stride(0), w.stride(0), out.stride(0),
         QUANT=quant, STATIC=static_scale is not None, IS_FP8=w.dtype == FP8, QMAX=qmax(w.dtype),
         HAS_BIAS=bias is not None,
