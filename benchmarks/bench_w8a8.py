@@ -7,12 +7,12 @@ included, on Llama-3-8B's projections.
 Microseconds per call (CUDA-graph replay, median of 10), the speedup over F.linear in bf16,
 the path W8A8Linear takes at that M (kiln.model.w8a8.pick_backend) and its kernel launches
 per call (torch.profiler's CUDA events: kernels, memsets, copies). --backends adds a table of
-every path forced at every M: "fused" (one Triton kernel quantizes x and multiplies),
-"triton" (quantization kernel + kiln's GEMM), "scaled_mm" (+ torch._scaled_mm, FP8), "int_mm"
-(+ torch._int_mm + one epilogue kernel, int8); it settles FUSED_MAX_M, SCALED_MM_MIN_M and
-INT8_GEMM. --sweep times kiln's GEMM (fused below FUSED_MAX_M rows, else the GEMM alone on
-quantized x) over kiln.kernels.w8a8_mm.sweep_configs and prints the best launch settings
-against pick_config's. Without CUDA it times the float32 references on a tiny shape, to
+every path forced at every M: "fused" (one Triton GEMV quantizes x and multiplies, M <= 16),
+"triton" (quantization kernel + kiln's tensor-core GEMM), "scaled_mm" (+ torch._scaled_mm,
+FP8), "int_mm" (+ torch._int_mm + one epilogue kernel, int8); it settles FUSED_MAX_M,
+SCALED_MM_MIN_M and INT8_GEMM. --sweep times the fused GEMV (M <= 16) and kiln's GEMM alone
+on quantized x over their sweep configs (kiln.kernels.w8a8_mm) and prints the best launch
+settings against the defaults. Without CUDA it times the float32 references on a tiny shape, to
 show the script runs.
 """
 
@@ -27,15 +27,16 @@ import torch.nn.functional as F
 from bench_linear import graph_time
 
 from kiln.kernels.quant_act import quantize_rows_triton
-from kiln.kernels.w8a8_mm import pick_config, sweep_configs, w8a8_linear_triton, w8a8_mm_triton
-from kiln.model.w8a8 import (
-    FP8,
-    FUSED_MAX_M,
-    W8A8Linear,
-    pick_backend,
-    quantize_weight,
-    w8a8_linear,
+from kiln.kernels.w8a8_mm import (
+    GEMV_MAX_M,
+    gemv_config,
+    gemv_sweep_configs,
+    pick_config,
+    sweep_configs,
+    w8a8_gemv_triton,
+    w8a8_mm_triton,
 )
+from kiln.model.w8a8 import FP8, W8A8Linear, pick_backend, quantize_weight, w8a8_linear
 
 # Llama-3-8B: hidden 4096, 32 heads / 8 KV heads of 128, intermediate 14336; (in, out).
 LLAMA3_8B = {
@@ -69,25 +70,33 @@ def launches(fn) -> int:
     return sum(1 for e in prof.events() if e.device_type.name == "CUDA")
 
 
-def sweep(layer: W8A8Linear, x: torch.Tensor) -> str:
-    """'best us (config) vs pick_config's us' for kiln's GEMM on this layer and x."""
-    m, n = x.shape[0], layer.out_features
-    w, ws = layer.weight, layer.weight_scale
-    if m <= FUSED_MAX_M:
-        run = functools.partial(w8a8_linear_triton, x, w, ws)
-    else:
-        xq, xs = quantize_rows_triton(x, w.dtype)
-        run = functools.partial(w8a8_mm_triton, xq, xs, w, ws, x.dtype)
-    default = graph_time(functools.partial(run, config=pick_config(m, n)))
+def best_config(run, default: dict, configs: list[dict], keys: tuple[str, ...]) -> str:
+    """'best us (its settings) vs the default's us' for run(config=...)."""
+    base = graph_time(functools.partial(run, config=default))
     times = []
-    for cfg in sweep_configs(m):
+    for cfg in configs:
         try:
             times.append((graph_time(functools.partial(run, config=cfg)), cfg))
         except Exception as e:  # a config the compiler refuses (shared memory, registers)
             print(f"  skip {cfg}: {type(e).__name__}")
     t, cfg = min(times, key=lambda tc: tc[0])
+    return f"{t * 1e6:.1f} ({', '.join(str(cfg[k]) for k in keys)}) vs {base * 1e6:.1f}"
+
+
+def sweep(layer: W8A8Linear, x: torch.Tensor) -> list[str]:
+    """The fused GEMV's (M <= GEMV_MAX_M) and kiln's GEMM's best launch settings here."""
+    m, n = x.shape[0], layer.out_features
+    w, ws = layer.weight, layer.weight_scale
+    out = []
+    if m <= GEMV_MAX_M:
+        run = functools.partial(w8a8_gemv_triton, x, w, ws)
+        keys = ("BLOCK_N", "BLOCK_K", "num_warps", "num_stages")
+        out.append("gemv " + best_config(run, gemv_config(m, n), gemv_sweep_configs(m), keys))
+    xq, xs = quantize_rows_triton(x, w.dtype)
+    run = functools.partial(w8a8_mm_triton, xq, xs, w, ws, x.dtype)
     keys = ("BLOCK_M", "BLOCK_N", "BLOCK_K", "num_warps", "num_stages")
-    return f"{t * 1e6:.1f} ({', '.join(str(cfg[k]) for k in keys)}) vs {default * 1e6:.1f}"
+    out.append("gemm " + best_config(run, pick_config(m, n), sweep_configs(m), keys))
+    return out
 
 
 def main() -> None:
@@ -126,6 +135,8 @@ def main() -> None:
                 row += f" {t * 1e6:.1f} | {base / t:.2f} | {path} ({count}) |"
                 if cuda and args.backends:
                     for path in PATHS[qdtype]:
+                        if path == "fused" and m > GEMV_MAX_M:
+                            continue
                         run = functools.partial(
                             w8a8_linear, x, layer.weight, layer.weight_scale, None, None, path
                         )
@@ -135,7 +146,8 @@ def main() -> None:
                             f"{base / t:.2f} | {launches(run)} |"
                         )
                 if cuda and args.sweep:
-                    sweeps.append(f"| {name} | {m} | {NAMES[qdtype]} | {sweep(layer, x)} |")
+                    for best in sweep(layer, x):
+                        sweeps.append(f"| {name} | {m} | {NAMES[qdtype]} | {best} |")
             print(row, flush=True)
     if extra:
         print("\nevery path, forced (x: speedup over bf16):")
@@ -143,8 +155,9 @@ def main() -> None:
         print("|---|---:|---|---|---:|---:|---:|")
         print("\n".join(extra))
     if sweeps:
-        print("\nkiln's GEMM, best of sweep_configs (BLOCK_M, N, K, warps, stages) vs pick_config:")
-        print("| layer | M | dtype | best us (config) vs default us |")
+        print("\nbest launch settings (gemv: BLOCK_N, K, warps, stages; gemm: BLOCK_M, N, K,")
+        print("warps, stages) vs the defaults (gemv: x quantized inside; gemm: the GEMM alone):")
+        print("| layer | M | dtype | kernel: best us (config) vs default us |")
         print("|---|---:|---|---|")
         print("\n".join(sweeps))
 

@@ -1,18 +1,22 @@
-"""The Triton W8A8 GEMM (kiln.kernels.w8a8_mm) against the float32 reference: int8 byte for byte
-(the shapes keep the reference's float32 matmul exact), FP8 to float32 rounding; the fused
-quantization against the quantization kernel; the epilogue alone against torch's four ops.
-Under the interpreter the tiles are 16 x 16 x 32, so these shapes cross every tile edge."""
+"""The Triton W8A8 kernels (kiln.kernels.w8a8_mm) against the float32 reference: int8 byte for
+byte (the shapes keep the reference's float32 matmul exact), FP8 to float32 rounding; the
+fused GEMV's quantization against the quantization kernel; the epilogue alone against torch's
+four ops. Under the interpreter the tiles are 16 x 16 x 32, so these shapes cross every tile
+edge."""
 
 import pytest
 import torch
 
 from kiln.kernels.quant_act import FP8, quantize_rows_ref, quantize_rows_triton
 from kiln.kernels.w8a8_mm import (
+    GEMV_MAX_M,
+    gemv_config,
+    gemv_sweep_configs,
     pick_config,
     scale_epilogue_triton,
     smem_bytes,
     sweep_configs,
-    w8a8_linear_triton,
+    w8a8_gemv_triton,
     w8a8_mm_triton,
 )
 from kiln.model.w8a8 import quantize_weight, w8a8_mm_reference
@@ -60,28 +64,42 @@ def test_fp8_gemm_matches_the_reference(m):
 
 @pytest.mark.parametrize("dtype", [torch.int8, FP8])
 @pytest.mark.parametrize("static", [None, 0.02])
-@pytest.mark.parametrize("m", [1, 19])
-def test_fused_quantization_equals_quantizing_first(dtype, static, m):
-    """The kernel quantizing x itself gives quantize_rows_triton's bytes, hence the same y."""
+@pytest.mark.parametrize("m", [1, 3, GEMV_MAX_M])
+def test_fused_gemv_equals_quantizing_first(dtype, static, m):
+    """The GEMV quantizing x itself gives quantize_rows_triton's bytes, hence the same y
+    (int8: the same integers, so equal; FP8: float32 sums in another order)."""
     w, ws, bias = layer(dtype, bias_dtype=torch.float32)
     x = gaussian(m, 100, seed=4) * torch.logspace(-3, 2, m, device=DEVICE)[:, None]
-    x[0, :7] = 0.0 if m == 1 else x[0, :7]
     if m > 1:
         x[-1] = 0.0  # an all-zero row: MIN_SCALE, no NaN
     scale = None if static is None else torch.tensor(static, device=DEVICE)
-    fused = w8a8_linear_triton(x, w, ws, bias, scale)
+    fused = w8a8_gemv_triton(x, w, ws, bias, scale)
+    assert fused.shape == (m, 40) and fused.dtype == x.dtype
     xq, xs = quantize_rows_triton(x, dtype, scale)
-    assert torch.equal(fused, w8a8_mm_triton(xq, xs, w, ws, x.dtype, bias))
-    if dtype == torch.int8:  # and the reference's, end to end
-        xq, xs = quantize_rows_ref(x, dtype, scale)
+    gemm = w8a8_mm_triton(xq, xs, w, ws, x.dtype, bias)
+    if dtype == torch.int8:
+        assert torch.equal(fused, gemm)
+        xq, xs = quantize_rows_ref(x, dtype, scale)  # and the reference's, end to end
         assert torch.equal(fused, reference(xq, xs.contiguous(), w, ws, x.dtype, bias))
+    else:
+        torch.testing.assert_close(fused, gemm)
 
 
-def test_fused_quantization_reads_rows_with_a_stride():
+@pytest.mark.parametrize("m", [1, 4])
+def test_fused_gemv_at_other_launch_settings(m):
+    w, ws, bias = layer(torch.int8, k=300, bias_dtype=torch.float32)
+    x = gaussian(m, 300, seed=4)
+    expect = w8a8_gemv_triton(x, w, ws, bias)
+    for cfg in (dict(BLOCK_N=4, BLOCK_K=64, num_warps=2, num_stages=1),
+                dict(BLOCK_N=64, BLOCK_K=512, num_warps=4, num_stages=2)):  # fmt: skip
+        assert torch.equal(w8a8_gemv_triton(x, w, ws, bias, config=cfg), expect)
+
+
+def test_fused_gemv_reads_rows_with_a_stride():
     w, ws, _ = layer(torch.int8)
     wide = gaussian(6, 160, seed=5)
     x = wide[:, 30:130]  # rows 160 apart
-    assert torch.equal(w8a8_linear_triton(x, w, ws), w8a8_linear_triton(x.contiguous(), w, ws))
+    assert torch.equal(w8a8_gemv_triton(x, w, ws), w8a8_gemv_triton(x.contiguous(), w, ws))
 
 
 @pytest.mark.parametrize("acc_dtype", [torch.int32, torch.float32])
@@ -98,7 +116,9 @@ def test_scale_epilogue_is_the_four_torch_ops_in_one(acc_dtype, with_bias):
 
 def test_empty_input():
     w, ws, _ = layer(torch.int8)
-    assert w8a8_linear_triton(gaussian(0, 100), w, ws).shape == (0, 40)
+    assert w8a8_gemv_triton(gaussian(0, 100), w, ws).shape == (0, 40)
+    xq, xs = quantize_rows_ref(gaussian(0, 100), torch.int8)
+    assert w8a8_mm_triton(xq, xs, w, ws, torch.float32).shape == (0, 40)
 
 
 def test_configs_tile_the_shapes():
@@ -106,7 +126,11 @@ def test_configs_tile_the_shapes():
         for cfg in [pick_config(m, 4096)] + sweep_configs(m):
             assert cfg["BLOCK_M"] >= 16 and cfg["BLOCK_N"] >= 16 and cfg["BLOCK_K"] >= 32
             assert smem_bytes(cfg) <= 200 * 1024, cfg  # H100: 227 KiB a block
-    assert pick_config(1, 4096)["BLOCK_N"] * 128 <= 4096  # decode: >= 128 programs at N = 4096
+    for m in range(1, GEMV_MAX_M + 1):
+        block_m = 1 << (m - 1).bit_length()
+        for cfg in [gemv_config(m, 4096)] + gemv_sweep_configs(m):
+            assert block_m * cfg["BLOCK_N"] * cfg["BLOCK_K"] <= 32768, (m, cfg)
+    assert 4096 // gemv_config(1, 4096)["BLOCK_N"] >= 128  # decode: >= 128 programs
 
 
 @pytest.mark.gpu

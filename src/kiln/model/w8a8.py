@@ -7,18 +7,19 @@ for the whole tensor (as per-tensor FP8 checkpoints store it).
 The reference runs anywhere: the activations quantized per row in torch
 (kiln.kernels.quant_act), the matmul in float32, the scales applied after. The kernels (CUDA),
 by the number of rows M (pick_backend):
-- M <= FUSED_MAX_M (decode): one Triton kernel (kiln.kernels.w8a8_mm) quantizes x's rows as it
-  loads them and multiplies; scales, bias and cast in its epilogue. One launch, and N / 32
-  programs: torch._scaled_mm's rowwise kernel gives N = 4096 only 32 64x128 tiles on 132 SMs
-  (and pads x_scale with a copy kernel when M % 256), so it reads the weight at a fraction of
-  the bandwidth;
-- else the activations quantized by one Triton kernel, then FP8 through torch._scaled_mm with
-  rowwise scales and the bias in its epilogue (from SCALED_MM_MIN_M rows; kiln's GEMM below),
-  int8 through kiln's Triton GEMM (INT8_GEMM "triton") or torch._int_mm and one Triton
-  epilogue kernel ("int_mm"). torch._int_mm calls cuBLASLt with no heuristic query and no
-  workspace (CUDABlas.cpp int8_gemm: algo nullptr, workspace 0), which keeps it off the
-  Hopper kernels (pytorch/pytorch#187094 sees cutlass_80 ones on sm_103), and its int32
-  output took four more passes over [M, N] (float, * x_scale, * w_scale, to bf16).
+- M <= FUSED_MAX_M (decode), "fused": one Triton kernel (kiln.kernels.w8a8_mm's GEMV)
+  quantizes x's rows as it loads them and multiplies on the CUDA cores; scales, bias and
+  cast in its epilogue. One launch, and 256 programs at N = 4096, where torch._scaled_mm's
+  rowwise kernel gives N = 4096 only 32 64x128 tiles on 132 SMs (and copies x_scale into a
+  256-row buffer first when M % 256), so it read the weight at a fraction of the bandwidth;
+- else one Triton kernel quantizes the activations, then FP8 goes through torch._scaled_mm
+  with rowwise scales and the bias in its epilogue ("scaled_mm", from SCALED_MM_MIN_M rows)
+  or kiln's tensor-core GEMM ("triton", below), int8 through kiln's GEMM (INT8_GEMM
+  "triton") or torch._int_mm and one Triton epilogue kernel ("int_mm"). torch._int_mm calls
+  cuBLASLt with no heuristic query and no workspace (CUDABlas.cpp int8_gemm: algo nullptr,
+  workspace 0), which keeps it off the Hopper kernels (pytorch/pytorch#187094 finds
+  cutlass_80 ones on sm_103), and its int32 output took four more passes over [M, N] (float,
+  * x_scale, * w_scale, to bf16) before this.
 Nothing reads back to the host, so CUDA graphs capture them.
 """
 
@@ -40,11 +41,11 @@ from kiln.kernels.quant_act import (
     quantize_rows_triton,
     to_8bit,
 )
-from kiln.kernels.w8a8_mm import scale_epilogue_triton, w8a8_linear_triton, w8a8_mm_triton
+from kiln.kernels.w8a8_mm import scale_epilogue_triton, w8a8_gemv_triton, w8a8_mm_triton
 
 QDTYPES = {"float": FP8, "int": torch.int8}  # compressed-tensors' `type` -> storage dtype
 
-FUSED_MAX_M = 16  # up to this many rows, one kernel quantizes x and multiplies
+FUSED_MAX_M = 4  # up to this many rows, one kernel quantizes x and multiplies (a GEMV)
 SCALED_MM_MIN_M = 128  # FP8 from this many rows: torch._scaled_mm; below, kiln's GEMM
 # int8 past FUSED_MAX_M rows: kiln's GEMM ("triton") or torch._int_mm + epilogue ("int_mm").
 INT8_GEMM = os.environ.get("KILN_W8A8_INT8", "triton")
@@ -103,7 +104,7 @@ def w8a8_mm(
     None picks by dtype and M (pick_backend)."""
     if backend is None:
         backend = pick_backend(w.dtype, xq.shape[0])
-    if backend == "fused":  # x is quantized already: the fused kernel's GEMM alone
+    if backend == "fused":  # x is quantized already: kiln's GEMM
         backend = "triton"
     x_scale = x_scale.contiguous()  # a static scale comes expanded from quantize_rows_ref
     if backend == "triton":
@@ -140,13 +141,14 @@ def w8a8_linear(
     backend: str | None = None,
 ) -> torch.Tensor:
     """x [M, K] (float) quantized per row (or by input_scale []) and multiplied by the 8-bit
-    w [N, K] on CUDA (+ bias), in x's dtype: "fused" in one Triton kernel, else the Triton
-    quantization kernel and w8a8_mm's `backend`; None picks by dtype and M (pick_backend)."""
+    w [N, K] on CUDA (+ bias), in x's dtype: "fused" in one Triton GEMV (up to
+    kiln.kernels.w8a8_mm.GEMV_MAX_M rows), else the Triton quantization kernel and
+    w8a8_mm's `backend`; None picks by dtype and M (pick_backend)."""
     x = x.contiguous()
     if backend is None:
         backend = pick_backend(w.dtype, x.shape[0])
     if backend == "fused":
-        return w8a8_linear_triton(x, w, w_scale, bias, input_scale)
+        return w8a8_gemv_triton(x, w, w_scale, bias, input_scale)
     quantize = quantize_rows_triton if HAS_TRITON else quantize_rows_ref
     xq, x_scale = quantize(x, w.dtype, input_scale)
     return w8a8_mm(xq, x_scale, w, w_scale, x.dtype, bias, backend)
