@@ -30,6 +30,7 @@ from kiln.kernels._triton import tl, triton
 from kiln.kernels.quant_act import FP8, qmax, quantize_block, row_scale
 
 GEMV_MAX_M = 16  # the fused GEMV takes up to this many rows (the dispatcher: fewer)
+MIN_PROGRAMS = 128  # the weight-streaming GEMM configs keep about one program an SM (H100: 132)
 # The interpreter (CPU tests) uses small tiles, so that tiny shapes cross tile boundaries.
 INTERPRETER_CONFIG = dict(BLOCK_M=16, BLOCK_N=16, BLOCK_K=32, GROUP_M=2, num_warps=4, num_stages=1)
 INTERPRETER_GEMV_CONFIG = dict(BLOCK_N=16, BLOCK_K=32, num_warps=4, num_stages=1)
@@ -84,8 +85,10 @@ def _w8a8_mm_kernel(
         k_ok = offs_k < K - k0
         a = tl.load(x_ptrs, mask=m_ok[:, None] & k_ok[None, :], other=0.0)
         b = tl.load(w_ptrs, mask=k_ok[:, None] & n_ok[None, :], other=0.0)
-        if IS_FP8:
-            acc = tl.dot(a, b, acc)
+        if IS_FP8:  # promoted to the float32 accumulator every BLOCK_K (Triton's sm_90
+            # default accumulates e4m3 products at the tensor core's reduced precision all
+            # along K, as _scaled_mm's use_fast_accum=True; _scaled_mm's default promotes)
+            acc = tl.dot(a, b, acc, max_num_imprecise_acc=BLOCK_K)
         else:
             acc = tl.dot(a, b, acc, out_dtype=tl.int32)
         x_ptrs += BLOCK_K
@@ -188,21 +191,31 @@ def gemv_sweep_configs(m: int) -> list[dict]:
 
 def pick_config(m: int, n: int, is_cuda: bool = True) -> dict:
     """Launch settings of the tensor-core GEMM for M rows and N outputs (not tuned on hardware
-    yet: the bench's --sweep prints the best of sweep_configs per shape). Small M is a
-    weight-bandwidth GEMV: narrow N tiles, so that N = 4096 still gives 128 programs for 132
-    SMs (torch._scaled_mm's 64 x 128 tiles give 32); large M wants the big tiles of a
-    compute-bound GEMM."""
+    yet: the bench's --sweep prints the best of sweep_configs per shape). Up to 256 rows the
+    GEMM streams the weight, past that it is compute-bound; either way the tiles shrink (N
+    down to 32 columns, or 128 past 256 rows, then M to 64 rows) until there are MIN_PROGRAMS
+    programs: N = 4096 at M <= 64 gets 128 programs of 32 columns, where torch._scaled_mm's
+    64 x 128 tiles give 32 for 132 SMs."""
     if not is_cuda:
         return dict(INTERPRETER_CONFIG)
     if m <= 16:
-        return dict(BLOCK_M=16, BLOCK_N=32 if n <= 8192 else 64, BLOCK_K=256, GROUP_M=1,
-                    num_warps=4, num_stages=4)  # fmt: skip
-    if m <= 64:
-        return dict(BLOCK_M=32 if m <= 32 else 64, BLOCK_N=64, BLOCK_K=128, GROUP_M=1,
-                    num_warps=4, num_stages=4)  # fmt: skip
-    if m <= 256:
-        return dict(BLOCK_M=64, BLOCK_N=128, BLOCK_K=128, GROUP_M=8, num_warps=4, num_stages=4)
-    return dict(BLOCK_M=128, BLOCK_N=256, BLOCK_K=128, GROUP_M=8, num_warps=8, num_stages=3)
+        cfg = dict(BLOCK_M=16, BLOCK_N=64, BLOCK_K=256, GROUP_M=1, num_warps=4, num_stages=4)
+    elif m <= 64:
+        cfg = dict(BLOCK_M=triton.next_power_of_2(m), BLOCK_N=64, BLOCK_K=128, GROUP_M=1,
+                   num_warps=4, num_stages=4)  # fmt: skip
+    elif m <= 256:
+        cfg = dict(BLOCK_M=64, BLOCK_N=128, BLOCK_K=128, GROUP_M=8, num_warps=4, num_stages=4)
+    else:
+        cfg = dict(BLOCK_M=128, BLOCK_N=256, BLOCK_K=128, GROUP_M=8, num_warps=8, num_stages=3)
+    min_n = 32 if m <= 256 else 128
+    while triton.cdiv(m, cfg["BLOCK_M"]) * triton.cdiv(n, cfg["BLOCK_N"]) < MIN_PROGRAMS:
+        if cfg["BLOCK_N"] > min_n:
+            cfg["BLOCK_N"] //= 2
+        elif m > 256 and cfg["BLOCK_M"] > 64:
+            cfg["BLOCK_M"] //= 2
+        else:
+            break
+    return cfg
 
 
 def smem_bytes(cfg: dict) -> int:
