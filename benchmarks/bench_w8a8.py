@@ -1,8 +1,8 @@
 """W8A8 Linears against cuBLAS bf16 (GPU): FP8 and int8 W8A8Linear, activation quantization
 included, on Llama-3-8B's projections.
 
-    PYTHONPATH=src python benchmarks/bench_w8a8.py [--m 1 16 64 256 1024 4096] [--backends]
-        [--sweep]
+    PYTHONPATH=src:benchmarks python benchmarks/bench_w8a8.py [--m 1 4 16 64 256 1024 4096]
+        [--backends] [--sweep]
 
 Microseconds per call (CUDA-graph replay, median of 10), the speedup over F.linear in bf16,
 the path W8A8Linear takes at that M (kiln.model.w8a8.pick_backend) and its kernel launches
@@ -12,8 +12,10 @@ every path forced at every M: "fused" (one Triton GEMV quantizes x and multiplie
 FP8), "int_mm" (+ torch._int_mm + one epilogue kernel, int8); it settles FUSED_MAX_M,
 SCALED_MM_MIN_M and INT8_GEMM. --sweep times the fused GEMV (M <= 16) and kiln's GEMM alone
 on quantized x over their sweep configs (kiln.kernels.w8a8_mm) and prints the best launch
-settings against the defaults. Without CUDA it times the float32 references on a tiny shape, to
-show the script runs.
+settings against the defaults. Every call of a replay reads the same weight: the 8-bit qkv
+and o weights (25 and 16 MB) and their bf16 ones (50 and 32 MB) can sit in an H100's 50 MB L2,
+so the small-M rows of those layers overstate the bandwidth of both sides. Without CUDA it
+times the float32 references on a tiny shape, to show the script runs.
 """
 
 from __future__ import annotations
@@ -101,9 +103,9 @@ def sweep(layer: W8A8Linear, x: torch.Tensor) -> list[str]:
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--m", type=int, nargs="*", default=[1, 16, 64, 256, 1024, 4096])
+    p.add_argument("--m", type=int, nargs="*", default=[1, 4, 16, 64, 256, 1024, 4096])
     p.add_argument("--backends", action="store_true", help="time every path at every M")
-    p.add_argument("--sweep", action="store_true", help="sweep kiln's GEMM launch settings")
+    p.add_argument("--sweep", action="store_true", help="sweep the Triton kernels' launch settings")
     args = p.parse_args()
     cuda = torch.cuda.is_available()
     device, dtype = ("cuda", torch.bfloat16) if cuda else ("cpu", torch.float32)
