@@ -58,8 +58,10 @@ def test_fp8_gemm_matches_the_reference(m):
     w, ws, bias = layer(FP8, bias_dtype=torch.float32)
     xq, xs = quantize_rows_ref(gaussian(m, 100, seed=3), FP8)
     out = w8a8_mm_triton(xq, xs, w, ws, torch.float32, bias)
-    # e4m3 products are exact in float32; only the order of the sums differs
-    torch.testing.assert_close(out, reference(xq, xs, w, ws, torch.float32, bias))
+    # e4m3 products are exact in float32; the sums differ in order (and on the tensor cores,
+    # within a BLOCK_K chunk, in precision)
+    expect = reference(xq, xs, w, ws, torch.float32, bias)
+    torch.testing.assert_close(out, expect, rtol=1e-3, atol=1e-3)
 
 
 @pytest.mark.parametrize("dtype", [torch.int8, FP8])
@@ -81,8 +83,8 @@ def test_fused_gemv_equals_quantizing_first(dtype, static, m):
         assert torch.equal(fused, gemm)
         xq, xs = quantize_rows_ref(x, dtype, scale)  # and the reference's, end to end
         assert torch.equal(fused, reference(xq, xs.contiguous(), w, ws, x.dtype, bias))
-    else:
-        torch.testing.assert_close(fused, gemm)
+    else:  # float32 sums on the CUDA cores against the tensor cores'
+        torch.testing.assert_close(fused, gemm, rtol=1e-3, atol=1e-3)
 
 
 @pytest.mark.parametrize("m", [1, 4])
