@@ -5,7 +5,17 @@ import pytest
 import torch
 
 from kiln.kernels.quant_act import quantize_rows_ref as quantize_rows
-from kiln.model.w8a8 import FP8, W8A8Linear, quantize_weight, w8a8_mm, w8a8_mm_reference
+from kiln.model.w8a8 import (
+    FP8,
+    FUSED_MAX_M,
+    SCALED_MM_MIN_M,
+    W8A8Linear,
+    pick_backend,
+    quantize_weight,
+    w8a8_linear,
+    w8a8_mm,
+    w8a8_mm_reference,
+)
 
 DTYPES = [FP8, torch.int8]
 
@@ -70,26 +80,62 @@ def test_concatenated_layer_equals_its_parts(static):
     assert torch.equal(fused(x), torch.cat([p(x) for p in parts], -1))
 
 
+def test_backend_follows_the_row_count():
+    assert pick_backend(FP8, 1) == pick_backend(torch.int8, FUSED_MAX_M) == "fused"
+    assert pick_backend(FP8, FUSED_MAX_M + 1) == "triton"
+    assert pick_backend(FP8, SCALED_MM_MIN_M) == "scaled_mm"
+    assert pick_backend(torch.int8, 4096) in ("triton", "int_mm")
+
+
+INT8_BACKENDS = ["fused", "triton", "int_mm"]
+
+
+@pytest.mark.parametrize("backend", INT8_BACKENDS)
+@pytest.mark.parametrize("m", [1, 4, 20])
+@pytest.mark.parametrize("static", [False, True])
+def test_int8_kernel_paths_give_the_reference_bytes(backend, m, static):
+    """On CPU (Triton's interpreter; torch._int_mm runs there too): every int8 path, the
+    layer's reference included, gives the same bytes (the float32 matmul is exact here)."""
+    w = quantize_weight(0.05 * gaussian(48, 64), torch.int8)
+    bias = gaussian(48, seed=2)
+    input_scale = torch.tensor(0.02) if static else None
+    lin = W8A8Linear(w.weight, w.weight_scale, bias, input_scale)
+    x = gaussian(m, 64, seed=1)
+    if backend == "fused" and m > 4:
+        return  # the GEMV's rows are few
+    out = w8a8_linear(x, lin.weight, lin.weight_scale, lin.bias, lin.input_scale, backend)
+    assert torch.equal(out, lin(x))
+
+
 @pytest.mark.gpu
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("m", [1, 16, 17, 256])
-def test_cuda_kernel_matches_reference(dtype, m):
+@pytest.mark.parametrize("with_bias", [False, True])
+def test_cuda_kernel_matches_reference(dtype, m, with_bias):
     w = quantize_weight(0.05 * gaussian(512, 256), dtype)
     w_cuda, s_cuda = w.weight.cuda(), w.weight_scale.cuda()
+    bias = gaussian(512, seed=2).cuda().bfloat16() if with_bias else None
     x = gaussian(m, 256, seed=1).cuda().bfloat16()
     xq, xs = quantize_rows(x, dtype)
-    out = w8a8_mm(xq, xs, w_cuda, s_cuda, torch.bfloat16)
     ref = w8a8_mm_reference(xq, xs, w_cuda, s_cuda, torch.bfloat16)
-    assert out.dtype == torch.bfloat16 and out.shape == (m, 512)
-    torch.testing.assert_close(out.float(), ref.float(), rtol=2e-2, atol=2e-2)
+    ref = (ref if bias is None else ref + bias).float()
+    for backend in ["triton", "scaled_mm" if dtype == FP8 else "int_mm", None]:
+        out = w8a8_mm(xq, xs, w_cuda, s_cuda, torch.bfloat16, bias, backend)
+        assert out.dtype == torch.bfloat16 and out.shape == (m, 512)
+        torch.testing.assert_close(out.float(), ref, rtol=2e-2, atol=2e-2, msg=str(backend))
+    for backend in ["fused", None] if m <= 16 else [None]:  # x quantized in the kernels
+        out = w8a8_linear(x, w_cuda, s_cuda, bias, None, backend)
+        torch.testing.assert_close(out.float(), ref, rtol=2e-2, atol=2e-2, msg=str(backend))
 
 
 @pytest.mark.gpu
 @pytest.mark.parametrize("dtype", DTYPES)
-def test_cuda_graph_captures_the_kernel(dtype):
+@pytest.mark.parametrize("m", [8, 64, 256])
+def test_cuda_graph_captures_the_kernel(dtype, m):
     w = quantize_weight(0.05 * gaussian(256, 128), dtype)
-    lin = W8A8Linear(w.weight.cuda(), w.weight_scale.cuda())
-    x = gaussian(8, 128, seed=1).cuda().bfloat16()
+    bias = gaussian(256, seed=2).cuda().bfloat16()
+    lin = W8A8Linear(w.weight.cuda(), w.weight_scale.cuda(), bias)
+    x = gaussian(m, 128, seed=1).cuda().bfloat16()
     eager = lin(x)
     graph = torch.cuda.CUDAGraph()
     stream = torch.cuda.Stream()

@@ -38,6 +38,29 @@ def quantize_rows_ref(
 
 
 @triton.jit
+def row_scale(amax, QMAX: tl.constexpr):
+    """A row's scale from its absmax: amax / qmax, at least MIN_SCALE (quantize_rows_ref's)."""
+    return tl.maximum(amax / QMAX, 1e-12)
+
+
+@triton.jit
+def quantize_block(x, scale, QMAX: tl.constexpr, IS_FP8: tl.constexpr):
+    """x (float32) / scale on the 8-bit grid: to_8bit's steps (a correctly rounded division,
+    the clamp, then the e4m3 cast or int8 rounding half to even). The quantization kernel and
+    the fused W8A8 GEMM (kiln.kernels.w8a8_mm) both quantize with it, so their bytes agree."""
+    y = tl.minimum(tl.maximum(tl.math.div_rn(x, scale), -QMAX), QMAX)
+    if IS_FP8:
+        q = y.to(tl.float8e4nv)
+    else:  # round half to even, as torch.round
+        f = tl.floor(y)
+        d = y - f
+        odd = f - 2.0 * tl.floor(f * 0.5)  # 1.0 where f is odd
+        r = tl.where(d > 0.5, f + 1.0, tl.where(d < 0.5, f, f + odd))
+        q = r.to(tl.int8)
+    return q
+
+
+@triton.jit
 def _quantize_rows_kernel(
     x_ptr, q_ptr, scale_ptr, static_ptr, K, stride_x, stride_q,
     QMAX: tl.constexpr, IS_FP8: tl.constexpr, STATIC: tl.constexpr, BLOCK: tl.constexpr,
@@ -52,22 +75,13 @@ def _quantize_rows_kernel(
             cols = k0 + tl.arange(0, BLOCK)
             x = tl.load(x_row + cols, mask=cols < K, other=0.0).to(tl.float32)
             amax = tl.maximum(amax, tl.abs(x))
-        scale = tl.maximum(tl.max(amax, axis=0) / QMAX, 1e-12)
+        scale = row_scale(tl.max(amax, axis=0), QMAX)
     tl.store(scale_ptr + row, scale)
     for k0 in range(0, K, BLOCK):
         cols = k0 + tl.arange(0, BLOCK)
         mask = cols < K
         x = tl.load(x_row + cols, mask=mask, other=0.0).to(tl.float32)
-        y = tl.minimum(tl.maximum(tl.math.div_rn(x, scale), -QMAX), QMAX)
-        if IS_FP8:
-            q = y.to(tl.float8e4nv)
-        else:  # round half to even, as torch.round
-            f = tl.floor(y)
-            d = y - f
-            odd = f - 2.0 * tl.floor(f * 0.5)  # 1.0 where f is odd
-            r = tl.where(d > 0.5, f + 1.0, tl.where(d < 0.5, f, f + odd))
-            q = r.to(tl.int8)
-        tl.store(q_ptr + row * stride_q + cols, q, mask=mask)
+        tl.store(q_ptr + row * stride_q + cols, quantize_block(x, scale, QMAX, IS_FP8), mask=mask)
 
 
 def quantize_rows_triton(

@@ -5,14 +5,27 @@ for the whole tensor (as per-tensor FP8 checkpoints store it).
     y = (x_q @ W_q^T) * x_scale * w_scale^T + bias      x_q [M, K], W_q [N, K], scales [M|N, 1]
 
 The reference runs anywhere: the activations quantized per row in torch
-(kiln.kernels.quant_act), the matmul in float32, the scales applied after. The kernels (CUDA):
-the activations quantized by one Triton kernel, then FP8 through torch._scaled_mm with rowwise
-scales (bf16 out), int8 through torch._int_mm (int32 accumulators). Nothing reads back to the
-host, so CUDA graphs capture them.
+(kiln.kernels.quant_act), the matmul in float32, the scales applied after. The kernels (CUDA),
+by the number of rows M (pick_backend):
+- M <= FUSED_MAX_M (decode), "fused": one Triton kernel (kiln.kernels.w8a8_mm's GEMV)
+  quantizes x's rows as it loads them and multiplies on the CUDA cores; scales, bias and
+  cast in its epilogue. One launch, and 256 programs at N = 4096, where torch._scaled_mm's
+  rowwise kernel gives N = 4096 only 32 64x128 tiles on 132 SMs (and copies x_scale into a
+  256-row buffer first when M % 256), so it read the weight at a fraction of the bandwidth;
+- else one Triton kernel quantizes the activations, then FP8 goes through torch._scaled_mm
+  with rowwise scales and the bias in its epilogue ("scaled_mm", from SCALED_MM_MIN_M rows)
+  or kiln's tensor-core GEMM ("triton", below), int8 through kiln's GEMM (INT8_GEMM
+  "triton") or torch._int_mm and one Triton epilogue kernel ("int_mm"). torch._int_mm calls
+  cuBLASLt with no heuristic query and no workspace (CUDABlas.cpp int8_gemm: algo nullptr,
+  workspace 0), which keeps it off the Hopper kernels (pytorch/pytorch#187094 finds
+  cutlass_80 ones on sm_103), and its int32 output took four more passes over [M, N] (float,
+  * x_scale, * w_scale, to bf16) before this.
+Nothing reads back to the host, so CUDA graphs capture them.
 """
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass
 
 import torch
@@ -28,8 +41,15 @@ from kiln.kernels.quant_act import (
     quantize_rows_triton,
     to_8bit,
 )
+from kiln.kernels.w8a8_mm import scale_epilogue_triton, w8a8_gemv_triton, w8a8_mm_triton
 
 QDTYPES = {"float": FP8, "int": torch.int8}  # compressed-tensors' `type` -> storage dtype
+
+FUSED_MAX_M = 4  # up to this many rows, one kernel quantizes x and multiplies (a GEMV)
+SCALED_MM_MIN_M = 128  # FP8 from this many rows: torch._scaled_mm; below, kiln's GEMM
+# int8 past FUSED_MAX_M rows: kiln's GEMM ("triton") or torch._int_mm + epilogue ("int_mm").
+INT8_GEMM = os.environ.get("KILN_W8A8_INT8", "triton")
+BACKENDS = ("fused", "triton", "scaled_mm", "int_mm")
 
 
 @dataclass
@@ -59,24 +79,79 @@ def w8a8_mm_reference(
     return ((xq.float() @ w.float().t()) * x_scale * w_scale.t()).to(out_dtype)
 
 
+def pick_backend(dtype: torch.dtype, m: int) -> str:
+    """The kernels for M rows of a W8A8 Linear of 8-bit `dtype` (one of BACKENDS)."""
+    if not HAS_TRITON:
+        return "scaled_mm" if dtype == FP8 else "int_mm"
+    if m <= FUSED_MAX_M:
+        return "fused"
+    if dtype == FP8:
+        return "scaled_mm" if m >= SCALED_MM_MIN_M else "triton"
+    return INT8_GEMM
+
+
 def w8a8_mm(
-    xq: torch.Tensor, x_scale: torch.Tensor, w: torch.Tensor, w_scale: torch.Tensor, out_dtype
+    xq: torch.Tensor,
+    x_scale: torch.Tensor,
+    w: torch.Tensor,
+    w_scale: torch.Tensor,
+    out_dtype: torch.dtype,
+    bias: torch.Tensor | None = None,
+    backend: str | None = None,
 ) -> torch.Tensor:
-    """w8a8_mm_reference on CUDA's 8-bit tensor cores."""
-    if w.dtype == FP8:  # rowwise scaling wants float32 [M, 1] x [1, N] scales and bf16 out
+    """w8a8_mm_reference (then + bias) on CUDA's 8-bit tensor cores: kiln's Triton GEMM
+    ("triton"), torch._scaled_mm (FP8, "scaled_mm") or torch._int_mm (int8, "int_mm");
+    None picks by dtype and M (pick_backend)."""
+    if backend is None:
+        backend = pick_backend(w.dtype, xq.shape[0])
+    if backend == "fused":  # x is quantized already: kiln's GEMM
+        backend = "triton"
+    x_scale = x_scale.contiguous()  # a static scale comes expanded from quantize_rows_ref
+    if backend == "triton":
+        return w8a8_mm_triton(xq, x_scale, w, w_scale, out_dtype, bias)
+    if backend == "scaled_mm":  # rowwise scaling wants float32 [M, 1] x [1, N] scales, bf16 out
+        assert w.dtype == FP8, w.dtype
+        fuse_bias = bias is not None and bias.dtype == torch.bfloat16
         y = torch._scaled_mm(
             xq,
             w.t(),
-            scale_a=x_scale.contiguous(),
+            scale_a=x_scale,
             scale_b=w_scale.t(),
+            bias=bias if fuse_bias else None,
             out_dtype=torch.bfloat16,
-        )
-        return y.to(out_dtype)
+        ).to(out_dtype)
+        return y if bias is None or fuse_bias else y + bias
+    assert backend == "int_mm" and w.dtype == torch.int8, (backend, w.dtype)
     m = xq.shape[0]
     if m <= 16:  # _int_mm wants more than 16 rows
         xq = F.pad(xq, (0, 0, 0, 17 - m))
-    acc = torch._int_mm(xq, w.t())[:m]  # [M, N] int32
-    return (acc.float() * x_scale * w_scale.t()).to(out_dtype)
+    acc = torch._int_mm(xq, w.t())[:m]  # [M, N] int32; w.t(): column-major, cuBLASLt's "TN"
+    if HAS_TRITON:
+        return scale_epilogue_triton(acc, x_scale, w_scale, out_dtype, bias)
+    y = (acc.float() * x_scale * w_scale.t()).to(out_dtype)
+    return y if bias is None else y + bias
+
+
+def w8a8_linear(
+    x: torch.Tensor,
+    w: torch.Tensor,
+    w_scale: torch.Tensor,
+    bias: torch.Tensor | None = None,
+    input_scale: torch.Tensor | None = None,
+    backend: str | None = None,
+) -> torch.Tensor:
+    """x [M, K] (float) quantized per row (or by input_scale []) and multiplied by the 8-bit
+    w [N, K] on CUDA (+ bias), in x's dtype: "fused" in one Triton GEMV (up to
+    kiln.kernels.w8a8_mm.GEMV_MAX_M rows), else the Triton quantization kernel and
+    w8a8_mm's `backend`; None picks by dtype and M (pick_backend)."""
+    x = x.contiguous()
+    if backend is None:
+        backend = pick_backend(w.dtype, x.shape[0])
+    if backend == "fused":
+        return w8a8_gemv_triton(x, w, w_scale, bias, input_scale)
+    quantize = quantize_rows_triton if HAS_TRITON else quantize_rows_ref
+    xq, x_scale = quantize(x, w.dtype, input_scale)
+    return w8a8_mm(xq, x_scale, w, w_scale, x.dtype, bias, backend)
 
 
 def kernel_fits(w: torch.Tensor) -> bool:
@@ -99,7 +174,9 @@ class W8A8Linear(nn.Module):
     ):
         super().__init__()
         assert weight.dtype in (FP8, torch.int8), weight.dtype
-        self.weight = nn.Parameter(weight, requires_grad=False)
+        # Contiguous [out, in]: K-major, as the kernels read it (w.t() is then the column-major
+        # operand cuBLASLt's 8-bit paths want, with no copy a call).
+        self.weight = nn.Parameter(weight.contiguous(), requires_grad=False)
         self.weight_scale = nn.Parameter(
             weight_scale.float().reshape(-1, 1).expand(weight.shape[0], 1).contiguous(),
             requires_grad=False,
@@ -122,14 +199,12 @@ class W8A8Linear(nn.Module):
         lead = x.shape[:-1]
         x2 = x.reshape(-1, x.shape[-1])
         if self.use_kernel and kernel_fits(self.weight):
-            quantize = quantize_rows_triton if HAS_TRITON else quantize_rows_ref
-            xq, x_scale = quantize(x2.contiguous(), self.weight.dtype, self.input_scale)
-            y = w8a8_mm(xq, x_scale, self.weight, self.weight_scale, x.dtype)
+            y = w8a8_linear(x2, self.weight, self.weight_scale, self.bias, self.input_scale)
         else:
             xq, x_scale = quantize_rows_ref(x2, self.weight.dtype, self.input_scale)
             y = w8a8_mm_reference(xq, x_scale, self.weight, self.weight_scale, x.dtype)
-        if self.bias is not None:
-            y = y + self.bias
+            if self.bias is not None:
+                y = y + self.bias
         return y.reshape(*lead, self.out_features)
 
     @classmethod
