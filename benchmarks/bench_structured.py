@@ -45,7 +45,6 @@ TINY = dict(vocab_size=2048, hidden_size=64, intermediate_size=128, num_hidden_l
 def build(out: Path, shape: dict, device: str) -> None:
     """A random model of `shape` and a BPE of up to its vocabulary, saved to `out`."""
     import transformers
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 
     config = transformers.Qwen3Config(**shape, bos_token_id=0, eos_token_id=1)
     torch.manual_seed(0)
@@ -54,11 +53,19 @@ def build(out: Path, shape: dict, device: str) -> None:
         model = transformers.AutoModelForCausalLM.from_config(config, dtype=dtype)
     model.generation_config.eos_token_id = 1
     model.save_pretrained(out)
+    train_tokenizer(out, shape["vocab_size"])
+
+
+def train_tokenizer(out: Path, vocab_size: int) -> None:
+    """A byte-level BPE of up to `vocab_size` tokens trained on the bundled corpus, saved to
+    `out` (<s> = 0, </s> = 1)."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+
     tok = Tokenizer(models.BPE())
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tok.decoder = decoders.ByteLevel()
     trainer = trainers.BpeTrainer(
-        vocab_size=shape["vocab_size"], special_tokens=["<s>", "</s>"], show_progress=False,
+        vocab_size=vocab_size, special_tokens=["<s>", "</s>"], show_progress=False,
         initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
     )  # fmt: skip
     tok.train(sorted(str(p) for p in (ROOT / "data/shakespeare").glob("*.txt")), trainer)

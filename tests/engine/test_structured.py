@@ -68,25 +68,70 @@ def test_outputs_match_their_grammars(llm):
     assert outs[4].text == json.dumps(compact)  # json.dumps's separators and nothing else
 
 
+LENGTHS = {"a": {"type": "string", "maxLength": 6},
+           "b": {"type": "string", "minLength": 2, "maxLength": 8}}  # fmt: skip
+
+
 def test_length_bounded_strings_hold_no_raw_control_characters(llm):
     """xgrammar 0.2.9 lets a maxLength string hold a raw tab or newline (invalid JSON): kiln
-    spells length bounds as the equivalent pattern, so sampled outputs stay strict JSON."""
+    narrows such strings' characters, so sampled outputs stay strict JSON."""
     import jsonschema
 
-    from kiln.engine.structured import _length_as_pattern
-
-    assert _length_as_pattern({"type": "string", "minLength": 2}) == {
-        "type": "string", "pattern": "^.{2,}$"}  # fmt: skip
-    const = {"const": {"type": "string", "maxLength": 1}}
-    assert _length_as_pattern(const) == const  # a value, not a schema
-    props = {"a": {"type": "string", "maxLength": 6},
-             "b": {"type": "string", "minLength": 2, "maxLength": 8}}  # fmt: skip
-    schema = {"type": "object", "properties": props, "required": ["a", "b"]}
-    assert _length_as_pattern(schema)["properties"]["b"]["pattern"] == "^.{2,8}$"
+    schema = {"type": "object", "properties": LENGTHS, "required": ["a", "b"]}
     ps = [params(S(json=schema), temperature=1.5, seed=i) for i in range(6)]
     for out in llm.generate(["Once"] * len(ps), ps, use_tqdm=False):
         value = json.loads(out.outputs[0].text)  # strict: a raw control character fails here
         jsonschema.validate(value, schema)
+
+
+def _as_pattern(schema):
+    """The schema with each length-bounded string spelled as the equivalent pattern."""
+    if not isinstance(schema, dict):
+        return schema
+    out = {k: _as_pattern(v) for k, v in schema.items()}
+    if "minLength" in out or "maxLength" in out:
+        out["pattern"] = f"^.{{{out.pop('minLength', 0)},{out.pop('maxLength', '')}}}$"
+    return out
+
+
+@pytest.mark.parametrize("any_whitespace", [True, False])
+def test_length_bounded_strings_allow_what_their_pattern_allows(model_dir, any_whitespace):
+    """At every step of an instance (multi-byte characters, strings at their length bounds),
+    a minLength / maxLength schema's mask equals that of the same schema with each bound
+    spelled as the pattern ^.{min,max}$ (the reference: strict JSON, but a cost in xgrammar
+    that grows with the characters matched); inside a string a raw tab is refused."""
+    import torch
+
+    from kiln.engine.structured import GrammarCompiler, GrammarState, fill_bitmask, tokenizer_info
+    from kiln.tokenizer import load_tokenizer
+
+    tok = load_tokenizer(model_dir).tokenizer
+    vocab = json.loads((model_dir / "config.json").read_text())["vocab_size"]
+    compiler = GrammarCompiler(tokenizer_info(model_dir, vocab, {tok.token_to_id("</s>")}))
+    items = {"type": "string", "minLength": 1, "maxLength": 2}
+    props = {**LENGTHS, "c": {"type": "array", "items": items}}
+    schema = {"type": "object", "properties": props, "required": ["a", "b", "c"]}
+    specs = [S(json=s, disable_any_whitespace=not any_whitespace)
+             for s in (schema, _as_pattern(schema))]  # fmt: skip
+    compiled = [compiler.submit(s).result() for s in specs]
+    assert "Regex(" not in str(compiled[0].grammar)  # a pattern only in the reference
+    states = [GrammarState(c) for c in compiled]
+    text = json.dumps({"a": "hé漢 xy", "b": "ab", "c": ["x", "€€"]}, ensure_ascii=False)
+    for i, token in enumerate([*tok.encode(text).ids, None]):
+        got, want = fill_bitmask(states, vocab, torch.device("cpu"))
+        assert torch.equal(got, want), f"masks differ after {i} tokens"
+        if token is not None:
+            for state in states:
+                state.accept(token)
+            assert not any(s.failed for s in states)
+    inside = GrammarState(compiled[0])
+    for token in tok.encode(text[: text.index("h") + 1]).ids:  # {"a": "h
+        inside.accept(token)
+    bits = fill_bitmask([inside], vocab, torch.device("cpu"))[0]
+    allowed = lambda t: bool(bits[t // 32] >> (t % 32) & 1)  # noqa: E731
+    (tab,), (x,) = tok.encode("\t").ids, tok.encode("x").ids
+    assert allowed(x) and not allowed(tab)
+    compiler.shutdown()
 
 
 def test_unconstrained_requests_are_unchanged_beside_constrained_ones(llm):
