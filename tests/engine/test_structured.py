@@ -134,6 +134,35 @@ def test_length_bounded_strings_allow_what_their_pattern_allows(model_dir, any_w
     compiler.shutdown()
 
 
+def test_ids_past_the_tokenizer_mask_as_when_xgrammar_pads_the_vocabulary(model_dir):
+    """A model vocabulary padded past the tokenizer's ids (1,005 more here): kiln gives
+    xgrammar the tokenizer's ids only, and its masks equal those of xgrammar padding the
+    vocabulary itself (the reference, whose accept_token scans every padded id)."""
+    import torch
+    import xgrammar as xgr
+    from transformers import PreTrainedTokenizerFast
+
+    from kiln.engine.structured import GrammarState, fill_bitmask, grammar_of, tokenizer_info
+    from kiln.tokenizer import load_tokenizer
+
+    tok = load_tokenizer(model_dir).tokenizer
+    eos, padded = tok.token_to_id("</s>"), tok.get_vocab_size() + 1005
+    info = tokenizer_info(model_dir, padded, {eos})
+    hf = PreTrainedTokenizerFast(tokenizer_object=tok)
+    ref = xgr.TokenizerInfo.from_huggingface(hf, vocab_size=padded, stop_token_ids=[eos])
+    assert info.vocab_size == tok.get_vocab_size() and not info.special_token_ids
+    grammar = grammar_of(S(json=SCHEMA))
+    states = [GrammarState(xgr.GrammarCompiler(i).compile_grammar(grammar)) for i in (info, ref)]
+    text = json.dumps({"name": "Ann", "age": 7, "role": "user"})
+    for i, token in enumerate([*tok.encode(text).ids, eos, None]):
+        got, want = fill_bitmask(states, padded, torch.device("cpu"))
+        assert torch.equal(got, want), f"masks differ after {i} tokens"
+        if token is not None:
+            for state in states:
+                state.accept(token)
+    assert all(s.matcher.is_terminated() and not s.failed for s in states)
+
+
 def test_unconstrained_requests_are_unchanged_beside_constrained_ones(llm):
     greedy = SamplingParams(max_tokens=12, temperature=0, ignore_eos=True)
     alone = llm.generate(["Once"], greedy, use_tqdm=False)[0].outputs[0].token_ids
