@@ -276,3 +276,39 @@ def test_structured_outputs_under_cuda_graphs_and_async_scheduling(model_dir):
     got = [o.outputs[0].text for o in fast.generate(["Hi"] * len(ps), ps)]
     assert got == want
     json.loads(got[0])
+
+
+def test_a_batch_of_live_rows_fills_as_row_by_row(model_dir):
+    """Past BATCH_FILL_MIN_ROWS live rows, xgrammar's BatchGrammarMatcher fills the masks (on
+    its threads, into a block of the tokenizer's width copied into the model's wider rows):
+    the same bits as filling each row alone, beside rows without a grammar, terminated and
+    failed rows, and states at different places in their grammars."""
+    import numpy as np
+    import torch
+
+    from kiln.engine import structured
+    from kiln.engine.structured import GrammarCompiler, GrammarState, fill_bitmask, tokenizer_info
+    from kiln.tokenizer import load_tokenizer
+
+    tok = load_tokenizer(model_dir).tokenizer
+    eos, vocab = tok.token_to_id("</s>"), tok.get_vocab_size() + 100  # 4 words past its ids
+    compiler = GrammarCompiler(tokenizer_info(model_dir, vocab, {eos}))
+    compiled = compiler.submit(S(json=SCHEMA)).result()
+    ids = tok.encode(json.dumps({"name": "Ann", "age": 7, "role": "user"})).ids
+    states = []
+    for n in range(0, len(ids), 2):  # live rows at every other place in the instance
+        states.append(GrammarState(compiled))
+        states[-1].catch_up(ids[:n])
+    done, failed = GrammarState(compiled), GrammarState(compiled)
+    done.catch_up([*ids, eos])
+    failed.accept(tok.encode("x").ids[0])  # not JSON: only EOS from here
+    assert done.matcher.is_terminated() and failed.failed
+    states[1:1] = [None, done, failed]
+    assert sum(s is not None and s.live() for s in states) >= structured.BATCH_FILL_MIN_ROWS
+    got = fill_bitmask(states, vocab, torch.device("cpu")).numpy()
+    want = np.full_like(got, -1)
+    for row, state in zip(want, states):
+        if state is not None:
+            state.fill(row)
+    assert np.array_equal(got, want)
+    compiler.shutdown()

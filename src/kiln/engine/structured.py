@@ -16,6 +16,7 @@ the batch), for a compile of a few ms that is cached per schema anyway.
 
 from __future__ import annotations
 
+import functools
 import json
 import threading
 from collections import OrderedDict
@@ -226,6 +227,10 @@ class GrammarState:
         for t in output_token_ids[self.num_accepted :]:
             self.accept(t)
 
+    def live(self) -> bool:
+        """Whether the matcher decides the next token (not terminated, not failed)."""
+        return not self.failed and not self.matcher.is_terminated()
+
     def fill(self, row: np.ndarray) -> None:
         """Write the tokens allowed next into a bitmask row (int32 [ceil(V / 32)], every word)."""
         if self.matcher.is_terminated():
@@ -239,21 +244,48 @@ class GrammarState:
             row[self.words :] = 0  # the model's ids past the tokenizer's
 
 
+# From this many live rows a step's masks are filled by xgrammar's BatchGrammarMatcher, on its
+# threads (half the host's cores), instead of one after another on the engine's thread.
+BATCH_FILL_MIN_ROWS = 4
+
+
+@functools.cache
+def _batch_matcher():
+    import xgrammar as xgr
+
+    return xgr.BatchGrammarMatcher("auto")
+
+
 def fill_bitmask(
     states: list[GrammarState | None], vocab_size: int, device: torch.device
 ) -> torch.Tensor:
     """[B, ceil(V / 32)] int32 on `device`: bit v of row i set when token v is allowed; rows
     without a grammar allow everything. Filled on the host (pinned memory for a GPU: the
-    copy queues behind the step's forward, which the filling overlaps)."""
+    copy queues behind the step's forward, which the filling overlaps); the live rows of a
+    batch in parallel (BATCH_FILL_MIN_ROWS)."""
     words = (vocab_size + 31) // 32
     pin = device.type == "cuda"
     bitmask = torch.empty((len(states), words), dtype=torch.int32, pin_memory=pin)
     rows = bitmask.numpy()  # the same memory (numpy's row views cost a tenth of torch's)
-    for row, state in zip(rows, states):
+    live: dict[int, list[int]] = {}  # a tokenizer's words -> the rows its matchers fill
+    for i, state in enumerate(states):
         if state is None:
-            row[:] = -1
+            rows[i] = -1
+        elif state.live():
+            live.setdefault(state.words, []).append(i)
         else:
-            state.fill(row)
+            state.fill(rows[i])
+    for width, idx in live.items():
+        if len(idx) < BATCH_FILL_MIN_ROWS:
+            for i in idx:
+                states[i].fill(rows[i])
+            continue
+        # xgrammar writes rows of exactly `width` words, contiguous (a strided view of the
+        # wider bitmask comes out wrong, silently): fill a block of its own, then copy it in.
+        block = np.empty((len(idx), width), dtype=np.int32)
+        _batch_matcher().batch_fill_next_token_bitmask([states[i].matcher for i in idx], block)
+        rows[idx, :width] = block
+        rows[idx, width:] = 0  # the model's ids past the tokenizer's
     return bitmask.to(device, non_blocking=True) if pin else bitmask
 
 
