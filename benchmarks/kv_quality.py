@@ -2,6 +2,7 @@
 int8 KV cache, and with StreamingLLM or H2O eviction at 10%, 20% and 50% of the context.
 
     python benchmarks/kv_quality.py                  # GPU: trains a 6-layer char model
+    python benchmarks/kv_quality.py --size cpu       # CPU (~10 min, 2 cores): 4 layers, 512
     python benchmarks/kv_quality.py --tiny           # CPU: a tiny model, to see it work
 
 A model kiln trains on the bundled corpus (kiln.train.pretrain; reused from --workdir when
@@ -34,6 +35,9 @@ SIZES = {  # ModelSpec / TrainConfig overrides
     "gpu": dict(num_layers=6, num_heads=6, num_kv_heads=2, hidden_size=384, block_size=1024,
                 max_steps=600, batch_size=32, lr=2e-3, min_lr=2e-4, warmup_steps=50,
                 device="cuda", tokenizer="char"),
+    "cpu": dict(num_layers=4, num_heads=4, num_kv_heads=2, hidden_size=128, block_size=512,
+                max_steps=400, batch_size=8, lr=2e-3, min_lr=2e-4, warmup_steps=20,
+                device="cpu", tokenizer="char"),
     "tiny": dict(num_layers=2, num_heads=4, num_kv_heads=2, hidden_size=64, block_size=256,
                  max_steps=30, batch_size=8, lr=3e-3, min_lr=3e-4, warmup_steps=5,
                  device="cpu", tokenizer="char"),
@@ -90,6 +94,7 @@ def perplexity(model: Path, windows: list[list[int]], desc: str, **engine_args) 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--tiny", action="store_true", help="a tiny CPU model (to see it work)")
+    p.add_argument("--size", choices=list(SIZES), default="gpu", help="model and context")
     p.add_argument("--workdir", default=None, help="the trained model and its data")
     p.add_argument("--windows", type=int, default=None, help="held-out windows (16; tiny 4)")
     p.add_argument("--block-size", type=int, default=None, help="KV block (16; tiny 4)")
@@ -97,7 +102,7 @@ def main() -> None:
     p.add_argument("--budgets", default="0.1,0.2,0.5", help="fractions of the context")
     p.add_argument("--json", default="kv_quality.json")
     args = p.parse_args()
-    size = "tiny" if args.tiny else "gpu"
+    size = "tiny" if args.tiny else args.size
     workdir = Path(args.workdir or f"runs/kv_quality_{size}")
     model = train_model(workdir, size)
     context = SIZES[size]["block_size"]
