@@ -2,7 +2,8 @@
 int8 KV cache, and with StreamingLLM or H2O eviction at 10%, 20% and 50% of the context.
 
     python benchmarks/kv_quality.py                  # GPU: trains a 6-layer char model
-    python benchmarks/kv_quality.py --size cpu       # CPU (~10 min, 2 cores): 4 layers, 512
+    python benchmarks/kv_quality.py --size cpu       # CPU (~5 min, 1 thread): 4 layers, 512
+    python benchmarks/kv_quality.py --size cpu-bpe   # the same over kiln's BPE (1,024 tokens)
     python benchmarks/kv_quality.py --tiny           # CPU: a tiny model, to see it work
 
 A model kiln trains on the bundled corpus (kiln.train.pretrain; reused from --workdir when
@@ -38,6 +39,10 @@ SIZES = {  # ModelSpec / TrainConfig overrides
     "cpu": dict(num_layers=4, num_heads=4, num_kv_heads=2, hidden_size=128, block_size=512,
                 max_steps=400, batch_size=8, lr=2e-3, min_lr=2e-4, warmup_steps=20,
                 device="cpu", tokenizer="char"),
+    # the same with kiln's BPE (1,024 tokens): a window spans ~4x the text of a char model's
+    "cpu-bpe": dict(num_layers=4, num_heads=4, num_kv_heads=2, hidden_size=128, block_size=512,
+                    max_steps=400, batch_size=8, lr=2e-3, min_lr=2e-4, warmup_steps=20,
+                    device="cpu", tokenizer="bpe", vocab_size=1024),
     "tiny": dict(num_layers=2, num_heads=4, num_kv_heads=2, hidden_size=64, block_size=256,
                  max_steps=30, batch_size=8, lr=3e-3, min_lr=3e-4, warmup_steps=5,
                  device="cpu", tokenizer="char"),
