@@ -201,6 +201,16 @@ def check_qkv_args(
 
 
 @triton.jit
+def grouped_tile(pid, tiles_m, tiles_n, GROUP_M: tl.constexpr):
+    """A GEMM program's (row tile, column tile) in grouped order: GROUP_M row tiles share each
+    column tile of the weight while it is in L2."""
+    in_group = GROUP_M * tiles_n
+    first_m = (pid // in_group) * GROUP_M
+    group_size = min(tiles_m - first_m, GROUP_M)
+    return first_m + (pid % in_group) % group_size, (pid % in_group) // group_size
+
+
+@triton.jit
 def kv_tile_offsets(block_table_ptr, toks, valid, block_size, stride_block, stride_off):
     """Element offsets into the cache of the tokens `toks` (one kv head's row start each)."""
     page = tl.load(block_table_ptr + toks // block_size, mask=valid, other=0).to(tl.int64)

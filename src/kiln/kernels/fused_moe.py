@@ -31,7 +31,7 @@ import torch
 import torch.nn.functional as F
 
 from kiln.kernels._triton import tl, triton, use_triton
-from kiln.kernels.common import dot_options
+from kiln.kernels.common import dot_options, grouped_tile
 from kiln.kernels.silu_and_mul import silu_and_mul_ref, silu_and_mul_triton
 
 CONFIG_DIR = Path(__file__).parent / "configs" / "fused_moe"
@@ -96,13 +96,7 @@ def _fused_moe_kernel(
     """C[pair] = A[pair // TOP_K] @ B[expert]^T (times the pair's routing weight), one
     [BLOCK_M, BLOCK_N] tile of the sorted pairs (all of one expert) a program."""
     pid = tl.program_id(0)
-    tiles_n = tl.cdiv(N, BLOCK_N)
-    # Grouped order: GROUP_M row tiles share each column tile of B while it is in L2.
-    in_group = GROUP_M * tiles_n
-    first_m = (pid // in_group) * GROUP_M
-    group_size = min(num_tiles_m - first_m, GROUP_M)
-    pid_m = first_m + (pid % in_group) % group_size
-    pid_n = (pid % in_group) // group_size
+    pid_m, pid_n = grouped_tile(pid, num_tiles_m, tl.cdiv(N, BLOCK_N), GROUP_M)
     if pid_m * BLOCK_M >= tl.load(num_padded_ptr):
         return
     expert = tl.load(expert_ids_ptr + pid_m).to(tl.int64)

@@ -27,6 +27,7 @@ from __future__ import annotations
 import torch
 
 from kiln.kernels._triton import tl, triton
+from kiln.kernels.common import grouped_tile
 from kiln.kernels.quant_act import FP8, qmax, quantize_block, row_scale
 
 GEMV_MAX_M = 16  # the fused GEMV takes up to this many rows (the dispatcher: fewer)
@@ -62,14 +63,7 @@ def _w8a8_mm_kernel(
 ):  # fmt: skip
     """One [BLOCK_M, BLOCK_N] tile of y from 8-bit x [M, K] (scales xs [M]) and W [N, K]."""
     pid = tl.program_id(0)
-    tiles_m = tl.cdiv(M, BLOCK_M)
-    tiles_n = tl.cdiv(N, BLOCK_N)
-    # Grouped order: GROUP_M row tiles share each column tile of W while it is in L2.
-    in_group = GROUP_M * tiles_n
-    first_m = (pid // in_group) * GROUP_M
-    group_size = min(tiles_m - first_m, GROUP_M)
-    pid_m = first_m + (pid % in_group) % group_size
-    pid_n = (pid % in_group) // group_size
+    pid_m, pid_n = grouped_tile(pid, tl.cdiv(M, BLOCK_M), tl.cdiv(N, BLOCK_N), GROUP_M)
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     offs_k = tl.arange(0, BLOCK_K)
