@@ -90,6 +90,23 @@ def _load_rows(ptr, off, rows, row_ok, stride_t, D: tl.constexpr):
 
 
 @triton.jit
+def _key_block(
+    k_ptr, v_ptr, kv_off, cols_ptr, qb, i, max_nnz, rows, row_ok, T, stride_kt,
+    D: tl.constexpr, BLOCK: tl.constexpr, CAUSAL: tl.constexpr,
+):  # fmt: skip
+    """Query block qb's i-th key block: its K and V tiles and the [BLOCK, BLOCK] mask of the
+    (query row, key column) pairs that attend."""
+    cols = tl.load(cols_ptr + qb * max_nnz + i) * BLOCK + tl.arange(0, BLOCK)
+    col_ok = cols < T
+    k = _load_rows(k_ptr, kv_off, cols, col_ok, stride_kt, D)
+    v = _load_rows(v_ptr, kv_off, cols, col_ok, stride_kt, D)
+    valid = row_ok[:, None] & col_ok[None, :]
+    if CAUSAL:
+        valid = valid & (cols[None, :] <= rows[:, None])
+    return k, v, valid
+
+
+@triton.jit
 def _block_sparse_attention_kernel(
     q_ptr, k_ptr, v_ptr, o_ptr, lse_ptr, cols_ptr, nnz_ptr,
     T, num_heads, max_nnz, qk_scale,
@@ -109,14 +126,10 @@ def _block_sparse_attention_kernel(
     m = tl.full((BLOCK,), float("-inf"), dtype=tl.float32)
     l = tl.zeros((BLOCK,), dtype=tl.float32)
     for i in range(0, tl.load(nnz_ptr + qb)):
-        kb = tl.load(cols_ptr + qb * max_nnz + i)
-        cols = kb * BLOCK + tl.arange(0, BLOCK)
-        col_ok = cols < T
-        k = _load_rows(k_ptr, kv_off, cols, col_ok, stride_kt, D)
-        v = _load_rows(v_ptr, kv_off, cols, col_ok, stride_kt, D)
-        valid = row_ok[:, None] & col_ok[None, :]
-        if CAUSAL:
-            valid = valid & (cols[None, :] <= rows[:, None])
+        k, v, valid = _key_block(
+            k_ptr, v_ptr, kv_off, cols_ptr, qb, i, max_nnz, rows, row_ok, T, stride_kt,
+            D, BLOCK, CAUSAL,
+        )  # fmt: skip
         acc, m, l = online_softmax_step(
             q, k, v, valid, acc, m, l, qk_scale, DOT_PRECISION, DOT_UPCAST
         )
@@ -274,16 +287,12 @@ def _dq_kernel(
     kv_off = b.to(tl.int64) * stride_kb + (h // GROUP) * stride_kh
     dq = tl.zeros((BLOCK, D), dtype=tl.float32)
     for i in range(0, tl.load(nnz_ptr + qb)):
-        kb = tl.load(cols_ptr + qb * max_nnz + i)
-        cols = kb * BLOCK + tl.arange(0, BLOCK)
-        col_ok = cols < T
-        k = _load_rows(k_ptr, kv_off, cols, col_ok, stride_kt, D)
-        v = _load_rows(v_ptr, kv_off, cols, col_ok, stride_kt, D)
+        k, v, valid = _key_block(
+            k_ptr, v_ptr, kv_off, cols_ptr, qb, i, max_nnz, rows, row_ok, T, stride_kt,
+            D, BLOCK, CAUSAL,
+        )  # fmt: skip
         if DOT_UPCAST:
             k, v = k.to(tl.float32), v.to(tl.float32)
-        valid = row_ok[:, None] & col_ok[None, :]
-        if CAUSAL:
-            valid = valid & (cols[None, :] <= rows[:, None])
         _, ds = _probs_and_score_grads(
             q, k, do, v, lse[:, None], delta[:, None], valid, qk_scale, DOT_PRECISION
         )
