@@ -99,13 +99,54 @@ def ttft(llm: LLM, spec: StructuredOutputsParams | None) -> float:
     return (o.metrics.first_token_time - o.metrics.arrival_time) * 1e3
 
 
+class HostTimers:
+    """--breakdown: host seconds inside the engine's step parts (wrapped class methods),
+    to see where a constrained step's extra time goes; nested parts count in their callers."""
+
+    PARTS = (("step", "kiln.engine.core", "EngineCore", "step"),
+             ("execute", "kiln.engine.model_runner", "ModelRunner", "execute"),
+             ("grammars", "kiln.engine.core", "EngineCore", "_update_grammars"),
+             ("sample", "kiln.engine.sampler", "Sampler", "sample"),
+             ("process", "kiln.engine.core", "EngineCore", "_process"))  # fmt: skip
+
+    def __init__(self) -> None:
+        import importlib
+
+        self.total = dict.fromkeys((p[0] for p in self.PARTS), 0.0)
+        self.steps = 0
+        for name, module, cls, attr in self.PARTS:
+            owner = getattr(importlib.import_module(module), cls)
+            setattr(owner, attr, self._wrap(name, getattr(owner, attr)))
+
+    def _wrap(self, name, fn):
+        def timed(*args, **kwargs):
+            t0 = time.perf_counter()
+            try:
+                return fn(*args, **kwargs)
+            finally:
+                self.total[name] += time.perf_counter() - t0
+                self.steps += name == "step"
+
+        return timed
+
+    def take(self) -> dict[str, float]:
+        """ms per step of each part since the last take."""
+        out = {k: 1e3 * v / max(self.steps, 1) for k, v in self.total.items()}
+        self.total = dict.fromkeys(self.total, 0.0)
+        self.steps = 0
+        return out
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--tiny", action="store_true", help="a tiny model on the CPU")
     ap.add_argument("--batches", type=int, nargs="+", default=[1, 64])
     ap.add_argument("--tokens", type=int, default=None, help="decode tokens (256; tiny 48)")
     ap.add_argument("--repeat", type=int, default=3)
+    ap.add_argument("--breakdown", action="store_true",
+                    help="also the host ms a step spends in the engine's parts")  # fmt: skip
     args = ap.parse_args()
+    timers = HostTimers() if args.breakdown else None
     device = "cpu" if args.tiny else "cuda"
     shape = TINY if args.tiny else {**QWEN3_0_6B, "max_position_embeddings": 4096}
     tokens = args.tokens or (48 if args.tiny else 256)
@@ -124,13 +165,17 @@ def main() -> None:
         cold_plain = ttft(llm, None)
         first = ttft(llm, StructuredOutputsParams(json=schema(tokens)))
         cached = ttft(llm, StructuredOutputsParams(json=schema(tokens)))
-        rows = []
+        rows, parts = [], []
         for b in args.batches:
             cells = {}
             for structured in (False, True):
+                if timers is not None:
+                    timers.take()
                 runs = [tpot(llm, b, tokens, structured, r) for r in range(args.repeat)]
                 cells[structured] = (statistics.median(r[0] for r in runs),
                                      statistics.mean(r[1] for r in runs))  # fmt: skip
+                if timers is not None:
+                    parts.append((b, structured, timers.take()))
             rows.append((b, cells))
     name = torch.cuda.get_device_name() if device == "cuda" else "CPU"
     print(f"\nstructured outputs on {name}, {shape['vocab_size']}-token vocabulary, up to "
@@ -141,6 +186,13 @@ def main() -> None:
         (free, nf), (js, nj) = cells[False], cells[True]
         print(f"{b:>5} {free:>12.3f} {js:>12.3f} {100 * (js / free - 1):>6.1f}% "
               f"{nf:>11.0f} {nj:>11.0f}")  # fmt: skip
+    if parts:
+        names = list(parts[0][2])
+        print("\nhost ms a step (means over the runs; nested parts count in their callers)")
+        print(f"{'batch':>5} {'JSON':>5} " + " ".join(f"{n:>9}" for n in names))
+        for b, structured, ms in parts:
+            print(f"{b:>5} {'yes' if structured else 'no':>5} "
+                  + " ".join(f"{ms[n]:>9.3f}" for n in names))  # fmt: skip
     print(
         f"\ngrammar: tokenizer info {1e3 * (t1 - t0):.0f} ms (once per engine), JSON schema "
         f"compile {1e3 * (t2 - t1):.1f} ms"

@@ -27,6 +27,7 @@ from kiln.engine.structured import (
     GrammarCompiler,
     GrammarState,
     StructuredOutputsParams,
+    accept_tokens,
     apply_bitmask,
     fill_bitmask,
     tokenizer_info,
@@ -44,8 +45,7 @@ def run(compiled, batch: int, tokens: int, seed: int) -> dict[str, list[float]]:
     for _ in range(tokens):
         t0 = time.perf_counter()
         if sampled is not None:
-            for state, token in zip(states, sampled):
-                state.accept(token)
+            accept_tokens(states, sampled)
         t1 = time.perf_counter()
         bitmask = fill_bitmask(states, VOCAB, torch.device("cpu"))
         t2 = time.perf_counter()

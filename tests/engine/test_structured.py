@@ -312,3 +312,44 @@ def test_a_batch_of_live_rows_fills_as_row_by_row(model_dir):
             state.fill(row)
     assert np.array_equal(got, want)
     compiler.shutdown()
+
+
+def test_a_batch_of_accepts_is_row_by_row(model_dir):
+    """accept_tokens (one BatchGrammarMatcher call from BATCH_FILL_MIN_ROWS live states)
+    leaves every state where accepting its token alone does: live rows at different places,
+    a token outside the grammar (failed), a terminated and a failed row (ignored)."""
+    from kiln.engine import structured
+    from kiln.engine.structured import GrammarCompiler, GrammarState, accept_tokens, tokenizer_info
+    from kiln.tokenizer import load_tokenizer
+
+    tok = load_tokenizer(model_dir).tokenizer
+    eos, vocab = tok.token_to_id("</s>"), tok.get_vocab_size()
+    compiler = GrammarCompiler(tokenizer_info(model_dir, vocab, {eos}))
+    compiled = compiler.submit(S(json=SCHEMA)).result()
+    ids = tok.encode(json.dumps({"name": "Ann", "age": 7, "role": "user"})).ids
+    bad = tok.encode("x").ids[0]
+
+    def states_and_tokens():
+        states, tokens = [], []
+        for n in range(0, len(ids) - 1, 2):
+            states.append(GrammarState(compiled))
+            states[-1].catch_up(ids[:n])
+            tokens.append(ids[n] if n != 4 else bad)  # row 2 takes a token outside the grammar
+        done, failed = GrammarState(compiled), GrammarState(compiled)
+        done.catch_up([*ids, eos])
+        failed.accept(bad)
+        return [*states, done, failed], [*tokens, eos, eos]
+
+    batch, tokens = states_and_tokens()
+    alone, _ = states_and_tokens()
+    assert sum(s.live() for s in batch) >= structured.BATCH_FILL_MIN_ROWS
+    accept_tokens(batch, tokens)
+    for state, token in zip(alone, tokens):
+        state.accept(token)
+    got = [(s.num_accepted, s.failed, s.matcher.is_terminated()) for s in batch]
+    assert got == [(s.num_accepted, s.failed, s.matcher.is_terminated()) for s in alone]
+    assert got[2][1] and not got[0][1]
+    assert [s.matcher.find_jump_forward_string() for s in batch if s.live()] == [
+        s.matcher.find_jump_forward_string() for s in alone if s.live()
+    ]
+    compiler.shutdown()

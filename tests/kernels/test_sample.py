@@ -180,3 +180,36 @@ def test_sampled_tail_at_qwen3_vocab():
     tokens, _ = sample_triton(row.expand(n, v), torch.ones(n, device="cuda"), seeds)
     share = (tokens == 77_777).double().mean().item()
     assert abs(share - p) < 5 * (p * (1 - p) / n) ** 0.5, (share, p)
+
+
+@pytest.mark.parametrize("num_splits", [1, 3])
+def test_bitmask_equals_masking_the_logits_first(dtype, device, num_splits):
+    """Structured outputs' bitmask fused into the pass: the same tokens (same seeds) and
+    logprobs as the kernel on logits already set to -inf where a bit is clear; every row keeps
+    a few allowed tokens, one row allows all and one a single token."""
+    from kiln.engine.structured import apply_bitmask_ref
+
+    b, v = 6, 2 * CHUNK + 45  # a partial last word
+    g = torch.Generator().manual_seed(3)
+    x = (torch.randn(b, v, generator=g) * 3).to(dtype).to(device)
+    words = (v + 31) // 32
+    bitmask = torch.randint(-(2**31), 2**31 - 1, (b, words), generator=g, dtype=torch.int64)
+    bitmask = (bitmask & torch.randint(-(2**31), 2**31 - 1, (b, words), generator=g)).int()
+    bitmask[1] = -1  # everything allowed
+    bitmask[2] = 0
+    bitmask[2, 70 // 32] = 1 << (70 % 32)  # only token 70
+    bitmask = bitmask.to(device)
+    temperature = torch.tensor([0.0, 1.0, 0.7, 0.0, 1.3, 0.5], device=device)
+    seeds = _seeds(b, device)
+    masked = x.clone()
+    apply_bitmask_ref(masked, bitmask)
+    fused = sample_triton(x, temperature, seeds, num_splits, bitmask=bitmask)
+    first = sample_triton(masked, temperature, seeds, num_splits)
+    assert torch.equal(fused[0], first[0])
+    torch.testing.assert_close(fused[1], first[1], rtol=1e-6, atol=1e-6)
+    assert fused[0][2].item() == 70
+    assert torch.isfinite(masked.gather(1, fused[0][:, None]).float()).all()
+    ref = sample_ref(x, temperature, bitmask=bitmask)
+    greedy = (temperature == 0).to(device)
+    assert torch.equal(ref[0][greedy], first[0][greedy])
+    torch.testing.assert_close(ref[1], _raw_logprobs(masked, ref[0]), rtol=1e-5, atol=1e-5)

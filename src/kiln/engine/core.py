@@ -34,7 +34,7 @@ from kiln.engine.scheduler import Scheduler
 from kiln.engine.sequence import Sequence
 from kiln.engine.spec_decode.decoder import SpecDecoder, load_draft, runner_args
 from kiln.engine.spec_decode.hidden import lossy_model
-from kiln.engine.structured import GrammarCompiler, GrammarState, tokenizer_info
+from kiln.engine.structured import GrammarCompiler, GrammarState, accept_tokens, tokenizer_info
 from kiln.errors import ConfigError, ContextLengthError, InputError, WorkerDiedError
 
 
@@ -429,13 +429,16 @@ class EngineCore:
         if self._inflight is not None:
             result = self._inflight.sample.result()
             pending = {s.seq_id: t for s, t in zip(self._inflight.seqs, result.token_ids)}
+        states, tokens = [], []  # each grammar's one token in flight, accepted in one call
         for seq in seqs:
             g = seq.grammar
             if g is None:
                 continue
             g.catch_up(seq.output_token_ids)
             if seq.num_pending and g.num_accepted == seq.num_output_tokens:
-                g.accept(pending[seq.seq_id])
+                states.append(g)
+                tokens.append(pending[seq.seq_id])
+        accept_tokens(states, tokens)
 
     def _process(self, seqs: list[Sequence], result) -> list[SeqDelta]:
         """Append the sampled tokens, check token-level stops; the deltas for the caller."""

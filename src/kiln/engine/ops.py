@@ -53,11 +53,14 @@ log = logging.getLogger("kiln.engine")
 
 
 def sample_seeded_ref(
-    logits: torch.Tensor, temperature: torch.Tensor, seeds: torch.Tensor
+    logits: torch.Tensor,
+    temperature: torch.Tensor,
+    seeds: torch.Tensor,
+    bitmask: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """sample_ref with sample_triton's signature: its noise comes from torch's default
     generator (seeds unused), so only greedy rows match the kernel's tokens."""
-    return sample_ref(logits, temperature)
+    return sample_ref(logits, temperature, bitmask=bitmask)
 
 
 @dataclass(frozen=True)
@@ -85,7 +88,8 @@ class Ops:
     quant_matmul: Callable
     quant_rmsnorm_matmul: Callable
     quant_silu_mul_matmul: Callable
-    # the sampler's one-pass temperature-only sampling (logits, temperatures, seeds)
+    # the sampler's one-pass temperature-only sampling (logits, temperatures, seeds,
+    # bitmask=None: structured outputs' allowed tokens)
     sample: Callable
 
     @classmethod

@@ -108,9 +108,10 @@ class Sampler:
         dev = logits.device
         if fast is None:
             fast = self.fast_path_ok(seqs)
+        bitmask = None
         if any(s.grammar is not None for s in seqs):  # structured outputs: before anything
-            apply_bitmask(logits, fill_bitmask([s.grammar for s in seqs], self.vocab_size, dev))
-        if fast:
+            bitmask = fill_bitmask([s.grammar for s in seqs], self.vocab_size, dev)
+        if fast:  # (the fused op applies the bitmask in its one pass over the logits)
             temps, seeds = self.fast_path_inputs(seqs)
             b = len(seqs)
             host = np.zeros(b + (b + 1) // 2, dtype=np.int64)  # seeds, then float32 temps
@@ -118,8 +119,10 @@ class Sampler:
             host[b:].view(np.float32)[:b] = temps
             packed = to_device(host, torch.int64, dev)  # one copy for both
             temps_d = packed[b:].view(torch.float32)[:b]
-            tokens, token_lp = self.ops.sample(logits, temps_d, packed[:b])
+            tokens, token_lp = self.ops.sample(logits, temps_d, packed[:b], bitmask=bitmask)
             return PendingSample(tokens, token_lp)
+        if bitmask is not None:
+            apply_bitmask(logits, bitmask)
         logits, raw, log_z = self.process(logits, seqs)
         tokens = logits.argmax(dim=-1)
         sampled_rows = [i for i, s in enumerate(seqs) if not s.params.greedy]

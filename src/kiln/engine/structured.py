@@ -30,6 +30,7 @@ import numpy as np
 import torch
 
 from kiln.errors import InputError
+from kiln.kernels.sample import unpack_bitmask
 
 MAX_WHITESPACE = 8  # whitespace characters a JSON grammar allows between tokens (no loops)
 CACHE_SIZE = 256  # compiled grammars kept, by spec
@@ -249,6 +250,22 @@ class GrammarState:
 BATCH_FILL_MIN_ROWS = 4
 
 
+def accept_tokens(states: list[GrammarState], tokens: list[int]) -> None:
+    """states[i].accept(tokens[i]) for every i: from BATCH_FILL_MIN_ROWS live states in one
+    call to xgrammar's BatchGrammarMatcher (its threads, the GIL released), as fill_bitmask."""
+    live = [i for i, state in enumerate(states) if state.live()]
+    if len(live) < BATCH_FILL_MIN_ROWS:
+        for state, token in zip(states, tokens):
+            state.accept(token)
+        return
+    matchers = [states[i].matcher for i in live]
+    accepted = _batch_matcher().batch_accept_token(matchers, [tokens[i] for i in live])
+    for i, ok in zip(live, accepted):
+        states[i].failed = not ok
+    for state in states:
+        state.num_accepted += 1
+
+
 @functools.cache
 def _batch_matcher():
     import xgrammar as xgr
@@ -302,8 +319,4 @@ def apply_bitmask(logits: torch.Tensor, bitmask: torch.Tensor) -> None:
 
 def apply_bitmask_ref(logits: torch.Tensor, bitmask: torch.Tensor) -> None:
     """apply_bitmask in plain torch (the reference)."""
-    b, v = logits.shape
-    shifts = torch.arange(32, dtype=torch.int32, device=bitmask.device)
-    bits = (bitmask[:, :, None] >> shifts) & 1  # [B, W, 32]: bit j of word w is token 32w + j
-    allowed = bits.reshape(b, -1)[:, :v].bool()
-    logits.masked_fill_(~allowed, float("-inf"))
+    logits.masked_fill_(~unpack_bitmask(bitmask, logits.shape[1]), float("-inf"))

@@ -42,12 +42,17 @@ MAX_SPLITS = 64  # a power of two: the merge kernel loads them all
 
 
 def sample_ref(
-    logits: torch.Tensor, temperature: torch.Tensor, generator: torch.Generator | None = None
+    logits: torch.Tensor,
+    temperature: torch.Tensor,
+    generator: torch.Generator | None = None,
+    bitmask: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Plain torch: logits [B, V], temperature [B] (<= 0: greedy) -> (tokens [B] int64,
     logprobs [B] float32 under the raw logits). Sampled rows use Gumbel-max with noise drawn
-    from `generator`."""
+    from `generator`. `bitmask` [B, ceil(V / 32)]: tokens whose bit is clear are -inf first."""
     x = logits.float()
+    if bitmask is not None:
+        x = x.masked_fill(~unpack_bitmask(bitmask, x.shape[1]), float("-inf"))
     greedy = temperature <= 0
     tokens = x.argmax(-1)
     if not bool(greedy.all()):
@@ -58,6 +63,13 @@ def sample_ref(
         tokens = torch.where(greedy, tokens, (x / t + gumbel).argmax(-1))
     logprobs = torch.log_softmax(x, -1).gather(1, tokens[:, None]).squeeze(1)
     return tokens, logprobs
+
+
+def unpack_bitmask(bitmask: torch.Tensor, vocab_size: int) -> torch.Tensor:
+    """[B, ceil(V / 32)] int32 -> [B, V] bool: bit j of word w is token 32w + j."""
+    shifts = torch.arange(32, dtype=torch.int32, device=bitmask.device)
+    bits = (bitmask[:, :, None] >> shifts) & 1
+    return bits.reshape(bitmask.shape[0], -1)[:, :vocab_size].bool()
 
 
 @triton.jit
@@ -103,9 +115,9 @@ def _finish(row_ptr, tokens_ptr, logprobs_ptr, row, token, m, total):
 # temperature and seeds may be slices of a packed per-step buffer: their alignment varies.
 @triton.jit(do_not_specialize=["temperature_ptr", "seeds_ptr"])
 def _sample_kernel(
-    logits_ptr, temperature_ptr, seeds_ptr, tokens_ptr, logprobs_ptr, parts_ptr,
-    stride_row, V,
-    BLOCK_V: tl.constexpr, SPLIT: tl.constexpr, FAST_LOG: tl.constexpr,
+    logits_ptr, temperature_ptr, seeds_ptr, tokens_ptr, logprobs_ptr, parts_ptr, mask_ptr,
+    stride_row, stride_mask, V,
+    BLOCK_V: tl.constexpr, SPLIT: tl.constexpr, FAST_LOG: tl.constexpr, MASK: tl.constexpr,
 ):  # fmt: skip
     row = tl.program_id(0).to(tl.int64)
     split = tl.program_id(1)
@@ -134,6 +146,9 @@ def _sample_kernel(
     for start in range(lo, hi, BLOCK_V):
         idx = start + lane
         x = tl.load(row_ptr + idx, mask=idx < hi, other=float("-inf")).to(tl.float32)
+        if MASK:  # a token whose bit is clear is -inf: out of the draw and the log-sum-exp
+            word = tl.load(mask_ptr + row * stride_mask + idx // 32, mask=idx < hi, other=0)
+            x = tl.where(((word >> (idx % 32)) & 1) != 0, x, float("-inf"))
         # Online log-sum-exp, one exp2 per token: exp2(-|x - m| * log2 e) rescales the sum
         # when x is the new max and is x's own term otherwise.
         new_max = tl.maximum(run_max, x)
@@ -197,11 +212,15 @@ def sample_triton(
     temperature: torch.Tensor,
     seeds: torch.Tensor,
     num_splits: int | None = None,
+    bitmask: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Triton sampling; same contract as sample_ref, with the noise of row b keyed by
     seeds[b] (int64, on the device). num_splits (None: chosen from the batch and the SM
     count) cuts each row into that many pieces of whole chunks, merged by a second kernel;
-    the result does not depend on it."""
+    the result does not depend on it. `bitmask` [B, ceil(V / 32)] int32 (structured
+    outputs): only the tokens whose bit is set are drawn, and the logprobs are those of the
+    masked logits (as if kiln.engine.structured.apply_bitmask had run first), in the same
+    single pass over the logits."""
     b, v = logits.shape
     assert logits.stride(1) == 1, "logits rows must be contiguous"
     assert temperature.shape == (b,) and seeds.shape == (b,) and seeds.dtype == torch.int64
@@ -210,6 +229,9 @@ def sample_triton(
     logprobs = torch.empty(b, dtype=torch.float32, device=logits.device)
     if b == 0:
         return tokens, logprobs
+    if bitmask is not None:
+        assert bitmask.shape == (b, triton.cdiv(v, 32)) and bitmask.dtype == torch.int32
+        assert bitmask.stride(1) == 1 and bitmask.device == logits.device
     config = CUDA_CONFIG if logits.is_cuda else INTERPRETER_CONFIG
     block_v = config["SPLIT_BLOCK_V"]
     if num_splits is None:
@@ -223,9 +245,11 @@ def sample_triton(
     parts = torch.empty(4, b, num_splits, device=logits.device) if split else tokens  # unused
     _sample_kernel[(b, num_splits)](
         logits, temperature, seeds, tokens, logprobs, parts,
-        logits.stride(0), v,
+        bitmask if bitmask is not None else tokens,  # (unused without a mask)
+        logits.stride(0), bitmask.stride(0) if bitmask is not None else 0, v,
         BLOCK_V=block_v, SPLIT=split, num_warps=config["num_warps"],
         FAST_LOG=logits.is_cuda and torch.version.hip is None,  # PTX lg2.approx: NVIDIA only
+        MASK=bitmask is not None,
     )  # fmt: skip
     if split:
         _sample_merge_kernel[(b,)](
@@ -241,9 +265,10 @@ def sample(
     temperature: torch.Tensor,
     seeds: torch.Tensor,
     generator: torch.Generator | None = None,
+    bitmask: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Next tokens and their raw logprobs: Triton on CUDA (noise keyed by `seeds`), else the
     torch reference (noise from `generator`; `seeds` unused)."""
     if use_triton(logits):
-        return sample_triton(logits, temperature, seeds)
-    return sample_ref(logits, temperature, generator)
+        return sample_triton(logits, temperature, seeds, bitmask=bitmask)
+    return sample_ref(logits, temperature, generator, bitmask)
