@@ -103,19 +103,28 @@ class HostTimers:
     """--breakdown: host seconds inside the engine's step parts (wrapped class methods),
     to see where a constrained step's extra time goes; nested parts count in their callers."""
 
-    PARTS = (("step", "kiln.engine.core", "EngineCore", "step"),
-             ("execute", "kiln.engine.model_runner", "ModelRunner", "execute"),
-             ("grammars", "kiln.engine.core", "EngineCore", "_update_grammars"),
-             ("sample", "kiln.engine.sampler", "Sampler", "sample"),
-             ("process", "kiln.engine.core", "EngineCore", "_process"))  # fmt: skip
+    PARTS = (("step", "kiln.engine.core", "EngineCore.step"),
+             ("execute", "kiln.engine.model_runner", "ModelRunner.execute"),
+             ("grammars", "kiln.engine.core", "EngineCore._update_grammars"),
+             ("sample", "kiln.engine.sampler", "Sampler.sample"),
+             ("fill", "kiln.engine.sampler", "fill_bitmask"),
+             ("to_device", "kiln.engine.sampler", "to_device"),
+             ("kernel", "kiln.engine.ops", "sample_triton"),
+             ("pending", "kiln.engine.sampler", "PendingSample.__init__"),
+             ("process", "kiln.engine.core", "EngineCore._process"))  # fmt: skip
 
     def __init__(self) -> None:
+        """Wraps each part where the engine looks it up (a class attribute, or a function
+        imported by name into the module that calls it): before the engine is built."""
         import importlib
 
         self.total = dict.fromkeys((p[0] for p in self.PARTS), 0.0)
         self.steps = 0
-        for name, module, cls, attr in self.PARTS:
-            owner = getattr(importlib.import_module(module), cls)
+        for name, module, path in self.PARTS:
+            owner = importlib.import_module(module)
+            *classes, attr = path.split(".")
+            for cls in classes:
+                owner = getattr(owner, cls)
             setattr(owner, attr, self._wrap(name, getattr(owner, attr)))
 
     def _wrap(self, name, fn):
