@@ -14,8 +14,8 @@ A lean aiohttp client (reads each stream whole, parses only its last chunk) send
 
 Medians of --repeat bursts each. Also printed: the ramp (first to last request the core saw in
 a burst) and the burst's wall time. With --baseline-src the API process is also run from
-another source tree (e.g. `git archive` of an older commit), one after the other, for a
-before/after.
+another source tree (e.g. `git archive` of an older commit), alternating burst by burst,
+for a before/after.
 
     OMP_NUM_THREADS=1 PYTHONPATH=src:benchmarks python benchmarks/bench_api_process.py \
         --tiny /tmp/tiny --num-prompts 256 --output-len 64 --repeat 3 [--baseline-src DIR]
@@ -180,82 +180,87 @@ async def burst(url: str, prompts: list[list[int]], max_tokens: int) -> tuple[in
     return sum(g == max_tokens for g in got), sum(got)
 
 
-def run_tree(src: Path, args, label: str) -> list[dict]:
-    """Start the fake core and the API process from `src`; the bursts; their numbers."""
-    from bench_serve import free_port, wait_healthy
+class Server:
+    """The fake core and the API process (from `src`), started and warmed up."""
 
-    from kiln.engine.core_client import core_addresses
+    def __init__(self, src: Path, args, label: str):
+        from bench_serve import free_port, wait_healthy
 
-    tmp = Path(tempfile.mkdtemp(prefix="kiln-apibench-"))
-    addrs = core_addresses(1)[0]
-    cfg = json.loads((args.tiny / "config.json").read_text())
-    core_spec = dict(addrs=addrs, max_model_len=cfg["max_position_embeddings"],
-                     vocab_size=cfg["vocab_size"], step_ms=args.step_ms,
-                     max_num_seqs=args.max_num_seqs, log=str(tmp / "core.jsonl"))  # fmt: skip
-    env = dict(os.environ, OMP_NUM_THREADS="1")
-    env_api = dict(env, PYTHONPATH=f"{src}:{HERE}")
-    env_core = dict(env, PYTHONPATH=f"{SRC}:{HERE}")
-    port = free_port()
-    url = f"http://127.0.0.1:{port}"
-    # the API process binds the sockets; the core connects (ZeroMQ queues until both are up)
-    api_spec = dict(addrs=addrs, model=str(args.tiny), max_num_seqs=args.max_num_seqs,
-                    max_queue=args.num_prompts * 2, port=port)  # fmt: skip
-    me = str(Path(__file__).resolve())
-    core = subprocess.Popen([sys.executable, me, "--role", "core", json.dumps(core_spec)],
-                            env=env_core)  # fmt: skip
-    api_spec["core_pid"] = core.pid
-    api = subprocess.Popen([sys.executable, me, "--role", "api", json.dumps(api_spec)],
-                           env=env_api, stdout=open(tmp / "api.log", "w"),
-                           stderr=subprocess.STDOUT)  # fmt: skip
-    rng = random.Random(args.seed)
+        from kiln.engine.core_client import core_addresses
 
-    def prompts(n: int) -> list[list[int]]:
-        return [[rng.randrange(10, 1000) for _ in range(args.input_len)] for _ in range(n)]
-
-    rows = []
-    spy = None
-    try:
-        wait_healthy(url, api, timeout=120)
-        asyncio.run(burst(url, prompts(64), 8))  # warm-up
+        self.label, self.args = label, args
+        self.tmp = Path(tempfile.mkdtemp(prefix="kiln-apibench-"))
+        addrs = core_addresses(1)[0]
+        cfg = json.loads((args.tiny / "config.json").read_text())
+        core_spec = dict(
+            addrs=addrs,
+            max_model_len=cfg["max_position_embeddings"],
+            vocab_size=cfg["vocab_size"],
+            step_ms=args.step_ms,
+            max_num_seqs=args.max_num_seqs,
+            log=str(self.tmp / "core.jsonl"),
+        )
+        # fmt: skip
+        env = dict(os.environ, OMP_NUM_THREADS="1")
+        port = free_port()
+        self.url = f"http://127.0.0.1:{port}"
+        # the API process binds the sockets; the core connects (ZeroMQ waits for the bind)
+        api_spec = dict(addrs=addrs, model=str(args.tiny), max_num_seqs=args.max_num_seqs,
+                        max_queue=args.num_prompts * 2, port=port)  # fmt: skip
+        me = str(Path(__file__).resolve())
+        self.core = subprocess.Popen([sys.executable, me, "--role", "core", json.dumps(core_spec)],
+                                     env=dict(env, PYTHONPATH=f"{SRC}:{HERE}"))  # fmt: skip
+        api_spec["core_pid"] = self.core.pid
+        self.api = subprocess.Popen([sys.executable, me, "--role", "api", json.dumps(api_spec)],
+                                    env=dict(env, PYTHONPATH=f"{src}:{HERE}"),
+                                    stdout=open(self.tmp / "api.log", "w"),
+                                    stderr=subprocess.STDOUT)  # fmt: skip
+        self.spy = None
+        self.rng = random.Random(args.seed)
+        wait_healthy(self.url, self.api, timeout=120)
+        asyncio.run(burst(self.url, self.prompts(64), 8))  # warm-up
         if args.py_spy is not None:  # collapsed stacks of the API process over the bursts
             args.py_spy.mkdir(parents=True, exist_ok=True)
-            spy = subprocess.Popen(["py-spy", "record", "--pid", str(api.pid), "--rate", "250",
-                                    "--format", "raw", "--nonblocking",
-                                    "-o", str(args.py_spy / f"{label}.txt")])  # fmt: skip
+            self.spy = subprocess.Popen(["py-spy", "record", "--pid", str(self.api.pid),
+                                         "--rate", "250", "--format", "raw", "--nonblocking",
+                                         "-o", str(args.py_spy / f"{label}.txt")])  # fmt: skip
             time.sleep(1.0)
-        for rep in range(args.repeat):
-            for max_tokens in (1, args.output_len):
-                work = prompts(args.num_prompts)
-                time.sleep(0.3)
-                lines = (tmp / "core.jsonl").read_text().count("\n")
-                cpu0, t0 = cpu_seconds(api.pid), time.perf_counter()
-                ok, tokens = asyncio.run(burst(url, work, max_tokens))
-                wall = time.perf_counter() - t0
-                cpu = cpu_seconds(api.pid) - cpu0
-                time.sleep(0.5)  # the core writes its burst line once idle
-                found = (tmp / "core.jsonl").read_text().splitlines()[lines:]
-                spans = [json.loads(line) for line in found]  # one or more idle-separated
-                ramp = dict(first=min(x["first"] for x in spans),
-                            last=max(x["last"] for x in spans)) if spans else None  # fmt: skip
-                ramp_ms = (ramp["last"] - ramp["first"]) * 1e3 if ramp else None
-                row = dict(label=label, rep=rep, max_tokens=max_tokens, ok=ok, tokens=tokens)
-                rows.append(dict(row, wall_s=wall, api_cpu_s=cpu, ramp_ms=ramp_ms))
-                print(f"  {label} rep {rep} max_tokens {max_tokens:4d}: ok {ok}/{len(work)}, "
-                      f"{tokens} tokens, wall {wall:.2f} s, API CPU {cpu:.2f} s "
-                      f"({cpu / len(work) * 1e6:.0f} us/request), ramp "
-                      f"{rows[-1]['ramp_ms'] or 0:.0f} ms", flush=True)  # fmt: skip
-    finally:
-        if spy is not None:
-            spy.send_signal(2)
-            spy.wait(timeout=60)
-        api.terminate()
+
+    def prompts(self, n: int) -> list[list[int]]:
+        length = self.args.input_len
+        return [[self.rng.randrange(10, 1000) for _ in range(length)] for _ in range(n)]
+
+    def run(self, rep: int, max_tokens: int) -> dict:
+        """One burst: its numbers."""
+        work = self.prompts(self.args.num_prompts)
+        log = self.tmp / "core.jsonl"
+        time.sleep(0.3)
+        lines = log.read_text().count("\n")
+        cpu0, t0 = cpu_seconds(self.api.pid), time.perf_counter()
+        ok, tokens = asyncio.run(burst(self.url, work, max_tokens))
+        wall = time.perf_counter() - t0
+        cpu = cpu_seconds(self.api.pid) - cpu0
+        time.sleep(0.5)  # the core writes its burst's line once idle
+        spans = [json.loads(line) for line in log.read_text().splitlines()[lines:]]
+        ramp_ms = (max(x["last"] for x in spans) - min(x["first"] for x in spans)) * 1e3
+        row = dict(label=self.label, rep=rep, max_tokens=max_tokens, ok=ok, tokens=tokens)
+        print(f"  {self.label} rep {rep} max_tokens {max_tokens:4d}: ok {ok}/{len(work)}, "
+              f"{tokens} tokens, wall {wall:.2f} s, API CPU {cpu:.2f} s "
+              f"({cpu / len(work) * 1e6:.0f} us/request), ramp {ramp_ms:.0f} ms",
+              flush=True)  # fmt: skip
+        return dict(row, wall_s=wall, api_cpu_s=cpu, ramp_ms=ramp_ms)
+
+    def stop(self) -> None:
+        if self.spy is not None:
+            self.spy.send_signal(2)
+            self.spy.wait(timeout=60)
+        self.api.terminate()
         try:
-            api.wait(timeout=30)
+            self.api.wait(timeout=30)
         except subprocess.TimeoutExpired:
-            api.kill()
-        core.kill()
-        core.wait()
-    return rows
+            self.api.kill()
+        self.core.kill()
+        self.core.wait()
 
 
 def summarize(rows: list[dict], n: int, output_len: int) -> dict:
@@ -301,9 +306,18 @@ def main() -> None:
     build_tiny(args.tiny)
     trees = [("this", SRC)] + ([("baseline", args.baseline_src)] if args.baseline_src else [])
     rows: dict[str, list] = {label: [] for label, _ in trees}
-    for label, src in trees:
-        print(f"{label}: {src}", flush=True)
-        rows[label] += run_tree(src, args, label)
+    servers = []
+    try:
+        for label, src in trees:
+            print(f"{label}: {src}", flush=True)
+            servers.append(Server(src, args, label))
+        for rep in range(args.repeat):  # the trees alternate: a busy spell hits both
+            for server in servers:
+                for max_tokens in (1, args.output_len):
+                    rows[server.label].append(server.run(rep, max_tokens))
+    finally:
+        for server in servers:
+            server.stop()
     results = {label: summarize(r, args.num_prompts, args.output_len) for label, r in rows.items()}
     print(f"\n{args.num_prompts} streamed requests at once, {args.input_len}-token prompts, "
           f"{args.output_len} tokens, fake core {args.step_ms} ms steps; medians of "
