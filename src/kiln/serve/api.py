@@ -357,18 +357,52 @@ class EventStreamResponse(StreamingResponse):
         self.send_timeout = send_timeout
 
     async def __call__(self, scope, receive, send) -> None:
+        # The send deadline: one timer per stream, armed at the first send and re-armed only
+        # when it fires during a later send (not a timer per chunk, as asyncio.timeout makes).
+        # Like asyncio.timeout it cancels the sending task, and the cancellation it caused
+        # becomes StalledReader.
+        loop = asyncio.get_running_loop()
+        timeout = self.send_timeout
+        sending_since: float | None = None  # loop.time() when the send in progress began
+        timer: asyncio.TimerHandle | None = None
+        task: asyncio.Task | None = None
+        expired = False
+
+        def check() -> None:
+            nonlocal timer, expired
+            timer = None
+            if sending_since is None:  # between sends: the next send arms it again
+                return
+            due = sending_since + timeout
+            if loop.time() < due:
+                timer = loop.call_at(due, check)
+            else:
+                expired = True
+                task.cancel()
+
         async def send_or_give_up(message) -> None:
-            try:  # asyncio.timeout, not wait_for: no task per chunk
-                async with asyncio.timeout(self.send_timeout):
-                    await send(message)
-            except TimeoutError:
-                raise StalledReader from None
+            nonlocal sending_since, timer, task
+            task = asyncio.current_task()
+            cancelling = task.cancelling()
+            sending_since = loop.time()
+            if timer is None:
+                timer = loop.call_at(sending_since + timeout, check)
+            try:
+                await send(message)
+            except asyncio.CancelledError:
+                if expired and task.uncancel() <= cancelling:
+                    raise StalledReader from None
+                raise
+            finally:
+                sending_since = None
 
         try:
             await super().__call__(scope, receive, send_or_give_up)
         except* StalledReader:
             log.info("a client stopped reading its stream for %.0f s: aborted", self.send_timeout)
         finally:
+            if timer is not None:
+                timer.cancel()
             try:
                 await self.body_iterator.aclose()
             finally:
