@@ -48,29 +48,40 @@ class EngineError(KilnError):
 class OutputCollector:
     """The outputs of one request that its consumer has not taken yet, merged."""
 
+    __slots__ = ("kind", "output", "error", "_waiter")
+
     def __init__(self, kind: RequestOutputKind):
         self.kind = kind
         self.output: RequestOutput | None = None
         self.error: BaseException | None = None
-        self.ready = asyncio.Event()
+        self._waiter: asyncio.Future | None = None  # the consumer's, while it waits
 
     def put(self, out: RequestOutput) -> None:
         if self.output is None or self.kind != RequestOutputKind.DELTA:
             self.output = out
         else:
             merge_delta(self.output, out)
-        self.ready.set()
+        self._wake()
 
     def fail(self, error: BaseException) -> None:
         self.error = error
-        self.ready.set()
+        self._wake()
+
+    def _wake(self) -> None:
+        waiter = self._waiter
+        if waiter is not None and not waiter.done():
+            waiter.set_result(None)
 
     async def get(self) -> RequestOutput:
+        # a bare future per wait, not an asyncio.Event: one consumer, woken once per step
         while self.output is None:
             if self.error is not None:
                 raise self.error
-            await self.ready.wait()
-            self.ready.clear()
+            self._waiter = asyncio.get_running_loop().create_future()
+            try:
+                await self._waiter
+            finally:
+                self._waiter = None
         out, self.output = self.output, None
         return out
 
@@ -164,7 +175,7 @@ class AsyncLLM:
         if self._loop is not None:
             return
         self._loop = asyncio.get_running_loop()
-        self.client.start_reader(self._on_message_threadsafe, self._on_dead_threadsafe)
+        self.client.read_on_loop(self._loop, self._on_message, self._on_dead)
 
     async def shutdown(self, drain: bool = True, timeout: float | None = None) -> None:
         """Stop: after what is in flight finishes (drain, at most `timeout` s) or at once;
@@ -178,6 +189,7 @@ class AsyncLLM:
                 pass
         for rid in list(self._collectors):
             self.abort(rid)
+        self.client.stop_reading()
         await asyncio.to_thread(self.client.shutdown)
 
     async def _ready(self) -> None:
@@ -312,13 +324,7 @@ class AsyncLLM:
     def stats(self) -> dict:
         return dict(self.client.stats)
 
-    # ------------------------------------------------------------------ from the reader thread
-
-    def _on_message_threadsafe(self, msg: CoreOutputs) -> None:
-        self._loop.call_soon_threadsafe(self._on_message, msg)
-
-    def _on_dead_threadsafe(self, exitcode: int | None) -> None:
-        self._loop.call_soon_threadsafe(self._on_dead, exitcode)
+    # ------------------------------------------------------------------ from the core (on the loop)
 
     def _on_message(self, msg: CoreOutputs) -> None:
         if msg.deltas:

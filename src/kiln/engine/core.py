@@ -601,7 +601,7 @@ def check_prompt_ids(
 ) -> list[int]:
     """The prompt's ids as ints; InputError (naming `param`) for an empty or out-of-vocab
     prompt, ContextLengthError for one that leaves no room to generate."""
-    ids = [int(t) for t in ids]
+    ids = list(map(int, ids))  # (C loops here and in min/max: a prompt is checked per request)
     if not ids:
         raise InputError("empty prompt: give at least one token", param)
     if len(ids) >= max_model_len:
@@ -609,8 +609,8 @@ def check_prompt_ids(
             f"prompt has {len(ids)} tokens but max_model_len is {max_model_len} "
             "(the prompt must leave room for at least one generated token)", param
         )  # fmt: skip
-    bad = next((t for t in ids if not 0 <= t < vocab_size), None)
-    if bad is not None:
+    if min(ids) < 0 or max(ids) >= vocab_size:
+        bad = next(t for t in ids if not 0 <= t < vocab_size)
         raise InputError(f"token id {bad} is outside the vocabulary [0, {vocab_size})", param)
     return ids
 

@@ -3,7 +3,7 @@
 Two ZeroMQ PUSH/PULL sockets over IPC carry msgpack (msgspec) messages: requests, aborts and
 stops go in; one `CoreOutputs` per engine step comes out with every sequence's new tokens and
 the engine's stats. The core never waits on the API side (its send queue is unbounded); the
-API side reads on a thread of its own and hands each message to its asyncio loop.
+API side reads on its asyncio loop's thread (the socket's descriptor in the loop's selector).
 
 The core may serve several API processes (`kiln serve --api-server-count N`): its one inbox
 is connected to every client's endpoint (ZeroMQ fair-queues them), it has one outbox per
@@ -20,7 +20,6 @@ import signal
 import subprocess
 import sys
 import tempfile
-import threading
 import time
 import traceback
 import uuid
@@ -285,9 +284,10 @@ def pid_alive(pid: int) -> bool:
 
 
 class EngineCoreClient:
-    """Starts the engine-core process and talks to it; `on_message(CoreOutputs)` and
-    `on_dead(exitcode)` are called on the reader thread. `attach` talks to a core another
-    process started (one API process of several): it only watches that core's pid."""
+    """Starts the engine-core process and talks to it; `read_on_loop` calls
+    `on_message(CoreOutputs)` and `on_dead(exitcode)` on an asyncio loop. `attach` talks to a
+    core another process started (one API process of several): it only watches that core's
+    pid."""
 
     def __init__(self, model: str, startup_timeout: float = 1800.0, **engine_kwargs: Any):
         addrs = core_addresses(1)
@@ -324,8 +324,9 @@ class EngineCoreClient:
 
     def _start(self, startup_timeout: float) -> None:
         self.dead = False
-        self._reader: threading.Thread | None = None
         self._closing = False
+        self._loop_reader: tuple[Any, int] | None = None  # (loop, fd) while read_on_loop reads
+        self._watch: Any = None  # its health-check timer
         first = self._wait_ready(startup_timeout)
         self.info: dict[str, Any] = first.ready
         self.stats: dict[str, float] = first.stats or {}
@@ -357,26 +358,52 @@ class EngineCoreClient:
             raise getattr(errors, name, KilnError)(text)  # the core's error type, by name
         return msg
 
-    def start_reader(self, on_message: Callable, on_dead: Callable) -> None:
-        self._reader = threading.Thread(
-            target=self._read, args=(on_message, on_dead), name="kiln-core-reader", daemon=True
-        )
-        self._reader.start()
+    def read_on_loop(self, loop, on_message: Callable, on_dead: Callable) -> None:
+        """Read the core's outputs on `loop`'s thread (call it there), not on a thread of
+        their own: the socket's descriptor in the loop's selector, each message handled as
+        soon as it is read (no GIL hand-off to the loop and no wake-up of it per message);
+        every POLL_MS a timer looks at the core's health. `stop_reading` ends it."""
+        fd = self.outbox.getsockopt(zmq.FD)
 
-    def _read(self, on_message: Callable, on_dead: Callable) -> None:
-        while not self._closing:
-            if self.outbox.poll(POLL_MS):
-                msg = self.decode(self.outbox.recv(copy=False).buffer)
+        def drain() -> None:
+            # ZeroMQ's descriptor is edge-triggered: read until nothing is left
+            while not self._closing:
+                try:
+                    frame = self.outbox.recv(zmq.NOBLOCK, copy=False)
+                except zmq.Again:
+                    return
+                msg = self.decode(frame.buffer)
                 if msg.stats is not None:
                     self.stats = msg.stats
-                on_message(msg)
-            elif not self.core_alive():
-                while self.outbox.poll(0):  # what it said before it died still counts
-                    on_message(self.decode(self.outbox.recv()))
-                if not self._closing:
-                    self.dead = True
-                    on_dead(self.exitcode())
+                try:
+                    on_message(msg)
+                except Exception:  # logged; the messages behind it are still read
+                    log.exception("handling the engine core's outputs failed")
+
+        def watch() -> None:
+            if self._closing:
                 return
+            drain()  # (a missed edge waits here at most POLL_MS)
+            if self.core_alive():
+                self._watch = loop.call_later(POLL_MS / 1000, watch)
+                return
+            drain()  # what it said before it died still counts
+            self.stop_reading()
+            self.dead = True
+            on_dead(self.exitcode())
+
+        self._loop_reader = (loop, fd)
+        loop.add_reader(fd, drain)
+        self._watch = loop.call_later(POLL_MS / 1000, watch)
+        loop.call_soon(drain)  # what came before the descriptor was watched
+
+    def stop_reading(self) -> None:
+        """End `read_on_loop` (on the loop's thread)."""
+        reader = self._loop_reader
+        if reader is not None:
+            self._loop_reader = None
+            reader[0].remove_reader(reader[1])
+            self._watch.cancel()
 
     def _send(self, msg: CoreInput) -> None:
         if not self.dead and not self._closing:
@@ -408,8 +435,6 @@ class EngineCoreClient:
         if self.proc is not None:
             self._send(Shutdown())
         self._closing = True
-        if self._reader is not None:
-            self._reader.join(timeout=5)
         if self.proc is not None:
             try:
                 self.proc.wait(timeout=timeout)

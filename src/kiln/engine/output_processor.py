@@ -52,6 +52,7 @@ class RequestState:
             kind = RequestOutputKind.FINAL_ONLY  # which n survive is known only at the end
         self.kind = kind
         self.changed: set[int] = set()  # delta mode: indexes with something new
+        self.num_finished = 0  # sequences with a finish_reason
         self.prompt_logprobs: list[dict[int, float] | None] | None = None
         self.prompt_logprobs_sent = False  # delta mode: handed out once
 
@@ -117,18 +118,17 @@ class OutputProcessor:
             if stop is not None:
                 s.finish_reason, s.stop_reason = "stop", stop
                 stops.append(StopRequest(req.request_id, d.index, stop))
+                req.num_finished += 1
             elif d.finish_reason is not None:
                 s.finish_reason, s.stop_reason = d.finish_reason, d.stop_reason
+                req.num_finished += 1
             req.changed.add(d.index)
             touched[req.request_id] = req
         outputs = []
         for req in touched.values():
             if req.metrics.first_token_time is None:
                 req.metrics.first_token_time = now
-            done = len(req.seqs) == req.num_seqs and all(
-                s.finish_reason is not None for s in req.seqs.values()
-            )
-            if done:
+            if req.num_finished == req.num_seqs:  # every sequence has finished
                 del self.requests[req.request_id]
                 outputs.append(self._finish(req, now))
             elif req.kind != RequestOutputKind.FINAL_ONLY:
@@ -163,7 +163,8 @@ class OutputProcessor:
     def _output(self, req: RequestState) -> RequestOutput:
         stops = req.params.stop
         if req.kind == RequestOutputKind.DELTA:
-            outs = [self._delta(req.seqs[i], stops, req.finished) for i in sorted(req.changed)]
+            changed = sorted(req.changed) if len(req.changed) > 1 else req.changed
+            outs = [self._delta(req.seqs[i], stops, req.finished) for i in changed]
         else:
             outs = [
                 CompletionOutput(

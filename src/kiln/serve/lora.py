@@ -91,10 +91,12 @@ def parse_lora_modules(specs: list[str]) -> dict[str, str]:
     return out
 
 
-def lora_routes(registry: LoRARegistry, max_body_bytes: int, read_body) -> APIRouter:
-    router = APIRouter(prefix="/v1")
+def lora_routes(
+    router: APIRouter, registry: LoRARegistry, max_body_bytes: int, read_body, deps: list
+) -> None:
+    """vLLM's adapter routes, on `router` (with `deps`)."""
 
-    @router.post("/load_lora_adapter")
+    @router.post("/v1/load_lora_adapter", dependencies=deps)
     async def load(request: Request) -> PlainTextResponse:
         req = parse_request(LoadLoRAAdapterRequest, await read_body(request, max_body_bytes))
         try:
@@ -103,10 +105,8 @@ def lora_routes(registry: LoRARegistry, max_body_bytes: int, read_body) -> APIRo
             raise input_error(e) from None
         return PlainTextResponse(f"Success: LoRA adapter '{req.lora_name}' added successfully.")
 
-    @router.post("/unload_lora_adapter")
+    @router.post("/v1/unload_lora_adapter", dependencies=deps)
     async def unload(request: Request) -> PlainTextResponse:
         req = parse_request(UnloadLoRAAdapterRequest, await read_body(request, max_body_bytes))
         registry.unload(req.lora_name)
         return PlainTextResponse(f"Success: LoRA adapter '{req.lora_name}' removed successfully.")
-
-    return router
