@@ -156,6 +156,16 @@ def server_pids(pid: int) -> dict[str, int]:
     return pids
 
 
+def api_server_count(serve_args: list[str]) -> int:
+    """The --api-server-count among kiln serve's arguments (1 when absent)."""
+    for i, a in enumerate(serve_args):
+        if a == "--api-server-count":
+            return int(serve_args[i + 1])
+        if a.startswith("--api-server-count="):
+            return int(a.partition("=")[2])
+    return 1
+
+
 def run_served(
     src: Path, model: Path, args, serve_args: list[str], rates: list[float], label: str
 ) -> list:
@@ -166,9 +176,12 @@ def run_served(
 
     port = free_port()
     url = f"http://127.0.0.1:{port}"
+    # None refused: with --api-server-count N each API process admits 1/N of --max-queue, and
+    # the kernel spreads connections over them unevenly (3,000 prompts over 4 processes refused
+    # some at a queue of exactly the prompt count), so every process may queue them all.
+    queue = (args.num_prompts + args.warmup) * api_server_count(serve_args)
     cmd = [sys.executable, "-m", "kiln.cli", "serve", "--model", str(model), "--port", str(port),
-           "--max-queue", str(args.num_prompts + args.warmup), "--log-level", "warning",
-           *serve_args]  # fmt: skip
+           "--max-queue", str(queue), "--log-level", "warning", *serve_args]  # fmt: skip
     log = open(args.out / f"serve_{label}.log", "w")
     trace = args.out / "trace" / f"served-{label}" if args.trace else None
     proc = subprocess.Popen(cmd, env=env_for(src, trace), stdout=log, stderr=subprocess.STDOUT)

@@ -5,6 +5,7 @@ import pytest
 import torch
 
 from kiln.kernels.quant_act import quantize_rows_ref as quantize_rows
+from kiln.model import w8a8
 from kiln.model.w8a8 import (
     FP8,
     FUSED_MAX_M,
@@ -80,9 +81,12 @@ def test_concatenated_layer_equals_its_parts(static):
     assert torch.equal(fused(x), torch.cat([p(x) for p in parts], -1))
 
 
-def test_backend_follows_the_row_count():
-    assert pick_backend(FP8, 1) == pick_backend(torch.int8, FUSED_MAX_M) == "fused"
-    assert pick_backend(FP8, FUSED_MAX_M + 1) == "triton"
+def test_backend_follows_the_row_count(monkeypatch):
+    assert pick_backend(FP8, FUSED_MAX_M + 1) == pick_backend(FP8, 1) == "triton"
+    monkeypatch.setattr(w8a8, "FUSED_MAX_M", 4)  # the GEMV, where a deployment turns it on
+    assert pick_backend(FP8, 1) == pick_backend(torch.int8, 4) == "fused"
+    assert pick_backend(FP8, 5) == "triton"
+    monkeypatch.undo()
     assert pick_backend(FP8, SCALED_MM_MIN_M) == "scaled_mm"
     assert pick_backend(torch.int8, 4096) in ("triton", "int_mm")
 

@@ -7,11 +7,12 @@ for the whole tensor (as per-tensor FP8 checkpoints store it).
 The reference runs anywhere: the activations quantized per row in torch
 (kiln.kernels.quant_act), the matmul in float32, the scales applied after. The kernels (CUDA),
 by the number of rows M (pick_backend):
-- M <= FUSED_MAX_M (decode), "fused": one Triton kernel (kiln.kernels.w8a8_mm's GEMV)
-  quantizes x's rows as it loads them and multiplies on the CUDA cores; scales, bias and
-  cast in its epilogue. One launch, and 256 programs at N = 4096, where torch._scaled_mm's
-  rowwise kernel gives N = 4096 only 32 64x128 tiles on 132 SMs (and copies x_scale into a
-  256-row buffer first when M % 256), so it read the weight at a fraction of the bandwidth;
+- M <= FUSED_MAX_M (decode; none by default, see there), "fused": one Triton kernel
+  (kiln.kernels.w8a8_mm's GEMV) quantizes x's rows as it loads them and multiplies on the CUDA
+  cores; scales, bias and cast in its epilogue. One launch, and 256 programs at N = 4096,
+  where torch._scaled_mm's rowwise kernel gives N = 4096 only 32 64x128 tiles on 132 SMs (and
+  copies x_scale into a 256-row buffer first when M % 256), so it read the weight at a
+  fraction of the bandwidth;
 - else one Triton kernel quantizes the activations, then FP8 goes through torch._scaled_mm
   with rowwise scales and the bias in its epilogue ("scaled_mm", from SCALED_MM_MIN_M rows)
   or kiln's tensor-core GEMM ("triton", below), int8 through kiln's GEMM (INT8_GEMM
@@ -45,7 +46,11 @@ from kiln.kernels.w8a8_mm import scale_epilogue_triton, w8a8_gemv_triton, w8a8_m
 
 QDTYPES = {"float": FP8, "int": torch.int8}  # compressed-tensors' `type` -> storage dtype
 
-FUSED_MAX_M = 4  # up to this many rows, one kernel quantizes x and multiplies (a GEMV)
+# Up to this many rows, one kernel quantizes x and multiplies (a GEMV). 0: never by default.
+# Measured on an H100 (notes/BENCHMARKS.md, session 10) the GEMV lost to the two-launch path
+# at M = 4 by 3-6x and at M = 1 on three of Llama-3-8B's four projections (their sum: fp8
+# 122.2 vs 119.8 us, int8 119.2 vs 112.2); it stays as a forced path (bench_w8a8 --backends).
+FUSED_MAX_M = 0
 SCALED_MM_MIN_M = 128  # FP8 from this many rows: torch._scaled_mm; below, kiln's GEMM
 # int8 past FUSED_MAX_M rows: kiln's GEMM ("triton") or torch._int_mm + epilogue ("int_mm").
 INT8_GEMM = os.environ.get("KILN_W8A8_INT8", "triton")
