@@ -66,6 +66,7 @@ def decode_step_ms(model, batch: int, context: int, steps: int, device) -> tuple
     cache.length = context
     tok = torch.randint(0, model.config.vocab_size, (batch, 1), device=device)
 
+    @torch.inference_mode()  # (no autograd records: the reference loop as kiln generate runs it)
     def step():
         pos = torch.full((batch, 1), cache.length, device=device)
         logits = model(tok, pos, cache)
