@@ -161,9 +161,9 @@ class ResidualBlock(nn.Module):
     """Block whose norms fuse the residual adds; carries (hidden, residual) between blocks.
 
     A step of at most `gemv_max_batch` tokens (small-batch decode) runs its four projections
-    as the ops' GEMVs (kiln.kernels.gemv: Triton instead of cuBLAS, or their references; for
-    packed quantized projections kiln.kernels.quant_linear's), with each RMSNorm (and its
-    residual add) and the SiLU-and-mul fused into the GEMV that reads their output.
+    as the ops' GEMVs (kiln.kernels.gemv: Triton instead of cuBLAS, or their references), with
+    each RMSNorm (and its residual add) and the SiLU-and-mul fused into the GEMV that reads
+    their output. Packed quantized projections run their own kernels instead (see _gemv_fits).
     """
 
     def __init__(self, block: Block, ops: Ops, gemv_max_batch: int = 0):
@@ -197,34 +197,29 @@ class ResidualBlock(nn.Module):
         return _silu_mul_gemv(ops, gate_up, mlp.down_proj), residual
 
 
-# The small-batch GEMVs of a plain Linear or a packed quantized one (kiln.kernels.gemv,
-# kiln.kernels.quant_linear): same contracts.
+# The small-batch GEMVs of a plain Linear (kiln.kernels.gemv).
 def _gemv(ops: Ops, x, linear):
-    if isinstance(linear, QuantLinear):
-        return ops.quant_matmul(x, linear.packed, linear.bias)
     return ops.gemv(x, linear.weight, linear.bias)
 
 
 def _rmsnorm_gemv(ops: Ops, x, residual, norm, linear):
-    if isinstance(linear, QuantLinear):
-        return ops.quant_rmsnorm_matmul(x, residual, norm.weight, norm.eps, linear.packed,
-                                        linear.bias)  # fmt: skip
     return ops.rmsnorm_gemv(x, residual, norm.weight, norm.eps, linear.weight, linear.bias)
 
 
 def _silu_mul_gemv(ops: Ops, gate_up, linear):
-    if isinstance(linear, QuantLinear):
-        return ops.quant_silu_mul_matmul(gate_up, linear.packed, linear.bias)
     return ops.silu_mul_gemv(gate_up, linear.weight, linear.bias)
 
 
 def _gemv_fits(attn: FusedAttention, mlp: nn.Module) -> bool:
-    """Whether the block's projections are what the fused GEMVs read: plain Linears or packed
-    int4/int8 ones (not an MoE, not W8A8 Linears, which run their own kernels)."""
+    """Whether the block's projections are what the fused GEMVs read: plain Linears (not an
+    MoE, not W8A8 Linears, not packed int4/int8 ones: those run their own kernels). Packed
+    projections with the norm and SiLU-mul in their GEMVs' prologues decoded at half the speed
+    of the same kernels without them (an H100, Llama-3-8B W4A16: 101.7 vs 193.9 tok/s;
+    notes/BENCHMARKS.md, session 10): each program recomputed the prologue over all of K."""
     if not isinstance(mlp, FusedMLP):
         return False
     projections = (attn.qkv_proj, attn.o_proj, mlp.gate_up_proj, mlp.down_proj)
-    return all(isinstance(m, (nn.Linear, QuantLinear)) for m in projections)
+    return all(isinstance(m, nn.Linear) for m in projections)
 
 
 class GemvLinear(nn.Module):

@@ -31,14 +31,7 @@ from kiln.kernels.paged_decode_attention import (
     paged_decode_attention_triton,
 )
 from kiln.kernels.qkv_prepare import qkv_prepare_ref, qkv_prepare_triton
-from kiln.kernels.quant_linear import (
-    quant_matmul_ref,
-    quant_matmul_triton,
-    quant_rmsnorm_matmul_ref,
-    quant_rmsnorm_matmul_triton,
-    quant_silu_mul_matmul_ref,
-    quant_silu_mul_matmul_triton,
-)
+from kiln.kernels.quant_linear import quant_matmul_ref, quant_matmul_triton
 from kiln.kernels.rmsnorm import rmsnorm_ref, rmsnorm_triton
 from kiln.kernels.rope import rope_ref, rope_triton
 from kiln.kernels.sample import sample_ref, sample_triton
@@ -83,11 +76,8 @@ class Ops:
     rmsnorm_gemv: Callable
     silu_mul_gemv: Callable
     fused_moe: Callable  # a MoE layer's SwiGLU experts (kiln.kernels.fused_moe)
-    # packed weight-only quantized Linears (kiln.model.quant_layers.QuantLinear), alone and
-    # (small-batch decode) with the norm / SiLU-mul before them fused in, as the GEMVs above
+    # packed weight-only quantized Linears (kiln.model.quant_layers.QuantLinear)
     quant_matmul: Callable
-    quant_rmsnorm_matmul: Callable
-    quant_silu_mul_matmul: Callable
     # the sampler's one-pass temperature-only sampling (logits, temperatures, seeds,
     # bitmask=None: structured outputs' allowed tokens)
     sample: Callable
@@ -110,8 +100,6 @@ class Ops:
             silu_mul_gemv=silu_mul_gemv_ref,
             fused_moe=fused_moe_ref,
             quant_matmul=quant_matmul_ref,
-            quant_rmsnorm_matmul=quant_rmsnorm_matmul_ref,
-            quant_silu_mul_matmul=quant_silu_mul_matmul_ref,
             sample=sample_seeded_ref,
         )
 
@@ -133,8 +121,6 @@ class Ops:
             silu_mul_gemv=silu_mul_gemv_triton,
             fused_moe=fused_moe_triton,
             quant_matmul=quant_matmul_triton,
-            quant_rmsnorm_matmul=quant_rmsnorm_matmul_triton,
-            quant_silu_mul_matmul=quant_silu_mul_matmul_triton,
             sample=sample_triton,
         )
 

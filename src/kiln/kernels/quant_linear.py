@@ -11,9 +11,11 @@ x, or a prologue's output, times the packed weight; act-order gathered in the ke
   no split over K: N >= 4096 already gives 256 programs), each field turned into 1 + q/2^bits
   by placing its bits in a float32 mantissa (a shift and a mask, no int-to-float conversion,
   whose throughput is a quarter of an FMA's), accumulated as t = sum x*(1 + q/2^bits) a word
-  and scaled once a word: sum s*(q - z)*x = s * (2^bits * t - (2^bits + z) * sum x). With
-  the engine's small-batch decode path, the RMSNorm (+ residual) or SiLU-and-mul before the
-  projection runs in the kernel's prologue (kiln.kernels.gemv's, the same rounding steps);
+  and scaled once a word: sum s*(q - z)*x = s * (2^bits * t - (2^bits + z) * sum x). The
+  prologue variants (`quant_rmsnorm_matmul_*`, `quant_silu_mul_matmul_*`: the RMSNorm (+
+  residual) or SiLU-and-mul before the projection in the kernel, kiln.kernels.gemv's rounding)
+  are not on the engine's path: each program recomputes the prologue over all of K, and they
+  decoded at half the speed of this kernel after separate norm kernels (H100, session 10);
 - 4 < M < DEQUANT_MIN_M: a tiled GEMM that dequantizes each [BLOCK_N, BLOCK_W] word tile
   field by field (one exact FMA an element) to the activations' dtype and multiplies it with
   tl.dot (float32 accumulator);
