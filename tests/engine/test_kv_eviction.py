@@ -149,6 +149,36 @@ def test_h2o_keeps_the_sinks_the_recent_window_and_the_heavy_blocks():
     assert seq.num_evicted_tokens == 8 and evictor.num_evicted_blocks == 2
 
 
+@pytest.mark.parametrize("backend", ["torch", "triton"])
+def test_h2o_scores_the_last_steps_attention(hf_model_dir, random_prompts, backend):
+    """A sequence's blocks hold the attention mass of its last step's queries only (TOVA's
+    score, kiln.engine.kv_eviction): every query's probabilities sum to one per layer and head,
+    so its slots sum to layers x heads x the step's tokens, not to the mass of every earlier
+    step as well (an accumulated score favors the oldest blocks)."""
+    path, _ = hf_model_dir("llama")
+    prompts = random_prompts((37, 9), seed=7)
+    args = TRITON_DEVICE if backend == "triton" else dict(device="cpu")
+    core = EngineCore(
+        str(path), block_size=BS, kv_eviction="h2o", kv_budget=24, attention_backend=backend,
+        max_num_batched_tokens=10, **args,
+    )  # fmt: skip
+    for i, p in enumerate(prompts):
+        core.add_request(str(i), p, _params(12))
+    cfg, scores = core.model_config, core.runner.kv_cache.scores
+    steps = 0
+    while core.has_work():
+        sched = core.scheduler
+        before = {s.seq_id: s.num_computed_tokens for s in [*sched.running, *sched.waiting]}
+        core.step()
+        for seq in sched.running:
+            if n := seq.num_computed_tokens - before[seq.seq_id]:  # the step's queries
+                mass = scores[torch.tensor(seq.block_table)].sum().item()
+                assert mass == pytest.approx(cfg.num_layers * cfg.num_heads * n, rel=1e-4)
+                steps += 1
+    assert steps > 10 and core.stats()["kv_evicted_blocks_total"] > 0
+    core.block_manager.check_all_free()
+
+
 def test_bad_eviction_settings_are_one_line_errors(hf_model_dir):
     with pytest.raises(InputError, match="kv_budget >= num_sink_tokens \\+ block_size = 20"):
         EngineConfig(kv_eviction="streaming", kv_budget=19)

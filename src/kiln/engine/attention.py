@@ -60,7 +60,7 @@ class KVCache:
         if is_quantized(dtype):
             self.scales = torch.ones(num_layers, 4, num_kv_heads, device=device)
         # H2O (kiln.engine.kv_eviction): each slot's attention mass, summed over every layer,
-        # head and query since its block was handed out; None unless track_scores()
+        # head and query of its sequence's last step; None unless track_scores()
         self.scores: torch.Tensor | None = None
 
     def track_scores(self) -> None:

@@ -48,10 +48,6 @@ class BlockManager:
         self.pending_copies: list[tuple[int, int]] = []  # (src, dst) for copy-on-write
         self.prefix_cache_queries = 0  # prompt tokens looked up
         self.prefix_cache_hits = 0  # of those, found in the cache
-        # Blocks handed out since the last take_fresh() (kept only when asked: H2O's
-        # attention mass of a reused block starts again from zero)
-        self.track_fresh = False
-        self.fresh_blocks: list[int] = []
 
     @property
     def num_blocks(self) -> int:
@@ -75,8 +71,6 @@ class BlockManager:
         block = self.blocks[block_id]
         assert block.ref_count == 0
         block.ref_count = 1
-        if self.track_fresh:
-            self.fresh_blocks.append(block_id)
         return block_id
 
     def _unregister(self, block: Block) -> None:
@@ -190,10 +184,6 @@ class BlockManager:
         for i in reversed(indices):
             self._release(seq.block_table.pop(i))
         seq.num_evicted_tokens += len(indices) * self.block_size
-
-    def take_fresh(self) -> list[int]:
-        fresh, self.fresh_blocks = self.fresh_blocks, []
-        return fresh
 
     def register_full_blocks(self, seq: Sequence) -> None:
         """Enter seq's newly computed full blocks in the prefix cache (a block whose tokens

@@ -9,9 +9,19 @@ Policies (kv_eviction):
 - "streaming" (StreamingLLM, Xiao et al. 2023): the first num_sink_tokens (the attention
   sinks, rounded up to whole blocks) and the most recent blocks; the oldest others go first.
 - "h2o" (Zhang et al. 2023): the sinks, a recent window (half of the blocks past the sinks)
-  and the heavy hitters: the blocks with the most attention mass accumulated so far (every
-  layer's and head's probabilities, summed per slot by the attention ops into the pool's
-  `scores`); the lightest go first.
+  and the heavy hitters: the blocks with the most attention mass (every layer's and head's
+  probabilities, summed per slot by the attention ops into the pool's `scores`); the lightest
+  go first. The mass is that of the sequence's last step's queries (the decoded token, or
+  the prefill chunk): the model runner zeroes the step's sequences' slots before the step,
+  as TOVA (Oren et al. 2024, "Transformers are Multi-State RNNs") scores keys by the current
+  query's attention. H2O's own score, the mass accumulated since a key was stored, favors
+  the oldest keys (more queries saw them) and, once a block is kept, it keeps gathering mass
+  that a newer block cannot catch up with: on kv_quality.py's CPU char model the heavy
+  hitters froze on stale text and h2o fell behind streaming (perplexity +2.54% vs +1.50% at
+  10% of the context); scored by the last step it is +1.45%, but still behind at 20% and 50%
+  (+0.27% / +0.10% vs +0.15% / -0.03%), where that model reads only recent text.
+  A block shared by sequences (a fork, a prefix hit) holds the mass of the last step that
+  ran any of them.
 
 When: before a step stores a sequence's new tokens, blocks are evicted so that its blocks, new
 tokens included, number at most ceil(kv_budget / block_size) (the budget is rounded up to
@@ -33,8 +43,9 @@ and its evictions: it is recomputed from its tokens. Sliding-window models are r
 (make_evictor), beam search where requests are checked (kiln.engine.llm_engine.check_params).
 
 Cost: streaming reads nothing from the device. H2O's attention ops make a second pass over
-the keys (decode with one split: the mass needs each row's final softmax sums), and its
-evictions read the candidate blocks' mass, so an h2o engine runs lockstep (no async
+the keys (decode with one split: the mass needs each row's final softmax sums), each step
+first zeroes its sequences' slots of the mass, and the evictions read the candidate blocks'
+mass, so an h2o engine runs lockstep (no async
 scheduling).
 """
 
@@ -66,7 +77,6 @@ def make_evictor(config: EngineConfig, block_manager: BlockManager, kv_cache, mo
     scores = None
     if config.kv_eviction == "h2o":
         assert kv_cache.scores is not None
-        block_manager.track_fresh = True
         scores = kv_cache.block_scores
     evictor = KVEvictor(config, block_manager, scores)
     log.info(

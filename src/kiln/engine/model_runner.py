@@ -363,8 +363,9 @@ class ModelRunner:
         sequence, and one per speculative token before it. `before_sample(seqs)` runs on the
         host once the forward is queued and before the sampling is (the engine brings the
         sequences' grammars up to date there, while the GPU runs the forward)."""
-        self.kv_cache.reset_scores(out.fresh_blocks)
         self.kv_cache.copy_blocks(out.block_copies)
+        if self.kv_cache.scores is not None:  # H2O: a sequence's mass is its last step's
+            self.kv_cache.reset_scores([b for seq in out.seqs for b in seq.block_table])
         plan = self.last_plan = self.prepare(out, prev, sampler, logits_only)
         if self.tp is not None:  # the workers run the same forward on the same inputs
             self.tp.send_step(plan, out.block_copies, self.graph_runner)

@@ -34,7 +34,6 @@ class SchedulerOutput:
     # Speculative tokens seqs[i] may verify this step (num_new_tokens[i] = 1 + that): slots
     # reserved by schedule(), the count cut to what was proposed by set_spec().
     num_spec_tokens: list[int] = field(default_factory=list)
-    fresh_blocks: list[int] = field(default_factory=list)  # newly handed out (H2O resets them)
     num_preempted: int = 0
 
     def __len__(self) -> int:
@@ -95,7 +94,6 @@ class Scheduler:
         if not out.num_preempted:
             self._admit_waiting(out, budget)
         out.block_copies = bm.take_copies()
-        out.fresh_blocks = bm.take_fresh()
         return out
 
     def _spec_room(self, seq: Sequence, k: int, budget: int) -> int:
