@@ -11,6 +11,10 @@ from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metri
 from prometheus_client.registry import Collector
 
 CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
+# The label values the counters below are known to take (exported at 0 from start-up).
+FINISH_REASONS = ("stop", "length", "abort")
+REJECT_REASONS = ("queue_full", "draining")  # kiln.serve.admission's codes
+ERROR_STATUSES = ("400", "401", "404", "413", "415", "429", "499", "500", "503")
 
 TTFT_BUCKETS = (0.001, 0.005, 0.01, 0.02, 0.04, 0.06, 0.08, 0.1, 0.25, 0.5, 0.75, 1.0, 2.5, 5.0,
                 7.5, 10.0, 20.0, 40.0, 80.0)  # fmt: skip
@@ -121,6 +125,12 @@ class ServerMetrics:
             "kiln:request_errors", "Requests answered with an error, by HTTP status.", ["status"],
             registry=r,
         )  # fmt: skip
+        # Every label value known up front exported at 0 from the start (as vLLM does): a series
+        # born at its first increment hides that increment from rate() and from alerts.
+        for counter, values in ((self.finished, FINISH_REASONS), (self.rejected, REJECT_REASONS),
+                                (self.errors, ERROR_STATUSES)):  # fmt: skip
+            for value in values:
+                counter.labels(value)
 
     def observe_request(
         self, arrival: float, first_token: float | None, finished: float, num_tokens: int
