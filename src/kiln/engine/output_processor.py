@@ -103,6 +103,7 @@ class OutputProcessor:
         """Apply one step's deltas: the outputs to hand out, the sequences to stop."""
         now = time.monotonic()
         touched: dict[str, RequestState] = {}
+        ended: set[str] = set()  # requests a sequence of which finished in this step
         stops: list[StopRequest] = []
         for d in deltas:
             req = self.requests.get(d.request_id)
@@ -119,17 +120,21 @@ class OutputProcessor:
                 stops.append(StopRequest(req.request_id, d.index, stop))
             elif d.finish_reason is not None:
                 s.finish_reason, s.stop_reason = d.finish_reason, d.stop_reason
+            if s.finish_reason is not None:
+                ended.add(req.request_id)
             req.changed.add(d.index)
             touched[req.request_id] = req
         outputs = []
-        for req in touched.values():
+        for rid, req in touched.items():
             if req.metrics.first_token_time is None:
                 req.metrics.first_token_time = now
-            done = len(req.seqs) == req.num_seqs and all(
-                s.finish_reason is not None for s in req.seqs.values()
+            done = (
+                rid in ended
+                and len(req.seqs) == req.num_seqs
+                and all(s.finish_reason is not None for s in req.seqs.values())
             )
             if done:
-                del self.requests[req.request_id]
+                del self.requests[rid]
                 outputs.append(self._finish(req, now))
             elif req.kind != RequestOutputKind.FINAL_ONLY:
                 outputs.append(self._output(req))
@@ -137,10 +142,10 @@ class OutputProcessor:
 
     def _append(self, req: RequestState, s: SeqState, d: SeqDelta) -> str | None:
         """Add a delta's tokens to one sequence; the stop string they complete, if any."""
-        p = req.params
+        p, text = req.params, s.text
         s.cumulative_logprob = d.cumulative_logprob
         for k, token in enumerate(d.new_token_ids):
-            new_text = s.text.append(self.tokenizer, token)
+            new_text = text.append(self.tokenizer, token)
             if s.logprobs is not None and d.new_logprobs is not None:
                 s.logprobs.append(d.new_logprobs[k])
             if new_text and p.stop and s.num_output_tokens >= p.min_tokens:
