@@ -133,6 +133,8 @@ class BlockManager:
             write_idx < len(seq.block_table)
             and self.blocks[seq.block_table[write_idx]].ref_count > 1
         )
+        if num_new_blocks <= 0 and not cow and self.state_slots is None:
+            return True  # its own blocks hold the new tokens (most decodes)
         if max(num_new_blocks, 0) + cow > self.num_free_blocks:
             return False
         if cow:

@@ -444,13 +444,13 @@ class EngineCore:
         """Append the sampled tokens, check token-level stops; the deltas for the caller."""
         deltas = []
         done: list[CoreRequest] = []
-        for i, seq in enumerate(seqs):
+        rows = zip(seqs, result.token_ids, result.logprobs, result.top_logprobs)
+        for seq, token, logprob, top in rows:
             if seq.num_pending:
                 seq.num_pending -= 1
             if seq.is_finished:  # aborted, or ended while this token was in flight
                 continue
-            token, top = result.token_ids[i], result.top_logprobs[i]
-            self._append(seq, token, result.logprobs[i])
+            self._append(seq, token, logprob)
             prompt_logprobs = None
             if seq.prompt_logprobs is not None and not seq.prompt_logprobs_sent:
                 prompt_logprobs, seq.prompt_logprobs_sent = seq.prompt_logprobs, True
@@ -466,7 +466,7 @@ class EngineCore:
                     prompt_logprobs,
                 )
             )
-            if seq.is_finished:
+            if seq.finish_reason is not None:  # (it finished: is_finished)
                 done.append(self.requests[seq.request_id])
         self._finish_requests(done)
         return deltas
@@ -628,14 +628,12 @@ def check_fits_batch(params: SamplingParams, max_num_seqs: int) -> None:
 
 def check_stop_token(seq: Sequence, max_model_len: int) -> None:
     """Finish seq if its newest token ends it: EOS, a stop token id, max_tokens, the context."""
-    p = seq.params
-    token = seq.token_ids[-1]
-    if seq.num_output_tokens >= p.min_tokens:
+    p, ids = seq.params, seq.token_ids
+    token, num_output = ids[-1], len(ids) - seq.num_prompt_tokens
+    if num_output >= p.min_tokens:
         if not p.ignore_eos and token in seq.eos_token_ids:
             return seq.finish("stop")
         if token in p.stop_token_ids:
             return seq.finish("stop", token)
-    if (p.max_tokens is not None and seq.num_output_tokens >= p.max_tokens) or len(
-        seq.token_ids
-    ) >= max_model_len:
+    if (p.max_tokens is not None and num_output >= p.max_tokens) or len(ids) >= max_model_len:
         seq.finish("length")

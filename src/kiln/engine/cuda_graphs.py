@@ -25,6 +25,7 @@ states (`keep_rows`).
 from __future__ import annotations
 
 import functools
+import itertools
 import logging
 
 import numpy as np
@@ -60,10 +61,15 @@ def _smallest_at_least(graphs: dict[int, object], n: int) -> int | None:
     return next((size for size in graphs if size >= n), None)
 
 
-def _write_rows(dst: np.ndarray, tables: list[list[int]]) -> None:
-    """Block tables into the rows of a zeroed host array."""
-    for r, t in enumerate(tables):
-        dst[r, : len(t)] = t
+def write_rows(dst: np.ndarray, tables: list[list[int]]) -> None:
+    """Block tables into the rows of a zeroed host array (one flat conversion of the values
+    and a masked store: a store per row costs more than a whole table of values)."""
+    if not tables:
+        return
+    lens = np.fromiter(map(len, tables), np.int64, len(tables))
+    width = int(lens.max())
+    values = np.fromiter(itertools.chain.from_iterable(tables), dst.dtype, int(lens.sum()))
+    dst[: len(tables), :width][np.arange(width) < lens[:, None]] = values
 
 
 class MixedBuffers:
@@ -264,7 +270,7 @@ class CudaGraphRunner:
             host64[at + top_seqs : at + top_seqs + k] = seeds
         copy_to_device(buf.i64, host64)
         tables = host.tables
-        width = max(len(t) for t in tables)
+        width = max(map(len, tables))
         full_rows = seqs * blocks <= self.TABLE_COPY_LIMIT
         n32 = 3 * top_seqs + 1 + (seqs * blocks if full_rows else 0)
         host32 = np.zeros(n32, dtype=np.int32)
@@ -276,7 +282,7 @@ class CudaGraphRunner:
             t0 = 2 * top_seqs + 1
             host32[t0 : t0 + k] = np.asarray(temps, dtype=np.float32).view(np.int32)
         if full_rows:
-            _write_rows(host32[3 * top_seqs + 1 :].reshape(seqs, blocks), tables)
+            write_rows(host32[3 * top_seqs + 1 :].reshape(seqs, blocks), tables)
         copy_to_device(buf.i32[:n32], host32)
         if not full_rows:
             self._stage_own_columns(buf.block_tables, tables, seqs, width)
@@ -290,7 +296,7 @@ class CudaGraphRunner:
         """Copy the first `rows` table rows, `width` columns only (tables too wide to copy at
         full width; their columns past the width are never read)."""
         padded = np.zeros((rows, width), dtype=np.int32)
-        _write_rows(padded, tables)
+        write_rows(padded, tables)
         block_tables[:rows, :width] = to_device(padded, torch.int32, self.device)
 
     def _gather_pending(self, ids, prev, pend_dst, pend_src) -> None:
@@ -323,7 +329,7 @@ class CudaGraphRunner:
         if seeds is not None:
             host64[3, :b] = seeds
         copy_to_device(self.i64, host64.ravel())
-        width = max(len(t) for t in tables)
+        width = max(map(len, tables))
         full_rows = size * blocks <= self.TABLE_COPY_LIMIT
         n32 = 2 * top + (size * blocks if full_rows else 0)  # from context_lens on
         host32 = np.zeros(n32, dtype=np.int32)
@@ -332,7 +338,7 @@ class CudaGraphRunner:
         if temps is not None:
             host32[top : top + b] = np.asarray(temps, dtype=np.float32).view(np.int32)
         if full_rows:
-            _write_rows(host32[2 * top :].reshape(size, blocks), tables)
+            write_rows(host32[2 * top :].reshape(size, blocks), tables)
         copy_to_device(self.i32[top + 1 : top + 1 + n32], host32)
         if not full_rows:
             self._stage_own_columns(self.block_tables, tables, size, width)

@@ -30,7 +30,12 @@ import torch
 
 from kiln.engine.attention import AttentionMetadata, HiddenSlots, KVCache, PagedBackend
 from kiln.engine.config import CPU_KV_CACHE_BYTES, EngineConfig
-from kiln.engine.cuda_graphs import CudaGraphRunner, graph_batch_sizes, mixed_token_sizes
+from kiln.engine.cuda_graphs import (
+    CudaGraphRunner,
+    graph_batch_sizes,
+    mixed_token_sizes,
+    write_rows,
+)
 from kiln.engine.fuse import bind_quant_ops, fuse_model
 from kiln.engine.kv_scales import KVScales, describe
 from kiln.engine.lora import LoRAManager
@@ -106,10 +111,7 @@ class HostInputs:
     prompt_seqs: list[tuple[Sequence, int]] = field(default_factory=list)
     lora_requests: list = field(default_factory=list)  # [B] each row's adapter (or None)
     row_seqs: list[Sequence] = field(default_factory=list)  # [B] each row's sequence
-
-    @property
-    def num_decodes(self) -> int:
-        return sum(1 for n in self.query_lens if n == 1)
+    num_decodes: int = 0  # the one-token rows, at the front
 
 
 @dataclass
@@ -503,63 +505,70 @@ class ModelRunner:
         """The scheduled tokens as flat host lists, one-token rows first. A sequence with
         speculative tokens feeds its last known token and them, and has logits at each."""
         bs = self.block_size
+        seqs, num_new = out.seqs, out.num_new_tokens
         # decodes first; the tokens of one adapter side by side (kiln.kernels.lora's tiles)
         if self.lora is None:
-            order = sorted(range(len(out)), key=lambda i: out.num_new_tokens[i] != 1)
+            order = [i for i, n in enumerate(num_new) if n == 1]
+            num_decodes = len(order)
+            order += [i for i, n in enumerate(num_new) if n != 1]
         else:
-            order = sorted(
-                range(len(out)),
-                key=lambda i: (out.num_new_tokens[i] != 1, out.seqs[i].lora_int_id),
-            )
-        host = HostInputs()
+            order = sorted(range(len(out)), key=lambda i: (num_new[i] != 1, seqs[i].lora_int_id))
+            num_decodes = sum(1 for n in num_new if n == 1)
+        host = HostInputs(num_decodes=num_decodes)
         input_ids, positions, slots = host.input_ids, host.positions, host.slots
+        add_id, add_pos, add_slot = input_ids.append, positions.append, slots.append
+        add_query, add_context = host.query_lens.append, host.context_lens.append
+        add_table, add_row_seq = host.tables.append, host.row_seqs.append
+        add_lora, add_sample_seq = host.lora_requests.append, host.sample_seqs.append
+        add_logits = host.logits_indices.append
         for i in order:
-            seq, n = out.seqs[i], out.num_new_tokens[i]
-            start, end = seq.num_computed_tokens, seq.num_computed_tokens + n
-            table = seq.block_table
+            seq, n = seqs[i], num_new[i]
+            start = seq.num_computed_tokens
+            end = start + n
+            token_ids, table, spec = seq.token_ids, seq.block_table, seq.spec_token_ids
             if seq.prompt_logprobs is not None and (
                 scored := seq.needs_prompt_logprobs(start, end)
             ):
                 host.prompt_rows.extend(len(input_ids) + p - start for p in scored)
-                host.prompt_targets.extend(seq.token_ids[p + 1] for p in scored)
+                host.prompt_targets.extend(token_ids[p + 1] for p in scored)
                 host.prompt_seqs.append((seq, len(scored)))
-            c = start - seq.num_evicted_tokens  # cache index of token `start` (KV eviction)
+            evicted = seq.num_evicted_tokens
+            c = start - evicted  # cache index of token `start` (KV eviction)
             if n == 1:  # decode: plain ints beat numpy on one element
-                if start < len(seq.token_ids):
-                    input_ids.append(seq.token_ids[start])
+                if start < len(token_ids):
+                    add_id(token_ids[start])
                 else:  # sampled last step, not read back yet
                     host.pend_dst.append(len(input_ids))
                     host.pend_src.append(prev.rows[seq.seq_id])
-                    input_ids.append(0)
-                positions.append(start)
-                slots.append(table[c // bs] * bs + c % bs)
+                    add_id(0)
+                add_pos(start)
+                add_slot(table[c // bs] * bs + c % bs)
             else:
-                input_ids.extend(seq.token_ids[start:end])
-                input_ids.extend(spec := seq.spec_token_ids)
+                input_ids.extend(token_ids[start:end])
+                input_ids.extend(spec)
                 positions.extend(range(start, end))
                 idx = np.arange(c, c + n)
                 slots.extend((np.asarray(table)[idx // bs] * bs + idx % bs).tolist())
-            host.query_lens.append(n)
-            host.lora_requests.append(seq.lora_request)
-            host.row_seqs.append(seq)
-            host.context_lens.append(end - seq.num_evicted_tokens)
-            host.tables.append(table)
-            if end == len(seq) + len(spec := seq.spec_token_ids):
+            add_query(n)
+            add_lora(seq.lora_request)
+            add_row_seq(seq)
+            add_context(end - evicted)
+            add_table(table)
+            if end == len(token_ids) + seq.num_pending + len(spec):  # (len(seq) + spec)
                 if spec:
                     host.logits_indices.extend(range(len(input_ids) - n, len(input_ids)))
                 else:
-                    host.logits_indices.append(len(input_ids) - 1)
-                host.sample_seqs.append(seq)
+                    add_logits(len(input_ids) - 1)
+                add_sample_seq(seq)
         return host
 
     def _stage_eager(self, host: HostInputs, prev: PreviousTokens | None):
         """(input ids, metadata, logits rows or None for all) of an eager step on the device:
         one host buffer, one (pinned, asynchronous on CUDA) copy."""
         tables, query_lens = host.tables, host.query_lens
-        b, width = len(tables), max(len(t) for t in tables)
+        b, width = len(tables), max(map(len, tables))
         padded = np.zeros((b, width), dtype=np.int64)
-        for r, t in enumerate(tables):
-            padded[r, : len(t)] = t
+        write_rows(padded, tables)
         n_tok = len(host.input_ids)
         logits_indices = host.logits_indices
         every_row = len(logits_indices) == n_tok

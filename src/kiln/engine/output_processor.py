@@ -137,10 +137,10 @@ class OutputProcessor:
 
     def _append(self, req: RequestState, s: SeqState, d: SeqDelta) -> str | None:
         """Add a delta's tokens to one sequence; the stop string they complete, if any."""
-        p = req.params
+        p, text = req.params, s.text
         s.cumulative_logprob = d.cumulative_logprob
         for k, token in enumerate(d.new_token_ids):
-            new_text = s.text.append(self.tokenizer, token)
+            new_text = text.append(self.tokenizer, token)
             if s.logprobs is not None and d.new_logprobs is not None:
                 s.logprobs.append(d.new_logprobs[k])
             if new_text and p.stop and s.num_output_tokens >= p.min_tokens:

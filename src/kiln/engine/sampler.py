@@ -162,13 +162,9 @@ class Sampler:
         for s in seqs:
             p = s.params
             if (
-                p.top_k > 0
-                or p.top_p < 1.0
-                or p.min_p > 0
-                or p.has_penalties
-                or p.logprobs is not None
+                not p.temperature_only
                 or s.generator is not None
-                or s.num_output_tokens + s.num_pending < p.min_tokens
+                or (p.min_tokens and s.num_output_tokens + s.num_pending < p.min_tokens)
             ):
                 return False
         return True

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import enum
+import functools
 from dataclasses import dataclass, field
 
 from kiln.engine.structured import StructuredOutputsParams
@@ -113,6 +114,18 @@ class SamplingParams:
     @property
     def greedy(self) -> bool:
         return self.temperature < 1e-5
+
+    @functools.cached_property
+    def temperature_only(self) -> bool:
+        """Whether tokens are drawn on temperature alone: no top-k / top-p / min-p, penalties
+        or top-N logprobs (the fused sampling kernel's terms; read every step, so kept)."""
+        return not (
+            self.top_k > 0
+            or self.top_p < 1.0
+            or self.min_p > 0
+            or self.has_penalties
+            or self.logprobs is not None
+        )
 
     @property
     def has_penalties(self) -> bool:

@@ -78,7 +78,8 @@ class Scheduler:
                 i += 1
                 continue
             num_new = min(seq.num_uncomputed_tokens, budget)
-            self._make_room(seq, num_new)
+            if self.evictor is not None:
+                self.evictor.make_room(seq, num_new)
             while not bm.allocate(seq, num_new):
                 victim = self.running.pop()
                 self._preempt(victim)

@@ -106,7 +106,7 @@ class Sequence:
 
     @property
     def num_uncomputed_tokens(self) -> int:
-        return len(self) - self.num_computed_tokens
+        return len(self.token_ids) + self.num_pending - self.num_computed_tokens  # len(self)
 
     def needs_prompt_logprobs(self, start: int, end: int) -> range:
         """The positions in [start, end) whose logits give a prompt token's logprob that
