@@ -31,7 +31,8 @@ from kiln.engine.transfer import to_device, to_host
 
 
 class PendingSample:
-    """A step's sampled tokens on their way to the host; .result() waits for them."""
+    """A step's sampled tokens on their way to the host; .result() waits for them (once: the
+    engine reads a step's tokens both for its grammars and for its outputs)."""
 
     def __init__(self, tokens, token_lp, top=None):
         # top: (rows, wanted, vals [R, k] | None, ids [R, k] | None, chosen [R]) for logprobs
@@ -44,8 +45,14 @@ class PendingSample:
         if tokens.is_cuda:
             self._event = torch.cuda.Event()
             self._event.record()
+        self._result: SampleResult | None = None
 
     def result(self) -> SampleResult:
+        if self._result is None:
+            self._result = self._read()
+        return self._result
+
+    def _read(self) -> SampleResult:
         if self._event is not None:
             self._event.synchronize()
         tokens, token_lp = self._host[0].tolist(), self._host[1].tolist()
