@@ -261,7 +261,7 @@ def test_bitmask_kernel_matches_reference(device, dtype):
 
 @pytest.mark.gpu
 def test_structured_outputs_under_cuda_graphs_and_async_scheduling(model_dir):
-    """On a GPU (Triton ops, CUDA graphs, async scheduling) the masks act outside the graphs:
+    """On a GPU (Triton ops, CUDA graphs, async scheduling) the masks act in sampling graphs:
     greedy outputs equal the eager, lockstep, torch-ops engine's, and they parse."""
     from kiln.engine.llm import LLM
 
@@ -276,6 +276,18 @@ def test_structured_outputs_under_cuda_graphs_and_async_scheduling(model_dir):
     got = [o.outputs[0].text for o in fast.generate(["Hi"] * len(ps), ps)]
     assert got == want
     json.loads(got[0])
+    # the masks sampled in graphs of their own (one per forward graph the grammar steps ran)
+    assert any(kind == "decode" for kind, _ in fast.engine.runner.graph_runner.mask_graphs)
+    # prompts of many lengths under a small token budget: chunked prefills beside decodes
+    prompts = ["Hi " * n for n in range(1, 33)]
+    small = dict(max_num_batched_tokens=64, max_num_seqs=16)
+    ref = LLM(str(model_dir), device="cuda", use_cuda_graph=False, async_scheduling=False,
+              attention_backend="torch", **small)  # fmt: skip
+    fast = LLM(str(model_dir), device="cuda", **small)
+    want = [o.outputs[0].text for o in ref.generate(prompts, ps)]
+    got = [o.outputs[0].text for o in fast.generate(prompts, ps)]
+    assert got == want
+    assert any(kind == "mixed" for kind, _ in fast.engine.runner.graph_runner.mask_graphs)
 
 
 def test_a_batch_of_live_rows_fills_as_row_by_row(model_dir):

@@ -134,6 +134,11 @@ class CudaGraphRunner:
         self.keep_rows = False  # the graphs return the sampling rows' hidden states too
         self.top = 0
         self._pool = None  # the memory pool every graph shares (the first one's)
+        # structured outputs: per graph, one more graph that samples its logits under a
+        # token bitmask staged in mask_buffer (captured on a grammar step's first use)
+        self.mask_graphs: dict[tuple[str, int], tuple] = {}
+        self.mask_buffer: torch.Tensor | None = None  # [rows, words] int32, -1: all allowed
+        self._mask_pool = None  # theirs (outputs never alias the forward graphs' memory)
 
     def batch_size(self, batch: int) -> int | None:
         """The graph that runs a decode step of `batch` rows (None: no graph is that large)."""
@@ -345,6 +350,53 @@ class CudaGraphRunner:
         ids = self.ids[:b]
         self._gather_pending(ids, prev, pend_dst, pend_src)
         return ids, self.metadata(b, width)
+
+    def sample_masked(
+        self, graph: tuple[str, int], batch: int, bitmask: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """The fused sampling op over the logits `graph` just computed, with the temperatures
+        and seeds staged for it and the first `batch` rows under `bitmask` [batch, words]
+        (kiln.engine.structured.fill_bitmask): (tokens, logprobs) [batch], from a graph of its
+        own (one copy and one replay: a grammar step costs the host what a free one does)."""
+        kind, size = graph
+        if kind == "mixed":
+            buf, seqs = self.mixed_buffers, self.mixed_seqs(size)
+            logits, temps, seeds = self.mixed_logits[size], buf.temperatures, buf.seeds
+            temps, seeds = temps[:seqs], seeds[:seqs]
+        else:
+            logits, temps, seeds = self.logits[size], self.temperatures[:size], self.seeds[:size]
+        rows, words = logits.shape[0], bitmask.shape[1]
+        masks = self.mask_buffer
+        if masks is None or masks.shape[0] < rows or masks.shape[1] != words:
+            top = max(rows, self.top, self.mixed_buffers.seqs if self.mixed_buffers else 0)
+            masks = self.mask_buffer = torch.full(
+                (top, words), -1, dtype=torch.int32, device=self.device
+            )
+            self.mask_graphs.clear()  # they read the old buffer
+        masks[:batch].copy_(bitmask, non_blocking=True)
+        entry = self.mask_graphs.get(graph)
+        if entry is None:
+
+            def run():
+                return self.ops.sample(logits, temps, seeds, bitmask=masks[:rows])
+
+            entry = self.mask_graphs[graph] = self._capture_sample(run)
+        g, (tokens, logprobs) = entry
+        g.replay()
+        return tokens[:batch], logprobs[:batch]
+
+    @torch.inference_mode()
+    def _capture_sample(self, run):
+        """(graph, outputs) of a sampling op `run` (no attention metadata), in the sampling
+        graphs' own pool."""
+        run()  # compile and warm up outside the capture
+        torch.cuda.synchronize()
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph, pool=self._mask_pool):
+            outputs = run()
+        if self._mask_pool is None:
+            self._mask_pool = graph.pool()
+        return graph, outputs
 
     def replay(self, graph: tuple[str, int], batch: int):
         """Replay a graph ("decode", rows) or ("mixed", tokens) over the staged inputs: the

@@ -44,6 +44,7 @@ from kiln.engine.sampler import PendingSample, Sampler
 from kiln.engine.scheduler import SchedulerOutput
 from kiln.engine.sequence import Sequence
 from kiln.engine.state_cache import SSMBackend, StateSlots
+from kiln.engine.structured import fill_bitmask
 from kiln.engine.transfer import to_device
 from kiln.errors import ConfigError
 from kiln.kernels.causal_attention import causal_attention
@@ -137,7 +138,7 @@ class StepPlan:
     # The CUDA graph that runs the step, its inputs staged: ("decode", rows) or ("mixed",
     # tokens) (kiln.engine.cuda_graphs); None: eager.
     graph: tuple[str, int] | None
-    sampling: str  # "graph" | "fast" | "full" | "fork" | "logits"
+    sampling: str  # "graph" | "graph_mask" | "fast" | "full" | "fork" | "logits"
     num_logits: int = 0  # rows of logits the step computes (a mixed graph's are these)
     prompt: HostInputs | None = None  # rows that score prompt tokens (eager steps only)
 
@@ -380,6 +381,10 @@ class ModelRunner:
             return StepOutput(plan.seqs, None, logits, prompt)
         if before_sample is not None:
             before_sample(plan.seqs)
+        if plan.sampling == "graph_mask":
+            bitmask = fill_bitmask([s.grammar for s in plan.seqs], sampler.vocab_size, self.device)
+            sampled = self.graph_runner.sample_masked(plan.graph, len(plan.seqs), bitmask)
+            return StepOutput(plan.seqs, PendingSample(*sampled))
         sample = sampler.sample(logits, plan.seqs, plan.sampling == "fast")
         return StepOutput(plan.seqs, sample, prompt_logprobs=prompt)
 
@@ -469,14 +474,10 @@ class ModelRunner:
             sampling = "logits"
         elif any(s.pending_forks for s in seqs):
             sampling = "fork"
-        elif (
-            graph is not None
-            and fast
-            and graphs.sample_in_graph
-            and every_row
-            and not any(s.grammar is not None for s in seqs)
-        ):  # (a grammar's mask acts on the logits between the graph and the sampler)
-            sampling = "graph"
+        elif graph is not None and fast and graphs.sample_in_graph and every_row:
+            # a grammar's mask is filled once the forward is queued: a graph of its own samples
+            grammar = any(s.grammar is not None for s in seqs)
+            sampling = "graph_mask" if grammar else "graph"
         else:
             sampling = "fast" if fast else "full"
         if self.lora is not None:  # each token's adapter slot, in the graph's buffer too
@@ -487,7 +488,7 @@ class ModelRunner:
             prompt = host if host.prompt_rows else None
             return StepPlan(seqs, ids, md, rows, None, sampling, num_logits, prompt)
         temps = seeds = None
-        if sampling == "graph":
+        if sampling in ("graph", "graph_mask"):
             temps, seeds = sampler.fast_path_inputs(seqs)
         if graph[0] == "mixed":  # the graph computes the sampling rows' logits only
             ids, md = graphs.stage_mixed(graph[1], prev, host, temps, seeds)
