@@ -108,6 +108,8 @@ class HostTimers:
              ("grammars", "kiln.engine.core", "EngineCore._update_grammars"),
              ("sample", "kiln.engine.sampler", "Sampler.sample"),
              ("fill", "kiln.engine.sampler", "fill_bitmask"),
+             ("fill_graph", "kiln.engine.model_runner", "fill_bitmask"),
+             ("mask_graph", "kiln.engine.cuda_graphs", "CudaGraphRunner.sample_masked"),
              ("to_device", "kiln.engine.sampler", "to_device"),
              ("kernel", "kiln.engine.ops", "sample_triton"),
              ("pending", "kiln.engine.sampler", "PendingSample.__init__"),
