@@ -50,6 +50,9 @@ def summarize(steps: list[dict], start: float | None = None, end: float | None =
         "mixed_graph": len(mixed_graph),
         "eager_ms_p50": 1e3 * med(eager, lambda r: r["end"] - r["start"]),
         "graph_ms_p50": 1e3 * med(graph, lambda r: r["end"] - r["start"]),
+        "mixed_ms_p50": 1e3 * med(mixed_graph, lambda r: r["end"] - r["start"]),
+        "mixed_wait_ms_p50": 1e3 * med(mixed_graph, lambda r: r.get("gpu_wait", float("nan"))),
+        "graph_wait_ms_p50": 1e3 * med(graph, lambda r: r.get("gpu_wait", float("nan"))),
         "eager_time_s": sum(s["end"] - s["start"] for s in eager),
         "graph_time_s": sum(s["end"] - s["start"] for s in graph),
         "tokens_p50": med(ran, lambda r: r["tokens"]),
@@ -61,11 +64,12 @@ def summarize(steps: list[dict], start: float | None = None, end: float | None =
 
 def format_row(name: str, s: dict) -> str:
     if not s["steps"]:
-        return f"| {name} | 0 | | | | | | |"
+        return f"| {name} | 0 | | | | | | | |"
     return (
         f"| {name} | {s['steps']} | {s['span_s']:.2f} | {s['idle_s']:.2f} | "
         f"{s['graph']} ({s['mixed_graph']} mixed) / {s['graph_ms_p50']:.2f} / "
         f"{s['graph_time_s']:.2f} | "
+        f"{s['mixed_ms_p50']:.2f} / {s['mixed_wait_ms_p50']:.2f} / {s['graph_wait_ms_p50']:.2f} | "
         f"{s['eager']} / {s['eager_ms_p50']:.2f} / {s['eager_time_s']:.2f} | "
         f"{s['tokens_p50']:.0f} / {s['seqs_p50']:.0f} | {s['eager_tokens_p50']:.0f} |"
     )
@@ -73,8 +77,9 @@ def format_row(name: str, s: dict) -> str:
 
 HEADER = (
     "| run | steps | span s | idle s | graph steps (with prefill) / p50 ms / total s | "
+    "mixed graph step p50 ms / its GPU wait / any graph step's GPU wait | "
     "eager steps / p50 ms / total s | tokens / seqs p50 | eager tokens p50 |\n"
-    "|---|---|---|---|---|---|---|---|"
+    "|---|---|---|---|---|---|---|---|---|"
 )
 
 

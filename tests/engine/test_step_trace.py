@@ -30,3 +30,5 @@ def test_step_trace_records_every_step(hf_model_dir, random_prompts, tmp_path, m
     s = summarize(load(tmp_path))
     assert s["steps"] == len(rows) and s["eager"] == len(ran) and s["graph"] == 0
     assert s["span_s"] >= s["idle_s"] >= 0
+    # the time blocked on a step's tokens is part of the step (none on the CPU: no event)
+    assert all(0 <= r["gpu_wait"] <= r["end"] - r["start"] for r in rows)

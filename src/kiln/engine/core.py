@@ -556,8 +556,9 @@ class EngineCore:
 class StepTrace:
     """KILN_STEP_TRACE=DIR: one JSON line per engine step in DIR/steps-PID.jsonl, written at
     exit: the step's host start and end (perf_counter s), the sequences and tokens it
-    scheduled, how many of them were decodes, the CUDA graph that ran it (null: eager), and
-    the queue after it. For finding where a served run loses time against an offline one."""
+    scheduled, how many of them were decodes, the CUDA graph that ran it (null: eager), the
+    queue after it, and the seconds it spent blocked on the GPU for a step's tokens (the
+    rest is host work). For finding where a served run loses time against an offline one."""
 
     def __init__(self, path: Path):
         self.path = path
@@ -573,13 +574,15 @@ class StepTrace:
         return cls(Path(where) / f"steps-{os.getpid()}.jsonl")
 
     def record(self, core: EngineCore, step):
-        start = time.perf_counter()
+        start, waited = time.perf_counter(), PendingSample.waited
         runner = core.runner
         runner.last_plan = None
         deltas = step()
         plan = runner.last_plan
         sched = core.scheduler
-        row = (start, time.perf_counter(), len(deltas), len(sched.running), len(sched.waiting))
+        end = time.perf_counter()
+        row = (start, end, len(deltas), len(sched.running), len(sched.waiting),
+               PendingSample.waited - waited)  # fmt: skip
         if plan is not None:
             md = plan.metadata
             decodes = sum(1 for n in md.query_lens if n == 1)  # a mixed graph's too
@@ -588,8 +591,8 @@ class StepTrace:
         return deltas
 
     def write(self) -> None:
-        keys = ("start", "end", "deltas", "running", "waiting", "seqs", "tokens", "decodes",
-                "graph")  # fmt: skip
+        keys = ("start", "end", "deltas", "running", "waiting", "gpu_wait", "seqs", "tokens",
+                "decodes", "graph")  # fmt: skip
         with open(self.path, "w") as f:
             for row in self.rows:
                 f.write(json.dumps(dict(zip(keys, row))) + "\n")

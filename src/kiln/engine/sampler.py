@@ -19,6 +19,7 @@ meanwhile).
 
 from __future__ import annotations
 
+import time
 from dataclasses import dataclass
 
 import numpy as np
@@ -32,7 +33,11 @@ from kiln.engine.transfer import to_device, to_host
 
 class PendingSample:
     """A step's sampled tokens on their way to the host; .result() waits for them (once: the
-    engine reads a step's tokens both for its grammars and for its outputs)."""
+    engine reads a step's tokens both for its grammars and for its outputs). `waited`: the
+    host seconds spent blocked on the GPU for them, over the process's life (the step trace
+    reads it: a step that waits is GPU-bound, one that does not is host-bound)."""
+
+    waited = 0.0
 
     def __init__(self, tokens, token_lp, top=None):
         # top: (rows, wanted, vals [R, k] | None, ids [R, k] | None, chosen [R]) for logprobs
@@ -54,7 +59,9 @@ class PendingSample:
 
     def _read(self) -> SampleResult:
         if self._event is not None:
+            t0 = time.perf_counter()
             self._event.synchronize()
+            PendingSample.waited += time.perf_counter() - t0
         tokens, token_lp = self._host[0].tolist(), self._host[1].tolist()
         out: list[dict[int, float] | None] = [None] * len(tokens)
         if self._top is not None:
