@@ -283,9 +283,10 @@ def bench_gemv(cuda: bool, tiny: bool) -> list[str]:
             for m in GEMV_ROWS:
                 default = pick_config(m, one, cuda, sms)
                 candidates = quant_gemv.sweep_configs(m)
-                if tiny:  # each tile once, at SPLIT_K 1 or 2 (the interpreter is slow)
-                    candidates = [c for c in candidates[:: len(quant_gemv.SPLIT_K_CHOICES) + 1]
-                                  if c["SPLIT_K"] <= 2]  # fmt: skip
+                if tiny:  # each tile once, at SPLIT_K 1 or 2 in turn (the interpreter is slow)
+                    n_split = len(quant_gemv.SPLIT_K_CHOICES)  # (candidates: tile by tile)
+                    candidates = [c for i, c in enumerate(candidates)
+                                  if i % n_split == i // n_split % 2]  # fmt: skip
                 timed = gemv_times(xs[m], ws, [default] + candidates, timer)
                 t_default, best = timed[0][0], min(timed, key=lambda tc: tc[0])
                 for t, config in timed[1:]:

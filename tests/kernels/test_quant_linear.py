@@ -100,8 +100,10 @@ def test_every_sweep_config_computes_the_same_product(m, device):
     x = torch.randn(m, 128, device=device)
     ref = quant_matmul_ref(x, p)
     configs = sweep_configs(m)
-    split_k = [c for c in configs if "SPLIT_K" in c]
-    tried = split_k[:: len(SPLIT_K_CHOICES) + 1] + [c for c in configs if "SPLIT_K" not in c]
+    split_k = [c for c in configs if "SPLIT_K" in c]  # tile by tile, n SPLIT_Ks a tile
+    n = len(SPLIT_K_CHOICES)
+    tried = [c for i, c in enumerate(split_k) if i % n == i // n % n]
+    tried += [c for c in configs if "SPLIT_K" not in c]
     for config in [pick_config(m, p, True)] + tried:
         out = quant_matmul_triton(x, p, config=config)
         assert (out - ref).abs().max() < 1e-4 * ref.abs().max(), config

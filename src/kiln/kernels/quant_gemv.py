@@ -64,7 +64,7 @@ def field(words, ones, float_one, I: tl.constexpr, BITS: tl.constexpr):
     bit 0 lands on bit 15, so P = 15 + BITS * (I's place in its byte); the input it multiplies
     is scaled by field_scale(I) so that every product carries q * x / 2^BITS. `ones` (2^BITS -
     1) and `float_one` (0x3F800000) come as runtime values: as literals, ptxas rematerializes
-    the mask into a register before nearly every use (a move a field, measured in the SASS)."""
+    the mask into a register before nearly every use (a move a field, seen in sm_90 SASS)."""
     SHIFT: tl.constexpr = 15 - 8 * (I // (8 // BITS))
     P: tl.constexpr = 15 + BITS * (I % (8 // BITS))
     if SHIFT >= 0:
@@ -117,13 +117,24 @@ def _fma_row(t, xo, xe, f, x_row, ks, k_ok, I: tl.constexpr, BITS: tl.constexpr,
 
 
 @triton.jit
-def _add_group_sums(acc, t, xo, xe, a, b, c, BITS: tl.constexpr):
-    """acc [BLOCK_N, G] += the step's sum of s * (q - z) * x over each group's V words: with
-    T = sum t, XO / XE = sum xo / xe, a * T + b * XO (+ c * XE at 4 bits)."""
-    acc += tl.sum(t, axis=2) * a + tl.sum(xo, axis=2) * b
+def _add_group_sums(acc, t, xo, xe, s, z, BITS: tl.constexpr, HAS_ZEROS: tl.constexpr):
+    """acc [BLOCK_N, G] += the step's sum of s * (q - z) * x over each group's V words, for
+    one row of x: s * (ONE * (T - XS') - z * XS) with T = sum t, XS' = XO + 16 * XE (the
+    inputs as `field` scaled them) and XS = XO + XE, from the x sums xo / xe; the terms of x
+    alone are formed once for all the BLOCK_N weight rows."""
+    ONE: tl.constexpr = 1 << BITS
+    xo = tl.sum(xo, axis=2)  # [1, G]
+    xs = xo
+    u = xo * -ONE  # -ONE * XS'
     if BITS == 4:
-        acc += tl.sum(xe, axis=2) * c
-    return acc
+        xe = tl.sum(xe, axis=2)
+        xs += xe
+        u -= xe * (ONE * 16)
+    if HAS_ZEROS:
+        inner = tl.sum(t, axis=2) * ONE + u - z * xs
+    else:
+        inner = tl.sum(t, axis=2) * ONE + (u - (1 << (BITS - 1)) * xs)
+    return acc + s * inner
 
 
 @triton.jit
@@ -156,7 +167,6 @@ def _quant_gemv_kernel(
         gdc_launch_dependents()
     PACK: tl.constexpr = 32 // BITS
     CHUNK: tl.constexpr = PACK * W
-    ONE: tl.constexpr = 1 << BITS  # every product carries q * x / ONE (see field)
     G: tl.constexpr = BLOCK_W // V  # V-word groups a row per step
     pid_n, pid_k = tl.program_id(0), tl.program_id(1)
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
@@ -184,14 +194,9 @@ def _quant_gemv_kernel(
         k_first = (k_first[:, None] + offs_v[None, :])[None, :, :]
         s_mask = n_ok[:, None] & (w0 + offs_g < hi)[None, :]
         s = _load_group(s_rows + chunk[None, :], s_mask, EVEN)  # [BLOCK_N, G]
+        z = s  # (unused when symmetric)
         if HAS_ZEROS:
             z = _load_group(z_rows + chunk[None, :], s_mask, EVEN)
-        else:
-            z = tl.full([BLOCK_N, G], 1 << (BITS - 1), dtype=tl.float32)
-        # sum s * (q - z) * x = s * (ONE * (t - XS') - z * XS), XS' = sum x * field_scale:
-        a = s * ONE  # [BLOCK_N, G]
-        b = -(ONE + z) * s  # the fields of scale 1
-        c = -(ONE * 16 + z) * s  # the fields of scale 16 (4 bits)
         t0 = tl.zeros([BLOCK_N, G, V], dtype=tl.float32)
         xo0 = tl.zeros([1, G, V], dtype=tl.float32)
         t1, t2, t3, xo1, xo2, xo3 = t0, t0, t0, xo0, xo0, xo0
@@ -212,13 +217,13 @@ def _quant_gemv_kernel(
             if ROWS > 3:
                 x_row = x_ptr + 3 * stride_xm
                 t3, xo3, xe3 = _fma_row(t3, xo3, xe3, f, x_row, ks, k_ok, i, BITS, EVEN)
-        acc0 = _add_group_sums(acc0, t0, xo0, xe0, a, b, c, BITS)
+        acc0 = _add_group_sums(acc0, t0, xo0, xe0, s, z, BITS, HAS_ZEROS)
         if ROWS > 1:
-            acc1 = _add_group_sums(acc1, t1, xo1, xe1, a, b, c, BITS)
+            acc1 = _add_group_sums(acc1, t1, xo1, xe1, s, z, BITS, HAS_ZEROS)
         if ROWS > 2:
-            acc2 = _add_group_sums(acc2, t2, xo2, xe2, a, b, c, BITS)
+            acc2 = _add_group_sums(acc2, t2, xo2, xe2, s, z, BITS, HAS_ZEROS)
         if ROWS > 3:
-            acc3 = _add_group_sums(acc3, t3, xo3, xe3, a, b, c, BITS)
+            acc3 = _add_group_sums(acc3, t3, xo3, xe3, s, z, BITS, HAS_ZEROS)
         words = nxt
     _store_row(acc0, 0, pid_k, offs_n, n_ok, b_ptr, out_ptr, part_ptr, M, N, stride_om, HAS_BIAS)
     if ROWS > 1:
@@ -297,14 +302,16 @@ def sweep_configs(m: int) -> list[dict]:
     BLOCK_W is 128 words a warp: a step's x values of one field ([BLOCK_W] inputs) must give
     each thread its own 4 (one 8-byte load), or Triton lays them out apart from the words and
     converts one to the other every field (through shared memory or shuffles). Smaller
-    BLOCK_N as M grows (the accumulators of M rows share the registers). num_stages: Triton
+    BLOCK_N as M grows (the accumulators of M rows share the registers). A step is 2-16 KiB
+    of words (4 bytes x BLOCK_N x BLOCK_W), with the next one in flight too. num_stages: Triton
     does not software-pipeline this loop (no tl.dot), the kernel prefetches the next step
     itself; one tile asks for 3 stages all the same, in case a Triton version does.
     """
     tiles = {
-        1: [(8, 128, 1, 1), (4, 128, 1, 1), (8, 256, 2, 1), (4, 512, 4, 1), (8, 128, 1, 3)],
+        1: [(8, 128, 1, 1), (4, 128, 1, 1), (8, 256, 2, 1), (4, 512, 4, 1), (8, 512, 4, 1),
+            (8, 128, 1, 3)],
         2: [(4, 128, 1, 1), (8, 128, 1, 1), (2, 128, 1, 1), (4, 256, 2, 1)],
-    }.get(m, [(2, 128, 1, 1), (4, 128, 1, 1), (2, 256, 2, 1), (1, 128, 1, 1)])
+    }.get(m, [(2, 128, 1, 1), (4, 128, 1, 1), (2, 256, 2, 1), (1, 128, 1, 1)])  # fmt: skip
     return [
         dict(BLOCK_N=bn, BLOCK_W=bw, SPLIT_K=split, num_warps=nw, num_stages=ns)
         for bn, bw, nw, ns in tiles
