@@ -21,7 +21,7 @@ Per element: a shift and a mask place the field in a float32 mantissa (`field`: 
 int-to-float conversion, whose throughput is a quarter of an FMA's; one shift serves both
 4-bit fields of a byte) and one FMA adds it, times x, to t; once a step, per row and group
 of V words (one scale, one zero), sum s * (q - z) * x = s * (2^bits * (t - XS') - z * XS),
-with XS the group's sum of x and XS' the same with the inputs as `field_scale` scaled them.
+with XS the group's sum of x and XS' the same with the inputs scaled as `field` asks.
 Each thread holds V = 4 contiguous words of each of its BLOCK_N rows (one 16-byte load) and
 loads the matching x values of a field once (one 8-byte load) for all its rows; the M rows of
 x each have their own accumulators, so that each field, once extracted, serves all of them.
@@ -62,9 +62,10 @@ def field(words, ones, float_one, I: tl.constexpr, BITS: tl.constexpr):
     float32 mantissa under exponent 0 (a shift and a mask: exact, and cheaper than an
     int-to-float conversion). One shift serves a byte's fields: each byte moves so that its
     bit 0 lands on bit 15, so P = 15 + BITS * (I's place in its byte); the input it multiplies
-    is scaled by field_scale(I) so that every product carries q * x / 2^BITS. `ones` (2^BITS -
-    1) and `float_one` (0x3F800000) come as runtime values: as literals, ptxas rematerializes
-    the mask into a register before nearly every use (a move a field, seen in sm_90 SASS)."""
+    is scaled by 2^(23 - BITS - P) (16 for a byte's low nibble at 4 bits, else 1) so that
+    every product carries q * x / 2^BITS. `ones` (2^BITS - 1) and `float_one` (0x3F800000)
+    come as runtime values: as literals, ptxas rematerializes the mask into a register before
+    nearly every use (a move a field, seen in sm_90 SASS)."""
     SHIFT: tl.constexpr = 15 - 8 * (I // (8 // BITS))
     P: tl.constexpr = 15 + BITS * (I % (8 // BITS))
     if SHIFT >= 0:
@@ -76,20 +77,19 @@ def field(words, ones, float_one, I: tl.constexpr, BITS: tl.constexpr):
 
 
 @triton.jit
-def field_scale(I: tl.constexpr, BITS: tl.constexpr):
-    """2^(23 - BITS - P) for field I's mantissa place P (see field): 16 for the low nibble
-    of a byte at 4 bits, else 1."""
-    return 1 << (8 - BITS - BITS * (I % (8 // BITS)))
-
-
-@triton.jit
-def _load_words(w_tile, w0, hi, n_ok, cols, EVEN: tl.constexpr):
-    """The [BLOCK_N, G, V] words of the step at word w0 (zeros past hi: the slice's end)."""
+def _load_words(w_tile, w0, hi, n_ok, BLOCK_N: tl.constexpr, G: tl.constexpr, V: tl.constexpr,
+                EVEN: tl.constexpr):  # fmt: skip
+    """The words of the step at word w0 (zeros past hi: the slice's end), loaded as the
+    [BLOCK_N, BLOCK_W] tile w_tile + w0 and split into [BLOCK_N, G, V]: a 3-D load's layout
+    varies across Triton versions (3.6 spreads a warp's threads over rows, not groups, and
+    converts every field to x's layout through shared memory)."""
+    cols = tl.arange(0, G * V)
     if EVEN:  # whole steps and rows: a step lies wholly inside the slice or past it
-        mask = (w0 + 0 * cols)[None, :, :] < hi  # (one predicate: 0 * cols folds away)
+        mask = (w0 + 0 * cols)[None, :] < hi  # (one predicate: 0 * cols folds away)
     else:
-        mask = n_ok[:, None, None] & ((w0 + cols) < hi)[None, :, :]
-    return tl.load(w_tile + w0, mask=mask, other=0, eviction_policy="evict_first")
+        mask = n_ok[:, None] & ((w0 + cols) < hi)[None, :]
+    words = tl.load(w_tile + w0, mask=mask, other=0, eviction_policy="evict_first")
+    return tl.reshape(words, [BLOCK_N, G, V])
 
 
 @triton.jit
@@ -103,14 +103,15 @@ def _load_group(ptrs, mask, EVEN: tl.constexpr):
 @triton.jit
 def _fma_row(t, xo, xe, f, x_row, ks, k_ok, I: tl.constexpr, BITS: tl.constexpr,
              EVEN: tl.constexpr):  # fmt: skip
-    """One row of x times field I: t += f * x * field_scale(I) ([BLOCK_N, G, V]); x summed
-    into xe ([1, G, V]) for the fields of scale 16, else into xo."""
+    """One row of x times field I: t += f * x * C ([BLOCK_N, G, V]), C = 2^(23 - BITS - P) for
+    the field's mantissa place P (see field); x summed into xe ([1, G, V]) for the fields of
+    scale 16, else into xo."""
     if EVEN:
         x = tl.load(x_row + ks)
     else:
         x = tl.load(x_row + ks, mask=k_ok, other=0.0)
     x = x.to(tl.float32)
-    C: tl.constexpr = field_scale(I, BITS)
+    C: tl.constexpr = 1 << (8 - BITS - BITS * (I % (8 // BITS)))
     if C == 1:
         return t + f * x, xo + x, xe
     return t + f * (x * C), xo, xe + x
@@ -172,14 +173,13 @@ def _quant_gemv_kernel(
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     offs_g = tl.arange(0, G) * V  # first word of each group, from the step's start
     offs_v = tl.arange(0, V)
-    cols = offs_g[:, None] + offs_v[None, :]  # [G, V]
     n_ok = offs_n < N
-    w_tile = w_ptr + offs_n[:, None, None].to(tl.int64) * KW + cols[None, :, :]
+    w_tile = w_ptr + offs_n[:, None].to(tl.int64) * KW + tl.arange(0, BLOCK_W)[None, :]
     s_rows = s_ptr + offs_n[:, None].to(tl.int64) * NC  # [BLOCK_N, 1]
     z_rows = z_ptr + offs_n[:, None].to(tl.int64) * NC
     lo = pid_k * SLICE
     hi = tl.minimum(lo + SLICE, KW)
-    words = _load_words(w_tile, lo, hi, n_ok, cols, EVEN)  # the weights wait for nothing
+    words = _load_words(w_tile, lo, hi, n_ok, BLOCK_N, G, V, EVEN)  # the weights wait for nothing
     if PDL:
         gdc_wait()
     acc0 = tl.zeros([BLOCK_N, G], dtype=tl.float32)  # row r's sums of s * (q - z) * x
@@ -187,7 +187,7 @@ def _quant_gemv_kernel(
     acc2 = acc0
     acc3 = acc0
     for w0 in range(lo, hi, BLOCK_W):
-        nxt = _load_words(w_tile, w0 + BLOCK_W, hi, n_ok, cols, EVEN)
+        nxt = _load_words(w_tile, w0 + BLOCK_W, hi, n_ok, BLOCK_N, G, V, EVEN)
         chunk = (w0 + offs_g) // W  # [G]: each group's chunk (its scale and zero)
         # [1, G, V]: the inputs of field 0 (a multiple of V, written so for the compiler)
         k_first = (chunk * (CHUNK // V) + ((w0 + offs_g) % W) // V) * V
