@@ -9,10 +9,10 @@
   projections, W4 g128 (symmetric and asymmetric) and W8 per channel: microseconds a call
   (median of CUDA-graph replays over rotating weight copies), the weight bytes' GB/s, cuBLAS
   bf16 F.linear's microseconds and the ratio, for the default launch settings and the best of
-  quant_gemv.sweep_configs (each tile at every SPLIT_K; about 3 minutes on an H100, compiles
-  included); then the best settings per (bits, K, N, M) as the dict literal of
-  quant_gemv.TUNED. --tiny: tiny shapes and a few candidates (on a CPU, under Triton's
-  interpreter: to show that it works);
+  quant_gemv.sweep_configs (each tile at every SPLIT_K; 2-4 minutes on an H100 by estimate,
+  about 50 compiles included: not yet run there); then the best per (bits, K, N, M) as the
+  dict literal of quant_gemv.TUNED. --tiny: tiny shapes and a few candidates (on a CPU, under
+  Triton's interpreter: to show that it works);
 - kernels: kiln.kernels.quant_linear (W4 g128, W8 per channel) against cuBLAS bf16
   (F.linear) on Llama-3-8B's projections at M = 1, 16, 64, 256 (and 2048: the dequantize +
   cuBLAS path): median microseconds of CUDA-graph replays over rotating weight copies (so that
@@ -21,7 +21,8 @@
 - decode: batch-1 greedy decode tokens/s through kiln.LLM, bf16 vs W4A16 g128 vs W8A16, on a
   random Llama-3-8B-shaped checkpoint (RTN-quantized on the GPU, written once to --cache);
 - offline: nano-vllm's offline workload (kiln.eval.workload), W4A16 vs bf16.
-Without CUDA every part runs at tiny sizes (the torch reference path) to show that it works.
+Without CUDA every other part runs at tiny sizes (the torch reference path) to show that it
+works.
 """
 
 from __future__ import annotations
