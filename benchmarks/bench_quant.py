@@ -1,9 +1,18 @@
 """Weight-only quantized inference (issue 16): W4A16 / W8A16 kernels and engine speed.
 
+    PYTHONPATH=src:benchmarks python3 benchmarks/bench_quant.py --part gemv [--tiny]
     PYTHONPATH=src:benchmarks python3 benchmarks/bench_quant.py --part kernels [--sweep]
     PYTHONPATH=src:benchmarks python3 benchmarks/bench_quant.py --part decode
     PYTHONPATH=src:benchmarks python3 benchmarks/bench_quant.py --part offline
 
+- gemv: the split-K decode GEMV (kiln.kernels.quant_gemv) at M = 1, 2, 4 on Llama-3-8B's
+  projections, W4 g128 (symmetric and asymmetric) and W8 per channel: microseconds a call
+  (median of CUDA-graph replays over rotating weight copies), the weight bytes' GB/s, cuBLAS
+  bf16 F.linear's microseconds and the ratio, for the default launch settings and the best of
+  quant_gemv.sweep_configs (each tile at every SPLIT_K; 2-4 minutes on an H100 by estimate,
+  about 50 compiles included: not yet run there); then the best per (bits, K, N, M) as the
+  dict literal of quant_gemv.TUNED. --tiny: tiny shapes and a few candidates (on a CPU, under
+  Triton's interpreter: to show that it works);
 - kernels: kiln.kernels.quant_linear (W4 g128, W8 per channel) against cuBLAS bf16
   (F.linear) on Llama-3-8B's projections at M = 1, 16, 64, 256 (and 2048: the dequantize +
   cuBLAS path): median microseconds of CUDA-graph replays over rotating weight copies (so that
@@ -12,7 +21,8 @@
 - decode: batch-1 greedy decode tokens/s through kiln.LLM, bf16 vs W4A16 g128 vs W8A16, on a
   random Llama-3-8B-shaped checkpoint (RTN-quantized on the GPU, written once to --cache);
 - offline: nano-vllm's offline workload (kiln.eval.workload), W4A16 vs bf16.
-Without CUDA every part runs at tiny sizes (the torch reference path) to show that it works.
+Without CUDA every other part runs at tiny sizes (the torch reference path) to show that it
+works.
 """
 
 from __future__ import annotations
@@ -21,25 +31,36 @@ import argparse
 import functools
 import gc
 import json
+import os
 import statistics
+import sys
 import time
+from dataclasses import replace
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
-import triton
-from safetensors.torch import save_file
 
-from kiln.eval.workload import offline_workload, run_offline
-from kiln.kernels.quant_layout import dequantize_ref, pack
-from kiln.kernels.quant_linear import (
+if not torch.cuda.is_available():  # --part gemv runs the kernels under the interpreter
+    os.environ.setdefault("TRITON_INTERPRET", "1")  # before kiln.kernels defines them
+
+import torch.nn.functional as F  # noqa: E402
+import triton  # noqa: E402
+from safetensors.torch import save_file  # noqa: E402
+
+from kiln.eval.workload import offline_workload, run_offline  # noqa: E402
+from kiln.kernels import quant_gemv  # noqa: E402
+from kiln.kernels._triton import num_sms  # noqa: E402
+from kiln.kernels.quant_layout import PackedWeight, dequantize_ref, pack  # noqa: E402
+from kiln.kernels.quant_linear import (  # noqa: E402
     dequantize_triton,
+    pick_config,
     quant_matmul,
+    quant_matmul_ref,
     quant_matmul_triton,
     sweep_configs,
 )
-from kiln.model.quantized import IntWeight, pack_gptq
-from kiln.quant.rtn import grid, to_int
+from kiln.model.quantized import IntWeight, pack_gptq  # noqa: E402
+from kiln.quant.rtn import grid, to_int  # noqa: E402
 
 LLAMA3_8B = dict(
     vocab_size=128256, hidden_size=4096, intermediate_size=14336, num_hidden_layers=32,
@@ -188,10 +209,106 @@ def dequantize(w, dtype):
     return dequantize_triton(w, dtype) if w.qweight.is_cuda else dequantize_ref(w).to(dtype)
 
 
-def _clone(w):
-    from dataclasses import replace
+def _clone(w: PackedWeight) -> PackedWeight:
+    zeros = None if w.zeros is None else w.zeros.clone()
+    return replace(w, qweight=w.qweight.clone(), scales=w.scales.clone(), zeros=zeros)
 
-    return replace(w, qweight=w.qweight.clone(), scales=w.scales.clone())
+
+# ---------------------------------------------------------------- (a') the decode GEMV
+
+GEMV_SHAPES = {"qkv": (4096, 6144), "o": (4096, 4096), "gate_up": (4096, 28672),
+               "down": (14336, 4096)}  # fmt: skip
+TINY_GEMV_SHAPES = {"qkv": (256, 48), "down": (512, 16)}
+# name -> (bits, group_size, symmetric)
+GEMV_WEIGHTS = {"W4 g128 sym": (4, 128, True), "W4 g128 asym": (4, 128, False),
+                "W8 channel": (8, -1, True)}  # fmt: skip
+GEMV_ROWS = (1, 2, 4)
+
+
+def weight_nbytes(w: PackedWeight) -> int:
+    """Bytes a product reads from the weight: the packed words, scales and zeros."""
+    tensors = [w.qweight, w.scales] + ([w.zeros] if w.zeros is not None else [])
+    return sum(t.numel() * t.element_size() for t in tensors)
+
+
+def config_name(c: dict) -> str:
+    return (f"n{c['BLOCK_N']} w{c['BLOCK_W']} split{c['SPLIT_K']} warps{c['num_warps']} "
+            f"stages{c['num_stages']}")  # fmt: skip
+
+
+def gemv_times(x: torch.Tensor, ws: list[PackedWeight], candidates: list[dict], timer):
+    """(seconds a call, config) of each candidate whose output matches the reference (and
+    that fits the GPU), cycling through the weight copies ws."""
+    ref = quant_matmul_ref(x, ws[0]).float()
+    out = []
+    for config in candidates:
+
+        def run(i, config=config):
+            return quant_matmul_triton(x, ws[i % len(ws)], config=config)
+
+        try:
+            y = run(0).float()
+        except triton.runtime.errors.OutOfResources:
+            continue
+        err = ((y - ref).abs().max() / ref.abs().max()).item()
+        assert err < 2e-2, (config, err)  # bfloat16 outputs
+        out.append((timer(run), config))
+    return out
+
+
+def bench_gemv(cuda: bool, tiny: bool) -> list[str]:
+    """The table of --part gemv, then quant_gemv.TUNED's literal (see the module doc)."""
+    dev = "cuda" if cuda else "cpu"
+    timer = graph_time if cuda else functools.partial(cpu_time, reps=1)
+    sms = num_sms(torch.device(dev))
+    lines = [
+        "| shape (K x N) | weights | M | bf16 us | default us | GB/s | x bf16 | best us | GB/s "
+        "| x bf16 | best config (default) |",
+        "|---|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    print("\n".join(lines), flush=True)
+    start = time.perf_counter()
+    totals: dict[tuple, dict[str, float]] = {}  # (bits, K, N, M) -> config name -> seconds
+    named: dict[str, dict] = {}
+    for name, (k, n) in (TINY_GEMV_SHAPES if tiny else GEMV_SHAPES).items():
+        make16 = functools.partial(torch.randn, n, k, device=dev, dtype=torch.bfloat16)
+        w16 = copies(make16, 2 * n * k)
+        xs = {m: torch.randn(m, k, device=dev, dtype=torch.bfloat16) for m in GEMV_ROWS}
+        t16 = {m: timer(lambda i, x=xs[m], ws=w16: F.linear(x, ws[i % len(ws)])) for m in GEMV_ROWS}
+        print(f"({name}: bf16 timed at {time.perf_counter() - start:.0f} s)", file=sys.stderr)
+        for label, (bits, group, sym) in GEMV_WEIGHTS.items():
+            q = rtn(w16[0], bits, group, sym)
+            one = pack(q.q, q.scales, q.zeros, q.g_idx, bits, group)
+            ws = copies(functools.partial(_clone, one), weight_nbytes(one))
+            gb = weight_nbytes(one) / 1e9
+            for m in GEMV_ROWS:
+                default = pick_config(m, one, cuda, sms)
+                candidates = quant_gemv.sweep_configs(m)
+                if tiny:  # each tile once, at SPLIT_K 1 or 2 in turn (the interpreter is slow)
+                    n_split = len(quant_gemv.SPLIT_K_CHOICES)  # (candidates: tile by tile)
+                    candidates = [c for i, c in enumerate(candidates)
+                                  if i % n_split == i // n_split % 2]  # fmt: skip
+                timed = gemv_times(xs[m], ws, [default] + candidates, timer)
+                t_default, best = timed[0][0], min(timed, key=lambda tc: tc[0])
+                for t, config in timed[1:]:
+                    named[config_name(config)] = config
+                    per_config = totals.setdefault((bits, k, n, m), {})
+                    per_config[config_name(config)] = per_config.get(config_name(config), 0) + t
+                lines.append(
+                    f"| {name} {k}x{n} | {label} | {m} | {t16[m] * 1e6:.1f} | "
+                    f"{t_default * 1e6:.1f} | {gb / t_default:.0f} | {t16[m] / t_default:.2f} | "
+                    f"{best[0] * 1e6:.1f} | {gb / best[0]:.0f} | {t16[m] / best[0]:.2f} | "
+                    f"{config_name(best[1])} ({config_name(default)}) |"
+                )
+                print(f"{lines[-1]}  [{time.perf_counter() - start:.0f} s]", flush=True)
+    # the best of each (bits, K, N, M), by the summed time over its weights (sym + asym)
+    tuned = ["TUNED = {  # kiln.kernels.quant_gemv, from benchmarks/bench_quant.py --part gemv"]
+    for key, t in totals.items():
+        best = named[min(t, key=t.get)]
+        tuned.append(f"    {key}: dict({', '.join(f'{k}={v}' for k, v in best.items())}),")
+    tuned.append("}")
+    print("\n".join(tuned), flush=True)
+    return lines + tuned
 
 
 # ---------------------------------------------------------------- checkpoints
@@ -346,15 +463,21 @@ def bench_offline(dirs: dict[str, Path], work, vocab: int) -> list[str]:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("--part", choices=["kernels", "decode", "offline"], default="kernels")
+    ap.add_argument("--part", choices=["gemv", "kernels", "decode", "offline"], default="kernels")
     ap.add_argument("--sweep", action="store_true", help="kernels: also sweep launch configs")
+    ap.add_argument("--tiny", action="store_true", help="gemv: tiny shapes (always on a CPU)")
     ap.add_argument("--cache", default="/tmp/kiln_bench_quant", help="checkpoint folder")
     ap.add_argument("--new-tokens", type=int, default=256)
     ap.add_argument("--num-prompts", type=int, default=256)
     args = ap.parse_args()
     cuda = torch.cuda.is_available()
     device = torch.cuda.get_device_name() if cuda else "CPU (tiny sizes, torch reference)"
+    if not cuda and args.part == "gemv":
+        device = "CPU (tiny sizes, the Triton interpreter)"
     print(f"device: {device}; torch {torch.__version__}", flush=True)
+    if args.part == "gemv":
+        bench_gemv(cuda, args.tiny or not cuda)
+        return
     if args.part == "kernels":
         bench_kernels(cuda, args.sweep)
         return

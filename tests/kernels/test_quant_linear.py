@@ -3,7 +3,9 @@ kernels against the dequantize-then-matmul reference."""
 
 import pytest
 import torch
+from quant_weights import LLAMA3_8B, int_weight, packed_of
 
+from kiln.kernels.quant_gemv import SPLIT_K_CHOICES
 from kiln.kernels.quant_layout import dequantize_ref, pack
 from kiln.kernels.quant_linear import (
     DEQUANT_MIN_M,
@@ -18,29 +20,6 @@ from kiln.kernels.quant_linear import (
     quant_silu_mul_matmul_triton,
     sweep_configs,
 )
-from kiln.model.quantized import IntWeight
-
-
-def int_weight(k, n, bits, group_size, sym, act_order, device="cpu", seed=0) -> IntWeight:
-    """Random integers, fp16 scales and zeros; act-order: groups given to shuffled inputs."""
-    gen = torch.Generator().manual_seed(seed)
-    size = k if group_size == -1 else group_size
-    groups = k // size
-    q = torch.randint(0, 2**bits, (k, n), generator=gen, dtype=torch.int32)
-    scales = (torch.rand(groups, n, generator=gen) * 0.02 + 0.002).half()
-    if sym:
-        zeros = torch.full((groups, n), 2 ** (bits - 1), dtype=torch.int32)
-    else:
-        zeros = torch.randint(0, 2**bits, (groups, n), generator=gen, dtype=torch.int32)
-    g_idx = torch.arange(k) // size
-    if act_order:
-        g_idx = g_idx[torch.randperm(k, generator=gen)]
-    w = IntWeight(q, scales, zeros, g_idx.int(), bits)
-    return IntWeight(*(t.to(device) for t in (w.q, w.scales, w.zeros, w.g_idx)), bits)
-
-
-def packed_of(w: IntWeight, group_size: int):
-    return pack(w.q, w.scales, w.zeros, w.g_idx, w.bits, group_size)
 
 
 @pytest.mark.parametrize("act_order", [False, True], ids=["ordered", "act_order"])
@@ -114,12 +93,18 @@ def test_dequantize_triton_matches_reference(bits, group_size, sym, device):
 
 @pytest.mark.parametrize("m", [1, 3, 64])
 def test_every_sweep_config_computes_the_same_product(m, device):
-    """Each candidate of the GPU sweep (and the default) is a valid launch here too."""
+    """Each candidate tile of the GPU sweep (and the default) is a valid launch here too; the
+    split-K GEMV's tiles each at one SPLIT_K, in turn (a runtime argument: no new code)."""
     w = int_weight(128, 32, 4, 64, False, False, device)
     p = packed_of(w, 64)
     x = torch.randn(m, 128, device=device)
     ref = quant_matmul_ref(x, p)
-    for config in [pick_config(m, 32, True)] + sweep_configs(m):
+    configs = sweep_configs(m)
+    split_k = [c for c in configs if "SPLIT_K" in c]  # tile by tile, n SPLIT_Ks a tile
+    n = len(SPLIT_K_CHOICES)
+    tried = [c for i, c in enumerate(split_k) if i % n == i // n % n]
+    tried += [c for c in configs if "SPLIT_K" not in c]
+    for config in [pick_config(m, p, True)] + tried:
         out = quant_matmul_triton(x, p, config=config)
         assert (out - ref).abs().max() < 1e-4 * ref.abs().max(), config
 
@@ -129,10 +114,6 @@ def test_dispatcher_runs_the_reference_on_cpu():
     p = packed_of(w, 32)
     x = torch.randn(2, 64)
     assert torch.equal(quant_matmul(x, p), quant_matmul_ref(x, p))
-
-
-# Llama-3-8B projections (K, N), fused as the engine runs them: qkv, o, gate_up, down.
-LLAMA3_8B = [(4096, 6144), (4096, 4096), (4096, 28672), (14336, 4096)]
 
 
 @pytest.mark.gpu

@@ -3,19 +3,21 @@ read packed, float32 accumulation. Entry points: `quant_matmul_ref` (dequantize,
 F.linear), `quant_matmul_triton` and the dispatcher `quant_matmul`; with a prologue,
 `quant_rmsnorm_matmul_*` and `quant_silu_mul_matmul_*`.
 
-The packed layout: kiln.kernels.quant_layout (PackedWeight).
+The packed layout: kiln.kernels.quant_layout (PackedWeight). `_launch` runs every path but
+the long-prefill one (x, or a prologue's output, times the packed weight; act-order gathered
+in the kernel).
 
-Three paths, by the number of rows M (pick_config), all launched by `_launch` (one kernel:
-x, or a prologue's output, times the packed weight; act-order gathered in the kernel):
-- M <= 4 (decode): broadcast-multiply-and-sum, small output tiles (16 weight rows a program,
-  no split over K: N >= 4096 already gives 256 programs), each field turned into 1 + q/2^bits
-  by placing its bits in a float32 mantissa (a shift and a mask, no int-to-float conversion,
-  whose throughput is a quarter of an FMA's), accumulated as t = sum x*(1 + q/2^bits) a word
-  and scaled once a word: sum s*(q - z)*x = s * (2^bits * t - (2^bits + z) * sum x). The
-  prologue variants (`quant_rmsnorm_matmul_*`, `quant_silu_mul_matmul_*`: the RMSNorm (+
-  residual) or SiLU-and-mul before the projection in the kernel, kiln.kernels.gemv's rounding)
-  are not on the engine's path: each program recomputes the prologue over all of K, and they
-  decoded at half the speed of this kernel after separate norm kernels (H100, session 10);
+Three paths, by the number of rows M (pick_config):
+- M <= 4 (decode): the split-K GEMV of kiln.kernels.quant_gemv (each field turned into a
+  float32 by placing its bits in a mantissa, one FMA an element, one scale a group of words;
+  programs over slices of K, partial sums added by a second kernel). The prologue variants
+  (`quant_rmsnorm_matmul_*`, `quant_silu_mul_matmul_*`: the RMSNorm (+ residual) or
+  SiLU-and-mul before the projection in the kernel, kiln.kernels.gemv's rounding) keep the
+  broadcast-multiply-and-sum branch of `_quant_matmul_kernel` (16 weight rows a program over
+  the whole K, accumulated as t = sum x*(1 + q/2^bits) a word and scaled once a word:
+  sum s*(q - z)*x = s * (2^bits * t - (2^bits + z) * sum x)); they are not on the engine's
+  path: each program recomputes the prologue over all of K, and they decoded at half the
+  speed of the plain kernel after separate norm kernels (H100, session 10);
 - 4 < M < DEQUANT_MIN_M: a tiled GEMM that dequantizes each [BLOCK_N, BLOCK_W] word tile
   field by field (one exact FMA an element) to the activations' dtype and multiplies it with
   tl.dot (float32 accumulator);
@@ -30,9 +32,11 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from kiln.kernels import quant_gemv
 from kiln.kernels._triton import (
     gdc_launch_dependents,
     gdc_wait,
+    num_sms,
     pdl_options,
     tl,
     triton,
@@ -232,16 +236,24 @@ def _dequantize_kernel(
                  mask=mask & (ks[None, :] < K))  # fmt: skip
 
 
-def pick_config(m: int, n: int, is_cuda: bool) -> dict:
-    """Launch settings by row count: a guess from the arithmetic below, not yet measured (sweep
-    on an H100: benchmarks/bench_quant.py --sweep).
+def pick_config(m: int, w: PackedWeight, is_cuda: bool, sms: int = 132) -> dict:
+    """Launch settings by row count: M <= 4 the split-K GEMV's (quant_gemv.default_config),
+    above the tensor-core tiles of matmul_config."""
+    if m <= BROADCAST_MAX_M:
+        return quant_gemv.default_config(m, w, is_cuda, sms)
+    return matmul_config(m, is_cuda)
 
-    M <= 4: 16 weight rows a program (4 warps of 4 rows each: every thread reuses its x values
-    and their prologue over its 4 rows), 64 words (512 int4 inputs) a row per step, 4 stages in
-    flight; N = 4096 gives 256 programs. Larger M, tl.dot tiles: each weight tile is dequantized
-    once per BLOCK_M rows (4 ALU operations an element), so BLOCK_M grows to 128 (the tensor
-    cores, not the dequantization, then bound it), 64 columns wide so that N = 4096 at M = 256
-    still gives 128 programs.
+
+def matmul_config(m: int, is_cuda: bool) -> dict:
+    """_quant_matmul_kernel's settings: a guess from the arithmetic below, not yet measured
+    (sweep on an H100: benchmarks/bench_quant.py --sweep).
+
+    M <= 4 (the prologue-fused variants only): broadcast-and-sum, 16 weight rows a program
+    (4 warps of 4 rows each: every thread reuses its x values and their prologue over its 4
+    rows), 64 words (512 int4 inputs) a row per step, 4 stages in flight. Larger M, tl.dot
+    tiles: each weight tile is dequantized once per BLOCK_M rows (4 ALU operations an
+    element), so BLOCK_M grows to 128 (the tensor cores, not the dequantization, then bound
+    it), 64 columns wide so that N = 4096 at M = 256 still gives 128 programs.
     """
     if not is_cuda:
         block_m = triton.next_power_of_2(m) if m <= BROADCAST_MAX_M else 16
@@ -260,14 +272,8 @@ def pick_config(m: int, n: int, is_cuda: bool) -> dict:
 
 
 def sweep_configs(m: int) -> list[dict]:
-    """Candidate launch settings for M rows (benchmarks/bench_quant.py --sweep); for M <= 4
-    also tensor-core tiles (M padded to 16)."""
-    bm = triton.next_power_of_2(m)
-    broadcast = [
-        dict(BLOCK_M=bm, BLOCK_N=bn, BLOCK_W=bw, DOT=False, num_warps=nw, num_stages=ns)
-        for bn, bw, nw, ns in [(4, 128, 4, 3), (8, 64, 4, 4), (16, 64, 4, 4), (16, 32, 4, 4),
-                               (32, 32, 4, 3), (32, 64, 8, 3), (16, 128, 8, 3), (64, 16, 4, 4)]
-    ]  # fmt: skip
+    """Candidate launch settings for M rows (benchmarks/bench_quant.py): for M <= 4 the
+    split-K GEMV's (quant_gemv.sweep_configs) and a few tensor-core tiles (M padded to 16)."""
     dots = [
         dict(BLOCK_M=bm, BLOCK_N=bn, BLOCK_W=bw, DOT=True, num_warps=nw, num_stages=ns)
         for bm, bn, bw, nw, ns in [(16, 16, 64, 4, 4), (16, 32, 32, 4, 3), (16, 64, 32, 4, 3),
@@ -276,7 +282,7 @@ def sweep_configs(m: int) -> list[dict]:
                                    (64, 64, 64, 4, 3), (128, 32, 32, 4, 3), (256, 32, 32, 8, 3)]
     ]  # fmt: skip
     if m <= BROADCAST_MAX_M:
-        return broadcast + dots[:3]
+        return quant_gemv.sweep_configs(m) + dots[:3]
     return [c for c in dots if c["BLOCK_M"] <= max(16, triton.next_power_of_2(m))]
 
 
@@ -306,10 +312,17 @@ def _launch(
 ) -> torch.Tensor:
     m, (n, kw) = x2.shape[0], w.qweight.shape
     assert x2.stride(-1) == 1
-    out = torch.empty(m, n, dtype=x2.dtype, device=x2.device)
     if m == 0:
-        return out
-    config = dict(config or pick_config(m, n, x2.is_cuda))
+        return torch.empty(m, n, dtype=x2.dtype, device=x2.device)
+    if config is None and prologue == _PLAIN:
+        config = pick_config(m, w, x2.is_cuda, num_sms(x2.device))
+    if config is None:
+        config = matmul_config(m, x2.is_cuda)
+    if "SPLIT_K" in config:  # M <= 4, no prologue: the split-K GEMV
+        assert prologue == _PLAIN, "the split-K GEMV has no prologue"
+        return quant_gemv.quant_gemv_triton(x2, w, bias, config)
+    out = torch.empty(m, n, dtype=x2.dtype, device=x2.device)
+    config = dict(config)
     block_m, block_n = config.pop("BLOCK_M"), config.pop("BLOCK_N")
     pdl = use_pdl(x2) and not config["DOT"]
     config.update(pdl_options(pdl))
