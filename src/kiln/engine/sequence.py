@@ -35,6 +35,10 @@ class Sequence:
         self.num_prompt_tokens = len(token_ids)
         self.params = params
         self.eos_token_ids = eos_token_ids
+        # the token ids that may end it (EOS unless ignore_eos, stop_token_ids): the engine
+        # tests every new token against them
+        eos = frozenset() if params.ignore_eos else eos_token_ids
+        self.stop_token_set = eos | frozenset(params.stop_token_ids)
         self.status = SequenceStatus.WAITING
         self.num_computed_tokens = 0  # tokens whose K/V sit in the pool
         self.num_cached_tokens = 0  # of those, how many came from prefix-cache hits
