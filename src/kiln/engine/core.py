@@ -275,10 +275,10 @@ class EngineCore:
         if req is None:
             return False
         self._remove(request_id)
-        for seq in req.seqs:
-            if not seq.is_finished:
-                seq.finish("abort")
-                self.scheduler.finish(seq)
+        live = [seq for seq in req.seqs if not seq.is_finished]
+        for seq in live:
+            seq.finish("abort")
+        self.scheduler.finish_all(live)
         return True
 
     def finish_seq(self, request_id: str, index: int, reason: str, stop_reason=None) -> None:
@@ -443,8 +443,7 @@ class EngineCore:
     def _process(self, seqs: list[Sequence], result) -> list[SeqDelta]:
         """Append the sampled tokens, check token-level stops; the deltas for the caller.
         (The per-sequence work is inline: this loop runs for every sequence every step.)"""
-        deltas = []
-        done: list[CoreRequest] = []
+        deltas, ended = [], []
         max_len, finished = self.max_model_len, SequenceStatus.FINISHED
         rows = zip(seqs, result.token_ids, result.logprobs, result.top_logprobs)
         for seq, token, logprob, top in rows:
@@ -463,8 +462,7 @@ class EngineCore:
             ):  # it may end here: check_stop_token decides
                 check_stop_token(seq, max_len)
                 if seq.status is finished:
-                    self.scheduler.finish(seq)
-                    done.append(self.requests[seq.request_id])
+                    ended.append(seq)
             prompt_logprobs = None
             if seq.prompt_logprobs is not None and not seq.prompt_logprobs_sent:
                 prompt_logprobs, seq.prompt_logprobs_sent = seq.prompt_logprobs, True
@@ -481,7 +479,8 @@ class EngineCore:
                 )
             )
         self.generation_tokens_total += len(deltas)
-        self._finish_requests(done)
+        self.scheduler.finish_all(ended)
+        self._finish_requests([self.requests[seq.request_id] for seq in ended])
         return deltas
 
     def _finish_requests(self, done: list[CoreRequest]) -> None:

@@ -184,8 +184,25 @@ class Scheduler:
 
     def finish(self, seq: Sequence) -> None:
         """Drop a finished or aborted sequence and return its blocks."""
-        if seq in self.running:
-            self.running.remove(seq)
-        elif seq in self.waiting:
-            self.waiting.remove(seq)
-        self.block_manager.free(seq)
+        self.finish_all([seq])
+
+    def finish_all(self, seqs: list[Sequence]) -> None:
+        """Drop finished or aborted sequences and return their blocks, in order; more than a
+        few in one pass over the queues (not a scan and a remove each: at 256 running, one
+        pass in Python costs about what 4 scans in C do)."""
+        if len(seqs) <= 4:
+            for seq in seqs:
+                if seq in self.running:
+                    self.running.remove(seq)
+                elif seq in self.waiting:
+                    self.waiting.remove(seq)
+        else:
+            gone = set(seqs)
+            running = [s for s in self.running if s not in gone]
+            if len(self.running) - len(running) < len(gone):  # (preempted ones wait)
+                waiting = [s for s in self.waiting if s not in gone]
+                self.waiting.clear()
+                self.waiting.extend(waiting)
+            self.running[:] = running
+        for seq in seqs:
+            self.block_manager.free(seq)
