@@ -63,13 +63,18 @@ class Scheduler:
         """The step's work; decodes reserve up to `num_spec_tokens` speculative tokens."""
         out = SchedulerOutput()
         budget = self.config.max_num_batched_tokens
-        bm = self.block_manager
+        bm, running, max_len = self.block_manager, self.running, self.max_model_len
         i = 0
-        while i < len(self.running) and budget > 0:
-            seq = self.running[i]
-            if seq.num_pending and seq.reaches_limit(self.max_model_len):
-                i += 1  # finishes when its token in flight arrives
-                continue
+        while i < len(running) and budget > 0:
+            seq = running[i]
+            pending = seq.num_pending
+            if pending:  # do its tokens in flight end it by length? (inline: every step)
+                n, max_tokens = len(seq.token_ids) + pending, seq.params.max_tokens
+                if n >= max_len or (
+                    max_tokens is not None and n - seq.num_prompt_tokens >= max_tokens
+                ):
+                    i += 1  # finishes when its token in flight arrives
+                    continue
             if num_spec_tokens and (k := self._spec_room(seq, num_spec_tokens, budget)):
                 out.seqs.append(seq)
                 out.num_new_tokens.append(1 + k)
@@ -77,11 +82,13 @@ class Scheduler:
                 budget -= 1 + k
                 i += 1
                 continue
-            num_new = min(seq.num_uncomputed_tokens, budget)
+            num_new = len(seq.token_ids) + pending - seq.num_computed_tokens  # uncomputed
+            if num_new > budget:
+                num_new = budget
             if self.evictor is not None:
                 self.evictor.make_room(seq, num_new)
             while not bm.allocate(seq, num_new):
-                victim = self.running.pop()
+                victim = running.pop()
                 self._preempt(victim)
                 out.num_preempted += 1
                 if victim is seq:

@@ -91,15 +91,6 @@ class Sequence:
         """Generated tokens the host knows (in flight ones not counted)."""
         return len(self.token_ids) - self.num_prompt_tokens
 
-    def reaches_limit(self, max_model_len: int) -> bool:
-        """Whether the tokens in flight already end the sequence by length (so it need not
-        be scheduled again: it finishes as soon as they arrive)."""
-        n = len(self)
-        max_tokens = self.params.max_tokens
-        return n >= max_model_len or (
-            max_tokens is not None and n - self.num_prompt_tokens >= max_tokens
-        )
-
     @property
     def output_token_ids(self) -> list[int]:
         return self.token_ids[self.num_prompt_tokens :]
