@@ -12,6 +12,9 @@ from kiln.errors import InputError
 MAX_LOGPROBS = 20  # top-N logprobs a request may ask for (the server's limit too)
 
 
+GREEDY_BELOW = 1e-5  # a temperature below this is greedy (argmax)
+
+
 class RequestOutputKind(enum.IntEnum):
     """What each RequestOutput of a running request carries (vLLM's names)."""
 
@@ -113,7 +116,7 @@ class SamplingParams:
 
     @property
     def greedy(self) -> bool:
-        return self.temperature < 1e-5
+        return self.temperature < GREEDY_BELOW
 
     @functools.cached_property
     def temperature_only(self) -> bool:
