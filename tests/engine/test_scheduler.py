@@ -51,3 +51,26 @@ def test_finish_all_of_few():
     sched.finish_all([seqs[1], seqs[4]])  # one running, one waiting
     assert [s.seq_id for s in sched.running] == [0, 2] and list(sched.waiting) == [seqs[3]]
     assert not seqs[1].block_table
+
+
+def test_update_registers_each_block_once_its_tokens_are_known():
+    """Decode steps with the sampled token read back before the next step (lockstep) or
+    one step later (async scheduling: in flight meanwhile): after every update, every full
+    block whose tokens the host knows is in the prefix cache, and no other."""
+    for in_flight in (False, True):
+        sched = Scheduler(EngineConfig(), BlockManager(64, 4), max_model_len=64)
+        seq = Sequence(0, "0", 0, list(range(6)), SamplingParams())
+        sched.add(seq)
+        for token in range(100, 130):
+            sched.update(sched.schedule())
+            known = min(seq.num_computed_tokens, len(seq.token_ids)) // 4
+            assert seq.num_registered_blocks == known
+            hashes = sched.block_manager.hash_to_block
+            assert [hashes[h] for h in seq.block_hashes[:known]] == seq.block_table[:known]
+            if in_flight:  # this step's token flies while the last one's is read
+                seq.num_pending += 1
+                if token > 100:
+                    seq.token_ids.append(token - 1)
+                    seq.num_pending -= 1
+            else:
+                seq.token_ids.append(token)

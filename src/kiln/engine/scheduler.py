@@ -174,16 +174,24 @@ class Scheduler:
         """Advance the computed counts after the model ran; register newly full blocks. A
         verify step keeps the K/V of its input token and of the `num_accepted[i]` accepted
         speculative tokens; the slots of the rejected ones go back."""
+        bm = self.block_manager
+        if num_accepted is None:  # (every step but a verify one: a tight loop)
+            bs = bm.block_size
+            for seq, num_new in zip(out.seqs, out.num_new_tokens):
+                computed = seq.num_computed_tokens = seq.num_computed_tokens + num_new
+                if computed // bs > seq.num_registered_blocks:  # a block may have filled
+                    bm.register_full_blocks(seq)
+            return
         for i, (seq, num_new) in enumerate(zip(out.seqs, out.num_new_tokens)):
-            if num_accepted is not None and seq.spec_token_ids:
+            if seq.spec_token_ids:
                 num_new = 1 + num_accepted[i]
                 seq.spec_token_ids, seq.spec_probs = [], None
                 seq.num_computed_tokens += num_new
                 seq.num_draft_computed = min(seq.num_draft_computed, seq.num_computed_tokens)
-                self.block_manager.trim(seq, seq.num_computed_tokens)
+                bm.trim(seq, seq.num_computed_tokens)
             else:
                 seq.num_computed_tokens += num_new
-            self.block_manager.register_full_blocks(seq)
+            bm.register_full_blocks(seq)
 
     def add_running(self, seq: Sequence) -> None:
         """A forked sibling joins the running set."""
