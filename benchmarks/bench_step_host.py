@@ -20,8 +20,10 @@ Parts (us a step, and us per sequence a step): schedule (Scheduler.schedule), pr
 forward (the model or its stand-in), sample (the sampler, eager only), update
 (Scheduler.update), result (PendingSample.result: the sampled tokens to the host), process
 (EngineCore._process: append, stop checks, deltas), output (the OutputProcessor:
-detokenization, RequestOutputs), other (the rest of engine.step). Each part's median over the
-timed steps; with --repeat, the least of the repeats' medians (a shared machine).
+detokenization, RequestOutputs), other (the rest of engine.step); core: the step less output
+(what the engine-core process pays when serving: there the output processor runs in the API
+process). Each part's median over the timed steps; with --repeat, the least of the repeats'
+medians (a shared machine).
 
     PYTHONPATH=src:benchmarks python benchmarks/bench_step_host.py [--path eager] [--profile]
 """
@@ -177,6 +179,7 @@ def run_case(llm: LLM, timer: Timer, n: int, mixed: bool, steps: int, seed: int)
         part = timer.step
         inner = part.get("flatten", 0.0)  # (counted inside prepare)
         part["other"] = total - sum(part.values()) + inner
+        part["core"] = total - part.get("output", 0.0)
         part["total"] = total
         rows.append((part, len(llm.engine.scheduler.running)))
     case.end()
@@ -186,7 +189,7 @@ def run_case(llm: LLM, timer: Timer, n: int, mixed: bool, steps: int, seed: int)
 def summarize(rows) -> dict[str, tuple[float, float]]:
     """{part: (median us a step, median us per sequence a step)}."""
     out = {}
-    for part in (*PARTS, "total"):
+    for part in (*PARTS, "core", "total"):
         per_step = [r.get(part, 0.0) * 1e6 for r, _ in rows]
         per_seq = [r.get(part, 0.0) * 1e6 / max(n, 1) for r, n in rows]
         out[part] = (statistics.median(per_step), statistics.median(per_seq))
@@ -229,7 +232,7 @@ def main() -> None:
             prof.disable()
     print(f"path {args.path}, {device}; us a step / us per sequence a step (least of "
           f"{args.repeat} medians)")  # fmt: skip
-    head = "".join(f"{p:>16}" for p in (*PARTS, "total"))
+    head = "".join(f"{p:>16}" for p in (*PARTS, "core", "total"))
     print(f"{'case':<12}{head}")
     for (n, mixed), s in best.items():
         name = f"{'mixed' if mixed else 'decode'} {n}"

@@ -75,3 +75,19 @@ def test_allocate_fails_without_side_effects():
     bm.match_prefix(a)
     assert not bm.allocate(a, 12)
     assert a.block_table == [] and bm.num_free_blocks == 2
+
+
+def test_decode_takes_a_block_only_past_the_last_ones_room():
+    bm = BlockManager(4, 4)
+    a = _seq(0, list(range(7)))
+    _compute(bm, a)
+    table, free = list(a.block_table), bm.num_free_blocks
+    a.token_ids.append(7)
+    assert bm.allocate(a, 1) and a.block_table == table and bm.num_free_blocks == free
+    a.num_computed_tokens = 8
+    assert bm.allocate(a, 0) and a.block_table == table  # a full last block, nothing new
+    a.token_ids.append(8)
+    assert bm.allocate(a, 1) and len(a.block_table) == 3 and bm.num_free_blocks == free - 1
+    assert bm.take_copies() == []
+    bm.free(a)
+    bm.check_all_free()

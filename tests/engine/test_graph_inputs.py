@@ -5,11 +5,49 @@ CUDA graphs need a GPU; here each "graph" replays the eager forward over the sta
 exactly the views the real graphs were captured on, so the staging itself is what is tested.
 """
 
+import random
+
+import numpy as np
 import pytest
 import torch
 
 from kiln.engine import LLM, SamplingParams
 from kiln.engine.attention import AttentionMetadata
+from kiln.engine.cuda_graphs import TableRows, write_rows
+
+
+def test_table_rows_rewrite_only_changed_rows_and_match_a_full_rewrite():
+    """Block tables that gain blocks, have one replaced (copy-on-write) or dropped (trim,
+    eviction), rows that another sequence takes over, a batch that shrinks and grows: the
+    kept rows equal a fresh zeroed write of the step's tables, and only rows whose table
+    differs from the last step's are rewritten."""
+    rng = random.Random(0)
+    rows = TableRows(np.zeros((12, 9), dtype=np.int32))
+    tables = [[rng.randrange(100)] for _ in range(8)]
+    last: list[list[int]] = []
+    for step in range(300):
+        for t in tables:
+            r = rng.random()
+            if r < 0.2 and len(t) < 9:
+                t.append(rng.randrange(100))  # a block appended
+            elif r < 0.25:
+                t[rng.randrange(len(t))] = rng.randrange(100)  # copy-on-write
+            elif r < 0.3 and len(t) > 1:
+                t.pop(rng.randrange(len(t)))  # evicted or trimmed
+        r = rng.random()
+        if r < 0.1:  # a sequence finishes: the rows after it move up
+            tables.pop(rng.randrange(len(tables)))
+        elif r < 0.2 and len(tables) < 12:  # one arrives
+            tables.append([rng.randrange(100) for _ in range(rng.randrange(1, 9))])
+        elif r < 0.25:  # another sequence in a row
+            tables[rng.randrange(len(tables))] = [rng.randrange(100)]
+        rewritten = rows.write(tables)
+        want = np.zeros_like(rows.array)
+        write_rows(want, tables)
+        np.testing.assert_array_equal(rows.array, want, err_msg=f"step {step}")
+        padded = last + [[]] * (len(tables) - len(last))
+        assert rewritten == [i for i, t in enumerate(tables) if t != padded[i]]
+        last = [list(t) for t in tables]
 
 
 class ReplayEager:

@@ -125,26 +125,27 @@ class BlockManager:
     def allocate(self, seq: Sequence, num_new_tokens: int) -> bool:
         """Make room for seq's next `num_new_tokens` tokens; False (and no change) if the pool
         is short. A shared block about to be written is copied first (copy-on-write)."""
-        bs = self.block_size
+        bs, table = self.block_size, seq.block_table
         start = seq.num_computed_tokens - seq.num_evicted_tokens  # cache index of the next
-        num_new_blocks = -(-(start + num_new_tokens) // bs) - len(seq.block_table)
+        if start + num_new_tokens <= len(table) * bs and self.state_slots is None:
+            # its own blocks hold the new tokens (most decodes): done, unless the one written
+            # is shared
+            write_idx = start // bs
+            if write_idx == len(table) or self.blocks[table[write_idx]].ref_count == 1:
+                return True
+        num_new_blocks = -(-(start + num_new_tokens) // bs) - len(table)
         write_idx = start // bs
-        cow = (
-            write_idx < len(seq.block_table)
-            and self.blocks[seq.block_table[write_idx]].ref_count > 1
-        )
-        if num_new_blocks <= 0 and not cow and self.state_slots is None:
-            return True  # its own blocks hold the new tokens (most decodes)
+        cow = write_idx < len(table) and self.blocks[table[write_idx]].ref_count > 1
         if max(num_new_blocks, 0) + cow > self.num_free_blocks:
             return False
         if cow:
-            src = seq.block_table[write_idx]
+            src = table[write_idx]
             dst = self._take_free()
             self._release(src)
-            seq.block_table[write_idx] = dst
+            table[write_idx] = dst
             self.pending_copies.append((src, dst))
         for _ in range(num_new_blocks):
-            seq.block_table.append(self._take_free())
+            table.append(self._take_free())
         if self.state_slots is not None:
             self.state_slots.hold(seq)
         return True

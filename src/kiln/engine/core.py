@@ -31,7 +31,7 @@ from kiln.engine.pooling import POOLING, embed_ids
 from kiln.engine.sampler import PendingSample, Sampler, make_generator
 from kiln.engine.sampling_params import SamplingParams
 from kiln.engine.scheduler import Scheduler
-from kiln.engine.sequence import Sequence
+from kiln.engine.sequence import Sequence, SequenceStatus
 from kiln.engine.spec_decode.decoder import SpecDecoder, load_draft, runner_args
 from kiln.engine.spec_decode.hidden import lossy_model
 from kiln.engine.structured import GrammarCompiler, GrammarState, accept_tokens, tokenizer_info
@@ -275,10 +275,10 @@ class EngineCore:
         if req is None:
             return False
         self._remove(request_id)
-        for seq in req.seqs:
-            if not seq.is_finished:
-                seq.finish("abort")
-                self.scheduler.finish(seq)
+        live = [seq for seq in req.seqs if not seq.is_finished]
+        for seq in live:
+            seq.finish("abort")
+        self.scheduler.finish_all(live)
         return True
 
     def finish_seq(self, request_id: str, index: int, reason: str, stop_reason=None) -> None:
@@ -441,16 +441,28 @@ class EngineCore:
         accept_tokens(states, tokens)
 
     def _process(self, seqs: list[Sequence], result) -> list[SeqDelta]:
-        """Append the sampled tokens, check token-level stops; the deltas for the caller."""
-        deltas = []
-        done: list[CoreRequest] = []
+        """Append the sampled tokens, check token-level stops; the deltas for the caller.
+        (The per-sequence work is inline: this loop runs for every sequence every step.)"""
+        deltas, ended = [], []
+        max_len, finished = self.max_model_len, SequenceStatus.FINISHED
         rows = zip(seqs, result.token_ids, result.logprobs, result.top_logprobs)
         for seq, token, logprob, top in rows:
             if seq.num_pending:
                 seq.num_pending -= 1
-            if seq.is_finished:  # aborted, or ended while this token was in flight
+            if seq.status is finished:  # aborted, or ended while this token was in flight
                 continue
-            self._append(seq, token, logprob)
+            ids = seq.token_ids
+            ids.append(token)
+            seq.cumulative_logprob += logprob
+            n, max_tokens = len(ids), seq.params.max_tokens
+            if (
+                token in seq.stop_token_set
+                or n >= max_len
+                or (max_tokens is not None and n - seq.num_prompt_tokens >= max_tokens)
+            ):  # it may end here: check_stop_token decides
+                check_stop_token(seq, max_len)
+                if seq.status is finished:
+                    ended.append(seq)
             prompt_logprobs = None
             if seq.prompt_logprobs is not None and not seq.prompt_logprobs_sent:
                 prompt_logprobs, seq.prompt_logprobs_sent = seq.prompt_logprobs, True
@@ -466,9 +478,9 @@ class EngineCore:
                     prompt_logprobs,
                 )
             )
-            if seq.finish_reason is not None:  # (it finished: is_finished)
-                done.append(self.requests[seq.request_id])
-        self._finish_requests(done)
+        self.generation_tokens_total += len(deltas)
+        self.scheduler.finish_all(ended)
+        self._finish_requests([self.requests[seq.request_id] for seq in ended])
         return deltas
 
     def _finish_requests(self, done: list[CoreRequest]) -> None:

@@ -27,6 +27,7 @@ from __future__ import annotations
 import functools
 import itertools
 import logging
+import operator
 
 import numpy as np
 import torch
@@ -72,6 +73,37 @@ def write_rows(dst: np.ndarray, tables: list[list[int]]) -> None:
     dst[: len(tables), :width][np.arange(width) < lens[:, None]] = values
 
 
+class TableRows:
+    """Block-table rows kept on the host across steps (a graph's staged tables): row i holds
+    the table of the step's i-th sequence, zeros past its length, and rows past the step's
+    sequences are zeros. A step rewrites only the rows whose table changed since the last
+    one (a block appended or replaced, another sequence in the row), in one masked store;
+    most decode steps append a block to a few sequences only."""
+
+    def __init__(self, array: np.ndarray):
+        self.array = array  # [rows, max_blocks] int32, a view into the host staging buffer
+        self._held: list[list[int]] = [[]] * len(array)  # copies of what each row holds
+        self._used = 0  # rows that may hold a table
+
+    def write(self, tables: list[list[int]]) -> list[int]:
+        """Rows 0..len(tables)-1 hold `tables`, the rest zeros; the rows rewritten."""
+        held, n = self._held, len(tables)
+        changed = list(itertools.compress(range(n), map(operator.ne, tables, held)))
+        if changed:
+            new = [tables[i] for i in changed]
+            width = max(max(map(len, new)), max(len(held[i]) for i in changed))
+            rows = np.zeros((len(new), width), dtype=self.array.dtype)
+            write_rows(rows, new)
+            self.array[changed, :width] = rows
+            for i, table in zip(changed, new):
+                held[i] = table.copy()
+        if self._used > n:
+            self.array[n : self._used] = 0
+            held[n : self._used] = [[]] * (self._used - n)
+        self._used = n
+        return changed
+
+
 class MixedBuffers:
     """The mixed graphs' inputs, in two flat buffers (one host->device copy each): int64
     [ids | positions | slots (T each) | logits rows | noise seeds (S each)], int32 [cu_seqlens
@@ -89,6 +121,9 @@ class MixedBuffers:
         self.context_lens = self.i32[seqs + 1 : 2 * seqs + 1]
         self.temperatures = self.i32[2 * seqs + 1 : 3 * seqs + 1].view(torch.float32)
         self.block_tables = self.i32[3 * seqs + 1 :].view(seqs, blocks)
+        # the int32 buffer's host side, kept across steps for its block-table rows
+        self.host32 = np.zeros(self.i32.numel(), dtype=np.int32)
+        self.table_rows = TableRows(self.host32[3 * seqs + 1 :].reshape(seqs, blocks))
 
     def metadata(self, tokens: int, seqs: int, width: int | None = None) -> AttentionMetadata:
         """The first `tokens` tokens and `seqs` sequences as a step of prefill chunks."""
@@ -169,6 +204,10 @@ class CudaGraphRunner:
         self.context_lens = self.i32[top + 1 : 2 * top + 1].fill_(1)
         self.temperatures = self.i32[2 * top + 1 : 3 * top + 1].view(torch.float32)
         self.block_tables = self.i32[3 * top + 1 :].view(top, blocks)
+        # the int32 buffer's host side from context_lens on, kept across steps for its
+        # block-table rows
+        self.host32 = np.zeros(2 * top + top * blocks, dtype=np.int32)
+        self.table_rows = TableRows(self.host32[2 * top :].reshape(top, blocks))
         self.top = top
 
     def metadata(self, rows: int, width: int | None = None) -> AttentionMetadata:
@@ -278,7 +317,9 @@ class CudaGraphRunner:
         width = max(map(len, tables))
         full_rows = seqs * blocks <= self.TABLE_COPY_LIMIT
         n32 = 3 * top_seqs + 1 + (seqs * blocks if full_rows else 0)
-        host32 = np.zeros(n32, dtype=np.int32)
+        host32 = buf.host32
+        host32[: 3 * top_seqs + 1] = 0
+        buf.table_rows.write(tables)
         cu = host32[: top_seqs + 1]
         cu[1 : b + 1] = np.cumsum(host.query_lens)
         cu[b + 1 :] = n  # the padded sequences are empty
@@ -286,23 +327,20 @@ class CudaGraphRunner:
         if temps is not None:
             t0 = 2 * top_seqs + 1
             host32[t0 : t0 + k] = np.asarray(temps, dtype=np.float32).view(np.int32)
-        if full_rows:
-            write_rows(host32[3 * top_seqs + 1 :].reshape(seqs, blocks), tables)
-        copy_to_device(buf.i32[:n32], host32)
+        copy_to_device(buf.i32[:n32], host32[:n32])
         if not full_rows:
-            self._stage_own_columns(buf.block_tables, tables, seqs, width)
+            self._stage_own_columns(buf.block_tables, buf.table_rows, seqs, width)
         ids = buf.ids[:n]
         self._gather_pending(ids, prev, host.pend_dst, host.pend_src)
         md = buf.metadata(n, b, width)
         md.query_lens = host.query_lens
         return ids, md
 
-    def _stage_own_columns(self, block_tables, tables, rows: int, width: int) -> None:
+    def _stage_own_columns(self, block_tables, table_rows, rows: int, width: int) -> None:
         """Copy the first `rows` table rows, `width` columns only (tables too wide to copy at
         full width; their columns past the width are never read)."""
-        padded = np.zeros((rows, width), dtype=np.int32)
-        write_rows(padded, tables)
-        block_tables[:rows, :width] = to_device(padded, torch.int32, self.device)
+        own = np.ascontiguousarray(table_rows.array[:rows, :width])
+        block_tables[:rows, :width] = to_device(own, torch.int32, self.device)
 
     def _gather_pending(self, ids, prev, pend_dst, pend_src) -> None:
         """Input ids still in flight (async scheduling): from the previous step's samples."""
@@ -324,8 +362,9 @@ class CudaGraphRunner:
 
         Two pinned host->device copies: the int64 buffer whole (4 x top values), and the int32
         one up to the size-row tables (their rows are max_blocks wide; past TABLE_COPY_LIMIT
-        values only the step's own columns are copied, in a second step). Input ids still in
-        flight come from `prev` (PreviousTokens) on the device."""
+        values only the step's own columns are copied, in a second step); the tables' host
+        rows persist across steps (TableRows: only changed rows are rewritten). Input ids
+        still in flight come from `prev` (PreviousTokens) on the device."""
         top, b, blocks = self.top, len(tables), self.max_blocks
         host64 = np.zeros((4, top), dtype=np.int64)
         host64[0, :b], host64[1, :b] = input_ids, positions
@@ -337,16 +376,16 @@ class CudaGraphRunner:
         width = max(map(len, tables))
         full_rows = size * blocks <= self.TABLE_COPY_LIMIT
         n32 = 2 * top + (size * blocks if full_rows else 0)  # from context_lens on
-        host32 = np.zeros(n32, dtype=np.int32)
+        host32 = self.host32
         host32[:top] = 1
         host32[:b] = context_lens
+        host32[top : 2 * top] = 0
         if temps is not None:
             host32[top : top + b] = np.asarray(temps, dtype=np.float32).view(np.int32)
-        if full_rows:
-            write_rows(host32[2 * top :].reshape(size, blocks), tables)
-        copy_to_device(self.i32[top + 1 : top + 1 + n32], host32)
+        self.table_rows.write(tables)
+        copy_to_device(self.i32[top + 1 : top + 1 + n32], host32[:n32])
         if not full_rows:
-            self._stage_own_columns(self.block_tables, tables, size, width)
+            self._stage_own_columns(self.block_tables, self.table_rows, size, width)
         ids = self.ids[:b]
         self._gather_pending(ids, prev, pend_dst, pend_src)
         return ids, self.metadata(b, width)

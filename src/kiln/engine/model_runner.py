@@ -21,6 +21,7 @@ waits for the tokens before scheduling the next step.
 from __future__ import annotations
 
 import logging
+import operator
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import NamedTuple
@@ -57,6 +58,8 @@ from kiln.model.transformer import Transformer
 log = logging.getLogger("kiln.engine")
 
 PROMPT_LOGPROBS_ROWS = 256  # prompt rows scored per LM-head call (prompt_logprobs)
+_block_table = operator.attrgetter("block_table")  # of a Sequence
+_lora_request = operator.attrgetter("lora_request")
 
 
 def kv_cache_torch_dtype(name: str, dtype: torch.dtype, device: torch.device, ops) -> torch.dtype:
@@ -505,63 +508,98 @@ class ModelRunner:
     def _flatten(self, out: SchedulerOutput, prev: PreviousTokens | None) -> HostInputs:
         """The scheduled tokens as flat host lists, one-token rows first. A sequence with
         speculative tokens feeds its last known token and them, and has logits at each."""
-        bs = self.block_size
         seqs, num_new = out.seqs, out.num_new_tokens
+        num_decodes = num_new.count(1)
         # decodes first; the tokens of one adapter side by side (kiln.kernels.lora's tiles)
-        if self.lora is None:
-            order = [i for i, n in enumerate(num_new) if n == 1]
-            num_decodes = len(order)
-            order += [i for i, n in enumerate(num_new) if n != 1]
-        else:
+        if self.lora is not None:
             order = sorted(range(len(out)), key=lambda i: (num_new[i] != 1, seqs[i].lora_int_id))
-            num_decodes = sum(1 for n in num_new if n == 1)
+        elif num_decodes == len(out):  # (most steps)
+            order = None
+        else:
+            order = [i for i, n in enumerate(num_new) if n == 1]
+            order += [i for i, n in enumerate(num_new) if n != 1]
+        if order is None:
+            decodes, chunks = seqs, []
+        else:
+            decodes = [seqs[i] for i in order[:num_decodes]]
+            chunks = [(seqs[i], num_new[i]) for i in order[num_decodes:]]
         host = HostInputs(num_decodes=num_decodes)
+        self._flatten_decodes(host, decodes, prev)
+        self._flatten_chunks(host, chunks)
+        return host
+
+    def _flatten_decodes(
+        self, host: HostInputs, seqs: list[Sequence], prev: PreviousTokens | None
+    ) -> None:
+        """One-token rows (decodes; no speculative tokens) onto the empty host lists: a tight
+        loop, as every step carries up to max_num_seqs of them."""
+        bs = self.block_size
+        input_ids, pend_dst, pend_src = host.input_ids, host.pend_dst, host.pend_src
+        add_id, add_pos, add_slot = input_ids.append, host.positions.append, host.slots.append
+        add_context, add_logits = host.context_lens.append, host.logits_indices.append
+        add_sample_seq = host.sample_seqs.append
+        for row, seq in enumerate(seqs):
+            start, token_ids = seq.num_computed_tokens, seq.token_ids
+            if seq.prompt_logprobs is not None:
+                self._add_prompt_rows(host, seq, start, start + 1)
+            if start < len(token_ids):  # (plain ints beat numpy on one element)
+                add_id(token_ids[start])
+            else:  # sampled last step, not read back yet
+                pend_dst.append(row)
+                pend_src.append(prev.rows[seq.seq_id])
+                add_id(0)
+            c = start - seq.num_evicted_tokens  # cache index of token `start` (KV eviction)
+            table = seq.block_table
+            add_pos(start)
+            add_slot(table[c // bs] * bs + c % bs)
+            add_context(c + 1)
+            if start + 1 == len(token_ids) + seq.num_pending:  # its last token: it samples
+                add_logits(row)
+                add_sample_seq(seq)
+        host.query_lens += [1] * len(seqs)
+        host.tables += map(_block_table, seqs)
+        host.lora_requests += map(_lora_request, seqs)
+        host.row_seqs += seqs
+
+    def _flatten_chunks(self, host: HostInputs, rows: list[tuple[Sequence, int]]) -> None:
+        """Rows of several tokens (prefill chunks; a decode with speculative tokens), as
+        (sequence, tokens), onto the host lists after the decodes."""
+        bs = self.block_size
         input_ids, positions, slots = host.input_ids, host.positions, host.slots
-        add_id, add_pos, add_slot = input_ids.append, positions.append, slots.append
-        add_query, add_context = host.query_lens.append, host.context_lens.append
-        add_table, add_row_seq = host.tables.append, host.row_seqs.append
-        add_lora, add_sample_seq = host.lora_requests.append, host.sample_seqs.append
-        add_logits = host.logits_indices.append
-        for i in order:
-            seq, n = seqs[i], num_new[i]
+        for seq, n in rows:
             start = seq.num_computed_tokens
             end = start + n
             token_ids, table, spec = seq.token_ids, seq.block_table, seq.spec_token_ids
-            if seq.prompt_logprobs is not None and (
-                scored := seq.needs_prompt_logprobs(start, end)
-            ):
-                host.prompt_rows.extend(len(input_ids) + p - start for p in scored)
-                host.prompt_targets.extend(token_ids[p + 1] for p in scored)
-                host.prompt_seqs.append((seq, len(scored)))
+            if seq.prompt_logprobs is not None:
+                self._add_prompt_rows(host, seq, start, end)
             evicted = seq.num_evicted_tokens
             c = start - evicted  # cache index of token `start` (KV eviction)
-            if n == 1:  # decode: plain ints beat numpy on one element
-                if start < len(token_ids):
-                    add_id(token_ids[start])
-                else:  # sampled last step, not read back yet
-                    host.pend_dst.append(len(input_ids))
-                    host.pend_src.append(prev.rows[seq.seq_id])
-                    add_id(0)
-                add_pos(start)
-                add_slot(table[c // bs] * bs + c % bs)
-            else:
-                input_ids.extend(token_ids[start:end])
-                input_ids.extend(spec)
-                positions.extend(range(start, end))
-                idx = np.arange(c, c + n)
-                slots.extend((np.asarray(table)[idx // bs] * bs + idx % bs).tolist())
-            add_query(n)
-            add_lora(seq.lora_request)
-            add_row_seq(seq)
-            add_context(end - evicted)
-            add_table(table)
+            input_ids.extend(token_ids[start:end])
+            input_ids.extend(spec)
+            positions.extend(range(start, end))
+            idx = np.arange(c, c + n)
+            slots.extend((np.asarray(table)[idx // bs] * bs + idx % bs).tolist())
+            host.query_lens.append(n)
+            host.lora_requests.append(seq.lora_request)
+            host.row_seqs.append(seq)
+            host.context_lens.append(end - evicted)
+            host.tables.append(table)
             if end == len(token_ids) + seq.num_pending + len(spec):  # (len(seq) + spec)
                 if spec:
                     host.logits_indices.extend(range(len(input_ids) - n, len(input_ids)))
                 else:
-                    add_logits(len(input_ids) - 1)
-                add_sample_seq(seq)
-        return host
+                    host.logits_indices.append(len(input_ids) - 1)
+                host.sample_seqs.append(seq)
+
+    @staticmethod
+    def _add_prompt_rows(host: HostInputs, seq: Sequence, start: int, end: int) -> None:
+        """The rows of tokens [start, end) of `seq`, about to be appended, whose logits score
+        a prompt token not scored yet (prompt_logprobs)."""
+        if scored := seq.needs_prompt_logprobs(start, end):
+            row = len(host.input_ids) - start  # of token 0
+            host.prompt_rows.extend(row + p for p in scored)
+            host.prompt_targets.extend(seq.token_ids[p + 1] for p in scored)
+            host.prompt_seqs.append((seq, len(scored)))
 
     def _stage_eager(self, host: HostInputs, prev: PreviousTokens | None):
         """(input ids, metadata, logits rows or None for all) of an eager step on the device:

@@ -19,6 +19,7 @@ meanwhile).
 
 from __future__ import annotations
 
+import operator
 import time
 from dataclasses import dataclass
 
@@ -26,9 +27,12 @@ import numpy as np
 import torch
 
 from kiln.engine.ops import Ops
+from kiln.engine.sampling_params import GREEDY_BELOW
 from kiln.engine.sequence import Sequence
 from kiln.engine.structured import apply_bitmask, fill_bitmask
 from kiln.engine.transfer import to_device, to_host
+
+_temperature = operator.attrgetter("params.temperature")  # of a Sequence
 
 
 class PendingSample:
@@ -164,10 +168,12 @@ class Sampler:
         token_lp = raw.gather(1, tokens[:, None]).squeeze(1) - log_z
         return PendingSample(tokens, token_lp, self._top_logprobs(raw, log_z, tokens, seqs))
 
-    def fast_path_inputs(self, seqs: list[Sequence]) -> tuple[list[float], np.ndarray]:
-        """The fused kernel's per-row temperatures (0: greedy) and fresh noise seeds."""
-        temps = [0.0 if s.params.greedy else s.params.temperature for s in seqs]
-        return temps, self._seed_rng.integers(0, 2**62, len(seqs), dtype=np.int64)
+    def fast_path_inputs(self, seqs: list[Sequence]) -> tuple[np.ndarray, np.ndarray]:
+        """The fused kernel's per-row temperatures (float32; 0: greedy) and fresh noise
+        seeds (int64)."""
+        temps = np.fromiter(map(_temperature, seqs), np.float64, len(seqs))
+        temps[temps < GREEDY_BELOW] = 0.0
+        return temps.astype(np.float32), self._seed_rng.integers(0, 2**62, len(seqs), np.int64)
 
     @staticmethod
     def fast_path_ok(seqs: list[Sequence]) -> bool:

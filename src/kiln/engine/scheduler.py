@@ -63,13 +63,18 @@ class Scheduler:
         """The step's work; decodes reserve up to `num_spec_tokens` speculative tokens."""
         out = SchedulerOutput()
         budget = self.config.max_num_batched_tokens
-        bm = self.block_manager
+        bm, running, max_len = self.block_manager, self.running, self.max_model_len
         i = 0
-        while i < len(self.running) and budget > 0:
-            seq = self.running[i]
-            if seq.num_pending and seq.reaches_limit(self.max_model_len):
-                i += 1  # finishes when its token in flight arrives
-                continue
+        while i < len(running) and budget > 0:
+            seq = running[i]
+            pending = seq.num_pending
+            if pending:  # do its tokens in flight end it by length? (inline: every step)
+                n, max_tokens = len(seq.token_ids) + pending, seq.params.max_tokens
+                if n >= max_len or (
+                    max_tokens is not None and n - seq.num_prompt_tokens >= max_tokens
+                ):
+                    i += 1  # finishes when its token in flight arrives
+                    continue
             if num_spec_tokens and (k := self._spec_room(seq, num_spec_tokens, budget)):
                 out.seqs.append(seq)
                 out.num_new_tokens.append(1 + k)
@@ -77,11 +82,13 @@ class Scheduler:
                 budget -= 1 + k
                 i += 1
                 continue
-            num_new = min(seq.num_uncomputed_tokens, budget)
+            num_new = len(seq.token_ids) + pending - seq.num_computed_tokens  # uncomputed
+            if num_new > budget:
+                num_new = budget
             if self.evictor is not None:
                 self.evictor.make_room(seq, num_new)
             while not bm.allocate(seq, num_new):
-                victim = self.running.pop()
+                victim = running.pop()
                 self._preempt(victim)
                 out.num_preempted += 1
                 if victim is seq:
@@ -167,16 +174,24 @@ class Scheduler:
         """Advance the computed counts after the model ran; register newly full blocks. A
         verify step keeps the K/V of its input token and of the `num_accepted[i]` accepted
         speculative tokens; the slots of the rejected ones go back."""
+        bm = self.block_manager
+        if num_accepted is None:  # (every step but a verify one: a tight loop)
+            bs = bm.block_size
+            for seq, num_new in zip(out.seqs, out.num_new_tokens):
+                computed = seq.num_computed_tokens = seq.num_computed_tokens + num_new
+                if computed // bs > seq.num_registered_blocks:  # a block may have filled
+                    bm.register_full_blocks(seq)
+            return
         for i, (seq, num_new) in enumerate(zip(out.seqs, out.num_new_tokens)):
-            if num_accepted is not None and seq.spec_token_ids:
+            if seq.spec_token_ids:
                 num_new = 1 + num_accepted[i]
                 seq.spec_token_ids, seq.spec_probs = [], None
                 seq.num_computed_tokens += num_new
                 seq.num_draft_computed = min(seq.num_draft_computed, seq.num_computed_tokens)
-                self.block_manager.trim(seq, seq.num_computed_tokens)
+                bm.trim(seq, seq.num_computed_tokens)
             else:
                 seq.num_computed_tokens += num_new
-            self.block_manager.register_full_blocks(seq)
+            bm.register_full_blocks(seq)
 
     def add_running(self, seq: Sequence) -> None:
         """A forked sibling joins the running set."""
@@ -184,8 +199,25 @@ class Scheduler:
 
     def finish(self, seq: Sequence) -> None:
         """Drop a finished or aborted sequence and return its blocks."""
-        if seq in self.running:
-            self.running.remove(seq)
-        elif seq in self.waiting:
-            self.waiting.remove(seq)
-        self.block_manager.free(seq)
+        self.finish_all([seq])
+
+    def finish_all(self, seqs: list[Sequence]) -> None:
+        """Drop finished or aborted sequences and return their blocks, in order; more than a
+        few in one pass over the queues (not a scan and a remove each: at 256 running, one
+        pass in Python costs about what 4 scans in C do)."""
+        if len(seqs) <= 4:
+            for seq in seqs:
+                if seq in self.running:
+                    self.running.remove(seq)
+                elif seq in self.waiting:
+                    self.waiting.remove(seq)
+        else:
+            gone = set(seqs)
+            running = [s for s in self.running if s not in gone]
+            if len(self.running) - len(running) < len(gone):  # (preempted ones wait)
+                waiting = [s for s in self.waiting if s not in gone]
+                self.waiting.clear()
+                self.waiting.extend(waiting)
+            self.running[:] = running
+        for seq in seqs:
+            self.block_manager.free(seq)

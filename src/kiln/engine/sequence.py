@@ -35,6 +35,10 @@ class Sequence:
         self.num_prompt_tokens = len(token_ids)
         self.params = params
         self.eos_token_ids = eos_token_ids
+        # the token ids that may end it (EOS unless ignore_eos, stop_token_ids): the engine
+        # tests every new token against them
+        eos = frozenset() if params.ignore_eos else eos_token_ids
+        self.stop_token_set = eos | frozenset(params.stop_token_ids)
         self.status = SequenceStatus.WAITING
         self.num_computed_tokens = 0  # tokens whose K/V sit in the pool
         self.num_cached_tokens = 0  # of those, how many came from prefix-cache hits
@@ -86,15 +90,6 @@ class Sequence:
     def num_output_tokens(self) -> int:
         """Generated tokens the host knows (in flight ones not counted)."""
         return len(self.token_ids) - self.num_prompt_tokens
-
-    def reaches_limit(self, max_model_len: int) -> bool:
-        """Whether the tokens in flight already end the sequence by length (so it need not
-        be scheduled again: it finishes as soon as they arrive)."""
-        n = len(self)
-        max_tokens = self.params.max_tokens
-        return n >= max_model_len or (
-            max_tokens is not None and n - self.num_prompt_tokens >= max_tokens
-        )
 
     @property
     def output_token_ids(self) -> list[int]:
