@@ -63,8 +63,10 @@ def reward_model(toy, tmp_path_factory):
 
 
 def test_reward_model_learns_the_bundled_preferences(toy, reward_model):
-    log = _log(reward_model)
-    assert log[-2]["accuracy"] > log[1]["accuracy"] and log[-2]["margin"] > 0.5
+    # the loss falls and the margin opens (a log row's accuracy is over its last 10 batches
+    # of 16 pairs: too noisy to compare two of them; the pairs' accuracy is checked below)
+    train = [row for row in _log(reward_model) if "loss" in row]
+    assert train[-1]["loss"] < train[0]["loss"] - 0.1 and train[-1]["margin"] > 0.5
     tok = kiln.load_tokenizer(reward_model)
     pairs = load_pairs(tok, PREFS, 64)
     rm = load_reward_model(reward_model, device="cpu")

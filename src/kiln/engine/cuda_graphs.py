@@ -73,6 +73,18 @@ def write_rows(dst: np.ndarray, tables: list[list[int]]) -> None:
     dst[: len(tables), :width][np.arange(width) < lens[:, None]] = values
 
 
+def _capture(run, pool) -> tuple[torch.cuda.CUDAGraph, object, object]:
+    """(graph, its outputs, the pool) of `run` captured in memory pool `pool` (None: a new
+    one, returned for the next capture to share), after one warm-up run outside the capture
+    (Triton compiles there)."""
+    run()
+    torch.cuda.synchronize()
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph, pool=pool):
+        outputs = run()
+    return graph, outputs, pool if pool is not None else graph.pool()
+
+
 class TableRows:
     """Block-table rows kept on the host across steps (a graph's staged tables): row i holds
     the table of the step's i-th sequence, zeros past its length, and rows past the step's
@@ -254,13 +266,7 @@ class CudaGraphRunner:
     def _capture_one(self, md: AttentionMetadata, run):
         """(graph, its outputs) of `run` over the metadata `md`, in the shared memory pool."""
         self.backend.set_metadata(md)
-        run()  # compile and warm up outside the capture
-        torch.cuda.synchronize()
-        graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph, pool=self._pool):
-            outputs = run()
-        if self._pool is None:
-            self._pool = graph.pool()
+        graph, outputs, self._pool = _capture(run, self._pool)
         return graph, outputs
 
     def body(self, size: int, md: AttentionMetadata):
@@ -428,13 +434,7 @@ class CudaGraphRunner:
     def _capture_sample(self, run):
         """(graph, outputs) of a sampling op `run` (no attention metadata), in the sampling
         graphs' own pool."""
-        run()  # compile and warm up outside the capture
-        torch.cuda.synchronize()
-        graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph, pool=self._mask_pool):
-            outputs = run()
-        if self._mask_pool is None:
-            self._mask_pool = graph.pool()
+        graph, outputs, self._mask_pool = _capture(run, self._mask_pool)
         return graph, outputs
 
     def replay(self, graph: tuple[str, int], batch: int):
