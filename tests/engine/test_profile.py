@@ -24,6 +24,28 @@ def test_profile_traces_every_engine_step(hf_model_dir, tmp_path):
     assert sum(op["share"] for op in r["ops"]) == pytest.approx(1.0)
 
 
+def test_profile_mixed_steps_prefill_one_arrival_beside_the_decodes(hf_model_dir, tmp_path):
+    """--mixed: after the batch's prefill, every profiled step carries the batch's decodes
+    and one arriving request's whole prompt (it ends after its first token)."""
+    model, _ = hf_model_dir("llama")
+    plain = profile_engine(str(model), batch=3, steps=4, prompt_len=12, out=tmp_path,
+                           max_num_seqs=4)  # fmt: skip
+    r = profile_engine(str(model), batch=3, steps=4, prompt_len=12, out=tmp_path,
+                       max_num_seqs=4, mixed=True)  # fmt: skip
+    kinds = {k: v for k, v in r["graphs"].items() if k != "with prefill"}
+    assert r["steps"] == plain["steps"] and sum(kinds.values()) == r["steps"]
+    assert r["graphs"]["with prefill"] == 4 and "with prefill" not in plain["graphs"]
+    assert "one 12-token request arriving a step" in r["summary"]
+    events = json.loads(r["trace"].read_text())["traceEvents"]
+    assert (
+        len({e["name"] for e in events if e.get("name", "").startswith("engine_step_")})
+        == (r["steps"])
+    )
+    with pytest.raises(Exception, match="arriving"):
+        profile_engine(str(model), batch=4, steps=2, prompt_len=8, out=tmp_path,
+                       max_num_seqs=4, mixed=True)  # fmt: skip
+
+
 def test_profile_cli_prints_the_top_ops(tokenized_model_dir, tmp_path, capsys):
     model = tokenized_model_dir("llama")
     argv = ["profile", "--model", str(model), "--batch", "2", "--steps", "3", "--prompt-len", "8",

@@ -33,6 +33,10 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--dtype", default=None, choices=["float32", "bfloat16", "float16"])
     p.add_argument("--device", default=None)
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--mixed", action="store_true",
+                   help="a served run's steady state: each profiled step also prefills one "
+                   "new --prompt-len request (it ends after its first token), so every step "
+                   "is a mixed step of --batch decodes and one prefill")  # fmt: skip
     EngineConfig.add_arguments(p)
     p.set_defaults(func=_cli)
 
@@ -45,7 +49,7 @@ def _cli(args: argparse.Namespace) -> None:
             raise InputError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
     result = profile_engine(
         args.model, args.batch, args.steps, args.prompt_len, Path(args.out), args.seed,
-        dtype=args.dtype, device=args.device, **EngineConfig.args_from(args),
+        mixed=args.mixed, dtype=args.dtype, device=args.device, **EngineConfig.args_from(args),
     )  # fmt: skip
     print(result["summary"])
     print(format_top_ops(result["ops"][: args.top], result["device_kind"]))
@@ -54,10 +58,13 @@ def _cli(args: argparse.Namespace) -> None:
 
 def profile_engine(
     model: str, batch: int, steps: int, prompt_len: int, out: Path, seed: int = 0,
-    **engine_args,
+    mixed: bool = False, **engine_args,
 ) -> dict:  # fmt: skip
     """Profile `batch` requests' prefill and `steps` decode steps; the trace's path, a summary
-    line, and the ops sorted by self time (dicts: name, calls, self_us, share)."""
+    line, and the ops sorted by self time (dicts: name, calls, self_us, share). `mixed`:
+    before each step after the batch's prefill, one more request of `prompt_len` tokens
+    arrives and ends after its first token, as under a steady stream of requests (each such
+    step is a mixed step; "graphs" counts the CUDA graphs the steps ran)."""
     import torch
     from torch.profiler import ProfilerActivity, profile, record_function
 
@@ -71,20 +78,40 @@ def profile_engine(
             f"--prompt-len {prompt_len} + --steps {steps} exceeds the context "
             f"(max_model_len {engine.max_model_len})"
         )
-    if batch > engine.config.max_num_seqs:
-        raise InputError(f"--batch {batch} exceeds --max-num-seqs {engine.config.max_num_seqs}")
+    if batch + mixed > engine.config.max_num_seqs:
+        raise InputError(
+            f"--batch {batch}{' (+1 arriving: --mixed)' if mixed else ''} exceeds "
+            f"--max-num-seqs {engine.config.max_num_seqs}"
+        )
     rng = random.Random(seed)
     vocab = engine.model_config.vocab_size
     params = SamplingParams(temperature=0.0, max_tokens=steps + 1, ignore_eos=True)
+    arriving = SamplingParams(temperature=0.0, max_tokens=1, ignore_eos=True)
+    graphs: dict[str, int] = {}
 
-    def run(tag: str, on_step=None) -> int:
-        for i in range(batch):  # fresh prompts each run: no prefix-cache hits
-            ids = [rng.randrange(vocab) for _ in range(prompt_len)]
-            engine.add_request(f"{tag}-{i}", prompt_token_ids=ids, params=params)
+    def prompt() -> list[int]:  # fresh tokens each time: no prefix-cache hits
+        return [rng.randrange(vocab) for _ in range(prompt_len)]
+
+    def run(tag: str) -> int:
+        for i in range(batch):
+            engine.add_request(f"{tag}-{i}", prompt_token_ids=prompt(), params=params)
+        graphs.clear()
         n = 0
         while engine.has_unfinished():
+            if mixed and n >= 1 and n <= steps:  # after the batch's prefill step
+                engine.add_request(f"{tag}-arrival-{n}", prompt_token_ids=prompt(),
+                                   params=arriving)  # fmt: skip
+            engine.runner.last_plan = None
             with record_function(f"engine_step_{n}"):
                 engine.step()
+            plan = engine.runner.last_plan
+            kind = plan.graph[0] if plan is not None and plan.graph is not None else "eager"
+            graphs[kind] = graphs.get(kind, 0) + 1
+            if plan is not None:  # decodes beside a prefill
+                md = plan.metadata
+                decodes = sum(1 for q in md.query_lens if q == 1)
+                if 0 < decodes < md.num_seqs:
+                    graphs["with prefill"] = graphs.get("with prefill", 0) + 1
             n += 1
         return n
 
@@ -104,11 +131,13 @@ def profile_engine(
     tokens = batch * (steps + 1)
     summary = (
         f"{engine.device}: {batch} requests x ({prompt_len} prompt + {steps + 1} generated) "
-        f"tokens in {num_steps} engine steps, {seconds:.3f} s under the profiler "
+        f"tokens{f', one {prompt_len}-token request arriving a step' if mixed else ''} in "
+        f"{num_steps} engine steps ({', '.join(f'{v} {k}' for k, v in graphs.items())}), "
+        f"{seconds:.3f} s under the profiler "
         f"({tokens / seconds:.0f} generated tokens/s, {seconds / num_steps * 1e3:.2f} ms/step)"
     )
     return {"trace": trace, "summary": summary, "ops": ops, "steps": num_steps,
-            "device_kind": "cuda" if cuda else "cpu"}  # fmt: skip
+            "graphs": dict(graphs), "device_kind": "cuda" if cuda else "cpu"}  # fmt: skip
 
 
 def top_ops(averages, on_device: bool) -> list[dict]:
