@@ -136,17 +136,17 @@ class Parser:
         return node
 
     def additive(self):
-        node = self.multiplicative()
-        while self.at("+") or self.at("-"):
-            op = self.take()
-            node = BinOp(op, node, self.multiplicative())
-        return node
+        return self._left_assoc("+-", self.multiplicative)
 
     def multiplicative(self):
-        node = self.unary()
-        while self.at("*") or self.at("/"):
+        return self._left_assoc("*/", self.unary)
+
+    def _left_assoc(self, ops: str, operand):
+        """operand (op operand)*, folded to the left, for the one-character ops in `ops`."""
+        node = operand()
+        while any(self.at(op) for op in ops):
             op = self.take()
-            node = BinOp(op, node, self.unary())
+            node = BinOp(op, node, operand())
         return node
 
     def unary(self):
