@@ -166,15 +166,33 @@ def _fake_mixed_graphs(llm, sample_in_graph, sizes):
     g.mixed = {n: ReplayEagerMixed(g, n) for n in sizes}
 
 
-@pytest.mark.parametrize("sample_in_graph", [False, True], ids=["sampler", "graph-samples"])
-@pytest.mark.parametrize("async_scheduling", [False, True], ids=["lockstep", "async"])
-@pytest.mark.parametrize("table_limit", [65536, 4], ids=["full-rows", "own-columns"])
+@pytest.mark.parametrize(
+    "sample_in_graph,async_scheduling,table_limit,backend",
+    [
+        *(
+            (sample, asynch, limit, "torch")
+            for sample in (False, True)
+            for asynch in (False, True)
+            for limit in (65536, 4)
+        ),
+        # the Triton kernels, in the interpreter on CPU
+        pytest.param(False, True, 65536, "triton", marks=pytest.mark.slow),
+    ],
+)
 def test_staged_mixed_steps_give_the_same_tokens(
-    hf_model_dir, random_prompts, monkeypatch, async_scheduling, table_limit, sample_in_graph
+    hf_model_dir,
+    random_prompts,
+    monkeypatch,
+    async_scheduling,
+    table_limit,
+    sample_in_graph,
+    backend,
 ):
     """Steps with prefill chunks (fresh prompts, chunks of long ones, prefix-cache hits, decodes
     beside them) staged into the mixed graphs' buffers: padded tokens and empty padded
-    sequences change nothing, and only the sampling rows come out."""
+    sequences change nothing, and only the sampling rows come out. With the Triton kernels the
+    staged steps' decodes go through the decode kernel (kiln.kernels.mixed_attention) and give
+    the eager reference's tokens."""
     path, _ = hf_model_dir("qwen3")
     prompts = random_prompts((33, 7, 50, 16, 21, 40), seed=9)
     prompts[5][:32] = prompts[0][:32]  # two full blocks of prefix hits for the last prompt
@@ -186,7 +204,7 @@ def test_staged_mixed_steps_give_the_same_tokens(
                        max_num_batched_tokens=24)  # fmt: skip
     runs = []
     for fake in (False, True):
-        llm = LLM(str(path), **engine_args)
+        llm = LLM(str(path), **engine_args, attention_backend=backend if fake else "torch")
         if fake:
             monkeypatch.setattr(llm.engine.runner.graph_runner, "TABLE_COPY_LIMIT", table_limit)
             _fake_mixed_graphs(llm, sample_in_graph, sizes=(16, 32))

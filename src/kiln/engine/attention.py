@@ -7,9 +7,11 @@ pool at `slot_mapping`, then attends each query over its sequence's pages.
 
 One backend class over the engine's Ops (kiln.engine.ops): the kernels' plain-torch references
 (run anywhere; the reference) or their Triton versions (store_kvcache, split-KV paged decode,
-varlen prefill over paged prefixes, and qkv_prepare: q/k norm + RoPE + K/V store in one launch,
-for models transformed by kiln.engine.fuse, which call `attend_qkv`; a step of decodes only
-goes from qkv to attention output in one launch, kiln.kernels.decode_qkv).
+varlen prefill over paged prefixes, the two together for a mixed graph's steps, whose decodes
+are found on the device (kiln.kernels.mixed_attention), and qkv_prepare: q/k norm + RoPE +
+K/V store in one launch, for models transformed by kiln.engine.fuse, which call `attend_qkv`;
+a step of decodes only goes from qkv to attention output in one launch,
+kiln.kernels.decode_qkv).
 
 The pool may be fp8 / int8 (kv_cache_dtype: the kernels quantize on store and dequantize on
 load, with each layer's per-head scales, kiln.kernels.kv_quant), and under H2O eviction the
@@ -42,6 +44,9 @@ class AttentionMetadata:
     cu_seqlens_q: torch.Tensor  # [B + 1] int32: row offsets of each sequence's queries
     num_decodes: int  # sequences (and tokens) at the front with one query each
     query_lens: list[int]  # [B] on the host
+    # the one-query sequences are found on the device from cu_seqlens_q, not counted on the
+    # host (num_decodes 0): a mixed CUDA graph's steps, captured once for any mix
+    varlen_decodes: bool = False
 
     @property
     def num_seqs(self) -> int:
@@ -224,10 +229,13 @@ class PagedBackend:
             block_tables=views["prefill_block_tables"],
             context_lens=views["prefill_context_lens"],
         )
+        if md.varlen_decodes:  # a mixed graph's step: decodes by the decode kernel all the same
+            cu = views["prefill_cu_seqlens_q"]
+            return self.ops.mixed_attention(q, prefill_kv, cu, scale, sliding_window)
         prefill = self.ops.varlen_prefill_attention(
             q[d:], prefill_kv, views["prefill_cu_seqlens_q"], scale, sliding_window
         )
-        if not d:  # prefill chunks only (a mixed graph's steps): no copy into a joint output
+        if not d:  # prefill chunks only: no copy into a joint output
             return prefill
         out = torch.empty_like(q)
         out[:d] = decode(q[:d], self._decode_kv(kv), scale, sliding_window)

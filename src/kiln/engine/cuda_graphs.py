@@ -138,7 +138,8 @@ class MixedBuffers:
         self.table_rows = TableRows(self.host32[3 * seqs + 1 :].reshape(seqs, blocks))
 
     def metadata(self, tokens: int, seqs: int, width: int | None = None) -> AttentionMetadata:
-        """The first `tokens` tokens and `seqs` sequences as a step of prefill chunks."""
+        """The first `tokens` tokens and `seqs` sequences as a step of packed decodes and
+        prefill chunks, which is which found on the device (varlen_decodes)."""
         return AttentionMetadata(
             positions=self.positions[:tokens],
             slot_mapping=self.slots[:tokens],
@@ -147,6 +148,7 @@ class MixedBuffers:
             cu_seqlens_q=self.cu_seqlens[: seqs + 1],
             num_decodes=0,
             query_lens=[0] * seqs,
+            varlen_decodes=True,
         )
 
 

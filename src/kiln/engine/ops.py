@@ -26,6 +26,7 @@ from kiln.kernels.gemv import (
     silu_mul_gemv_ref,
     silu_mul_gemv_triton,
 )
+from kiln.kernels.mixed_attention import mixed_attention_ref, mixed_attention_triton
 from kiln.kernels.paged_decode_attention import (
     paged_decode_attention_ref,
     paged_decode_attention_triton,
@@ -66,6 +67,7 @@ class Ops:
     store_kvcache: Callable
     paged_decode_attention: Callable
     varlen_prefill_attention: Callable
+    mixed_attention: Callable  # decodes and chunks packed, which is which unknown on the host
     qkv_prepare: Callable
     paged_decode_qkv: Callable | None  # None: qkv_prepare then paged_decode_attention
     # the fused layers (kiln.engine.fuse)
@@ -90,6 +92,7 @@ class Ops:
             store_kvcache=store_kvcache_ref,
             paged_decode_attention=paged_decode_attention_ref,
             varlen_prefill_attention=varlen_prefill_attention_ref,
+            mixed_attention=mixed_attention_ref,
             qkv_prepare=qkv_prepare_ref,
             paged_decode_qkv=paged_decode_qkv_ref,
             rmsnorm=rmsnorm_ref,
@@ -111,6 +114,7 @@ class Ops:
             store_kvcache=store_kvcache_triton,
             paged_decode_attention=paged_decode_attention_triton,
             varlen_prefill_attention=varlen_prefill_attention_triton,
+            mixed_attention=mixed_attention_triton,
             qkv_prepare=qkv_prepare_triton,
             paged_decode_qkv=paged_decode_qkv_triton,
             rmsnorm=rmsnorm_triton,

@@ -139,7 +139,8 @@ def _decode_qkv_kernel(
             D, BLOCK_N, DOT_PRECISION, DOT_UPCAST, QUANT,
         )  # fmt: skip
     write_split_output(
-        acc, m, l, seq, kv_head * GROUP + g, g < GROUP, split, out_ptr, stride_ob, stride_oh,
+        acc, m, l, seq, seq, kv_head * GROUP + g, g < GROUP, split, out_ptr, stride_ob,
+        stride_oh,
         part_out_ptr, part_lse_ptr, counter_ptr + seq * num_kv_heads + kv_head, num_heads,
         num_splits, D, SPLIT, LAST_REDUCES,
     )  # fmt: skip

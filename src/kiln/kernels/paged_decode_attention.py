@@ -172,17 +172,18 @@ def _merge_splits(part_out_ptr, part_lse_ptr, first, head_ok, num_splits, D: tl.
 
 @triton.jit
 def write_split_output(
-    acc, m, l, seq, heads, head_ok, split, out_ptr, stride_ob, stride_oh,
+    acc, m, l, seq, row, heads, head_ok, split, out_ptr, stride_ob, stride_oh,
     part_out_ptr, part_lse_ptr, counter_ptr, num_heads, num_splits,
     D: tl.constexpr, SPLIT: tl.constexpr, LAST_REDUCES: tl.constexpr,
 ):  # fmt: skip
     """Finish one (sequence, kv head, split) program for its q heads `heads` [BLOCK_G]: the
-    output itself (one split), or a partial output and its log-sum-exp; with LAST_REDUCES,
+    output itself (at output row `row`; the partials are indexed by `seq`), or a partial
+    output and its log-sum-exp; with LAST_REDUCES,
     the last split program to get here merges all of them into the output, and sets the
     (sequence, kv head)'s counter at counter_ptr back to 0 for the next launch."""
     d = tl.arange(0, D)
     out = acc / tl.where(l > 0, l, 1.0)[:, None]  # an empty split (or context) gives zeros
-    o_ptrs = out_ptr + seq * stride_ob + heads[:, None] * stride_oh + d[None, :]
+    o_ptrs = out_ptr + row * stride_ob + heads[:, None] * stride_oh + d[None, :]
     if SPLIT:
         first = (seq * num_heads + heads) * num_splits  # [BLOCK_G]
         tl.store(
@@ -207,25 +208,33 @@ def write_split_output(
 # a metadata pointer (a slice of the step's packed buffer) is or is not 16-byte aligned.
 @triton.jit(
     do_not_specialize=[
-        "block_tables_ptr", "context_lens_ptr", "stride_qb", "stride_ob", "stride_bt",
-        "num_splits",
+        "block_tables_ptr", "context_lens_ptr", "cu_seqlens_q_ptr", "stride_qb", "stride_ob",
+        "stride_bt", "num_splits",
     ]
 )  # fmt: skip
 def _decode_kernel(
     q_ptr, k_cache_ptr, v_cache_ptr, scales_ptr, scores_ptr, block_tables_ptr,
-    context_lens_ptr, out_ptr, part_out_ptr, part_lse_ptr, counter_ptr,
+    context_lens_ptr, cu_seqlens_q_ptr, out_ptr, part_out_ptr, part_lse_ptr, counter_ptr,
     stride_qb, stride_qh, stride_ob, stride_oh,
     stride_cache_block, stride_cache_off, stride_cache_head, stride_bt,
     qk_scale, sliding_window, block_size, num_heads, num_kv_heads, num_splits,
     GROUP: tl.constexpr, BLOCK_G: tl.constexpr, D: tl.constexpr, BLOCK_N: tl.constexpr,
     USE_WINDOW: tl.constexpr, SPLIT: tl.constexpr, LAST_REDUCES: tl.constexpr,
     DOT_PRECISION: tl.constexpr, DOT_UPCAST: tl.constexpr, PDL: tl.constexpr,
-    QUANT: tl.constexpr, SCORES: tl.constexpr,
+    QUANT: tl.constexpr, SCORES: tl.constexpr, VARLEN: tl.constexpr,
 ):  # fmt: skip
     pdl_enter(PDL)  # launched early: wait for the previous kernel's writes
     seq = tl.program_id(0).to(tl.int64)
     kv_head = tl.program_id(1)
     split = tl.program_id(2)
+    row = seq  # of q and out
+    q_len = 1
+    if VARLEN:  # packed queries: only the sequences with exactly one are this kernel's
+        row = tl.load(cu_seqlens_q_ptr + seq)
+        q_len = tl.load(cu_seqlens_q_ptr + seq + 1) - row
+        row = row.to(tl.int64)
+    if q_len != 1:
+        return
     length = tl.load(context_lens_ptr + seq)
     lo, hi = split_range(length, split, num_splits, sliding_window, USE_WINDOW, BLOCK_N)
 
@@ -234,7 +243,7 @@ def _decode_kernel(
     head_ok = g < GROUP
     d = tl.arange(0, D)
     q = tl.load(
-        q_ptr + seq * stride_qb + heads[:, None] * stride_qh + d[None, :],
+        q_ptr + row * stride_qb + heads[:, None] * stride_qh + d[None, :],
         mask=head_ok[:, None], other=0.0,
     )  # fmt: skip
     acc, m, l = attend_split(
@@ -251,20 +260,29 @@ def _decode_kernel(
             D, BLOCK_N, DOT_PRECISION, DOT_UPCAST, QUANT,
         )  # fmt: skip
     write_split_output(
-        acc, m, l, seq, heads, head_ok, split, out_ptr, stride_ob, stride_oh,
+        acc, m, l, seq, row, heads, head_ok, split, out_ptr, stride_ob, stride_oh,
         part_out_ptr, part_lse_ptr, counter_ptr + seq * num_kv_heads + kv_head, num_heads,
         num_splits, D, SPLIT, LAST_REDUCES,
     )  # fmt: skip
 
 
-@triton.jit(do_not_specialize=["stride_ob", "num_splits"])
+@triton.jit(do_not_specialize=["cu_seqlens_q_ptr", "stride_ob", "num_splits"])
 def _decode_reduce_kernel(
-    part_out_ptr, part_lse_ptr, out_ptr, stride_ob, stride_oh, num_heads, num_splits,
-    D: tl.constexpr, BLOCK_S: tl.constexpr, PDL: tl.constexpr,
+    part_out_ptr, part_lse_ptr, out_ptr, cu_seqlens_q_ptr, stride_ob, stride_oh, num_heads,
+    num_splits, D: tl.constexpr, BLOCK_S: tl.constexpr, PDL: tl.constexpr,
+    VARLEN: tl.constexpr,
 ):  # fmt: skip
     pdl_enter(PDL)  # launched early: wait for the previous kernel's writes
     seq = tl.program_id(0).to(tl.int64)
     head = tl.program_id(1)
+    row = seq  # of out
+    q_len = 1
+    if VARLEN:  # as _decode_kernel: the sequences with one query only
+        row = tl.load(cu_seqlens_q_ptr + seq)
+        q_len = tl.load(cu_seqlens_q_ptr + seq + 1) - row
+        row = row.to(tl.int64)
+    if q_len != 1:
+        return
     s = tl.arange(0, BLOCK_S)
     d = tl.arange(0, D)
     part = (seq * num_heads + head) * num_splits + s
@@ -275,7 +293,7 @@ def _decode_reduce_kernel(
     parts = tl.load(parts_ptrs, mask=(s < num_splits)[:, None], other=0.0)  # [BLOCK_S, D]
     total = tl.sum(w, 0)
     out = tl.sum(w[:, None] * parts, 0) / tl.where(total > 0, total, 1.0)
-    tl.store(out_ptr + seq * stride_ob + head * stride_oh + d, out.to(out_ptr.dtype.element_ty))
+    tl.store(out_ptr + row * stride_ob + head * stride_oh + d, out.to(out_ptr.dtype.element_ty))
 
 
 # The "last block reduces" counters, one int32 per (sequence, kv head), zero between launches
@@ -309,10 +327,12 @@ def choose_num_splits(batch: int, num_kv_heads: int, max_len: int, device: torch
 def split_launch_buffers(
     out: torch.Tensor, kv: PagedKV, num_splits: int | None, last_reduces: bool
 ) -> tuple[int, torch.Tensor, torch.Tensor, torch.Tensor]:
-    """For a split-KV decode launch over kv writing out [B, Hq, D]: (num_splits, part_out,
-    part_lse, counters), the split count chosen when None (see choose_num_splits) and `out`
-    standing in for the buffers a single split does not use."""
-    batch, num_heads, head_dim = out.shape
+    """For a split-KV decode launch over kv's B sequences writing out [N, Hq, D] (N = B but
+    for packed queries): (num_splits, part_out, part_lse, counters), the split count chosen
+    when None (see choose_num_splits) and `out` standing in for the buffers a single split
+    does not use."""
+    _, num_heads, head_dim = out.shape
+    batch = kv.context_lens.shape[0]
     num_kv_heads = kv.k_cache.shape[2]
     if kv.scores is not None:  # the attention mass needs each row's final softmax sums
         num_splits = 1
@@ -329,13 +349,18 @@ def split_launch_buffers(
     return num_splits, part_out, part_lse, counters
 
 
-def launch_split_merge(part_out, part_lse, out, num_splits: int, pdl: bool) -> None:
-    """Merge the splits' partial outputs into out [B, Hq, D] (_decode_reduce_kernel)."""
-    batch, num_heads, head_dim = out.shape
+def launch_split_merge(
+    part_out, part_lse, out, num_splits: int, pdl: bool, cu_seqlens_q=None
+) -> None:
+    """Merge the splits' partial outputs [B, Hq, splits, D] into out [B, Hq, D]
+    (_decode_reduce_kernel); with cu_seqlens_q [B + 1], into the rows of packed queries
+    out [N, Hq, D] of the sequences that have exactly one."""
+    batch, num_heads, _, head_dim = part_out.shape
+    varlen = cu_seqlens_q is not None
     _decode_reduce_kernel[(batch, num_heads)](
-        part_out, part_lse, out, out.stride(0), out.stride(1), num_heads, num_splits,
-        D=head_dim, BLOCK_S=triton.next_power_of_2(num_splits), PDL=pdl,
-        **pdl_options(pdl),
+        part_out, part_lse, out, cu_seqlens_q if varlen else out, out.stride(0), out.stride(1),
+        num_heads, num_splits, D=head_dim, BLOCK_S=triton.next_power_of_2(num_splits),
+        PDL=pdl, VARLEN=varlen, **pdl_options(pdl),
     )  # fmt: skip
 
 
@@ -346,6 +371,8 @@ def paged_decode_attention_triton(
     sliding_window: int | None = None,
     num_splits: int | None = None,
     last_reduces: bool = False,
+    cu_seqlens_q: torch.Tensor | None = None,
+    out: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Triton split-KV decode attention; same contract as paged_decode_attention_ref.
 
@@ -353,14 +380,22 @@ def paged_decode_attention_triton(
     table can hold (its width times block_size: known without a device sync, so the call can
     be captured in a CUDA graph). A sequence of context length 0 gets zeros. last_reduces:
     merge the splits in the attention kernel (see split_counters) instead of a second one.
+
+    Packed queries (kiln.kernels.mixed_attention): with cu_seqlens_q [B + 1], q is [N, Hq, D]
+    as varlen prefill takes it, and only the rows of the sequences that have exactly one query
+    are attended (written into `out` when given, the rest of it left as it is).
     """
     check_paged_args(q, kv)
-    batch, num_heads, head_dim = q.shape
+    num_heads, head_dim = q.shape[1:]
+    batch = kv.context_lens.shape[0]
     k_cache, v_cache, block_tables = kv.k_cache, kv.v_cache, kv.block_tables
     block_size, num_kv_heads = kv.block_size, k_cache.shape[2]
     group = num_heads // num_kv_heads
-    out = torch.empty_like(q)
-    if batch == 0:
+    varlen = cu_seqlens_q is not None
+    if not varlen:
+        assert q.shape[0] == batch, f"{q.shape[0]} queries for {batch} sequences"
+    out = torch.empty_like(q) if out is None else out
+    if batch == 0 or q.shape[0] == 0:
         return out
     num_splits, part_out, part_lse, counters = split_launch_buffers(
         out, kv, num_splits, last_reduces
@@ -369,18 +404,18 @@ def paged_decode_attention_triton(
     pdl = use_pdl(q)
     _decode_kernel[(batch, num_kv_heads, num_splits)](
         q, k_cache, v_cache, kv.scales_arg(q), kv.scores_arg(q), block_tables, kv.context_lens,
-        out, part_out, part_lse, counters,
+        cu_seqlens_q if varlen else kv.context_lens, out, part_out, part_lse, counters,
         q.stride(0), q.stride(1), out.stride(0), out.stride(1),
         k_cache.stride(0), k_cache.stride(1), k_cache.stride(2), block_tables.stride(0),
         scale * LOG2E, sliding_window or 0, block_size, num_heads, num_kv_heads, num_splits,
         GROUP=group, BLOCK_G=max(16, triton.next_power_of_2(group)), D=head_dim,
         USE_WINDOW=sliding_window is not None, SPLIT=split, LAST_REDUCES=last_reduces,
-        PDL=pdl, QUANT=kv.quant, SCORES=kv.scores is not None, **dot_options(q),
-        **(CUDA_CONFIG if q.is_cuda else INTERPRETER_CONFIG),
+        PDL=pdl, QUANT=kv.quant, SCORES=kv.scores is not None, VARLEN=varlen,
+        **dot_options(q), **(CUDA_CONFIG if q.is_cuda else INTERPRETER_CONFIG),
         **pdl_options(pdl),
     )  # fmt: skip
     if split and not last_reduces:
-        launch_split_merge(part_out, part_lse, out, num_splits, pdl)
+        launch_split_merge(part_out, part_lse, out, num_splits, pdl, cu_seqlens_q)
     return out
 
 

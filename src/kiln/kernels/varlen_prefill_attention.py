@@ -76,7 +76,7 @@ def _prefill_kernel(
     GROUP: tl.constexpr, D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     BLOCK_B: tl.constexpr, USE_WINDOW: tl.constexpr,
     DOT_PRECISION: tl.constexpr, DOT_UPCAST: tl.constexpr, QUANT: tl.constexpr,
-    SCORES: tl.constexpr,
+    SCORES: tl.constexpr, SKIP_SINGLE: tl.constexpr,
 ):  # fmt: skip
     tile_id = tl.program_id(0)
     head = tl.program_id(1)
@@ -89,7 +89,10 @@ def _prefill_kernel(
     q_start = tl.load(cu_seqlens_q_ptr + seq)
     q_len = tl.load(cu_seqlens_q_ptr + seq + 1) - q_start
     m_tile = tile_id - (q_start // BLOCK_M + seq)  # this program's tile within its sequence
-    if m_tile * BLOCK_M >= q_len:
+    done = m_tile * BLOCK_M >= q_len
+    if SKIP_SINGLE:  # one query: the decode kernel's (kiln.kernels.mixed_attention)
+        done = done | (q_len == 1)
+    if done:
         return
 
     length = tl.load(context_lens_ptr + seq)
@@ -152,14 +155,19 @@ def varlen_prefill_attention_triton(
     cu_seqlens_q: torch.Tensor,
     scale: float,
     sliding_window: int | None = None,
+    out: torch.Tensor | None = None,
+    skip_single: bool = False,
 ) -> torch.Tensor:
-    """Triton varlen flash attention over paged K/V; same contract as the reference."""
+    """Triton varlen flash attention over paged K/V; same contract as the reference.
+
+    out: the output (None: a new one); skip_single: leave the rows of sequences with
+    exactly one query alone (kiln.kernels.mixed_attention attends them)."""
     check_paged_args(q, kv)
     num_tokens, num_heads, head_dim = q.shape
     k_cache, v_cache, block_tables = kv.k_cache, kv.v_cache, kv.block_tables
     num_seqs = kv.context_lens.shape[0]
     assert cu_seqlens_q.shape == (num_seqs + 1,)
-    out = torch.empty_like(q)
+    out = torch.empty_like(q) if out is None else out
     if num_tokens == 0:
         return out
     if q.is_cuda:
@@ -175,7 +183,8 @@ def varlen_prefill_attention_triton(
         scale * LOG2E, sliding_window or 0, kv.block_size, num_seqs, k_cache.shape[2],
         GROUP=num_heads // k_cache.shape[2], D=head_dim,
         BLOCK_B=prefill_block_b(num_seqs), USE_WINDOW=sliding_window is not None,
-        QUANT=kv.quant, SCORES=kv.scores is not None, **dot_options(q), **config,
+        QUANT=kv.quant, SCORES=kv.scores is not None, SKIP_SINGLE=skip_single,
+        **dot_options(q), **config,
     )  # fmt: skip
     return out
 
