@@ -1,6 +1,6 @@
 """Triton kernels against their torch references at Qwen3-0.6B sizes (CUDA only).
 
-    python benchmarks/bench_kernels.py [--sweep]
+    python benchmarks/bench_kernels.py [--sweep] [--mixed-only]
 
 Shapes: Hq=16, Hkv=8, head_dim=128, bfloat16, KV block size 16. Each row times the Triton
 kernel and a torch baseline (the kernel's reference, or SDPA on dense K/V for attention) with
@@ -27,6 +27,7 @@ import triton  # noqa: E402
 from triton.testing import do_bench  # noqa: E402
 
 from kiln.kernels.common import PagedKV  # noqa: E402
+from kiln.kernels.mixed_attention import mixed_attention_triton  # noqa: E402
 from kiln.kernels.paged_decode_attention import (  # noqa: E402
     choose_num_splits,
     paged_decode_attention_ref,
@@ -140,6 +141,21 @@ def bench_prefill(rows, q_lens: list[int], lengths: list[int]):
     rows.append((name, t, ref, sdpa, None, flops))
 
 
+def bench_mixed(rows, decodes: int, length: int, chunk: int):
+    """A served steady-state step as a mixed CUDA graph runs it: `decodes` one-query
+    sequences of context `length` beside one fresh `chunk`-token prompt, timed from a graph:
+    varlen prefill over every row (the old path) against kiln.kernels.mixed_attention."""
+    q_lens, lengths = [1] * decodes + [chunk], [length] * decodes + [chunk]
+    args = prefill_args(q_lens, lengths)
+    moved = 2 * sum(lengths) * HKV * D * BYTES
+    name = f"mixed {decodes}x1 + 1x{chunk} q, ctx {length}"
+    old = graph_ms(lambda: varlen_prefill_attention_triton(*args))
+    new = graph_ms(lambda: mixed_attention_triton(*args))
+    nan = float("nan")
+    rows.append((name + " varlen", old, nan, nan, moved, None))
+    rows.append((name + " mixed", new, old, nan, moved, None))
+
+
 def bench_elementwise(rows, n: int):
     x, residual = torch.randn(2, n, HIDDEN, dtype=DTYPE, device=DEV).unbind(0)
     w = torch.randn(HIDDEN, dtype=DTYPE, device=DEV)
@@ -213,21 +229,29 @@ def sweep_launch_configs() -> None:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--sweep", action="store_true", help="also time other launch configs")
-    sweep = parser.parse_args().sweep
+    parser.add_argument("--mixed-only", action="store_true", help="only the mixed-step rows")
+    args = parser.parse_args()
+    sweep = args.sweep
     assert torch.cuda.is_available(), "bench_kernels needs a CUDA device"
     torch.manual_seed(0)
     copy_gbs = copy_bandwidth()
     print(f"device: {torch.cuda.get_device_name()}, torch {torch.__version__}, "
           f"triton {triton.__version__}, copy bandwidth {copy_gbs:.0f} GB/s")  # fmt: skip
     rows = []
-    for batch in (1, 32, 256):
-        for length in (1024, 8192):
-            bench_decode(rows, batch, length)
-    bench_decode(rows, 1, 8192, num_splits=1)  # what split-KV buys at batch 1
-    bench_prefill(rows, [1024] * 4, [1024] * 4)
-    bench_prefill(rows, [512] * 4, [2048] * 4)  # chunks after a 1536-token cached prefix
-    bench_elementwise(rows, 4096)
-    bench_elementwise(rows, 32)
+    if not args.mixed_only:
+        for batch in (1, 32, 256):
+            for length in (1024, 8192):
+                bench_decode(rows, batch, length)
+        bench_decode(rows, 1, 8192, num_splits=1)  # what split-KV buys at batch 1
+        bench_prefill(rows, [1024] * 4, [1024] * 4)
+        bench_prefill(rows, [512] * 4, [2048] * 4)  # chunks after a 1536-token cached prefix
+    # the served steady state (256 in / 128 out: contexts 256..384), and a long-context one;
+    # "ref us" of the mixed rows is the varlen-only row's time
+    bench_mixed(rows, 253, 320, 256)
+    bench_mixed(rows, 16, 4096, 512)
+    if not args.mixed_only:
+        bench_elementwise(rows, 4096)
+        bench_elementwise(rows, 32)
 
     head = f"{'kernel':<46} {'triton us':>10} {'ref us':>10} {'sdpa us':>10} {'x ref':>7}  achieved"
     print(head)

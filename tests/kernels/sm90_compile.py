@@ -1,0 +1,160 @@
+"""Compile the engine's Triton kernels for an H100 (sm_90) on a machine without a GPU.
+
+Run as a script, without TRITON_INTERPRET (the interpreter never builds the kernels, so a
+kernel that only the GPU compiler rejects would pass every CPU test). A stand-in for Triton's
+active driver reports an sm_90 target, and every launch becomes a warm-up (compile, do not
+run); each launcher is then called with tiny CPU tensors, so every kernel variant it picks
+goes through Triton's front end, its optimizer and ptxas. Outputs are never computed.
+
+Prints one line per launcher and exits 1 if any failed (0 with "unsupported" when this
+Triton's internals differ from what the stand-in needs: the check cannot run here).
+
+    python tests/kernels/sm90_compile.py
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+import traceback
+from pathlib import Path
+
+assert os.environ.get("TRITON_INTERPRET") != "1", "run without TRITON_INTERPRET"
+
+import torch  # noqa: E402
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "src"))
+
+
+def install_fake_driver() -> list[str]:
+    """Make Triton compile every launch for sm_90 without running it; returns the list the
+    compiled kernels' names are appended to."""
+    from triton.backends.compiler import GPUTarget
+    from triton.runtime import driver
+    from triton.runtime.jit import JITFunction
+
+    class Sm90Driver:
+        target = GPUTarget("cuda", 90, 32)
+
+        def get_current_device(self):
+            return 0
+
+        def set_current_device(self, device):
+            pass
+
+        def get_current_stream(self, device=None):
+            return 0
+
+        def get_current_target(self):
+            return self.target
+
+        def get_active_torch_device(self):
+            return torch.device("cpu")
+
+        def get_device_interface(self):
+            return torch.cuda
+
+        def is_active(self):
+            return True
+
+    driver.set_active(Sm90Driver())
+    compiled: list[str] = []
+    run = JITFunction.run
+
+    def warm_up_only(self, *args, grid, warmup, **kwargs):
+        kernel = run(self, *args, grid=grid, warmup=True, **kwargs)
+        compiled.append(self.fn.__name__)
+        return kernel
+
+    JITFunction.run = warm_up_only
+    return compiled
+
+
+def cases():
+    """(name, thunk) per launcher call: the attention family at GQA, with splits and the
+    last-block reduce, packed queries, windows and quantized pools, and the fused layers."""
+    from kiln.kernels.common import HeadLayout, PagedKV, QKNormRope
+    from kiln.kernels.decode_qkv import paged_decode_qkv_triton
+    from kiln.kernels.kv_quant import layer_scales
+    from kiln.kernels.mixed_attention import mixed_attention_triton
+    from kiln.kernels.paged_decode_attention import paged_decode_attention_triton
+    from kiln.kernels.qkv_prepare import qkv_prepare_triton
+    from kiln.kernels.rmsnorm import rmsnorm_triton
+    from kiln.kernels.rope import rope_triton
+    from kiln.kernels.silu_and_mul import silu_and_mul_triton
+    from kiln.kernels.store_kvcache import store_kvcache_triton
+    from kiln.kernels.varlen_prefill_attention import varlen_prefill_attention_triton
+
+    bf16, i32 = torch.bfloat16, torch.int32
+    heads = HeadLayout(4, 2, 64)
+    lens = torch.tensor([5, 9, 3], dtype=i32)
+    tables = torch.zeros(3, 2, dtype=i32)
+    slots = torch.arange(3)
+
+    def kv(dtype=bf16, **kw):
+        k = torch.zeros(8, 16, 2, 64, dtype=dtype)
+        scales = layer_scales(torch.ones(2), torch.ones(2)) if dtype != bf16 else None
+        return PagedKV(k, k.clone(), tables, lens, scales=scales, **kw)
+
+    q1 = torch.zeros(3, 4, 64, dtype=bf16)  # one query a sequence
+    qn = torch.zeros(11, 4, 64, dtype=bf16)  # packed: 1, 7, 3
+    cu = torch.tensor([0, 1, 8, 11], dtype=i32)
+    qkv = torch.zeros(3, heads.qkv_width, dtype=bf16)
+    cos_sin = torch.zeros(32, 64)
+    qk = QKNormRope(torch.ones(64, dtype=bf16), torch.ones(64, dtype=bf16), 1e-6, cos_sin)
+    yield "decode", lambda: paged_decode_attention_triton(q1, kv(), 0.1, num_splits=1)
+    yield "decode splits", lambda: paged_decode_attention_triton(q1, kv(), 0.1, 8, num_splits=4)
+    yield (
+        "decode last reduces",
+        lambda: paged_decode_attention_triton(q1, kv(), 0.1, num_splits=4, last_reduces=True),
+    )
+    yield (
+        "decode fp8 + scores",
+        lambda: paged_decode_attention_triton(
+            q1, kv(torch.float8_e4m3fn, scores=torch.zeros(8, 16)), 0.1
+        ),
+    )
+    yield "prefill", lambda: varlen_prefill_attention_triton(qn, kv(), cu, 0.1)
+    yield (
+        "prefill int8 window",
+        lambda: varlen_prefill_attention_triton(qn, kv(torch.int8), cu, 0.1, 16),
+    )
+    yield "mixed", lambda: mixed_attention_triton(qn, kv(), cu, 0.1, num_splits=1)
+    yield "mixed splits", lambda: mixed_attention_triton(qn, kv(), cu, 0.1, num_splits=2)
+    yield (
+        "decode_qkv",
+        lambda: paged_decode_qkv_triton(
+            qkv, slots, heads, qk, kv(slot_mapping=slots), 0.1, num_splits=2
+        ),
+    )
+    yield "qkv_prepare", lambda: qkv_prepare_triton(qkv, slots, heads, qk, kv(slot_mapping=slots))
+    k = torch.zeros(3, 2, 64, dtype=bf16)
+    yield "store_kvcache", lambda: store_kvcache_triton(k, k, kv().k_cache, kv().v_cache, slots)
+    x = torch.zeros(3, 256, dtype=bf16)
+    yield "rmsnorm", lambda: rmsnorm_triton(x, torch.ones(256, dtype=bf16), 1e-6)
+    yield "rope", lambda: rope_triton(q1, k, slots, cos_sin)
+    yield "silu_and_mul", lambda: silu_and_mul_triton(x)
+
+
+def main() -> int:
+    try:
+        compiled = install_fake_driver()
+    except (ImportError, AttributeError) as e:
+        print(f"unsupported: this Triton's internals differ ({e!r})")
+        return 0
+    failed = []
+    for name, thunk in cases():
+        before = len(compiled)
+        try:
+            thunk()
+        except Exception:
+            failed.append(name)
+            print(f"FAILED {name}\n{traceback.format_exc()}")
+            continue
+        print(f"ok {name}: {', '.join(compiled[before:])}")
+    print(f"{len(failed)} failed" if failed else "all compiled for sm_90")
+    return 1 if failed else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
