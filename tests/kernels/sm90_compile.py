@@ -23,7 +23,8 @@ assert os.environ.get("TRITON_INTERPRET") != "1", "run without TRITON_INTERPRET"
 
 import torch  # noqa: E402
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "src"))
+ROOT = Path(__file__).resolve().parents[2]
+sys.path[:0] = [str(ROOT / "src"), str(ROOT / "tests")]  # kiln; tests/quant_weights.py
 
 
 def install_fake_driver() -> list[str]:
@@ -72,15 +73,22 @@ def install_fake_driver() -> list[str]:
 
 def cases():
     """(name, thunk) per launcher call: the attention family at GQA, with splits and the
-    last-block reduce, packed queries, windows and quantized pools, and the fused layers."""
+    last-block reduce, packed queries, windows and quantized pools; the fused layers, the
+    sampler, the weight-only quantized GEMV and GEMM, the fused MoE."""
+    from quant_weights import int_weight, packed_of
+
     from kiln.kernels.common import HeadLayout, PagedKV, QKNormRope
     from kiln.kernels.decode_qkv import paged_decode_qkv_triton
+    from kiln.kernels.fused_moe import fused_moe_triton
+    from kiln.kernels.gemv import gemv_triton
     from kiln.kernels.kv_quant import layer_scales
     from kiln.kernels.mixed_attention import mixed_attention_triton
     from kiln.kernels.paged_decode_attention import paged_decode_attention_triton
     from kiln.kernels.qkv_prepare import qkv_prepare_triton
+    from kiln.kernels.quant_linear import quant_matmul_triton
     from kiln.kernels.rmsnorm import rmsnorm_triton
     from kiln.kernels.rope import rope_triton
+    from kiln.kernels.sample import sample_triton
     from kiln.kernels.silu_and_mul import silu_and_mul_triton
     from kiln.kernels.store_kvcache import store_kvcache_triton
     from kiln.kernels.varlen_prefill_attention import varlen_prefill_attention_triton
@@ -134,6 +142,23 @@ def cases():
     yield "rmsnorm", lambda: rmsnorm_triton(x, torch.ones(256, dtype=bf16), 1e-6)
     yield "rope", lambda: rope_triton(q1, k, slots, cos_sin)
     yield "silu_and_mul", lambda: silu_and_mul_triton(x)
+    weight = torch.zeros(128, 256, dtype=bf16)
+    yield "gemv", lambda: gemv_triton(x[:1], weight)
+    logits = torch.zeros(3, 1000, dtype=bf16)
+    temps, seeds = torch.ones(3), torch.zeros(3, dtype=torch.long)
+    bitmask = torch.full((3, 32), -1, dtype=i32)
+    yield "sample", lambda: sample_triton(logits, temps, seeds, bitmask=bitmask)
+    yield "sample splits", lambda: sample_triton(logits, temps, seeds, num_splits=2)
+    x16 = torch.zeros(16, 256, dtype=bf16)  # past the GEMV's rows
+    quants = ((4, 128, True, False), (4, 64, False, True), (8, 32, True, False))
+    for bits, group, sym, act in quants:
+        w = packed_of(int_weight(256, 128, bits, group, sym, act), group)
+        tag = f"w{bits} g{group}{' asym' if not sym else ''}{' act' if act else ''}"
+        yield f"quant gemv {tag}", lambda w=w: quant_matmul_triton(x[:1], w)
+        yield f"quant matmul {tag}", lambda w=w: quant_matmul_triton(x16, w)
+    w13, w2 = torch.zeros(4, 256, 256, dtype=bf16), torch.zeros(4, 256, 128, dtype=bf16)
+    topk = torch.tensor([[0, 1], [2, 3], [1, 2]]), torch.full((3, 2), 0.5)
+    yield "fused_moe", lambda: fused_moe_triton(x, w13, w2, topk[1], topk[0])
 
 
 def main() -> int:
