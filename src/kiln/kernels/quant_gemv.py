@@ -52,8 +52,34 @@ MIN_SLICE_CHUNKS = 4  # ... keeping each slice of K at least this many chunks lo
 INTERPRETER_CONFIG = dict(BLOCK_N=16, BLOCK_W=16, SPLIT_K=2, num_warps=1, num_stages=1)
 SUM_BLOCK = 512  # outputs a program of the split-K sum (4 a thread)
 # Measured best launch settings by (bits, K, N, M), from `benchmarks/bench_quant.py --part
-# gemv` on an H100 (it prints this dict); shapes not here take default_config's guess.
-TUNED: dict[tuple[int, int, int, int], dict] = {}
+# gemv` on an H100 (it prints this dict; session 12, H100 80GB HBM3, Triton 3.6, Llama-3-8B's
+# shapes); shapes not here take default_config's guess.
+TUNED: dict[tuple[int, int, int, int], dict] = {
+    (4, 4096, 6144, 1): dict(BLOCK_N=8, BLOCK_W=256, SPLIT_K=1, num_warps=2, num_stages=1),
+    (4, 4096, 6144, 2): dict(BLOCK_N=4, BLOCK_W=128, SPLIT_K=1, num_warps=1, num_stages=1),
+    (4, 4096, 6144, 4): dict(BLOCK_N=4, BLOCK_W=128, SPLIT_K=2, num_warps=1, num_stages=1),
+    (8, 4096, 6144, 1): dict(BLOCK_N=8, BLOCK_W=256, SPLIT_K=1, num_warps=2, num_stages=1),
+    (8, 4096, 6144, 2): dict(BLOCK_N=2, BLOCK_W=128, SPLIT_K=1, num_warps=1, num_stages=1),
+    (8, 4096, 6144, 4): dict(BLOCK_N=4, BLOCK_W=128, SPLIT_K=1, num_warps=1, num_stages=1),
+    (4, 4096, 4096, 1): dict(BLOCK_N=4, BLOCK_W=512, SPLIT_K=1, num_warps=4, num_stages=1),
+    (4, 4096, 4096, 2): dict(BLOCK_N=8, BLOCK_W=128, SPLIT_K=4, num_warps=1, num_stages=1),
+    (4, 4096, 4096, 4): dict(BLOCK_N=4, BLOCK_W=128, SPLIT_K=1, num_warps=1, num_stages=1),
+    (8, 4096, 4096, 1): dict(BLOCK_N=4, BLOCK_W=512, SPLIT_K=1, num_warps=4, num_stages=1),
+    (8, 4096, 4096, 2): dict(BLOCK_N=4, BLOCK_W=256, SPLIT_K=1, num_warps=2, num_stages=1),
+    (8, 4096, 4096, 4): dict(BLOCK_N=4, BLOCK_W=128, SPLIT_K=4, num_warps=1, num_stages=1),
+    (4, 4096, 28672, 1): dict(BLOCK_N=4, BLOCK_W=128, SPLIT_K=1, num_warps=1, num_stages=1),
+    (4, 4096, 28672, 2): dict(BLOCK_N=8, BLOCK_W=128, SPLIT_K=1, num_warps=1, num_stages=1),
+    (4, 4096, 28672, 4): dict(BLOCK_N=4, BLOCK_W=128, SPLIT_K=1, num_warps=1, num_stages=1),
+    (8, 4096, 28672, 1): dict(BLOCK_N=4, BLOCK_W=128, SPLIT_K=4, num_warps=1, num_stages=1),
+    (8, 4096, 28672, 2): dict(BLOCK_N=4, BLOCK_W=128, SPLIT_K=1, num_warps=1, num_stages=1),
+    (8, 4096, 28672, 4): dict(BLOCK_N=4, BLOCK_W=128, SPLIT_K=1, num_warps=1, num_stages=1),
+    (4, 14336, 4096, 1): dict(BLOCK_N=8, BLOCK_W=128, SPLIT_K=4, num_warps=1, num_stages=1),
+    (4, 14336, 4096, 2): dict(BLOCK_N=8, BLOCK_W=128, SPLIT_K=4, num_warps=1, num_stages=1),
+    (4, 14336, 4096, 4): dict(BLOCK_N=4, BLOCK_W=128, SPLIT_K=1, num_warps=1, num_stages=1),
+    (8, 14336, 4096, 1): dict(BLOCK_N=4, BLOCK_W=512, SPLIT_K=1, num_warps=4, num_stages=1),
+    (8, 14336, 4096, 2): dict(BLOCK_N=4, BLOCK_W=256, SPLIT_K=1, num_warps=2, num_stages=1),
+    (8, 14336, 4096, 4): dict(BLOCK_N=4, BLOCK_W=128, SPLIT_K=4, num_warps=1, num_stages=1),
+}
 
 
 @triton.jit
