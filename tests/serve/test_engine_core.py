@@ -98,3 +98,16 @@ def test_kiln_serve_exits_nonzero_when_the_engine_core_dies(chat_model_dir, tmp_
             proc.wait(timeout=10)
     log = (tmp_path / "serve.log").read_text()
     assert "engine core process died" in log and "Traceback" not in log
+
+
+def test_engine_core_threads_one_on_a_gpu_all_but_one_on_the_cpu(monkeypatch):
+    """A GPU engine core's host work gains nothing from torch's spinning intra-op threads
+    (they took 9-10 of an H100 host's cores beside the API processes); a CPU one runs the
+    model on them and leaves one core for its API process."""
+    from kiln.engine.core_client import core_threads
+
+    monkeypatch.setattr(os, "cpu_count", lambda: 16)
+    assert core_threads("cuda") == core_threads("cuda:1") == 1
+    assert core_threads("cpu") == 15
+    monkeypatch.setattr(os, "cpu_count", lambda: 1)
+    assert core_threads("cpu") == 1

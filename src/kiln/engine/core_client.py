@@ -107,7 +107,7 @@ def run_engine_core(
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is the API process's to handle
     # SIGTERM (a supervisor stopping it) exits through SystemExit: atexit handlers still run
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))
-    _leave_a_core_for_the_api_process()
+    _set_host_threads(kwargs.get("device"))
     ctx = zmq.Context()
     inbox = ctx.socket(zmq.PULL)
     outboxes = []
@@ -143,14 +143,30 @@ def _close(ctx: zmq.Context, inbox: zmq.Socket, outboxes: list[zmq.Socket]) -> N
     ctx.term()
 
 
-def _leave_a_core_for_the_api_process() -> None:
-    """On the CPU, torch's intra-op threads spin at their barriers: one thread per core plus
-    a busy API process makes every op wait for a descheduled thread (10x slower steps on 2
-    cores). Unless OMP_NUM_THREADS says otherwise, the core takes all cores but one."""
+def core_threads(device: str | None) -> int:
+    """torch's intra-op threads for an engine core on `device` (None: the default device).
+    Those threads spin at their barriers between ops. On the CPU the model runs on them, so the
+    core takes all cores but one: one thread per core plus a busy API process makes every op
+    wait for a descheduled thread (10x slower steps on 2 cores). On a GPU the core's host work
+    is Python and small tensors, which more threads do not speed up; spinning, they took 9-10
+    of an H100 host's 16 cores in the serve sweeps, beside the API processes and xgrammar's
+    mask-filling pool. There it takes one (as vLLM's GPU workers do)."""
+    import torch
+
+    from kiln.model.loader import default_device
+
+    if torch.device(device or default_device()).type == "cuda":
+        return 1
+    return max(1, (os.cpu_count() or 2) - 1)
+
+
+def _set_host_threads(device: str | None) -> None:
+    """core_threads(device) intra-op threads, unless OMP_NUM_THREADS says otherwise."""
     import torch
 
     if "OMP_NUM_THREADS" not in os.environ:
-        torch.set_num_threads(max(1, (os.cpu_count() or 2) - 1))
+        torch.set_num_threads(core_threads(device))
+        log.info("engine core: %d torch intra-op thread(s)", torch.get_num_threads())
 
 
 class EngineCoreLoop:

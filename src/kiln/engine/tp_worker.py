@@ -279,6 +279,8 @@ def _worker_main(rank, world, port, path, dtype, device, engine_args, max_model_
     device = torch.device(device)
     if device.type == "cpu":  # share the cores with the other ranks
         torch.set_num_threads(max(1, (os.cpu_count() or 1) // world))
+    elif "OMP_NUM_THREADS" not in os.environ:  # host work only (see core_client.core_threads)
+        torch.set_num_threads(1)
     try:
         conn.send(("joining", None))
         _init_group(rank, world, port, device)
