@@ -6,6 +6,7 @@ import pytest
 import torch
 from quant_weights import LLAMA3_8B, int_weight, packed_of
 
+from kiln.kernels import quant_gemv
 from kiln.kernels.quant_gemv import (
     INTERPRETER_CONFIG,
     MAX_M,
@@ -91,7 +92,11 @@ def fake_weight(k: int, n: int, bits: int, group_size: int) -> PackedWeight:
 @pytest.mark.parametrize("bits,group_size", [(4, 128), (8, -1)])
 @pytest.mark.parametrize("k,n", LLAMA3_8B)
 @pytest.mark.parametrize("m", [1, 2, 4])
-def test_default_split_k_fills_the_gpu_with_slices_of_whole_steps(m, k, n, bits, group_size):
+def test_default_split_k_fills_the_gpu_with_slices_of_whole_steps(
+    m, k, n, bits, group_size, monkeypatch
+):
+    """The guess for shapes not in TUNED (these are Llama-3-8B's, which TUNED has)."""
+    monkeypatch.setattr(quant_gemv, "TUNED", {})
     w = fake_weight(k, n, bits, group_size)
     config = default_config(m, w, is_cuda=True, sms=132)
     split, block_w = config["SPLIT_K"], config["BLOCK_W"]
@@ -103,6 +108,17 @@ def test_default_split_k_fills_the_gpu_with_slices_of_whole_steps(m, k, n, bits,
     # the grid is full, or halving the slices again would make them too short
     assert programs >= PROGRAMS_PER_SM * 132 or kw < 4 * split * max(block_w, 4 * w.words)
     assert config["BLOCK_W"] == 128 * config["num_warps"]
+
+
+def test_tuned_configs_are_taken_and_keep_the_layout_rule():
+    """A measured shape takes its TUNED entry; every entry is a sweep candidate's kind of
+    config (128 words a warp a step, a SPLIT_K the kernel takes)."""
+    assert quant_gemv.TUNED, "bench_quant.py --part gemv's measured settings"
+    for (bits, k, n, m), config in quant_gemv.TUNED.items():
+        w = fake_weight(k, n, bits, 128 if bits == 4 else -1)
+        assert default_config(m, w, is_cuda=True, sms=132) == config
+        assert config["BLOCK_W"] == 128 * config["num_warps"]
+        assert config["SPLIT_K"] in SPLIT_K_CHOICES and 1 <= m <= MAX_M
 
 
 def test_default_split_k_by_shape():
