@@ -14,10 +14,6 @@ from kiln.kernels.quant_linear import (
     quant_matmul,
     quant_matmul_ref,
     quant_matmul_triton,
-    quant_rmsnorm_matmul_ref,
-    quant_rmsnorm_matmul_triton,
-    quant_silu_mul_matmul_ref,
-    quant_silu_mul_matmul_triton,
     sweep_configs,
 )
 
@@ -127,31 +123,3 @@ def test_quant_matmul_real_sizes_on_gpu(k, n, bits, group_size):
         out, ref = quant_matmul_triton(x, p), quant_matmul_ref(x, p)
         err = (out.float() - ref.float()).abs().max() / ref.float().abs().max()
         assert err < 2e-2, (m, err.item())
-
-
-@pytest.mark.parametrize("m", [1, 2, 7])
-@pytest.mark.parametrize("act_order", [False, True], ids=["ordered", "act_order"])
-@pytest.mark.parametrize("with_residual", [True, False], ids=["residual", "no_residual"])
-def test_rmsnorm_prologue_matches_reference(m, act_order, with_residual, dtype, device, check):
-    w = int_weight(96, 40, 4, 32, False, act_order, device)
-    p = packed_of(w, 32)
-    x = torch.randn(m, 96, device=device).to(dtype)
-    residual = torch.randn(m, 96, device=device).to(dtype) if with_residual else None
-    nw = (1 + 0.1 * torch.randn(96, device=device)).to(dtype)
-    bias = torch.randn(40, device=device).to(dtype)
-    out, h = quant_rmsnorm_matmul_triton(x, residual, nw, 1e-6, p, bias)
-    ref, h_ref = quant_rmsnorm_matmul_ref(x, residual, nw, 1e-6, p, bias)
-    check(out, ref)
-    if with_residual:
-        check(h, h_ref)  # the interpreter rounds to bfloat16 differently
-    else:
-        assert h is x and h_ref is x
-
-
-@pytest.mark.parametrize("m", [1, 3, 9])
-@pytest.mark.parametrize("bits,act_order", [(4, True), (8, False)])
-def test_silu_mul_prologue_matches_reference(m, bits, act_order, dtype, device, check):
-    w = int_weight(64, 24, bits, 32, True, act_order, device)
-    p = packed_of(w, 32)
-    gate_up = torch.randn(m, 128, device=device).to(dtype)
-    check(quant_silu_mul_matmul_triton(gate_up, p), quant_silu_mul_matmul_ref(gate_up, p))

@@ -1,30 +1,24 @@
 """Weight-only quantized Linear (W4A16 / W8A16): x [.., K] @ dequantize(packed)^T, int weights
 read packed, float32 accumulation. Entry points: `quant_matmul_ref` (dequantize, then
-F.linear), `quant_matmul_triton` and the dispatcher `quant_matmul`; with a prologue,
-`quant_rmsnorm_matmul_*` and `quant_silu_mul_matmul_*`.
+F.linear), `quant_matmul_triton` and the dispatcher `quant_matmul`.
 
 The packed layout: kiln.kernels.quant_layout (PackedWeight). `_launch` runs every path but
-the long-prefill one (x, or a prologue's output, times the packed weight; act-order gathered
-in the kernel).
+the long-prefill one (act-order gathered in the kernel).
 
 Three paths, by the number of rows M (pick_config):
 - M <= 4 (decode): the split-K GEMV of kiln.kernels.quant_gemv (each field turned into a
   float32 by placing its bits in a mantissa, one FMA an element, one scale a group of words;
-  programs over slices of K, partial sums added by a second kernel). The prologue variants
-  (`quant_rmsnorm_matmul_*`, `quant_silu_mul_matmul_*`: the RMSNorm (+ residual) or
-  SiLU-and-mul before the projection in the kernel, kiln.kernels.gemv's rounding) keep the
-  broadcast-multiply-and-sum branch of `_quant_matmul_kernel` (16 weight rows a program over
-  the whole K, accumulated as t = sum x*(1 + q/2^bits) a word and scaled once a word:
-  sum s*(q - z)*x = s * (2^bits * t - (2^bits + z) * sum x)); they are not on the engine's
-  path: each program recomputes the prologue over all of K, and they decoded at half the
-  speed of the plain kernel after separate norm kernels (H100, session 10);
+  programs over slices of K, partial sums added by a second kernel);
 - 4 < M < DEQUANT_MIN_M: a tiled GEMM that dequantizes each [BLOCK_N, BLOCK_W] word tile
   field by field (one exact FMA an element) to the activations' dtype and multiplies it with
   tl.dot (float32 accumulator);
 - M >= DEQUANT_MIN_M (long prefill): the whole weight dequantized by one kernel, then cuBLAS
   (its cost is a small share of the GEMM's at these sizes).
 Other engines' Triton int4 kernels (vLLM's AWQ GEMM, GPTQ-triton) unpack with tl.interleave
-or reload each word once per field; the chunked layout avoids both.
+or reload each word once per field; the chunked layout avoids both. (Variants with the
+RMSNorm or SiLU-and-mul before the projection fused in, as kiln.kernels.gemv has for bf16,
+were removed in session 12: every program recomputed the prologue over all of K, and they
+decoded at half the speed of the plain kernel after a separate norm kernel, H100 session 10.)
 """
 
 from __future__ import annotations
@@ -33,27 +27,13 @@ import torch
 import torch.nn.functional as F
 
 from kiln.kernels import quant_gemv
-from kiln.kernels._triton import (
-    gdc_launch_dependents,
-    gdc_wait,
-    num_sms,
-    pdl_options,
-    tl,
-    triton,
-    use_pdl,
-    use_triton,
-)
+from kiln.kernels._triton import num_sms, tl, triton, use_triton
 from kiln.kernels.common import dot_options
-from kiln.kernels.gemv import activation_chunk, row_rstd
 from kiln.kernels.quant_layout import PackedWeight, dequantize_ref
-from kiln.kernels.rmsnorm import rmsnorm_ref
-from kiln.kernels.silu_and_mul import silu_and_mul_ref
 
-BROADCAST_MAX_M = 4
 DEQUANT_MIN_M = 1024
 # The interpreter (CPU tests) uses small tiles, so that tiny shapes cross tile boundaries.
 INTERPRETER_CONFIG = dict(BLOCK_N=16, BLOCK_W=16, num_warps=4, num_stages=1)
-_PLAIN, _RMSNORM, _SILU_MUL = 0, 1, 2  # prologues (kiln.kernels.gemv's)
 
 
 def quant_matmul_ref(
@@ -63,30 +43,6 @@ def quant_matmul_ref(
     if w.perm is not None:
         x = x.index_select(-1, w.perm)
     return F.linear(x, dequantize_ref(w).to(x.dtype), bias)
-
-
-def quant_rmsnorm_matmul_ref(
-    x: torch.Tensor,
-    residual: torch.Tensor | None,
-    norm_weight: torch.Tensor,
-    eps: float,
-    w: PackedWeight,
-    bias: torch.Tensor | None = None,
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """Plain torch: (quant_matmul_ref(rmsnorm(x + residual)), x + residual); without a
-    residual, (quant_matmul_ref(rmsnorm(x)), x)."""
-    if residual is None:
-        normed, h = rmsnorm_ref(x, norm_weight, eps), x
-    else:
-        normed, h = rmsnorm_ref(x, norm_weight, eps, residual)
-    return quant_matmul_ref(normed, w, bias), h
-
-
-def quant_silu_mul_matmul_ref(
-    gate_up: torch.Tensor, w: PackedWeight, bias: torch.Tensor | None = None
-) -> torch.Tensor:
-    """Plain torch: quant_matmul_ref(silu(gate_up[..., :I]) * gate_up[..., I:])."""
-    return quant_matmul_ref(silu_and_mul_ref(gate_up), w, bias)
 
 
 # ---------------------------------------------------------------- kernels
@@ -105,21 +61,18 @@ def _field(words, I: tl.constexpr, BITS: tl.constexpr):
     return v.to(tl.float32, bitcast=True)
 
 
-@triton.jit(do_not_specialize=["M", "stride_xm", "stride_rm", "stride_om"])
+@triton.jit(do_not_specialize=["M", "stride_xm", "stride_om"])
 def _quant_matmul_kernel(
-    x_ptr, res_ptr, nw_ptr, h_ptr, perm_ptr, w_ptr, s_ptr, z_ptr, b_ptr, out_ptr,
-    M, N, K, KW, NC, stride_xm, stride_rm, stride_om, eps,
+    x_ptr, perm_ptr, w_ptr, s_ptr, z_ptr, b_ptr, out_ptr,
+    M, N, K, KW, NC, stride_xm, stride_om,
     BITS: tl.constexpr, W: tl.constexpr, HAS_ZEROS: tl.constexpr, HAS_BIAS: tl.constexpr,
-    HAS_PERM: tl.constexpr, PROLOGUE: tl.constexpr, HAS_RESIDUAL: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_W: tl.constexpr, DOT: tl.constexpr,
-    PDL: tl.constexpr, DOT_PRECISION: tl.constexpr, DOT_UPCAST: tl.constexpr,
+    HAS_PERM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    BLOCK_W: tl.constexpr, DOT_PRECISION: tl.constexpr, DOT_UPCAST: tl.constexpr,
 ):  # fmt: skip
-    """out[M, N] = a[M, K] @ W^T (+ bias), one [BLOCK_M, BLOCK_N] tile a program, looping over
-    the K / PACK words of its rows BLOCK_W at a time. a is x (PROLOGUE 0), rmsnorm(x +
-    residual) (1: h = x + residual stored by the programs of column tile 0) or
-    silu(x[:, :K]) * x[:, K:] (2), gathered at perm (act-order) when HAS_PERM."""
-    if PDL:
-        gdc_launch_dependents()
+    """out[M, N] = x[M, K] @ W^T (+ bias), one [BLOCK_M, BLOCK_N] tile a program, looping over
+    the K / PACK words of its rows BLOCK_W at a time: each word tile dequantized field by
+    field to x's dtype (one exact FMA an element) and multiplied with tl.dot; x gathered at
+    perm (act-order) when HAS_PERM."""
     PACK: tl.constexpr = 32 // BITS
     CHUNK: tl.constexpr = PACK * W
     ONE: tl.constexpr = 1 << BITS  # the fields come as 1 + q / ONE
@@ -129,25 +82,10 @@ def _quant_matmul_kernel(
     offs_w = tl.arange(0, BLOCK_W)
     m_ok, n_ok = offs_m < M, offs_n < N
     x_rows = x_ptr + offs_m[:, None].to(tl.int64) * stride_xm  # [BLOCK_M, 1]
-    r_rows = res_ptr + offs_m[:, None].to(tl.int64) * stride_rm
     w_rows = w_ptr + offs_n[:, None].to(tl.int64) * KW  # [BLOCK_N, 1]
     s_rows = s_ptr + offs_n[:, None].to(tl.int64) * NC
     z_rows = z_ptr + offs_n[:, None].to(tl.int64) * NC
-    # broadcast-and-sum accumulators: one partial sum a word, [BLOCK_N, BLOCK_W] at one row
-    # (decode), [BLOCK_M, BLOCK_N, BLOCK_W] above
-    ONE_ROW: tl.constexpr = BLOCK_M == 1
-    if DOT:
-        acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
-    elif ONE_ROW:
-        acc2 = tl.zeros([BLOCK_N, BLOCK_W], dtype=tl.float32)
-    else:
-        acc3 = tl.zeros([BLOCK_M, BLOCK_N, BLOCK_W], dtype=tl.float32)
-    if PDL:
-        gdc_wait()
-    rstd = tl.zeros([BLOCK_M], dtype=tl.float32)
-    if PROLOGUE == 1:
-        rstd = row_rstd(x_rows, r_rows, h_ptr, offs_m, m_ok, tl.where(pid_n == 0, M, 0), K,
-                        eps, HAS_RESIDUAL, BLOCK_M, PACK * BLOCK_W)  # fmt: skip
+    acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
     for w0 in range(0, KW, BLOCK_W):
         cols = w0 + offs_w  # [BLOCK_W] word columns
         chunk = cols // W
@@ -160,46 +98,21 @@ def _quant_matmul_kernel(
             z = tl.load(z_rows + chunk[None, :], mask=w_mask, other=0.0).to(tl.float32)
         else:
             z = tl.full([BLOCK_N, BLOCK_W], 1 << (BITS - 1), dtype=tl.float32)
-        if DOT:  # s * (q - z) = (1 + q/ONE) * (ONE * s) - (ONE + z) * s: one FMA a field, exact
-            a, b = s * ONE, -(ONE + z) * s  # (both products are exact in float32)
-        elif ONE_ROW:
-            t = tl.zeros([BLOCK_N, BLOCK_W], dtype=tl.float32)
-            xs = tl.zeros([1, BLOCK_W], dtype=tl.float32)
-        else:
-            t = tl.zeros([BLOCK_M, BLOCK_N, BLOCK_W], dtype=tl.float32)
-            xs = tl.zeros([BLOCK_M, 1, BLOCK_W], dtype=tl.float32)
+        # s * (q - z) = (1 + q/ONE) * (ONE * s) - (ONE + z) * s: one FMA a field, exact
+        a, b = s * ONE, -(ONE + z) * s  # (both products are exact in float32)
         for i in tl.static_range(PACK):
             ks = k_first + i * W
             k_ok = ks < K
             if HAS_PERM:
                 ks = tl.load(perm_ptr + ks, mask=k_ok, other=0)
-            xi = activation_chunk(x_rows, r_rows, nw_ptr, rstd, ks, m_ok[:, None] & k_ok[None, :],
-                                  K, PROLOGUE, HAS_RESIDUAL)  # fmt: skip
-            if DOT:
-                wi = tl.fma(_field(words, i, BITS), a, b).to(xi.dtype)  # [BLOCK_N, BLOCK_W]
-                if DOT_UPCAST:  # the interpreter multiplies bfloat16 tiles wrongly
-                    acc = tl.dot(xi.to(tl.float32), tl.trans(wi.to(tl.float32)), acc,
-                                 input_precision=DOT_PRECISION)  # fmt: skip
-                else:
-                    acc = tl.dot(xi, tl.trans(wi), acc, input_precision=DOT_PRECISION)
-            elif ONE_ROW:
-                xf = xi.to(tl.float32)  # [1, BLOCK_W]
-                t += _field(words, i, BITS) * xf
-                xs += xf
+            xi = tl.load(x_rows + ks[None, :], mask=m_ok[:, None] & k_ok[None, :], other=0.0,
+                         eviction_policy="evict_last")  # fmt: skip
+            wi = tl.fma(_field(words, i, BITS), a, b).to(xi.dtype)  # [BLOCK_N, BLOCK_W]
+            if DOT_UPCAST:  # the interpreter multiplies bfloat16 tiles wrongly
+                acc = tl.dot(xi.to(tl.float32), tl.trans(wi.to(tl.float32)), acc,
+                             input_precision=DOT_PRECISION)  # fmt: skip
             else:
-                xf = xi.to(tl.float32)[:, None, :]  # [BLOCK_M, 1, BLOCK_W]
-                t += _field(words, i, BITS)[None, :, :] * xf
-                xs += xf
-        if not DOT:  # sum over the word's fields of s * (q - z) * x
-            if ONE_ROW:
-                acc2 += s * (t * ONE - (ONE + z) * xs)
-            else:
-                acc3 += s[None, :, :] * (t * ONE - (ONE + z)[None, :, :] * xs)
-    if not DOT:
-        if ONE_ROW:
-            acc = tl.sum(acc2, axis=1)[None, :]
-        else:
-            acc = tl.sum(acc3, axis=2)
+                acc = tl.dot(xi, tl.trans(wi), acc, input_precision=DOT_PRECISION)
     if HAS_BIAS:
         acc += tl.load(b_ptr + offs_n, mask=n_ok, other=0.0).to(tl.float32)[None, :]
     out_ptrs = out_ptr + offs_m[:, None].to(tl.int64) * stride_om + offs_n[None, :]
@@ -239,49 +152,39 @@ def _dequantize_kernel(
 def pick_config(m: int, w: PackedWeight, is_cuda: bool, sms: int = 132) -> dict:
     """Launch settings by row count: M <= 4 the split-K GEMV's (quant_gemv.default_config),
     above the tensor-core tiles of matmul_config."""
-    if m <= BROADCAST_MAX_M:
+    if m <= quant_gemv.MAX_M:
         return quant_gemv.default_config(m, w, is_cuda, sms)
     return matmul_config(m, is_cuda)
 
 
 def matmul_config(m: int, is_cuda: bool) -> dict:
-    """_quant_matmul_kernel's settings: a guess from the arithmetic below, not yet measured
-    (sweep on an H100: benchmarks/bench_quant.py --sweep).
-
-    M <= 4 (the prologue-fused variants only): broadcast-and-sum, 16 weight rows a program
-    (4 warps of 4 rows each: every thread reuses its x values and their prologue over its 4
-    rows), 64 words (512 int4 inputs) a row per step, 4 stages in flight. Larger M, tl.dot
-    tiles: each weight tile is dequantized once per BLOCK_M rows (4 ALU operations an
-    element), so BLOCK_M grows to 128 (the tensor cores, not the dequantization, then bound
-    it), 64 columns wide so that N = 4096 at M = 256 still gives 128 programs.
-    """
+    """_quant_matmul_kernel's settings for M > 4 rows: a guess from the arithmetic below, not
+    yet measured (sweep on an H100: benchmarks/bench_quant.py --sweep). Each weight tile is
+    dequantized once per BLOCK_M rows (4 ALU operations an element), so BLOCK_M grows to 128
+    (the tensor cores, not the dequantization, then bound it), 64 columns wide so that
+    N = 4096 at M = 256 still gives 128 programs."""
     if not is_cuda:
-        block_m = triton.next_power_of_2(m) if m <= BROADCAST_MAX_M else 16
-        return dict(INTERPRETER_CONFIG, BLOCK_M=block_m, DOT=m > BROADCAST_MAX_M)
-    if m <= BROADCAST_MAX_M:
-        block_w = 64 if m == 1 else 32
-        return dict(BLOCK_M=triton.next_power_of_2(m), BLOCK_N=16, BLOCK_W=block_w, DOT=False,
-                    num_warps=4, num_stages=4)  # fmt: skip
+        return dict(INTERPRETER_CONFIG, BLOCK_M=16)
     if m <= 16:
-        return dict(BLOCK_M=16, BLOCK_N=32, BLOCK_W=32, DOT=True, num_warps=4, num_stages=3)
+        return dict(BLOCK_M=16, BLOCK_N=32, BLOCK_W=32, num_warps=4, num_stages=3)
     if m <= 64:
-        return dict(BLOCK_M=64, BLOCK_N=64, BLOCK_W=32, DOT=True, num_warps=4, num_stages=3)
+        return dict(BLOCK_M=64, BLOCK_N=64, BLOCK_W=32, num_warps=4, num_stages=3)
     # BLOCK_W 16 (a 128-input K step): at 32 the three stages of 128 x 256 bf16 x tiles alone
     # ask for more shared memory than an H100 has (280 KiB needed, 227 KiB there)
-    return dict(BLOCK_M=128, BLOCK_N=64, BLOCK_W=16, DOT=True, num_warps=8, num_stages=3)
+    return dict(BLOCK_M=128, BLOCK_N=64, BLOCK_W=16, num_warps=8, num_stages=3)
 
 
 def sweep_configs(m: int) -> list[dict]:
     """Candidate launch settings for M rows (benchmarks/bench_quant.py): for M <= 4 the
     split-K GEMV's (quant_gemv.sweep_configs) and a few tensor-core tiles (M padded to 16)."""
     dots = [
-        dict(BLOCK_M=bm, BLOCK_N=bn, BLOCK_W=bw, DOT=True, num_warps=nw, num_stages=ns)
+        dict(BLOCK_M=bm, BLOCK_N=bn, BLOCK_W=bw, num_warps=nw, num_stages=ns)
         for bm, bn, bw, nw, ns in [(16, 16, 64, 4, 4), (16, 32, 32, 4, 3), (16, 64, 32, 4, 3),
                                    (32, 64, 32, 4, 3), (64, 64, 32, 4, 3), (64, 128, 32, 4, 3),
                                    (128, 128, 32, 8, 3), (64, 128, 16, 4, 4), (128, 64, 32, 8, 3),
                                    (64, 64, 64, 4, 3), (128, 32, 32, 4, 3), (256, 32, 32, 8, 3)]
     ]  # fmt: skip
-    if m <= BROADCAST_MAX_M:
+    if m <= quant_gemv.MAX_M:
         return quant_gemv.sweep_configs(m) + dots[:3]
     return [c for c in dots if c["BLOCK_M"] <= max(16, triton.next_power_of_2(m))]
 
@@ -300,43 +203,30 @@ def dequantize_triton(w: PackedWeight, dtype: torch.dtype) -> torch.Tensor:
 
 
 def _launch(
-    prologue: int,
-    x2: torch.Tensor,  # [M, K] (or [M, 2K] gate_up), unit stride along the row
-    res2: torch.Tensor | None,
-    norm_weight: torch.Tensor | None,
-    eps: float,
+    x2: torch.Tensor,  # [M, K], unit stride along the row
     w: PackedWeight,
     bias: torch.Tensor | None,
-    h2: torch.Tensor | None,
     config: dict | None,
 ) -> torch.Tensor:
     m, (n, kw) = x2.shape[0], w.qweight.shape
     assert x2.stride(-1) == 1
     if m == 0:
         return torch.empty(m, n, dtype=x2.dtype, device=x2.device)
-    if config is None and prologue == _PLAIN:
-        config = pick_config(m, w, x2.is_cuda, num_sms(x2.device))
     if config is None:
-        config = matmul_config(m, x2.is_cuda)
-    if "SPLIT_K" in config:  # M <= 4, no prologue: the split-K GEMV
-        assert prologue == _PLAIN, "the split-K GEMV has no prologue"
+        config = pick_config(m, w, x2.is_cuda, num_sms(x2.device))
+    if "SPLIT_K" in config:  # M <= 4: the split-K GEMV
         return quant_gemv.quant_gemv_triton(x2, w, bias, config)
     out = torch.empty(m, n, dtype=x2.dtype, device=x2.device)
     config = dict(config)
     block_m, block_n = config.pop("BLOCK_M"), config.pop("BLOCK_N")
-    pdl = use_pdl(x2) and not config["DOT"]
-    config.update(pdl_options(pdl))
     grid = (triton.cdiv(n, block_n), triton.cdiv(m, block_m))
     _quant_matmul_kernel[grid](
-        x2, res2 if res2 is not None else x2, norm_weight if norm_weight is not None else x2,
-        h2 if h2 is not None else out, w.perm if w.perm is not None else w.qweight,
-        w.qweight, w.scales, w.zeros if w.zeros is not None else w.scales,
-        bias if bias is not None else w.scales, out,
-        m, n, w.in_features, kw, w.scales.shape[1], x2.stride(0),
-        res2.stride(0) if res2 is not None else 0, out.stride(0), eps,
+        x2, w.perm if w.perm is not None else w.qweight, w.qweight, w.scales,
+        w.zeros if w.zeros is not None else w.scales, bias if bias is not None else w.scales,
+        out, m, n, w.in_features, kw, w.scales.shape[1], x2.stride(0), out.stride(0),
         BITS=w.bits, W=w.words, HAS_ZEROS=w.zeros is not None, HAS_BIAS=bias is not None,
-        HAS_PERM=w.perm is not None, PROLOGUE=prologue, HAS_RESIDUAL=res2 is not None,
-        BLOCK_M=block_m, BLOCK_N=block_n, PDL=pdl, **dot_options(x2), **config,
+        HAS_PERM=w.perm is not None, BLOCK_M=block_m, BLOCK_N=block_n, **dot_options(x2),
+        **config,
     )  # fmt: skip
     return out
 
@@ -357,49 +247,8 @@ def quant_matmul_triton(
         out = F.linear(x2, dequantize_triton(w, x2.dtype), bias)
     else:
         x2 = x2 if x2.stride(-1) == 1 else x2.contiguous()
-        out = _launch(_PLAIN, x2, None, None, 0.0, w, bias, None, config)
+        out = _launch(x2, w, bias, config)
     return out.view(*x.shape[:-1], w.out_features)
-
-
-def quant_rmsnorm_matmul_triton(
-    x: torch.Tensor,
-    residual: torch.Tensor | None,
-    norm_weight: torch.Tensor,
-    eps: float,
-    w: PackedWeight,
-    bias: torch.Tensor | None = None,
-    *,
-    config: dict | None = None,
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """Triton RMSNorm (after the residual add, if any) then the quantized Linear, in one
-    launch (small M: every program reads the whole rows); same contract as
-    quant_rmsnorm_matmul_ref."""
-    hidden = x.shape[-1]
-    assert hidden == w.in_features and norm_weight.shape == (hidden,)
-    x2 = x.reshape(-1, hidden)
-    res2 = h2 = None
-    h = x
-    if residual is not None:
-        res2 = residual.reshape(-1, hidden)
-        h = torch.empty_like(x, memory_format=torch.contiguous_format)
-        h2 = h.view(-1, hidden)
-    out = _launch(_RMSNORM, x2, res2, norm_weight, eps, w, bias, h2, config)
-    return out.view(*x.shape[:-1], w.out_features), h
-
-
-def quant_silu_mul_matmul_triton(
-    gate_up: torch.Tensor,
-    w: PackedWeight,
-    bias: torch.Tensor | None = None,
-    *,
-    config: dict | None = None,
-) -> torch.Tensor:
-    """Triton silu_and_mul then the quantized Linear, in one launch; same contract as
-    quant_silu_mul_matmul_ref."""
-    assert gate_up.shape[-1] == 2 * w.in_features
-    x2 = gate_up.reshape(-1, gate_up.shape[-1])
-    out = _launch(_SILU_MUL, x2, None, None, 0.0, w, bias, None, config)
-    return out.view(*gate_up.shape[:-1], w.out_features)
 
 
 def quant_matmul(
