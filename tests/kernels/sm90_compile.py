@@ -74,24 +74,31 @@ def install_fake_driver() -> list[str]:
 def cases():
     """(name, thunk) per launcher call: the attention family at GQA, with splits and the
     last-block reduce, packed queries, windows and quantized pools; the fused layers, the
-    sampler, the weight-only quantized GEMV and GEMM, the fused MoE."""
+    sampler, the weight-only quantized GEMV and GEMM, the fused MoE, multi-LoRA, W8A8, the
+    selective scan, block-sparse attention (backward too)."""
     from quant_weights import int_weight, packed_of
 
+    from kiln.kernels.block_sparse_attention import BlockSparseAttentionFn
     from kiln.kernels.common import HeadLayout, PagedKV, QKNormRope
     from kiln.kernels.decode_qkv import paged_decode_qkv_triton
     from kiln.kernels.fused_moe import fused_moe_triton
     from kiln.kernels.gemv import gemv_triton
     from kiln.kernels.kv_quant import layer_scales
+    from kiln.kernels.lora import lora_expand_triton, lora_shrink_triton
     from kiln.kernels.mixed_attention import mixed_attention_triton
     from kiln.kernels.paged_decode_attention import paged_decode_attention_triton
     from kiln.kernels.qkv_prepare import qkv_prepare_triton
+    from kiln.kernels.quant_act import FP8, quantize_rows_ref, quantize_rows_triton
     from kiln.kernels.quant_linear import quant_matmul_triton
     from kiln.kernels.rmsnorm import rmsnorm_triton
     from kiln.kernels.rope import rope_triton
     from kiln.kernels.sample import sample_triton
+    from kiln.kernels.selective_scan import selective_scan_triton, selective_state_update_triton
     from kiln.kernels.silu_and_mul import silu_and_mul_triton
     from kiln.kernels.store_kvcache import store_kvcache_triton
     from kiln.kernels.varlen_prefill_attention import varlen_prefill_attention_triton
+    from kiln.kernels.w8a8_mm import w8a8_gemv_triton, w8a8_mm_triton
+    from kiln.model.w8a8 import quantize_weight
 
     bf16, i32 = torch.bfloat16, torch.int32
     heads = HeadLayout(4, 2, 64)
@@ -159,6 +166,53 @@ def cases():
     w13, w2 = torch.zeros(4, 256, 256, dtype=bf16), torch.zeros(4, 256, 128, dtype=bf16)
     topk = torch.tensor([[0, 1], [2, 3], [1, 2]]), torch.full((3, 2), 0.5)
     yield "fused_moe", lambda: fused_moe_triton(x, w13, w2, topk[1], topk[0])
+    a, b = torch.zeros(2, 16, 256, dtype=bf16), torch.zeros(2, 128, 16, dtype=bf16)
+    lora_slots = torch.tensor([0, -1, 1], dtype=i32)
+    y = torch.zeros(2, 3, 16)
+    yield "lora shrink", lambda: lora_shrink_triton(x, a, lora_slots)
+    yield (
+        "lora expand",
+        lambda: lora_expand_triton(y, b, lora_slots, torch.zeros(3, 128, dtype=bf16)),
+    )
+    for qdtype in (torch.int8, FP8):
+        yield f"quantize rows {qdtype}", lambda q=qdtype: quantize_rows_triton(x, q)
+        w8 = quantize_weight(torch.zeros(128, 256), qdtype)
+        xq, xs = quantize_rows_ref(x16.float(), qdtype)
+        yield (
+            f"w8a8 gemm {qdtype}",
+            lambda w8=w8, xq=xq, xs=xs: w8a8_mm_triton(
+                xq, xs, w8.weight, w8.weight_scale, bf16, None
+            ),
+        )
+        yield (
+            f"w8a8 gemv {qdtype}",
+            lambda w8=w8: w8a8_gemv_triton(x[:1], w8.weight, w8.weight_scale, None),
+        )
+    dim, nstate = 32, 16
+    u = torch.zeros(7, dim, dtype=bf16)
+    bc = torch.zeros(7, 1, nstate, dtype=bf16)
+    a_log, d_skip, dt_bias = torch.zeros(dim, nstate), torch.zeros(dim), torch.zeros(dim)
+    ssm_state, ssm_idx = torch.zeros(3, dim, nstate), torch.tensor([0, 2])
+    ssm = (u, u, a_log, bc, bc, d_skip, u, dt_bias, True)
+    yield (
+        "selective scan",
+        lambda: selective_scan_triton(
+            *ssm, ssm_state, ssm_idx, torch.tensor([True, False]), torch.tensor([0, 3, 7])
+        ),
+    )
+    yield (
+        "selective state update",
+        lambda: selective_state_update_triton(
+            u[:2], u[:2], a_log, bc[:2], bc[:2], d_skip, u[:2], dt_bias, True, ssm_state, ssm_idx
+        ),
+    )
+    qs = torch.zeros(1, 64, 4, 64, dtype=bf16, requires_grad=True)
+    ks = torch.zeros(1, 64, 2, 64, dtype=bf16, requires_grad=True)
+    layout = torch.ones(4, 4, dtype=torch.bool).tril()
+    yield (
+        "block-sparse attention fwd + bwd",
+        lambda: BlockSparseAttentionFn.apply(qs, ks, ks, layout, 16, 0.125, True).sum().backward(),
+    )
 
 
 def main() -> int:
