@@ -9,6 +9,7 @@ ones that start from the qkv projection (kiln.kernels.common).
 """
 
 from kiln.kernels.common import HeadLayout, PagedKV, QKNormRope
+from kiln.kernels.mixed_attention import mixed_attention
 from kiln.kernels.paged_decode_attention import paged_decode_attention
 from kiln.kernels.rmsnorm import rmsnorm
 from kiln.kernels.rope import rope
@@ -20,6 +21,7 @@ __all__ = [
     "HeadLayout",
     "PagedKV",
     "QKNormRope",
+    "mixed_attention",
     "paged_decode_attention",
     "rmsnorm",
     "rope",
