@@ -12,7 +12,10 @@ query head and a BLOCK_M-row tile, so a one-query sequence reads its K/V once pe
 - varlen prefill for the sequences with more than one query (those with one exit at once).
 
 A one-query chunk (a prompt's last token after a prefix hit) is the same computation as a
-decode: the query at position context_len - 1 over keys [0, context_len).
+decode: the query at position context_len - 1 over keys [0, context_len). (Under H2O the
+decode kernel adds no attention mass for a sequence whose whole context is its one token, as
+for a decode graph's padded rows; the prefill kernel would add that token's own mass of 1 a
+head. The evictor never sees such a block: it is the sequence's sink.)
 """
 
 from __future__ import annotations
