@@ -75,3 +75,46 @@ def test_profile_on_cuda_reports_kernel_time(hf_model_dir, tmp_path):
     model, _ = hf_model_dir("llama")
     r = profile_engine(str(model), batch=4, steps=8, prompt_len=32, out=tmp_path, device="cuda")
     assert r["device_kind"] == "cuda" and r["ops"] and r["ops"][0]["self_us"] > 0
+
+
+def test_step_times_give_each_step_the_kernels_it_launched():
+    """Kernels go to the step whose range holds their launch (matched by correlation id),
+    even when they run after the next step began (async scheduling); a graph launch's
+    kernels all go to its step."""
+    from kiln.engine.profile import format_step_times, step_times
+
+    def step(i, ts, dur):
+        return {"ph": "X", "cat": "user_annotation", "name": f"engine_step_{i}", "ts": ts,
+                "dur": dur}  # fmt: skip
+
+    def launch(corr, ts, name="cudaLaunchKernel"):
+        return {"ph": "X", "cat": "cuda_runtime", "name": name, "ts": ts, "dur": 1,
+                "args": {"correlation": corr}}  # fmt: skip
+
+    def kernel(corr, ts, dur):
+        return {"ph": "X", "cat": "kernel", "name": "k", "ts": ts, "dur": dur,
+                "args": {"correlation": corr}}  # fmt: skip
+
+    events = [
+        step(0, 0, 1000), step(1, 1000, 500), step(2, 1500, 700),
+        launch(1, 100), kernel(1, 150, 300),  # step 0's, run inside it
+        launch(2, 900), kernel(2, 1100, 2000),  # step 0's, run during step 1
+        launch(3, 1200, "cudaGraphLaunch"), kernel(3, 3100, 400), kernel(3, 3500, 600),
+        launch(4, 1600), kernel(4, 4100, 250),
+    ]  # fmt: skip
+    got = step_times({"traceEvents": events}, ["eager", "mixed", "mixed"])
+    assert got["eager"] == {"steps": 1, "cpu_ms": 1.0, "gpu_ms": 2.3}
+    assert got["mixed"]["steps"] == 2
+    assert got["mixed"]["gpu_ms"] == pytest.approx((1.0 + 0.25) / 2)
+    assert got["mixed"]["cpu_ms"] == pytest.approx(0.6)
+    line = format_step_times(got, on_device=True)
+    assert "eager x1: CPU 1.00 / GPU kernels 2.30" in line and "mixed x2" in line
+    assert "GPU" not in format_step_times(got, on_device=False)
+
+
+def test_profile_reports_each_kind_of_step(hf_model_dir, tmp_path):
+    model, _ = hf_model_dir("llama")
+    r = profile_engine(str(model), batch=2, steps=3, prompt_len=8, out=tmp_path, max_num_seqs=4)
+    assert sum(v["steps"] for v in r["step_times"].values()) == r["steps"]
+    assert all(v["cpu_ms"] > 0 for v in r["step_times"].values())
+    assert "median ms a step by kind: " in r["summary"]

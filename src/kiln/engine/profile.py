@@ -9,7 +9,10 @@ then again under `torch.profiler`: the prefill step(s) and `--steps` decode step
 from __future__ import annotations
 
 import argparse
+import bisect
+import json
 import random
+import statistics
 import time
 from pathlib import Path
 
@@ -88,6 +91,7 @@ def profile_engine(
     params = SamplingParams(temperature=0.0, max_tokens=steps + 1, ignore_eos=True)
     arriving = SamplingParams(temperature=0.0, max_tokens=1, ignore_eos=True)
     graphs: dict[str, int] = {}
+    kinds: list[str] = []  # the profiled run's steps' kinds, in order
 
     def prompt() -> list[int]:  # fresh tokens each time: no prefix-cache hits
         return [rng.randrange(vocab) for _ in range(prompt_len)]
@@ -96,6 +100,7 @@ def profile_engine(
         for i in range(batch):
             engine.add_request(f"{tag}-{i}", prompt_token_ids=prompt(), params=params)
         graphs.clear()
+        kinds.clear()
         n = 0
         while engine.has_unfinished():
             if mixed and n >= 1 and n <= steps:  # after the batch's prefill step
@@ -107,6 +112,7 @@ def profile_engine(
             plan = engine.runner.last_plan
             kind = plan.graph[0] if plan is not None and plan.graph is not None else "eager"
             graphs[kind] = graphs.get(kind, 0) + 1
+            kinds.append(kind)
             if plan is not None:  # decodes beside a prefill
                 md = plan.metadata
                 decodes = sum(1 for q in md.query_lens if q == 1)
@@ -128,6 +134,7 @@ def profile_engine(
     trace = out / "trace.json"
     prof.export_chrome_trace(str(trace))
     ops = top_ops(prof.key_averages(), cuda)
+    per_kind = step_times(json.loads(trace.read_text()), kinds)
     tokens = batch * (steps + 1)
     summary = (
         f"{engine.device}: {batch} requests x ({prompt_len} prompt + {steps + 1} generated) "
@@ -135,9 +142,61 @@ def profile_engine(
         f"{num_steps} engine steps ({', '.join(f'{v} {k}' for k, v in graphs.items())}), "
         f"{seconds:.3f} s under the profiler "
         f"({tokens / seconds:.0f} generated tokens/s, {seconds / num_steps * 1e3:.2f} ms/step)"
+        f"\n{format_step_times(per_kind, cuda)}"
     )
     return {"trace": trace, "summary": summary, "ops": ops, "steps": num_steps,
-            "graphs": dict(graphs), "device_kind": "cuda" if cuda else "cpu"}  # fmt: skip
+            "graphs": dict(graphs), "step_times": per_kind,
+            "device_kind": "cuda" if cuda else "cpu"}  # fmt: skip
+
+
+def step_times(trace: dict, kinds: list[str]) -> dict[str, dict]:
+    """Per kind of step ("decode", "mixed", "eager"; kinds[i] is step i's): the steps, and
+    the median ms of a step's CPU range and of the GPU kernels it launched, from a Chrome
+    trace of `engine_step_<i>` ranges. A kernel belongs to the step whose range holds the
+    launch (a cudaLaunchKernel / cudaGraphLaunch with the kernel's correlation id), not the
+    one it ran under: with async scheduling a step's kernels run during the next step's
+    host work. (The profiler's clock: CPU ranges carry its per-op overhead, kernels do not.)"""
+    events = trace.get("traceEvents", [])
+    steps = sorted(
+        (e for e in events if e.get("ph") == "X" and str(e.get("name", "")).startswith(
+            "engine_step_") and e.get("cat") == "user_annotation"),
+        key=lambda e: e["ts"],
+    )  # fmt: skip
+    starts = [e["ts"] for e in steps]
+    launches = {  # correlation id -> launch time
+        e["args"]["correlation"]: e["ts"]
+        for e in events
+        if e.get("cat") == "cuda_runtime" and "correlation" in e.get("args", {})
+    }
+    gpu = [0.0] * len(steps)
+    for e in events:
+        if e.get("cat") != "kernel":
+            continue
+        at = launches.get(e.get("args", {}).get("correlation"), e["ts"])
+        i = bisect.bisect_right(starts, at) - 1
+        if i >= 0 and at <= steps[i]["ts"] + steps[i]["dur"]:
+            gpu[i] += e["dur"]
+    table: dict[str, dict] = {}
+    for i, step in enumerate(steps):
+        kind = kinds[i] if i < len(kinds) else "?"
+        row = table.setdefault(kind, {"steps": 0, "cpu": [], "gpu": []})
+        row["steps"] += 1
+        row["cpu"].append(step["dur"] / 1e3)
+        row["gpu"].append(gpu[i] / 1e3)
+    return {
+        kind: {"steps": r["steps"], "cpu_ms": statistics.median(r["cpu"]),
+               "gpu_ms": statistics.median(r["gpu"])}
+        for kind, r in table.items()
+    }  # fmt: skip
+
+
+def format_step_times(per_kind: dict[str, dict], on_device: bool) -> str:
+    """One line: each kind of step's count and median ms (CPU range, and GPU kernels)."""
+    parts = []
+    for kind, r in per_kind.items():
+        gpu = f" / GPU kernels {r['gpu_ms']:.2f}" if on_device else ""
+        parts.append(f"{kind} x{r['steps']}: CPU {r['cpu_ms']:.2f}{gpu}")
+    return "median ms a step by kind: " + "; ".join(parts)
 
 
 def top_ops(averages, on_device: bool) -> list[dict]:
