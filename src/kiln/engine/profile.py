@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import bisect
+import collections
 import json
 import random
 import statistics
@@ -90,43 +91,37 @@ def profile_engine(
     vocab = engine.model_config.vocab_size
     params = SamplingParams(temperature=0.0, max_tokens=steps + 1, ignore_eos=True)
     arriving = SamplingParams(temperature=0.0, max_tokens=1, ignore_eos=True)
-    graphs: dict[str, int] = {}
-    kinds: list[str] = []  # the profiled run's steps' kinds, in order
 
     def prompt() -> list[int]:  # fresh tokens each time: no prefix-cache hits
         return [rng.randrange(vocab) for _ in range(prompt_len)]
 
-    def run(tag: str) -> int:
+    def run(tag: str) -> tuple[list[str], int]:
+        """Every step's kind ("decode" / "mixed" graph, "eager"), and how many steps ran
+        decodes beside a prefill."""
         for i in range(batch):
             engine.add_request(f"{tag}-{i}", prompt_token_ids=prompt(), params=params)
-        graphs.clear()
-        kinds.clear()
-        n = 0
+        kinds, with_prefill = [], 0
         while engine.has_unfinished():
-            if mixed and n >= 1 and n <= steps:  # after the batch's prefill step
+            n = len(kinds)
+            if mixed and 1 <= n <= steps:  # after the batch's prefill step
                 engine.add_request(f"{tag}-arrival-{n}", prompt_token_ids=prompt(),
                                    params=arriving)  # fmt: skip
             engine.runner.last_plan = None
             with record_function(f"engine_step_{n}"):
                 engine.step()
             plan = engine.runner.last_plan
-            kind = plan.graph[0] if plan is not None and plan.graph is not None else "eager"
-            graphs[kind] = graphs.get(kind, 0) + 1
-            kinds.append(kind)
+            kinds.append(plan.graph[0] if plan is not None and plan.graph is not None else "eager")
             if plan is not None:  # decodes beside a prefill
-                md = plan.metadata
-                decodes = sum(1 for q in md.query_lens if q == 1)
-                if 0 < decodes < md.num_seqs:
-                    graphs["with prefill"] = graphs.get("with prefill", 0) + 1
-            n += 1
-        return n
+                decodes = sum(1 for q in plan.metadata.query_lens if q == 1)
+                with_prefill += 0 < decodes < plan.metadata.num_seqs
+        return kinds, with_prefill
 
     run("warmup")
     cuda = engine.device.type == "cuda"
     activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else [])
     with profile(activities=activities) as prof:
         start = time.perf_counter()
-        num_steps = run("profile")
+        kinds, with_prefill = run("profile")
         if cuda:
             torch.cuda.synchronize(engine.device)
         seconds = time.perf_counter() - start
@@ -135,6 +130,9 @@ def profile_engine(
     prof.export_chrome_trace(str(trace))
     ops = top_ops(prof.key_averages(), cuda)
     per_kind = step_times(json.loads(trace.read_text()), kinds)
+    num_steps, graphs = len(kinds), dict(collections.Counter(kinds))
+    if with_prefill:
+        graphs["with prefill"] = with_prefill
     tokens = batch * (steps + 1)
     summary = (
         f"{engine.device}: {batch} requests x ({prompt_len} prompt + {steps + 1} generated) "
@@ -145,7 +143,7 @@ def profile_engine(
         f"\n{format_step_times(per_kind, cuda)}"
     )
     return {"trace": trace, "summary": summary, "ops": ops, "steps": num_steps,
-            "graphs": dict(graphs), "step_times": per_kind,
+            "graphs": graphs, "step_times": per_kind,
             "device_kind": "cuda" if cuda else "cpu"}  # fmt: skip
 
 
